@@ -1,0 +1,41 @@
+# Every target creates or updates .venv itself: a fresh clone needs only `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# A CPU build of torch; pinned so pip never resolves an unpinned `torch` to a multi-GB CUDA wheel.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test demo bench lint format clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first and pinned: with it present, the ">=2.3" range in pyproject installs nothing more.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
+	TILECL_SKIP_CUDA_BUILD=1 $(PIP) install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: venv lint
+	$(PY) -m pytest tests -q
+
+demo: venv
+	$(PY) -m tilecl demo
+
+bench: venv
+	$(PY) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/pytest-benchmark.json
+	$(PY) -m bench.plot
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build *.egg-info python/*.egg-info

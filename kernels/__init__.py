@@ -1,0 +1,1 @@
+"""Triton kernels (added with the triton backend)."""

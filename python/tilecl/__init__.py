@@ -1,0 +1,27 @@
+"""tilecl: contrastive losses computed tile by tile, never materializing N x N.
+
+Public API::
+
+    tilecl.contrastive_loss(a, b, logit_scale, *, labels, symmetric, reduction, backend)
+    tilecl.nt_xent_loss(z1, z2, temperature, *, reduction, backend)
+    tilecl.ClipLoss, tilecl.InfoNCELoss, tilecl.NTXentLoss
+    tilecl.available_backends()
+    tilecl.reference          # the NumPy float64 oracle
+"""
+
+from . import reference
+from .backends import available_backends
+from .contrastive import contrastive_loss, nt_xent_loss
+from .modules import ClipLoss, InfoNCELoss, NTXentLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClipLoss",
+    "InfoNCELoss",
+    "NTXentLoss",
+    "available_backends",
+    "contrastive_loss",
+    "nt_xent_loss",
+    "reference",
+]

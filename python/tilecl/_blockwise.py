@@ -1,0 +1,270 @@
+"""The ``torch`` backend: the two tiled primitives every loss is built from.
+
+* :func:`lse_stats` — one pass over the tiles of ``S = s·a bᵀ`` that yields the
+  row log-sum-exp (all ``M`` columns) and the column log-sum-exp of the first
+  ``col_count`` columns, merging tiles with the streaming rule
+  ``(m, l) ⊕ (m', l') = (μ, l·e^(m−μ) + l'·e^(m'−μ))``.
+* :func:`offset_backward` — recomputes ``S`` tile by tile and applies
+  ``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j)``, returning
+  ``s·G·b``, ``s·Gᵀ·a`` and ``Σ G_ij (a_i·b_j)``.
+
+The positive-pair terms of ``dL/dS`` are sparse (one per row) and are applied
+by the caller with gathers, so these two functions are all a backend has to
+provide. Only ``O(N + M)`` statistics and a few tiles live at once; the tile
+shape follows a byte budget (:data:`TILE_BYTES`, env ``TILECL_TILE_BYTES``).
+
+Tile buffers are allocated once per call and every elementwise step writes in
+place: on CPU a fresh multi-MB allocation costs more than the ``exp`` itself.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import torch
+
+__all__ = ["TILE_BYTES", "accumulation_dtype", "lse_stats", "offset_backward", "tile_shape"]
+
+#: Bytes of float tile buffers a call may hold (the "extra memory" knob).
+TILE_BYTES: int = int(os.environ.get("TILECL_TILE_BYTES", str(8 << 20)))
+
+# The single-exp paths shift whole tiles by one reference value. They are used
+# only where every shifted quantity stays far inside the float range; the
+# remaining tiles take the exact two-exp path. Margins in natural-log units.
+_SAFE_WINDOW = {torch.float32: 80.0, torch.float64: 700.0}
+_UNDERFLOW_GUARD = {torch.float32: math.exp(-60.0), torch.float64: math.exp(-600.0)}
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (so gradcheck works); everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tile_shape(n: int, m: int, acc: torch.dtype, buffers: int) -> tuple[int, int]:
+    """Rows and columns of a tile so that ``buffers`` tiles fit in :data:`TILE_BYTES`."""
+    elements = max(1, TILE_BYTES // (buffers * torch.finfo(acc).bits // 8))
+    side = max(1, math.isqrt(elements))
+    rows = min(n, side)
+    cols = min(m, max(side, elements // rows))
+    return rows, cols
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """Reference value for a shift: ``-inf`` (nothing seen yet) becomes 0 so exp(-inf − 0) = 0."""
+    return torch.where(torch.isneginf(x), torch.zeros_like(x), x)
+
+
+def _merge_(m: torch.Tensor, l: torch.Tensor, m2: torch.Tensor, l2: torch.Tensor) -> None:
+    """In-place streaming-LSE merge ``(m, l) ← (m, l) ⊕ (m2, l2)``."""
+    peak = _finite_or_zero(torch.maximum(m, m2))
+    l.mul_(torch.exp(m - peak)).add_(l2 * torch.exp(m2 - peak))
+    torch.maximum(m, m2, out=m)
+
+
+def _diagonal_offset(row0: int, col0: int) -> int:
+    """Offset of the global diagonal ``i == j`` inside the tile at (row0, col0)."""
+    return row0 - col0
+
+
+def _tile(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A contiguous ``rows x cols`` view at the start of a preallocated buffer."""
+    return buffer[: rows * cols].view(rows, cols)
+
+
+def _scores_(
+    out: torch.Tensor,
+    a_scaled: torch.Tensor,
+    b_block: torch.Tensor,
+    row0: int,
+    col0: int,
+    exclude_diagonal: bool,
+) -> torch.Tensor:
+    torch.mm(a_scaled, b_block.t(), out=out)
+    if exclude_diagonal:
+        offset = _diagonal_offset(row0, col0)
+        if -out.shape[0] < offset < out.shape[1]:
+            out.diagonal(offset).fill_(-math.inf)
+    return out
+
+
+def lse_stats(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    col_count: int,
+    exclude_diagonal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column log-sum-exp of ``S = scale · a bᵀ`` without forming ``S``.
+
+    Args:
+        a: ``N x D``; b: ``M x D``; scale: 0-d tensor.
+        col_count: column statistics are returned for columns ``[0, col_count)``.
+        exclude_diagonal: treat ``S_ii`` as ``-inf`` (NT-Xent's self-similarity).
+
+    Returns:
+        ``row_lse`` (``N``) and ``col_lse`` (``col_count``) in the accumulation dtype.
+        A row or column with every entry excluded gets ``-inf``, never NaN.
+    """
+    n, m = a.shape[0], b.shape[0]
+    acc = accumulation_dtype(a.dtype)
+    s = scale.to(acc)
+    rows, cols = tile_shape(n, m, acc, buffers=1)
+    buffer = torch.empty(rows * cols, dtype=acc, device=a.device)
+    row_max = torch.full((n,), -math.inf, dtype=acc, device=a.device)
+    row_sum = torch.zeros(n, dtype=acc, device=a.device)
+    col_max = torch.full((col_count,), -math.inf, dtype=acc, device=a.device)
+    col_sum = torch.zeros(col_count, dtype=acc, device=a.device)
+
+    for i0 in range(0, n, rows):
+        i1 = min(n, i0 + rows)
+        a_scaled = a[i0:i1].to(acc) * s
+        run_max, run_sum = row_max[i0:i1], row_sum[i0:i1]
+        for j0 in range(0, m, cols):
+            j1 = min(m, j0 + cols)
+            b_block = b[j0:j1].to(acc)
+            tile = _tile(buffer, i1 - i0, j1 - j0)
+            _scores_(tile, a_scaled, b_block, i0, j0, exclude_diagonal)
+            new_max = torch.maximum(run_max, tile.amax(dim=1))
+            row_shift = _finite_or_zero(new_max)
+            run_sum.mul_(torch.exp(run_max - row_shift))
+            run_sum.add_(tile.sub_(row_shift[:, None]).exp_().sum(dim=1))
+            run_max.copy_(new_max)
+            if j0 < col_count:
+                c1 = min(col_count, j1)
+                peak, shifted = _column_sums(
+                    tile[:, : c1 - j0], row_shift, a_scaled, b_block[: c1 - j0], i0 - j0,
+                    exclude_diagonal,
+                )
+                _merge_(col_max[j0:c1], col_sum[j0:c1], peak, shifted)
+    return row_max + torch.log(row_sum), col_max + torch.log(col_sum)
+
+
+def _column_sums(
+    exp_tile: torch.Tensor,
+    row_shift: torch.Tensor,
+    a_scaled: torch.Tensor,
+    b_cols: torch.Tensor,
+    diagonal_offset: int,
+    exclude_diagonal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tile's column statistics ``(max-like shift, sum)`` from its row-shifted exp.
+
+    ``exp_tile`` holds ``exp(S_ij − row_shift_i)``. Re-weighting its rows by
+    ``exp(row_shift_i − K)`` gives every column the common shift ``K`` with one
+    matrix-vector product instead of a second exp over the tile. A column whose
+    shifted sum comes out tiny may have lost its terms to underflow; those
+    (rare) columns are recomputed exactly from ``a_scaled`` and ``b_cols``.
+    """
+    peak = row_shift.max()
+    shifted = exp_tile.t().mv(torch.exp(row_shift - peak))
+    shifts = peak.expand_as(shifted).clone()
+    lost = torch.nonzero(shifted < _UNDERFLOW_GUARD[exp_tile.dtype]).flatten()
+    if lost.numel():
+        exact = torch.mm(a_scaled, b_cols[lost].t())
+        if exclude_diagonal:
+            rows = torch.arange(exact.shape[0], device=exact.device)[:, None]
+            exact.masked_fill_(rows - lost[None, :] == -diagonal_offset, -math.inf)
+        exact_max = exact.amax(dim=0)
+        shifts[lost] = exact_max
+        shifted[lost] = torch.exp(exact - _finite_or_zero(exact_max)).sum(dim=0)
+    return shifts, shifted
+
+
+def offset_backward(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    row_offset: torch.Tensor,
+    row_mult: torch.Tensor,
+    col_offset: torch.Tensor,
+    col_mult: torch.Tensor,
+    exclude_diagonal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The offset-form backward shared by every loss.
+
+    With ``S = scale · a bᵀ`` recomputed tile by tile and::
+
+        G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j)      (h_j = 0 for j ≥ len(h))
+
+    returns ``(scale·G·b, scale·Gᵀ·a, Σ_ij G_ij (a_i·b_j))`` — the gradients
+    with respect to ``a``, ``b`` and ``scale`` of the exponential part of
+    ``dL/dS``. Shapes: ``c, g``: ``N``; ``r, h``: ``col_count ≤ M``.
+    Outputs are in the accumulation dtype.
+    """
+    n, m = a.shape[0], b.shape[0]
+    col_count = col_offset.shape[0]
+    acc = accumulation_dtype(a.dtype)
+    s = scale.to(acc)
+    c = _finite_or_zero(row_offset.to(acc))
+    g = row_mult.to(acc)
+    # a column with no term (h_j = 0, or every entry excluded) contributes nothing
+    h = torch.where(torch.isneginf(col_offset), 0.0, col_mult).to(acc)
+    r = _finite_or_zero(col_offset.to(acc))
+    rows, cols = tile_shape(n, m, acc, buffers=2)
+    buffer = torch.empty(rows * cols, dtype=acc, device=a.device)
+    second = torch.empty(rows * cols, dtype=acc, device=a.device)
+    grad_a = torch.empty(n, a.shape[1], dtype=acc, device=a.device)
+    grad_b = torch.zeros(m, b.shape[1], dtype=acc, device=a.device)
+    grad_scale = torch.zeros((), dtype=acc, device=a.device)
+    window = _SAFE_WINDOW[acc]
+
+    for i0 in range(0, n, rows):
+        i1 = min(n, i0 + rows)
+        a_block = a[i0:i1].to(acc)
+        a_scaled = a_block * s
+        c_block, g_block = c[i0:i1], g[i0:i1]
+        ga_block = grad_a[i0:i1].zero_()
+        for j0 in range(0, m, cols):
+            j1 = min(m, j0 + cols)
+            b_block = b[j0:j1].to(acc)
+            tile = _tile(buffer, i1 - i0, j1 - j0)
+            _scores_(tile, a_scaled, b_block, i0, j0, exclude_diagonal)
+            c1 = min(col_count, j1)
+            if c1 > j0:
+                _column_term_(
+                    tile, _tile(second, i1 - i0, j1 - j0), c_block, g_block,
+                    r[j0:c1], h[j0:c1], window,
+                )
+            else:
+                tile.sub_(c_block[:, None]).exp_().mul_(g_block[:, None])
+            ga_block.addmm_(tile, b_block)
+            grad_b[j0:j1].addmm_(tile.t(), a_scaled)
+        grad_scale += torch.sum(ga_block * a_block)
+        ga_block.mul_(s)
+    return grad_a, grad_b, grad_scale
+
+
+def _column_term_(
+    tile: torch.Tensor,
+    spare: torch.Tensor,
+    c: torch.Tensor,
+    g: torch.Tensor,
+    r: torch.Tensor,
+    h: torch.Tensor,
+    window: float,
+) -> None:
+    """Turn a tile of ``S`` into ``G`` in place when some columns carry a term.
+
+    ``G_ij = exp(S_ij − c_i)·(g_i + u_i·v_j)`` with ``u_i = exp(c_i − K)`` and
+    ``v_j = h_j·exp(K − r_j)`` needs one exp over the tile, and the factor is a
+    rank-2 product ``[g u]·[1 v]ᵀ`` written by one thin matmul. It is exact
+    while every offset lies within ``window`` of the others; otherwise
+    (extreme logits) the two exponentials are taken separately.
+    """
+    rows, cols = tile.shape
+    width = r.shape[0]
+    live = h != 0
+    offsets = torch.cat([c, r[live]])
+    if float(offsets.max() - offsets.min()) <= window:
+        reference = c.max()
+        left = torch.stack([g, torch.exp(c - reference)], dim=1)
+        right = torch.zeros(2, cols, dtype=tile.dtype, device=tile.device)
+        right[0] = 1.0
+        right[1, :width] = h * torch.exp(reference - r)
+        factor = torch.mm(left, right, out=_tile(spare, rows, cols))
+        tile.sub_(c[:, None]).exp_().mul_(factor)
+        return
+    column_part = _tile(spare, rows, width)
+    torch.sub(tile[:, :width], r[None, :], out=column_part).exp_().mul_(h[None, :])
+    tile.sub_(c[:, None]).exp_().mul_(g[:, None])
+    tile[:, :width].add_(column_part)

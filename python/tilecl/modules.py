@@ -1,0 +1,154 @@
+"""``nn.Module`` wrappers: drop-in ClipLoss, InfoNCELoss with a learnable temperature, NTXentLoss."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from . import _validation as v
+from .contrastive import contrastive_loss, nt_xent_loss
+
+__all__ = ["ClipLoss", "InfoNCELoss", "NTXentLoss"]
+
+
+class ClipLoss(nn.Module):
+    """Drop-in replacement for ``open_clip.loss.ClipLoss`` that never forms ``N x N``.
+
+    Same constructor keywords and ``forward`` arguments as open_clip, so
+    swapping the import in an open_clip training script just works::
+
+        loss = ClipLoss()(image_features, text_features, logit_scale)     # (N, D) each
+
+    ``logit_scale`` is the already-exponentiated scale (open_clip passes
+    ``model.logit_scale.exp()``). A scalar ``logit_bias`` shifts every logit
+    equally, which cancels in both softmaxes: it is accepted and has zero
+    gradient. ``cache_labels`` is accepted and has no effect (no label tensor
+    is built). Multi-process training (``world_size > 1``) is not supported yet
+    and raises at construction.
+    """
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if world_size > 1:
+            raise NotImplementedError(
+                f"ClipLoss(world_size={world_size}): the multi-process loss is not implemented yet; "
+                "use world_size=1"
+            )
+        if use_horovod:
+            raise NotImplementedError("ClipLoss(use_horovod=True): horovod is not supported")
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.use_horovod = use_horovod
+        self.backend = backend
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: v.Scale,
+        logit_bias: Optional[torch.Tensor] = None,
+        output_dict: bool = False,
+    ) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
+        """Symmetric CLIP loss of ``(N, D)`` image and text features."""
+        v.check_pair(image_features, text_features, ("image_features", "text_features"))
+        loss = contrastive_loss(
+            image_features, text_features, logit_scale, symmetric=True, backend=self.backend
+        )
+        if logit_bias is not None:
+            # keeps the bias in the graph (DDP expects a gradient) without changing the value
+            loss = loss + 0.0 * logit_bias.sum()
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class InfoNCELoss(nn.Module):
+    """InfoNCE with a fixed or learnable temperature, optional hard negatives.
+
+    ``forward(a, b, negatives=None, labels=None)``: ``a`` ``(N, D)`` anchors,
+    ``b`` ``(N, D)`` positives (or any ``(M, D)`` candidates with ``labels``),
+    ``negatives`` ``(K, D)`` extra hard-negative candidates appended after ``b``.
+    The loss uses ``S = a bᵀ / τ``.
+
+    With ``learn_temperature=True`` the module owns ``log_scale = log(1/τ)``
+    (CLIP's parametrization) and clamps ``1/τ`` to ``max_scale``.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        *,
+        learn_temperature: bool = False,
+        max_scale: float = 100.0,
+        symmetric: bool = True,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        v.check_positive(temperature, "temperature")
+        v.check_positive(max_scale, "max_scale")
+        v.check_reduction(reduction)
+        log_scale = torch.tensor(math.log(1.0 / temperature))
+        if learn_temperature:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+        self.max_scale = max_scale
+        self.symmetric = symmetric
+        self.reduction = reduction
+        self.backend = backend
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 / float(self.logit_scale())
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=self.max_scale)
+
+    def forward(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        negatives: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        v.check_pair(a, b)
+        if negatives is not None:
+            v.check_pair(b, negatives, ("b", "negatives"))
+            b = torch.cat([b, negatives])
+        return contrastive_loss(
+            a, b, self.logit_scale(), labels=labels, symmetric=self.symmetric,
+            reduction=self.reduction, backend=self.backend,
+        )
+
+
+class NTXentLoss(nn.Module):
+    """SimCLR's NT-Xent (normalized temperature-scaled cross entropy) over two views.
+
+    ``forward(z1, z2)`` with ``(N, D)`` views; see :func:`tilecl.nt_xent_loss`.
+    """
+
+    def __init__(self, temperature: float = 0.5, *, reduction: str = "mean", backend: str = "auto") -> None:
+        super().__init__()
+        v.check_positive(temperature, "temperature")
+        v.check_reduction(reduction)
+        self.temperature = temperature
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return nt_xent_loss(z1, z2, self.temperature, reduction=self.reduction, backend=self.backend)

@@ -1,0 +1,198 @@
+"""The oracle: contrastive losses and their analytic gradients in float64.
+
+Written for clarity, not memory: the full ``N x M`` logit matrix is formed here
+(O(N·M) memory is fine for an oracle). Every backend of tilecl is tested
+against these functions.
+
+Every function takes an array-module parameter ``xp`` (NumPy by default).
+Passing CuPy arrays with ``xp=cupy`` runs the same code on the GPU, so kernels
+can be checked on device without copying to the host.
+
+Conventions (shared with the torch backends, see DESIGN.md)::
+
+    S = s · a bᵀ                                      (N x M logits)
+    ℓ_i^{a→b} = LSE_j S_ij − S_{i, y_i}               (row direction)
+    ℓ_i^{b→a} = LSE_k S_{k, y_i} − S_{i, y_i}          (column direction, symmetric only)
+    ℓ_i = (ℓ_i^{a→b} + ℓ_i^{b→a}) / 2  if symmetric else ℓ_i^{a→b}
+
+``reduction="mean"`` averages ``ℓ`` over the N pairs, ``"sum"`` adds them,
+``"none"`` returns the vector ``ℓ``. Gradients are those of
+``Σ_i grad_output_i · ℓ_i`` for ``"none"`` (``grad_output`` defaults to ones),
+and of the scalar loss otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+
+__all__ = [
+    "LossAndGrads",
+    "NTXentLossAndGrads",
+    "contrastive_loss",
+    "logsumexp",
+    "nt_xent_loss",
+]
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class LossAndGrads(NamedTuple):
+    """Loss value and its gradients with respect to ``a``, ``b`` and ``logit_scale``."""
+
+    loss: Any
+    grad_a: Any
+    grad_b: Any
+    grad_logit_scale: float
+
+
+class NTXentLossAndGrads(NamedTuple):
+    """NT-Xent loss value and its gradients with respect to the two views."""
+
+    loss: Any
+    grad_z1: Any
+    grad_z2: Any
+
+
+def logsumexp(x: Any, axis: int, xp: Any = np) -> Any:
+    """Numerically stable ``log Σ exp(x)`` along ``axis``; all ``-inf`` gives ``-inf``."""
+    peak = xp.max(x, axis=axis, keepdims=True)
+    peak = xp.where(xp.isfinite(peak), peak, 0.0)
+    total = xp.sum(xp.exp(x - peak), axis=axis, keepdims=True)
+    with np.errstate(divide="ignore"):
+        return xp.squeeze(peak + xp.log(total), axis=axis)
+
+
+def _softmax(x: Any, axis: int, xp: Any) -> Any:
+    return xp.exp(x - xp.expand_dims(logsumexp(x, axis, xp), axis))
+
+
+def _pair_weights(n: int, reduction: str, grad_output: Optional[Any], xp: Any) -> Any:
+    """d(reduced loss)/d(ℓ_i): what each pair's loss is multiplied by upstream."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if reduction == "mean":
+        return xp.full(n, 1.0 / n)
+    if reduction == "sum":
+        return xp.ones(n)
+    if grad_output is None:
+        return xp.ones(n)
+    return xp.asarray(grad_output, dtype=xp.float64).reshape(n)
+
+
+def _reduce(per_pair: Any, reduction: str, xp: Any) -> Any:
+    if reduction == "mean":
+        return xp.mean(per_pair)
+    if reduction == "sum":
+        return xp.sum(per_pair)
+    return per_pair
+
+
+def loss_and_logit_grad(
+    logits: Any,
+    labels: Any,
+    symmetric: bool,
+    reduction: str,
+    grad_output: Optional[Any] = None,
+    xp: Any = np,
+) -> tuple[Any, Any]:
+    """Contrastive loss of a given logit matrix and its gradient ``dL/dS``.
+
+    ``logits`` is ``N x M`` (entries may be ``-inf`` for masked pairs),
+    ``labels`` gives each row's positive column. Returns ``(loss, dL/dS)``.
+    """
+    n = logits.shape[0]
+    rows = xp.arange(n)
+    positive = logits[rows, labels]
+    per_pair = logsumexp(logits, 1, xp) - positive
+    weights = _pair_weights(n, reduction, grad_output, xp)
+    row_weights = weights / 2 if symmetric else weights
+    grad = row_weights[:, None] * _softmax(logits, 1, xp)
+    grad[rows, labels] -= row_weights
+    if symmetric:
+        col_lse = logsumexp(logits, 0, xp)
+        per_pair = (per_pair + col_lse[labels] - positive) / 2
+        col_weights = weights / 2
+        # column j's softmax is weighted by every pair whose positive is column j
+        col_mult = xp.bincount(labels, weights=col_weights, minlength=logits.shape[1])
+        grad = grad + _softmax(logits, 0, xp) * col_mult[None, :]
+        grad[rows, labels] -= col_weights
+    return _reduce(per_pair, reduction, xp), grad
+
+
+def contrastive_loss(
+    a: Any,
+    b: Any,
+    logit_scale: float = 1.0,
+    labels: Optional[Any] = None,
+    symmetric: bool = True,
+    reduction: str = "mean",
+    grad_output: Optional[Any] = None,
+    xp: Any = np,
+) -> LossAndGrads:
+    """InfoNCE / CLIP loss of ``S = logit_scale · a bᵀ`` and its analytic gradients.
+
+    Args:
+        a: ``N x D`` anchors (e.g. image features).
+        b: ``M x D`` candidates (e.g. text features); ``M > N`` adds hard negatives.
+        logit_scale: the already-exponentiated inverse temperature ``s``.
+        labels: length-``N`` integer array, row ``i``'s positive column
+            (default ``i``).
+        symmetric: add the column direction (CLIP) and halve.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        grad_output: upstream gradient of the per-pair losses for ``"none"``.
+
+    Returns:
+        :class:`LossAndGrads` with ``dL/da = s·G·b``, ``dL/db = s·Gᵀ·a`` and
+        ``dL/ds = Σ G_ij (a_i·b_j)`` where ``G = dL/dS``.
+    """
+    a = xp.asarray(a, dtype=xp.float64)
+    b = xp.asarray(b, dtype=xp.float64)
+    s = float(logit_scale)
+    n = a.shape[0]
+    labels = xp.arange(n) if labels is None else xp.asarray(labels).astype(xp.int64)
+    dots = a @ b.T
+    loss, grad_logits = loss_and_logit_grad(s * dots, labels, symmetric, reduction, grad_output, xp)
+    return LossAndGrads(
+        loss=loss,
+        grad_a=s * grad_logits @ b,
+        grad_b=s * grad_logits.T @ a,
+        grad_logit_scale=float(xp.sum(grad_logits * dots)),
+    )
+
+
+def nt_xent_loss(
+    z1: Any,
+    z2: Any,
+    temperature: float = 0.5,
+    reduction: str = "mean",
+    grad_output: Optional[Any] = None,
+    xp: Any = np,
+) -> NTXentLossAndGrads:
+    """SimCLR's NT-Xent loss over ``2N`` views and its gradients.
+
+    The views ``z = [z1; z2]`` (``2N x D``) are L2-normalized, ``S = z zᵀ / τ``,
+    self-similarity is excluded and view ``k``'s positive is its partner
+    ``(k + N) mod 2N``::
+
+        ℓ_k = LSE_{j ≠ k} S_kj − S_{k, partner(k)}
+
+    ``"mean"`` averages over the ``2N`` views; ``"none"`` returns the ``2N``
+    per-view losses (first the ``z1`` views, then the ``z2`` views).
+    """
+    z = xp.concatenate([xp.asarray(z1, dtype=xp.float64), xp.asarray(z2, dtype=xp.float64)])
+    views = z.shape[0]
+    half = views // 2
+    norms = xp.sqrt(xp.sum(z * z, axis=1, keepdims=True))
+    unit = z / norms
+    logits = unit @ unit.T / temperature
+    logits[xp.arange(views), xp.arange(views)] = -xp.inf
+    partners = (xp.arange(views) + half) % views
+    loss, grad_logits = loss_and_logit_grad(
+        logits, partners, False, reduction, grad_output, xp
+    )
+    grad_unit = (grad_logits + grad_logits.T) @ unit / temperature
+    # through u = z/‖z‖: du/dz projects out the radial component
+    grad_z = (grad_unit - unit * xp.sum(unit * grad_unit, axis=1, keepdims=True)) / norms
+    return NTXentLossAndGrads(loss=loss, grad_z1=grad_z[:half], grad_z2=grad_z[half:])
