@@ -40,9 +40,15 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def tile_shape(n: int, m: int, acc: torch.dtype, buffers: int) -> tuple[int, int]:
-    """Rows and columns of a tile so that ``buffers`` tiles fit in :data:`TILE_BYTES`."""
-    elements = max(1, TILE_BYTES // (buffers * torch.finfo(acc).bits // 8))
+def tile_shape(n: int, m: int, acc: torch.dtype) -> tuple[int, int]:
+    """Rows and columns of a tile; the two tile buffers of the backward fit in :data:`TILE_BYTES`.
+
+    The forward uses the same shape although it needs one buffer: the backward
+    then recomputes bit-identical logits, so ``exp(S_ij − LSE_i)`` of a
+    saturated row is exactly the forward's softmax (the positive term's
+    ``−1`` cancels it as in a full-matrix cross entropy).
+    """
+    elements = max(1, TILE_BYTES // (2 * torch.finfo(acc).bits // 8))
     side = max(1, math.isqrt(elements))
     rows = min(n, side)
     cols = min(m, max(side, elements // rows))
@@ -91,83 +97,88 @@ def lse_stats(
     a: torch.Tensor,
     b: torch.Tensor,
     scale: torch.Tensor,
+    targets: torch.Tensor,
     col_count: int,
     exclude_diagonal: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row and column log-sum-exp of ``S = scale · a bᵀ`` without forming ``S``.
 
     Args:
         a: ``N x D``; b: ``M x D``; scale: 0-d tensor.
+        targets: ``N`` int64, row ``i``'s positive column ``y_i``.
         col_count: column statistics are returned for columns ``[0, col_count)``.
         exclude_diagonal: treat ``S_ii`` as ``-inf`` (NT-Xent's self-similarity).
 
     Returns:
-        ``row_lse`` (``N``) and ``col_lse`` (``col_count``) in the accumulation dtype.
-        A row or column with every entry excluded gets ``-inf``, never NaN.
+        ``row_lse`` (``N``), ``col_lse`` (``col_count``) and the positive logits
+        ``S_{i,y_i}`` (``N``, read from the same tiles as the LSEs so that
+        ``LSE − S_{i,y_i}`` cancels exactly for a saturated row), all in the
+        accumulation dtype. A row or column with every entry excluded gets
+        ``-inf``, never NaN.
     """
     n, m = a.shape[0], b.shape[0]
     acc = accumulation_dtype(a.dtype)
     s = scale.to(acc)
-    rows, cols = tile_shape(n, m, acc, buffers=1)
-    buffer = torch.empty(rows * cols, dtype=acc, device=a.device)
+    rows, cols = tile_shape(n, m, acc)
+    score_buffer = torch.empty(rows * cols, dtype=acc, device=a.device)
+    exp_buffer = torch.empty(rows * cols, dtype=acc, device=a.device)
     row_max = torch.full((n,), -math.inf, dtype=acc, device=a.device)
     row_sum = torch.zeros(n, dtype=acc, device=a.device)
     col_max = torch.full((col_count,), -math.inf, dtype=acc, device=a.device)
     col_sum = torch.zeros(col_count, dtype=acc, device=a.device)
+    positive = torch.empty(n, dtype=acc, device=a.device)
 
     for i0 in range(0, n, rows):
         i1 = min(n, i0 + rows)
         a_scaled = a[i0:i1].to(acc) * s
         run_max, run_sum = row_max[i0:i1], row_sum[i0:i1]
+        block_targets = targets[i0:i1]
         for j0 in range(0, m, cols):
             j1 = min(m, j0 + cols)
-            b_block = b[j0:j1].to(acc)
-            tile = _tile(buffer, i1 - i0, j1 - j0)
-            _scores_(tile, a_scaled, b_block, i0, j0, exclude_diagonal)
-            new_max = torch.maximum(run_max, tile.amax(dim=1))
+            scores = _tile(score_buffer, i1 - i0, j1 - j0)
+            _scores_(scores, a_scaled, b[j0:j1].to(acc), i0, j0, exclude_diagonal)
+            _gather_positive_(positive[i0:i1], scores, block_targets - j0)
+            new_max = torch.maximum(run_max, scores.amax(dim=1))
             row_shift = _finite_or_zero(new_max)
-            run_sum.mul_(torch.exp(run_max - row_shift))
-            run_sum.add_(tile.sub_(row_shift[:, None]).exp_().sum(dim=1))
+            exps = torch.sub(scores, row_shift[:, None], out=_tile(exp_buffer, i1 - i0, j1 - j0)).exp_()
+            run_sum.mul_(torch.exp(run_max - row_shift)).add_(exps.sum(dim=1))
             run_max.copy_(new_max)
             if j0 < col_count:
-                c1 = min(col_count, j1)
-                peak, shifted = _column_sums(
-                    tile[:, : c1 - j0], row_shift, a_scaled, b_block[: c1 - j0], i0 - j0,
-                    exclude_diagonal,
-                )
-                _merge_(col_max[j0:c1], col_sum[j0:c1], peak, shifted)
-    return row_max + torch.log(row_sum), col_max + torch.log(col_sum)
+                width = min(col_count, j1) - j0
+                peak, shifted = _column_sums(scores[:, :width], exps[:, :width], row_shift)
+                _merge_(col_max[j0 : j0 + width], col_sum[j0 : j0 + width], peak, shifted)
+    return row_max + torch.log(row_sum), col_max + torch.log(col_sum), positive
 
 
 def _column_sums(
-    exp_tile: torch.Tensor,
-    row_shift: torch.Tensor,
-    a_scaled: torch.Tensor,
-    b_cols: torch.Tensor,
-    diagonal_offset: int,
-    exclude_diagonal: bool,
+    scores: torch.Tensor, exps: torch.Tensor, row_shift: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One tile's column statistics ``(max-like shift, sum)`` from its row-shifted exp.
+    """One tile's column statistics ``(shift, sum)`` from its row-shifted exponentials.
 
-    ``exp_tile`` holds ``exp(S_ij − row_shift_i)``. Re-weighting its rows by
+    ``exps`` holds ``exp(scores_ij − row_shift_i)``. Re-weighting its rows by
     ``exp(row_shift_i − K)`` gives every column the common shift ``K`` with one
-    matrix-vector product instead of a second exp over the tile. A column whose
-    shifted sum comes out tiny may have lost its terms to underflow; those
-    (rare) columns are recomputed exactly from ``a_scaled`` and ``b_cols``.
+    matrix-vector product instead of a second exp over the tile. A term lost
+    to underflow there is below ``e^-87`` relative to ``K``, so only a column
+    whose shifted sum comes out tiny can be wrong; those (rare) columns are
+    redone exactly from the same ``scores``.
     """
     peak = row_shift.max()
-    shifted = exp_tile.t().mv(torch.exp(row_shift - peak))
+    shifted = exps.t().mv(torch.exp(row_shift - peak))
     shifts = peak.expand_as(shifted).clone()
-    lost = torch.nonzero(shifted < _UNDERFLOW_GUARD[exp_tile.dtype]).flatten()
+    lost = torch.nonzero(shifted < _UNDERFLOW_GUARD[exps.dtype]).flatten()
     if lost.numel():
-        exact = torch.mm(a_scaled, b_cols[lost].t())
-        if exclude_diagonal:
-            rows = torch.arange(exact.shape[0], device=exact.device)[:, None]
-            exact.masked_fill_(rows - lost[None, :] == -diagonal_offset, -math.inf)
+        exact = scores[:, lost]
         exact_max = exact.amax(dim=0)
         shifts[lost] = exact_max
         shifted[lost] = torch.exp(exact - _finite_or_zero(exact_max)).sum(dim=0)
     return shifts, shifted
+
+
+def _gather_positive_(out: torch.Tensor, tile: torch.Tensor, local_targets: torch.Tensor) -> None:
+    """Copy ``tile[r, local_targets[r]]`` into ``out[r]`` for the rows whose target is in the tile."""
+    inside = (local_targets >= 0) & (local_targets < tile.shape[1])
+    picked = tile.gather(1, local_targets.clamp(0, tile.shape[1] - 1)[:, None]).squeeze(1)
+    torch.where(inside, picked, out, out=out)
 
 
 def offset_backward(
@@ -200,7 +211,7 @@ def offset_backward(
     # a column with no term (h_j = 0, or every entry excluded) contributes nothing
     h = torch.where(torch.isneginf(col_offset), 0.0, col_mult).to(acc)
     r = _finite_or_zero(col_offset.to(acc))
-    rows, cols = tile_shape(n, m, acc, buffers=2)
+    rows, cols = tile_shape(n, m, acc)
     buffer = torch.empty(rows * cols, dtype=acc, device=a.device)
     second = torch.empty(rows * cols, dtype=acc, device=a.device)
     grad_a = torch.empty(n, a.shape[1], dtype=acc, device=a.device)
@@ -222,7 +233,7 @@ def offset_backward(
             c1 = min(col_count, j1)
             if c1 > j0:
                 _column_term_(
-                    tile, _tile(second, i1 - i0, j1 - j0), c_block, g_block,
+                    tile, second, c_block, g_block,
                     r[j0:c1], h[j0:c1], window,
                 )
             else:

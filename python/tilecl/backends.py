@@ -42,12 +42,13 @@ def _reference_scores(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, exc
     return a64, b64, scores
 
 
-def _reference_lse_stats(a, b, scale, col_count, exclude_diagonal=False):
+def _reference_lse_stats(a, b, scale, targets, col_count, exclude_diagonal=False):
     _, _, scores = _reference_scores(a, b, scale, exclude_diagonal)
     rows = _reference.logsumexp(scores, axis=1)
     cols = _reference.logsumexp(scores[:, :col_count], axis=0)
+    positive = scores[np.arange(scores.shape[0]), targets.cpu().numpy()]
     acc = _blockwise.accumulation_dtype(a.dtype)
-    return (torch.from_numpy(x).to(device=a.device, dtype=acc) for x in (rows, cols))
+    return tuple(torch.from_numpy(x).to(device=a.device, dtype=acc) for x in (rows, cols, positive))
 
 
 def _reference_offset_backward(a, b, scale, row_offset, row_mult, col_offset, col_mult, exclude_diagonal=False):

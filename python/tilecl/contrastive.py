@@ -15,10 +15,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch._C import _functions
 
 from . import _validation as v
-from ._blockwise import accumulation_dtype
 from .backends import Backend, resolve_backend
 
 __all__ = ["contrastive_loss", "nt_xent_loss"]
@@ -31,6 +30,31 @@ def _pair_weights(grad_output: torch.Tensor, reduction: str, n: int, acc: torch.
         return grad_output
     per_pair = grad_output / n if reduction == "mean" else grad_output
     return per_pair.expand(n)
+
+
+DOUBLE_BACKWARD_MESSAGE = (
+    b"tilecl losses are differentiable once: double backward (differentiating a gradient "
+    b"of a tilecl loss, e.g. a gradient penalty) is not supported; use tilecl.naive for that"
+)
+
+
+def _refuse_second_derivative(grads: tuple) -> tuple:
+    """Under ``create_graph=True``, make differentiating these gradients raise a clear error.
+
+    Like ``once_differentiable``, but the outputs always carry the error node
+    (its own version skips it when the upstream gradient does not require grad,
+    which ends in an unrelated "does not require grad" message).
+    """
+    if not torch.is_grad_enabled():
+        return grads
+    live = [i for i, g in enumerate(grads) if g is not None]
+    guard = _functions.DelayedError(DOUBLE_BACKWARD_MESSAGE, len(live))
+    guarded = guard(*[grads[i].detach().requires_grad_() for i in live])
+    guarded = guarded if isinstance(guarded, tuple) else (guarded,)
+    out = list(grads)
+    for i, g in zip(live, guarded):
+        out[i] = g
+    return tuple(out)
 
 
 class _ContrastiveFunction(torch.autograd.Function):
@@ -47,12 +71,9 @@ class _ContrastiveFunction(torch.autograd.Function):
         backend: Backend,
     ) -> torch.Tensor:
         n, m = a.shape[0], b.shape[0]
-        acc = accumulation_dtype(a.dtype)
         targets = torch.arange(n, device=a.device) if labels is None else labels.long()
         col_count = (n if labels is None else m) if symmetric else 0
-        row_lse, col_lse = backend.lse_stats(a, b, scale, col_count, exclude_diagonal)
-        s = scale.to(acc)
-        positive = s * torch.sum(a.to(acc) * b[targets].to(acc), dim=1)
+        row_lse, col_lse, positive = backend.lse_stats(a, b, scale, targets, col_count, exclude_diagonal)
         per_pair = row_lse - positive
         if symmetric:
             per_pair = (per_pair + col_lse[targets] - positive) / 2
@@ -65,8 +86,13 @@ class _ContrastiveFunction(torch.autograd.Function):
         return per_pair
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor):
+        with torch.no_grad():
+            grads = _ContrastiveFunction._backward(ctx, grad_output)
+        return _refuse_second_derivative(grads)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
         a, b, scale, targets, row_lse, col_lse = ctx.saved_tensors
         symmetric, reduction, exclude_diagonal, backend = ctx.options
         acc = row_lse.dtype
