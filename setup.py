@@ -22,9 +22,11 @@ def cuda_extensions() -> list:
     """The CUDA C++ extension modules to build (none until csrc/ has kernels)."""
     if SKIP_CUDA_BUILD:
         return []
-    sources = [
-        os.path.join("csrc", f) for f in sorted(os.listdir("csrc")) if f.endswith(".cu")
-    ] if os.path.isdir("csrc") else []
+    sources = (
+        [os.path.join("csrc", f) for f in sorted(os.listdir("csrc")) if f.endswith(".cu")]
+        if os.path.isdir("csrc")
+        else []
+    )
     if not sources:
         if FORCE_CUDA_BUILD:
             raise RuntimeError("TILECL_FORCE_CUDA_BUILD=1 but csrc/ has no CUDA sources yet")

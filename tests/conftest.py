@@ -30,7 +30,11 @@ def tiny_tiles(monkeypatch):
 
 
 def max_error(x, reference) -> float:
-    x = x.detach().double().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    x = (
+        x.detach().double().cpu().numpy()
+        if isinstance(x, torch.Tensor)
+        else np.asarray(x, dtype=np.float64)
+    )
     return float(np.max(np.abs(x - np.asarray(reference, dtype=np.float64))))
 
 
@@ -40,11 +44,20 @@ def assert_close_by_rule(ours, naive, reference, dtype: torch.dtype, what: str) 
     ours_err = max_error(ours, reference)
     naive_err = max_error(naive, reference)
     bound = 2 * naive_err + ATOL[dtype] * scale
-    assert ours_err <= bound, f"{what}: error {ours_err:.3e} > 2 x naive {naive_err:.3e} + atol ({dtype})"
+    assert ours_err <= bound, (
+        f"{what}: error {ours_err:.3e} > 2 x naive {naive_err:.3e} + atol ({dtype})"
+    )
 
 
-def assert_rel(ours, reference, rel: float, what: str) -> None:
-    """Max error relative to the largest reference entry (an all-zero reference allows 1e-15)."""
+def assert_rel(ours, reference, rel: float, what: str, atol: float = 1e-15) -> None:
+    """Max error relative to the largest reference entry, plus ``atol``.
+
+    ``atol`` covers gradients that are tiny only because large terms cancel
+    (a saturated softmax minus its one-hot target): pass the terms' magnitude
+    times a few eps there.
+    """
     scale = float(np.max(np.abs(np.asarray(reference, dtype=np.float64))))
     err = max_error(ours, reference)
-    assert err <= rel * scale + 1e-15, f"{what}: error {err:.3e} > {rel:.1e} x max|ref| {scale:.3e}"
+    assert err <= rel * scale + atol, (
+        f"{what}: error {err:.3e} > {rel:.1e} x max|ref| {scale:.3e} + {atol:.1e}"
+    )

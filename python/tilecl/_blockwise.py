@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+
 import torch
 
 __all__ = ["TILE_BYTES", "accumulation_dtype", "lse_stats", "offset_backward", "tile_shape"]
@@ -140,7 +141,9 @@ def lse_stats(
             _gather_positive_(positive[i0:i1], scores, block_targets - j0)
             new_max = torch.maximum(run_max, scores.amax(dim=1))
             row_shift = _finite_or_zero(new_max)
-            exps = torch.sub(scores, row_shift[:, None], out=_tile(exp_buffer, i1 - i0, j1 - j0)).exp_()
+            exps = torch.sub(
+                scores, row_shift[:, None], out=_tile(exp_buffer, i1 - i0, j1 - j0)
+            ).exp_()
             run_sum.mul_(torch.exp(run_max - row_shift)).add_(exps.sum(dim=1))
             run_max.copy_(new_max)
             if j0 < col_count:
@@ -175,7 +178,7 @@ def _column_sums(
 
 
 def _gather_positive_(out: torch.Tensor, tile: torch.Tensor, local_targets: torch.Tensor) -> None:
-    """Copy ``tile[r, local_targets[r]]`` into ``out[r]`` for the rows whose target is in the tile."""
+    """``out[r] = tile[r, local_targets[r]]`` for the rows whose target lies in this tile."""
     inside = (local_targets >= 0) & (local_targets < tile.shape[1])
     picked = tile.gather(1, local_targets.clamp(0, tile.shape[1] - 1)[:, None]).squeeze(1)
     torch.where(inside, picked, out, out=out)
@@ -233,8 +236,13 @@ def offset_backward(
             c1 = min(col_count, j1)
             if c1 > j0:
                 _column_term_(
-                    tile, second, c_block, g_block,
-                    r[j0:c1], h[j0:c1], window,
+                    tile,
+                    second,
+                    c_block,
+                    g_block,
+                    r[j0:c1],
+                    h[j0:c1],
+                    window,
                 )
             else:
                 tile.sub_(c_block[:, None]).exp_().mul_(g_block[:, None])

@@ -32,7 +32,9 @@ class Backend(NamedTuple):
     offset_backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def _reference_scores(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, exclude_diagonal: bool):
+def _reference_scores(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, exclude_diagonal: bool
+):
     a64 = a.detach().cpu().double().numpy()
     b64 = b.detach().cpu().double().numpy()
     scores = float(scale) * a64 @ b64.T
@@ -51,7 +53,9 @@ def _reference_lse_stats(a, b, scale, targets, col_count, exclude_diagonal=False
     return tuple(torch.from_numpy(x).to(device=a.device, dtype=acc) for x in (rows, cols, positive))
 
 
-def _reference_offset_backward(a, b, scale, row_offset, row_mult, col_offset, col_mult, exclude_diagonal=False):
+def _reference_offset_backward(
+    a, b, scale, row_offset, row_mult, col_offset, col_mult, exclude_diagonal=False
+):
     a64, b64, scores = _reference_scores(a, b, scale, exclude_diagonal)
 
     def host(x: torch.Tensor) -> np.ndarray:
@@ -77,7 +81,9 @@ _BACKENDS = {
 
 def available_backends() -> list[str]:
     """Names of the backends that can run on this machine, in dispatch-preference order."""
-    return [name for name in ("triton", "cuda", "cuda-emu", "torch", "reference") if name in _BACKENDS]
+    return [
+        name for name in ("triton", "cuda", "cuda-emu", "torch", "reference") if name in _BACKENDS
+    ]
 
 
 def resolve_backend(name: str, device: torch.device) -> Backend:

@@ -1,4 +1,4 @@
-"""``nn.Module`` wrappers: drop-in ClipLoss, InfoNCELoss with a learnable temperature, NTXentLoss."""
+"""``nn.Module`` wrappers: drop-in ClipLoss, InfoNCELoss (learnable temperature), NTXentLoss."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ class ClipLoss(nn.Module):
         super().__init__()
         if world_size > 1:
             raise NotImplementedError(
-                f"ClipLoss(world_size={world_size}): the multi-process loss is not implemented yet; "
+                f"ClipLoss(world_size={world_size}): the multi-process loss is not implemented "
+                "yet; "
                 "use world_size=1"
             )
         if use_horovod:
@@ -131,8 +132,13 @@ class InfoNCELoss(nn.Module):
             v.check_pair(b, negatives, ("b", "negatives"))
             b = torch.cat([b, negatives])
         return contrastive_loss(
-            a, b, self.logit_scale(), labels=labels, symmetric=self.symmetric,
-            reduction=self.reduction, backend=self.backend,
+            a,
+            b,
+            self.logit_scale(),
+            labels=labels,
+            symmetric=self.symmetric,
+            reduction=self.reduction,
+            backend=self.backend,
         )
 
 
@@ -142,7 +148,9 @@ class NTXentLoss(nn.Module):
     ``forward(z1, z2)`` with ``(N, D)`` views; see :func:`tilecl.nt_xent_loss`.
     """
 
-    def __init__(self, temperature: float = 0.5, *, reduction: str = "mean", backend: str = "auto") -> None:
+    def __init__(
+        self, temperature: float = 0.5, *, reduction: str = "mean", backend: str = "auto"
+    ) -> None:
         super().__init__()
         v.check_positive(temperature, "temperature")
         v.check_reduction(reduction)
@@ -151,4 +159,6 @@ class NTXentLoss(nn.Module):
         self.backend = backend
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return nt_xent_loss(z1, z2, self.temperature, reduction=self.reduction, backend=self.backend)
+        return nt_xent_loss(
+            z1, z2, self.temperature, reduction=self.reduction, backend=self.backend
+        )

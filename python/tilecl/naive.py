@@ -30,7 +30,12 @@ def naive_contrastive_loss(
     logits = logit_scale * a @ b.t()
     per_pair = F.cross_entropy(logits, targets, reduction="none")
     if symmetric:
-        per_pair = (per_pair + F.cross_entropy(logits.t()[targets], torch.arange(n, device=a.device), reduction="none")) / 2
+        per_pair = (
+            per_pair
+            + F.cross_entropy(
+                logits.t()[targets], torch.arange(n, device=a.device), reduction="none"
+            )
+        ) / 2
     if reduction == "mean":
         return per_pair.mean()
     if reduction == "sum":

@@ -189,9 +189,7 @@ def nt_xent_loss(
     logits = unit @ unit.T / temperature
     logits[xp.arange(views), xp.arange(views)] = -xp.inf
     partners = (xp.arange(views) + half) % views
-    loss, grad_logits = loss_and_logit_grad(
-        logits, partners, False, reduction, grad_output, xp
-    )
+    loss, grad_logits = loss_and_logit_grad(logits, partners, False, reduction, grad_output, xp)
     grad_unit = (grad_logits + grad_logits.T) @ unit / temperature
     # through u = z/‖z‖: du/dz projects out the radial component
     grad_z = (grad_unit - unit * xp.sum(unit * grad_unit, axis=1, keepdims=True)) / norms
