@@ -30,11 +30,7 @@ def tiny_tiles(monkeypatch):
 
 
 def max_error(x, reference) -> float:
-    x = (
-        x.detach().double().cpu().numpy()
-        if isinstance(x, torch.Tensor)
-        else np.asarray(x, dtype=np.float64)
-    )
+    x = x.detach().double().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
     return float(np.max(np.abs(x - np.asarray(reference, dtype=np.float64))))
 
 
@@ -44,9 +40,7 @@ def assert_close_by_rule(ours, naive, reference, dtype: torch.dtype, what: str) 
     ours_err = max_error(ours, reference)
     naive_err = max_error(naive, reference)
     bound = 2 * naive_err + ATOL[dtype] * scale
-    assert ours_err <= bound, (
-        f"{what}: error {ours_err:.3e} > 2 x naive {naive_err:.3e} + atol ({dtype})"
-    )
+    assert ours_err <= bound, f"{what}: error {ours_err:.3e} > 2 x naive {naive_err:.3e} + atol ({dtype})"
 
 
 def assert_rel(ours, reference, rel: float, what: str, atol: float = 1e-15) -> None:

@@ -77,9 +77,7 @@ def test_labels_and_hard_negatives_float64(symmetric, tile_bytes):
     n, m, d = 11, 19, 6
     a, b = make_inputs(n, m, d, seed=3)
     labels = torch.tensor([18, 0, 3, 3, 7, 10, 1, 2, 5, 16, 4])
-    ours = run(
-        tilecl.contrastive_loss, a, b, 4.0, labels=labels, symmetric=symmetric, backend="torch"
-    )
+    ours = run(tilecl.contrastive_loss, a, b, 4.0, labels=labels, symmetric=symmetric, backend="torch")
     ref = oracle(a, b, 4.0, labels=labels.numpy(), symmetric=symmetric)
     for name, x, r in zip(("loss", "grad_a", "grad_b", "grad_scale"), ours, ref):
         assert_rel(x, r, 1e-10, name)
@@ -125,9 +123,7 @@ def test_nt_xent_matches_oracle(n, reduction, tile_bytes):
     z1, z2 = make_inputs(n, n, 6, seed=n, normalize=False)
     loss = tilecl.nt_xent_loss(z1, z2, 0.2, reduction=reduction, backend="torch")
     gen = torch.Generator().manual_seed(n)
-    upstream = (
-        torch.randn(loss.shape, generator=gen, dtype=torch.float64) if reduction == "none" else None
-    )
+    upstream = torch.randn(loss.shape, generator=gen, dtype=torch.float64) if reduction == "none" else None
     g1, g2 = torch.autograd.grad(loss, (z1, z2), grad_outputs=upstream)
     ref = reference.nt_xent_loss(
         z1.detach().numpy(),
@@ -183,9 +179,7 @@ def test_gradcheck_float64(tiny_tiles):
                 (a, b, s),
             )
     z1, z2 = make_inputs(4, 4, 3, seed=12, normalize=False)
-    assert torch.autograd.gradcheck(
-        lambda x, y: tilecl.nt_xent_loss(x, y, 0.4, backend="torch"), (z1, z2)
-    )
+    assert torch.autograd.gradcheck(lambda x, y: tilecl.nt_xent_loss(x, y, 0.4, backend="torch"), (z1, z2))
 
 
 def test_non_contiguous_inputs_just_work():

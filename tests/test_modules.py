@@ -19,9 +19,7 @@ def open_clip_loss(image_features, text_features, logit_scale, logit_bias=None):
         logits_per_image = logits_per_image + logit_bias
     logits_per_text = logits_per_image.T
     labels = torch.arange(logits_per_image.shape[0])
-    return (
-        F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
-    ) / 2
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
 class TwoTower(torch.nn.Module):

@@ -29,12 +29,8 @@ def test_contrastive_gradients_match_finite_differences(symmetric, reduction):
         return reference.contrastive_loss(a_, b_, s_, labels, symmetric, reduction).loss
 
     out = reference.contrastive_loss(a, b, s, labels, symmetric, reduction)
-    np.testing.assert_allclose(
-        out.grad_a, numeric_grad(lambda x: loss(x, b, s), a), rtol=1e-6, atol=1e-8
-    )
-    np.testing.assert_allclose(
-        out.grad_b, numeric_grad(lambda x: loss(a, x, s), b), rtol=1e-6, atol=1e-8
-    )
+    np.testing.assert_allclose(out.grad_a, numeric_grad(lambda x: loss(x, b, s), a), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(out.grad_b, numeric_grad(lambda x: loss(a, x, s), b), rtol=1e-6, atol=1e-8)
     fd = (loss(a, b, s + 1e-6) - loss(a, b, s - 1e-6)) / 2e-6
     np.testing.assert_allclose(out.grad_logit_scale, fd, rtol=1e-6)
 
@@ -77,8 +73,4 @@ def test_extreme_logits_stay_finite():
     rng = np.random.default_rng(3)
     a, b = 30 * rng.normal(size=(4, 8)), 30 * rng.normal(size=(4, 8))
     out = reference.contrastive_loss(a, b, 100.0)
-    assert (
-        np.isfinite(out.loss)
-        and np.all(np.isfinite(out.grad_a))
-        and np.all(np.isfinite(out.grad_b))
-    )
+    assert np.isfinite(out.loss) and np.all(np.isfinite(out.grad_a)) and np.all(np.isfinite(out.grad_b))

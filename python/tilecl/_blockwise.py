@@ -141,9 +141,7 @@ def lse_stats(
             _gather_positive_(positive[i0:i1], scores, block_targets - j0)
             new_max = torch.maximum(run_max, scores.amax(dim=1))
             row_shift = _finite_or_zero(new_max)
-            exps = torch.sub(
-                scores, row_shift[:, None], out=_tile(exp_buffer, i1 - i0, j1 - j0)
-            ).exp_()
+            exps = torch.sub(scores, row_shift[:, None], out=_tile(exp_buffer, i1 - i0, j1 - j0)).exp_()
             run_sum.mul_(torch.exp(run_max - row_shift)).add_(exps.sum(dim=1))
             run_max.copy_(new_max)
             if j0 < col_count:

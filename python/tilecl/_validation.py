@@ -74,16 +74,12 @@ def check_labels(labels: Optional[torch.Tensor], rows: int, cols: int, like: tor
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.shape != (rows,):
-        raise ValueError(
-            f"labels must have shape ({rows},) (one per row of a), got {tuple(labels.shape)}"
-        )
+        raise ValueError(f"labels must have shape ({rows},) (one per row of a), got {tuple(labels.shape)}")
     if labels.device != like.device:
         raise ValueError(f"labels must be on {like.device}, got {labels.device}")
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= cols:
-        raise ValueError(
-            f"labels must lie in [0, {cols}) (the columns of b), got values in [{low}, {high}]"
-        )
+        raise ValueError(f"labels must lie in [0, {cols}) (the columns of b), got values in [{low}, {high}]")
 
 
 def check_reduction(reduction: str) -> None:

@@ -32,9 +32,7 @@ class Backend(NamedTuple):
     offset_backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def _reference_scores(
-    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, exclude_diagonal: bool
-):
+def _reference_scores(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, exclude_diagonal: bool):
     a64 = a.detach().cpu().double().numpy()
     b64 = b.detach().cpu().double().numpy()
     scores = float(scale) * a64 @ b64.T
@@ -81,9 +79,7 @@ _BACKENDS = {
 
 def available_backends() -> list[str]:
     """Names of the backends that can run on this machine, in dispatch-preference order."""
-    return [
-        name for name in ("triton", "cuda", "cuda-emu", "torch", "reference") if name in _BACKENDS
-    ]
+    return [name for name in ("triton", "cuda", "cuda-emu", "torch", "reference") if name in _BACKENDS]
 
 
 def resolve_backend(name: str, device: torch.device) -> Backend:
@@ -100,7 +96,6 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
         raise ValueError(f"backend must be 'auto' or one of {KNOWN_BACKENDS}, got {name!r}")
     if name not in _BACKENDS:
         raise RuntimeError(
-            f"backend={name!r} is not available in this build of tilecl "
-            f"(available: {available_backends()})"
+            f"backend={name!r} is not available in this build of tilecl (available: {available_backends()})"
         )
     return _BACKENDS[name]

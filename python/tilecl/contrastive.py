@@ -23,9 +23,7 @@ from .backends import Backend, resolve_backend
 __all__ = ["contrastive_loss", "nt_xent_loss"]
 
 
-def _pair_weights(
-    grad_output: torch.Tensor, reduction: str, n: int, acc: torch.dtype
-) -> torch.Tensor:
+def _pair_weights(grad_output: torch.Tensor, reduction: str, n: int, acc: torch.dtype) -> torch.Tensor:
     """d(loss)/d(ℓ_i) for each pair, as a length-``n`` vector."""
     grad_output = grad_output.to(acc)
     if reduction == "none":
@@ -75,9 +73,7 @@ class _ContrastiveFunction(torch.autograd.Function):
         n, m = a.shape[0], b.shape[0]
         targets = torch.arange(n, device=a.device) if labels is None else labels.long()
         col_count = (n if labels is None else m) if symmetric else 0
-        row_lse, col_lse, positive = backend.lse_stats(
-            a, b, scale, targets, col_count, exclude_diagonal
-        )
+        row_lse, col_lse, positive = backend.lse_stats(a, b, scale, targets, col_count, exclude_diagonal)
         per_pair = row_lse - positive
         if symmetric:
             per_pair = (per_pair + col_lse[targets] - positive) / 2

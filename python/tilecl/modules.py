@@ -148,9 +148,7 @@ class NTXentLoss(nn.Module):
     ``forward(z1, z2)`` with ``(N, D)`` views; see :func:`tilecl.nt_xent_loss`.
     """
 
-    def __init__(
-        self, temperature: float = 0.5, *, reduction: str = "mean", backend: str = "auto"
-    ) -> None:
+    def __init__(self, temperature: float = 0.5, *, reduction: str = "mean", backend: str = "auto") -> None:
         super().__init__()
         v.check_positive(temperature, "temperature")
         v.check_reduction(reduction)
@@ -159,6 +157,4 @@ class NTXentLoss(nn.Module):
         self.backend = backend
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return nt_xent_loss(
-            z1, z2, self.temperature, reduction=self.reduction, backend=self.backend
-        )
+        return nt_xent_loss(z1, z2, self.temperature, reduction=self.reduction, backend=self.backend)

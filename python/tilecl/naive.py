@@ -32,9 +32,7 @@ def naive_contrastive_loss(
     if symmetric:
         per_pair = (
             per_pair
-            + F.cross_entropy(
-                logits.t()[targets], torch.arange(n, device=a.device), reduction="none"
-            )
+            + F.cross_entropy(logits.t()[targets], torch.arange(n, device=a.device), reduction="none")
         ) / 2
     if reduction == "mean":
         return per_pair.mean()
