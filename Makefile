@@ -30,7 +30,7 @@ demo: venv
 	$(PY) -m tilecl demo
 
 bench: venv
-	$(PY) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/pytest-benchmark.json
+	$(PY) -m pytest bench -q -p no:cacheprovider --benchmark-json=bench/results/pytest-benchmark.json
 	$(PY) -m bench.plot
 
 format: venv

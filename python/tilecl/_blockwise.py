@@ -27,7 +27,7 @@ import torch
 __all__ = ["TILE_BYTES", "accumulation_dtype", "lse_stats", "offset_backward", "tile_shape"]
 
 #: Bytes of float tile buffers a call may hold (the "extra memory" knob).
-TILE_BYTES: int = int(os.environ.get("TILECL_TILE_BYTES", str(8 << 20)))
+TILE_BYTES: int = int(os.environ.get("TILECL_TILE_BYTES", str(16 << 20)))
 
 # The single-exp paths shift whole tiles by one reference value. They are used
 # only where every shifted quantity stays far inside the float range; the

@@ -1,0 +1,1 @@
+"""Benchmark sweeps (pytest-benchmark); see bench/README section of the top-level README."""
