@@ -209,9 +209,10 @@ def offset_backward(
     s = scale.to(acc)
     c = _finite_or_zero(row_offset.to(acc))
     g = row_mult.to(acc)
-    # a column with no term (h_j = 0, or every entry excluded) contributes nothing
-    h = torch.where(torch.isneginf(col_offset), 0.0, col_mult).to(acc)
-    r = _finite_or_zero(col_offset.to(acc))
+    # a column with no term (no pair: r_j = +inf; every entry excluded: -inf) contributes nothing
+    live = torch.isfinite(col_offset)
+    h = torch.where(live, col_mult, 0.0).to(acc)
+    r = torch.where(live, col_offset, 0.0).to(acc)
     rows, cols = tile_shape(n, m, acc)
     buffer = torch.empty(rows * cols, dtype=acc, device=a.device)
     second = torch.empty(rows * cols, dtype=acc, device=a.device)

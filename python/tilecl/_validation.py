@@ -100,3 +100,17 @@ def check_positive(value: float, name: str) -> None:
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def check_log_weights(log_u: Optional[torch.Tensor], name: str, n: int, like: torch.Tensor) -> None:
+    """Per-pair log weights ``log u``: a floating ``(n,)`` tensor on ``like``'s device, no NaN or +inf."""
+    if log_u is None:
+        raise ValueError(f"{name} is required")
+    if not isinstance(log_u, torch.Tensor) or not log_u.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating torch.Tensor")
+    if log_u.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(log_u.shape)}")
+    if log_u.device != like.device:
+        raise ValueError(f"{name} must be on {like.device}, got {log_u.device}")
+    if bool(torch.isnan(log_u).any() | torch.isposinf(log_u).any()):
+        raise ValueError(f"{name} must not contain NaN or +inf (log u = -inf means u = 0)")

@@ -46,7 +46,7 @@ def _reference_lse_stats(a, b, scale, targets, col_count, exclude_diagonal=False
     _, _, scores = _reference_scores(a, b, scale, exclude_diagonal)
     rows = _reference.logsumexp(scores, axis=1)
     cols = _reference.logsumexp(scores[:, :col_count], axis=0)
-    positive = scores[np.arange(scores.shape[0]), targets.cpu().numpy()]
+    positive = scores[np.arange(scores.shape[0]), targets.cpu().numpy()]  # -inf where excluded
     acc = _blockwise.accumulation_dtype(a.dtype)
     return tuple(torch.from_numpy(x).to(device=a.device, dtype=acc) for x in (rows, cols, positive))
 
@@ -60,11 +60,11 @@ def _reference_offset_backward(
         return x.detach().cpu().double().numpy()
 
     c, g, r, h = map(host, (row_offset, row_mult, col_offset, col_mult))
-    with np.errstate(invalid="ignore"):
-        grad = g[:, None] * np.exp(scores - np.where(np.isfinite(c), c, 0.0)[:, None])
-        width = r.shape[0]
-        column = h[None, :] * np.exp(scores[:, :width] - np.where(np.isfinite(r), r, 0.0)[None, :])
-    grad[:, :width] += np.nan_to_num(column)
+    live = np.isfinite(r)
+    h, r = np.where(live, h, 0.0), np.where(live, r, 0.0)
+    grad = g[:, None] * np.exp(scores - np.where(np.isfinite(c), c, 0.0)[:, None])
+    width = r.shape[0]
+    grad[:, :width] += h[None, :] * np.exp(scores[:, :width] - r[None, :])
     s = float(scale)
     acc = _blockwise.accumulation_dtype(a.dtype)
     out = (s * grad @ b64, s * grad.T @ a64, np.sum(grad @ b64 * a64))

@@ -12,7 +12,9 @@ statistics are saved between the passes.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch._C import _functions
@@ -20,7 +22,7 @@ from torch._C import _functions
 from . import _validation as v
 from .backends import Backend, resolve_backend
 
-__all__ = ["contrastive_loss", "nt_xent_loss"]
+__all__ = ["contrastive_loss", "gamma_contrastive_loss", "nt_xent_loss"]
 
 
 def _pair_weights(grad_output: torch.Tensor, reduction: str, n: int, acc: torch.dtype) -> torch.Tensor:
@@ -57,31 +59,97 @@ def _refuse_second_derivative(grads: tuple) -> tuple:
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class LossSpec:
+    """The fixed options of one call of the shared autograd Function."""
+
+    symmetric: bool
+    reduction: str
+    exclude_diagonal: bool
+    backend: Backend
+
+
+class BatchStats(NamedTuple):
+    """What the streaming forward yields: row LSE (N), column LSE (col_count), positive logits (N)."""
+
+    row_lse: torch.Tensor
+    col_lse: torch.Tensor
+    positive: torch.Tensor
+
+
+def batch_stats(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    positives: Optional[torch.Tensor],
+    spec: LossSpec,
+) -> BatchStats:
+    """One streaming pass over the tiles (no autograd). Decoupled positives are a row-wise dot."""
+    n = a.shape[0]
+    col_count = (n if labels is None else b.shape[0]) if spec.symmetric else 0
+    with torch.no_grad():
+        row_lse, col_lse, positive = spec.backend.lse_stats(
+            a, b, scale, _targets(labels, n, a.device), col_count, spec.exclude_diagonal
+        )
+        if positives is not None:
+            acc = row_lse.dtype
+            positive = scale.to(acc) * torch.sum(a.to(acc) * positives.to(acc), dim=1)
+    return BatchStats(row_lse, col_lse, positive)
+
+
+def _targets(labels: Optional[torch.Tensor], n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device) if labels is None else labels.long()
+
+
 class _ContrastiveFunction(torch.autograd.Function):
+    """Per-pair loss ``ℓ_i = row_i (+ col_i) − S⁺_i`` over precomputed stats, and its backward.
+
+    InfoNCE (``log_u_rows is None``): ``row_i = LSE_j S_ij``. Gamma surrogate:
+    ``row_i = u_i·D̂_i = exp(log u_i + LSE_j S_ij − log M)``. Either way
+    ``dℓ_i/dS_ij = exp(S_ij − c_i) − [j = y_i]`` with the row offset
+    ``c_i = LSE_i`` (InfoNCE) or ``log M − log u_i`` (gamma), and likewise for
+    the column direction, so one offset backward serves both.
+    """
+
     @staticmethod
     def forward(
         ctx: Any,
         a: torch.Tensor,
         b: torch.Tensor,
+        positives: Optional[torch.Tensor],
         scale: torch.Tensor,
         labels: Optional[torch.Tensor],
-        symmetric: bool,
-        reduction: str,
-        exclude_diagonal: bool,
-        backend: Backend,
+        log_u_rows: Optional[torch.Tensor],
+        log_u_cols: Optional[torch.Tensor],
+        stats: BatchStats,
+        spec: LossSpec,
     ) -> torch.Tensor:
         n, m = a.shape[0], b.shape[0]
-        targets = torch.arange(n, device=a.device) if labels is None else labels.long()
-        col_count = (n if labels is None else m) if symmetric else 0
-        row_lse, col_lse, positive = backend.lse_stats(a, b, scale, targets, col_count, exclude_diagonal)
-        per_pair = row_lse - positive
-        if symmetric:
-            per_pair = (per_pair + col_lse[targets] - positive) / 2
-        ctx.save_for_backward(a, b, scale, targets, row_lse, col_lse)
-        ctx.options = (symmetric, reduction, exclude_diagonal, backend)
-        if reduction == "mean":
+        targets = _targets(labels, n, a.device)
+        row_lse, col_lse, positive = stats
+        acc = row_lse.dtype
+        if log_u_rows is None:
+            row_offset, row_term = row_lse, row_lse
+        else:
+            row_offset = math.log(m) - log_u_rows.to(acc)
+            row_term = torch.exp(row_lse - row_offset)
+        per_pair = row_term - positive
+        col_offset = None
+        if spec.symmetric:
+            col_at_pair = col_lse[targets]
+            if log_u_cols is None:
+                col_offset, col_term = col_at_pair, col_at_pair
+            else:
+                col_offset = math.log(n) - log_u_cols.to(acc)
+                col_term = torch.exp(col_at_pair - col_offset)
+            per_pair = (per_pair + col_term - positive) / 2
+        ctx.save_for_backward(a, b, positives, scale, targets, row_offset, col_offset)
+        ctx.col_count = col_lse.shape[0]
+        ctx.spec = spec
+        if spec.reduction == "mean":
             return per_pair.mean()
-        if reduction == "sum":
+        if spec.reduction == "sum":
             return per_pair.sum()
         return per_pair
 
@@ -93,33 +161,90 @@ class _ContrastiveFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
-        a, b, scale, targets, row_lse, col_lse = ctx.saved_tensors
-        symmetric, reduction, exclude_diagonal, backend = ctx.options
-        acc = row_lse.dtype
-        weights = _pair_weights(grad_output, reduction, a.shape[0], acc)
-        row_mult = weights / 2 if symmetric else weights
-        col_mult = torch.zeros_like(col_lse)
-        if symmetric:
-            col_mult.index_add_(0, targets, weights / 2)
-        grad_a, grad_b, grad_scale = backend.offset_backward(
-            a, b, scale, row_lse, row_mult, col_lse, col_mult, exclude_diagonal
+        a, b, positives, scale, targets, row_offset, col_offset = ctx.saved_tensors
+        spec: LossSpec = ctx.spec
+        acc = row_offset.dtype
+        weights = _pair_weights(grad_output, spec.reduction, a.shape[0], acc)
+        half = weights / 2 if spec.symmetric else weights
+        col_mult = torch.zeros(ctx.col_count, dtype=acc, device=a.device)
+        col_shift = torch.full_like(col_mult, math.inf)
+        if spec.symmetric:
+            # pairs sharing a column fold into one offset: r_j = min_i c_i, h_j = Σ_i w_i·e^(r_j − c_i)
+            col_shift.scatter_reduce_(0, targets, col_offset, "amin")
+            col_mult.index_add_(0, targets, half * torch.exp(col_shift[targets] - col_offset))
+        grad_a, grad_b, grad_scale = spec.backend.offset_backward(
+            a, b, scale, row_offset, half, col_shift, col_mult, spec.exclude_diagonal
         )
-        # the positive logit S_{i,y_i} enters every pair's loss with weight −w_i
+        # the positive logit enters every pair's loss with weight −w_i
         s = scale.to(acc)
-        a_acc, b_pos = a.to(acc), b[targets].to(acc)
-        grad_a -= (s * weights)[:, None] * b_pos
-        grad_b.index_add_(0, targets, -(s * weights)[:, None] * a_acc)
-        grad_scale = grad_scale - torch.sum(weights * torch.sum(a_acc * b_pos, dim=1))
+        a_acc = a.to(acc)
+        positive_rows = (positives if positives is not None else b[targets]).to(acc)
+        grad_a -= (s * weights)[:, None] * positive_rows
+        grad_positive_rows = -(s * weights)[:, None] * a_acc
+        grad_scale = grad_scale - torch.sum(weights * torch.sum(a_acc * positive_rows, dim=1))
+        grad_positives = None
+        if positives is not None:
+            grad_positives = grad_positive_rows.to(positives.dtype) if ctx.needs_input_grad[2] else None
+        else:
+            grad_b.index_add_(0, targets, grad_positive_rows)
+        needs = ctx.needs_input_grad
         return (
-            grad_a.to(a.dtype) if ctx.needs_input_grad[0] else None,
-            grad_b.to(b.dtype) if ctx.needs_input_grad[1] else None,
-            grad_scale.to(scale.dtype).reshape(scale.shape) if ctx.needs_input_grad[2] else None,
+            grad_a.to(a.dtype) if needs[0] else None,
+            grad_b.to(b.dtype) if needs[1] else None,
+            grad_positives,
+            grad_scale.to(scale.dtype).reshape(scale.shape) if needs[3] else None,
             None,
             None,
             None,
             None,
             None,
         )
+
+
+def _apply(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    positives: Optional[torch.Tensor],
+    log_u_rows: Optional[torch.Tensor],
+    log_u_cols: Optional[torch.Tensor],
+    spec: LossSpec,
+    stats: Optional[BatchStats] = None,
+) -> torch.Tensor:
+    """Run the shared Function, computing the batch statistics unless the caller already has them."""
+    if stats is None:
+        stats = batch_stats(a, b, scale, labels, positives, spec)
+    return _ContrastiveFunction.apply(a, b, positives, scale, labels, log_u_rows, log_u_cols, stats, spec)
+
+
+def check_call(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    logit_scale: v.Scale,
+    labels: Optional[torch.Tensor],
+    positives: Optional[torch.Tensor],
+    symmetric: bool,
+    reduction: str,
+    backend: str,
+) -> tuple[torch.Tensor, LossSpec]:
+    """Every check of a contrastive call, before any compute; returns the scale tensor and the spec."""
+    v.check_pair(a, b)
+    n, m = a.shape[0], b.shape[0]
+    v.check_reduction(reduction)
+    v.check_labels(labels, n, m, a)
+    if positives is not None:
+        v.check_pair(a, positives, ("a", "positives"))
+        if positives.shape[0] != n:
+            raise ValueError(f"positives must have one row per row of a ({n}), got {positives.shape[0]}")
+        if labels is not None:
+            raise ValueError("labels and positives are exclusive: positives already give each row's positive")
+        if symmetric:
+            raise ValueError("positives (decoupled positives) need symmetric=False")
+    else:
+        v.check_symmetric(symmetric, n, m)
+    scale = v.check_scale(logit_scale, "logit_scale", a)
+    return scale, LossSpec(bool(symmetric), reduction, False, resolve_backend(backend, a.device))
 
 
 def contrastive_loss(
@@ -131,6 +256,7 @@ def contrastive_loss(
     symmetric: bool = True,
     reduction: str = "mean",
     backend: str = "auto",
+    positives: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """InfoNCE (one direction) or CLIP (symmetric) loss, tile by tile.
 
@@ -151,19 +277,69 @@ def contrastive_loss(
         symmetric: add the column direction and halve (CLIP). Needs ``M >= N``.
         reduction: ``"mean"`` (over the N pairs), ``"sum"`` or ``"none"`` (``(N,)``).
         backend: ``"auto"``, ``"torch"``, ``"reference"`` (see :func:`tilecl.available_backends`).
+        positives: optional ``(N, D)``: row ``i``'s positive given apart from
+            ``b``, so that it is *not* in the denominator (decoupled form:
+            ``ℓ_i = LSE_j S_ij − s·a_i·p_i`` over ``b``'s columns only, as in the
+            gamma paper's ``D_i = E_neg[exp s]``). Needs ``symmetric=False``.
 
     Returns:
         The loss; float32 for float16/bfloat16 inputs, otherwise the input dtype.
         Double backward is not supported.
     """
-    v.check_pair(a, b)
-    n, m = a.shape[0], b.shape[0]
-    v.check_reduction(reduction)
-    v.check_labels(labels, n, m, a)
-    v.check_symmetric(symmetric, n, m)
-    scale = v.check_scale(logit_scale, "logit_scale", a)
-    ops = resolve_backend(backend, a.device)
-    return _ContrastiveFunction.apply(a, b, scale, labels, bool(symmetric), reduction, False, ops)
+    scale, spec = check_call(a, b, logit_scale, labels, positives, symmetric, reduction, backend)
+    return _apply(a, b, scale, labels, positives, None, None, spec)
+
+
+def gamma_contrastive_loss(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    log_u_rows: torch.Tensor,
+    log_u_cols: Optional[torch.Tensor] = None,
+    logit_scale: v.Scale = 1.0,
+    *,
+    labels: Optional[torch.Tensor] = None,
+    symmetric: bool = True,
+    reduction: str = "mean",
+    backend: str = "auto",
+    positives: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The gamma-augmented surrogate (M-step loss) for given auxiliary weights ``u``.
+
+    With ``D̂_i = (1/M) Σ_j exp(S_ij)`` (row ``i``'s batch estimate of its
+    denominator) and ``u`` fixed (no gradient flows into ``log_u_*``)::
+
+        ℓ_i^{a→b} = −S_{i,y_i} + u_i·D̂_i
+        ℓ_i^{b→a} = −S_{i,y_i} + u'_i·D̂'_{y_i},   D̂'_j = (1/N) Σ_k exp(S_kj)
+
+    Linear in ``D̂``, so a minibatch estimate of it is unbiased. Its gradient is
+    the InfoNCE backward with the row offset ``c_i = log M − log u_i``; with
+    ``u_i = 1/D̂_i`` it *is* the InfoNCE gradient. Everything stays in log
+    space (``exp(S)`` overflows float32 for ``S > 88``).
+
+    Args:
+        log_u_rows: ``(N,)`` ``log u_i`` of the row direction.
+        log_u_cols: ``(N,)`` ``log u'_i`` of pair ``i``'s column direction
+            (required when ``symmetric``).
+        Others: as :func:`contrastive_loss`.
+    """
+    scale, spec = check_call(a, b, logit_scale, labels, positives, symmetric, reduction, backend)
+    v.check_log_weights(log_u_rows, "log_u_rows", a.shape[0], a)
+    if symmetric:
+        v.check_log_weights(log_u_cols, "log_u_cols", a.shape[0], a)
+    return _apply(
+        a,
+        b,
+        scale,
+        labels,
+        positives,
+        log_u_rows.detach(),
+        _detached(log_u_cols) if symmetric else None,
+        spec,
+    )
+
+
+def _detached(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if x is None else x.detach()
 
 
 def nt_xent_loss(
@@ -195,9 +371,9 @@ def nt_xent_loss(
         )
     v.check_positive(temperature, "temperature")
     v.check_reduction(reduction)
-    ops = resolve_backend(backend, z1.device)
+    spec = LossSpec(False, reduction, True, resolve_backend(backend, z1.device))
     views = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
     n = z1.shape[0]
     partners = torch.arange(2 * n, device=z1.device).roll(n)
     scale = torch.tensor(1.0 / temperature, dtype=torch.float64, device=z1.device)
-    return _ContrastiveFunction.apply(views, views, scale, partners, False, reduction, True, ops)
+    return _apply(views, views, scale, partners, None, None, None, spec)

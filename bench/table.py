@@ -1,0 +1,49 @@
+"""Print bench/results/clip_cpu.json as the README's markdown table.
+
+Usage: ``python -m bench.table [--json PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def fmt_bytes(x: float) -> str:
+    return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.0f} MiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default=str(RESULTS / "clip_cpu.json"))
+    args = parser.parse_args()
+    data = json.loads(Path(args.json).read_text())
+    m = data["machine"]
+    flops = ", ".join(f"D={d}: {f / 1e9:.0f} GFLOP/s" for d, f in data["matmul_flops"].items())
+    print(f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads).")
+    print(f"torch.mm throughput measured in the same run: {flops}.\n")
+    columns = ["N", "D", "naive time", "tilecl time", "tilecl / naive", "naive peak extra"]
+    print("| " + " | ".join([*columns, "tilecl peak extra", "efficiency"]) + " |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = data["rows"]
+    keys = sorted({(r["d"], r["n"]) for r in rows})
+    for d, n in keys:
+        by = {r["provider"]: r for r in rows if r["n"] == n and r["d"] == d}
+        naive, ours = by.get("naive", {}), by.get("tilecl", {})
+        if "time_s" in naive:
+            naive_time, naive_mem = f"{naive['time_s']:.3g} s", fmt_bytes(naive["peak_extra_bytes"])
+        else:
+            naive_time, naive_mem = "skipped", naive.get("skipped", "")
+        ratio = f"{ours['time_ratio_to_naive']:.2f}" if "time_ratio_to_naive" in ours else "–"
+        ours_time = f"{ours.get('time_s', float('nan')):.3g} s"
+        ours_mem = fmt_bytes(ours.get("peak_extra_bytes", 0))
+        efficiency = f"{ours.get('efficiency', float('nan')):.2f}"
+        cells = [f"{n:,}", str(d), naive_time, ours_time, ratio, naive_mem, ours_mem, efficiency]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

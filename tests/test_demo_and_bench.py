@@ -1,0 +1,56 @@
+"""The demo, the memory probe and the benchmark tooling run end to end (small sizes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tilecl.demo import run_demo
+from tilecl.memory import peak_extra_memory_cpu
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_trains_and_reports_memory(capsys):
+    out = run_demo(epochs=15, batch_size=256, memory_n=2048, memory_d=32)
+    assert out["r1_after"] > out["r1_before"]
+    assert out["digit_r1_after"] > 0.3
+    mem = out["memory"]
+    assert mem["tilecl"]["loss"] == pytest.approx(mem["naive"]["loss"], rel=1e-5)
+    assert mem["tilecl"]["peak_extra_bytes"] < mem["naive"]["peak_extra_bytes"]
+    assert "R@1" in capsys.readouterr().out
+
+
+def test_memory_probe_sees_the_naive_matrix():
+    n = 4096
+    naive = peak_extra_memory_cpu("naive", n, 16)
+    tiled = peak_extra_memory_cpu("tilecl", n, 16)
+    assert naive["peak_extra_bytes"] > 2 * n * n * 4  # at least two N x N float32 buffers
+    assert tiled["peak_extra_bytes"] < n * n * 4  # never one
+
+
+def test_bench_table_and_plot(tmp_path):
+    rows = [
+        {"provider": p, "n": n, "d": 8, "time_s": t, "peak_extra_bytes": m, "efficiency": 0.5}
+        for p, n, t, m in [("naive", 64, 2.0, 2**25), ("tilecl", 64, 1.0, 2**20), ("tilecl", 128, 3.0, 2**21)]
+    ]
+    rows[1]["time_ratio_to_naive"] = 0.5
+    data = {"machine": {"cpu": "x", "cores": 2, "torch": "t", "torch_threads": 2}, "matmul_flops": {"8": 1e9}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({**data, "rows": rows}))
+    table = subprocess.run(
+        [sys.executable, "-m", "bench.table", "--json", str(path)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert table.returncode == 0, table.stderr
+    assert "| 64 | 8 | 2 s | 1 s | 0.50 |" in table.stdout
+    png = tmp_path / "r.png"
+    plot = subprocess.run(
+        [sys.executable, "-m", "bench.plot", "--json", str(path), "--out", str(png)],
+        cwd=ROOT,
+        capture_output=True,
+    )
+    assert plot.returncode == 0 and png.stat().st_size > 0
