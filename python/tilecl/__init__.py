@@ -4,24 +4,28 @@ Public API::
 
     tilecl.contrastive_loss(a, b, logit_scale, *, labels, symmetric, reduction, backend)
     tilecl.nt_xent_loss(z1, z2, temperature, *, reduction, backend)
-    tilecl.ClipLoss, tilecl.InfoNCELoss, tilecl.NTXentLoss
+    tilecl.gamma_contrastive_loss(a, b, log_u_rows, log_u_cols, logit_scale, ...)
+    tilecl.ClipLoss, tilecl.InfoNCELoss, tilecl.NTXentLoss, tilecl.GammaContrastiveLoss
     tilecl.available_backends()
     tilecl.reference          # the NumPy float64 oracle
 """
 
 from . import reference
 from .backends import available_backends
-from .contrastive import contrastive_loss, nt_xent_loss
+from .contrastive import contrastive_loss, gamma_contrastive_loss, nt_xent_loss
+from .gamma import GammaContrastiveLoss
 from .modules import ClipLoss, InfoNCELoss, NTXentLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClipLoss",
+    "GammaContrastiveLoss",
     "InfoNCELoss",
     "NTXentLoss",
     "available_backends",
     "contrastive_loss",
+    "gamma_contrastive_loss",
     "nt_xent_loss",
     "reference",
 ]

@@ -31,7 +31,10 @@ __all__ = [
     "LossAndGrads",
     "NTXentLossAndGrads",
     "contrastive_loss",
+    "gamma_contrastive_loss",
+    "gamma_em_update",
     "logsumexp",
+    "loss_and_logit_grad",
     "nt_xent_loss",
 ]
 
@@ -39,12 +42,13 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 class LossAndGrads(NamedTuple):
-    """Loss value and its gradients with respect to ``a``, ``b`` and ``logit_scale``."""
+    """Loss value and its gradients with respect to ``a``, ``b``, ``logit_scale`` (and ``positives``)."""
 
     loss: Any
     grad_a: Any
     grad_b: Any
     grad_logit_scale: float
+    grad_positives: Any = None
 
 
 class NTXentLossAndGrads(NamedTuple):
@@ -96,29 +100,49 @@ def loss_and_logit_grad(
     reduction: str,
     grad_output: Optional[Any] = None,
     xp: Any = np,
-) -> tuple[Any, Any]:
+    log_u_rows: Optional[Any] = None,
+    log_u_cols: Optional[Any] = None,
+    positive_logits: Optional[Any] = None,
+) -> tuple[Any, Any, Any]:
     """Contrastive loss of a given logit matrix and its gradient ``dL/dS``.
 
     ``logits`` is ``N x M`` (entries may be ``-inf`` for masked pairs),
-    ``labels`` gives each row's positive column. Returns ``(loss, dL/dS)``.
+    ``labels`` gives each row's positive column. With ``log_u_rows`` (and
+    ``log_u_cols``) the row (column) term is the gamma surrogate
+    ``u_i·D̂_i`` with ``D̂_i = mean_j exp(S_ij)`` instead of ``LSE_j S_ij``.
+    With ``positive_logits`` the positive is not a column of ``logits``
+    (decoupled form). Returns ``(loss, dL/dS, dL/d positive_logits)``.
     """
-    n = logits.shape[0]
+    n, m = logits.shape
     rows = xp.arange(n)
-    positive = logits[rows, labels]
-    per_pair = logsumexp(logits, 1, xp) - positive
+    positive = logits[rows, labels] if positive_logits is None else positive_logits
     weights = _pair_weights(n, reduction, grad_output, xp)
     row_weights = weights / 2 if symmetric else weights
-    grad = row_weights[:, None] * _softmax(logits, 1, xp)
-    grad[rows, labels] -= row_weights
+    if log_u_rows is None:
+        row_term = logsumexp(logits, 1, xp)
+        row_grad = _softmax(logits, 1, xp)
+    else:
+        row_grad = xp.exp(logits + log_u_rows[:, None] - np.log(m))
+        row_term = xp.sum(row_grad, axis=1)
+    per_pair = row_term - positive
+    grad = row_weights[:, None] * row_grad
     if symmetric:
-        col_lse = logsumexp(logits, 0, xp)
-        per_pair = (per_pair + col_lse[labels] - positive) / 2
         col_weights = weights / 2
-        # column j's softmax is weighted by every pair whose positive is column j
-        col_mult = xp.bincount(labels, weights=col_weights, minlength=logits.shape[1])
-        grad = grad + _softmax(logits, 0, xp) * col_mult[None, :]
-        grad[rows, labels] -= col_weights
-    return _reduce(per_pair, reduction, xp), grad
+        if log_u_cols is None:
+            col_term = logsumexp(logits, 0, xp)[labels]
+            col_grad = _softmax(logits, 0, xp)
+            # column j's softmax is weighted by every pair whose positive is column j
+            col_mult = xp.bincount(labels, weights=col_weights, minlength=m)
+        else:
+            col_grad = xp.exp(logits - np.log(n))
+            col_term = xp.exp(log_u_cols) * xp.sum(col_grad, axis=0)[labels]
+            col_mult = xp.bincount(labels, weights=col_weights * xp.exp(log_u_cols), minlength=m)
+        per_pair = (per_pair + col_term - positive) / 2
+        grad = grad + col_grad * col_mult[None, :]
+    if positive_logits is None:
+        grad[rows, labels] -= weights
+        return _reduce(per_pair, reduction, xp), grad, None
+    return _reduce(per_pair, reduction, xp), grad, -weights
 
 
 def contrastive_loss(
@@ -130,6 +154,9 @@ def contrastive_loss(
     reduction: str = "mean",
     grad_output: Optional[Any] = None,
     xp: Any = np,
+    positives: Optional[Any] = None,
+    log_u_rows: Optional[Any] = None,
+    log_u_cols: Optional[Any] = None,
 ) -> LossAndGrads:
     """InfoNCE / CLIP loss of ``S = logit_scale · a bᵀ`` and its analytic gradients.
 
@@ -142,10 +169,14 @@ def contrastive_loss(
         symmetric: add the column direction (CLIP) and halve.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         grad_output: upstream gradient of the per-pair losses for ``"none"``.
+        positives: ``N x D``, row ``i``'s positive apart from ``b`` (decoupled:
+            not in the denominator); its gradient is ``grad_positives``.
+        log_u_rows, log_u_cols: gamma weights; see :func:`gamma_contrastive_loss`.
 
     Returns:
         :class:`LossAndGrads` with ``dL/da = s·G·b``, ``dL/db = s·Gᵀ·a`` and
-        ``dL/ds = Σ G_ij (a_i·b_j)`` where ``G = dL/dS``.
+        ``dL/ds = Σ G_ij (a_i·b_j)`` where ``G = dL/dS`` (plus the positive
+        terms when ``positives`` is given).
     """
     a = xp.asarray(a, dtype=xp.float64)
     b = xp.asarray(b, dtype=xp.float64)
@@ -153,13 +184,75 @@ def contrastive_loss(
     n = a.shape[0]
     labels = xp.arange(n) if labels is None else xp.asarray(labels).astype(xp.int64)
     dots = a @ b.T
-    loss, grad_logits = loss_and_logit_grad(s * dots, labels, symmetric, reduction, grad_output, xp)
-    return LossAndGrads(
-        loss=loss,
-        grad_a=s * grad_logits @ b,
-        grad_b=s * grad_logits.T @ a,
-        grad_logit_scale=float(xp.sum(grad_logits * dots)),
+    positive_dots = None
+    if positives is not None:
+        positives = xp.asarray(positives, dtype=xp.float64)
+        positive_dots = xp.sum(a * positives, axis=1)
+    as_array = lambda x: None if x is None else xp.asarray(x, dtype=xp.float64)  # noqa: E731
+    loss, grad_logits, grad_positive = loss_and_logit_grad(
+        s * dots,
+        labels,
+        symmetric,
+        reduction,
+        grad_output,
+        xp,
+        as_array(log_u_rows),
+        as_array(log_u_cols),
+        None if positive_dots is None else s * positive_dots,
     )
+    grad_a = s * grad_logits @ b
+    grad_s = float(xp.sum(grad_logits * dots))
+    grad_positives = None
+    if positives is not None:
+        grad_a = grad_a + s * grad_positive[:, None] * positives
+        grad_positives = s * grad_positive[:, None] * a
+        grad_s += float(xp.sum(grad_positive * positive_dots))
+    return LossAndGrads(loss, grad_a, s * grad_logits.T @ a, grad_s, grad_positives)
+
+
+def gamma_contrastive_loss(
+    a: Any,
+    b: Any,
+    log_u_rows: Any,
+    log_u_cols: Optional[Any] = None,
+    logit_scale: float = 1.0,
+    labels: Optional[Any] = None,
+    symmetric: bool = True,
+    reduction: str = "mean",
+    grad_output: Optional[Any] = None,
+    xp: Any = np,
+    positives: Optional[Any] = None,
+) -> LossAndGrads:
+    """The gamma-augmented surrogate and its gradients, ``u`` held fixed::
+
+    ℓ_i^{a→b} = −S_{i,y_i} + u_i·(1/M) Σ_j exp(S_ij)
+    ℓ_i^{b→a} = −S_{i,y_i} + u'_i·(1/N) Σ_k exp(S_{k,y_i})
+    """
+    return contrastive_loss(
+        a, b, logit_scale, labels, symmetric, reduction, grad_output, xp, positives, log_u_rows, log_u_cols
+    )
+
+
+def gamma_em_update(
+    log_memory: Any, visited: Any, index: Any, log_d_hat: Any, gamma: float, xp: Any = np
+) -> tuple[Any, Any]:
+    """E-step memory update: returns new copies of ``(log_memory, visited)``.
+
+    For each distinct dataset index of the batch, its estimate is the mean of
+    ``D̂`` over its occurrences; a visited entry becomes
+    ``log((1−γ)·D̄ + γ·D̂)``, a first visit takes ``log D̂``.
+    """
+    log_memory, visited = xp.array(log_memory, dtype=xp.float64), xp.array(visited, dtype=bool)
+    index = xp.asarray(index)
+    for k in xp.unique(index).tolist():
+        estimate = logsumexp(log_d_hat[index == k], 0, xp) - np.log(int(xp.sum(index == k)))
+        if bool(visited[k]):
+            mixed = (1 - gamma) * float(xp.exp(log_memory[k])) + gamma * float(xp.exp(estimate))
+            log_memory[k] = np.log(mixed) if mixed > 0 else estimate
+        else:
+            log_memory[k] = estimate
+        visited[k] = True
+    return log_memory, visited
 
 
 def nt_xent_loss(
@@ -189,7 +282,7 @@ def nt_xent_loss(
     logits = unit @ unit.T / temperature
     logits[xp.arange(views), xp.arange(views)] = -xp.inf
     partners = (xp.arange(views) + half) % views
-    loss, grad_logits = loss_and_logit_grad(logits, partners, False, reduction, grad_output, xp)
+    loss, grad_logits, _ = loss_and_logit_grad(logits, partners, False, reduction, grad_output, xp)
     grad_unit = (grad_logits + grad_logits.T) @ unit / temperature
     # through u = z/‖z‖: du/dz projects out the radial component
     grad_z = (grad_unit - unit * xp.sum(unit * grad_unit, axis=1, keepdims=True)) / norms

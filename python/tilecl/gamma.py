@@ -1,0 +1,224 @@
+"""The gamma-augmented decomposable contrastive loss (Chen et al., NeurIPS 2022) with a per-sample memory.
+
+Minibatch InfoNCE estimates ``log D_i`` (``D_i`` = mean exp-similarity of
+anchor ``i`` to all negatives) by ``log D̂_i`` from the batch; ``E[log D̂] ≠
+log D`` biases the gradient unless batches are huge. The gamma identity
+``D^-α = Γ(α)^-1 ∫ u^(α-1) e^(-u·D) du`` introduces ``u_i ~ Gamma(α, rate D_i)``
+and makes the loss *linear* in ``D_i``: ``−S⁺_i + u_i·D_i``, whose minibatch
+estimate ``u_i·D̂_i`` is unbiased. Stochastic EM alternates:
+
+* **E-step** — ``log D̄_i ← log((1−γ)·D̄_i + γ·D̂_i)`` in a per-sample memory
+  indexed by the dataset index (first visit: ``log D̂_i``; an index seen twice
+  in a batch gets the mean of its estimates) **[reconstructed: the paper's
+  estimator of D_i is not public; this moving average is SogCLR's]**; then
+  ``u_i ~ Gamma(α, rate D̄_i)`` (``estimator="sample"``) or ``u_i = α/D̄_i``
+  (``"mean"``).
+* **M-step** — backpropagate the surrogate ``mean_i(−S⁺_i + u_i·D̂_i)`` with
+  ``u`` fixed (:func:`tilecl.gamma_contrastive_loss`).
+
+Everything is kept in log space; the batch statistics come from the same
+single streaming pass as the loss (the E-step reads them, the M-step reuses
+them), and the backward is the shared offset backward with
+``c_i = log M − log u_i``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import _validation as v
+from .contrastive import BatchStats, _apply, _targets, batch_stats, check_call
+
+__all__ = ["GammaContrastiveLoss", "em_update", "gamma_log_weights"]
+
+ESTIMATORS = ("sample", "mean")
+
+
+def em_update(
+    log_memory: torch.Tensor,
+    visited: torch.Tensor,
+    index: torch.Tensor,
+    log_d_hat: torch.Tensor,
+    gamma: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The E-step's memory update for one batch, without touching the memory.
+
+    Args:
+        log_memory: ``(num_samples,)`` ``log D̄``; visited: ``(num_samples,)`` bool.
+        index: ``(N,)`` dataset indices of the batch; log_d_hat: ``(N,)`` ``log D̂``.
+        gamma: the moving-average rate ``γ ∈ (0, 1]`` (1: plain minibatch estimate).
+
+    Returns:
+        ``(unique_index, new_log_memory_at_unique, log_memory_at_batch)``: the
+        caller commits ``log_memory[unique_index] = new`` when it chooses, and
+        ``log_memory_at_batch`` (``(N,)``) is the updated ``log D̄`` of every row.
+    """
+    unique, inverse = torch.unique(index, return_inverse=True)
+    acc = log_d_hat.dtype
+    peak = torch.full((unique.numel(),), -math.inf, dtype=acc, device=index.device)
+    peak.scatter_reduce_(0, inverse, log_d_hat, "amax")
+    total = torch.zeros_like(peak).index_add_(0, inverse, torch.exp(log_d_hat - peak[inverse]))
+    count = torch.bincount(inverse, minlength=unique.numel()).to(acc)
+    estimate = peak + torch.log(total / count)
+    old = log_memory[unique].to(acc)
+    mixed = torch.logaddexp(
+        math.log1p(-gamma) + old if gamma < 1 else torch.full_like(old, -math.inf), math.log(gamma) + estimate
+    )
+    new = torch.where(visited[unique], mixed, estimate)
+    return unique, new, new[inverse]
+
+
+def gamma_log_weights(
+    log_memory_at_batch: torch.Tensor,
+    alpha: float,
+    estimator: str,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """``log u`` for each row: ``log(g) − log D̄`` with ``g ~ Gamma(α, 1)``, or ``log α − log D̄``.
+
+    Sampling uses ``generator`` when given (reproducible under its seed),
+    otherwise torch's global RNG.
+    """
+    if estimator == "mean":
+        return math.log(alpha) - log_memory_at_batch
+    concentration = torch.full_like(log_memory_at_batch, alpha, dtype=torch.float64)
+    if generator is None:
+        draws = torch.distributions.Gamma(concentration, 1.0).sample()
+    else:
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+        device = log_memory_at_batch.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            draws = torch.distributions.Gamma(concentration, 1.0).sample()
+    return torch.log(draws).to(log_memory_at_batch.dtype) - log_memory_at_batch
+
+
+class GammaContrastiveLoss(nn.Module):
+    """Gamma-EM contrastive loss with a per-sample memory of ``log D̄`` (one per direction).
+
+    ``forward(a, b, index, logit_scale)`` runs the E-step (memory update, draw
+    of ``u``) and returns the M-step surrogate to backpropagate. The memory is
+    updated only in training mode and only after every check passed and the
+    loss was computed, so a call that raises leaves it unchanged.
+
+    Args:
+        num_samples: dataset size; ``index`` values lie in ``[0, num_samples)``.
+        alpha: Gamma shape ``α > 0`` (``α = 1``: the original InfoNCE objective).
+        gamma: memory rate ``γ ∈ (0, 1]`` (``γ = 1``: plain minibatch estimate).
+        estimator: ``"sample"`` (``u ~ Gamma(α, rate D̄)``) or ``"mean"`` (``u = α/D̄``).
+        symmetric: both directions (CLIP) with a memory each.
+        backend: as :func:`tilecl.contrastive_loss`.
+        generator: ``torch.Generator`` for the draws of ``u``.
+
+    Attributes (after a forward): ``last_infonce`` — the batch's InfoNCE value
+    (for logging, from the same pass); ``last_log_u`` — ``(log u rows, log u cols)``.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        alpha: float = 1.0,
+        gamma: float = 0.9,
+        estimator: str = "sample",
+        symmetric: bool = True,
+        backend: str = "auto",
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        v.check_positive(alpha, "alpha")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+            raise ValueError(f"gamma must lie in (0, 1], got {gamma!r}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.num_samples, self.alpha, self.gamma = num_samples, float(alpha), float(gamma)
+        self.estimator, self.symmetric, self.backend, self.generator = (
+            estimator,
+            symmetric,
+            backend,
+            generator,
+        )
+        for direction in ("rows", "cols"):
+            self.register_buffer(f"log_memory_{direction}", torch.zeros(num_samples, dtype=torch.float64))
+            self.register_buffer(f"visited_{direction}", torch.zeros(num_samples, dtype=torch.bool))
+        self.last_infonce: Optional[torch.Tensor] = None
+        self.last_log_u: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_samples={self.num_samples}, alpha={self.alpha}, gamma={self.gamma}, "
+            f"estimator={self.estimator!r}, symmetric={self.symmetric}"
+        )
+
+    def _check_index(self, index: torch.Tensor, n: int, like: torch.Tensor) -> None:
+        if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32):
+            raise TypeError("index must be an int64 (or int32) tensor of dataset indices")
+        if index.shape != (n,):
+            raise ValueError(f"index must have shape ({n},) (one per row of a), got {tuple(index.shape)}")
+        if index.device != like.device:
+            raise ValueError(f"index must be on {like.device}, got {index.device}")
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= self.num_samples:
+            raise ValueError(
+                f"index must lie in [0, num_samples={self.num_samples}), got values in [{low}, {high}]"
+            )
+
+    def _e_step(self, direction: str, index: torch.Tensor, log_d_hat: torch.Tensor):
+        memory, visited = getattr(self, f"log_memory_{direction}"), getattr(self, f"visited_{direction}")
+        unique, new, at_batch = em_update(memory, visited, index, log_d_hat, self.gamma)
+        log_u = gamma_log_weights(at_batch, self.alpha, self.estimator, self.generator)
+        return (unique, new), log_u
+
+    def _commit(self, direction: str, update: tuple[torch.Tensor, torch.Tensor]) -> None:
+        unique, new = update
+        getattr(self, f"log_memory_{direction}")[unique] = new.to(torch.float64)
+        getattr(self, f"visited_{direction}")[unique] = True
+
+    def forward(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        index: torch.Tensor,
+        logit_scale: v.Scale = 1.0,
+        *,
+        labels: Optional[torch.Tensor] = None,
+        positives: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Surrogate loss for ``a (N, D)``, ``b (M, D)`` and the batch's dataset ``index (N,)``.
+
+        ``labels`` and ``positives`` as in :func:`tilecl.contrastive_loss`
+        (``positives`` keeps the positive out of ``D̂``, as in the paper).
+        """
+        scale, spec = check_call(a, b, logit_scale, labels, positives, self.symmetric, "mean", self.backend)
+        n, m = a.shape[0], b.shape[0]
+        self._check_index(index, n, a)
+        if self.log_memory_rows.device != a.device:
+            raise ValueError(f"the module's memory is on {self.log_memory_rows.device}; move it with .to()")
+        stats = batch_stats(a, b, scale, labels, positives, spec)
+        row_update, log_u_rows = self._e_step("rows", index, stats.row_lse - math.log(m))
+        col_update, log_u_cols = None, None
+        if self.symmetric:
+            col_at_pair = stats.col_lse[_targets(labels, n, a.device)]
+            col_update, log_u_cols = self._e_step("cols", index, col_at_pair - math.log(n))
+        loss = _apply(a, b, scale, labels, positives, log_u_rows, log_u_cols, spec, stats)
+        if self.training:
+            self._commit("rows", row_update)
+            if col_update is not None:
+                self._commit("cols", col_update)
+        self.last_infonce = _infonce_from_stats(stats, labels, self.symmetric)
+        self.last_log_u = (log_u_rows, log_u_cols)
+        return loss
+
+
+def _infonce_from_stats(stats: BatchStats, labels: Optional[torch.Tensor], symmetric: bool) -> torch.Tensor:
+    """The batch's plain InfoNCE value, read off the stats the loss already computed."""
+    per_pair = stats.row_lse - stats.positive
+    if symmetric:
+        targets = _targets(labels, stats.row_lse.shape[0], stats.row_lse.device)
+        per_pair = (per_pair + stats.col_lse[targets] - stats.positive) / 2
+    return per_pair.mean().detach()
