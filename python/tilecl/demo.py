@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -76,6 +77,19 @@ class TwoTower(nn.Module):
 
 
 @torch.no_grad()
+def linear_probe_accuracy(model: TwoTower, views: DigitViews, seed: int = 0) -> float:
+    """Held-out accuracy of a logistic regression on the frozen embeddings ``[z_left, z_right]``."""
+    from sklearn.linear_model import LogisticRegression
+
+    def embed(left: torch.Tensor, right: torch.Tensor) -> np.ndarray:
+        return torch.cat([model.left(left), model.right(right)], dim=1).numpy()
+
+    probe = LogisticRegression(max_iter=2000, random_state=seed)
+    probe.fit(embed(views.left_train, views.right_train), views.labels_train)
+    return float(probe.score(embed(views.left_test, views.right_test), views.labels_test))
+
+
+@torch.no_grad()
 def retrieval_r1(
     model: TwoTower, left: torch.Tensor, right: torch.Tensor, labels: np.ndarray | None = None
 ) -> float:
@@ -97,8 +111,13 @@ def train(
     lr: float = 3e-3,
     seed: int = 0,
     progress: bool = True,
+    gamma_loss: Optional[tilecl.GammaContrastiveLoss] = None,
 ) -> list[float]:
-    """CLIP training of both towers and the temperature; returns the per-epoch mean loss."""
+    """CLIP training of both towers and the temperature; returns the per-epoch mean InfoNCE.
+
+    With ``gamma_loss`` the towers are trained on its surrogate (gamma-EM,
+    indexed by the training pair's position) instead of ``tilecl.ClipLoss``.
+    """
     from tqdm.auto import tqdm
 
     loss_fn = tilecl.ClipLoss()
@@ -106,21 +125,25 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     n = len(views.left_train)
     history = []
-    bar = tqdm(range(epochs), desc="training (tilecl.ClipLoss)", disable=not progress, unit="epoch")
+    name = "tilecl.ClipLoss" if gamma_loss is None else "tilecl.GammaContrastiveLoss"
+    bar = tqdm(range(epochs), desc=f"training ({name})", disable=not progress, unit="epoch")
     for _ in bar:
         order = torch.randperm(n, generator=gen)
         losses = []
         for start in range(0, n - batch_size + 1, batch_size):
             idx = order[start : start + batch_size]
-            loss = loss_fn(
-                model.left(views.left_train[idx]),
-                model.right(views.right_train[idx]),
-                model.logit_scale.exp().clamp(max=100),
-            )
+            left, right = model.left(views.left_train[idx]), model.right(views.right_train[idx])
+            scale = model.logit_scale.exp().clamp(max=100)
+            if gamma_loss is None:
+                loss = loss_fn(left, right, scale)
+                infonce = loss.detach()
+            else:
+                loss = gamma_loss(left, right, idx, scale)
+                infonce = gamma_loss.last_infonce
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(loss.item())
+            losses.append(infonce.item())
         history.append(float(np.mean(losses)))
         bar.set_postfix(loss=f"{history[-1]:.3f}", temperature=f"{1 / model.logit_scale.exp().item():.3f}")
     return history

@@ -85,15 +85,10 @@ def gamma_log_weights(
     """
     if estimator == "mean":
         return math.log(alpha) - log_memory_at_batch
-    concentration = torch.full_like(log_memory_at_batch, alpha, dtype=torch.float64)
-    if generator is None:
-        draws = torch.distributions.Gamma(concentration, 1.0).sample()
-    else:
-        seed = int(torch.randint(0, 2**62, (), generator=generator))
-        device = log_memory_at_batch.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            draws = torch.distributions.Gamma(concentration, 1.0).sample()
+    # torch.distributions.Gamma draws through this op too, but cannot take a generator
+    device = log_memory_at_batch.device if generator is None else generator.device
+    concentration = torch.full(log_memory_at_batch.shape, alpha, dtype=torch.float64, device=device)
+    draws = torch._standard_gamma(concentration, generator=generator).to(log_memory_at_batch.device)
     return torch.log(draws).to(log_memory_at_batch.dtype) - log_memory_at_batch
 
 

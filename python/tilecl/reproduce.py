@@ -1,0 +1,322 @@
+"""``python -m tilecl reproduce synthetic``: the article's headline experiment, reconstructed.
+
+Setting (PAPERS.md §1, **[reconstructed]** — the paper's exact setup is not
+public). Anchors ``x_i`` (2,000) and a pool of items ``v_k`` (1,000) in R⁸,
+random directions of norm 2; fixed scores ``S = X Vᵀ``. The model scores
+``s_θ(i, k) = θ·S_ik`` with one parameter θ (it enters the library as the
+``logit_scale``). Each anchor's positive is drawn once, noisily:
+``k_i ~ softmax_k(θ*·S_ik)`` with ``θ* = 1``. Every step takes a batch of 64
+anchors and M negatives drawn uniformly from the pool, and the loss is the
+decoupled one (the positive is not in the denominator):
+``ℓ_i = −θ·S_{i,k_i} + log D̂_i``, ``D̂_i = mean over the M negatives of exp(θ·S_ik)``.
+
+Why θ = 1 is the exact optimum: the population loss
+``E_i[−θ S_{i,k_i} + log E_{k~U(pool)} exp(θ S_ik)]`` has gradient
+``−E_i[S_{i,k_i}] + E_i[E_{k~softmax(θ S_i)} S_ik]``; since ``k_i`` is drawn
+from ``softmax(θ* S_i)``, the two terms cancel at ``θ = θ*``. Minibatch
+InfoNCE follows ``E[∇ log D̂] ≠ ∇ log D`` instead (few negatives → strong
+bias), so it settles elsewhere; the gamma-EM surrogate ``u_i·D̂_i`` is
+linear in ``D̂`` and unbiased given ``u``. The finite-sample MLE (exact
+``D_i`` over the whole pool, the drawn positives) is reported beside it.
+
+Every method drives the library: ``tilecl.contrastive_loss(..., positives=)``
+for InfoNCE, ``tilecl.GammaContrastiveLoss(..., positives=)`` (its E-step and
+surrogate) for gamma-EM.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+import tilecl
+
+METHODS = ("infonce", "gamma-sample", "gamma-mean")
+COLORS = {"infonce": "tab:red", "gamma-sample": "tab:blue", "gamma-mean": "tab:green"}
+
+
+@dataclass
+class SyntheticConfig:
+    anchors: int = 2000
+    pool: int = 1000
+    dim: int = 8
+    norm: float = 2.0
+    theta_star: float = 1.0
+    theta_init: float = 0.5
+    negatives: int = 8
+    batch: int = 64
+    steps: int = 30000
+    lr: float = 0.05
+    gamma: float = 0.02
+    alpha: float = 1.0
+    average_last: int = 5000
+    record_every: int = 50
+
+
+@dataclass
+class SyntheticData:
+    x: torch.Tensor  # (anchors, dim)
+    v: torch.Tensor  # (pool, dim)
+    positive: torch.Tensor  # (anchors,) index into the pool
+
+
+def make_data(cfg: SyntheticConfig, seed: int) -> SyntheticData:
+    gen = torch.Generator().manual_seed(10_000 + seed)
+
+    def directions(rows: int) -> torch.Tensor:
+        return cfg.norm * torch.nn.functional.normalize(
+            torch.randn(rows, cfg.dim, generator=gen, dtype=torch.float64), dim=1
+        )
+
+    x, v = directions(cfg.anchors), directions(cfg.pool)
+    positive = torch.multinomial(torch.softmax(cfg.theta_star * x @ v.T, dim=1), 1, generator=gen).squeeze(1)
+    return SyntheticData(x, v, positive)
+
+
+def finite_sample_mle(data: SyntheticData) -> float:
+    """argmax_θ Σ_i [θ S_{i,k_i} − log mean_k exp(θ S_ik)] (exact D_i over the pool), by Newton's method."""
+    scores = data.x @ data.v.T
+    positive = scores[torch.arange(len(scores)), data.positive]
+    theta = 1.0
+    for _ in range(50):
+        p = torch.softmax(theta * scores, dim=1)
+        mean = (p * scores).sum(1)
+        var = (p * scores**2).sum(1) - mean**2
+        step = float((mean - positive).sum() / var.sum())
+        theta -= step
+        if abs(step) < 1e-12:
+            break
+    return theta
+
+
+def train_theta(
+    cfg: SyntheticConfig, data: SyntheticData, method: str, seed: int, progress=None
+) -> list[float]:
+    """SGD on θ with the given method; returns θ every ``record_every`` steps."""
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.tensor(cfg.theta_init, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([theta], lr=cfg.lr)
+    gamma_loss = None
+    if method != "infonce":
+        gamma_loss = tilecl.GammaContrastiveLoss(
+            cfg.anchors,
+            alpha=cfg.alpha,
+            gamma=cfg.gamma,
+            estimator=method.split("-")[1],
+            symmetric=False,
+            backend="torch",
+            generator=torch.Generator().manual_seed(seed + 1),
+        )
+    trace = []
+    for step in range(cfg.steps):
+        index = torch.randperm(cfg.anchors, generator=gen)[: cfg.batch]
+        negatives = data.v[torch.randint(cfg.pool, (cfg.negatives,), generator=gen)]
+        anchors, positives = data.x[index], data.v[data.positive[index]]
+        if gamma_loss is None:
+            loss = tilecl.contrastive_loss(
+                anchors, negatives, theta, symmetric=False, positives=positives, backend="torch"
+            )
+        else:
+            loss = gamma_loss(anchors, negatives, index, theta, positives=positives)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % cfg.record_every == 0 or step == cfg.steps - 1:
+            trace.append(theta.item())
+        if progress is not None:
+            progress.update(1)
+    return trace
+
+
+def final_theta(cfg: SyntheticConfig, trace: list[float]) -> float:
+    keep = max(1, cfg.average_last // cfg.record_every)
+    return float(np.mean(trace[-keep:]))
+
+
+def run_synthetic(
+    cfg: SyntheticConfig,
+    seeds: int,
+    json_path: Optional[str],
+    plot_path: Optional[str],
+    progress: bool = True,
+) -> dict:
+    from tqdm.auto import tqdm
+
+    results = {m: {"final_theta": [], "trace": []} for m in METHODS}
+    mles = []
+    bar = tqdm(
+        total=seeds * len(METHODS) * cfg.steps, desc="synthetic θ runs", unit="step", disable=not progress
+    )
+    for seed in range(seeds):
+        data = make_data(cfg, seed)
+        mles.append(finite_sample_mle(data))
+        for method in METHODS:
+            bar.set_postfix(method=method, seed=seed)
+            trace = train_theta(cfg, data, method, seed, bar)
+            results[method]["trace"].append(trace)
+            results[method]["final_theta"].append(final_theta(cfg, trace))
+    bar.close()
+    out = {
+        "optimum": cfg.theta_star,
+        "mle": float(np.mean(mles)),
+        "mle_per_seed": mles,
+        "methods": {
+            m: {
+                "final_theta": r["final_theta"],
+                "mean": float(np.mean(r["final_theta"])),
+                "std": float(np.std(r["final_theta"])),
+                "within_0.05_of_optimum": int(
+                    np.sum(np.abs(np.array(r["final_theta"]) - cfg.theta_star) <= 0.05)
+                ),
+            }
+            for m, r in results.items()
+        },
+        "config": {**asdict(cfg), "seeds": seeds},
+    }
+    print_table(out)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"JSON: {json_path}")
+    if plot_path:
+        plot_traces(cfg, results, out, plot_path)
+        print(f"plot: {plot_path}")
+    return out
+
+
+def print_table(out: dict) -> None:
+    cfg = out["config"]
+    print(
+        f"\nfinal θ (mean of the last {cfg['average_last']} steps), {cfg['seeds']} seeds, "
+        f"M={cfg['negatives']} negatives, batch {cfg['batch']}, γ={cfg['gamma']}"
+    )
+    print(f"{'method':<14} {'mean ± std':>16}   within 0.05 of θ*")
+    for name, r in out["methods"].items():
+        print(f"{name:<14} {r['mean']:>8.3f} ± {r['std']:.3f}   {r['within_0.05_of_optimum']}/{cfg['seeds']}")
+    print(f"{'optimum θ*':<14} {out['optimum']:>8.3f}")
+    print(f"{'finite MLE':<14} {out['mle']:>8.3f}   (mean over seeds)")
+
+
+def plot_traces(cfg: SyntheticConfig, results: dict, out: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method, r in results.items():
+        for k, trace in enumerate(r["trace"]):
+            steps = np.minimum(np.arange(len(trace)) * cfg.record_every, cfg.steps - 1)
+            ax.plot(steps, trace, color=COLORS[method], lw=0.7, alpha=0.8, label=method if k == 0 else None)
+    ax.axhline(out["optimum"], color="k", ls="--", lw=1, label="optimum θ* = 1")
+    ax.set_xlabel("SGD step")
+    ax.set_ylabel("θ (inverse temperature)")
+    ax.set_title(
+        f"synthetic: {cfg.negatives} uniform negatives per step, batch {cfg.batch}, one line per seed"
+    )
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def fast_config() -> SyntheticConfig:
+    """The ``make demo`` variant: fewer, shorter runs (same setting)."""
+    return SyntheticConfig(steps=8000, average_last=2000)
+
+
+__all__ = ["SyntheticConfig", "final_theta", "finite_sample_mle", "make_data", "run_synthetic", "train_theta"]
+
+
+DIGITS_METHODS = ("infonce-B", "infonce-4B", "gamma-B")
+
+
+def run_digits(
+    seeds: int = 3,
+    batch: int = 32,
+    epochs: int = 60,
+    gamma: float = 0.9,
+    json_path: Optional[str] = None,
+    plot_path: Optional[str] = None,
+    progress: bool = True,
+) -> dict:
+    """Two-view digits towers: InfoNCE at batch B and 4B, gamma-EM at batch B.
+
+    Same number of epochs for every method (so batch B takes 4x the steps of
+    4B). Reports held-out exact-pair retrieval R@1 and linear-probe accuracy,
+    mean ± std over seeds.
+    """
+    from .demo import TwoTower, linear_probe_accuracy, load_digit_views, retrieval_r1, train
+
+    views = load_digit_views()
+    scores = {m: {"r1": [], "probe": []} for m in DIGITS_METHODS}
+    for seed in range(seeds):
+        for method in DIGITS_METHODS:
+            model = TwoTower(seed=seed)
+            size = 4 * batch if method == "infonce-4B" else batch
+            gamma_loss = None
+            if method == "gamma-B":
+                gamma_loss = tilecl.GammaContrastiveLoss(
+                    len(views.left_train), gamma=gamma, generator=torch.Generator().manual_seed(seed)
+                )
+            if progress:
+                print(f"seed {seed}, {method} (batch {size})")
+            train(model, views, epochs, size, seed=seed, progress=progress, gamma_loss=gamma_loss)
+            scores[method]["r1"].append(retrieval_r1(model, views.left_test, views.right_test))
+            scores[method]["probe"].append(linear_probe_accuracy(model, views, seed))
+    out = {
+        "methods": {
+            m: {
+                **v,
+                "r1_mean": float(np.mean(v["r1"])),
+                "r1_std": float(np.std(v["r1"])),
+                "probe_mean": float(np.mean(v["probe"])),
+                "probe_std": float(np.std(v["probe"])),
+            }
+            for m, v in scores.items()
+        },
+        "config": {"seeds": seeds, "batch": batch, "epochs": epochs, "gamma": gamma},
+    }
+    print(f"\ndigits, {seeds} seeds, {epochs} epochs, B={batch}: held-out R@1 and linear-probe accuracy")
+    for m, r in out["methods"].items():
+        r1, probe = f"{r['r1_mean']:.3f} ± {r['r1_std']:.3f}", f"{r['probe_mean']:.3f} ± {r['probe_std']:.3f}"
+        print(f"{m:<12} R@1 {r1}   probe {probe}")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"JSON: {json_path}")
+    if plot_path:
+        _plot_digits(out, plot_path)
+        print(f"plot: {plot_path}")
+    return out
+
+
+def _plot_digits(out: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+    names = list(out["methods"])
+    for ax, key, title in zip(axes, ("r1", "probe"), ("held-out retrieval R@1", "linear-probe accuracy")):
+        means = [out["methods"][m][f"{key}_mean"] for m in names]
+        stds = [out["methods"][m][f"{key}_std"] for m in names]
+        ax.bar(names, means, yerr=stds, capsize=4, color=["tab:red", "tab:orange", "tab:blue"])
+        for x, m in enumerate(names):
+            ax.scatter([x] * len(out["methods"][m][key]), out["methods"][m][key], color="k", s=8, zorder=3)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    cfg = out["config"]
+    fig.suptitle(f"digits halves, B={cfg['batch']}, {cfg['epochs']} epochs, {cfg['seeds']} seeds", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
