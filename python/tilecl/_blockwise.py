@@ -209,10 +209,11 @@ def offset_backward(
     s = scale.to(acc)
     c = _finite_or_zero(row_offset.to(acc))
     g = row_mult.to(acc)
-    # a column with no term (no pair: r_j = +inf; every entry excluded: -inf) contributes nothing
+    # a column with no term (no pair: r_j = +inf; every entry excluded: -inf) contributes nothing;
+    # r = +inf makes its exp exactly 0 (a finite placeholder could overflow and meet h = 0 as 0·inf)
     live = torch.isfinite(col_offset)
     h = torch.where(live, col_mult, 0.0).to(acc)
-    r = torch.where(live, col_offset, 0.0).to(acc)
+    r = torch.where(live, col_offset, math.inf).to(acc)
     rows, cols = tile_shape(n, m, acc)
     buffer = torch.empty(rows * cols, dtype=acc, device=a.device)
     second = torch.empty(rows * cols, dtype=acc, device=a.device)

@@ -11,6 +11,8 @@ backend that cannot run raises; it never silently falls back.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -47,7 +49,7 @@ def _reference_lse_stats(a, b, scale, targets, col_count, exclude_diagonal=False
     rows = _reference.logsumexp(scores, axis=1)
     cols = _reference.logsumexp(scores[:, :col_count], axis=0)
     positive = scores[np.arange(scores.shape[0]), targets.cpu().numpy()]  # -inf where excluded
-    acc = _blockwise.accumulation_dtype(a.dtype)
+    acc = torch.float64  # the oracle stays in float64 whatever the input dtype
     return tuple(torch.from_numpy(x).to(device=a.device, dtype=acc) for x in (rows, cols, positive))
 
 
@@ -61,12 +63,12 @@ def _reference_offset_backward(
 
     c, g, r, h = map(host, (row_offset, row_mult, col_offset, col_mult))
     live = np.isfinite(r)
-    h, r = np.where(live, h, 0.0), np.where(live, r, 0.0)
+    h, r = np.where(live, h, 0.0), np.where(live, r, np.inf)  # exp(S - inf) = 0, never 0·inf
     grad = g[:, None] * np.exp(scores - np.where(np.isfinite(c), c, 0.0)[:, None])
     width = r.shape[0]
     grad[:, :width] += h[None, :] * np.exp(scores[:, :width] - r[None, :])
     s = float(scale)
-    acc = _blockwise.accumulation_dtype(a.dtype)
+    acc = torch.float64  # the oracle stays in float64 whatever the input dtype
     out = (s * grad @ b64, s * grad.T @ a64, np.sum(grad @ b64 * a64))
     return tuple(torch.as_tensor(x).to(device=a.device, dtype=acc) for x in out)
 
@@ -77,9 +79,43 @@ _BACKENDS = {
 }
 
 
+def _triton_usable() -> bool:
+    """triton is installed and can run here: a CUDA device, or its CPU interpreter (TRITON_INTERPRET=1)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_backend() -> Backend:
+    """Imported on first use: importing triton costs about a second."""
+    from tilecl import kernels
+
+    return Backend("triton", kernels.lse_stats, kernels.offset_backward)
+
+
+_LAZY = {"triton": (_triton_usable, _triton_backend)}
+
+
+def _lookup(name: str) -> Backend:
+    if name not in _BACKENDS and name in _LAZY and _LAZY[name][0]():
+        _BACKENDS[name] = _LAZY[name][1]()
+    return _BACKENDS[name]
+
+
+def _runnable(name: str) -> bool:
+    return name in _BACKENDS or (name in _LAZY and _LAZY[name][0]())
+
+
 def available_backends() -> list[str]:
     """Names of the backends that can run on this machine, in dispatch-preference order."""
-    return [name for name in ("triton", "cuda", "cuda-emu", "torch", "reference") if name in _BACKENDS]
+    return [name for name in ("triton", "cuda", "cuda-emu", "torch", "reference") if _runnable(name)]
+
+
+HINTS = {
+    "triton": ": install triton (pip install triton) and use CUDA tensors, or set TRITON_INTERPRET=1",
+    "cuda": ": the CUDA C++ extension is not built",
+    "cuda-emu": ": the CUDA emulation layer is not built",
+}
 
 
 def resolve_backend(name: str, device: torch.device) -> Backend:
@@ -89,13 +125,18 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     if name == "auto":
         if device.type == "cuda":
             for candidate in ("triton", "cuda"):
-                if candidate in _BACKENDS:
-                    return _BACKENDS[candidate]
+                if _runnable(candidate):
+                    return _lookup(candidate)
         return _BACKENDS["torch"]
     if name not in KNOWN_BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {KNOWN_BACKENDS}, got {name!r}")
-    if name not in _BACKENDS:
+    if not _runnable(name):
         raise RuntimeError(
-            f"backend={name!r} is not available in this build of tilecl (available: {available_backends()})"
+            f"backend={name!r} is not available here (available: {available_backends()}){HINTS.get(name, '')}"
         )
-    return _BACKENDS[name]
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError(
+            "backend='triton' needs CUDA tensors; on CPU tensors it runs only under Triton's "
+            "interpreter (set TRITON_INTERPRET=1 before importing triton)"
+        )
+    return _lookup(name)

@@ -1,0 +1,346 @@
+"""Triton kernels for the two primitives every tilecl loss is built from.
+
+* ``_row_stats_kernel`` / ``_col_stats_kernel`` — the streaming-LSE forward:
+  one program per block of rows (columns) walks all column (row) tiles of
+  ``S = s·a bᵀ``, keeping an online max and sum in fp32, and reads the positive
+  logit from the same tile. Any input, any scale: no fixed maximum.
+* ``_backward_kernel`` — the offset-form backward
+  ``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j)``: one program per block
+  of rows recomputes its tiles of ``S`` and accumulates ``dA = s·G·b`` in
+  registers; ``dB = s·Gᵀ·a`` is either added with fp32 atomics from the same
+  program (default: 3 N·M·D passes) or computed by ``_backward_cols_kernel``,
+  one program per block of columns (``deterministic=True``: 4 passes, no
+  floating-point atomics, bitwise reproducible).
+
+``D`` is looped over in ``BLOCK_D`` chunks for ``S``; the gradient
+accumulators hold ``BLOCK_DOUT`` feature columns, and a second program along
+the grid's axis 1 covers the next ``BLOCK_DOUT`` columns when ``D`` is larger
+(recomputing its ``S`` tiles). float16/bfloat16 go through tensor cores with
+fp32 accumulation; float32 uses full-precision dot products unless TF32 is
+requested.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(x, y, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + x·y`` with fp32 accumulation.
+
+    ``UPCAST`` is set only under Triton's CPU interpreter for bfloat16, whose
+    ``tl.dot`` it gets wrong there (numpy has no bfloat16): the operands are
+    widened exactly to fp32, which gives the tensor-core result (exact
+    products, fp32 sums).
+    """
+    if UPCAST:
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(x, y, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _scores(
+    a_ptr,
+    b_ptr,
+    rows,
+    cols,
+    n_rows,
+    n_cols,
+    dim,
+    stride_a,
+    stride_b,
+    scale,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """The fp32 tile ``scale · a[rows] · b[cols]ᵀ`` (out-of-range rows/cols read as zeros)."""
+    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        feats = d0 + tl.arange(0, BLOCK_D)
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_a + feats[None, :],
+            mask=(rows[:, None] < n_rows) & (feats[None, :] < dim),
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + cols[:, None] * stride_b + feats[None, :],
+            mask=(cols[:, None] < n_cols) & (feats[None, :] < dim),
+            other=0.0,
+        )
+        acc = _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
+    return acc * scale
+
+
+@triton.jit
+def _masked(s, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL: tl.constexpr):
+    """``-inf`` outside the matrix and, for NT-Xent, on the diagonal."""
+    valid = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    if EXCLUDE_DIAGONAL:
+        valid = valid & (rows[:, None] != cols[None, :])
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _log_sum_exp(run_max, run_sum):
+    """``max + log(sum)``; an empty (fully excluded or padding) row is ``-inf``, without log(0)."""
+    return tl.where(run_sum > 0, run_max + tl.log(tl.where(run_sum > 0, run_sum, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _row_stats_kernel(
+    a_ptr,
+    b_ptr,
+    targets_ptr,
+    row_lse_ptr,
+    positive_ptr,
+    scale,
+    n_rows,
+    n_cols,
+    dim,
+    stride_a,
+    stride_b,
+    EXCLUDE_DIAGONAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    targets = tl.load(targets_ptr + rows, mask=rows < n_rows, other=-1)
+    run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    positive = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for c0 in range(0, n_cols, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        s = _scores(
+            a_ptr,
+            b_ptr,
+            rows,
+            cols,
+            n_rows,
+            n_cols,
+            dim,
+            stride_a,
+            stride_b,
+            scale,
+            BLOCK_D,
+            PRECISION,
+            UPCAST,
+        )
+        s = _masked(s, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL)
+        is_target = cols[None, :] == targets[:, None]
+        positive += tl.sum(tl.where(is_target, s, 0.0), axis=1)
+        new_max = tl.maximum(run_max, tl.max(s, axis=1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(s - shift[:, None]), axis=1)
+        run_max = new_max
+    tl.store(row_lse_ptr + rows, _log_sum_exp(run_max, run_sum), mask=rows < n_rows)
+    tl.store(positive_ptr + rows, positive, mask=rows < n_rows)
+
+
+@triton.jit
+def _col_stats_kernel(
+    a_ptr,
+    b_ptr,
+    col_lse_ptr,
+    scale,
+    n_rows,
+    n_cols,
+    col_count,
+    dim,
+    stride_a,
+    stride_b,
+    EXCLUDE_DIAGONAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(0, n_rows, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        s = _scores(
+            a_ptr,
+            b_ptr,
+            rows,
+            cols,
+            n_rows,
+            n_cols,
+            dim,
+            stride_a,
+            stride_b,
+            scale,
+            BLOCK_D,
+            PRECISION,
+            UPCAST,
+        )
+        s = _masked(s, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL)
+        new_max = tl.maximum(run_max, tl.max(s, axis=0))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(s - shift[None, :]), axis=0)
+        run_max = new_max
+    tl.store(col_lse_ptr + cols, _log_sum_exp(run_max, run_sum), mask=cols < col_count)
+
+
+@triton.jit
+def _gradient_tile(s, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, n_rows, col_count):
+    """``G = g_i·exp(S − c_i) + h_j·exp(S − r_j)`` on one tile (``S`` already masked to ``-inf``)."""
+    row_ok = rows < n_rows
+    c = tl.load(c_ptr + rows, mask=row_ok, other=0.0)
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+    col_ok = cols < col_count
+    r = tl.load(r_ptr + cols, mask=col_ok, other=0.0)
+    h = tl.load(h_ptr + cols, mask=col_ok, other=0.0)
+    # a zero multiplier stands for "no term" and its offset is a placeholder: select, don't multiply,
+    # or exp(S − 0) overflows to inf and 0·inf poisons the tile
+    grad = tl.where(g[:, None] != 0, g[:, None] * tl.exp(s - c[:, None]), 0.0)
+    grad += tl.where(h[None, :] != 0, h[None, :] * tl.exp(s - r[None, :]), 0.0)
+    return grad
+
+
+@triton.jit
+def _backward_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    g_ptr,
+    r_ptr,
+    h_ptr,
+    grad_a_ptr,
+    grad_b_ptr,
+    scale_partial_ptr,
+    scale,
+    n_rows,
+    n_cols,
+    col_count,
+    dim,
+    stride_a,
+    stride_b,
+    EXCLUDE_DIAGONAL: tl.constexpr,
+    ATOMIC_GRAD_B: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One block of rows × one chunk of output features: ``dA = s·G·b`` (and ``dB`` by atomics)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    feats = tl.program_id(1) * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
+    feat_ok = feats < dim
+    a_out = tl.load(
+        a_ptr + rows[:, None] * stride_a + feats[None, :],
+        mask=(rows[:, None] < n_rows) & feat_ok[None, :],
+        other=0.0,
+    )
+    grad_a = tl.zeros((BLOCK_M, BLOCK_DOUT), dtype=tl.float32)
+    for c0 in range(0, n_cols, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        s = _scores(
+            a_ptr,
+            b_ptr,
+            rows,
+            cols,
+            n_rows,
+            n_cols,
+            dim,
+            stride_a,
+            stride_b,
+            scale,
+            BLOCK_D,
+            PRECISION,
+            UPCAST,
+        )
+        s = _masked(s, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL)
+        grad = _gradient_tile(s, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, n_rows, col_count)
+        b_out = tl.load(
+            b_ptr + cols[:, None] * stride_b + feats[None, :],
+            mask=(cols[:, None] < n_cols) & feat_ok[None, :],
+            other=0.0,
+        )
+        grad_a = _dot(grad.to(b_out.dtype), b_out, grad_a, PRECISION, UPCAST)
+        if ATOMIC_GRAD_B:
+            zero = tl.zeros((BLOCK_N, BLOCK_DOUT), dtype=tl.float32)
+            grad_b = _dot(tl.trans(grad.to(a_out.dtype)), a_out, zero, PRECISION, UPCAST)
+            tl.atomic_add(
+                grad_b_ptr + cols[:, None] * dim + feats[None, :],
+                grad_b * scale,
+                mask=(cols[:, None] < n_cols) & feat_ok[None, :],
+            )
+    # Σ_ij G_ij (a_i·b_j) = Σ_i a_i·(G b)_i, this program's share of the features
+    partial = tl.sum(tl.sum(grad_a * a_out.to(tl.float32), axis=1), axis=0)
+    tl.store(scale_partial_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), partial)
+    tl.store(
+        grad_a_ptr + rows[:, None] * dim + feats[None, :],
+        grad_a * scale,
+        mask=(rows[:, None] < n_rows) & feat_ok[None, :],
+    )
+
+
+@triton.jit
+def _backward_cols_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    g_ptr,
+    r_ptr,
+    h_ptr,
+    grad_b_ptr,
+    scale,
+    n_rows,
+    n_cols,
+    col_count,
+    dim,
+    stride_a,
+    stride_b,
+    EXCLUDE_DIAGONAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One block of columns × one chunk of features: ``dB = s·Gᵀ·a`` without atomics."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    feats = tl.program_id(1) * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
+    feat_ok = feats < dim
+    grad_b = tl.zeros((BLOCK_N, BLOCK_DOUT), dtype=tl.float32)
+    for r0 in range(0, n_rows, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        s = _scores(
+            a_ptr,
+            b_ptr,
+            rows,
+            cols,
+            n_rows,
+            n_cols,
+            dim,
+            stride_a,
+            stride_b,
+            scale,
+            BLOCK_D,
+            PRECISION,
+            UPCAST,
+        )
+        s = _masked(s, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL)
+        grad = _gradient_tile(s, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, n_rows, col_count)
+        a_out = tl.load(
+            a_ptr + rows[:, None] * stride_a + feats[None, :],
+            mask=(rows[:, None] < n_rows) & feat_ok[None, :],
+            other=0.0,
+        )
+        grad_b = _dot(tl.trans(grad.to(a_out.dtype)), a_out, grad_b, PRECISION, UPCAST)
+    tl.store(
+        grad_b_ptr + cols[:, None] * dim + feats[None, :],
+        grad_b * scale,
+        mask=(cols[:, None] < n_cols) & feat_ok[None, :],
+    )
