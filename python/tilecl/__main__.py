@@ -1,4 +1,4 @@
-"""Command line: ``python -m tilecl demo`` and ``python -m tilecl reproduce {synthetic,digits}``."""
+"""Command line: ``python -m tilecl {demo, reproduce synthetic|digits, inspect}``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     digits.add_argument("--json", default="results/digits.json")
     digits.add_argument("--plot", default="results/digits.png")
 
+    inspect = commands.add_parser("inspect", help="compile the Triton kernels for sm_80/sm_90 and report")
+    inspect.add_argument("--json", default=None)
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -49,6 +52,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             )
             print("\n== 2. tilecl.ClipLoss on digits halves ==")
         run_demo(args.epochs, args.batch_size, args.memory_n, args.memory_d)
+    elif args.command == "inspect":
+        from .inspect_kernels import main as inspect_main
+
+        inspect_main(args.json)
     elif args.experiment == "synthetic":
         from .reproduce import SyntheticConfig, fast_config, run_synthetic
 

@@ -1,0 +1,162 @@
+"""``python -m tilecl inspect``: compile every Triton kernel ahead of time for sm_80 and sm_90, no GPU needed.
+
+For each kernel x dtype x configuration x architecture: shared memory
+(from Triton's metadata), registers per thread and spill bytes (``ptxas -v``
+on the generated PTX, with the ptxas that ships with Triton), and the count of
+tensor-core instructions in the PTX (``mma.sync``, and on sm_90 also
+``wgmma.mma_async``). Plus the N·M·D matmul pass count of a symmetric fwd+bwd, derived from
+the kernel structure (``tilecl.kernels.pass_count``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+#: per-SM shared memory a block may use, bytes (opt-in maximum)
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+TYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+def _signature(kernel: str, dtype: str) -> dict:
+    t = f"*{TYPE_NAMES[dtype]}"
+    f32, i32 = "*fp32", "i32"
+    shapes = {"n_rows": i32, "n_cols": i32}
+    strides = {"dim": i32, "stride_a": i32, "stride_b": i32}
+    if kernel == "_row_stats_kernel":
+        ptrs = {"a_ptr": t, "b_ptr": t, "targets_ptr": "*i64", "row_lse_ptr": f32, "positive_ptr": f32}
+        return {**ptrs, "scale": "fp32", **shapes, **strides}
+    if kernel == "_col_stats_kernel":
+        ptrs = {"a_ptr": t, "b_ptr": t, "col_lse_ptr": f32}
+        return {**ptrs, "scale": "fp32", **shapes, "col_count": i32, **strides}
+    offsets = {"c_ptr": f32, "g_ptr": f32, "r_ptr": f32, "h_ptr": f32}
+    if kernel == "_backward_kernel":
+        outs = {"grad_a_ptr": f32, "grad_b_ptr": f32, "scale_partial_ptr": f32}
+    else:
+        outs = {"grad_b_ptr": f32}
+    return {"a_ptr": t, "b_ptr": t, **offsets, **outs, "scale": "fp32", **shapes, "col_count": i32, **strides}
+
+
+def _variants() -> list[tuple[str, str, dict]]:
+    """(report name, kernel function name, extra constexprs)."""
+    return [
+        ("row_stats", "_row_stats_kernel", {}),
+        ("col_stats", "_col_stats_kernel", {}),
+        ("backward_atomic", "_backward_kernel", {"ATOMIC_GRAD_B": True}),
+        ("backward_rows_deterministic", "_backward_kernel", {"ATOMIC_GRAD_B": False}),
+        ("backward_cols_deterministic", "_backward_cols_kernel", {}),
+    ]
+
+
+def _ptxas_report(ptx: str, arch: int) -> dict:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path  # the ptxas Triton itself uses for this arch
+    suffix = "a" if arch == 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        out = subprocess.run(
+            [ptxas, f"-arch=sm_{arch}{suffix}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    registers = int(re.search(r"Used (\d+) registers", out).group(1))
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", out)]
+    return {"registers": registers, "spill_bytes": sum(spills)}
+
+
+def compile_kernel(name: str, dtype: str, config, arch: int) -> dict:
+    """Compile one kernel for ``sm_<arch>`` and measure it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tilecl.kernels import contrastive
+
+    _, fn_name, extra = next(v for v in _variants() if v[0] == name)
+    fn = getattr(contrastive, fn_name)
+    blocks = asdict(config)
+    constexprs = {
+        "EXCLUDE_DIAGONAL": False,
+        "PRECISION": "ieee",
+        "UPCAST": False,
+        **extra,
+        **{k: v for k, v in blocks.items() if k.startswith("BLOCK") and k in fn.arg_names},
+    }
+    signature = {**_signature(fn_name, dtype), **{k: "constexpr" for k in constexprs}}
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+    )
+    ptx = compiled.asm["ptx"]
+    # sm_90 runs Hopper's wgmma for tiles of >= 64 rows and Ampere's mma.sync below that
+    tensor_core = len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\.", ptx))
+    return {
+        "name": name,
+        "arch": f"sm_{arch}",
+        "dtype": dtype,
+        "config": blocks,
+        "shared_bytes": int(compiled.metadata.shared),
+        **_ptxas_report(ptx, arch),
+        "tensor_core_instructions": tensor_core,
+    }
+
+
+def inspect(
+    archs=(80, 90), dtypes=("float16", "bfloat16", "float32"), kernels=None, configs=None, progress=True
+) -> dict:
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    from tilecl.kernels.launch import GPU_CONFIGS, pass_count
+
+    rows = []
+    names = kernels or [v[0] for v in _variants()]
+    for dtype in dtypes:
+        for config in configs or GPU_CONFIGS[dtype]:
+            for arch in archs:
+                for name in names:
+                    row = compile_kernel(name, dtype, config, arch)
+                    if progress:
+                        blocks = (
+                            f"M{config.BLOCK_M} N{config.BLOCK_N} D{config.BLOCK_D} DOUT{config.BLOCK_DOUT}"
+                        )
+                        print(
+                            f"{row['name']:<28} {row['arch']} {dtype:<8} {blocks} w{config.num_warps}: "
+                            f"smem {row['shared_bytes']:>6} B, {row['registers']:>3} regs, "
+                            f"spill {row['spill_bytes']} B, tensor-core {row['tensor_core_instructions']}"
+                        )
+                    rows.append(row)
+    return {
+        "kernels": rows,
+        "passes": {"default": pass_count(256, 256, False), "deterministic": pass_count(256, 256, True)},
+        "passes_by_dim": {
+            str(d): {"default": pass_count(d, 256, False), "deterministic": pass_count(d, 256, True)}
+            for d in (128, 256, 512, 1024)
+        },
+    }
+
+
+def main(json_path: Optional[str] = None) -> Optional[dict]:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # interpreted kernels cannot be compiled: redo this in a process without the interpreter
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        command = [sys.executable, "-m", "tilecl", "inspect"] + (["--json", json_path] if json_path else [])
+        subprocess.run(command, env=env, check=True)
+        return None
+    report = inspect()
+    print(f"N·M·D matmul passes, symmetric fwd+bwd (D <= 256): {report['passes']}")
+    print(f"by feature dimension D: {report['passes_by_dim']}")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"JSON: {json_path}")
+    return report
