@@ -145,6 +145,36 @@ def inspect(
     }
 
 
+#: NVIDIA H100 SXM dense tensor-core peaks (FLOP/s), from the H100 datasheet
+H100_PEAK = {"bf16": 989e12, "tf32": 494e12}
+
+
+def performance_model(n: int = 65536, d: int = 512) -> dict:
+    """A model, not a measurement: matmul passes x 2·N²·D / the H100's dense peak.
+
+    It ignores the exp/elementwise work, memory traffic and occupancy, so it
+    is a lower bound on time for both structures; what it compares is the
+    matmul work each structure must do.
+    """
+    from tilecl.kernels import pass_count
+
+    flops_per_pass = 2 * n * n * d
+    ours = pass_count(d, 256, deterministic=False)
+    ours_det = pass_count(d, 256, deterministic=True)
+    infcl = 10  # forward, then dQ and dK kernels that each recompute S, for each direction
+    return {
+        "note": "model: passes x 2*N^2*D / H100 dense peak; not measured",
+        "n": n,
+        "d": d,
+        "tilecl_bf16": {"passes": ours, "ms": 1e3 * ours * flops_per_pass / H100_PEAK["bf16"]},
+        "tilecl_bf16_deterministic": {
+            "passes": ours_det,
+            "ms": 1e3 * ours_det * flops_per_pass / H100_PEAK["bf16"],
+        },
+        "infcl_tf32": {"passes": infcl, "ms": 1e3 * infcl * flops_per_pass / H100_PEAK["tf32"]},
+    }
+
+
 def main(json_path: Optional[str] = None) -> Optional[dict]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         # interpreted kernels cannot be compiled: redo this in a process without the interpreter
@@ -153,6 +183,13 @@ def main(json_path: Optional[str] = None) -> Optional[dict]:
         subprocess.run(command, env=env, check=True)
         return None
     report = inspect()
+    report["performance_model"] = model = performance_model()
+    print(
+        f"model (not measured), symmetric fwd+bwd, N={model['n']}, D={model['d']} on an H100: tilecl bf16 "
+        f"{model['tilecl_bf16']['passes']} passes ≈ {model['tilecl_bf16']['ms']:.1f} ms "
+        f"(deterministic {model['tilecl_bf16_deterministic']['ms']:.1f} ms); Inf-CL structure, TF32, "
+        f"{model['infcl_tf32']['passes']} passes ≈ {model['infcl_tf32']['ms']:.1f} ms"
+    )
     print(f"N·M·D matmul passes, symmetric fwd+bwd (D <= 256): {report['passes']}")
     print(f"by feature dimension D: {report['passes_by_dim']}")
     if json_path:
