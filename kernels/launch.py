@@ -35,15 +35,29 @@ INTERPRETER_CONFIG = KernelConfig(16, 16, 16, 16, num_warps=1, num_stages=1)
 #: the configurations compiled and checked by ``python -m tilecl inspect`` (per input dtype);
 #: :func:`gpu_config` picks among them by the feature dimension
 GPU_CONFIGS = {
-    "float16": [KernelConfig(32, 64, 32, 128, 8), KernelConfig(32, 32, 32, 256, 8)],
-    "bfloat16": [KernelConfig(32, 64, 32, 128, 8), KernelConfig(32, 32, 32, 256, 8)],
-    "float32": [KernelConfig(32, 32, 16, 128, 8), KernelConfig(32, 16, 16, 256, 8)],
+    "float16": [
+        KernelConfig(32, 64, 32, 128, 8),
+        KernelConfig(32, 32, 32, 256, 8),
+        KernelConfig(16, 16, 32, 512, 8),
+    ],
+    "bfloat16": [
+        KernelConfig(32, 64, 32, 128, 8),
+        KernelConfig(32, 32, 32, 256, 8),
+        KernelConfig(16, 16, 32, 512, 8),
+    ],
+    "float32": [
+        KernelConfig(32, 32, 16, 128, 8),
+        KernelConfig(32, 16, 16, 256, 8),
+        KernelConfig(16, 16, 16, 512, 8),
+    ],
 }
+#: widest gradient accumulator: larger D adds a program (and an S recompute) per chunk
+MAX_BLOCK_DOUT = 512
 # chosen by `python -m tilecl inspect`: the largest tiles with zero register spills on sm_80 and sm_90
 
 
 def gpu_config(dim: int, dtype: torch.dtype) -> KernelConfig:
-    """The smallest configuration whose gradient accumulator holds all ``dim`` features (≤ 256)."""
+    """The smallest configuration whose gradient accumulator holds all ``dim`` features (≤ 512)."""
     configs = GPU_CONFIGS[str(dtype).removeprefix("torch.")]
     return next((c for c in configs if c.BLOCK_DOUT >= dim), configs[-1])
 
