@@ -58,6 +58,11 @@ def rows() -> list[dict]:
 
 
 def pytest_sessionfinish(session, exitstatus):
+    """Write this session's rows, merged into the JSON of earlier sessions (same provider/N/D replaced).
+
+    Ratios and efficiencies are computed from figures of the same session only,
+    so a partial re-run (``-k``) refreshes whole configurations.
+    """
     if not ROWS:
         return
     RESULTS.mkdir(exist_ok=True)
@@ -66,11 +71,15 @@ def pytest_sessionfinish(session, exitstatus):
         naive = by_key.get((row["n"], row["d"]))
         if row["provider"] != "naive" and naive is not None and row.get("time_s"):
             row["time_ratio_to_naive"] = row["time_s"] / naive["time_s"]
+    path = RESULTS / os.environ.get("TILECL_BENCH_OUT", "clip_cpu.json")
+    previous = json.loads(path.read_text()) if path.exists() else {"rows": [], "matmul_flops": {}}
+    fresh = {(r["provider"], r["n"], r["d"]) for r in ROWS}
+    kept = [r for r in previous["rows"] if (r["provider"], r["n"], r["d"]) not in fresh]
+    flops = {**previous.get("matmul_flops", {}), **{str(d): f for d, f in sorted(_MATMUL_FLOPS.items())}}
     out = {
         "machine": machine(),
-        "matmul_flops": {str(d): f for d, f in sorted(_MATMUL_FLOPS.items())},
-        "rows": sorted(ROWS, key=lambda r: (r["d"], r["n"], r["provider"])),
+        "matmul_flops": flops,
+        "rows": sorted(kept + ROWS, key=lambda r: (r["d"], r["n"], r["provider"])),
     }
-    path = RESULTS / os.environ.get("TILECL_BENCH_OUT", "clip_cpu.json")
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {path}")

@@ -33,6 +33,8 @@ def main() -> None:
     for d, n in keys:
         by = {r["provider"]: r for r in rows if r["n"] == n and r["d"] == d}
         naive, ours = by.get("naive", {}), by.get("tilecl", {})
+        if "time_s" not in ours:
+            continue  # not measured (e.g. a configuration left out of a partial run)
         if "time_s" in naive:
             naive_time, naive_mem = f"{naive['time_s']:.3g} s", fmt_bytes(naive["peak_extra_bytes"])
         else:

@@ -25,7 +25,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     synthetic.add_argument("--steps", type=int, default=30000)
     synthetic.add_argument("--negatives", type=int, default=8)
     synthetic.add_argument("--gamma", type=float, default=0.02, help="memory rate γ of gamma-EM")
-    synthetic.add_argument("--fast", action="store_true", help="3 seeds x 8000 steps (the make demo setting)")
+    synthetic.add_argument("--fast", action="store_true", help="3 seeds x 6000 steps (the make demo setting)")
     synthetic.add_argument("--json", default="results/synthetic.json")
     synthetic.add_argument("--plot", default="results/synthetic.png")
     digits = experiments.add_parser("digits", help="digits towers: InfoNCE at B and 4B vs gamma-EM at B")
@@ -33,6 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     digits.add_argument("--batch", type=int, default=32)
     digits.add_argument("--epochs", type=int, default=60)
     digits.add_argument("--gamma", type=float, default=0.9)
+    digits.add_argument("--estimator", choices=("sample", "mean"), default="sample")
     digits.add_argument("--json", default="results/digits.json")
     digits.add_argument("--plot", default="results/digits.png")
 
@@ -46,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if not args.skip_reproduction:
             from .reproduce import fast_config, run_synthetic
 
-            print("== 1. the article's synthetic experiment, fast mode (3 seeds x 8000 steps) ==")
+            print("== 1. the article's synthetic experiment, fast mode (3 seeds x 6000 steps) ==")
             run_synthetic(
                 fast_config(), 3, f"{args.out}/synthetic-fast.json", f"{args.out}/synthetic-fast.png"
             )
@@ -66,7 +67,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     else:
         from .reproduce import run_digits
 
-        run_digits(args.seeds, args.batch, args.epochs, args.gamma, args.json, args.plot)
+        run_digits(
+            args.seeds, args.batch, args.epochs, args.gamma, args.json, args.plot, estimator=args.estimator
+        )
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def plot_traces(cfg: SyntheticConfig, results: dict, out: dict, path: str) -> No
 
 def fast_config() -> SyntheticConfig:
     """The ``make demo`` variant: fewer, shorter runs (same setting)."""
-    return SyntheticConfig(steps=8000, average_last=2000)
+    return SyntheticConfig(steps=6000, average_last=2000)
 
 
 __all__ = ["SyntheticConfig", "final_theta", "finite_sample_mle", "make_data", "run_synthetic", "train_theta"]
@@ -246,6 +246,7 @@ def run_digits(
     json_path: Optional[str] = None,
     plot_path: Optional[str] = None,
     progress: bool = True,
+    estimator: str = "sample",
 ) -> dict:
     """Two-view digits towers: InfoNCE at batch B and 4B, gamma-EM at batch B.
 
@@ -264,7 +265,10 @@ def run_digits(
             gamma_loss = None
             if method == "gamma-B":
                 gamma_loss = tilecl.GammaContrastiveLoss(
-                    len(views.left_train), gamma=gamma, generator=torch.Generator().manual_seed(seed)
+                    len(views.left_train),
+                    gamma=gamma,
+                    estimator=estimator,
+                    generator=torch.Generator().manual_seed(seed),
                 )
             if progress:
                 print(f"seed {seed}, {method} (batch {size})")
@@ -282,7 +286,7 @@ def run_digits(
             }
             for m, v in scores.items()
         },
-        "config": {"seeds": seeds, "batch": batch, "epochs": epochs, "gamma": gamma},
+        "config": {"seeds": seeds, "batch": batch, "epochs": epochs, "gamma": gamma, "estimator": estimator},
     }
     print(f"\ndigits, {seeds} seeds, {epochs} epochs, B={batch}: held-out R@1 and linear-probe accuracy")
     for m, r in out["methods"].items():
