@@ -6,6 +6,8 @@ Public API::
     tilecl.nt_xent_loss(z1, z2, temperature, *, reduction, backend)
     tilecl.gamma_contrastive_loss(a, b, log_u_rows, log_u_cols, logit_scale, ...)
     tilecl.ClipLoss, tilecl.InfoNCELoss, tilecl.NTXentLoss, tilecl.GammaContrastiveLoss
+    tilecl.uniformity_loss, tilecl.geometric_consistency_loss, tilecl.brownian_bridge_loss,
+    tilecl.feature_separation_loss, tilecl.ModalityStructureLoss
     tilecl.available_backends()
     tilecl.reference          # the NumPy float64 oracle
 """
@@ -14,7 +16,13 @@ from . import reference
 from .backends import available_backends
 from .contrastive import contrastive_loss, gamma_contrastive_loss, nt_xent_loss
 from .gamma import GammaContrastiveLoss
-from .modules import ClipLoss, InfoNCELoss, NTXentLoss
+from .modality import (
+    brownian_bridge_loss,
+    feature_separation_loss,
+    geometric_consistency_loss,
+    uniformity_loss,
+)
+from .modules import ClipLoss, InfoNCELoss, ModalityStructureLoss, NTXentLoss
 
 __version__ = "0.1.0"
 
@@ -22,10 +30,15 @@ __all__ = [
     "ClipLoss",
     "GammaContrastiveLoss",
     "InfoNCELoss",
+    "ModalityStructureLoss",
     "NTXentLoss",
     "available_backends",
+    "brownian_bridge_loss",
     "contrastive_loss",
+    "feature_separation_loss",
     "gamma_contrastive_loss",
+    "geometric_consistency_loss",
     "nt_xent_loss",
     "reference",
+    "uniformity_loss",
 ]

@@ -11,7 +11,7 @@ from torch import nn
 from . import _validation as v
 from .contrastive import contrastive_loss, nt_xent_loss
 
-__all__ = ["ClipLoss", "InfoNCELoss", "NTXentLoss"]
+__all__ = ["ClipLoss", "InfoNCELoss", "ModalityStructureLoss", "NTXentLoss"]
 
 
 class ClipLoss(nn.Module):
@@ -158,3 +158,71 @@ class NTXentLoss(nn.Module):
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         return nt_xent_loss(z1, z2, self.temperature, reduction=self.reduction, backend=self.backend)
+
+
+class ModalityStructureLoss(nn.Module):
+    """CLIP loss plus the modality-structure regularizers of Jiang et al. (CVPR 2023).
+
+    ``total = L_clip + λ_sep·L_sep + λ_br·L_br + λ_gc·(L_gc + L^a_gc)``, each
+    regularizer used when its inputs are passed to ``forward``:
+
+    * ``L_sep`` (:func:`tilecl.feature_separation_loss`) needs the independent
+      features ``zi_v, zi_t, zi_v_aug, zi_t_aug``;
+    * ``L_br`` (:func:`tilecl.brownian_bridge_loss`) needs ``z_v_aug``;
+    * ``L_gc`` (:func:`tilecl.geometric_consistency_loss`) always runs when
+      ``lambda_gc > 0``; ``L^a_gc`` when both ``z_v_aug`` and ``z_t_aug`` are given.
+
+    Default weights are **ours** (the paper's are not available): ``λ_gc = 0.25``
+    is CyCLIP's weight for the same (1/N-normalized) terms; ``λ_sep = λ_br = 0.1``
+    keep those terms an order below the contrastive loss at the start of training.
+    ``forward(..., output_dict=True)`` returns the total and every part.
+    """
+
+    def __init__(
+        self,
+        lambda_sep: float = 0.1,
+        lambda_br: float = 0.1,
+        lambda_gc: float = 0.25,
+        temperature: float = 0.07,
+        uniformity_t: float = 2.0,
+        bridge_t: float = 0.25,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (("lambda_sep", lambda_sep), ("lambda_br", lambda_br), ("lambda_gc", lambda_gc)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        v.check_positive(temperature, "temperature")
+        self.lambda_sep, self.lambda_br, self.lambda_gc = lambda_sep, lambda_br, lambda_gc
+        self.temperature, self.uniformity_t, self.bridge_t = temperature, uniformity_t, bridge_t
+        self.backend = backend
+
+    def forward(
+        self,
+        z_v: torch.Tensor,
+        z_t: torch.Tensor,
+        logit_scale: v.Scale,
+        *,
+        z_v_aug: Optional[torch.Tensor] = None,
+        z_t_aug: Optional[torch.Tensor] = None,
+        zi_v: Optional[torch.Tensor] = None,
+        zi_t: Optional[torch.Tensor] = None,
+        zi_v_aug: Optional[torch.Tensor] = None,
+        zi_t_aug: Optional[torch.Tensor] = None,
+        output_dict: bool = False,
+    ) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
+        from .modality import brownian_bridge_loss, feature_separation_loss, geometric_consistency_loss
+
+        parts = {"contrastive_loss": contrastive_loss(z_v, z_t, logit_scale, backend=self.backend)}
+        independent = (zi_v, zi_t, zi_v_aug, zi_t_aug)
+        if self.lambda_sep and all(x is not None for x in independent):
+            parts["separation_loss"] = self.lambda_sep * feature_separation_loss(
+                z_v, z_t, *independent, self.temperature, self.uniformity_t, backend=self.backend
+            )
+        if self.lambda_br and z_v_aug is not None:
+            parts["bridge_loss"] = self.lambda_br * brownian_bridge_loss(z_v, z_t, z_v_aug, self.bridge_t)
+        if self.lambda_gc:
+            parts["geometric_loss"] = self.lambda_gc * geometric_consistency_loss(z_v, z_t, z_v_aug, z_t_aug)
+        total = sum(parts.values())
+        return {"loss": total, **parts} if output_dict else total

@@ -287,3 +287,74 @@ def nt_xent_loss(
     # through u = z/‖z‖: du/dz projects out the radial component
     grad_z = (grad_unit - unit * xp.sum(unit * grad_unit, axis=1, keepdims=True)) / norms
     return NTXentLossAndGrads(loss=loss, grad_z1=grad_z[:half], grad_z2=grad_z[half:])
+
+
+class ModalityLossAndGrads(NamedTuple):
+    """A regularizer's value and its gradients, one per input (in argument order)."""
+
+    loss: float
+    grads: tuple
+
+
+def uniformity_loss(z: Any, t: float = 2.0, xp: Any = np) -> ModalityLossAndGrads:
+    """``log mean_{j≠k} exp(−t‖z_j − z_k‖²)`` and its gradient.
+
+    With ``P`` the softmax over all ordered pairs ``j ≠ k``:
+    ``dU/dz_j = −2t Σ_k (P_jk + P_kj)(z_j − z_k)``.
+    """
+    z = xp.asarray(z, dtype=xp.float64)
+    n = z.shape[0]
+    sq = xp.sum(z * z, axis=1)
+    dist2 = sq[:, None] + sq[None, :] - 2 * z @ z.T
+    logits = -t * dist2
+    logits[xp.arange(n), xp.arange(n)] = -xp.inf
+    total = logsumexp(logits.reshape(-1), 0, xp)
+    p = xp.exp(logits - total)
+    w = p + p.T
+    grad = -2 * t * (xp.sum(w, axis=1)[:, None] * z - w @ z)
+    return ModalityLossAndGrads(float(total - np.log(n * (n - 1))), (grad,))
+
+
+def geometric_consistency_loss(
+    z_v: Any, z_t: Any, z_v_aug: Optional[Any] = None, z_t_aug: Optional[Any] = None, xp: Any = np
+) -> ModalityLossAndGrads:
+    """``L_gc`` (+ ``L^a_gc``) with the N×N matrices formed, and analytic gradients.
+
+    ``‖E‖²`` with ``E = S_VT − S_VTᵀ`` has ``∂/∂Z_V = 4E·Z_T``, ``∂/∂Z_T = 4Eᵀ·Z_V``;
+    ``‖F‖²`` with ``F = S_VV − S_TT`` has ``∂/∂Z_V = 4F·Z_V``, ``∂/∂Z_T = −4F·Z_T``.
+    """
+    z_v, z_t = xp.asarray(z_v, dtype=xp.float64), xp.asarray(z_t, dtype=xp.float64)
+    n = z_v.shape[0]
+    s_vt, s_vv, s_tt = z_v @ z_t.T, z_v @ z_v.T, z_t @ z_t.T
+    e, f = s_vt - s_vt.T, s_vv - s_tt
+    loss = (xp.sum(e * e) + xp.sum(f * f)) / n
+    g_v = 4 * (e @ z_t + f @ z_v) / n
+    g_t = 4 * (e.T @ z_v - f @ z_t) / n
+    if z_v_aug is None:
+        return ModalityLossAndGrads(float(loss), (g_v, g_t))
+    a, b = xp.asarray(z_v_aug, dtype=xp.float64), xp.asarray(z_t_aug, dtype=xp.float64)
+    fa, fb = s_vv - a @ a.T, s_tt - b @ b.T
+    cross = xp.sum(z_v * z_t, axis=1) - xp.sum(a * b, axis=1)
+    loss = loss + (xp.sum(fa * fa) + xp.sum(fb * fb)) / n + xp.mean(cross * cross)
+    g_v = g_v + 4 * fa @ z_v / n + 2 * cross[:, None] * z_t / n
+    g_t = g_t + 4 * fb @ z_t / n + 2 * cross[:, None] * z_v / n
+    g_a = -4 * fa @ a / n - 2 * cross[:, None] * b / n
+    g_b = -4 * fb @ b / n - 2 * cross[:, None] * a / n
+    return ModalityLossAndGrads(float(loss), (g_v, g_t, g_a, g_b))
+
+
+def brownian_bridge_loss(
+    z_v: Any, z_t: Any, z_v_aug: Any, t: Any = 0.25, xp: Any = np
+) -> ModalityLossAndGrads:
+    """``mean_j ‖z^a_Vj − normalize(t·z_Vj + (1−t)·z_Tj)‖²`` and its gradients."""
+    z_v, z_t = xp.asarray(z_v, dtype=xp.float64), xp.asarray(z_t, dtype=xp.float64)
+    a = xp.asarray(z_v_aug, dtype=xp.float64)
+    n = z_v.shape[0]
+    t = xp.asarray(t, dtype=xp.float64).reshape(-1, 1) if np.ndim(t) else float(t)
+    m = t * z_v + (1 - t) * z_t
+    norm = xp.sqrt(xp.sum(m * m, axis=1, keepdims=True))
+    mu = m / norm
+    diff = a - mu
+    grad_mu = -2 * diff / n
+    grad_m = (grad_mu - mu * xp.sum(mu * grad_mu, axis=1, keepdims=True)) / norm
+    return ModalityLossAndGrads(float(xp.sum(diff * diff) / n), (t * grad_m, (1 - t) * grad_m, 2 * diff / n))

@@ -1,0 +1,284 @@
+"""Modality-structure regularizers (Jiang et al., CVPR 2023), exact and without N×N.
+
+Features are ``(N, d)`` tensors (L2-normalized by the caller, as in the paper);
+``*_aug`` marks an augmented view.
+
+* :func:`uniformity_loss` — Wang & Isola's ``log mean_{j≠k} exp(−t‖z_j − z_k‖²)``
+  as a streaming LSE over pairs on the tiled backends. Since
+  ``−t‖z_j − z_k‖² = 2t·z_j·z_k − t‖z_k‖² − t‖z_j‖²``, the column term rides
+  in one extra feature (``a'_j = [√(2t)·z_j, 1]``, ``b'_k = [√(2t)·z_k, −t‖z_k‖²]``)
+  and the row term is a per-row bias: the same two primitives as the
+  contrastive losses compute it, forward and backward.
+* :func:`geometric_consistency_loss` — ``L_gc`` (and ``L^a_gc``) from d×d Gram
+  matrices accumulated in float64 over row chunks: O(N·d²) time, O(d²) memory,
+  no cancellation trouble when the geometry is nearly consistent.
+* :func:`brownian_bridge_loss`, :func:`feature_separation_loss` — per-sample
+  terms plus the pieces above.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .backends import resolve_backend
+from .contrastive import _refuse_second_derivative, contrastive_loss
+
+__all__ = [
+    "brownian_bridge_loss",
+    "feature_separation_loss",
+    "geometric_consistency_loss",
+    "uniformity_loss",
+]
+
+#: rows per chunk when accumulating float64 Grams (extra memory: chunk x d x 8 bytes)
+GRAM_CHUNK_ROWS = 8192
+
+
+def _check_features(z: object, name: str, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if not isinstance(z, torch.Tensor) or z.dim() != 2 or not z.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a 2-D floating tensor (N, d), got {getattr(z, 'shape', type(z))}")
+    if z.shape[0] == 0 or z.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(z.shape)})")
+    if like is not None:
+        if z.shape != like.shape:
+            raise ValueError(
+                f"{name} must have the shape of the first features {tuple(like.shape)}, got {tuple(z.shape)}"
+            )
+        if z.device != like.device or z.dtype != like.dtype:
+            raise ValueError(f"{name} must match the first features' dtype and device")
+    return z
+
+
+# --------------------------------------------------------------------------- uniformity
+
+
+class _PairLogMeanExp(torch.autograd.Function):
+    """``log mean_{j≠k} exp(a'_j·b'_k + β_j)`` over the tiles (a scalar)."""
+
+    @staticmethod
+    def forward(ctx, a_aug, b_aug, row_bias, backend):
+        n = a_aug.shape[0]
+        one = torch.ones((), dtype=torch.float64, device=a_aug.device)
+        targets = torch.zeros(n, dtype=torch.long, device=a_aug.device)
+        row_lse, _, _ = backend.lse_stats(a_aug, b_aug, one, targets, 0, True)
+        bias = row_bias.to(row_lse.dtype)
+        total = torch.logsumexp(row_lse + bias, dim=0)
+        ctx.save_for_backward(a_aug, b_aug, bias, row_lse, total)
+        ctx.backend = backend
+        return (total - math.log(n * (n - 1))).to(row_bias.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        with torch.no_grad():
+            a_aug, b_aug, bias, row_lse, total = ctx.saved_tensors
+            g = grad_output.to(bias.dtype)
+            one = torch.ones((), dtype=torch.float64, device=a_aug.device)
+            empty = torch.empty(0, dtype=bias.dtype, device=bias.device)
+            # d/dS'_jk = g·exp(S'_jk + β_j − total): the offset backward with c_j = total − β_j
+            grad_a, grad_b, _ = ctx.backend.offset_backward(
+                a_aug, b_aug, one, total - bias, g.expand_as(bias), empty, empty, True
+            )
+            grad_bias = g * torch.exp(row_lse + bias - total)
+            grads = (grad_a.to(a_aug.dtype), grad_b.to(b_aug.dtype), grad_bias, None)
+        return _refuse_second_derivative(grads)
+
+
+def uniformity_loss(z: torch.Tensor, t: float = 2.0, *, backend: str = "auto") -> torch.Tensor:
+    """Wang & Isola's uniformity: ``log( (1/(N(N−1))) Σ_{j≠k} exp(−t‖z_j − z_k‖²) )``.
+
+    Args:
+        z: ``(N, d)`` features, ``N >= 2`` (unnormalized inputs are fine).
+        t: the Gaussian potential's scale ``t > 0``.
+
+    Computed tile by tile (no N×N); equals
+    ``torch.pdist(z).pow(2).mul(-t).exp().mean().log()``.
+    """
+    _check_features(z, "z")
+    if z.shape[0] < 2:
+        raise ValueError(f"uniformity_loss needs at least 2 samples, got N={z.shape[0]}")
+    if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+        raise ValueError(f"t must be a finite number > 0, got {t!r}")
+    ops = resolve_backend(backend, z.device)
+    sq_norm = (z * z).sum(dim=1, keepdim=True)
+    root = math.sqrt(2 * t)
+    a_aug = torch.cat([root * z, torch.ones_like(sq_norm)], dim=1)
+    b_aug = torch.cat([root * z, -t * sq_norm], dim=1)
+    return _PairLogMeanExp.apply(a_aug, b_aug, -t * sq_norm.squeeze(1), ops)
+
+
+# --------------------------------------------------------------------------- Gram-matrix losses
+
+
+def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``xᵀ·y`` in float64, accumulated over row chunks (exact products of float32 inputs)."""
+    out = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], GRAM_CHUNK_ROWS):
+        rows = slice(start, start + GRAM_CHUNK_ROWS)
+        out.addmm_(x[rows].double().t(), y[rows].double())
+    return out
+
+
+class _GramFunction(torch.autograd.Function):
+    """A scalar ``f(G)`` of the Grams ``G_p = Z_iᵀ Z_j`` for index pairs ``p = (i, j)``.
+
+    Forward accumulates each Gram in float64 over row chunks and differentiates
+    ``f`` with respect to the d×d Grams; backward maps those back with
+    ``∂f/∂Z_i = Z_j·(∂f/∂G)ᵀ`` and ``∂f/∂Z_j = Z_i·∂f/∂G``, chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, fn: Callable, pairs: Sequence[tuple[int, int]], *mats: torch.Tensor):
+        grams = [_gram(mats[i], mats[j]).requires_grad_() for i, j in pairs]
+        with torch.enable_grad():
+            value = fn(*grams)
+            grads = torch.autograd.grad(value, grams, allow_unused=True)
+        ctx.pairs = pairs
+        ctx.save_for_backward(*mats, *[torch.zeros_like(g) if d is None else d for g, d in zip(grams, grads)])
+        return value.detach().to(mats[0].dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        with torch.no_grad():
+            pairs = ctx.pairs
+            saved = ctx.saved_tensors
+            mats, dgrams = saved[: len(saved) - len(pairs)], saved[len(saved) - len(pairs) :]
+            g = grad_output.double()
+            grads = []
+            for k, z in enumerate(mats):
+                out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+                for start in range(0, z.shape[0], GRAM_CHUNK_ROWS):
+                    rows = slice(start, start + GRAM_CHUNK_ROWS)
+                    acc = torch.zeros(out[rows].shape, dtype=torch.float64, device=z.device)
+                    for (i, j), d in zip(pairs, dgrams):
+                        if i == k:
+                            acc.addmm_(mats[j][rows].double(), d.t())
+                        if j == k:
+                            acc.addmm_(mats[i][rows].double(), d)
+                    out[rows] = (g * acc).to(z.dtype)
+                grads.append(out if ctx.needs_input_grad[2 + k] else None)
+        return _refuse_second_derivative((None, None, *grads))
+
+
+def _sq(x: torch.Tensor) -> torch.Tensor:
+    return (x * x).sum()
+
+
+def geometric_consistency_loss(
+    z_v: torch.Tensor,
+    z_t: torch.Tensor,
+    z_v_aug: Optional[torch.Tensor] = None,
+    z_t_aug: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Geometric consistency ``L_gc`` (+ ``L^a_gc`` when both augmented views are given).
+
+    With ``S_VT = Z_V Z_Tᵀ`` etc. (never formed)::
+
+        L_gc   = (1/N)(‖S_VT − S_VTᵀ‖²_F + ‖S_VV − S_TT‖²_F)
+        L^a_gc = (1/N)(‖S_VV − S_V^aV^a‖²_F + ‖S_TT − S_T^aT^a‖²_F)
+                 + mean_j (⟨z_Vj, z_Tj⟩ − ⟨z^a_Vj, z^a_Tj⟩)²
+
+    Every Frobenius term is a function of d×d Grams, e.g.
+    ``‖S_VV − S_TT‖² = ‖Z_VᵀZ_V‖² + ‖Z_TᵀZ_T‖² − 2‖Z_VᵀZ_T‖²``, accumulated in
+    float64: O(N·d²) time, O(d²) extra memory, exact. Gradients included.
+    """
+    _check_features(z_v, "z_v")
+    _check_features(z_t, "z_t", z_v)
+    n = z_v.shape[0]
+
+    def l_gc(g_vv, g_tt, g_tv):
+        # ‖S_VT − S_VTᵀ‖² = 2⟨G_V, G_T⟩ − 2 tr(C·C), C = Z_TᵀZ_V; ‖S_VV − S_TT‖² as above
+        return (
+            2 * (g_vv * g_tt).sum() - 2 * (g_tv * g_tv.t()).sum() + _sq(g_vv) + _sq(g_tt) - 2 * _sq(g_tv)
+        ) / n
+
+    loss = _GramFunction.apply(l_gc, [(0, 0), (1, 1), (1, 0)], z_v, z_t)
+    if (z_v_aug is None) != (z_t_aug is None):
+        raise ValueError("pass both z_v_aug and z_t_aug (for L^a_gc) or neither")
+    if z_v_aug is None:
+        return loss
+    _check_features(z_v_aug, "z_v_aug", z_v)
+    _check_features(z_t_aug, "z_t_aug", z_v)
+
+    def l_aug(g_vv, g_aa, g_va, g_tt, g_bb, g_tb):
+        return (_sq(g_vv) + _sq(g_aa) - 2 * _sq(g_va) + _sq(g_tt) + _sq(g_bb) - 2 * _sq(g_tb)) / n
+
+    pairs = [(0, 0), (2, 2), (0, 2), (1, 1), (3, 3), (1, 3)]
+    loss = loss + _GramFunction.apply(l_aug, pairs, z_v, z_t, z_v_aug, z_t_aug)
+    cross = (z_v * z_t).sum(dim=1) - (z_v_aug * z_t_aug).sum(dim=1)
+    return loss + (cross * cross).mean()
+
+
+# --------------------------------------------------------------------------- per-sample terms
+
+
+def brownian_bridge_loss(
+    z_v: torch.Tensor, z_t: torch.Tensor, z_v_aug: torch.Tensor, t: Union[float, torch.Tensor] = 0.25
+) -> torch.Tensor:
+    """The augmented image feature should lie on the bridge from image to text.
+
+    ``μ_j = normalize(t·z_Vj + (1−t)·z_Tj)``, ``L_br = mean_j ‖z^a_Vj − μ_j‖²``
+    (the bridge's variance ``t(1−t)`` dropped; the paper's printed closed form
+    is garbled, this is PAPERS.md's corrected one). ``t`` is a float in
+    ``[0, 1]`` or an ``(N,)`` tensor of sampled bridge times.
+    """
+    _check_features(z_v, "z_v")
+    _check_features(z_t, "z_t", z_v)
+    _check_features(z_v_aug, "z_v_aug", z_v)
+    if isinstance(t, torch.Tensor):
+        if t.shape not in ((), (z_v.shape[0],)):
+            raise ValueError(f"t must be a float or a ({z_v.shape[0]},) tensor, got shape {tuple(t.shape)}")
+        if bool(((t < 0) | (t > 1)).any()):
+            raise ValueError("bridge times t must lie in [0, 1]")
+        t = t.to(z_v.dtype).reshape(-1, 1) if t.dim() else t.to(z_v.dtype)
+    elif not (isinstance(t, (int, float)) and 0 <= t <= 1):
+        raise ValueError(f"t must lie in [0, 1], got {t!r}")
+    mid = F.normalize(t * z_v + (1 - t) * z_t, dim=1)
+    return ((z_v_aug - mid) ** 2).sum(dim=1).mean()
+
+
+def feature_separation_loss(
+    z_v: torch.Tensor,
+    z_t: torch.Tensor,
+    zi_v: torch.Tensor,
+    zi_t: torch.Tensor,
+    zi_v_aug: torch.Tensor,
+    zi_t_aug: torch.Tensor,
+    temperature: float,
+    t: float = 2.0,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Deep feature separation: ``L_ortho + L^i_con + L^i_uni``.
+
+    * ``L_ortho = mean_j (⟨z_Vj, zi_Vj⟩² + ⟨z_Tj, zi_Tj⟩²)`` — shared and
+      independent features orthogonal;
+    * ``L^i_con`` — symmetric in-modal InfoNCE (``1/temperature``) of each
+      modality's independent features against their augmented view's, averaged
+      over the two modalities;
+    * ``L^i_uni = uniformity(zi_V) + uniformity(zi_T)`` — Wang & Isola's
+      uniformity per modality (mean over pairs ``j ≠ k``; the paper's version
+      sums the two potentials inside one log with the diagonal included).
+    """
+    _check_features(z_v, "z_v")
+    for name, z in (
+        ("z_t", z_t),
+        ("zi_v", zi_v),
+        ("zi_t", zi_t),
+        ("zi_v_aug", zi_v_aug),
+        ("zi_t_aug", zi_t_aug),
+    ):
+        _check_features(z, name, z_v)
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    ortho = ((z_v * zi_v).sum(dim=1) ** 2 + (z_t * zi_t).sum(dim=1) ** 2).mean()
+    scale = 1.0 / temperature
+    con = (
+        contrastive_loss(zi_v, zi_v_aug, scale, backend=backend)
+        + contrastive_loss(zi_t, zi_t_aug, scale, backend=backend)
+    ) / 2
+    uni = uniformity_loss(zi_v, t, backend=backend) + uniformity_loss(zi_t, t, backend=backend)
+    return ortho + con + uni
