@@ -62,3 +62,24 @@ def test_digits_cli_writes_json_and_plot(tmp_path):
     assert set(data["methods"]) == {"infonce-B", "infonce-4B", "gamma-B"}
     assert 0 <= data["methods"]["gamma-B"]["probe_mean"] <= 1
     assert out_png.stat().st_size > 0
+
+
+def test_modality_cli_writes_json_and_plot(tmp_path):
+    out_json, out_png = tmp_path / "m.json", tmp_path / "m.png"
+    main(
+        [
+            "reproduce",
+            "modality",
+            "--seeds",
+            "1",
+            "--epochs",
+            "1",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+        ]
+    )
+    data = json.loads(out_json.read_text())
+    assert set(data["methods"]) == {"clip", "clip+separation", "clip+bridge", "clip+geometric"}
+    assert out_png.stat().st_size > 0

@@ -37,6 +37,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     digits.add_argument("--json", default="results/digits.json")
     digits.add_argument("--plot", default="results/digits.png")
 
+    modality = experiments.add_parser("modality", help="digits with an information gap: CLIP vs regularizers")
+    modality.add_argument("--seeds", type=int, default=3)
+    modality.add_argument("--epochs", type=int, default=100)
+    modality.add_argument("--batch", type=int, default=128)
+    modality.add_argument("--json", default="results/modality.json")
+    modality.add_argument("--plot", default="results/modality.png")
+
     inspect = commands.add_parser("inspect", help="compile the Triton kernels for sm_80/sm_90 and report")
     inspect.add_argument("--json", default=None)
 
@@ -64,6 +71,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         cfg.negatives, cfg.gamma = args.negatives, args.gamma
         seeds = 3 if args.fast else args.seeds
         run_synthetic(cfg, seeds, args.json, args.plot)
+    elif args.experiment == "modality":
+        from .reproduce import run_modality
+
+        run_modality(args.seeds, args.epochs, args.batch, args.json, args.plot)
     else:
         from .reproduce import run_digits
 
