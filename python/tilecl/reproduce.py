@@ -345,7 +345,7 @@ class _TwoHeadTower(torch.nn.Module):
         return norm(self.shared(h), dim=-1), norm(self.independent(h), dim=-1)
 
 
-def _degrade(x: torch.Tensor, seed: int, noise: float = 0.35, drop: float = 0.35) -> torch.Tensor:
+def _degrade(x: torch.Tensor, seed: int, noise: float = 0.2, drop: float = 0.2) -> torch.Tensor:
     """The information gap: the right view loses pixels and gains noise (fixed per sample)."""
     gen = torch.Generator().manual_seed(seed)
     keep = (torch.rand(x.shape, generator=gen) > drop).float()
