@@ -36,6 +36,17 @@ def matmul_flops(d: int) -> float:
     return _MATMUL_FLOPS[d]
 
 
+def median_time(fn, rounds: int) -> float:
+    """Median wall time of ``rounds`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:

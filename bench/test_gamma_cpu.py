@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 import torch
 
 import tilecl
 
-from .conftest import RESULTS, machine
+from .conftest import RESULTS, machine, median_time
 
 NS = [1024, 4096, 8192]
 DS = [128, 512]
@@ -29,16 +28,6 @@ def _inputs(n: int, d: int):
     a = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).requires_grad_()
     b = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).requires_grad_()
     return a, b, torch.tensor(14.3, requires_grad=True)
-
-
-def _median_time(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 @pytest.mark.parametrize("n,d", [(n, d) for d in DS for n in NS if n <= MAX_N])
@@ -57,8 +46,8 @@ def test_gamma_vs_infonce(benchmark, n, d):
     # interleave the two so that machine noise hits both alike
     t_info, t_gamma = [], []
     for _ in range(3):
-        t_info.append(_median_time(infonce, rounds))
-        t_gamma.append(_median_time(gamma, rounds))
+        t_info.append(median_time(infonce, rounds))
+        t_gamma.append(median_time(gamma, rounds))
     benchmark.pedantic(gamma, rounds=1)
     row = {
         "n": n,

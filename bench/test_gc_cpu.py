@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 
 import tilecl
 
-from .conftest import RESULTS, machine
+from .conftest import RESULTS, machine, median_time
 
 NS = [1024, 4096, 16384]
 DS = [128, 256, 512]
@@ -55,16 +54,6 @@ def naive_gc(z_v: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
     return (((s_vt - s_vt.T) ** 2).sum() + ((z_v @ z_v.T - z_t @ z_t.T) ** 2).sum()) / n
 
 
-def _median(fn, rounds):
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 @pytest.mark.parametrize("n,d", [(n, d) for d in DS for n in NS if n <= MAX_N])
 def test_gc_vs_naive(benchmark, n, d):
     gen = torch.Generator().manual_seed(0)
@@ -75,8 +64,8 @@ def test_gc_vs_naive(benchmark, n, d):
         return lambda: fn(z_v, z_t).backward()
 
     rounds = 5 if n <= 4096 else 3
-    t_ours = _median(run(tilecl.geometric_consistency_loss), rounds)
-    t_naive = _median(run(naive_gc), rounds)
+    t_ours = median_time(run(tilecl.geometric_consistency_loss), rounds)
+    t_naive = median_time(run(naive_gc), rounds)
     benchmark.pedantic(run(tilecl.geometric_consistency_loss), rounds=1)
     memory = {}
     root = os.path.dirname(os.path.dirname(__file__))

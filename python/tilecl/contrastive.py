@@ -1,13 +1,14 @@
-"""InfoNCE / CLIP and NT-Xent as one autograd Function over a backend's two primitives.
+"""InfoNCE / CLIP, NT-Xent and the gamma surrogate as one autograd Function over a backend's two primitives.
 
-Forward: the backend's streaming LSE gives the row and column statistics; the
-positive logits are a gather. Backward: the loss's ``dL/dS`` is
+Forward: the backend's streaming LSE gives the row and column statistics and
+the positive logits. Backward: every loss's ``dL/dS`` is
 
-    G_ij = α_i·exp(S_ij − rowLSE_i) + h_j·exp(S_ij − colLSE_j) − Σ_{pairs} p_i·[j = y_i]
+    G_ij = α_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j) − Σ_{pairs} w_i·[j = y_i]
 
-so the backend's offset backward handles the exponential part and the sparse
-positive part is applied here with gathers. Only the inputs and ``O(N + M)``
-statistics are saved between the passes.
+with row offsets ``c`` (InfoNCE: the row LSE; gamma: ``log M − log u_i``) and
+column offsets ``r``, so the backend's offset backward handles the
+exponential part and the sparse positive part is applied here with gathers.
+Only the inputs and ``O(N + M)`` statistics are saved between the passes.
 """
 
 from __future__ import annotations

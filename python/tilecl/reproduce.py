@@ -276,6 +276,20 @@ def run_digits(
             train(model, views, epochs, size, seed=seed, progress=progress, gamma_loss=gamma_loss)
             scores[method]["r1"].append(retrieval_r1(model, views.left_test, views.right_test))
             scores[method]["probe"].append(linear_probe_accuracy(model, views, seed))
+    config = {"seeds": seeds, "batch": batch, "epochs": epochs, "gamma": gamma, "estimator": estimator}
+    title = f"digits halves, B={batch}, {epochs} epochs, {seeds} seeds"
+    return _report(scores, config, title, "probe", json_path, plot_path)
+
+
+def _report(
+    scores: dict,
+    config: dict,
+    title: str,
+    probe_label: str,
+    json_path: Optional[str],
+    plot_path: Optional[str],
+) -> dict:
+    """Mean ± std per method, printed, written as JSON and drawn as bars (R@1, probe accuracy)."""
     out = {
         "methods": {
             m: {
@@ -287,44 +301,20 @@ def run_digits(
             }
             for m, v in scores.items()
         },
-        "config": {"seeds": seeds, "batch": batch, "epochs": epochs, "gamma": gamma, "estimator": estimator},
+        "config": config,
     }
-    print(f"\ndigits, {seeds} seeds, {epochs} epochs, B={batch}: held-out R@1 and linear-probe accuracy")
+    print(f"\n{title}: held-out R@1 and linear-probe accuracy")
     for m, r in out["methods"].items():
         r1, probe = f"{r['r1_mean']:.3f} ± {r['r1_std']:.3f}", f"{r['probe_mean']:.3f} ± {r['probe_std']:.3f}"
-        print(f"{m:<12} R@1 {r1}   probe {probe}")
+        print(f"{m:<16} R@1 {r1}   {probe_label} {probe}")
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(out, indent=2) + "\n")
         print(f"JSON: {json_path}")
     if plot_path:
-        _plot_digits(out, plot_path)
+        _plot_bars(out, plot_path, title)
         print(f"plot: {plot_path}")
     return out
-
-
-def _plot_digits(out: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
-    names = list(out["methods"])
-    for ax, key, title in zip(axes, ("r1", "probe"), ("held-out retrieval R@1", "linear-probe accuracy")):
-        means = [out["methods"][m][f"{key}_mean"] for m in names]
-        stds = [out["methods"][m][f"{key}_std"] for m in names]
-        ax.bar(names, means, yerr=stds, capsize=4, color=["tab:red", "tab:orange", "tab:blue"])
-        for x, m in enumerate(names):
-            ax.scatter([x] * len(out["methods"][m][key]), out["methods"][m][key], color="k", s=8, zorder=3)
-        ax.set_title(title)
-        ax.grid(axis="y", alpha=0.3)
-    cfg = out["config"]
-    fig.suptitle(f"digits halves, B={cfg['batch']}, {cfg['epochs']} epochs, {cfg['seeds']} seeds", fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 MODALITY_METHODS = ("clip", "clip+separation", "clip+bridge", "clip+geometric")
@@ -419,31 +409,9 @@ def run_modality(
                 probe.fit(left_tower(views.left_train)[0].numpy(), views.labels_train)
                 scores[method]["probe"].append(float(probe.score(zl_test.numpy(), views.labels_test)))
     bar.close()
-    out = {
-        "methods": {
-            m: {
-                **s,
-                "r1_mean": float(np.mean(s["r1"])),
-                "r1_std": float(np.std(s["r1"])),
-                "probe_mean": float(np.mean(s["probe"])),
-                "probe_std": float(np.std(s["probe"])),
-            }
-            for m, s in scores.items()
-        },
-        "config": {"seeds": seeds, "epochs": epochs, "batch": batch, "weights": weights},
-    }
-    print(f"\nmodality (right view degraded), {seeds} seeds, {epochs} epochs, batch {batch}")
-    for m, r in out["methods"].items():
-        r1, probe = f"{r['r1_mean']:.3f} ± {r['r1_std']:.3f}", f"{r['probe_mean']:.3f} ± {r['probe_std']:.3f}"
-        print(f"{m:<16} R@1 {r1}   probe (left view) {probe}")
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(out, indent=2) + "\n")
-        print(f"JSON: {json_path}")
-    if plot_path:
-        _plot_bars(out, plot_path, "digits halves, right view degraded")
-        print(f"plot: {plot_path}")
-    return out
+    config = {"seeds": seeds, "epochs": epochs, "batch": batch, "weights": weights}
+    title = f"modality (right view degraded), {seeds} seeds, {epochs} epochs, batch {batch}"
+    return _report(scores, config, title, "probe (left view)", json_path, plot_path)
 
 
 def _plot_bars(out: dict, path: str, title: str) -> None:
