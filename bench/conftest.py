@@ -36,6 +36,21 @@ def matmul_flops(d: int) -> float:
     return _MATMUL_FLOPS[d]
 
 
+def merge_rows(name: str, rows: list[dict], key: tuple[str, ...]) -> None:
+    """Write ``rows`` into ``bench/results/<name>``, replacing earlier rows with the same key.
+
+    A partial run (``-k``, ``TILECL_BENCH_MAX_N``) refreshes its own
+    configurations and keeps the rest of the file.
+    """
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / name
+    previous = json.loads(path.read_text())["rows"] if path.exists() else []
+    fresh = {tuple(r[k] for k in key) for r in rows}
+    kept = [r for r in previous if tuple(r[k] for k in key) not in fresh]
+    merged = sorted(kept + rows, key=lambda r: tuple(r[k] for k in key))
+    path.write_text(json.dumps({"machine": machine(), "rows": merged}, indent=2) + "\n")
+
+
 def median_time(fn, rounds: int) -> float:
     """Median wall time of ``rounds`` calls after one warm-up call."""
     fn()

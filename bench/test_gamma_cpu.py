@@ -7,7 +7,6 @@ the rows carry the time ratio gamma / InfoNCE (target ≤ 1.05). Writes
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -15,12 +14,11 @@ import torch
 
 import tilecl
 
-from .conftest import RESULTS, machine, median_time
+from .conftest import median_time, merge_rows
 
 NS = [1024, 4096, 8192]
 DS = [128, 512]
 MAX_N = int(os.environ.get("TILECL_BENCH_MAX_N", str(max(NS))))
-ROWS: list[dict] = []
 
 
 def _inputs(n: int, d: int):
@@ -57,6 +55,4 @@ def test_gamma_vs_infonce(benchmark, n, d):
         "ratio_gamma_to_infonce": min(t_gamma) / min(t_info),
     }
     benchmark.extra_info.update(row)
-    ROWS.append(row)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gamma_cpu.json").write_text(json.dumps({"machine": machine(), "rows": ROWS}, indent=2) + "\n")
+    merge_rows("gamma_cpu.json", [row], ("d", "n"))

@@ -18,12 +18,11 @@ import torch.nn.functional as F
 
 import tilecl
 
-from .conftest import RESULTS, machine, median_time
+from .conftest import median_time, merge_rows
 
 NS = [1024, 4096, 16384]
 DS = [128, 256, 512]
 MAX_N = int(os.environ.get("TILECL_BENCH_MAX_N", str(max(NS))))
-ROWS: list[dict] = []
 
 _CHILD = r"""
 import json, sys, torch, torch.nn.functional as F
@@ -85,6 +84,4 @@ def test_gc_vs_naive(benchmark, n, d):
         "naive_peak_extra_bytes": memory["naive"],
     }
     benchmark.extra_info.update(row)
-    ROWS.append(row)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gc_cpu.json").write_text(json.dumps({"machine": machine(), "rows": ROWS}, indent=2) + "\n")
+    merge_rows("gc_cpu.json", [row], ("d", "n"))
