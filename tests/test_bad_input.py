@@ -178,11 +178,12 @@ CASES = [
         ValueError,
         "image_features and text_features",
     ),
+    ("ClipLoss ring", lambda: tilecl.ClipLoss(world_size=2, dist_impl="ring"), NotImplementedError, "ring"),
     (
-        "ClipLoss world_size > 1",
-        lambda: tilecl.ClipLoss(world_size=2),
-        NotImplementedError,
-        "world_size=2",
+        "ClipLoss world_size > 1 without a process group",
+        lambda: tilecl.ClipLoss(world_size=2)(feats(), feats(), 1.0),
+        RuntimeError,
+        "initialized default process group",
     ),
     (
         "InfoNCELoss temperature",

@@ -26,8 +26,15 @@ class ClipLoss(nn.Module):
     ``model.logit_scale.exp()``). A scalar ``logit_bias`` shifts every logit
     equally, which cancels in both softmaxes: it is accepted and has zero
     gradient. ``cache_labels`` is accepted and has no effect (no label tensor
-    is built). Multi-process training (``world_size > 1``) is not supported yet
-    and raises at construction.
+    is built).
+
+    With ``world_size > 1`` the loss is the global loss over all ranks' pairs
+    on the default process group (``dist_impl="gather"``; see
+    :mod:`tilecl.distributed` for the gradient convention, which makes
+    DistributedDataParallel's gradient average exact). ``local_loss`` and
+    ``gather_with_grad`` are accepted and have no effect: the gather always
+    carries gradients and every rank computes only its own rows and columns.
+    ``dist_impl="ring"`` is not implemented yet.
     """
 
     def __init__(
@@ -39,15 +46,14 @@ class ClipLoss(nn.Module):
         world_size: int = 1,
         use_horovod: bool = False,
         *,
+        dist_impl: str = "gather",
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if world_size > 1:
-            raise NotImplementedError(
-                f"ClipLoss(world_size={world_size}): the multi-process loss is not implemented "
-                "yet; "
-                "use world_size=1"
-            )
+        if dist_impl not in ("gather", "ring"):
+            raise ValueError(f"dist_impl must be 'gather' or 'ring', got {dist_impl!r}")
+        if dist_impl == "ring":
+            raise NotImplementedError("ClipLoss(dist_impl='ring') is not implemented yet; use 'gather'")
         if use_horovod:
             raise NotImplementedError("ClipLoss(use_horovod=True): horovod is not supported")
         self.local_loss = local_loss
@@ -56,6 +62,7 @@ class ClipLoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
         self.use_horovod = use_horovod
+        self.dist_impl = dist_impl
         self.backend = backend
 
     def forward(
@@ -68,9 +75,19 @@ class ClipLoss(nn.Module):
     ) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
         """Symmetric CLIP loss of ``(N, D)`` image and text features."""
         v.check_pair(image_features, text_features, ("image_features", "text_features"))
-        loss = contrastive_loss(
-            image_features, text_features, logit_scale, symmetric=True, backend=self.backend
-        )
+        if self.world_size > 1:
+            from .distributed import gather_contrastive_loss
+
+            if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+                raise RuntimeError(
+                    f"ClipLoss(world_size={self.world_size}) needs an initialized default process group "
+                    "(torch.distributed.init_process_group)"
+                )
+            loss = gather_contrastive_loss(image_features, text_features, logit_scale, backend=self.backend)
+        else:
+            loss = contrastive_loss(
+                image_features, text_features, logit_scale, symmetric=True, backend=self.backend
+            )
         if logit_bias is not None:
             # keeps the bias in the graph (DDP expects a gradient) without changing the value
             loss = loss + 0.0 * logit_bias.sum()
