@@ -227,7 +227,8 @@ def test_scale_gradient_flows_to_parameter_shape():
     assert log_scale.grad.shape == (1,)
 
 
-@settings(max_examples=60, deadline=None)
+# derandomized: CI runs the same 60 examples every time (run locally with --hypothesis-seed to explore)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(
     n=st.integers(1, 24),
     extra=st.integers(0, 9),
