@@ -147,3 +147,70 @@ def test_clip_loss_module_uses_the_default_group(tmp_path):
     ref = tilecl.contrastive_loss(a_all, b_all[: 2 * N_PER_RANK], 3.0)
     for value in values:
         assert_rel(value, ref, 1e-10, "ClipLoss on every rank")
+
+
+def _gamma_worker(rank: int, world: int, store: str, out: str) -> None:
+    _init(rank, world, store)
+    a_all, b_all = global_batch(world)
+    module = tilecl.GammaContrastiveLoss(
+        50, gamma=0.5, estimator="mean", process_group=dist.group.WORLD, backend="torch"
+    ).double()
+    results = []
+    for step, index_all in enumerate(
+        [torch.arange(world * N_PER_RANK), torch.arange(world * N_PER_RANK) * 3 % 50]
+    ):
+        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        a = (a_all[rows] * (1 + step)).clone().requires_grad_()
+        b = b_all[: world * N_PER_RANK][rows].clone().requires_grad_()
+        loss = module(a, b, index_all[rows], 2.0)
+        loss.backward()
+        state = {k: t.clone() for k, t in module.state_dict().items()}
+        results.append({"loss": loss.detach(), "a": a.grad, "b": b.grad, **state})
+    torch.save(results, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gamma_memory_and_gradients_match_single_process(world, tmp_path):
+    results = spawn(_gamma_worker, world, tmp_path)
+    a_all, b_all = global_batch(world)
+    module = tilecl.GammaContrastiveLoss(50, gamma=0.5, estimator="mean", backend="torch").double()
+    for step, index_all in enumerate(
+        [torch.arange(world * N_PER_RANK), torch.arange(world * N_PER_RANK) * 3 % 50]
+    ):
+        a = (a_all * (1 + step)).clone().requires_grad_()
+        b = b_all[: world * N_PER_RANK].clone().requires_grad_()
+        loss = module(a, b, index_all, 2.0)
+        ga, gb = torch.autograd.grad(loss, (a, b))
+        for rank, per_step in enumerate(results):
+            res = per_step[step]
+            rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+            assert_rel(res["loss"], loss.detach(), 1e-10, "surrogate on every rank")
+            assert_rel(res["a"] / world, ga[rows], 1e-10, "grad a")
+            assert_rel(res["b"] / world, gb[rows], 1e-10, "grad b")
+            for key, value in module.state_dict().items():
+                if value.dtype == torch.bool:
+                    assert torch.equal(res[key], value), key
+                else:
+                    assert_rel(res[key], value, 1e-12, key)
+
+
+def _gamma_bad_index_worker(rank: int, world: int, store: str, out: str) -> None:
+    _init(rank, world, store)
+    module = tilecl.GammaContrastiveLoss(10, process_group=dist.group.WORLD).double()
+    a = torch.randn(3, D, dtype=torch.float64)
+    index = torch.tensor([0, 1, 2]) + (20 if rank == 1 else 0)  # rank 1 is out of range
+    try:
+        module(a, a.clone(), index, 1.0)
+        message = "no error"
+    except ValueError as error:
+        message = str(error)
+    unchanged = not module.visited_rows.any()
+    torch.save((message, unchanged), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_gamma_bad_index_on_one_rank_raises_everywhere_and_leaves_memory(tmp_path):
+    (m0, unchanged0), (m1, unchanged1) = spawn(_gamma_bad_index_worker, 2, tmp_path)
+    assert "index" in m0 and "index must lie in" in m1
+    assert unchanged0 and unchanged1

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import _validation as v
-from .contrastive import BatchStats, _apply, _targets, batch_stats, check_call
+from .contrastive import BatchStats, LossSpec, _apply, _targets, batch_stats, check_call
 
 __all__ = ["GammaContrastiveLoss", "em_update", "gamma_log_weights"]
 
@@ -108,6 +108,11 @@ class GammaContrastiveLoss(nn.Module):
         symmetric: both directions (CLIP) with a memory each.
         backend: as :func:`tilecl.contrastive_loss`.
         generator: ``torch.Generator`` for the draws of ``u``.
+        process_group: a ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD``):
+            the loss is then the global one over all ranks' pairs (gradient
+            convention of :mod:`tilecl.distributed`), and the E-step runs on the
+            gathered batch, so every rank holds the same memory after each step,
+            each sample updated once.
 
     Attributes (after a forward): ``last_infonce`` — the batch's InfoNCE value
     (for logging, from the same pass); ``last_log_u`` — ``(log u rows, log u cols)``.
@@ -122,6 +127,7 @@ class GammaContrastiveLoss(nn.Module):
         symmetric: bool = True,
         backend: str = "auto",
         generator: Optional[torch.Generator] = None,
+        process_group: Optional[object] = None,
     ) -> None:
         super().__init__()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -132,12 +138,8 @@ class GammaContrastiveLoss(nn.Module):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         self.num_samples, self.alpha, self.gamma = num_samples, float(alpha), float(gamma)
-        self.estimator, self.symmetric, self.backend, self.generator = (
-            estimator,
-            symmetric,
-            backend,
-            generator,
-        )
+        self.estimator, self.symmetric, self.backend = estimator, symmetric, backend
+        self.generator, self.process_group = generator, process_group
         for direction in ("rows", "cols"):
             self.register_buffer(f"log_memory_{direction}", torch.zeros(num_samples, dtype=torch.float64))
             self.register_buffer(f"visited_{direction}", torch.zeros(num_samples, dtype=torch.bool))
@@ -191,6 +193,10 @@ class GammaContrastiveLoss(nn.Module):
         """
         scale, spec = check_call(a, b, logit_scale, labels, positives, self.symmetric, "mean", self.backend)
         n, m = a.shape[0], b.shape[0]
+        if self.process_group is not None:
+            if labels is not None or positives is not None:
+                raise ValueError("labels and positives are not supported with process_group")
+            return self._forward_distributed(a, b, index, scale, spec)
         self._check_index(index, n, a)
         if self.log_memory_rows.device != a.device:
             raise ValueError(f"the module's memory is on {self.log_memory_rows.device}; move it with .to()")
@@ -208,6 +214,61 @@ class GammaContrastiveLoss(nn.Module):
         self.last_infonce = _infonce_from_stats(stats, labels, self.symmetric)
         self.last_log_u = (log_u_rows, log_u_cols)
         return loss
+
+    def _forward_distributed(self, a, b, index, scale, spec) -> torch.Tensor:
+        """This rank's rows against all columns and columns against all rows; E-step on the gathered batch."""
+        import torch.distributed as dist
+        import torch.distributed.nn.functional as dist_fn
+
+        from .distributed import _check_equal_sizes
+
+        group = self.process_group
+        n, m = a.shape[0], b.shape[0]
+        world = _check_equal_sizes(n, m, group)
+        try:
+            self._check_index(index, n, a)
+            failure = None
+        except (TypeError, ValueError) as error:
+            failure = error
+        flag = torch.tensor([0 if failure is None else 1])
+        dist.all_reduce(flag, group=group)  # every rank raises, none waits in a collective
+        if failure is not None:
+            raise failure
+        if int(flag):
+            raise ValueError("index is out of range or malformed on another rank")
+        rank = dist.get_rank(group)
+        one_way = LossSpec(False, "sum", False, spec.backend)
+
+        def gathered(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat(dist_fn.all_gather(x, group=group))
+
+        def plain_gather(x: torch.Tensor) -> torch.Tensor:
+            parts = [torch.empty_like(x) for _ in range(world)]
+            dist.all_gather(parts, x.contiguous(), group=group)
+            return torch.cat(parts)
+
+        global_index = plain_gather(index)
+        mine = slice(rank * n, (rank + 1) * n)
+        directions = [("rows", a, gathered(b), rank * m + torch.arange(n, device=a.device))]
+        if self.symmetric:
+            directions.append(("cols", b[:n], gathered(a), rank * n + torch.arange(n, device=a.device)))
+        share, updates = 0.0, []
+        for direction, anchors, candidates, pair_cols in directions:
+            stats = batch_stats(anchors, candidates, scale, pair_cols, None, one_way)
+            log_d_hat = plain_gather(stats.row_lse - math.log(candidates.shape[0]))
+            memory, visited = getattr(self, f"log_memory_{direction}"), getattr(self, f"visited_{direction}")
+            unique, new, at_batch = em_update(memory, visited, global_index, log_d_hat, self.gamma)
+            log_u = gamma_log_weights(at_batch[mine], self.alpha, self.estimator, self.generator)
+            share = share + _apply(anchors, candidates, scale, pair_cols, None, log_u, None, one_way, stats)
+            updates.append((direction, (unique, new)))
+        share = share / (len(directions) * n * world)
+        total = share.detach().clone()
+        dist.all_reduce(total, group=group)
+        if self.training:
+            for direction, update in updates:
+                self._commit(direction, update)
+        # value: the global surrogate; gradient: world x this rank's share (DDP averages it back)
+        return world * share + (total - world * share).detach()
 
 
 def _infonce_from_stats(stats: BatchStats, labels: Optional[torch.Tensor], symmetric: bool) -> torch.Tensor:
