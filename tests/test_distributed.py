@@ -45,7 +45,10 @@ def _loss_worker(rank: int, world: int, store: str, out: str, symmetric: bool) -
     a = a_all[rank * N_PER_RANK : (rank + 1) * N_PER_RANK].clone().requires_grad_()
     b = b_all[rank * m : (rank + 1) * m].clone().requires_grad_()
     scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
-    loss = gather_contrastive_loss(a, b, scale, symmetric=symmetric, backend="torch")
+    # the functional entry point routes to the gather implementation
+    loss = tilecl.contrastive_loss(
+        a, b, scale, symmetric=symmetric, backend="torch", process_group=dist.group.WORLD
+    )
     loss.backward()
     torch.save({"loss": loss.detach(), "a": a.grad, "b": b.grad, "s": scale.grad}, f"{out}.{rank}")
     dist.destroy_process_group()

@@ -258,6 +258,7 @@ def contrastive_loss(
     reduction: str = "mean",
     backend: str = "auto",
     positives: Optional[torch.Tensor] = None,
+    process_group: Optional[Any] = None,
 ) -> torch.Tensor:
     """InfoNCE (one direction) or CLIP (symmetric) loss, tile by tile.
 
@@ -282,11 +283,22 @@ def contrastive_loss(
             ``b``, so that it is *not* in the denominator (decoupled form:
             ``ℓ_i = LSE_j S_ij − s·a_i·p_i`` over ``b``'s columns only, as in the
             gamma paper's ``D_i = E_neg[exp s]``). Needs ``symmetric=False``.
+        process_group: a ``torch.distributed`` group: the global loss over all
+            ranks' pairs (``reduction="mean"``, default labels), see
+            :mod:`tilecl.distributed` for the gradient convention.
 
     Returns:
         The loss; float32 for float16/bfloat16 inputs, otherwise the input dtype.
         Double backward is not supported.
     """
+    if process_group is not None:
+        if labels is not None or positives is not None or reduction != "mean":
+            raise ValueError("process_group supports the default labels, no positives, and reduction='mean'")
+        from .distributed import gather_contrastive_loss
+
+        return gather_contrastive_loss(
+            a, b, logit_scale, symmetric=symmetric, process_group=process_group, backend=backend
+        )
     scale, spec = check_call(a, b, logit_scale, labels, positives, symmetric, reduction, backend)
     return _apply(a, b, scale, labels, positives, None, None, spec)
 
