@@ -85,8 +85,15 @@ def gather_contrastive_loss(
             b[:n], all_a, logit_scale, labels=pair_rows, symmetric=False, reduction="sum", backend=backend
         )
         share = share / 2
-    share = share / (n * world)
+    return global_value(share / (n * world), world, process_group)
+
+
+def global_value(share: torch.Tensor, world: int, group) -> torch.Tensor:
+    """Value: the sum of every rank's ``share`` (the global loss); gradient: ``world ×`` this rank's share.
+
+    DistributedDataParallel averages gradients over ranks, so the factor makes
+    its average the single-process gradient of the global loss.
+    """
     total = share.detach().clone()
-    dist.all_reduce(total, group=process_group)
-    # value: the global loss; gradient: world × this rank's share (DDP averages it back)
+    dist.all_reduce(total, group=group)
     return world * share + (total - world * share).detach()

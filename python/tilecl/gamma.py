@@ -220,7 +220,7 @@ class GammaContrastiveLoss(nn.Module):
         import torch.distributed as dist
         import torch.distributed.nn.functional as dist_fn
 
-        from .distributed import _check_equal_sizes
+        from .distributed import _check_equal_sizes, global_value
 
         group = self.process_group
         n, m = a.shape[0], b.shape[0]
@@ -261,14 +261,11 @@ class GammaContrastiveLoss(nn.Module):
             log_u = gamma_log_weights(at_batch[mine], self.alpha, self.estimator, self.generator)
             share = share + _apply(anchors, candidates, scale, pair_cols, None, log_u, None, one_way, stats)
             updates.append((direction, (unique, new)))
-        share = share / (len(directions) * n * world)
-        total = share.detach().clone()
-        dist.all_reduce(total, group=group)
+        loss = global_value(share / (len(directions) * n * world), world, group)
         if self.training:
             for direction, update in updates:
                 self._commit(direction, update)
-        # value: the global surrogate; gradient: world x this rank's share (DDP averages it back)
-        return world * share + (total - world * share).detach()
+        return loss
 
 
 def _infonce_from_stats(stats: BatchStats, labels: Optional[torch.Tensor], symmetric: bool) -> torch.Tensor:
