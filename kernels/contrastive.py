@@ -27,6 +27,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_block(ptr, index, n, feats, dim, stride):
+    """Rows ``index`` x features ``feats`` of an ``(n, dim)`` matrix, zeros outside."""
+    return tl.load(
+        ptr + index[:, None] * stride + feats[None, :],
+        mask=(index[:, None] < n) & (feats[None, :] < dim),
+        other=0.0,
+    )
+
+
+@triton.jit
 def _dot(x, y, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``acc + x·y`` with fp32 accumulation.
 
@@ -60,16 +70,8 @@ def _scores(
     acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         feats = d0 + tl.arange(0, BLOCK_D)
-        a = tl.load(
-            a_ptr + rows[:, None] * stride_a + feats[None, :],
-            mask=(rows[:, None] < n_rows) & (feats[None, :] < dim),
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + cols[:, None] * stride_b + feats[None, :],
-            mask=(cols[:, None] < n_cols) & (feats[None, :] < dim),
-            other=0.0,
-        )
+        a = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
+        b = _load_block(b_ptr, cols, n_cols, feats, dim, stride_b)
         acc = _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
     return acc * scale
 
@@ -81,6 +83,15 @@ def _masked(s, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL: tl.constexpr):
     if EXCLUDE_DIAGONAL:
         valid = valid & (rows[:, None] != cols[None, :])
     return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _merge_tile(run_max, run_sum, s, AXIS: tl.constexpr):
+    """Streaming LSE: fold a tile's rows (AXIS=1) or columns (AXIS=0) into the running (max, sum)."""
+    new_max = tl.maximum(run_max, tl.max(s, axis=AXIS))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    tile_sum = tl.sum(tl.exp(s - tl.expand_dims(shift, AXIS)), axis=AXIS)
+    return new_max, run_sum * tl.exp(run_max - shift) + tile_sum
 
 
 @triton.jit
@@ -134,10 +145,7 @@ def _row_stats_kernel(
         s = _masked(s, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL)
         is_target = cols[None, :] == targets[:, None]
         positive += tl.sum(tl.where(is_target, s, 0.0), axis=1)
-        new_max = tl.maximum(run_max, tl.max(s, axis=1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(s - shift[:, None]), axis=1)
-        run_max = new_max
+        run_max, run_sum = _merge_tile(run_max, run_sum, s, 1)
     tl.store(row_lse_ptr + rows, _log_sum_exp(run_max, run_sum), mask=rows < n_rows)
     tl.store(positive_ptr + rows, positive, mask=rows < n_rows)
 
@@ -182,10 +190,7 @@ def _col_stats_kernel(
             UPCAST,
         )
         s = _masked(s, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL)
-        new_max = tl.maximum(run_max, tl.max(s, axis=0))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(s - shift[None, :]), axis=0)
-        run_max = new_max
+        run_max, run_sum = _merge_tile(run_max, run_sum, s, 0)
     tl.store(col_lse_ptr + cols, _log_sum_exp(run_max, run_sum), mask=cols < col_count)
 
 
@@ -203,6 +208,20 @@ def _gradient_tile(s, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, n_rows, col_count)
     grad = tl.where(g[:, None] != 0, g[:, None] * tl.exp(s - c[:, None]), 0.0)
     grad += tl.where(h[None, :] != 0, h[None, :] * tl.exp(s - r[None, :]), 0.0)
     return grad
+
+
+@triton.jit
+def _recomputed_gradient(
+    a_ptr, b_ptr, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, scale, n_rows, n_cols, col_count, dim,
+    stride_a, stride_b, EXCLUDE_DIAGONAL: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """The tile of ``G`` at (rows, cols): ``S`` recomputed exactly as in the forward, then the offsets."""
+    s = _scores(
+        a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_a, stride_b, scale, BLOCK_D, PRECISION, UPCAST
+    )
+    s = _masked(s, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL)
+    return _gradient_tile(s, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, n_rows, col_count)
 
 
 @triton.jit
@@ -236,36 +255,15 @@ def _backward_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     feats = tl.program_id(1) * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
     feat_ok = feats < dim
-    a_out = tl.load(
-        a_ptr + rows[:, None] * stride_a + feats[None, :],
-        mask=(rows[:, None] < n_rows) & feat_ok[None, :],
-        other=0.0,
-    )
+    a_out = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
     grad_a = tl.zeros((BLOCK_M, BLOCK_DOUT), dtype=tl.float32)
     for c0 in range(0, n_cols, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        s = _scores(
-            a_ptr,
-            b_ptr,
-            rows,
-            cols,
-            n_rows,
-            n_cols,
-            dim,
-            stride_a,
-            stride_b,
-            scale,
-            BLOCK_D,
-            PRECISION,
-            UPCAST,
-        )
-        s = _masked(s, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL)
-        grad = _gradient_tile(s, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, n_rows, col_count)
-        b_out = tl.load(
-            b_ptr + cols[:, None] * stride_b + feats[None, :],
-            mask=(cols[:, None] < n_cols) & feat_ok[None, :],
-            other=0.0,
-        )
+        grad = _recomputed_gradient(
+            a_ptr, b_ptr, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, scale, n_rows, n_cols, col_count, dim,
+            stride_a, stride_b, EXCLUDE_DIAGONAL, BLOCK_D, PRECISION, UPCAST,
+        )  # fmt: skip
+        b_out = _load_block(b_ptr, cols, n_cols, feats, dim, stride_b)
         grad_a = _dot(grad.to(b_out.dtype), b_out, grad_a, PRECISION, UPCAST)
         if ATOMIC_GRAD_B:
             zero = tl.zeros((BLOCK_N, BLOCK_DOUT), dtype=tl.float32)
@@ -316,28 +314,11 @@ def _backward_cols_kernel(
     grad_b = tl.zeros((BLOCK_N, BLOCK_DOUT), dtype=tl.float32)
     for r0 in range(0, n_rows, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
-        s = _scores(
-            a_ptr,
-            b_ptr,
-            rows,
-            cols,
-            n_rows,
-            n_cols,
-            dim,
-            stride_a,
-            stride_b,
-            scale,
-            BLOCK_D,
-            PRECISION,
-            UPCAST,
-        )
-        s = _masked(s, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL)
-        grad = _gradient_tile(s, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, n_rows, col_count)
-        a_out = tl.load(
-            a_ptr + rows[:, None] * stride_a + feats[None, :],
-            mask=(rows[:, None] < n_rows) & feat_ok[None, :],
-            other=0.0,
-        )
+        grad = _recomputed_gradient(
+            a_ptr, b_ptr, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, scale, n_rows, n_cols, col_count, dim,
+            stride_a, stride_b, EXCLUDE_DIAGONAL, BLOCK_D, PRECISION, UPCAST,
+        )  # fmt: skip
+        a_out = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
         grad_b = _dot(tl.trans(grad.to(a_out.dtype)), a_out, grad_b, PRECISION, UPCAST)
     tl.store(
         grad_b_ptr + cols[:, None] * dim + feats[None, :],
