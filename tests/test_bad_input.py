@@ -178,7 +178,8 @@ CASES = [
         ValueError,
         "image_features and text_features",
     ),
-    ("ClipLoss ring", lambda: tilecl.ClipLoss(world_size=2, dist_impl="ring"), NotImplementedError, "ring"),
+    ("ClipLoss dist_impl", lambda: tilecl.ClipLoss(world_size=2, dist_impl="tree"), ValueError, "dist_impl"),
+    ("NTXentLoss world_size", lambda: tilecl.NTXentLoss(world_size=0), ValueError, "world_size"),
     (
         "ClipLoss world_size > 1 without a process group",
         lambda: tilecl.ClipLoss(world_size=2)(feats(), feats(), 1.0),

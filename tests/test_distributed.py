@@ -1,13 +1,20 @@
-"""The distributed loss with real process groups: 2 and 4 CPU ranks, gloo on loopback.
+"""The distributed losses with real process groups: 2 and 4 CPU ranks, gloo on loopback.
 
 Each test spawns the ranks; every rank computes its slice of a batch whose
 concatenation is known, and the parent compares with the single-process loss
-on the concatenated batch (float64, relative error ≤ 1e-10).
+on the concatenated batch (float64, relative error ≤ 1e-10). One spawn per
+(world, dist_impl) runs every loss, so the suite stays fast.
+
+Gradient convention checked here (no DDP): each rank's input gradients are
+``world ×`` the global loss's gradient w.r.t. its inputs, and the rank-average
+of a replicated scale's gradient is the global one; the DDP test checks the
+parameters after a real DistributedDataParallel backward.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 
 import pytest
 import torch
@@ -16,16 +23,106 @@ import torch.multiprocessing as mp
 
 import tilecl
 from conftest import assert_rel
-from tilecl.distributed import gather_contrastive_loss
+from tilecl.modality import uniformity_loss
 
 N_PER_RANK, EXTRA, D = 5, 2, 4
+M_PER_RANK = N_PER_RANK + EXTRA
+SCALE = 3.0
+IMPLS = ("gather", "ring")
 
 
-def global_batch(world: int, seed: int = 0):
+def global_batch(world: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every input of every case, for the concatenated batch (rank r holds rows r·n … (r+1)·n − 1)."""
     gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(world * N_PER_RANK, D, generator=gen, dtype=torch.float64)
-    b = torch.randn(world * (N_PER_RANK + EXTRA), D, generator=gen, dtype=torch.float64)
-    return a, b
+    n, m = world * N_PER_RANK, world * M_PER_RANK
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    local_labels = [(torch.arange(N_PER_RANK) * 3 + r) % M_PER_RANK for r in range(world)]
+    return {
+        "a": randn(n, D),
+        "b": randn(m, D),  # each rank's b: its N pairs, then its EXTRA hard negatives
+        "positives": randn(n, D),
+        "log_u_rows": randn(n) - 2,
+        "log_u_cols": randn(n) - 2,
+        "z1": randn(n, D),
+        "z2": randn(n, D),
+        "local_labels": torch.cat(local_labels),
+        "pair_cols": torch.cat([r * M_PER_RANK + torch.arange(N_PER_RANK) for r in range(world)]),
+        "labels": torch.cat([r * M_PER_RANK + x for r, x in enumerate(local_labels)]),
+    }
+
+
+def shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    per_rank = x.shape[0] // world
+    return x[rank * per_rank : (rank + 1) * per_rank].clone()
+
+
+def cases(inputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], **dist_kwargs):
+    """name → (loss function of the tensors it differentiates, their names); the same on one rank or many."""
+    s = SCALE
+
+    def clip(a, b):
+        return tilecl.contrastive_loss(a, b, s, labels=labels["pair"], backend="torch", **dist_kwargs)
+
+    def clip_default_labels(a, b):
+        # on a rank: pairs are the first N columns, hard negatives the rest (column stats on part of b)
+        return tilecl.contrastive_loss(a, b, s, labels=labels["default"], backend="torch", **dist_kwargs)
+
+    def infonce_sum(a, b, scale):
+        return tilecl.contrastive_loss(
+            a,
+            b,
+            scale,
+            labels=labels["custom"],
+            symmetric=False,
+            reduction="sum",
+            backend="torch",
+            **dist_kwargs,
+        )
+
+    def decoupled(a, b, positives):
+        return tilecl.contrastive_loss(
+            a, b, s, positives=positives, symmetric=False, backend="torch", **dist_kwargs
+        )
+
+    def gamma(a, b):
+        return tilecl.gamma_contrastive_loss(
+            a,
+            b,
+            inputs["log_u_rows"],
+            inputs["log_u_cols"],
+            s,
+            labels=labels["pair"],
+            backend="torch",
+            **dist_kwargs,
+        )
+
+    def nt_xent(z1, z2):
+        return tilecl.nt_xent_loss(z1, z2, 0.5, backend="torch", **dist_kwargs)
+
+    def uniformity(z1):
+        return uniformity_loss(z1, 2.0, backend="torch", **dist_kwargs)
+
+    return {
+        "clip": (clip, ("a", "b")),
+        "clip default labels": (clip_default_labels, ("a", "b")),
+        "infonce labels sum": (infonce_sum, ("a", "b", "scale")),
+        "decoupled positives": (decoupled, ("a", "b", "positives")),
+        "gamma surrogate": (gamma, ("a", "b")),
+        "nt-xent": (nt_xent, ("z1", "z2")),
+        "uniformity": (uniformity, ("z1",)),
+    }
+
+
+def evaluate(inputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], **dist_kwargs) -> dict:
+    out = {}
+    for name, (fn, wrt) in cases(inputs, labels, **dist_kwargs).items():
+        leaves = [inputs[k].clone().requires_grad_() for k in wrt]
+        loss = fn(*leaves)
+        out[name] = (loss.detach(), dict(zip(wrt, torch.autograd.grad(loss, leaves))))
+    return out
 
 
 def _init(rank: int, world: int, store: str) -> None:
@@ -38,182 +135,228 @@ def _init(rank: int, world: int, store: str) -> None:
     )
 
 
-def _loss_worker(rank: int, world: int, store: str, out: str, symmetric: bool) -> None:
-    _init(rank, world, store)
-    a_all, b_all = global_batch(world)
-    m = N_PER_RANK + EXTRA
-    a = a_all[rank * N_PER_RANK : (rank + 1) * N_PER_RANK].clone().requires_grad_()
-    b = b_all[rank * m : (rank + 1) * m].clone().requires_grad_()
-    scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
-    # the functional entry point routes to the gather implementation
-    loss = tilecl.contrastive_loss(
-        a, b, scale, symmetric=symmetric, backend="torch", process_group=dist.group.WORLD
-    )
-    loss.backward()
-    torch.save({"loss": loss.detach(), "a": a.grad, "b": b.grad, "s": scale.grad}, f"{out}.{rank}")
-    dist.destroy_process_group()
-
-
-def _unequal_worker(rank: int, world: int, store: str, out: str) -> None:
-    _init(rank, world, store)
-    a = torch.randn(3 + rank, D, dtype=torch.float64)
-    try:
-        gather_contrastive_loss(a, a.clone(), 1.0)
-        message = "no error"
-    except ValueError as error:
-        message = str(error)
-    torch.save(message, f"{out}.{rank}")
-    dist.destroy_process_group()
-
-
-def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
-    _init(rank, world, store)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(D, 3).double()
-    log_scale = torch.nn.Parameter(torch.tensor(1.2, dtype=torch.float64))
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    x_all, y_all = global_batch(world, seed=1)
-    x = x_all[rank * N_PER_RANK : (rank + 1) * N_PER_RANK]
-    y = y_all[: world * N_PER_RANK][rank * N_PER_RANK : (rank + 1) * N_PER_RANK]
-    loss = gather_contrastive_loss(ddp(x), ddp(y), log_scale.exp(), backend="torch")
-    loss.backward()
-    # log_scale is outside DDP: average it as DDP averages the model's gradients
-    dist.all_reduce(log_scale.grad)
-    log_scale.grad /= world
-    grads = {"loss": loss.detach(), "log_scale": log_scale.grad}
-    grads.update({k: p.grad for k, p in model.named_parameters()})
-    torch.save(grads, f"{out}.{rank}")
-    dist.destroy_process_group()
-
-
 def spawn(worker, world: int, tmp_path, *args) -> list:
     store, out = str(tmp_path / "store"), str(tmp_path / "out")
     mp.spawn(worker, args=(world, store, out, *args), nprocs=world, join=True)
     return [torch.load(f"{out}.{r}") for r in range(world)]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_gather_matches_single_process(world, symmetric, tmp_path):
-    results = spawn(_loss_worker, world, tmp_path, symmetric)
-    a_all, b_all = global_batch(world)
-    a_all.requires_grad_()
-    b_all.requires_grad_()
-    scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
-    m = N_PER_RANK + EXTRA
-    labels = torch.cat([r * m + torch.arange(N_PER_RANK) for r in range(world)])
-    ref = tilecl.contrastive_loss(a_all, b_all, scale, labels=labels, symmetric=symmetric, backend="torch")
-    ga, gb, gs = torch.autograd.grad(ref, (a_all, b_all, scale))
-    for rank, res in enumerate(results):
-        assert_rel(res["loss"], ref.detach(), 1e-10, "loss on every rank")
-        # convention: each rank holds world x its rows' gradient of the global loss
-        assert_rel(res["a"] / world, ga[rank * N_PER_RANK : (rank + 1) * N_PER_RANK], 1e-10, "grad a")
-        assert_rel(res["b"] / world, gb[rank * m : (rank + 1) * m], 1e-10, "grad b")
-    # and the rank-average of the scale gradient (what DDP computes) is the global one
-    assert_rel(sum(r["s"] for r in results) / world, gs, 1e-10, "grad logit_scale")
+GAMMA_STEPS = 2
 
 
-@pytest.mark.parametrize("world", [2])
-def test_ddp_step_gradients_equal_single_process(world, tmp_path):
-    results = spawn(_ddp_worker, world, tmp_path)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(D, 3).double()
-    log_scale = torch.nn.Parameter(torch.tensor(1.2, dtype=torch.float64))
-    x_all, y_all = global_batch(world, seed=1)
-    loss = tilecl.contrastive_loss(model(x_all), model(y_all[: world * N_PER_RANK]), log_scale.exp())
-    loss.backward()
-    for res in results:
-        assert_rel(res["loss"], loss.detach(), 1e-10, "loss")
-        assert_rel(res["log_scale"], log_scale.grad, 1e-10, "log_scale grad")
-        for name, p in model.named_parameters():
-            assert_rel(res[name], p.grad, 1e-10, name)
+def gamma_indices(world: int) -> list[torch.Tensor]:
+    return [torch.arange(world * N_PER_RANK), torch.arange(world * N_PER_RANK) * 3 % 50]
 
 
-def test_unequal_batches_raise_the_same_error_on_every_rank(tmp_path):
-    messages = spawn(_unequal_worker, 2, tmp_path)
-    assert messages[0] == messages[1] and "equal (N, M) batch sizes" in messages[0]
-
-
-def _clip_worker(rank: int, world: int, store: str, out: str) -> None:
-    _init(rank, world, store)
-    a_all, b_all = global_batch(world)
-    a = a_all[rank * N_PER_RANK : (rank + 1) * N_PER_RANK]
-    b = b_all[rank * N_PER_RANK : (rank + 1) * N_PER_RANK]
-    loss = tilecl.ClipLoss(rank=rank, world_size=world)(a, b, 3.0, output_dict=True)
-    torch.save(loss["contrastive_loss"], f"{out}.{rank}")
-    dist.destroy_process_group()
-
-
-def test_clip_loss_module_uses_the_default_group(tmp_path):
-    values = spawn(_clip_worker, 2, tmp_path)
-    a_all, b_all = global_batch(2)
-    ref = tilecl.contrastive_loss(a_all, b_all[: 2 * N_PER_RANK], 3.0)
-    for value in values:
-        assert_rel(value, ref, 1e-10, "ClipLoss on every rank")
-
-
-def _gamma_worker(rank: int, world: int, store: str, out: str) -> None:
-    _init(rank, world, store)
-    a_all, b_all = global_batch(world)
-    module = tilecl.GammaContrastiveLoss(
-        50, gamma=0.5, estimator="mean", process_group=dist.group.WORLD, backend="torch"
-    ).double()
+def run_gamma_module(module, a_all, b_all, indices, rows=slice(None)) -> list[dict]:
+    """Two training steps (the second revisits some samples); loss, grads and the memory after each."""
     results = []
-    for step, index_all in enumerate(
-        [torch.arange(world * N_PER_RANK), torch.arange(world * N_PER_RANK) * 3 % 50]
-    ):
-        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+    for step, index in enumerate(indices):
         a = (a_all[rows] * (1 + step)).clone().requires_grad_()
-        b = b_all[: world * N_PER_RANK][rows].clone().requires_grad_()
-        loss = module(a, b, index_all[rows], 2.0)
-        loss.backward()
+        b = b_all[rows].clone().requires_grad_()
+        loss = module(a, b, index[rows], 2.0)
+        grad_a, grad_b = torch.autograd.grad(loss, (a, b))
         state = {k: t.clone() for k, t in module.state_dict().items()}
-        results.append({"loss": loss.detach(), "a": a.grad, "b": b.grad, **state})
+        results.append(
+            {"loss": loss.detach(), "a": grad_a, "b": grad_b, "infonce": module.last_infonce, **state}
+        )
+    return results
+
+
+def _all_losses_worker(rank: int, world: int, store: str, out: str, impl: str) -> None:
+    _init(rank, world, store)
+    everything = global_batch(world)
+    inputs = {
+        k: shard(everything[k], rank, world) for k in ("a", "b", "positives", "log_u_rows", "log_u_cols")
+    }
+    inputs.update({k: shard(everything[k], rank, world) for k in ("z1", "z2")})
+    inputs["scale"] = torch.tensor(SCALE, dtype=torch.float64)
+    labels = {
+        "pair": torch.arange(N_PER_RANK),
+        "default": None,
+        "custom": shard(everything["local_labels"], rank, world),
+    }
+    group = dist.group.WORLD
+    results = evaluate(inputs, labels, process_group=group, dist_impl=impl)
+
+    pairs = inputs["b"][:N_PER_RANK]
+    results["ClipLoss"] = tilecl.ClipLoss(rank=rank, world_size=world, dist_impl=impl)(
+        inputs["a"], pairs, SCALE
+    )
+    results["NTXentLoss"] = tilecl.NTXentLoss(world_size=world, dist_impl=impl)(inputs["z1"], inputs["z2"])
+    gamma_module = tilecl.GammaContrastiveLoss(
+        50, gamma=0.5, estimator="mean", process_group=group, dist_impl=impl, backend="torch"
+    ).double()
+    rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+    pairs_all = everything["b"].view(world, M_PER_RANK, D)[:, :N_PER_RANK].reshape(-1, D)
+    results["gamma module"] = run_gamma_module(
+        gamma_module, everything["a"], pairs_all, gamma_indices(world), rows
+    )
     torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
+@functools.lru_cache(maxsize=None)
+def _spawned(world: int, impl: str, tmp_root: str):
+    import pathlib
+
+    path = pathlib.Path(tmp_root) / f"{world}-{impl}"
+    path.mkdir()
+    return spawn(_all_losses_worker, world, path, impl)
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ranks"))
+    return lambda world, impl: _spawned(world, impl, root)
+
+
+@functools.lru_cache(maxsize=None)
+def single_process(world: int) -> dict:
+    everything = global_batch(world)
+    inputs = dict(everything, scale=torch.tensor(SCALE, dtype=torch.float64))
+    pair = everything["pair_cols"]
+    return evaluate(inputs, {"pair": pair, "default": pair, "custom": everything["labels"]})
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("world", [2, 4])
-def test_gamma_memory_and_gradients_match_single_process(world, tmp_path):
-    results = spawn(_gamma_worker, world, tmp_path)
-    a_all, b_all = global_batch(world)
+@pytest.mark.parametrize("case", list(cases({}, {}).keys()))
+def test_every_loss_matches_single_process(case, world, impl, spawned):
+    ref_loss, ref_grads = single_process(world)[case]
+    for rank, res in enumerate(spawned(world, impl)):
+        loss, grads = res[case]
+        assert_rel(loss, ref_loss, 1e-10, f"{case} value on rank {rank}")
+        for name, grad in grads.items():
+            if name == "scale":
+                continue
+            # convention: each rank holds world x the gradient of the global loss w.r.t. its inputs
+            want = shard(ref_grads[name], rank, world)
+            assert_rel(grad / world, want, 1e-10, f"{case} grad {name} on rank {rank}")
+    if "scale" in ref_grads:
+        # a replicated scale: the rank-average (what DDP computes) is the global gradient
+        average = sum(res[case][1]["scale"] for res in spawned(world, impl)) / world
+        assert_rel(average, ref_grads["scale"], 1e-10, f"{case} grad logit_scale")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("world", [2, 4])
+def test_modules_use_the_default_group(world, impl, spawned):
+    everything = global_batch(world)
+    pairs_all = everything["b"].view(world, M_PER_RANK, D)[:, :N_PER_RANK].reshape(-1, D)
+    clip = tilecl.contrastive_loss(everything["a"], pairs_all, SCALE)
+    nt_xent = tilecl.nt_xent_loss(everything["z1"], everything["z2"], 0.5)
+    for res in spawned(world, impl):
+        assert_rel(res["ClipLoss"], clip, 1e-10, "ClipLoss on every rank")
+        assert_rel(res["NTXentLoss"], nt_xent, 1e-10, "NTXentLoss on every rank")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("world", [2, 4])
+def test_gamma_memory_and_gradients_match_single_process(world, impl, spawned):
+    everything = global_batch(world)
+    pairs_all = everything["b"].view(world, M_PER_RANK, D)[:, :N_PER_RANK].reshape(-1, D)
     module = tilecl.GammaContrastiveLoss(50, gamma=0.5, estimator="mean", backend="torch").double()
-    for step, index_all in enumerate(
-        [torch.arange(world * N_PER_RANK), torch.arange(world * N_PER_RANK) * 3 % 50]
-    ):
-        a = (a_all * (1 + step)).clone().requires_grad_()
-        b = b_all[: world * N_PER_RANK].clone().requires_grad_()
-        loss = module(a, b, index_all, 2.0)
-        ga, gb = torch.autograd.grad(loss, (a, b))
-        for rank, per_step in enumerate(results):
-            res = per_step[step]
-            rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
-            assert_rel(res["loss"], loss.detach(), 1e-10, "surrogate on every rank")
-            assert_rel(res["a"] / world, ga[rows], 1e-10, "grad a")
-            assert_rel(res["b"] / world, gb[rows], 1e-10, "grad b")
-            for key, value in module.state_dict().items():
-                if value.dtype == torch.bool:
-                    assert torch.equal(res[key], value), key
+    want = run_gamma_module(module, everything["a"], pairs_all, gamma_indices(world))
+    for rank, res in enumerate(spawned(world, impl)):
+        rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        for step in range(GAMMA_STEPS):
+            got, ref = res["gamma module"][step], want[step]
+            assert_rel(got["loss"], ref["loss"], 1e-10, "surrogate on every rank")
+            assert_rel(got["infonce"], ref["infonce"], 1e-10, "last_infonce on every rank")
+            assert_rel(got["a"] / world, ref["a"][rows], 1e-10, "grad a")
+            assert_rel(got["b"] / world, ref["b"][rows], 1e-10, "grad b")
+            for key in module.state_dict():
+                if ref[key].dtype == torch.bool:
+                    assert torch.equal(got[key], ref[key]), key
                 else:
-                    assert_rel(res[key], value, 1e-12, key)
+                    assert_rel(got[key], ref[key], 1e-12, key)
 
 
-def _gamma_bad_index_worker(rank: int, world: int, store: str, out: str) -> None:
+def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
     _init(rank, world, store)
-    module = tilecl.GammaContrastiveLoss(10, process_group=dist.group.WORLD).double()
-    a = torch.randn(3, D, dtype=torch.float64)
-    index = torch.tensor([0, 1, 2]) + (20 if rank == 1 else 0)  # rank 1 is out of range
-    try:
-        module(a, a.clone(), index, 1.0)
-        message = "no error"
-    except ValueError as error:
-        message = str(error)
-    unchanged = not module.visited_rows.any()
-    torch.save((message, unchanged), f"{out}.{rank}")
+    x_all, y_all = global_batch(world, seed=1)["a"], global_batch(world, seed=2)["a"]
+    grads = {}
+    for impl in IMPLS:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(D, 3).double()
+        log_scale = torch.nn.Parameter(torch.tensor(1.2, dtype=torch.float64))
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        x, y = shard(x_all, rank, world), shard(y_all, rank, world)
+        loss = tilecl.ClipLoss(rank=rank, world_size=world, dist_impl=impl)(ddp(x), ddp(y), log_scale.exp())
+        loss.backward()
+        # log_scale is outside DDP: average it as DDP averages the model's gradients
+        dist.all_reduce(log_scale.grad)
+        log_scale.grad /= world
+        grads[impl] = {"loss": loss.detach(), "log_scale": log_scale.grad}
+        grads[impl].update({k: p.grad for k, p in model.named_parameters()})
+    torch.save(grads, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
-def test_gamma_bad_index_on_one_rank_raises_everywhere_and_leaves_memory(tmp_path):
-    (m0, unchanged0), (m1, unchanged1) = spawn(_gamma_bad_index_worker, 2, tmp_path)
-    assert "index" in m0 and "index must lie in" in m1
+def test_ddp_step_gradients_equal_single_process(tmp_path):
+    world = 2
+    results = spawn(_ddp_worker, world, tmp_path)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(D, 3).double()
+    log_scale = torch.nn.Parameter(torch.tensor(1.2, dtype=torch.float64))
+    x_all, y_all = global_batch(world, seed=1)["a"], global_batch(world, seed=2)["a"]
+    loss = tilecl.contrastive_loss(model(x_all), model(y_all), log_scale.exp())
+    loss.backward()
+    for res in results:
+        for impl in IMPLS:
+            assert_rel(res[impl]["loss"], loss.detach(), 1e-10, f"{impl} loss")
+            assert_rel(res[impl]["log_scale"], log_scale.grad, 1e-10, f"{impl} log_scale grad")
+            for name, p in model.named_parameters():
+                assert_rel(res[impl][name], p.grad, 1e-10, f"{impl} {name}")
+
+
+def _unequal_worker(rank: int, world: int, store: str, out: str) -> None:
+    _init(rank, world, store)
+    a = torch.randn(3 + rank, D, dtype=torch.float64)
+    messages = []
+    for impl in IMPLS:
+        try:
+            tilecl.contrastive_loss(a, a.clone(), 1.0, process_group=dist.group.WORLD, dist_impl=impl)
+            messages.append("no error")
+        except ValueError as error:
+            messages.append(str(error))
+    torch.save(messages, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_unequal_batches_raise_the_same_error_on_every_rank(tmp_path):
+    messages = spawn(_unequal_worker, 2, tmp_path)
+    assert messages[0] == messages[1]
+    assert all("equal (N, M) batch sizes" in m for m in messages[0])
+
+
+def _bad_input_worker(rank: int, world: int, store: str, out: str) -> None:
+    _init(rank, world, store)
+    group = dist.group.WORLD
+    module = tilecl.GammaContrastiveLoss(10, process_group=group).double()
+    a = torch.randn(3, D, dtype=torch.float64)
+    index = torch.tensor([0, 1, 2]) + (20 if rank == 1 else 0)  # rank 1 is out of range
+    calls = {
+        "gamma index": lambda: module(a, a.clone(), index, 1.0),
+        # a NaN-free but wrong-rank-only error: rank 1 passes a bad temperature
+        "nt-xent temperature": lambda: tilecl.nt_xent_loss(
+            a, a, 0.5 if rank == 0 else -1.0, process_group=group
+        ),
+    }
+    messages = {}
+    for name, call in calls.items():
+        try:
+            call()
+            messages[name] = "no error"
+        except ValueError as error:
+            messages[name] = str(error)
+    torch.save((messages, not module.visited_rows.any()), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_bad_input_on_one_rank_raises_everywhere_and_leaves_memory(tmp_path):
+    (m0, unchanged0), (m1, unchanged1) = spawn(_bad_input_worker, 2, tmp_path)
+    assert "another rank" in m0["gamma index"] and "index must lie in" in m1["gamma index"]
+    assert "another rank" in m0["nt-xent temperature"] and "temperature" in m1["nt-xent temperature"]
     assert unchanged0 and unchanged1

@@ -13,9 +13,9 @@ Only the inputs and ``O(N + M)`` statistics are saved between the passes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, TypeVar
 
 import torch
 from torch._C import _functions
@@ -24,6 +24,8 @@ from . import _validation as v
 from .backends import Backend, resolve_backend
 
 __all__ = ["contrastive_loss", "gamma_contrastive_loss", "nt_xent_loss"]
+
+_T = TypeVar("_T")
 
 
 def _pair_weights(grad_output: torch.Tensor, reduction: str, n: int, acc: torch.dtype) -> torch.Tensor:
@@ -60,7 +62,7 @@ def _refuse_second_derivative(grads: tuple) -> tuple:
     return tuple(out)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class LossSpec:
     """The fixed options of one call of the shared autograd Function."""
 
@@ -68,6 +70,8 @@ class LossSpec:
     reduction: str
     exclude_diagonal: bool
     backend: Backend
+    #: ranks whose shards make the global batch (the backend is then sharded)
+    world: int = 1
 
 
 class BatchStats(NamedTuple):
@@ -133,7 +137,7 @@ class _ContrastiveFunction(torch.autograd.Function):
         if log_u_rows is None:
             row_offset, row_term = row_lse, row_lse
         else:
-            row_offset = math.log(m) - log_u_rows.to(acc)
+            row_offset = math.log(m * spec.world) - log_u_rows.to(acc)
             row_term = torch.exp(row_lse - row_offset)
         per_pair = row_term - positive
         col_offset = None
@@ -142,7 +146,7 @@ class _ContrastiveFunction(torch.autograd.Function):
             if log_u_cols is None:
                 col_offset, col_term = col_at_pair, col_at_pair
             else:
-                col_offset = math.log(n) - log_u_cols.to(acc)
+                col_offset = math.log(n * spec.world) - log_u_cols.to(acc)
                 col_term = torch.exp(col_at_pair - col_offset)
             per_pair = (per_pair + col_term - positive) / 2
         ctx.save_for_backward(a, b, positives, scale, targets, row_offset, col_offset)
@@ -219,6 +223,64 @@ def _apply(
     return _ContrastiveFunction.apply(a, b, positives, scale, labels, log_u_rows, log_u_cols, stats, spec)
 
 
+def checked_on_every_rank(process_group: Optional[Any], dist_impl: str, check: Callable[[], _T]) -> _T:
+    """Run ``check``; with a group, every rank raises if any rank's check failed (nobody hangs)."""
+    if process_group is None:
+        return check()
+    from .distributed import agree, check_dist_impl
+
+    failure: Optional[Exception] = None
+    try:
+        check_dist_impl(dist_impl)
+        result = check()
+    except (TypeError, ValueError) as error:
+        failure = error
+    agree(failure, process_group, "the loss's input")
+    return result
+
+
+def sharded_spec(spec: LossSpec, n: int, m: int, process_group: Any, dist_impl: str) -> LossSpec:
+    """``spec`` over the global batch: sharded backend, per-rank sums (checks equal sizes on every rank)."""
+    from .distributed import _check_equal_sizes, sharded_backend
+
+    if spec.reduction == "none":
+        raise ValueError("with process_group, reduction must be 'mean' or 'sum'")
+    world = _check_equal_sizes(n, m, process_group)
+    backend = sharded_backend(spec.backend, process_group, dist_impl)
+    return dataclasses.replace(spec, backend=backend, reduction="sum", world=world)
+
+
+def global_loss(
+    share: torch.Tensor, count: int, reduction: str, world: int, process_group: Any
+) -> torch.Tensor:
+    """The global loss from this rank's sum over its ``count`` terms (convention: tilecl.distributed)."""
+    from .distributed import global_value
+
+    if reduction == "mean":
+        share = share / (count * world)
+    return global_value(share, world, process_group)
+
+
+def _run(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    positives: Optional[torch.Tensor],
+    log_u_rows: Optional[torch.Tensor],
+    log_u_cols: Optional[torch.Tensor],
+    spec: LossSpec,
+    process_group: Optional[Any],
+    dist_impl: str,
+) -> torch.Tensor:
+    """:func:`_apply` on this process's batch, or on the global batch of ``process_group``."""
+    if process_group is None:
+        return _apply(a, b, scale, labels, positives, log_u_rows, log_u_cols, spec)
+    sharded = sharded_spec(spec, a.shape[0], b.shape[0], process_group, dist_impl)
+    share = _apply(a, b, scale, labels, positives, log_u_rows, log_u_cols, sharded)
+    return global_loss(share, a.shape[0], spec.reduction, sharded.world, process_group)
+
+
 def check_call(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -259,6 +321,7 @@ def contrastive_loss(
     backend: str = "auto",
     positives: Optional[torch.Tensor] = None,
     process_group: Optional[Any] = None,
+    dist_impl: str = "gather",
 ) -> torch.Tensor:
     """InfoNCE (one direction) or CLIP (symmetric) loss, tile by tile.
 
@@ -283,24 +346,26 @@ def contrastive_loss(
             ``b``, so that it is *not* in the denominator (decoupled form:
             ``ℓ_i = LSE_j S_ij − s·a_i·p_i`` over ``b``'s columns only, as in the
             gamma paper's ``D_i = E_neg[exp s]``). Needs ``symmetric=False``.
-        process_group: a ``torch.distributed`` group: the global loss over all
-            ranks' pairs (``reduction="mean"``, default labels), see
-            :mod:`tilecl.distributed` for the gradient convention.
+
+    Distributed:
+        process_group: a ``torch.distributed`` group: the loss is then the
+            global loss over the concatenation of all ranks' batches
+            (``reduction`` ``"mean"`` or ``"sum"``; labels index this rank's
+            ``b``), the same value on every rank; see :mod:`tilecl.distributed`
+            for the gradient convention.
+        dist_impl: ``"gather"`` (all-gather, ``O(N_global·D)`` per rank) or
+            ``"ring"`` (blocks travel round the ring, ``O(N_local·D)``).
 
     Returns:
         The loss; float32 for float16/bfloat16 inputs, otherwise the input dtype.
         Double backward is not supported.
     """
-    if process_group is not None:
-        if labels is not None or positives is not None or reduction != "mean":
-            raise ValueError("process_group supports the default labels, no positives, and reduction='mean'")
-        from .distributed import gather_contrastive_loss
-
-        return gather_contrastive_loss(
-            a, b, logit_scale, symmetric=symmetric, process_group=process_group, backend=backend
-        )
-    scale, spec = check_call(a, b, logit_scale, labels, positives, symmetric, reduction, backend)
-    return _apply(a, b, scale, labels, positives, None, None, spec)
+    scale, spec = checked_on_every_rank(
+        process_group,
+        dist_impl,
+        lambda: check_call(a, b, logit_scale, labels, positives, symmetric, reduction, backend),
+    )
+    return _run(a, b, scale, labels, positives, None, None, spec, process_group, dist_impl)
 
 
 def gamma_contrastive_loss(
@@ -315,6 +380,8 @@ def gamma_contrastive_loss(
     reduction: str = "mean",
     backend: str = "auto",
     positives: Optional[torch.Tensor] = None,
+    process_group: Optional[Any] = None,
+    dist_impl: str = "gather",
 ) -> torch.Tensor:
     """The gamma-augmented surrogate (M-step loss) for given auxiliary weights ``u``.
 
@@ -333,21 +400,21 @@ def gamma_contrastive_loss(
         log_u_rows: ``(N,)`` ``log u_i`` of the row direction.
         log_u_cols: ``(N,)`` ``log u'_i`` of pair ``i``'s column direction
             (required when ``symmetric``).
-        Others: as :func:`contrastive_loss`.
+        Others: as :func:`contrastive_loss`; with ``process_group``, ``M`` and
+            ``N`` in ``D̂`` are the global counts.
     """
-    scale, spec = check_call(a, b, logit_scale, labels, positives, symmetric, reduction, backend)
-    v.check_log_weights(log_u_rows, "log_u_rows", a.shape[0], a)
-    if symmetric:
-        v.check_log_weights(log_u_cols, "log_u_cols", a.shape[0], a)
-    return _apply(
-        a,
-        b,
-        scale,
-        labels,
-        positives,
-        log_u_rows.detach(),
-        _detached(log_u_cols) if symmetric else None,
-        spec,
+
+    def check() -> tuple[torch.Tensor, LossSpec]:
+        checked = check_call(a, b, logit_scale, labels, positives, symmetric, reduction, backend)
+        v.check_log_weights(log_u_rows, "log_u_rows", a.shape[0], a)
+        if symmetric:
+            v.check_log_weights(log_u_cols, "log_u_cols", a.shape[0], a)
+        return checked
+
+    scale, spec = checked_on_every_rank(process_group, dist_impl, check)
+    log_u_cols = _detached(log_u_cols) if symmetric else None
+    return _run(
+        a, b, scale, labels, positives, log_u_rows.detach(), log_u_cols, spec, process_group, dist_impl
     )
 
 
@@ -362,6 +429,8 @@ def nt_xent_loss(
     *,
     reduction: str = "mean",
     backend: str = "auto",
+    process_group: Optional[Any] = None,
+    dist_impl: str = "gather",
 ) -> torch.Tensor:
     """SimCLR's NT-Xent loss over the ``2N`` views ``z = [z1; z2]``.
 
@@ -376,17 +445,23 @@ def nt_xent_loss(
         temperature: ``τ > 0``.
         reduction: ``"mean"`` over the ``2N`` views, ``"sum"``, or ``"none"``
             (``(2N,)``: the ``z1`` views first).
+        process_group, dist_impl: as :func:`contrastive_loss`; every view's
+            negatives are then all other views of all ranks.
     """
-    v.check_pair(z1, z2, ("z1", "z2"))
-    if z1.shape[0] != z2.shape[0]:
-        raise ValueError(
-            f"z1 and z2 must hold the same number of samples, got {z1.shape[0]} and {z2.shape[0]}"
-        )
-    v.check_positive(temperature, "temperature")
-    v.check_reduction(reduction)
-    spec = LossSpec(False, reduction, True, resolve_backend(backend, z1.device))
+
+    def check() -> LossSpec:
+        v.check_pair(z1, z2, ("z1", "z2"))
+        if z1.shape[0] != z2.shape[0]:
+            raise ValueError(
+                f"z1 and z2 must hold the same number of samples, got {z1.shape[0]} and {z2.shape[0]}"
+            )
+        v.check_positive(temperature, "temperature")
+        v.check_reduction(reduction)
+        return LossSpec(False, reduction, True, resolve_backend(backend, z1.device))
+
+    spec = checked_on_every_rank(process_group, dist_impl, check)
     views = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
     n = z1.shape[0]
     partners = torch.arange(2 * n, device=z1.device).roll(n)
     scale = torch.tensor(1.0 / temperature, dtype=torch.float64, device=z1.device)
-    return _apply(views, views, scale, partners, None, None, None, spec)
+    return _run(views, views, scale, partners, None, None, None, spec, process_group, dist_impl)

@@ -1,18 +1,41 @@
-"""The global contrastive loss across ranks (torch.distributed), without any rank holding N×N.
+"""The global losses across ranks (torch.distributed), without any rank holding N×N.
 
-``dist_impl="gather"``: every rank all-gathers the features (O(N_global·D)
-per rank), computes the row direction for *its* rows against all columns and
-the column direction for *its* columns against all rows, tile by tile, and
-the all-gather's backward routes the gradients of gathered features back to
-their owners.
+Every tilecl loss is written on two primitives (:mod:`tilecl.backends`). A
+*sharded* backend gives them a distributed meaning: ``a`` and ``b`` are this
+rank's shards of the global ``A = [a_0; a_1; …]`` and ``B = [b_0; b_1; …]``,
+and
+
+* ``lse_stats`` returns the row LSE of this rank's rows over **all** columns,
+  the column LSE of this rank's columns over **all** rows, and the positive
+  logits of this rank's (rank-local) targets;
+* ``offset_backward`` takes this rank's row offsets/multipliers and column
+  offsets/multipliers and returns ``∂/∂a`` and ``∂/∂b`` of the *global* sum
+  ``Σ G_ij S_ij``, plus this rank's part of ``Σ G_ij a_i·b_j``.
+
+The losses' autograd Functions run unchanged on top; only the reduction is
+global. Two implementations (``dist_impl``):
+
+``"gather"``
+    all-gather ``b`` (``O(N_global·D)`` per rank), one tiled pass of this
+    rank's rows against every column; column statistics are merged across
+    ranks with two ``all_reduce`` of ``O(N_global)`` floats, and the backward
+    reduce-scatters ``∂/∂B`` to the owners.
+``"ring"``
+    the blocks of ``b`` travel around the ring with ``batch_isend_irecv``
+    (the next block is in flight while the current one is computed), so a
+    rank holds two blocks, ``O(N_local·D)``. A block's column statistics
+    (forward) and its ``∂/∂b`` (backward) travel with it, each rank adding its
+    rows' part, and arrive at the owner after one lap.
 
 Gradient convention (documented because open_clip's users were confused by
 world-size factors): the returned value is the **global** loss on every rank
-(logs show the true loss), and its backward gives each rank
-``world_size × ∂(its share)/∂(inputs)``, so that DistributedDataParallel's
-gradient *average* equals the single-process gradient of the global loss.
-Without DDP, average the parameter gradients across ranks yourself
-(``all_reduce`` then divide by ``world_size``), which is what DDP does.
+(logs show the true loss), and its backward gives each rank's inputs
+``world_size × ∂L/∂(inputs)`` when every rank back-propagates the same
+upstream gradient — so DistributedDataParallel's gradient *average* is the
+single-process gradient of the global loss. Without DDP, average the parameter
+gradients across ranks yourself (``all_reduce`` then divide by
+``world_size``), which is what DDP does. A replicated ``logit_scale`` gets a
+per-rank part whose average is the exact gradient.
 
 Batch sizes must be equal on all ranks; otherwise every rank raises the same
 error (no hang).
@@ -20,17 +43,23 @@ error (no hang).
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
-from . import _validation as v
+from .backends import Backend
 
-__all__ = ["gather_contrastive_loss"]
+__all__ = ["DIST_IMPLS", "check_dist_impl", "global_value", "sharded_backend"]
 
 DIST_IMPLS = ("gather", "ring")
+
+
+def check_dist_impl(dist_impl: object) -> str:
+    if dist_impl not in DIST_IMPLS:
+        raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
+    return dist_impl  # type: ignore[return-value]
 
 
 def _check_equal_sizes(n: int, m: int, group) -> int:
@@ -45,49 +74,6 @@ def _check_equal_sizes(n: int, m: int, group) -> int:
     return world
 
 
-def gather_contrastive_loss(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    logit_scale: v.Scale,
-    *,
-    symmetric: bool = True,
-    process_group: Optional[dist.ProcessGroup] = None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """The global InfoNCE/CLIP loss over all ranks' pairs (row ``i`` of ``a`` with row ``i`` of ``b``).
-
-    Args:
-        a: ``(N, D)`` this rank's anchors; b: ``(M, D)``, ``M ≥ N`` (rows
-            ``N..M-1``: this rank's hard negatives, shared with every rank).
-        logit_scale: as :func:`tilecl.contrastive_loss` (same value on every rank).
-        process_group: the group (default: the default group).
-
-    Returns:
-        The global loss (mean over the ``N·world_size`` pairs) on every rank,
-        with the gradient convention of the module docstring.
-    """
-    from .contrastive import contrastive_loss
-
-    v.check_pair(a, b)
-    n, m = a.shape[0], b.shape[0]
-    v.check_symmetric(symmetric, n, m)
-    world = _check_equal_sizes(n, m, process_group)
-    rank = dist.get_rank(process_group)
-    all_b = torch.cat(dist_fn.all_gather(b, group=process_group))
-    pair_cols = rank * m + torch.arange(n, device=a.device)  # my pairs' columns among all ranks' b rows
-    share = contrastive_loss(
-        a, all_b, logit_scale, labels=pair_cols, symmetric=False, reduction="sum", backend=backend
-    )
-    if symmetric:
-        all_a = torch.cat(dist_fn.all_gather(a, group=process_group))
-        pair_rows = rank * n + torch.arange(n, device=a.device)
-        share = share + contrastive_loss(
-            b[:n], all_a, logit_scale, labels=pair_rows, symmetric=False, reduction="sum", backend=backend
-        )
-        share = share / 2
-    return global_value(share / (n * world), world, process_group)
-
-
 def global_value(share: torch.Tensor, world: int, group) -> torch.Tensor:
     """Value: the sum of every rank's ``share`` (the global loss); gradient: ``world ×`` this rank's share.
 
@@ -97,3 +83,243 @@ def global_value(share: torch.Tensor, world: int, group) -> torch.Tensor:
     total = share.detach().clone()
     dist.all_reduce(total, group=group)
     return world * share + (total - world * share).detach()
+
+
+def logsumexp_across(x: torch.Tensor, group) -> torch.Tensor:
+    """Elementwise ``log Σ_ranks exp(x)`` (two all-reduces; ``-inf`` everywhere stays ``-inf``)."""
+    peak = x.clone()
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = torch.exp(x - peak)
+    dist.all_reduce(total, group=group)
+    return peak + torch.log(total)
+
+
+def gather_plain(x: torch.Tensor, group) -> list[torch.Tensor]:
+    """All ranks' ``x`` in rank order (no autograd: the Functions route gradients themselves)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return parts
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    """This rank's place in the group and the column layout of a sharded call."""
+
+    group: Optional[dist.ProcessGroup]
+    world: int
+    rank: int
+
+    @classmethod
+    def of(cls, group) -> _Shard:
+        return cls(group, dist.get_world_size(group), dist.get_rank(group))
+
+    def peer(self, offset: int) -> int:
+        """Global rank of the group member ``offset`` places further round the ring."""
+        local = (self.rank + offset) % self.world
+        return local if self.group is None else dist.get_global_rank(self.group, local)
+
+    def rolled(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Own part first: the home block's local diagonal is then the global one."""
+        return parts[self.rank :] + parts[: self.rank]
+
+
+# --------------------------------------------------------------------------- gather
+
+
+def _arranged_columns(shard: _Shard, blocks: list[torch.Tensor], col_count: int) -> torch.Tensor:
+    """Gathered ``b`` blocks, own first, with every block's first ``col_count`` rows up front.
+
+    The local primitives return column statistics for a prefix of the
+    columns, so the columns that have statistics (every rank's pair columns)
+    must come first; the hard negatives follow.
+    """
+    rolled = shard.rolled(blocks)
+    m = blocks[0].shape[0]
+    if 0 < col_count < m:
+        return torch.cat([x[:col_count] for x in rolled] + [x[col_count:] for x in rolled])
+    return torch.cat(rolled)
+
+
+def _gather_lse_stats(local: Backend, shard: _Shard, a, b, scale, targets, col_count, exclude_diagonal=False):
+    _check_layout(exclude_diagonal, col_count, b.shape[0])
+    columns = _arranged_columns(shard, gather_plain(b, shard.group), col_count)
+    row_lse, col_partial, positive = local.lse_stats(
+        a, columns, scale, targets, col_count * shard.world, exclude_diagonal
+    )
+    if col_count == 0:
+        return row_lse, col_partial, positive
+    # rolled block p is rank (rank + p)'s: roll back to rank order, merge over all ranks' rows
+    by_rank = col_partial.view(shard.world, col_count).roll(shard.rank, dims=0)
+    col_lse = logsumexp_across(by_rank.contiguous(), shard.group)[shard.rank]
+    return row_lse, col_lse, positive
+
+
+def _gather_offset_backward(
+    local: Backend,
+    shard: _Shard,
+    a,
+    b,
+    scale,
+    row_offset,
+    row_mult,
+    col_offset,
+    col_mult,
+    exclude_diagonal=False,
+):
+    m, col_count = b.shape[0], col_offset.shape[0]
+    _check_layout(exclude_diagonal, col_count, m)
+    columns = _arranged_columns(shard, gather_plain(b, shard.group), col_count)
+    if col_count:
+        col_offset = torch.cat(shard.rolled(gather_plain(col_offset, shard.group)))
+        col_mult = torch.cat(shard.rolled(gather_plain(col_mult, shard.group)))
+    grad_a, grad_columns, grad_scale = local.offset_backward(
+        a, columns, scale, row_offset, row_mult, col_offset, col_mult, exclude_diagonal
+    )
+    grad_blocks = _split_arranged(shard, grad_columns, m, col_count)
+    grad_b = torch.empty_like(grad_blocks[0])
+    dist.reduce_scatter(grad_b, [x.contiguous() for x in grad_blocks], group=shard.group)
+    return grad_a, grad_b, grad_scale
+
+
+def _split_arranged(shard: _Shard, arranged: torch.Tensor, m: int, col_count: int) -> list[torch.Tensor]:
+    """Inverse of :func:`_arranged_columns`: per-rank blocks in rank order."""
+    world = shard.world
+    if 0 < col_count < m:
+        heads = arranged[: world * col_count].view(world, col_count, -1)
+        tails = arranged[world * col_count :].view(world, m - col_count, -1)
+        rolled = [torch.cat([h, t]) for h, t in zip(heads, tails)]
+    else:
+        rolled = list(arranged.view(world, m, -1))
+    back = world - shard.rank
+    return rolled[back:] + rolled[:back]
+
+
+def _check_layout(exclude_diagonal: bool, col_count: int, m: int) -> None:
+    # the losses that exclude the diagonal (NT-Xent, uniformity) have no column statistics
+    if exclude_diagonal and 0 < col_count < m:
+        raise NotImplementedError("exclude_diagonal with column statistics on part of the columns")
+
+
+# --------------------------------------------------------------------------- ring
+
+
+def _ring(
+    shard: _Shard,
+    travelling: list[torch.Tensor],
+    step: Callable[[list[torch.Tensor], bool], torch.Tensor],
+    combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """One lap of the ring; returns the accumulator of this rank's own block.
+
+    At step ``t`` a rank holds the block of rank ``rank − t``: it posts the
+    receive of the next block and of this block's accumulator so far, computes
+    its part (``step``) while they travel, adds it (``combine``) and sends the
+    accumulator on. Sends and receives between two ranks are posted in the
+    same order on both sides (what NCCL's point-to-point matching needs).
+    """
+    if shard.world == 1:
+        return step(travelling, True)
+    group, after, before = shard.group, shard.peer(1), shard.peer(-1)
+    held, template, pending = travelling, None, []
+    for t in range(shard.world):
+        ops, incoming, accumulated = [], None, None
+        if t > 0 and template.numel():
+            accumulated = torch.empty_like(template)
+            ops.append(dist.P2POp(dist.irecv, accumulated, before, group))
+        if t < shard.world - 1:
+            incoming = [torch.empty_like(x) for x in held]
+            ops += [dist.P2POp(dist.isend, x, after, group) for x in held if x.numel()]
+            ops += [dist.P2POp(dist.irecv, x, before, group) for x in incoming if x.numel()]
+        requests = dist.batch_isend_irecv(ops) if ops else []
+        part = step(held, t == 0)
+        for request in requests:
+            request.wait()
+        total = part if accumulated is None else combine(accumulated, part)
+        template = total
+        if total.numel():
+            pending.append(dist.isend(total.contiguous(), after, group))
+        held = incoming if incoming is not None else held
+    own = torch.empty_like(template)
+    if own.numel():
+        dist.recv(own, before, group)
+    for request in pending:
+        request.wait()
+    return own
+
+
+def _ring_lse_stats(local: Backend, shard: _Shard, a, b, scale, targets, col_count, exclude_diagonal=False):
+    row_lse, positive = None, None
+
+    def step(held: list[torch.Tensor], home: bool) -> torch.Tensor:
+        nonlocal row_lse, positive
+        rows, cols, pos = local.lse_stats(a, held[0], scale, targets, col_count, exclude_diagonal and home)
+        row_lse = rows if row_lse is None else torch.logaddexp(row_lse, rows)
+        if home:
+            positive = pos
+        return cols
+
+    col_lse = _ring(shard, [b.contiguous()], step, torch.logaddexp)
+    return row_lse, col_lse, positive
+
+
+def _ring_offset_backward(
+    local: Backend,
+    shard: _Shard,
+    a,
+    b,
+    scale,
+    row_offset,
+    row_mult,
+    col_offset,
+    col_mult,
+    exclude_diagonal=False,
+):
+    grad_a, grad_scale = None, None
+
+    def step(held: list[torch.Tensor], home: bool) -> torch.Tensor:
+        nonlocal grad_a, grad_scale
+        block, offsets, mults = held
+        ga, gb, gs = local.offset_backward(
+            a, block, scale, row_offset, row_mult, offsets, mults, exclude_diagonal and home
+        )
+        grad_a = ga if grad_a is None else grad_a.add_(ga)
+        grad_scale = gs if grad_scale is None else grad_scale + gs
+        return gb
+
+    travelling = [b.contiguous(), col_offset.contiguous(), col_mult.contiguous()]
+    grad_b = _ring(shard, travelling, step, torch.add)
+    return grad_a, grad_b, grad_scale
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+_IMPLEMENTATIONS = {
+    "gather": (_gather_lse_stats, _gather_offset_backward),
+    "ring": (_ring_lse_stats, _ring_offset_backward),
+}
+
+
+def sharded_backend(local: Backend, group, dist_impl: str) -> Backend:
+    """``local``'s two primitives over the global batch of ``group`` (see the module docstring)."""
+    shard = _Shard.of(group)
+    forward, backward = _IMPLEMENTATIONS[check_dist_impl(dist_impl)]
+
+    def lse_stats(*args, **kwargs):
+        return forward(local, shard, *args, **kwargs)
+
+    def offset_backward(*args, **kwargs):
+        return backward(local, shard, *args, **kwargs)
+
+    return Backend(f"{dist_impl}:{local.name}", lse_stats, offset_backward)
+
+
+def agree(failure: Optional[Exception], group, what: str) -> None:
+    """Raise on every rank if any rank failed a check (none is left waiting in a collective)."""
+    flag = torch.tensor([0 if failure is None else 1])
+    dist.all_reduce(flag, group=group)
+    if failure is not None:
+        raise failure
+    if int(flag):
+        raise ValueError(f"{what} failed its checks on another rank")

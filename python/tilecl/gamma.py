@@ -28,10 +28,21 @@ import math
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import _validation as v
-from .contrastive import BatchStats, LossSpec, _apply, _targets, batch_stats, check_call
+from .contrastive import (
+    BatchStats,
+    _apply,
+    _targets,
+    batch_stats,
+    check_call,
+    checked_on_every_rank,
+    global_loss,
+    sharded_spec,
+)
+from .distributed import check_dist_impl
 
 __all__ = ["GammaContrastiveLoss", "em_update", "gamma_log_weights"]
 
@@ -111,8 +122,9 @@ class GammaContrastiveLoss(nn.Module):
         process_group: a ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD``):
             the loss is then the global one over all ranks' pairs (gradient
             convention of :mod:`tilecl.distributed`), and the E-step runs on the
-            gathered batch, so every rank holds the same memory after each step,
-            each sample updated once.
+            gathered per-sample statistics, so every rank holds the same memory
+            after each step, each sample updated once.
+        dist_impl: ``"gather"`` or ``"ring"`` (see :mod:`tilecl.distributed`).
 
     Attributes (after a forward): ``last_infonce`` — the batch's InfoNCE value
     (for logging, from the same pass); ``last_log_u`` — ``(log u rows, log u cols)``.
@@ -128,6 +140,7 @@ class GammaContrastiveLoss(nn.Module):
         backend: str = "auto",
         generator: Optional[torch.Generator] = None,
         process_group: Optional[object] = None,
+        dist_impl: str = "gather",
     ) -> None:
         super().__init__()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -139,7 +152,8 @@ class GammaContrastiveLoss(nn.Module):
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         self.num_samples, self.alpha, self.gamma = num_samples, float(alpha), float(gamma)
         self.estimator, self.symmetric, self.backend = estimator, symmetric, backend
-        self.generator, self.process_group = generator, process_group
+        check_dist_impl(dist_impl)
+        self.generator, self.process_group, self.dist_impl = generator, process_group, dist_impl
         for direction in ("rows", "cols"):
             self.register_buffer(f"log_memory_{direction}", torch.zeros(num_samples, dtype=torch.float64))
             self.register_buffer(f"visited_{direction}", torch.zeros(num_samples, dtype=torch.bool))
@@ -165,10 +179,11 @@ class GammaContrastiveLoss(nn.Module):
                 f"index must lie in [0, num_samples={self.num_samples}), got values in [{low}, {high}]"
             )
 
-    def _e_step(self, direction: str, index: torch.Tensor, log_d_hat: torch.Tensor):
+    def _e_step(self, direction: str, index: torch.Tensor, log_d_hat: torch.Tensor, own: slice = slice(None)):
+        """The memory update (to commit later) and ``log u`` of the rows ``own`` of the batch."""
         memory, visited = getattr(self, f"log_memory_{direction}"), getattr(self, f"visited_{direction}")
         unique, new, at_batch = em_update(memory, visited, index, log_d_hat, self.gamma)
-        log_u = gamma_log_weights(at_batch, self.alpha, self.estimator, self.generator)
+        log_u = gamma_log_weights(at_batch[own], self.alpha, self.estimator, self.generator)
         return (unique, new), log_u
 
     def _commit(self, direction: str, update: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -191,15 +206,22 @@ class GammaContrastiveLoss(nn.Module):
         ``labels`` and ``positives`` as in :func:`tilecl.contrastive_loss`
         (``positives`` keeps the positive out of ``D̂``, as in the paper).
         """
-        scale, spec = check_call(a, b, logit_scale, labels, positives, self.symmetric, "mean", self.backend)
         n, m = a.shape[0], b.shape[0]
-        if self.process_group is not None:
-            if labels is not None or positives is not None:
+
+        def check():
+            checked = check_call(a, b, logit_scale, labels, positives, self.symmetric, "mean", self.backend)
+            if self.process_group is not None and (labels is not None or positives is not None):
                 raise ValueError("labels and positives are not supported with process_group")
+            self._check_index(index, n, a)
+            if self.log_memory_rows.device != a.device:
+                raise ValueError(
+                    f"the module's memory is on {self.log_memory_rows.device}; move it with .to()"
+                )
+            return checked
+
+        scale, spec = checked_on_every_rank(self.process_group, self.dist_impl, check)
+        if self.process_group is not None:
             return self._forward_distributed(a, b, index, scale, spec)
-        self._check_index(index, n, a)
-        if self.log_memory_rows.device != a.device:
-            raise ValueError(f"the module's memory is on {self.log_memory_rows.device}; move it with .to()")
         stats = batch_stats(a, b, scale, labels, positives, spec)
         row_update, log_u_rows = self._e_step("rows", index, stats.row_lse - math.log(m))
         col_update, log_u_cols = None, None
@@ -216,55 +238,39 @@ class GammaContrastiveLoss(nn.Module):
         return loss
 
     def _forward_distributed(self, a, b, index, scale, spec) -> torch.Tensor:
-        """This rank's rows against all columns and columns against all rows; E-step on the gathered batch."""
-        import torch.distributed as dist
-        import torch.distributed.nn.functional as dist_fn
+        """The sharded statistics of every rank's pairs; the E-step on the gathered O(N) statistics.
 
-        from .distributed import _check_equal_sizes, global_value
+        Only per-sample scalars (``log D̂`` and the dataset index) are
+        gathered for the E-step, so every rank updates the same samples the
+        same way and the memories stay identical, whatever ``dist_impl``.
+        """
+        from .distributed import gather_plain
 
         group = self.process_group
         n, m = a.shape[0], b.shape[0]
-        world = _check_equal_sizes(n, m, group)
-        try:
-            self._check_index(index, n, a)
-            failure = None
-        except (TypeError, ValueError) as error:
-            failure = error
-        flag = torch.tensor([0 if failure is None else 1])
-        dist.all_reduce(flag, group=group)  # every rank raises, none waits in a collective
-        if failure is not None:
-            raise failure
-        if int(flag):
-            raise ValueError("index is out of range or malformed on another rank")
-        rank = dist.get_rank(group)
-        one_way = LossSpec(False, "sum", False, spec.backend)
+        sharded = sharded_spec(spec, n, m, group, self.dist_impl)
+        world = sharded.world
+        stats = batch_stats(a, b, scale, None, None, sharded)
+        global_index = torch.cat(gather_plain(index, group))
+        mine = slice(dist.get_rank(group) * n, (dist.get_rank(group) + 1) * n)
 
-        def gathered(x: torch.Tensor) -> torch.Tensor:
-            return torch.cat(dist_fn.all_gather(x, group=group))
+        def e_step(direction: str, log_d_hat: torch.Tensor):
+            return self._e_step(direction, global_index, torch.cat(gather_plain(log_d_hat, group)), mine)
 
-        def plain_gather(x: torch.Tensor) -> torch.Tensor:
-            parts = [torch.empty_like(x) for _ in range(world)]
-            dist.all_gather(parts, x.contiguous(), group=group)
-            return torch.cat(parts)
-
-        global_index = plain_gather(index)
-        mine = slice(rank * n, (rank + 1) * n)
-        directions = [("rows", a, gathered(b), rank * m + torch.arange(n, device=a.device))]
+        row_update, log_u_rows = e_step("rows", stats.row_lse - math.log(m * world))
+        col_update, log_u_cols = None, None
         if self.symmetric:
-            directions.append(("cols", b[:n], gathered(a), rank * n + torch.arange(n, device=a.device)))
-        share, updates = 0.0, []
-        for direction, anchors, candidates, pair_cols in directions:
-            stats = batch_stats(anchors, candidates, scale, pair_cols, None, one_way)
-            log_d_hat = plain_gather(stats.row_lse - math.log(candidates.shape[0]))
-            memory, visited = getattr(self, f"log_memory_{direction}"), getattr(self, f"visited_{direction}")
-            unique, new, at_batch = em_update(memory, visited, global_index, log_d_hat, self.gamma)
-            log_u = gamma_log_weights(at_batch[mine], self.alpha, self.estimator, self.generator)
-            share = share + _apply(anchors, candidates, scale, pair_cols, None, log_u, None, one_way, stats)
-            updates.append((direction, (unique, new)))
-        loss = global_value(share / (len(directions) * n * world), world, group)
+            col_update, log_u_cols = e_step("cols", stats.col_lse[:n] - math.log(n * world))
+        share = _apply(a, b, scale, None, None, log_u_rows, log_u_cols, sharded, stats)
+        loss = global_loss(share, n, spec.reduction, world, group)
         if self.training:
-            for direction, update in updates:
-                self._commit(direction, update)
+            self._commit("rows", row_update)
+            if col_update is not None:
+                self._commit("cols", col_update)
+        infonce = _infonce_from_stats(stats, None, self.symmetric) / world
+        dist.all_reduce(infonce, group=group)
+        self.last_infonce = infonce
+        self.last_log_u = (log_u_rows, log_u_cols)
         return loss
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends import resolve_backend
-from .contrastive import _refuse_second_derivative, contrastive_loss
+from .contrastive import _refuse_second_derivative, checked_on_every_rank, contrastive_loss
 
 __all__ = [
     "brownian_bridge_loss",
@@ -57,25 +57,35 @@ def _check_features(z: object, name: str, like: Optional[torch.Tensor] = None) -
 
 
 class _PairLogMeanExp(torch.autograd.Function):
-    """``log mean_{j≠k} exp(a'_j·b'_k + β_j)`` over the tiles (a scalar)."""
+    """``log mean_{j≠k} exp(a'_j·b'_k + β_j)`` over the tiles (a scalar).
+
+    With a sharded backend (``group`` set) the rows are this rank's, the
+    columns every rank's, and the total is merged across ranks; the backward
+    then follows the gradient convention of :mod:`tilecl.distributed`.
+    """
 
     @staticmethod
-    def forward(ctx, a_aug, b_aug, row_bias, backend):
-        n = a_aug.shape[0]
+    def forward(ctx, a_aug, b_aug, row_bias, backend, group):
         one = torch.ones((), dtype=torch.float64, device=a_aug.device)
-        targets = torch.zeros(n, dtype=torch.long, device=a_aug.device)
+        targets = torch.zeros(a_aug.shape[0], dtype=torch.long, device=a_aug.device)
         row_lse, _, _ = backend.lse_stats(a_aug, b_aug, one, targets, 0, True)
         bias = row_bias.to(row_lse.dtype)
         total = torch.logsumexp(row_lse + bias, dim=0)
+        n, world = a_aug.shape[0], 1
+        if group is not None:
+            from .distributed import logsumexp_across
+
+            world = torch.distributed.get_world_size(group)
+            total, n = logsumexp_across(total, group), n * world
         ctx.save_for_backward(a_aug, b_aug, bias, row_lse, total)
-        ctx.backend = backend
+        ctx.backend, ctx.world = backend, world
         return (total - math.log(n * (n - 1))).to(row_bias.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
         with torch.no_grad():
             a_aug, b_aug, bias, row_lse, total = ctx.saved_tensors
-            g = grad_output.to(bias.dtype)
+            g = grad_output.to(bias.dtype) * ctx.world
             one = torch.ones((), dtype=torch.float64, device=a_aug.device)
             empty = torch.empty(0, dtype=bias.dtype, device=bias.device)
             # d/dS'_jk = g·exp(S'_jk + β_j − total): the offset backward with c_j = total − β_j
@@ -83,31 +93,50 @@ class _PairLogMeanExp(torch.autograd.Function):
                 a_aug, b_aug, one, total - bias, g.expand_as(bias), empty, empty, True
             )
             grad_bias = g * torch.exp(row_lse + bias - total)
-            grads = (grad_a.to(a_aug.dtype), grad_b.to(b_aug.dtype), grad_bias, None)
+            grads = (grad_a.to(a_aug.dtype), grad_b.to(b_aug.dtype), grad_bias, None, None)
         return _refuse_second_derivative(grads)
 
 
-def uniformity_loss(z: torch.Tensor, t: float = 2.0, *, backend: str = "auto") -> torch.Tensor:
+def uniformity_loss(
+    z: torch.Tensor,
+    t: float = 2.0,
+    *,
+    backend: str = "auto",
+    process_group: Optional[object] = None,
+    dist_impl: str = "gather",
+) -> torch.Tensor:
     """Wang & Isola's uniformity: ``log( (1/(N(N−1))) Σ_{j≠k} exp(−t‖z_j − z_k‖²) )``.
 
     Args:
         z: ``(N, d)`` features, ``N >= 2`` (unnormalized inputs are fine).
         t: the Gaussian potential's scale ``t > 0``.
+        process_group, dist_impl: as :func:`tilecl.contrastive_loss`: the
+            uniformity of the concatenation of all ranks' ``z`` (equal ``N``
+            on every rank).
 
     Computed tile by tile (no N×N); equals
     ``torch.pdist(z).pow(2).mul(-t).exp().mean().log()``.
     """
-    _check_features(z, "z")
-    if z.shape[0] < 2:
-        raise ValueError(f"uniformity_loss needs at least 2 samples, got N={z.shape[0]}")
-    if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
-        raise ValueError(f"t must be a finite number > 0, got {t!r}")
-    ops = resolve_backend(backend, z.device)
+
+    def check():
+        _check_features(z, "z")
+        if z.shape[0] < 2 and process_group is None:
+            raise ValueError(f"uniformity_loss needs at least 2 samples, got N={z.shape[0]}")
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+            raise ValueError(f"t must be a finite number > 0, got {t!r}")
+        return resolve_backend(backend, z.device)
+
+    ops = checked_on_every_rank(process_group, dist_impl, check)
+    if process_group is not None:
+        from .distributed import _check_equal_sizes, sharded_backend
+
+        _check_equal_sizes(z.shape[0], z.shape[0], process_group)
+        ops = sharded_backend(ops, process_group, dist_impl)
     sq_norm = (z * z).sum(dim=1, keepdim=True)
     root = math.sqrt(2 * t)
     a_aug = torch.cat([root * z, torch.ones_like(sq_norm)], dim=1)
     b_aug = torch.cat([root * z, -t * sq_norm], dim=1)
-    return _PairLogMeanExp.apply(a_aug, b_aug, -t * sq_norm.squeeze(1), ops)
+    return _PairLogMeanExp.apply(a_aug, b_aug, -t * sq_norm.squeeze(1), ops, process_group)
 
 
 # --------------------------------------------------------------------------- Gram-matrix losses

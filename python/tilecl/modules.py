@@ -14,6 +14,31 @@ from .contrastive import contrastive_loss, nt_xent_loss
 __all__ = ["ClipLoss", "InfoNCELoss", "ModalityStructureLoss", "NTXentLoss"]
 
 
+def _check_world(world_size: object, dist_impl: object) -> None:
+    from .distributed import check_dist_impl
+
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    check_dist_impl(dist_impl)
+
+
+def _default_group(world_size: int, owner: str) -> Optional[object]:
+    """The default process group when ``world_size > 1`` (which must then be initialized), else None."""
+    if world_size == 1:
+        return None
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise RuntimeError(
+            f"{owner}(world_size={world_size}) needs an initialized default process group "
+            "(torch.distributed.init_process_group)"
+        )
+    if torch.distributed.get_world_size() != world_size:
+        raise ValueError(
+            f"{owner}(world_size={world_size}) but the default process group has "
+            f"{torch.distributed.get_world_size()} ranks"
+        )
+    return torch.distributed.group.WORLD
+
+
 class ClipLoss(nn.Module):
     """Drop-in replacement for ``open_clip.loss.ClipLoss`` that never forms ``N x N``.
 
@@ -29,12 +54,11 @@ class ClipLoss(nn.Module):
     is built).
 
     With ``world_size > 1`` the loss is the global loss over all ranks' pairs
-    on the default process group (``dist_impl="gather"``; see
-    :mod:`tilecl.distributed` for the gradient convention, which makes
-    DistributedDataParallel's gradient average exact). ``local_loss`` and
-    ``gather_with_grad`` are accepted and have no effect: the gather always
-    carries gradients and every rank computes only its own rows and columns.
-    ``dist_impl="ring"`` is not implemented yet.
+    on the default process group (``dist_impl="gather"`` or ``"ring"``; see
+    :mod:`tilecl.distributed` for both and for the gradient convention, which
+    makes DistributedDataParallel's gradient average exact). ``local_loss``
+    and ``gather_with_grad`` are accepted and have no effect: gradients always
+    reach every rank's features and every rank computes only its own rows.
     """
 
     def __init__(
@@ -50,10 +74,7 @@ class ClipLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if dist_impl not in ("gather", "ring"):
-            raise ValueError(f"dist_impl must be 'gather' or 'ring', got {dist_impl!r}")
-        if dist_impl == "ring":
-            raise NotImplementedError("ClipLoss(dist_impl='ring') is not implemented yet; use 'gather'")
+        _check_world(world_size, dist_impl)
         if use_horovod:
             raise NotImplementedError("ClipLoss(use_horovod=True): horovod is not supported")
         self.local_loss = local_loss
@@ -75,19 +96,15 @@ class ClipLoss(nn.Module):
     ) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
         """Symmetric CLIP loss of ``(N, D)`` image and text features."""
         v.check_pair(image_features, text_features, ("image_features", "text_features"))
-        if self.world_size > 1:
-            from .distributed import gather_contrastive_loss
-
-            if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-                raise RuntimeError(
-                    f"ClipLoss(world_size={self.world_size}) needs an initialized default process group "
-                    "(torch.distributed.init_process_group)"
-                )
-            loss = gather_contrastive_loss(image_features, text_features, logit_scale, backend=self.backend)
-        else:
-            loss = contrastive_loss(
-                image_features, text_features, logit_scale, symmetric=True, backend=self.backend
-            )
+        loss = contrastive_loss(
+            image_features,
+            text_features,
+            logit_scale,
+            symmetric=True,
+            backend=self.backend,
+            process_group=_default_group(self.world_size, "ClipLoss"),
+            dist_impl=self.dist_impl,
+        )
         if logit_bias is not None:
             # keeps the bias in the graph (DDP expects a gradient) without changing the value
             loss = loss + 0.0 * logit_bias.sum()
@@ -104,6 +121,9 @@ class InfoNCELoss(nn.Module):
 
     With ``learn_temperature=True`` the module owns ``log_scale = log(1/τ)``
     (CLIP's parametrization) and clamps ``1/τ`` to ``max_scale``.
+
+    With ``world_size > 1``: the global loss on the default process group, as
+    :class:`ClipLoss` (labels and negatives are this rank's).
     """
 
     def __init__(
@@ -115,11 +135,15 @@ class InfoNCELoss(nn.Module):
         symmetric: bool = True,
         reduction: str = "mean",
         backend: str = "auto",
+        world_size: int = 1,
+        dist_impl: str = "gather",
     ) -> None:
         super().__init__()
         v.check_positive(temperature, "temperature")
         v.check_positive(max_scale, "max_scale")
         v.check_reduction(reduction)
+        _check_world(world_size, dist_impl)
+        self.world_size, self.dist_impl = world_size, dist_impl
         log_scale = torch.tensor(math.log(1.0 / temperature))
         if learn_temperature:
             self.log_scale = nn.Parameter(log_scale)
@@ -156,6 +180,8 @@ class InfoNCELoss(nn.Module):
             symmetric=self.symmetric,
             reduction=self.reduction,
             backend=self.backend,
+            process_group=_default_group(self.world_size, "InfoNCELoss"),
+            dist_impl=self.dist_impl,
         )
 
 
@@ -163,18 +189,37 @@ class NTXentLoss(nn.Module):
     """SimCLR's NT-Xent (normalized temperature-scaled cross entropy) over two views.
 
     ``forward(z1, z2)`` with ``(N, D)`` views; see :func:`tilecl.nt_xent_loss`.
+    With ``world_size > 1``: the global loss on the default process group.
     """
 
-    def __init__(self, temperature: float = 0.5, *, reduction: str = "mean", backend: str = "auto") -> None:
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        *,
+        reduction: str = "mean",
+        backend: str = "auto",
+        world_size: int = 1,
+        dist_impl: str = "gather",
+    ) -> None:
         super().__init__()
         v.check_positive(temperature, "temperature")
         v.check_reduction(reduction)
+        _check_world(world_size, dist_impl)
         self.temperature = temperature
         self.reduction = reduction
         self.backend = backend
+        self.world_size, self.dist_impl = world_size, dist_impl
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return nt_xent_loss(z1, z2, self.temperature, reduction=self.reduction, backend=self.backend)
+        return nt_xent_loss(
+            z1,
+            z2,
+            self.temperature,
+            reduction=self.reduction,
+            backend=self.backend,
+            process_group=_default_group(self.world_size, "NTXentLoss"),
+            dist_impl=self.dist_impl,
+        )
 
 
 class ModalityStructureLoss(nn.Module):
