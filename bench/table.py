@@ -1,6 +1,7 @@
-"""Print bench/results/clip_cpu.json as the README's markdown table.
+"""Print bench results as the README's markdown tables.
 
-Usage: ``python -m bench.table [--json PATH]``.
+Usage: ``python -m bench.table [--json PATH]`` (the CLIP sweep) or
+``python -m bench.table --distributed`` (``distributed_cpu.json``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,37 @@ def fmt_bytes(x: float) -> str:
     return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.0f} MiB"
 
 
+def distributed_table(path: Path) -> None:
+    rows = json.loads(path.read_text())["rows"]
+    single = {r["n"]: r["time_s"] for r in rows if r["impl"] == "single"}
+    columns = ["N", "D", "ranks", "impl", "step time", "single process", "loopback bytes / rank"]
+    print("| " + " | ".join([*columns, "designed payload / rank", "peak extra / rank"]) + " |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    for r in sorted(
+        (r for r in rows if r["impl"] != "single"), key=lambda r: (r["n"], r["world"], r["impl"])
+    ):
+        cells = [
+            f"{r['n']:,}",
+            str(r["d"]),
+            str(r["world"]),
+            r["impl"],
+            f"{r['time_s']:.3g} s",
+            f"{single[r['n']]:.3g} s" if r["n"] in single else "–",
+            f"{r['loopback_bytes_per_rank'] / 2**20:.1f} MiB",
+            f"{r['model_bytes_per_rank'] / 2**20:.1f} MiB",
+            f"{r['peak_extra_bytes'] / 2**20:.0f} MiB",
+        ]
+        print("| " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=str(RESULTS / "clip_cpu.json"))
+    parser.add_argument("--distributed", action="store_true", help="print distributed_cpu.json")
     args = parser.parse_args()
+    if args.distributed:
+        distributed_table(RESULTS / "distributed_cpu.json")
+        return
     data = json.loads(Path(args.json).read_text())
     m = data["machine"]
     flops = ", ".join(f"D={d}: {f / 1e9:.0f} GFLOP/s" for d, f in data["matmul_flops"].items())

@@ -54,3 +54,22 @@ def test_bench_table_and_plot(tmp_path):
         capture_output=True,
     )
     assert plot.returncode == 0 and png.stat().st_size > 0
+
+
+@pytest.mark.parametrize("impl", ["gather", "ring"])
+def test_distributed_bench_measures_its_traffic(impl):
+    """A tiny run of the distributed bench: the loopback carries at least the designed payload."""
+    sys.path.insert(0, str(ROOT))
+    from bench.test_distributed_cpu import run_ranks
+
+    row = run_ranks(impl, 2, 256, 32)
+    assert row["time_s"] > 0 and row["peak_extra_bytes"] >= 0
+    assert row["loopback_bytes_per_rank"] >= row["model_bytes_per_rank"] > 0
+
+
+def test_distributed_table_prints_the_committed_results():
+    table = subprocess.run(
+        [sys.executable, "-m", "bench.table", "--distributed"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert table.returncode == 0, table.stderr
+    assert "| ring |" in table.stdout and "| gather |" in table.stdout
