@@ -62,10 +62,17 @@ def check_dist_impl(dist_impl: object) -> str:
     return dist_impl  # type: ignore[return-value]
 
 
+def _control_tensor(values: list[int], group) -> torch.Tensor:
+    """A small int64 tensor for agreement collectives, on the device the group's backend needs."""
+    on_gpu = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
 def _check_equal_sizes(n: int, m: int, group) -> int:
     """All ranks' (N, M); raises the same error on every rank when they differ."""
     world = dist.get_world_size(group)
-    sizes = torch.tensor([n, m], dtype=torch.int64)
+    sizes = _control_tensor([n, m], group)
     gathered = [torch.zeros_like(sizes) for _ in range(world)]
     dist.all_gather(gathered, sizes, group=group)
     if any(not torch.equal(g, gathered[0]) for g in gathered):
@@ -238,12 +245,13 @@ def _ring(
         total = part if accumulated is None else combine(accumulated, part)
         template = total
         if total.numel():
-            pending.append(dist.isend(total.contiguous(), after, group))
+            total = total.contiguous()  # referenced in `pending` until the send completed
+            pending.append((total, dist.isend(total, after, group)))
         held = incoming if incoming is not None else held
     own = torch.empty_like(template)
     if own.numel():
         dist.recv(own, before, group)
-    for request in pending:
+    for _, request in pending:
         request.wait()
     return own
 
@@ -317,7 +325,7 @@ def sharded_backend(local: Backend, group, dist_impl: str) -> Backend:
 
 def agree(failure: Optional[Exception], group, what: str) -> None:
     """Raise on every rank if any rank failed a check (none is left waiting in a collective)."""
-    flag = torch.tensor([0 if failure is None else 1])
+    flag = _control_tensor([0 if failure is None else 1], group)
     dist.all_reduce(flag, group=group)
     if failure is not None:
         raise failure
