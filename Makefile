@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench lint format clean
+.PHONY: venv test demo bench lint format clean cuda
 
 venv: $(STAMP)
 
@@ -32,6 +32,10 @@ demo: venv
 bench: venv
 	$(PY) -m pytest bench -q -p no:cacheprovider --benchmark-json=bench/results/pytest-benchmark.json
 	$(PY) -m bench.plot
+
+# The CUDA C++ extension tilecl._cuda, in place (needs nvcc; TILECL_CUDA_ARCHS, default 80;90).
+cuda: venv
+	TILECL_FORCE_CUDA_BUILD=1 $(PY) setup.py build_ext --inplace
 
 format: venv
 	$(VENV)/bin/ruff format .

@@ -2,7 +2,8 @@
 
 ``python/tilecl`` becomes ``tilecl`` and ``kernels/`` becomes ``tilecl.kernels``.
 The optional CUDA C++ extension ``tilecl._cuda`` (from ``csrc/``) is built here
-too once it exists; the switches follow flash-attention's conventions:
+too, by nvcc through ninja (``TILECL_CUDA_ARCHS``, default ``80;90``; ``MAX_JOBS``
+caps the parallel compiles); the switches follow flash-attention's conventions:
 
 * ``TILECL_SKIP_CUDA_BUILD=1`` never builds it (pure-Python install);
 * ``TILECL_FORCE_CUDA_BUILD=1`` fails loudly if it cannot be built.
@@ -10,28 +11,56 @@ too once it exists; the switches follow flash-attention's conventions:
 Without either switch the extension is built only when ``nvcc`` is found.
 """
 
+import importlib.util
 import os
+from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 SKIP_CUDA_BUILD = os.environ.get("TILECL_SKIP_CUDA_BUILD", "0") == "1"
 FORCE_CUDA_BUILD = os.environ.get("TILECL_FORCE_CUDA_BUILD", "0") == "1"
+HERE = Path(__file__).resolve().parent
+
+
+def _cuda_build():
+    """python/tilecl/_cuda_build.py, loaded by path: tilecl itself is not importable yet."""
+    spec = importlib.util.spec_from_file_location("_tilecl_cuda_build", HERE / "python/tilecl/_cuda_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class NinjaBuildExt(build_ext):
+    """Builds tilecl._cuda with nvcc through ninja (TILECL_CUDA_ARCHS, default "80;90")."""
+
+    def build_extension(self, ext):
+        if ext.name != "tilecl._cuda":
+            return super().build_extension(ext)
+        output = Path(self.get_ext_fullpath(ext.name))
+        _cuda_build().build_extension(output, Path(self.build_temp).resolve() / "tilecl-cuda")
 
 
 def cuda_extensions() -> list:
-    """The CUDA C++ extension modules to build (none until csrc/ has kernels)."""
+    """The CUDA C++ extension: built when nvcc is found (or TILECL_FORCE_CUDA_BUILD=1), never when skipped."""
     if SKIP_CUDA_BUILD:
         return []
     sources = (
-        [os.path.join("csrc", f) for f in sorted(os.listdir("csrc")) if f.endswith(".cu")]
-        if os.path.isdir("csrc")
+        sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cu"))
+        if (HERE / "csrc").is_dir()
         else []
     )
     if not sources:
         if FORCE_CUDA_BUILD:
-            raise RuntimeError("TILECL_FORCE_CUDA_BUILD=1 but csrc/ has no CUDA sources yet")
+            raise RuntimeError("TILECL_FORCE_CUDA_BUILD=1 but csrc/ has no CUDA sources")
         return []
-    raise NotImplementedError("the CUDA extension build is added with the CUDA backend")
+    build = _cuda_build()
+    if build.find_nvcc() is None:
+        if FORCE_CUDA_BUILD:
+            raise RuntimeError("TILECL_FORCE_CUDA_BUILD=1 but nvcc was not found (set CUDA_HOME or PATH)")
+        return []
+    build.cuda_archs()  # a malformed TILECL_CUDA_ARCHS fails here, before any compile
+    return [Extension("tilecl._cuda", sources=[*sources, "csrc/bindings.cpp"])]
 
 
 setup(
@@ -39,4 +68,5 @@ setup(
     packages=["tilecl", "tilecl.kernels"],
     package_data={"tilecl": ["py.typed"]},
     ext_modules=cuda_extensions(),
+    cmdclass={"build_ext": NinjaBuildExt},
 )

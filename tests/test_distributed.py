@@ -196,7 +196,7 @@ def _all_losses_worker(rank: int, world: int, store: str, out: str, impl: str) -
     dist.destroy_process_group()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _spawned(world: int, impl: str, tmp_root: str):
     import pathlib
 
@@ -211,7 +211,7 @@ def spawned(tmp_path_factory):
     return lambda world, impl: _spawned(world, impl, root)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def single_process(world: int) -> dict:
     everything = global_batch(world)
     inputs = dict(everything, scale=torch.tensor(SCALE, dtype=torch.float64))

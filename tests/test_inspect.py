@@ -1,4 +1,4 @@
-"""Static checks of the Triton kernels, compiled ahead of time for sm_80 and sm_90 (no GPU needed).
+"""Static checks of the GPU kernels, compiled ahead of time for sm_80 and sm_90 (no GPU needed).
 
 The compilation runs in a child process: this test process runs Triton's
 interpreter (TRITON_INTERPRET=1), whose kernels cannot be compiled.
@@ -48,6 +48,33 @@ def test_zero_spills_and_shared_memory_within_limits(report):
     for k in report["kernels"]:
         assert 0 < k["shared_bytes"] <= SHARED_LIMIT[int(k["arch"][3:])]
         assert 0 < k["registers"] <= 255
+
+
+def test_cuda_section_reports_every_kernel_without_spills(report):
+    cuda = report["cuda"]
+    if "skipped" in cuda:
+        pytest.skip(cuda["skipped"])
+    kernels = cuda["kernels"]
+    assert {(k["name"], k["dtype"], k["arch"]) for k in kernels} == {
+        (name, dtype, arch)
+        for name in ("row_stats", "col_stats", "grad_rows", "grad_cols", "sum_partials")
+        for dtype in ("float32", "float16", "bfloat16")
+        for arch in ("sm_80", "sm_90")
+    }
+    assert not [k for k in kernels if k["spill_store_bytes"] or k["spill_load_bytes"]]
+    assert all(0 < k["shared_bytes"] <= 48 * 1024 and 0 < k["registers"] <= 255 for k in kernels)
+    half = [k for k in kernels if k["dtype"] != "float32" and k["name"] != "sum_partials"]
+    assert all(k["tensor_core_instructions"] > 0 for k in half)
+
+
+def test_cuda_only_cli(tmp_path):
+    path = tmp_path / "cuda.json"
+    subprocess.run(
+        [sys.executable, "-m", "tilecl", "inspect", "--only", "cuda", "--json", str(path)], check=True
+    )
+    report = json.loads(path.read_text())
+    assert set(report) == {"cuda"}
+    assert "skipped" in report["cuda"] or len(report["cuda"]["kernels"]) == 30
 
 
 def test_pass_counts():

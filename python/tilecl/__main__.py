@@ -44,8 +44,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     modality.add_argument("--json", default="results/modality.json")
     modality.add_argument("--plot", default="results/modality.png")
 
-    inspect = commands.add_parser("inspect", help="compile the Triton kernels for sm_80/sm_90 and report")
+    inspect = commands.add_parser(
+        "inspect", help="compile the Triton and CUDA C++ kernels for sm_80/sm_90 and report (no GPU needed)"
+    )
     inspect.add_argument("--json", default=None)
+    inspect.add_argument("--only", choices=("triton", "cuda"), default=None, help="one section only")
 
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -63,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     elif args.command == "inspect":
         from .inspect_kernels import main as inspect_main
 
-        inspect_main(args.json)
+        inspect_main(args.json, args.only)
     elif args.experiment == "synthetic":
         from .reproduce import SyntheticConfig, fast_config, run_synthetic
 

@@ -93,7 +93,37 @@ def _triton_backend() -> Backend:
     return Backend("triton", kernels.lse_stats, kernels.offset_backward)
 
 
-_LAZY = {"triton": (_triton_usable, _triton_backend)}
+def _cuda_usable() -> bool:
+    """The nvcc-built extension is importable (whether a GPU is present is checked per call)."""
+    from .cuda_backend import cuda_built
+
+    return cuda_built()
+
+
+def _cuda_backend() -> Backend:
+    from .cuda_backend import extension_backend
+
+    return Backend("cuda", *extension_backend())
+
+
+def _emu_usable() -> bool:
+    """The emulation module can be built here (source tree, g++, ninja, pybind11); built on first use."""
+    from ._cuda_build import emulation_buildable
+
+    return emulation_buildable() is None
+
+
+def _emu_backend() -> Backend:
+    from .cuda_backend import emulation_backend
+
+    return Backend("cuda-emu", *emulation_backend())
+
+
+_LAZY = {
+    "triton": (_triton_usable, _triton_backend),
+    "cuda": (_cuda_usable, _cuda_backend),
+    "cuda-emu": (_emu_usable, _emu_backend),
+}
 
 
 def _lookup(name: str) -> Backend:
@@ -113,8 +143,10 @@ def available_backends() -> list[str]:
 
 HINTS = {
     "triton": ": install triton (pip install triton) and use CUDA tensors, or set TRITON_INTERPRET=1",
-    "cuda": ": the CUDA C++ extension is not built",
-    "cuda-emu": ": the CUDA emulation layer is not built",
+    "cuda": ": the CUDA C++ extension tilecl._cuda is not built; build it with `make cuda` (or "
+    "`pip install -e .` with nvcc on PATH)",
+    "cuda-emu": ": building the CUDA emulation module needs the source tree's csrc/, g++, ninja and pybind11 "
+    "(pip install -e '.[dev]')",
 }
 
 
@@ -139,4 +171,10 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
             "backend='triton' needs CUDA tensors; on CPU tensors it runs only under Triton's "
             "interpreter (set TRITON_INTERPRET=1 before importing triton)"
         )
+    if name == "cuda" and device.type != "cuda":
+        raise RuntimeError(
+            "backend='cuda' needs CUDA tensors; backend='cuda-emu' runs the same kernels on CPU tensors"
+        )
+    if name == "cuda-emu" and device.type != "cpu":
+        raise RuntimeError("backend='cuda-emu' (the CPU emulation of the CUDA kernels) needs CPU tensors")
     return _lookup(name)

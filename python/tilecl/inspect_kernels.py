@@ -1,4 +1,6 @@
-"""``python -m tilecl inspect``: compile every Triton kernel ahead of time for sm_80 and sm_90, no GPU needed.
+"""``python -m tilecl inspect``: compile every GPU kernel ahead of time for sm_80 and sm_90, no GPU needed.
+
+Triton section:
 
 For each kernel x dtype x configuration x architecture: shared memory
 (from Triton's metadata), registers per thread and spill bytes (``ptxas -v``
@@ -6,6 +8,11 @@ on the generated PTX, with the ptxas that ships with Triton), and the count of
 tensor-core instructions in the PTX (``mma.sync``, and on sm_90 also
 ``wgmma.mma_async``). Plus the N·M·D matmul pass count of a symmetric fwd+bwd, derived from
 the kernel structure (``tilecl.kernels.pass_count``).
+
+CUDA section (``report["cuda"]``): the ``csrc/`` kernels compiled by nvcc for sm_80 and sm_90
+with warnings as errors; per kernel x dtype x architecture, ptxas's registers, spill and stack
+bytes and static shared memory, and the tensor-core (``wmma.mma``/``mma``) instructions in its PTX
+(see ``tilecl._cuda_build.nvcc_report``). Skipped, with the reason, where nvcc is absent.
 """
 
 from __future__ import annotations
@@ -182,14 +189,41 @@ def performance_model(n: int = 65536, d: int = 512) -> dict:
     }
 
 
-def main(json_path: Optional[str] = None) -> Optional[dict]:
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+def cuda_inspect(progress: bool = True) -> dict:
+    """The CUDA C++ kernels compiled by nvcc (cached under build/cuda-inspect/), or why not."""
+    from . import _cuda_build
+
+    if _cuda_build.find_nvcc() is None:
+        return {"skipped": "nvcc not found (set CUDA_HOME or put nvcc on PATH)"}
+    if not _cuda_build.sources():
+        return {"skipped": "the csrc/ sources are not here (use the source tree)"}
+    report = _cuda_build.nvcc_report()
+    if progress:
+        print(f"CUDA C++ kernels ({report['nvcc']}; {report['flags']}):")
+        for k in report["kernels"]:
+            print(
+                f"  {k['name']:<13} {k['arch']} {k['dtype']:<8}: smem {k['shared_bytes']:>6} B, "
+                f"{k['registers']:>3} regs, spill {k['spill_store_bytes'] + k['spill_load_bytes']} B, "
+                f"stack {k['stack_bytes']} B, tensor-core {k['tensor_core_instructions']}"
+            )
+    return report
+
+
+def main(json_path: Optional[str] = None, only: Optional[str] = None) -> Optional[dict]:
+    """Both sections (``only``: ``"triton"`` or ``"cuda"`` for one), printed and optionally saved as JSON."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" and only != "cuda":
         # interpreted kernels cannot be compiled: redo this in a process without the interpreter
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         command = [sys.executable, "-m", "tilecl", "inspect"] + (["--json", json_path] if json_path else [])
+        command += ["--only", only] if only else []
         subprocess.run(command, env=env, check=True)
         return None
+    if only == "cuda":
+        report = {"cuda": cuda_inspect()}
+        return _write(report, json_path)
     report = inspect()
+    if only is None:
+        report["cuda"] = cuda_inspect()
     report["performance_model"] = model = performance_model()
     print(
         f"model (not measured), symmetric fwd+bwd, N={model['n']}, D={model['d']} on an H100: tilecl bf16 "
@@ -199,6 +233,10 @@ def main(json_path: Optional[str] = None) -> Optional[dict]:
     )
     print(f"N·M·D matmul passes, symmetric fwd+bwd (D <= 512): {report['passes']}")
     print(f"by feature dimension D: {report['passes_by_dim']}")
+    return _write(report, json_path)
+
+
+def _write(report: dict, json_path: Optional[str]) -> dict:
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,114 @@
+// pybind11 bindings of the tilecl CUDA kernels, without libtorch.
+//
+// Tensors cross as integers (tensor.data_ptr()), with their shapes and row strides, a dtype code
+// (0 float32, 1 float16, 2 bfloat16) and the stream handle
+// (torch.cuda.current_stream().cuda_stream): one build works with any torch version. The Python
+// side (tilecl.cuda_backend) validates every argument before calling in here.
+//
+// Built twice from this one file: as tilecl._cuda against the nvcc-compiled kernels, and (with
+// TILECL_EMU) as the CPU emulation module, whose launches must keep the GIL (the emulated
+// shared memory and scheduler are process-global).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+
+#include "tilecl_cuda.h"
+
+#ifndef TILECL_MODULE_NAME
+#define TILECL_MODULE_NAME _cuda
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+tilecl::DType dtype_of(int code) {
+  if (code < tilecl::kFloat32 || code > tilecl::kBFloat16)
+    throw std::invalid_argument("dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  return static_cast<tilecl::DType>(code);
+}
+
+int as_int(int64_t value, const char* name) {
+  if (value < 0 || value > INT32_MAX) throw std::invalid_argument(std::string(name) + " must be in [0, 2^31)");
+  return static_cast<int>(value);
+}
+
+void lse_stats(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr_t targets, std::uintptr_t row_lse,
+               std::uintptr_t col_lse, std::uintptr_t positive, float scale, int64_t n, int64_t m, int64_t d,
+               int64_t lda, int64_t ldb, int64_t col_count, bool exclude_diagonal, std::uintptr_t stream) {
+  tilecl::LseArgs args{ptr<const void>(a), ptr<const void>(b), ptr<const int64_t>(targets), ptr<float>(row_lse),
+                       ptr<float>(col_lse), ptr<float>(positive), scale, as_int(n, "n"), as_int(m, "m"),
+                       as_int(d, "d"), as_int(col_count, "col_count"), lda, ldb, exclude_diagonal,
+                       ptr<void>(stream)};
+  switch (dtype_of(dtype)) {
+    case tilecl::kFloat32: return tilecl::lse_stats_float(args);
+    case tilecl::kFloat16: return tilecl::lse_stats_half(args);
+    case tilecl::kBFloat16: return tilecl::lse_stats_bf16(args);
+  }
+}
+
+void offset_backward(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr_t row_offset,
+                     std::uintptr_t row_mult, std::uintptr_t col_offset, std::uintptr_t col_mult,
+                     std::uintptr_t grad_a, std::uintptr_t grad_b, std::uintptr_t grad_scale,
+                     std::uintptr_t workspace, float scale, int64_t n, int64_t m, int64_t d, int64_t k, int64_t lda,
+                     int64_t ldb, bool exclude_diagonal, std::uintptr_t stream) {
+  tilecl::BackwardArgs args{ptr<const void>(a),         ptr<const void>(b),         ptr<const float>(row_offset),
+                            ptr<const float>(row_mult), ptr<const float>(col_offset), ptr<const float>(col_mult),
+                            ptr<float>(grad_a),         ptr<float>(grad_b),         ptr<float>(grad_scale),
+                            ptr<float>(workspace),      scale,                      as_int(n, "n"),
+                            as_int(m, "m"),             as_int(d, "d"),             as_int(k, "k"),
+                            lda,                        ldb,                        exclude_diagonal,
+                            ptr<void>(stream)};
+  switch (dtype_of(dtype)) {
+    case tilecl::kFloat32: return tilecl::offset_backward_float(args);
+    case tilecl::kFloat16: return tilecl::offset_backward_half(args);
+    case tilecl::kBFloat16: return tilecl::offset_backward_bf16(args);
+  }
+}
+
+int64_t workspace_floats(int dtype, int64_t n, int64_t d) {
+  switch (dtype_of(dtype)) {
+    case tilecl::kFloat32: return tilecl::backward_workspace_floats_float(as_int(n, "n"), as_int(d, "d"));
+    case tilecl::kFloat16: return tilecl::backward_workspace_floats_half(as_int(n, "n"), as_int(d, "d"));
+    case tilecl::kBFloat16: return tilecl::backward_workspace_floats_bf16(as_int(n, "n"), as_int(d, "d"));
+  }
+  return 0;
+}
+
+}  // namespace
+
+#ifdef TILECL_EMU
+void register_emu_selftest(py::module_& module);  // emu_selftest.cpp
+#endif
+
+PYBIND11_MODULE(TILECL_MODULE_NAME, module) {
+  module.doc() = "tilecl CUDA kernels: streaming-LSE statistics and the offset-form backward (raw pointers)";
+#ifdef TILECL_EMU
+  using launch_guard = py::call_guard<>;
+  module.attr("EMULATED") = true;
+  register_emu_selftest(module);
+#else
+  // a launch is asynchronous, but argument checks and the launch itself need no Python state
+  using launch_guard = py::call_guard<py::gil_scoped_release>;
+  module.attr("EMULATED") = false;
+#endif
+  module.def("lse_stats", &lse_stats, launch_guard(), py::arg("dtype"), py::arg("a"), py::arg("b"),
+             py::arg("targets"), py::arg("row_lse"), py::arg("col_lse"), py::arg("positive"), py::arg("scale"),
+             py::arg("n"), py::arg("m"), py::arg("d"), py::arg("lda"), py::arg("ldb"), py::arg("col_count"),
+             py::arg("exclude_diagonal"), py::arg("stream"),
+             "Row LSE (n), column LSE (col_count), positive logits (n) of S = scale·a·bᵀ, float32 outputs.");
+  module.def("offset_backward", &offset_backward, launch_guard(), py::arg("dtype"), py::arg("a"), py::arg("b"),
+             py::arg("row_offset"), py::arg("row_mult"), py::arg("col_offset"), py::arg("col_mult"),
+             py::arg("grad_a"), py::arg("grad_b"), py::arg("grad_scale"), py::arg("workspace"), py::arg("scale"),
+             py::arg("n"), py::arg("m"), py::arg("d"), py::arg("k"), py::arg("lda"), py::arg("ldb"),
+             py::arg("exclude_diagonal"), py::arg("stream"),
+             "grad_a = scale·G·b, grad_b = scale·Gᵀ·a, grad_scale = Σ G_ij a_i·b_j (float32 outputs).");
+  module.def("workspace_floats", &workspace_floats, py::arg("dtype"), py::arg("n"), py::arg("d"),
+             "Floats of scratch offset_backward needs (its workspace argument).");
+}

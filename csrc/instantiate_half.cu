@@ -1,0 +1,5 @@
+// The __half kernels and their host entry points (one translation unit per input type so the
+// build compiles them in parallel).
+#include "kernels.cuh"
+
+TILECL_INSTANTIATE(__half, half)

@@ -1,0 +1,609 @@
+// The tilecl CUDA kernels: streaming-LSE statistics and the offset-form backward.
+//
+// Same structure as the Triton kernels (kernels/contrastive.py):
+//   row_stats_kernel   one block per BM rows, walks every column tile: row LSE and positive logit;
+//   col_stats_kernel   one block per BN columns, walks every row tile: column LSE (no atomics);
+//   grad_rows_kernel   one block per (BM rows, DOUT features): grad_a = s·G·b and the
+//                      grad_scale partial Σ_i a_i·(G b)_i of its share;
+//   grad_cols_kernel   one block per (BN columns, DOUT features): grad_b = s·Gᵀ·a;
+//   sum_partials_kernel  the partials summed by one block in a fixed order.
+// No floating-point atomics anywhere: every result is bitwise reproducible.
+//
+// A tile of S = s·a·bᵀ is built by looping over the features in BK-wide chunks staged in shared
+// memory; half and bfloat16 multiply on tensor cores (WMMA 16x16x16, fp32 accumulation) on
+// sm_80+, float (and the 16-bit types on older GPUs) with shared-memory FMA. The tile lands in
+// shared memory as fp32, where the row/column reductions and the gradient tile
+// G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j) are computed elementwise.
+//
+// This file is compiled by nvcc, and by g++ with -DTILECL_EMU against cuda_emu.h: it may use
+// only what that header emulates (README.md lists it), and it launches through TILECL_LAUNCH.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#ifdef TILECL_EMU
+#include "cuda_emu.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+#define TILECL_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#endif
+
+#include "tilecl_cuda.h"
+
+// The emulation runs the sm_80 code path, so the tests execute the tensor-core code.
+#if defined(TILECL_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+#define TILECL_TENSOR_CORES 1
+#else
+#define TILECL_TENSOR_CORES 0
+#endif
+
+namespace tilecl {
+namespace detail {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr float kNegInf = -INFINITY;
+
+// Block shape per input type. BM = BN = 64 rows/columns of S per block, BK features per staged
+// chunk, DOUT gradient features per block (a wider D adds blocks along grid.y, each recomputing
+// its tiles of S). PAD (elements) shifts consecutive shared-memory rows across banks and keeps
+// every WMMA pointer 256-bit aligned.
+template <typename T>
+struct Config {
+  static constexpr int BM = 64, BN = 64, BK = 32, DOUT = 128, PAD = 8;
+};
+template <>
+struct Config<float> {
+  static constexpr int BM = 64, BN = 64, BK = 32, DOUT = 64, PAD = 4;
+};
+
+constexpr int round_up32(int bytes) { return (bytes + 31) / 32 * 32; }
+
+// Offsets (bytes) into one shared buffer. Region 0 holds the staged chunks of a and b; the fp32
+// tile S follows; 16-bit types convert G to a separate tile (the tensor-core operand) and then
+// reuse S's space for the staged gradient operand X (b rows for grad_a, a rows for grad_b); float
+// overwrites S with G in place and stages X over region 0.
+template <typename T>
+struct Layout {
+  using C = Config<T>;
+  static constexpr bool kSeparateG = !std::is_same<T, float>::value;
+  static constexpr int LDT = C::BK + C::PAD;    // staged a/b chunk row stride (elements of T)
+  static constexpr int LDS = C::BN + 4;         // S row stride (floats)
+  static constexpr int LDG = C::BN + C::PAD;    // G row stride (elements of T)
+  static constexpr int LDX = C::DOUT + C::PAD;  // X row stride (elements of T)
+  static constexpr int kA = 0;
+  static constexpr int kB = round_up32(kA + C::BM * LDT * int(sizeof(T)));
+  static constexpr int kS = round_up32(kB + C::BN * LDT * int(sizeof(T)));
+  static constexpr int kG = round_up32(kS + C::BM * LDS * 4);
+  static constexpr int kStatsBytes = kG;
+  static constexpr int kGradBytes = kSeparateG ? round_up32(kG + C::BM * LDG * int(sizeof(T))) : kG;
+  static constexpr int kX = kSeparateG ? kS : kA;
+  static constexpr int kXBytes = (C::BM > C::BN ? C::BM : C::BN) * LDX * int(sizeof(T));
+  static constexpr int kStage = kA;  // per-warp 16x16 fp32 epilogue tiles of the tensor-core path
+  static_assert(kXBytes <= (kSeparateG ? kG - kS : kS - kA), "X does not fit its region");
+  static_assert(kWarps * 16 * 16 * 4 <= kS, "epilogue staging does not fit region 0");
+  static_assert(kGradBytes <= 48 * 1024, "static shared memory above 48 KiB");
+  static_assert(C::BM * 2 == kThreads && C::BN * 2 == kThreads, "two threads per row/column of a tile");
+  static_assert(C::BM % 16 == 0 && C::BN % 16 == 0 && C::BK % 16 == 0 && C::DOUT % 16 == 0, "WMMA tiles");
+  static_assert(C::BM / 16 == kWarps && C::BN / 16 == kWarps, "one 16-row strip per warp");
+};
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
+
+template <typename T>
+struct UseTensorCores {
+  static constexpr bool value = TILECL_TENSOR_CORES && !std::is_same<T, float>::value;
+};
+
+// rows x cols of a row-major matrix (row stride ld) into shared memory, zeros outside.
+template <typename T, int ROWS, int COLS, int LD>
+__device__ __forceinline__ void stage(T* dst, const T* src, int row0, int n_rows, int col0, int n_cols, int64_t ld) {
+  const T zero = from_float<T>(0.0f);
+  for (int idx = threadIdx.x; idx < ROWS * COLS; idx += kThreads) {
+    const int r = idx / COLS, c = idx % COLS;
+    const int row = row0 + r, col = col0 + c;
+    dst[r * LD + c] = (row < n_rows && col < n_cols) ? src[static_cast<int64_t>(row) * ld + col] : zero;
+  }
+}
+
+// S_s = scale·a[row0:row0+BM]·b[col0:col0+BN]ᵀ in fp32, -inf outside the matrix and (NT-Xent) on
+// the diagonal. Starts with a barrier (callers may still be reading the previous S_s) and ends
+// with one (the tile is complete for every thread).
+template <typename T>
+__device__ void scores_tile(const T* __restrict__ a, const T* __restrict__ b, int row0, int col0, int n, int m,
+                            int d, int64_t lda, int64_t ldb, float scale, bool exclude_diagonal,
+                            unsigned char* smem) {
+  using C = Config<T>;
+  using L = Layout<T>;
+  T* a_s = reinterpret_cast<T*>(smem + L::kA);
+  T* b_s = reinterpret_cast<T*>(smem + L::kB);
+  float* s_s = reinterpret_cast<float*>(smem + L::kS);
+  if constexpr (UseTensorCores<T>::value) {
+#if TILECL_TENSOR_CORES
+    namespace wmma = nvcuda::wmma;
+    const int warp = threadIdx.x / 32;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[C::BN / 16];
+#pragma unroll
+    for (int j = 0; j < C::BN / 16; ++j) wmma::fill_fragment(acc[j], 0.0f);
+    for (int k0 = 0; k0 < d; k0 += C::BK) {
+      __syncthreads();
+      stage<T, C::BM, C::BK, L::LDT>(a_s, a, row0, n, k0, d, lda);
+      stage<T, C::BN, C::BK, L::LDT>(b_s, b, col0, m, k0, d, ldb);
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < C::BK; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, a_s + warp * 16 * L::LDT + kk, L::LDT);
+#pragma unroll
+        for (int j = 0; j < C::BN / 16; ++j) {
+          // bᵀ as a column-major K x N operand is b's rows read in place
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+          wmma::load_matrix_sync(fb, b_s + j * 16 * L::LDT + kk, L::LDT);
+          wmma::mma_sync(acc[j], fa, fb, acc[j]);
+        }
+      }
+    }
+    // S_s may alias the previous tile's X operand: every thread passed the loop's barriers since
+#pragma unroll
+    for (int j = 0; j < C::BN / 16; ++j)
+      wmma::store_matrix_sync(s_s + warp * 16 * L::LDS + j * 16, acc[j], L::LDS, wmma::mem_row_major);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < C::BM * C::BN; idx += kThreads) {
+      const int r = idx / C::BN, c = idx % C::BN;
+      const int row = row0 + r, col = col0 + c;
+      const bool valid = row < n && col < m && !(exclude_diagonal && row == col);
+      float& s = s_s[r * L::LDS + c];
+      s = valid ? s * scale : kNegInf;
+    }
+    __syncthreads();
+#endif
+  } else {
+    // thread (ty, tx) owns rows ty + 16·i and columns tx + 8·j of the tile
+    constexpr int RI = C::BM / 16, CJ = C::BN / 8;
+    const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
+    float acc[RI][CJ];
+#pragma unroll
+    for (int i = 0; i < RI; ++i)
+#pragma unroll
+      for (int j = 0; j < CJ; ++j) acc[i][j] = 0.0f;
+    for (int k0 = 0; k0 < d; k0 += C::BK) {
+      __syncthreads();
+      stage<T, C::BM, C::BK, L::LDT>(a_s, a, row0, n, k0, d, lda);
+      stage<T, C::BN, C::BK, L::LDT>(b_s, b, col0, m, k0, d, ldb);
+      __syncthreads();
+#pragma unroll 4
+      for (int k = 0; k < C::BK; ++k) {
+        float av[RI], bv[CJ];
+#pragma unroll
+        for (int i = 0; i < RI; ++i) av[i] = to_float(a_s[(ty + 16 * i) * L::LDT + k]);
+#pragma unroll
+        for (int j = 0; j < CJ; ++j) bv[j] = to_float(b_s[(tx + 8 * j) * L::LDT + k]);
+#pragma unroll
+        for (int i = 0; i < RI; ++i)
+#pragma unroll
+          for (int j = 0; j < CJ; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < RI; ++i)
+#pragma unroll
+      for (int j = 0; j < CJ; ++j) {
+        const int r = ty + 16 * i, c = tx + 8 * j;
+        const int row = row0 + r, col = col0 + c;
+        const bool valid = row < n && col < m && !(exclude_diagonal && row == col);
+        s_s[r * L::LDS + c] = valid ? acc[i][j] * scale : kNegInf;
+      }
+    __syncthreads();
+  }
+}
+
+// (max, sum of exp(x − shift)) of the 32 strided entries this thread owns, merged with its pair.
+struct Partial {
+  float peak, sum;
+};
+
+// Streaming-LSE update of one row (column) from the 64 tile entries `v[0], v[stride], ...` that
+// this thread and its pair partner (lane ^ 1) share: each reads every other entry.
+__device__ __forceinline__ void merge_line(float& run_max, float& run_sum, const float* v, int stride, int half) {
+  float peak = kNegInf;
+#pragma unroll 8
+  for (int e = half; e < 64; e += 2) peak = fmaxf(peak, v[e * stride]);
+  peak = fmaxf(peak, __shfl_xor_sync(0xffffffffu, peak, 1));
+  const float new_max = fmaxf(run_max, peak);
+  const float shift = new_max == kNegInf ? 0.0f : new_max;  // nothing seen yet: exp(-inf − 0) = 0
+  float sum = 0.0f;
+#pragma unroll 8
+  for (int e = half; e < 64; e += 2) sum += expf(v[e * stride] - shift);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  run_sum = run_sum * expf(run_max - shift) + sum;
+  run_max = new_max;
+}
+
+// max + log(sum); a line with no entry (fully excluded) is -inf, without log(0).
+__device__ __forceinline__ float log_sum_exp(float run_max, float run_sum) {
+  return run_sum > 0.0f ? run_max + logf(run_sum) : kNegInf;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    row_stats_kernel(const T* __restrict__ a, const T* __restrict__ b, const int64_t* __restrict__ targets,
+                     float* __restrict__ row_lse, float* __restrict__ positive, float scale, int n, int m, int d,
+                     int64_t lda, int64_t ldb, bool exclude_diagonal) {
+  using C = Config<T>;
+  using L = Layout<T>;
+  alignas(32) __shared__ unsigned char smem[L::kStatsBytes];
+  const float* s_s = reinterpret_cast<const float*>(smem + L::kS);
+  const int row0 = blockIdx.x * C::BM;
+  const int r = threadIdx.x / 2, half = threadIdx.x % 2;  // two threads per row
+  const int row = row0 + r;
+  // a 32-bit column index (m < 2^31): a 64-bit one live across the loop made ptxas spill on sm_90
+  const int target = row < n && targets[row] >= 0 && targets[row] < m ? static_cast<int>(targets[row]) : -1;
+  float run_max = kNegInf, run_sum = 0.0f, pos = 0.0f;
+  for (int col0 = 0; col0 < m; col0 += C::BN) {
+    scores_tile<T>(a, b, row0, col0, n, m, d, lda, ldb, scale, exclude_diagonal, smem);
+    merge_line(run_max, run_sum, s_s + r * L::LDS, 1, half);
+    // the positive logit comes from the same tile as the LSE, so a saturated row cancels exactly
+    if (target >= col0 && target < col0 + C::BN) pos = s_s[r * L::LDS + (target - col0)];
+  }
+  if (row < n && half == 0) {
+    row_lse[row] = log_sum_exp(run_max, run_sum);
+    positive[row] = pos;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    col_stats_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __restrict__ col_lse, float scale,
+                     int n, int m, int col_count, int d, int64_t lda, int64_t ldb, bool exclude_diagonal) {
+  using C = Config<T>;
+  using L = Layout<T>;
+  alignas(32) __shared__ unsigned char smem[L::kStatsBytes];
+  const float* s_s = reinterpret_cast<const float*>(smem + L::kS);
+  const int col0 = blockIdx.x * C::BN;
+  const int c = threadIdx.x / 2, half = threadIdx.x % 2;  // two threads per column
+  float run_max = kNegInf, run_sum = 0.0f;
+  for (int row0 = 0; row0 < n; row0 += C::BM) {
+    scores_tile<T>(a, b, row0, col0, n, m, d, lda, ldb, scale, exclude_diagonal, smem);
+    merge_line(run_max, run_sum, s_s + c, L::LDS, half);
+  }
+  const int col = col0 + c;
+  if (col < col_count && half == 0) col_lse[col] = log_sum_exp(run_max, run_sum);
+}
+
+// One entry of G. A zero multiplier stands for "no term": select rather than multiply, so an
+// overflowing exp never meets it as 0·inf.
+__device__ __forceinline__ float gradient_entry(float s, float c, float g, float r, float h) {
+  float out = g != 0.0f ? g * expf(s - c) : 0.0f;
+  if (h != 0.0f) out += h * expf(s - r);
+  return out;
+}
+
+// Row terms of rows [row0, row0 + BM) into shared memory: a non-finite c_i counts as 0 (the
+// reference's convention), rows past n carry no term.
+__device__ __forceinline__ void load_row_terms(float* c_s, float* g_s, const float* c, const float* g, int row0,
+                                               int n, int count) {
+  for (int i = threadIdx.x; i < count; i += kThreads) {
+    const int row = row0 + i;
+    const float ci = row < n ? c[row] : 0.0f;
+    c_s[i] = isfinite(ci) ? ci : 0.0f;
+    g_s[i] = row < n ? g[row] : 0.0f;
+  }
+}
+
+// Column terms of columns [col0, col0 + BN): columns past k, or with a non-finite offset, have none.
+__device__ __forceinline__ void load_col_terms(float* r_s, float* h_s, const float* r, const float* h, int col0,
+                                               int k, int count) {
+  for (int j = threadIdx.x; j < count; j += kThreads) {
+    const int col = col0 + j;
+    const float rj = col < k ? r[col] : 0.0f;
+    const bool live = col < k && isfinite(rj);
+    r_s[j] = live ? rj : 0.0f;
+    h_s[j] = live ? h[col] : 0.0f;
+  }
+}
+
+// S_s → G (in place for float, into the separate 16-bit tile otherwise), then a barrier.
+template <typename T>
+__device__ __forceinline__ void gradient_tile(unsigned char* smem, const float* c_s, const float* g_s,
+                                              const float* r_s, const float* h_s) {
+  using C = Config<T>;
+  using L = Layout<T>;
+  float* s_s = reinterpret_cast<float*>(smem + L::kS);
+  for (int idx = threadIdx.x; idx < C::BM * C::BN; idx += kThreads) {
+    const int i = idx / C::BN, j = idx % C::BN;
+    const float value = gradient_entry(s_s[i * L::LDS + j], c_s[i], g_s[i], r_s[j], h_s[j]);
+    if constexpr (L::kSeparateG) {
+      reinterpret_cast<T*>(smem + L::kG)[i * L::LDG + j] = from_float<T>(value);
+    } else {
+      s_s[i * L::LDS + j] = value;
+    }
+  }
+  __syncthreads();
+}
+
+// Sum of `value` over the block in a fixed order (butterfly within warps, then warp 0..3).
+__device__ __forceinline__ float block_sum(float value, float* warp_sums) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = value;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
+  return total;
+}
+
+// acc (+)= op(G)·X over one tile: TRANSPOSE_G = false is G·X (grad_a: G is BM x BN, X holds BN
+// rows of b), true is Gᵀ·X (grad_b: X holds BM rows of a). Tensor-core variant: warp w owns output
+// rows 16w..16w+15 as DOUT/16 fragments.
+#if TILECL_TENSOR_CORES
+template <typename T, bool TRANSPOSE_G>
+__device__ __forceinline__ void accumulate_mma(
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[Config<T>::DOUT / 16],
+    const unsigned char* smem) {
+  namespace wmma = nvcuda::wmma;
+  using C = Config<T>;
+  using L = Layout<T>;
+  const T* g_t = reinterpret_cast<const T*>(smem + L::kG);
+  const T* x_s = reinterpret_cast<const T*>(smem + L::kX);
+  const int warp = threadIdx.x / 32;
+  constexpr int INNER = TRANSPOSE_G ? C::BM : C::BN;
+#pragma unroll
+  for (int kk = 0; kk < INNER; kk += 16) {
+    using LayoutA = typename std::conditional<TRANSPOSE_G, wmma::col_major, wmma::row_major>::type;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> fa;
+    // Gᵀ's (16w.., kk..) block is G's (kk.., 16w..) block read column-major
+    if constexpr (TRANSPOSE_G) {
+      wmma::load_matrix_sync(fa, g_t + kk * L::LDG + warp * 16, L::LDG);
+    } else {
+      wmma::load_matrix_sync(fa, g_t + warp * 16 * L::LDG + kk, L::LDG);
+    }
+#pragma unroll
+    for (int j = 0; j < C::DOUT / 16; ++j) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+      wmma::load_matrix_sync(fb, x_s + kk * L::LDX + j * 16, L::LDX);
+      wmma::mma_sync(acc[j], fa, fb, acc[j]);
+    }
+  }
+}
+#endif
+
+// FMA variant: thread (ty, tx) owns output rows ty + 16·i and features tx + 8·j.
+template <typename T, bool TRANSPOSE_G>
+__device__ __forceinline__ void accumulate_fma(float (&acc)[4][Config<T>::DOUT / 8],
+                                               const unsigned char* smem) {
+  using C = Config<T>;
+  using L = Layout<T>;
+  constexpr int RI = 4, FJ = C::DOUT / 8;
+  static_assert(C::BM == 16 * RI && C::BN == 16 * RI, "64-row tiles");
+  const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
+  const T* x_s = reinterpret_cast<const T*>(smem + L::kX);
+  constexpr int INNER = TRANSPOSE_G ? C::BM : C::BN;
+#pragma unroll 2
+  for (int k = 0; k < INNER; ++k) {
+    float gv[RI], xv[FJ];
+#pragma unroll
+    for (int i = 0; i < RI; ++i) {
+      const int o = ty + 16 * i;  // output row: a row of G (grad_a) or a column of G (grad_b)
+      const int gi = TRANSPOSE_G ? k : o, gj = TRANSPOSE_G ? o : k;
+      if constexpr (L::kSeparateG) {
+        gv[i] = to_float(reinterpret_cast<const T*>(smem + L::kG)[gi * L::LDG + gj]);
+      } else {
+        gv[i] = reinterpret_cast<const float*>(smem + L::kS)[gi * L::LDS + gj];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < FJ; ++j) xv[j] = to_float(x_s[k * L::LDX + tx + 8 * j]);
+#pragma unroll
+    for (int i = 0; i < RI; ++i)
+#pragma unroll
+      for (int j = 0; j < FJ; ++j) acc[i][j] = fmaf(gv[i], xv[j], acc[i][j]);
+  }
+}
+
+// The gradient kernels. ROWS = true: one block per BM rows (grad_a and the grad_scale partial);
+// false: one block per BN columns (grad_b). grid.y walks the features in DOUT chunks.
+template <typename T, bool ROWS>
+__global__ void __launch_bounds__(kThreads)
+    grad_kernel(const T* __restrict__ a, const T* __restrict__ b, const float* __restrict__ c,
+                const float* __restrict__ g, const float* __restrict__ r, const float* __restrict__ h,
+                float* __restrict__ out, float* __restrict__ partials, float scale, int n, int m, int k, int d,
+                int64_t lda, int64_t ldb, bool exclude_diagonal) {
+  using C = Config<T>;
+  using L = Layout<T>;
+  alignas(32) __shared__ unsigned char smem[L::kGradBytes];
+  __shared__ float c_s[C::BM], g_s[C::BM], r_s[C::BN], h_s[C::BN], warp_sums[kWarps];
+  const int tile0 = blockIdx.x * (ROWS ? C::BM : C::BN);  // this block's rows (columns)
+  const int f0 = blockIdx.y * C::DOUT;
+  if constexpr (ROWS) {
+    load_row_terms(c_s, g_s, c, g, tile0, n, C::BM);
+  } else {
+    load_col_terms(r_s, h_s, r, h, tile0, k, C::BN);
+  }
+  const int other_count = ROWS ? m : n;
+  constexpr int kStep = ROWS ? C::BN : C::BM;
+  const int tid = threadIdx.x;
+  constexpr bool kMma = UseTensorCores<T>::value;
+
+#if TILECL_TENSOR_CORES
+  namespace wmma = nvcuda::wmma;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_mma[kMma ? C::DOUT / 16 : 1];
+  if constexpr (kMma) {
+#pragma unroll
+    for (int j = 0; j < C::DOUT / 16; ++j) wmma::fill_fragment(acc_mma[j], 0.0f);
+  }
+#endif
+  float acc[4][kMma ? 1 : C::DOUT / 8];
+  if constexpr (!kMma) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < C::DOUT / 8; ++j) acc[i][j] = 0.0f;
+  }
+
+  for (int other0 = 0; other0 < other_count; other0 += kStep) {
+    const int row0 = ROWS ? tile0 : other0, col0 = ROWS ? other0 : tile0;
+    // the previous tile's gradient pass read these; scores_tile's leading barrier orders them
+    if constexpr (ROWS) {
+      load_col_terms(r_s, h_s, r, h, col0, k, C::BN);
+    } else {
+      load_row_terms(c_s, g_s, c, g, row0, n, C::BM);
+    }
+    scores_tile<T>(a, b, row0, col0, n, m, d, lda, ldb, scale, exclude_diagonal, smem);
+    gradient_tile<T>(smem, c_s, g_s, r_s, h_s);
+    // X: the other operand's rows for this tile, this block's feature chunk
+    T* x_s = reinterpret_cast<T*>(smem + L::kX);
+    if constexpr (ROWS) {
+      stage<T, C::BN, C::DOUT, L::LDX>(x_s, b, col0, m, f0, d, ldb);
+    } else {
+      stage<T, C::BM, C::DOUT, L::LDX>(x_s, a, row0, n, f0, d, lda);
+    }
+    __syncthreads();
+    if constexpr (kMma) {
+#if TILECL_TENSOR_CORES
+      accumulate_mma<T, !ROWS>(acc_mma, smem);
+#endif
+    } else {
+      accumulate_fma<T, !ROWS>(acc, smem);
+    }
+  }
+  __syncthreads();  // the epilogue's staging reuses region 0
+
+  // out = scale·acc; the row kernel also forms Σ_i a_i·(G b)_i over its rows and features
+  const int count = ROWS ? n : m;
+  float partial = 0.0f;
+  auto emit = [&](int o, int f, float value) {
+    const int line = tile0 + o, feat = f0 + f;
+    if (line < count && feat < d) {
+      out[static_cast<int64_t>(line) * d + feat] = value * scale;
+      if constexpr (ROWS) partial += value * to_float(a[static_cast<int64_t>(line) * lda + feat]);
+    }
+  };
+  if constexpr (kMma) {
+#if TILECL_TENSOR_CORES
+    const int warp = tid / 32, lane = tid % 32;
+    float* stage_w = reinterpret_cast<float*>(smem + L::kStage) + warp * 256;
+#pragma unroll
+    for (int j = 0; j < C::DOUT / 16; ++j) {
+      wmma::store_matrix_sync(stage_w, acc_mma[j], 16, wmma::mem_row_major);
+      __syncwarp();
+#pragma unroll
+      for (int e = lane; e < 256; e += 32) emit(warp * 16 + e / 16, j * 16 + e % 16, stage_w[e]);
+      __syncwarp();
+    }
+#endif
+  } else {
+    const int ty = tid / 8, tx = tid % 8;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < C::DOUT / 8; ++j) emit(ty + 16 * i, tx + 8 * j, acc[i][j]);
+  }
+  if constexpr (ROWS) {
+    const float total = block_sum(partial, warp_sums);
+    if (tid == 0) partials[blockIdx.y * gridDim.x + blockIdx.x] = total;
+  }
+}
+
+// grad_scale = Σ partials, one block, a fixed order whatever the launch. (A template only so that
+// each type's translation unit has its own instance.)
+template <typename T>
+__global__ void __launch_bounds__(kThreads) sum_partials_kernel(const float* __restrict__ partials, int count,
+                                                                float* __restrict__ out) {
+  __shared__ float warp_sums[kWarps];
+  float value = 0.0f;
+  for (int i = threadIdx.x; i < count; i += kThreads) value += partials[i];
+  const float total = block_sum(value, warp_sums);
+  if (threadIdx.x == 0) *out = total;
+}
+
+inline int ceil_div(int x, int y) { return (x + y - 1) / y; }
+
+inline void check_launch(const char* what) {
+  const cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
+}
+
+inline void check_shapes(int n, int m, int d, int64_t lda, int64_t ldb) {
+  if (n < 1 || m < 1 || d < 1) throw std::invalid_argument("tilecl: n, m and d must be positive");
+  if (lda < d || ldb < d) throw std::invalid_argument("tilecl: row strides must be at least d");
+}
+
+template <typename T>
+int64_t workspace_floats(int n, int d) {
+  return static_cast<int64_t>(ceil_div(n, Config<T>::BM)) * ceil_div(d, Config<T>::DOUT);
+}
+
+template <typename T>
+void launch_lse_stats(const LseArgs& p) {
+  using C = Config<T>;
+  check_shapes(p.n, p.m, p.d, p.lda, p.ldb);
+  if (p.col_count < 0 || p.col_count > p.m) throw std::invalid_argument("tilecl: col_count must be in [0, m]");
+  cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  const T* a = static_cast<const T*>(p.a);
+  const T* b = static_cast<const T*>(p.b);
+  TILECL_LAUNCH(row_stats_kernel<T>, dim3(ceil_div(p.n, C::BM)), dim3(kThreads), stream, a, b, p.targets,
+                p.row_lse, p.positive, p.scale, p.n, p.m, p.d, p.lda, p.ldb, p.exclude_diagonal);
+  check_launch("tilecl row_stats_kernel");
+  if (p.col_count > 0) {
+    TILECL_LAUNCH(col_stats_kernel<T>, dim3(ceil_div(p.col_count, C::BN)), dim3(kThreads), stream, a, b,
+                  p.col_lse, p.scale, p.n, p.m, p.col_count, p.d, p.lda, p.ldb, p.exclude_diagonal);
+    check_launch("tilecl col_stats_kernel");
+  }
+}
+
+template <typename T>
+void launch_offset_backward(const BackwardArgs& p) {
+  using C = Config<T>;
+  check_shapes(p.n, p.m, p.d, p.lda, p.ldb);
+  if (p.k < 0 || p.k > p.m) throw std::invalid_argument("tilecl: the column terms must number at most m");
+  cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  const T* a = static_cast<const T*>(p.a);
+  const T* b = static_cast<const T*>(p.b);
+  const int chunks = ceil_div(p.d, C::DOUT);
+  const dim3 rows_grid(ceil_div(p.n, C::BM), chunks), cols_grid(ceil_div(p.m, C::BN), chunks);
+  TILECL_LAUNCH((grad_kernel<T, true>), rows_grid, dim3(kThreads), stream, a, b, p.row_offset, p.row_mult,
+                p.col_offset, p.col_mult, p.grad_a, p.workspace, p.scale, p.n, p.m, p.k, p.d, p.lda, p.ldb,
+                p.exclude_diagonal);
+  check_launch("tilecl grad_kernel<rows>");
+  TILECL_LAUNCH((grad_kernel<T, false>), cols_grid, dim3(kThreads), stream, a, b, p.row_offset, p.row_mult,
+                p.col_offset, p.col_mult, p.grad_b, p.workspace, p.scale, p.n, p.m, p.k, p.d, p.lda, p.ldb,
+                p.exclude_diagonal);
+  check_launch("tilecl grad_kernel<cols>");
+  const int count = static_cast<int>(workspace_floats<T>(p.n, p.d));
+  TILECL_LAUNCH(sum_partials_kernel<T>, dim3(1), dim3(kThreads), stream, p.workspace, count, p.grad_scale);
+  check_launch("tilecl sum_partials_kernel");
+}
+
+}  // namespace detail
+}  // namespace tilecl
+
+// One translation unit per input type defines the host entry points for that type.
+#define TILECL_INSTANTIATE(T, SUFFIX)                                                                   \
+  namespace tilecl {                                                                                    \
+  void lse_stats_##SUFFIX(const LseArgs& args) { detail::launch_lse_stats<T>(args); }                   \
+  void offset_backward_##SUFFIX(const BackwardArgs& args) { detail::launch_offset_backward<T>(args); }  \
+  int64_t backward_workspace_floats_##SUFFIX(int n, int d) { return detail::workspace_floats<T>(n, d); } \
+  }

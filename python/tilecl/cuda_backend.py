@@ -1,0 +1,207 @@
+"""The ``cuda`` and ``cuda-emu`` backends: the CUDA C++ kernels of ``csrc/`` behind the two primitives.
+
+* ``cuda`` — the nvcc-built extension ``tilecl._cuda`` on CUDA tensors (``make cuda``, or
+  ``pip install -e .`` with nvcc on PATH). Launches go on the current stream.
+* ``cuda-emu`` — the same kernel source compiled by g++ against the CPU emulation layer
+  (``csrc/cuda_emu.h``), on CPU tensors: a verification aid, slow, and how the CUDA kernels run in
+  the tests. Built on first use under ``build/cuda-emu/``.
+
+Both take float32, float16 or bfloat16 inputs and return float32 statistics and gradients, with
+the signatures of :mod:`tilecl._blockwise`. Every argument is checked here, before a launch: the
+extension receives raw pointers and trusts them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any
+
+import torch
+
+from . import _cuda_build
+
+__all__ = ["DTYPE_CODES", "cuda_built", "emulation_backend", "extension_backend", "load_extension"]
+
+#: the kernels' input types (the dtype code the bindings take)
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+#: pointer alignment the real extension is given (fresh CUDA allocations are 256-byte aligned)
+ALIGNMENT = 16
+
+BUILD_HINT = (
+    "build it with `make cuda` (or `pip install -e .` with nvcc on PATH; "
+    "TILECL_CUDA_ARCHS selects the GPU architectures, default 80;90)"
+)
+
+
+def cuda_built() -> bool:
+    """Whether ``tilecl._cuda`` is importable (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tilecl._cuda") is not None
+
+
+@functools.cache
+def load_extension() -> Any:
+    """The compiled ``tilecl._cuda`` module; a clear error saying how to build it when missing."""
+    try:
+        from tilecl import _cuda  # type: ignore[attr-defined]
+    except ImportError as error:
+        raise RuntimeError(
+            f"backend='cuda': the CUDA extension tilecl._cuda is not built; {BUILD_HINT}"
+        ) from error
+    return _cuda
+
+
+def _operand(x: torch.Tensor, aligned: bool) -> torch.Tensor:
+    """``x`` with a unit column stride (and, for the GPU, a 16-byte aligned start), copying only if needed."""
+    if x.stride(1) != 1 or x.stride(0) < x.shape[1] or (aligned and x.data_ptr() % ALIGNMENT):
+        x = x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
+def _check_inputs(a: torch.Tensor, b: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    want = "cuda" if backend == "cuda" else "cpu"
+    for name, x in (("a", a), ("b", b)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"backend={backend!r}: {name} must be a 2-D tensor")
+        if x.dtype not in DTYPE_CODES:
+            raise TypeError(
+                f"backend={backend!r} supports float32, float16 and bfloat16 inputs, got "
+                f"{name}.dtype={x.dtype}; use backend='torch' for float64"
+            )
+        if x.device.type != want:
+            kind = "CUDA" if want == "cuda" else "CPU"
+            raise RuntimeError(f"backend={backend!r} needs {kind} tensors, got {name} on {x.device}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"backend={backend!r}: {name} is empty (shape {tuple(x.shape)})")
+        if x.shape[0] >= 2**31 or x.shape[1] >= 2**31:
+            raise ValueError(f"backend={backend!r}: {name} has a dimension of 2^31 or more")
+    if a.dtype != b.dtype or a.device != b.device:
+        raise ValueError(
+            f"backend={backend!r}: a and b must share dtype and device, got {a.dtype}/{a.device} "
+            f"and {b.dtype}/{b.device}"
+        )
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"backend={backend!r}: a and b must have the same feature dimension, got "
+            f"{a.shape[1]} and {b.shape[1]}"
+        )
+    aligned = backend == "cuda"
+    return _operand(a, aligned), _operand(b, aligned)
+
+
+def _vector(x: torch.Tensor, name: str, length: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.dim() != 1 or x.shape[0] != length:
+        raise ValueError(
+            f"{name} must be a 1-D tensor of length {length}, got {getattr(x, 'shape', type(x))}"
+        )
+    return x.to(device=like.device, dtype=dtype).contiguous()
+
+
+def _scale(scale: Any, backend: str) -> float:
+    value = float(scale)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"backend={backend!r}: scale must be finite, got {value}")
+    return value
+
+
+def _stream(device: torch.device, backend: str) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if backend == "cuda" else 0
+
+
+def _make_lse_stats(backend: str, module_loader):
+    def lse_stats(
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor,
+        targets: torch.Tensor,
+        col_count: int,
+        exclude_diagonal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row LSE (``N``), column LSE (``col_count``), positive logits (``N``) of ``S = s·a·bᵀ``, float32.
+
+        ``a``: ``N x D``, ``b``: ``M x D`` (float32/float16/bfloat16), ``targets``: ``N`` integer
+        column indices in ``[0, M)``, ``0 <= col_count <= M``. See :func:`tilecl._blockwise.lse_stats`.
+        """
+        a, b = _check_inputs(a, b, backend)
+        n, m, d = a.shape[0], b.shape[0], a.shape[1]
+        if not 0 <= int(col_count) <= m:
+            raise ValueError(f"col_count must be in [0, {m}], got {col_count}")
+        # the callers validate labels; a target outside [0, M) is never read past (its positive is 0)
+        targets = _vector(targets, "targets", n, a, torch.int64)
+        s = _scale(scale, backend)
+        module = module_loader()
+        f32 = dict(dtype=torch.float32, device=a.device)
+        row_lse, positive = torch.empty(n, **f32), torch.empty(n, **f32)
+        col_lse = torch.empty(int(col_count), **f32)
+        with _device_guard(a.device, backend):
+            module.lse_stats(
+                DTYPE_CODES[a.dtype], a.data_ptr(), b.data_ptr(), targets.data_ptr(), row_lse.data_ptr(),
+                col_lse.data_ptr(), positive.data_ptr(), s, n, m, d, a.stride(0), b.stride(0), int(col_count),
+                bool(exclude_diagonal), _stream(a.device, backend),
+            )  # fmt: skip
+        return row_lse, col_lse, positive
+
+    return lse_stats
+
+
+def _make_offset_backward(backend: str, module_loader):
+    def offset_backward(
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor,
+        row_offset: torch.Tensor,
+        row_mult: torch.Tensor,
+        col_offset: torch.Tensor,
+        col_mult: torch.Tensor,
+        exclude_diagonal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(scale·G·b (N x D), scale·Gᵀ·a (M x D), Σ G_ij a_i·b_j (0-d))`` in float32.
+
+        ``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j)``; ``c, g``: ``N``; ``r, h``: ``K <= M``.
+        A non-finite ``c_i`` counts as 0 and a non-finite ``r_j`` drops column ``j``'s term, as in
+        the reference. See :func:`tilecl._blockwise.offset_backward`.
+        """
+        a, b = _check_inputs(a, b, backend)
+        n, m, d = a.shape[0], b.shape[0], a.shape[1]
+        k = col_offset.shape[0] if isinstance(col_offset, torch.Tensor) and col_offset.dim() == 1 else -1
+        if not 0 <= k <= m:
+            raise ValueError(f"col_offset must be a 1-D tensor of at most {m} entries")
+        c = _vector(row_offset, "row_offset", n, a, torch.float32)
+        g = _vector(row_mult, "row_mult", n, a, torch.float32)
+        r = _vector(col_offset, "col_offset", k, a, torch.float32)
+        h = _vector(col_mult, "col_mult", k, a, torch.float32)
+        s = _scale(scale, backend)
+        module = module_loader()
+        code = DTYPE_CODES[a.dtype]
+        f32 = dict(dtype=torch.float32, device=a.device)
+        grad_a, grad_b = torch.empty(n, d, **f32), torch.empty(m, d, **f32)
+        grad_scale = torch.empty((), **f32)
+        workspace = torch.empty(module.workspace_floats(code, n, d), **f32)
+        with _device_guard(a.device, backend):
+            module.offset_backward(
+                code, a.data_ptr(), b.data_ptr(), c.data_ptr(), g.data_ptr(), r.data_ptr(), h.data_ptr(),
+                grad_a.data_ptr(), grad_b.data_ptr(), grad_scale.data_ptr(), workspace.data_ptr(), s,
+                n, m, d, k, a.stride(0), b.stride(0), bool(exclude_diagonal), _stream(a.device, backend),
+            )  # fmt: skip
+        return grad_a, grad_b, grad_scale
+
+    return offset_backward
+
+
+def _device_guard(device: torch.device, backend: str):
+    return torch.cuda.device(device) if backend == "cuda" else contextlib.nullcontext()
+
+
+def extension_backend():
+    """``(lse_stats, offset_backward)`` of the real extension (built with nvcc)."""
+    load_extension()  # fail at resolve time, before any launch, if it is missing
+    return _make_lse_stats("cuda", load_extension), _make_offset_backward("cuda", load_extension)
+
+
+def emulation_backend():
+    """``(lse_stats, offset_backward)`` of the CPU emulation (built with g++ on first use)."""
+    _cuda_build.load_emulation()
+    loader = _cuda_build.load_emulation
+    return _make_lse_stats("cuda-emu", loader), _make_offset_backward("cuda-emu", loader)
