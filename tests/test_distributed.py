@@ -360,3 +360,38 @@ def test_bad_input_on_one_rank_raises_everywhere_and_leaves_memory(tmp_path):
     assert "another rank" in m0["gamma index"] and "index must lie in" in m1["gamma index"]
     assert "another rank" in m0["nt-xent temperature"] and "temperature" in m1["nt-xent temperature"]
     assert unchanged0 and unchanged1
+
+
+def _subgroup_worker(rank: int, world: int, store: str, out: str) -> None:
+    """Two groups whose local ranks differ from the global ones ({0, 2} and {1, 3}): ring peers map right."""
+    _init(rank, world, store)
+    groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]  # every rank creates every group
+    group = groups[rank % 2]
+    everything = global_batch(world)
+    a, b = shard(everything["a"], rank, world), shard(everything["b"], rank, world)
+    results = {}
+    for impl in IMPLS:
+        a_leaf = a.clone().requires_grad_()
+        loss = tilecl.contrastive_loss(a_leaf, b, SCALE, backend="torch", process_group=group, dist_impl=impl)
+        (grad_a,) = torch.autograd.grad(loss, (a_leaf,))
+        results[impl] = (loss.detach(), grad_a)
+    torch.save(results, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_subgroups_with_their_own_rank_numbering(tmp_path):
+    world = 4
+    results = spawn(_subgroup_worker, world, tmp_path)
+    everything = global_batch(world)
+    for members in ([0, 2], [1, 3]):
+        a = torch.cat([shard(everything["a"], r, world) for r in members]).requires_grad_()
+        b = torch.cat([shard(everything["b"], r, world) for r in members])
+        labels = torch.cat([i * M_PER_RANK + torch.arange(N_PER_RANK) for i in range(len(members))])
+        ref = tilecl.contrastive_loss(a, b, SCALE, labels=labels, backend="torch")
+        (ref_grad,) = torch.autograd.grad(ref, (a,))
+        for i, rank in enumerate(members):
+            for impl in IMPLS:
+                loss, grad_a = results[rank][impl]
+                assert_rel(loss, ref.detach(), 1e-10, f"{impl} subgroup loss on rank {rank}")
+                want = ref_grad[i * N_PER_RANK : (i + 1) * N_PER_RANK]
+                assert_rel(grad_a / len(members), want, 1e-10, f"{impl} subgroup grad on rank {rank}")
