@@ -219,39 +219,44 @@ def _ring(
 ) -> torch.Tensor:
     """One lap of the ring; returns the accumulator of this rank's own block.
 
-    At step ``t`` a rank holds the block of rank ``rank − t``: it posts the
-    receive of the next block and of this block's accumulator so far, computes
-    its part (``step``) while they travel, adds it (``combine``) and sends the
-    accumulator on. Sends and receives between two ranks are posted in the
-    same order on both sides (what NCCL's point-to-point matching needs).
+    At step ``t`` a rank holds the block of rank ``rank − t``. One batch of
+    point-to-point ops per step sends on the accumulator finished at step
+    ``t − 1`` and the block in hand, and receives this step's accumulator so
+    far and the next block; the step's part (``step``) is computed while they
+    travel, then added (``combine``). Every send is in a batch with the
+    matching receives, in the same order on both sides — NCCL pairs batched
+    ops in order, and a lone send would wait for a receive posted behind the
+    peer's own send. At most two accumulators are alive: ``O(n·D)`` per rank.
     """
     if shard.world == 1:
         return step(travelling, True)
     group, after, before = shard.group, shard.peer(1), shard.peer(-1)
-    held, template, pending = travelling, None, []
+    held, finished = travelling, None
+
+    def exchange(send: list[torch.Tensor], receive: list[torch.Tensor]) -> list:
+        ops = [dist.P2POp(dist.isend, x, after, group) for x in send if x.numel()]
+        ops += [dist.P2POp(dist.irecv, x, before, group) for x in receive if x.numel()]
+        return dist.batch_isend_irecv(ops) if ops else []
+
     for t in range(shard.world):
-        ops, incoming, accumulated = [], None, None
-        if t > 0 and template.numel():
-            accumulated = torch.empty_like(template)
-            ops.append(dist.P2POp(dist.irecv, accumulated, before, group))
+        sends, receives = [], []
+        accumulated = incoming = None
+        if finished is not None:
+            accumulated = torch.empty_like(finished)
+            sends.append(finished)
+            receives.append(accumulated)
         if t < shard.world - 1:
             incoming = [torch.empty_like(x) for x in held]
-            ops += [dist.P2POp(dist.isend, x, after, group) for x in held if x.numel()]
-            ops += [dist.P2POp(dist.irecv, x, before, group) for x in incoming if x.numel()]
-        requests = dist.batch_isend_irecv(ops) if ops else []
+            sends += held
+            receives += incoming
+        requests = exchange(sends, receives)
         part = step(held, t == 0)
         for request in requests:
             request.wait()
-        total = part if accumulated is None else combine(accumulated, part)
-        template = total
-        if total.numel():
-            total = total.contiguous()  # referenced in `pending` until the send completed
-            pending.append((total, dist.isend(total, after, group)))
+        finished = (part if accumulated is None else combine(accumulated, part)).contiguous()
         held = incoming if incoming is not None else held
-    own = torch.empty_like(template)
-    if own.numel():
-        dist.recv(own, before, group)
-    for _, request in pending:
+    own = torch.empty_like(finished)
+    for request in exchange([finished], [own]):
         request.wait()
     return own
 
