@@ -79,6 +79,35 @@ _BACKENDS = {
 }
 
 
+def _with_unit_multipliers(offset_backward: Callable) -> Callable:
+    """``offset_backward`` with float16 multipliers rescaled by a power of two (exact) around 1.
+
+    The kernels round the gradient tile ``G = g·exp(S − c) + …`` to the input
+    type for the second tensor-core product. The multipliers are ~1/N, so for
+    float16 (smallest normal 6e-5) ``G`` falls into the subnormals and loses
+    its digits at realistic N; scaled so the largest multiplier is in [1, 2),
+    ``G ≤ 2`` keeps full precision and the float32 outputs are scaled back.
+    bfloat16 and float32 have float32's exponent range and pass through.
+    """
+
+    def wrapped(a, b, scale, row_offset, row_mult, col_offset, col_mult, exclude_diagonal=False):
+        if a.dtype != torch.float16:
+            return offset_backward(a, b, scale, row_offset, row_mult, col_offset, col_mult, exclude_diagonal)
+        peak = torch.zeros((), dtype=torch.float32, device=a.device)
+        for mult in (row_mult, col_mult):
+            if mult.numel():
+                peak = torch.maximum(peak, mult.detach().abs().max().to(peak))
+        usable = torch.isfinite(peak) & (peak > 0)
+        # a tensor, not a float: no device synchronization
+        unit = torch.where(usable, torch.exp2(-torch.floor(torch.log2(peak))), torch.ones_like(peak))
+        grads = offset_backward(
+            a, b, scale, row_offset, row_mult * unit, col_offset, col_mult * unit, exclude_diagonal
+        )
+        return tuple(x / unit.to(x.dtype) for x in grads)
+
+    return wrapped
+
+
 def _triton_usable() -> bool:
     """triton is installed and can run here: a CUDA device, or its CPU interpreter (TRITON_INTERPRET=1)."""
     if importlib.util.find_spec("triton") is None:
@@ -90,7 +119,7 @@ def _triton_backend() -> Backend:
     """Imported on first use: importing triton costs about a second."""
     from tilecl import kernels
 
-    return Backend("triton", kernels.lse_stats, kernels.offset_backward)
+    return Backend("triton", kernels.lse_stats, _with_unit_multipliers(kernels.offset_backward))
 
 
 def _cuda_usable() -> bool:
@@ -103,7 +132,8 @@ def _cuda_usable() -> bool:
 def _cuda_backend() -> Backend:
     from .cuda_backend import extension_backend
 
-    return Backend("cuda", *extension_backend())
+    lse_stats, offset_backward = extension_backend()
+    return Backend("cuda", lse_stats, _with_unit_multipliers(offset_backward))
 
 
 def _emu_usable() -> bool:
@@ -116,7 +146,8 @@ def _emu_usable() -> bool:
 def _emu_backend() -> Backend:
     from .cuda_backend import emulation_backend
 
-    return Backend("cuda-emu", *emulation_backend())
+    lse_stats, offset_backward = emulation_backend()
+    return Backend("cuda-emu", lse_stats, _with_unit_multipliers(offset_backward))
 
 
 _LAZY = {
