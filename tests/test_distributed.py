@@ -337,28 +337,59 @@ def _bad_input_worker(rank: int, world: int, store: str, out: str) -> None:
     module = tilecl.GammaContrastiveLoss(10, process_group=group).double()
     a = torch.randn(3, D, dtype=torch.float64)
     index = torch.tensor([0, 1, 2]) + (20 if rank == 1 else 0)  # rank 1 is out of range
+    odd = rank == 1  # every call below is well-formed on rank 0 only
+
+    def clip(**kw):
+        return lambda: tilecl.contrastive_loss(a, a.clone(), 1.0, process_group=group, **kw)
+
     calls = {
         "gamma index": lambda: module(a, a.clone(), index, 1.0),
-        # a NaN-free but wrong-rank-only error: rank 1 passes a bad temperature
-        "nt-xent temperature": lambda: tilecl.nt_xent_loss(
-            a, a, 0.5 if rank == 0 else -1.0, process_group=group
+        "nt-xent temperature": lambda: tilecl.nt_xent_loss(a, a, -1.0 if odd else 0.5, process_group=group),
+        "reduction": clip(reduction="sum" if odd else "mean"),
+        "reduction none": clip(reduction="none" if odd else "mean"),
+        "feature dimension": lambda: tilecl.contrastive_loss(
+            a[:, : 2 if odd else D], a[:, : 2 if odd else D].clone(), 1.0, process_group=group
         ),
+        "symmetric": clip(symmetric=not odd),
+        "dist_impl": clip(dist_impl="ring" if odd else "gather"),
+        "unavailable backend": clip(backend="cuda" if odd else "torch"),  # a RuntimeError on rank 1
+        "ClipLoss pair": lambda: tilecl.ClipLoss(rank=rank, world_size=world)(a, a[:, :2] if odd else a, 1.0),
+        "uniformity t": lambda: uniformity_loss(a, 3.0 if odd else 2.0, process_group=group),
     }
     messages = {}
     for name, call in calls.items():
         try:
             call()
             messages[name] = "no error"
-        except ValueError as error:
-            messages[name] = str(error)
+        except Exception as error:
+            messages[name] = f"{type(error).__name__}: {error}"
     torch.save((messages, not module.visited_rows.any()), f"{out}.{rank}")
     dist.destroy_process_group()
 
 
 def test_bad_input_on_one_rank_raises_everywhere_and_leaves_memory(tmp_path):
+    """No hang and no transport abort: the failing rank raises its own error, the others say so."""
     (m0, unchanged0), (m1, unchanged1) = spawn(_bad_input_worker, 2, tmp_path)
-    assert "another rank" in m0["gamma index"] and "index must lie in" in m1["gamma index"]
-    assert "another rank" in m0["nt-xent temperature"] and "temperature" in m1["nt-xent temperature"]
+    assert "index must lie in" in m1["gamma index"] and "temperature" in m1["nt-xent temperature"]
+    assert "'mean' or 'sum'" in m1["reduction none"] and "backend='cuda'" in m1["unavailable backend"]
+    assert "image_features and text_features" in m1["ClipLoss pair"]
+    for name in (
+        "gamma index",
+        "nt-xent temperature",
+        "reduction none",
+        "unavailable backend",
+        "ClipLoss pair",
+    ):
+        assert "another rank" in m0[name], (name, m0[name])
+    # calls that are well-formed on each rank but differ between them: the same error on both
+    for name, what in [
+        ("reduction", "reduction"),
+        ("feature dimension", "D"),
+        ("symmetric", "columns_with_statistics"),
+        ("dist_impl", "dist_impl"),
+        ("uniformity t", "t"),
+    ]:
+        assert m0[name] == m1[name] and f"the same {what}" in m0[name], (name, m0[name], m1[name])
     assert unchanged0 and unchanged1
 
 

@@ -92,7 +92,7 @@ def batch_stats(
 ) -> BatchStats:
     """One streaming pass over the tiles (no autograd). Decoupled positives are a row-wise dot."""
     n = a.shape[0]
-    col_count = (n if labels is None else b.shape[0]) if spec.symmetric else 0
+    col_count = _col_count(labels, n, b.shape[0], spec.symmetric)
     with torch.no_grad():
         row_lse, col_lse, positive = spec.backend.lse_stats(
             a, b, scale, _targets(labels, n, a.device), col_count, spec.exclude_diagonal
@@ -223,29 +223,59 @@ def _apply(
     return _ContrastiveFunction.apply(a, b, positives, scale, labels, log_u_rows, log_u_cols, stats, spec)
 
 
-def checked_on_every_rank(process_group: Optional[Any], dist_impl: str, check: Callable[[], _T]) -> _T:
+def checked_on_every_rank(
+    process_group: Optional[Any], dist_impl: str, check: Callable[[], _T], reduction: str = "mean"
+) -> _T:
     """Run ``check``; with a group, every rank raises if any rank's check failed (nobody hangs)."""
     if process_group is None:
         return check()
     from .distributed import agree, check_dist_impl
 
     failure: Optional[Exception] = None
+    result = None
     try:
         check_dist_impl(dist_impl)
+        if reduction == "none":
+            raise ValueError("with process_group, reduction must be 'mean' or 'sum'")
         result = check()
-    except (TypeError, ValueError) as error:
+    except Exception as error:  # whatever it is, the other ranks must not wait for this one
         failure = error
     agree(failure, process_group, "the loss's input")
-    return result
+    return result  # type: ignore[return-value]
 
 
-def sharded_spec(spec: LossSpec, n: int, m: int, process_group: Any, dist_impl: str) -> LossSpec:
-    """``spec`` over the global batch: sharded backend, per-rank sums (checks equal sizes on every rank)."""
-    from .distributed import _check_equal_sizes, sharded_backend
+def _col_count(labels: Optional[torch.Tensor], n: int, m: int, symmetric: bool) -> int:
+    """Columns with statistics: the pair columns (all of ``b`` with labels) when symmetric, else none."""
+    return (n if labels is None else m) if symmetric else 0
 
-    if spec.reduction == "none":
-        raise ValueError("with process_group, reduction must be 'mean' or 'sum'")
-    world = _check_equal_sizes(n, m, process_group)
+
+def sharded_spec(
+    spec: LossSpec,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    process_group: Any,
+    dist_impl: str,
+) -> LossSpec:
+    """``spec`` over the global batch: sharded backend, per-rank sums.
+
+    Every rank must make the same call (sizes, dtype, options); otherwise every
+    rank raises the same error instead of some of them waiting in a collective.
+    """
+    from .distributed import agree_on_call, sharded_backend
+
+    n, m = a.shape[0], b.shape[0]
+    world = agree_on_call(
+        process_group,
+        N=n,
+        M=m,
+        D=a.shape[1],
+        dtype=a.dtype,
+        columns_with_statistics=_col_count(labels, n, m, spec.symmetric),
+        exclude_diagonal=spec.exclude_diagonal,
+        reduction=spec.reduction,
+        dist_impl=dist_impl,
+    )
     backend = sharded_backend(spec.backend, process_group, dist_impl)
     return dataclasses.replace(spec, backend=backend, reduction="sum", world=world)
 
@@ -276,7 +306,7 @@ def _run(
     """:func:`_apply` on this process's batch, or on the global batch of ``process_group``."""
     if process_group is None:
         return _apply(a, b, scale, labels, positives, log_u_rows, log_u_cols, spec)
-    sharded = sharded_spec(spec, a.shape[0], b.shape[0], process_group, dist_impl)
+    sharded = sharded_spec(spec, a, b, labels, process_group, dist_impl)
     share = _apply(a, b, scale, labels, positives, log_u_rows, log_u_cols, sharded)
     return global_loss(share, a.shape[0], spec.reduction, sharded.world, process_group)
 
@@ -364,6 +394,7 @@ def contrastive_loss(
         process_group,
         dist_impl,
         lambda: check_call(a, b, logit_scale, labels, positives, symmetric, reduction, backend),
+        reduction,
     )
     return _run(a, b, scale, labels, positives, None, None, spec, process_group, dist_impl)
 
@@ -411,7 +442,7 @@ def gamma_contrastive_loss(
             v.check_log_weights(log_u_cols, "log_u_cols", a.shape[0], a)
         return checked
 
-    scale, spec = checked_on_every_rank(process_group, dist_impl, check)
+    scale, spec = checked_on_every_rank(process_group, dist_impl, check, reduction)
     log_u_cols = _detached(log_u_cols) if symmetric else None
     return _run(
         a, b, scale, labels, positives, log_u_rows.detach(), log_u_cols, spec, process_group, dist_impl
@@ -459,7 +490,7 @@ def nt_xent_loss(
         v.check_reduction(reduction)
         return LossSpec(False, reduction, True, resolve_backend(backend, z1.device))
 
-    spec = checked_on_every_rank(process_group, dist_impl, check)
+    spec = checked_on_every_rank(process_group, dist_impl, check, reduction)
     views = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
     n = z1.shape[0]
     partners = torch.arange(2 * n, device=z1.device).roll(n)

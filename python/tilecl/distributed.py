@@ -44,6 +44,7 @@ error (no hang).
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Callable, Optional
 
 import torch
@@ -69,15 +70,25 @@ def _control_tensor(values: list[int], group) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64, device=device)
 
 
-def _check_equal_sizes(n: int, m: int, group) -> int:
-    """All ranks' (N, M); raises the same error on every rank when they differ."""
+def agree_on_call(group, **values: object) -> int:
+    """Every rank's call signature (sizes, dtype, options); the same error on every rank where they differ.
+
+    Ranks that disagree would otherwise exchange buffers of different sizes or
+    wait in different collectives (a hang or a transport abort). Returns the
+    group's size.
+    """
     world = dist.get_world_size(group)
-    sizes = _control_tensor([n, m], group)
-    gathered = [torch.zeros_like(sizes) for _ in range(world)]
-    dist.all_gather(gathered, sizes, group=group)
-    if any(not torch.equal(g, gathered[0]) for g in gathered):
-        shapes = [tuple(g.tolist()) for g in gathered]
+    codes = [v if isinstance(v, int) else zlib.crc32(repr(v).encode()) for v in values.values()]
+    mine = _control_tensor([int(c) for c in codes], group)
+    gathered = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    rows = torch.stack(gathered).cpu()
+    differing = [name for i, name in enumerate(values) if not bool((rows[:, i] == rows[0, i]).all())]
+    if {"N", "M"} & set(differing):
+        shapes = [tuple(r[:2].tolist()) for r in rows]
         raise ValueError(f"the distributed loss needs equal (N, M) batch sizes on every rank, got {shapes}")
+    if differing:
+        raise ValueError(f"the distributed loss needs the same {', '.join(differing)} on every rank")
     return world
 
 

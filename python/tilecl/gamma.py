@@ -248,7 +248,7 @@ class GammaContrastiveLoss(nn.Module):
 
         group = self.process_group
         n, m = a.shape[0], b.shape[0]
-        sharded = sharded_spec(spec, n, m, group, self.dist_impl)
+        sharded = sharded_spec(spec, a, b, None, group, self.dist_impl)
         world = sharded.world
         stats = batch_stats(a, b, scale, None, None, sharded)
         global_index = torch.cat(gather_plain(index, group))

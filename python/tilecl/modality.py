@@ -128,9 +128,14 @@ def uniformity_loss(
 
     ops = checked_on_every_rank(process_group, dist_impl, check)
     if process_group is not None:
-        from .distributed import _check_equal_sizes, sharded_backend
+        from .distributed import agree_on_call, sharded_backend
 
-        _check_equal_sizes(z.shape[0], z.shape[0], process_group)
+        n = z.shape[0]
+        world = agree_on_call(
+            process_group, N=n, M=n, D=z.shape[1], dtype=z.dtype, t=float(t), dist_impl=dist_impl
+        )
+        if n * world < 2:
+            raise ValueError(f"uniformity_loss needs at least 2 samples over all ranks, got {n * world}")
         ops = sharded_backend(ops, process_group, dist_impl)
     sq_norm = (z * z).sum(dim=1, keepdim=True)
     root = math.sqrt(2 * t)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import _validation as v
-from .contrastive import contrastive_loss, nt_xent_loss
+from .contrastive import checked_on_every_rank, contrastive_loss, nt_xent_loss
 
 __all__ = ["ClipLoss", "InfoNCELoss", "ModalityStructureLoss", "NTXentLoss"]
 
@@ -22,7 +22,7 @@ def _check_world(world_size: object, dist_impl: object) -> None:
     check_dist_impl(dist_impl)
 
 
-def _default_group(world_size: int, owner: str) -> Optional[object]:
+def _default_group(world_size: int, owner: str, rank: Optional[int] = None) -> Optional[object]:
     """The default process group when ``world_size > 1`` (which must then be initialized), else None."""
     if world_size == 1:
         return None
@@ -36,6 +36,8 @@ def _default_group(world_size: int, owner: str) -> Optional[object]:
             f"{owner}(world_size={world_size}) but the default process group has "
             f"{torch.distributed.get_world_size()} ranks"
         )
+    if rank is not None and rank != torch.distributed.get_rank():
+        raise ValueError(f"{owner}(rank={rank}) but this process is rank {torch.distributed.get_rank()}")
     return torch.distributed.group.WORLD
 
 
@@ -95,14 +97,18 @@ class ClipLoss(nn.Module):
         output_dict: bool = False,
     ) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
         """Symmetric CLIP loss of ``(N, D)`` image and text features."""
-        v.check_pair(image_features, text_features, ("image_features", "text_features"))
+        group = _default_group(self.world_size, "ClipLoss", self.rank)
+        names = ("image_features", "text_features")
+        checked_on_every_rank(
+            group, self.dist_impl, lambda: v.check_pair(image_features, text_features, names)
+        )
         loss = contrastive_loss(
             image_features,
             text_features,
             logit_scale,
             symmetric=True,
             backend=self.backend,
-            process_group=_default_group(self.world_size, "ClipLoss"),
+            process_group=group,
             dist_impl=self.dist_impl,
         )
         if logit_bias is not None:
@@ -168,9 +174,15 @@ class InfoNCELoss(nn.Module):
         negatives: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        v.check_pair(a, b)
+        group = _default_group(self.world_size, "InfoNCELoss")
+
+        def check() -> None:
+            v.check_pair(a, b)
+            if negatives is not None:
+                v.check_pair(b, negatives, ("b", "negatives"))
+
+        checked_on_every_rank(group, self.dist_impl, check)
         if negatives is not None:
-            v.check_pair(b, negatives, ("b", "negatives"))
             b = torch.cat([b, negatives])
         return contrastive_loss(
             a,
@@ -180,7 +192,7 @@ class InfoNCELoss(nn.Module):
             symmetric=self.symmetric,
             reduction=self.reduction,
             backend=self.backend,
-            process_group=_default_group(self.world_size, "InfoNCELoss"),
+            process_group=group,
             dist_impl=self.dist_impl,
         )
 
