@@ -12,8 +12,13 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 
 #include "tilecl_cuda.h"
+
+#ifdef TILECL_EMU
+#include "cuda_emu.h"  // set_schedule()
+#endif
 
 #ifndef TILECL_MODULE_NAME
 #define TILECL_MODULE_NAME _cuda
@@ -85,6 +90,11 @@ int64_t workspace_floats(int dtype, int64_t n, int64_t d) {
 
 #ifdef TILECL_EMU
 void register_emu_selftest(py::module_& module);  // emu_selftest.cpp
+#ifdef TILECL_EMU_NO_TENSOR_CORES
+#define TILECL_TENSOR_CORES_EMULATED 0
+#else
+#define TILECL_TENSOR_CORES_EMULATED 1
+#endif
 #endif
 
 PYBIND11_MODULE(TILECL_MODULE_NAME, module) {
@@ -92,11 +102,20 @@ PYBIND11_MODULE(TILECL_MODULE_NAME, module) {
 #ifdef TILECL_EMU
   using launch_guard = py::call_guard<>;
   module.attr("EMULATED") = true;
+  module.attr("TENSOR_CORES") = bool(TILECL_TENSOR_CORES_EMULATED);
+  module.def("set_schedule", &tilecl_emu::set_schedule, py::arg("order"), py::arg("seed") = 0,
+             "Order in which the fibers of a block run between synchronization points: 'forward' (thread 0 "
+             "first), 'reverse' (the last thread first) or 'shuffled' (a permutation per round, seeded).");
+  module.def("get_schedule", [] { return py::make_tuple(tilecl_emu::schedule_name(), tilecl_emu::g_seed); });
   register_emu_selftest(module);
 #else
   // a launch is asynchronous, but argument checks and the launch itself need no Python state
   using launch_guard = py::call_guard<py::gil_scoped_release>;
   module.attr("EMULATED") = false;
+#endif
+#ifdef TILECL_BUILT_ARCHS
+  // the compute capabilities compiled in, e.g. "80,90" (SASS for each, PTX of the last)
+  module.attr("ARCHS") = TILECL_BUILT_ARCHS;
 #endif
   module.def("lse_stats", &lse_stats, launch_guard(), py::arg("dtype"), py::arg("a"), py::arg("b"),
              py::arg("targets"), py::arg("row_lse"), py::arg("col_lse"), py::arg("positive"), py::arg("scale"),

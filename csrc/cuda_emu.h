@@ -2,12 +2,22 @@
 //
 // The kernel source compiles unchanged with g++ -DTILECL_EMU against this
 // header. A launch runs the grid's blocks one after another; each thread of a
-// block is a user-level fiber (ucontext) with its own small stack, scheduled
-// round robin on the calling OS thread. Block- and warp-level synchronization
-// (__syncthreads, __syncwarp, shuffles, votes, the warp-collective WMMA calls)
-// switch back to the scheduler, which releases a barrier once every live
-// thread of the block (warp) waits at it and reports a deadlock when no
-// thread can run: that is how a divergent barrier shows up here.
+// block is a user-level fiber (ucontext) with its own small mmap'ed stack
+// (a PROT_NONE guard page below it, so an overflow faults), run on the calling
+// OS thread. Every block- and warp-level synchronization point (__syncthreads,
+// __syncwarp, shuffles, votes, and the WMMA calls fill_fragment,
+// load_matrix_sync, store_matrix_sync, mma_sync) parks the fiber and switches
+// back to the scheduler. The scheduler runs the runnable fibers one at a time
+// in the order set_schedule() picks (forward: thread 0 first, reverse: thread
+// N-1 first, shuffled: a seeded permutation per round), and releases a barrier
+// once every thread of its scope (block or warp) waits there. At the release
+// it checks that every thread arrived through the same call (same collective,
+// same source line, same count of earlier collectives of that scope); a
+// thread that exited, waits at another call, or can never arrive is reported
+// (deadlock). What it cannot see: a race that no tested order exposes (a
+// fiber runs until its next synchronization point, so only orders at that
+// granularity are tried), and races inside a warp that hardware would
+// expose but the lockstep-free fibers do not.
 //
 // __shared__ becomes `static`: one buffer per kernel instantiation, which is
 // block-shared memory because blocks never overlap. Everything runs on one OS
@@ -15,7 +25,9 @@
 // never run at once.
 #pragma once
 
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -24,6 +36,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -65,17 +78,64 @@ namespace tilecl_emu {
 
 enum class State { runnable, block_barrier, warp_barrier, done };
 
+// Where a thread waits: the collective's name and call site, and how many synchronization points
+// of that scope (block or warp) the thread passed before. Threads released together must agree.
+struct Site {
+  const char* what = "";
+  const char* file = "";
+  int line = 0;
+  unsigned long count = 0;
+};
+
 struct Fiber {
   ucontext_t context;
   State state = State::runnable;
+  Site site;
+  unsigned long block_syncs = 0, warp_syncs = 0;
 };
 
 constexpr std::size_t kStackBytes = 64 * 1024;  // fragments hold whole 16x16 tiles per thread
 constexpr int kMaxThreads = 1024;
 
+// Scheduling order of the runnable fibers within a round (set from Python: set_schedule()).
+enum class Order { forward, reverse, shuffled };
+inline Order g_order = Order::forward;
+inline uint64_t g_seed = 0;
+
+// The fibers' stacks: one mapping, each stack above a PROT_NONE guard page (stacks grow down), so
+// an overflow faults instead of overwriting the neighbouring stack.
+class Stacks {
+ public:
+  explicit Stacks(long count) : count_(count) {
+    const long page = sysconf(_SC_PAGESIZE);
+    stride_ = (kStackBytes + 2 * page - 1) / page * page;  // guard page + stack, page-rounded
+    page_ = static_cast<std::size_t>(page);
+    bytes_ = stride_ * static_cast<std::size_t>(count);
+    void* base = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) throw std::runtime_error("cuda-emu: cannot map the fiber stacks");
+    base_ = static_cast<char*>(base);
+    for (long t = 0; t < count; ++t) {
+      if (mprotect(base_ + t * stride_, page_, PROT_NONE) != 0) {
+        munmap(base_, bytes_);
+        throw std::runtime_error("cuda-emu: cannot protect a fiber stack's guard page");
+      }
+    }
+  }
+  ~Stacks() { munmap(base_, bytes_); }
+  Stacks(const Stacks&) = delete;
+  Stacks& operator=(const Stacks&) = delete;
+  char* stack(long t) const { return base_ + t * stride_ + page_; }
+  std::size_t stack_bytes() const { return stride_ - page_; }
+
+ private:
+  long count_;
+  std::size_t stride_ = 0, page_ = 0, bytes_ = 0;
+  char* base_ = nullptr;
+};
+
 struct Block {
   std::vector<Fiber> fibers;
-  std::vector<std::unique_ptr<char[]>> stacks;
+  std::unique_ptr<Stacks> stacks;
   ucontext_t scheduler;
   const std::function<void()>* body = nullptr;
   int current = 0;
@@ -107,10 +167,32 @@ inline int linear_tid() { return static_cast<int>(threadIdx.x + blockDim.x * (th
 inline int lane_id() { return linear_tid() % warpSize; }
 inline int warp_id() { return linear_tid() / warpSize; }
 
-inline void wait(State why) {
+// Park the current fiber at a synchronization point until the scheduler releases its scope.
+inline void wait(State why, const char* what, const char* file, int line) {
   Block* block = g_block;
-  block->fibers[block->current].state = why;
-  swapcontext(&block->fibers[block->current].context, &block->scheduler);
+  Fiber& fiber = block->fibers[block->current];
+  const unsigned long count = why == State::block_barrier ? fiber.block_syncs++ : fiber.warp_syncs++;
+  fiber.site = Site{what, file, line, count};
+  fiber.state = why;
+  swapcontext(&fiber.context, &block->scheduler);
+}
+
+inline std::string describe(int thread, const Site& site) {
+  const char* slash = std::strrchr(site.file, '/');
+  return "thread " + std::to_string(thread) + " at " + site.what + " (" + (slash ? slash + 1 : site.file) + ":" +
+         std::to_string(site.line) + ", synchronization #" + std::to_string(site.count) + ")";
+}
+
+// Every thread released together must have arrived through the same call.
+inline void check_same_site(const Block& block, int t0, int t1, const char* scope) {
+  const Site& first = block.fibers[t0].site;
+  for (int t = t0 + 1; t < t1; ++t) {
+    const Site& other = block.fibers[t].site;
+    if (std::strcmp(other.what, first.what) != 0 || std::strcmp(other.file, first.file) != 0 ||
+        other.line != first.line || other.count != first.count)
+      throw std::runtime_error(std::string("cuda-emu: divergent ") + scope + " synchronization: " +
+                               describe(t0, first) + ", " + describe(t, other));
+  }
 }
 
 inline void check_full_warp(unsigned mask, const char* what) {
@@ -132,6 +214,7 @@ inline bool release_barriers(Block& block) {
   }
   if (at_block > 0 && at_block + done == threads) {
     if (done > 0) throw std::runtime_error("cuda-emu: __syncthreads() not reached by every thread of the block");
+    check_same_site(block, 0, threads, "block");
     for (Fiber& f : block.fibers) f.state = State::runnable;
     return true;
   }
@@ -144,7 +227,13 @@ inline bool release_barriers(Block& block) {
       exited += block.fibers[t].state == State::done;
     }
     if (waiting > 0 && waiting + exited == w1 - w0) {
-      if (exited > 0) throw std::runtime_error("cuda-emu: a warp collective not reached by every lane of the warp");
+      if (exited > 0) {
+        for (int t = w0; t < w1; ++t)
+          if (block.fibers[t].state == State::warp_barrier)
+            throw std::runtime_error("cuda-emu: a warp collective not reached by every lane of the warp: " +
+                                     describe(t, block.fibers[t].site) + " waits for lanes that exited");
+      }
+      check_same_site(block, w0, w1, "warp");
       for (int t = w0; t < w1; ++t) block.fibers[t].state = State::runnable;
       released = true;
     }
@@ -152,15 +241,50 @@ inline bool release_barriers(Block& block) {
   return released;
 }
 
+// No thread can run and no barrier can be released: name two threads that wait at different calls.
+inline std::string deadlock_report(const Block& block) {
+  std::string message = "cuda-emu: deadlock (a barrier or warp collective not reached by all threads)";
+  int first = -1;
+  for (int t = 0; t < static_cast<int>(block.fibers.size()); ++t) {
+    const Fiber& f = block.fibers[t];
+    if (f.state == State::done) continue;
+    if (first < 0) {
+      first = t;
+      continue;
+    }
+    const Fiber& g = block.fibers[first];
+    if (f.state != g.state || f.site.line != g.site.line || std::strcmp(f.site.what, g.site.what) != 0)
+      return message + ": " + describe(first, g.site) + ", " + describe(t, f.site);
+  }
+  return message;
+}
+
+// The scheduling order of the following launches: "forward", "reverse" or "shuffled" (seeded).
+inline void set_schedule(const std::string& order, uint64_t seed) {
+  if (order == "forward") {
+    g_order = Order::forward;
+  } else if (order == "reverse") {
+    g_order = Order::reverse;
+  } else if (order == "shuffled") {
+    g_order = Order::shuffled;
+  } else {
+    throw std::invalid_argument("cuda-emu: schedule must be 'forward', 'reverse' or 'shuffled', got '" + order + "'");
+  }
+  g_seed = seed;
+}
+inline std::string schedule_name() {
+  return g_order == Order::forward ? "forward" : g_order == Order::reverse ? "reverse" : "shuffled";
+}
+
 void reset_mma_cache();
 
 // Outside launch(): getcontext returns twice as far as the compiler knows, which would make it
 // assume launch()'s locals can be clobbered.
-__attribute__((noinline)) inline void prepare(Fiber& fiber, char* stack, ucontext_t* link) {
-  fiber.state = State::runnable;
+__attribute__((noinline)) inline void prepare(Fiber& fiber, char* stack, std::size_t bytes, ucontext_t* link) {
+  fiber = Fiber{};
   getcontext(&fiber.context);
   fiber.context.uc_stack.ss_sp = stack;
-  fiber.context.uc_stack.ss_size = kStackBytes;
+  fiber.context.uc_stack.ss_size = bytes;
   fiber.context.uc_link = link;
   makecontext(&fiber.context, fiber_entry, 0);
 }
@@ -175,7 +299,10 @@ inline void launch(dim3 grid, dim3 block_dim, const std::function<void()>& body)
   block.fibers.resize(threads);
   block.exchange.assign(2 * ((threads + warpSize - 1) / warpSize) * warpSize, 0);
   block.exchange_parity.assign(threads, 0);
-  for (long t = 0; t < threads; ++t) block.stacks.emplace_back(new char[kStackBytes]);
+  block.stacks = std::make_unique<Stacks>(threads);
+  std::vector<int> order(threads);
+  for (long t = 0; t < threads; ++t) order[t] = static_cast<int>(g_order == Order::reverse ? threads - 1 - t : t);
+  std::mt19937_64 rng(g_seed);
   struct Restore {
     Block* saved;
     ~Restore() { g_block = saved; }
@@ -188,11 +315,13 @@ inline void launch(dim3 grid, dim3 block_dim, const std::function<void()>& body)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         blockIdx = uint3{bx, by, bz};
-        for (long t = 0; t < threads; ++t) prepare(block.fibers[t], block.stacks[t].get(), &block.scheduler);
+        for (long t = 0; t < threads; ++t)
+          prepare(block.fibers[t], block.stacks->stack(t), block.stacks->stack_bytes(), &block.scheduler);
         std::fill(block.exchange_parity.begin(), block.exchange_parity.end(), 0);
         for (;;) {
           bool ran = false;
-          for (long t = 0; t < threads; ++t) {
+          if (g_order == Order::shuffled) std::shuffle(order.begin(), order.end(), rng);
+          for (const int t : order) {
             if (block.fibers[t].state != State::runnable) continue;
             block.current = static_cast<int>(t);
             threadIdx = uint3{static_cast<unsigned>(t % block_dim.x),
@@ -205,22 +334,20 @@ inline void launch(dim3 grid, dim3 block_dim, const std::function<void()>& body)
           const bool finished = std::all_of(block.fibers.begin(), block.fibers.end(),
                                             [](const Fiber& f) { return f.state == State::done; });
           if (finished) break;
-          if (!release_barriers(block) && !ran) {
-            throw std::runtime_error("cuda-emu: deadlock (a barrier or warp collective not reached by all threads)");
-          }
+          if (!release_barriers(block) && !ran) throw std::runtime_error(deadlock_report(block));
         }
       }
 }
 
 // One exchange among the lanes of a warp: publish `value`, rendezvous, read lane `src`'s value.
-inline uint64_t exchange(uint64_t value, int src) {
+inline uint64_t exchange(uint64_t value, int src, const char* what, const char* file, int line) {
   Block& block = *g_block;
   const int tid = linear_tid();
   const int base = warp_id() * warpSize;
   int& parity = block.exchange_parity[tid];
   uint64_t* slots = block.exchange.data() + parity * (block.exchange.size() / 2);
   slots[tid] = value;
-  wait(State::warp_barrier);
+  wait(State::warp_barrier, what, file, line);
   const uint64_t out = slots[base + src];
   parity ^= 1;
   return out;
@@ -248,66 +375,84 @@ inline int lanes_in_warp() {
 }  // namespace tilecl_emu
 
 // ----------------------------------------------------------------- sync, shuffles, votes
-inline void __syncthreads() { tilecl_emu::wait(tilecl_emu::State::block_barrier); }
-inline void __syncwarp(unsigned mask = 0xffffffffu) {
+// The trailing defaulted parameters record the caller's source line (GCC builtins evaluated at the
+// call site), so threads released together can be checked to have arrived through the same call.
+#define TILECL_EMU_SITE const char *site_file_ = __builtin_FILE(), int site_line_ = __builtin_LINE()
+#define TILECL_EMU_AT(what) (what), site_file_, site_line_
+
+inline void __syncthreads(TILECL_EMU_SITE) {
+  tilecl_emu::wait(tilecl_emu::State::block_barrier, TILECL_EMU_AT("__syncthreads"));
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu, TILECL_EMU_SITE) {
   tilecl_emu::check_full_warp(mask, "__syncwarp");
-  tilecl_emu::wait(tilecl_emu::State::warp_barrier);
+  tilecl_emu::wait(tilecl_emu::State::warp_barrier, TILECL_EMU_AT("__syncwarp"));
 }
 inline unsigned __activemask() { return 0xffffffffu; }
 
 template <typename T>
-inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize) {
+inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize, TILECL_EMU_SITE) {
   tilecl_emu::check_full_warp(mask, "__shfl_sync");
   const int lane = tilecl_emu::lane_id();
   const int src = (lane / width) * width + (src_lane % width);
-  return tilecl_emu::from_bits<T>(tilecl_emu::exchange(tilecl_emu::to_bits(var), src));
+  return tilecl_emu::from_bits<T>(tilecl_emu::exchange(tilecl_emu::to_bits(var), src, TILECL_EMU_AT("__shfl_sync")));
 }
 template <typename T>
-inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize) {
+inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize, TILECL_EMU_SITE) {
   tilecl_emu::check_full_warp(mask, "__shfl_xor_sync");
   const int lane = tilecl_emu::lane_id();
   int src = lane ^ lane_mask;
   if (src / width != lane / width || src >= tilecl_emu::lanes_in_warp()) src = lane;
-  return tilecl_emu::from_bits<T>(tilecl_emu::exchange(tilecl_emu::to_bits(var), src));
+  return tilecl_emu::from_bits<T>(
+      tilecl_emu::exchange(tilecl_emu::to_bits(var), src, TILECL_EMU_AT("__shfl_xor_sync")));
 }
 template <typename T>
-inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize) {
+inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize, TILECL_EMU_SITE) {
   tilecl_emu::check_full_warp(mask, "__shfl_down_sync");
   const int lane = tilecl_emu::lane_id();
   int src = lane + static_cast<int>(delta);
   if (src / width != lane / width || src >= tilecl_emu::lanes_in_warp()) src = lane;
-  return tilecl_emu::from_bits<T>(tilecl_emu::exchange(tilecl_emu::to_bits(var), src));
+  return tilecl_emu::from_bits<T>(
+      tilecl_emu::exchange(tilecl_emu::to_bits(var), src, TILECL_EMU_AT("__shfl_down_sync")));
 }
 template <typename T>
-inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize) {
+inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize, TILECL_EMU_SITE) {
   tilecl_emu::check_full_warp(mask, "__shfl_up_sync");
   const int lane = tilecl_emu::lane_id();
   int src = lane - static_cast<int>(delta);
   if (src < 0 || src / width != lane / width) src = lane;
-  return tilecl_emu::from_bits<T>(tilecl_emu::exchange(tilecl_emu::to_bits(var), src));
+  return tilecl_emu::from_bits<T>(
+      tilecl_emu::exchange(tilecl_emu::to_bits(var), src, TILECL_EMU_AT("__shfl_up_sync")));
 }
 
-inline unsigned __ballot_sync(unsigned mask, int predicate) {
-  tilecl_emu::check_full_warp(mask, "__ballot_sync");
+namespace tilecl_emu {
+inline unsigned ballot(unsigned mask, int predicate, const char* what, const char* file, int line) {
+  check_full_warp(mask, what);
   unsigned bits = 0;
-  const int lanes = tilecl_emu::lanes_in_warp();
+  const int lanes = lanes_in_warp();
   // every lane publishes once and reads all: one rendezvous, then 32 reads of the same slots
-  tilecl_emu::Block& block = *tilecl_emu::g_block;
-  const int tid = tilecl_emu::linear_tid();
-  const int base = tilecl_emu::warp_id() * warpSize;
+  Block& block = *g_block;
+  const int tid = linear_tid();
+  const int base = warp_id() * warpSize;
   int& parity = block.exchange_parity[tid];
   uint64_t* slots = block.exchange.data() + parity * (block.exchange.size() / 2);
   slots[tid] = predicate != 0;
-  tilecl_emu::wait(tilecl_emu::State::warp_barrier);
+  wait(State::warp_barrier, what, file, line);
   for (int l = 0; l < lanes; ++l) bits |= static_cast<unsigned>(slots[base + l] != 0) << l;
   parity ^= 1;
   return bits;
 }
-inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
-inline int __all_sync(unsigned mask, int predicate) {
+}  // namespace tilecl_emu
+
+inline unsigned __ballot_sync(unsigned mask, int predicate, TILECL_EMU_SITE) {
+  return tilecl_emu::ballot(mask, predicate, TILECL_EMU_AT("__ballot_sync"));
+}
+inline int __any_sync(unsigned mask, int predicate, TILECL_EMU_SITE) {
+  return tilecl_emu::ballot(mask, predicate, TILECL_EMU_AT("__any_sync")) != 0;
+}
+inline int __all_sync(unsigned mask, int predicate, TILECL_EMU_SITE) {
   const int lanes = tilecl_emu::lanes_in_warp();
   const unsigned full = lanes == warpSize ? 0xffffffffu : ((1u << lanes) - 1u);
-  return __ballot_sync(mask, predicate) == full;
+  return tilecl_emu::ballot(mask, predicate, TILECL_EMU_AT("__all_sync")) == full;
 }
 
 // ----------------------------------------------------------------- atomics
@@ -421,7 +566,9 @@ inline float __bfloat162float(__nv_bfloat16 b) { return tilecl_bits_float(static
 // coordinates). The hardware's element-to-thread mapping is unspecified, so a kernel may only
 // load, store, fill and multiply fragments; these calls check the documented preconditions
 // (256-bit aligned pointer, ldm a multiple of 16 bytes) so a violation fails here as it would
-// be undefined on the GPU.
+// be undefined on the GPU. Each call is a warp rendezvous: load/store/mma_sync wait for every
+// lane of the warp as CUDA documents; fill_fragment (not a _sync call in CUDA) is made one too,
+// which is stricter and checks that the whole warp fills its fragments uniformly.
 namespace nvcuda {
 namespace wmma {
 
@@ -483,35 +630,44 @@ struct fragment {
 };
 
 template <typename Use, int M, int N, int K, typename T, typename Layout>
-inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& frag, T value) {
+inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& frag, T value, TILECL_EMU_SITE) {
+  tilecl_emu::wait(tilecl_emu::State::warp_barrier, TILECL_EMU_AT("wmma::fill_fragment"));
   for (int i = 0; i < frag.num_elements; ++i) frag.x[i] = value;
 }
 
 template <typename Use, int M, int N, int K, typename T>
-inline void load_matrix_sync(fragment<Use, M, N, K, T, row_major>& frag, const T* ptr, unsigned ldm) {
+inline void load_matrix_sync(fragment<Use, M, N, K, T, row_major>& frag, const T* ptr, unsigned ldm,
+                             TILECL_EMU_SITE) {
   detail::check<T>(ptr, ldm, "load_matrix_sync");
+  tilecl_emu::wait(tilecl_emu::State::warp_barrier, TILECL_EMU_AT("wmma::load_matrix_sync"));
   using F = fragment<Use, M, N, K, T, row_major>;
   for (int r = 0; r < F::rows; ++r)
     for (int c = 0; c < F::cols; ++c) frag.x[r * F::cols + c] = ptr[static_cast<std::size_t>(r) * ldm + c];
 }
 template <typename Use, int M, int N, int K, typename T>
-inline void load_matrix_sync(fragment<Use, M, N, K, T, col_major>& frag, const T* ptr, unsigned ldm) {
+inline void load_matrix_sync(fragment<Use, M, N, K, T, col_major>& frag, const T* ptr, unsigned ldm,
+                             TILECL_EMU_SITE) {
   detail::check<T>(ptr, ldm, "load_matrix_sync");
+  tilecl_emu::wait(tilecl_emu::State::warp_barrier, TILECL_EMU_AT("wmma::load_matrix_sync"));
   using F = fragment<Use, M, N, K, T, col_major>;
   for (int r = 0; r < F::rows; ++r)
     for (int c = 0; c < F::cols; ++c) frag.x[r * F::cols + c] = ptr[static_cast<std::size_t>(c) * ldm + r];
 }
 template <int M, int N, int K, typename T>
-inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& frag, const T* ptr, unsigned ldm, layout_t layout) {
+inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& frag, const T* ptr, unsigned ldm, layout_t layout,
+                             TILECL_EMU_SITE) {
   detail::check<T>(ptr, ldm, "load_matrix_sync");
+  tilecl_emu::wait(tilecl_emu::State::warp_barrier, TILECL_EMU_AT("wmma::load_matrix_sync"));
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c)
       frag.x[r * N + c] = layout == mem_row_major ? ptr[static_cast<std::size_t>(r) * ldm + c]
                                                   : ptr[static_cast<std::size_t>(c) * ldm + r];
 }
 template <int M, int N, int K, typename T>
-inline void store_matrix_sync(T* ptr, const fragment<accumulator, M, N, K, T>& frag, unsigned ldm, layout_t layout) {
+inline void store_matrix_sync(T* ptr, const fragment<accumulator, M, N, K, T>& frag, unsigned ldm, layout_t layout,
+                              TILECL_EMU_SITE) {
   detail::check<T>(ptr, ldm, "store_matrix_sync");
+  tilecl_emu::wait(tilecl_emu::State::warp_barrier, TILECL_EMU_AT("wmma::store_matrix_sync"));
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c) {
       T& out = layout == mem_row_major ? ptr[static_cast<std::size_t>(r) * ldm + c]
@@ -524,9 +680,10 @@ inline void store_matrix_sync(T* ptr, const fragment<accumulator, M, N, K, T>& f
 }  // namespace nvcuda
 
 namespace tilecl_emu {
-// Every lane of a warp issues the same mma on the same operands (the calls are warp-collective);
-// the first lane computes it and the others reuse the product when their operands match
-// bytewise, which keeps the emulation from doing the warp's work 32 times.
+// Every lane of a warp issues the same mma on the same operands (the calls are warp-collective and
+// rendezvous first); the first lane to run after the rendezvous computes it and the others reuse
+// the product when their operands match bytewise, which keeps the emulation from doing the warp's
+// work 32 times. A lane whose operands differ computes its own product.
 struct MmaCacheEntry {
   std::vector<unsigned char> key;
   std::vector<float> product;
@@ -545,7 +702,9 @@ namespace wmma {
 // d = a·b + c with exact products and fp32 accumulation in k order.
 template <int M, int N, int K, typename T, typename LA, typename LB>
 inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
-                     const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+                     const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c,
+                     TILECL_EMU_SITE) {
+  tilecl_emu::wait(tilecl_emu::State::warp_barrier, TILECL_EMU_AT("wmma::mma_sync"));
   const int warp = tilecl_emu::warp_id();
   uint32_t& sequence = tilecl_emu::g_mma_sequence[warp][tilecl_emu::lane_id()];
   tilecl_emu::MmaCacheEntry& entry = tilecl_emu::g_mma_cache[warp][sequence++ % tilecl_emu::kMmaCacheSlots];

@@ -1,9 +1,10 @@
 // Checks of the emulation layer itself, compiled into the cuda-emu module only (tests call them).
 //
 // Small kernels that exercise each emulated feature with a known answer: shuffles, votes,
-// atomics and barriers; the 16-bit conversions (compared against torch's in the tests); and the
+// atomics and barriers; the 16-bit conversions (compared against torch's in the tests); the
 // failures the emulation must report instead of hanging or reading garbage (a divergent
-// barrier, a misaligned WMMA pointer).
+// barrier, warp collectives and WMMA calls in divergent code, a misaligned WMMA pointer); and a
+// missing barrier that the reverse scheduling order exposes.
 #ifndef TILECL_EMU
 #error "emu_selftest.cpp is part of the CPU emulation build only"
 #endif
@@ -55,6 +56,56 @@ __global__ void divergent_barrier_kernel() {
   if (threadIdx.x != 0) __syncthreads();
 }
 
+// Thread 0 writes shared memory that thread 127 reads; without the second barrier that is a race,
+// which the forward order hides (thread 0 runs first) and the reverse order exposes.
+__global__ void missing_barrier_kernel(int* out, bool with_barrier) {
+  __shared__ int value;
+  if (threadIdx.x == 0) value = 0;
+  __syncthreads();
+  if (threadIdx.x == 0) value = 42;
+  if (with_barrier) __syncthreads();
+  if (threadIdx.x == blockDim.x - 1) *out = value;
+}
+
+// Warp collectives in divergent code. `kind` 0: half the warp exits before a WMMA load; 1: the two
+// halves load through different calls; 2: only lane 0 multiplies; 3: the two halves shuffle
+// through different calls; 4: the lanes run different numbers of shuffles through the same call.
+__global__ void divergent_warp_kernel(const __half* data, int kind) {
+  namespace wmma = nvcuda::wmma;
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  const int lane = threadIdx.x % 32;
+  if (kind == 0) {
+    if (lane < 16) return;
+    wmma::load_matrix_sync(fa, data, 16);
+  } else if (kind == 1) {
+    if (lane < 16) {
+      wmma::load_matrix_sync(fa, data, 16);
+    } else {
+      wmma::load_matrix_sync(fa, data, 16);
+    }
+  } else if (kind == 2) {
+    if (lane == 0) {
+      wmma::fill_fragment(acc, 0.0f);
+      wmma::load_matrix_sync(fa, data, 16);
+      wmma::load_matrix_sync(fb, data, 16);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+  } else if (kind == 3) {
+    int x = lane;
+    if (lane < 16) {
+      x = __shfl_xor_sync(0xffffffffu, x, 1);
+    } else {
+      x = __shfl_xor_sync(0xffffffffu, x, 1);
+    }
+  } else {
+    int x = lane;
+    for (int i = 0; i < (lane == 3 ? 2 : 1); ++i) x = __shfl_xor_sync(0xffffffffu, x, 1);
+    x = __shfl_xor_sync(0xffffffffu, x, 2);
+  }
+}
+
 __global__ void misaligned_wmma_kernel(const __half* data) {
   nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> frag;
   nvcuda::wmma::load_matrix_sync(frag, data + 1, 16);
@@ -84,6 +135,17 @@ void register_emu_selftest(py::module_& module) {
   });
   module.def("selftest_divergent_barrier", [] {
     TILECL_LAUNCH(divergent_barrier_kernel, dim3(1), dim3(kThreads), nullptr);
+  });
+  module.def("selftest_missing_barrier", [](bool with_barrier) {
+    int out = -1;
+    int* ptr = &out;
+    TILECL_LAUNCH(missing_barrier_kernel, dim3(1), dim3(128), nullptr, ptr, with_barrier);
+    return out;
+  });
+  module.def("selftest_divergent_warp", [](int kind) {
+    alignas(32) static __half data[256];
+    const __half* ptr = data;
+    TILECL_LAUNCH(divergent_warp_kernel, dim3(1), dim3(64), nullptr, ptr, kind);
   });
   module.def("selftest_misaligned_wmma", [] {
     alignas(32) static __half data[16 * 17];

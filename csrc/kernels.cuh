@@ -36,8 +36,9 @@
 
 #include "tilecl_cuda.h"
 
-// The emulation runs the sm_80 code path, so the tests execute the tensor-core code.
-#if defined(TILECL_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+// The emulation runs the sm_80 code path, so the tests execute the tensor-core code; its
+// TILECL_EMU_NO_TENSOR_CORES build runs the pre-sm_80 path (16-bit types through the FMA loop).
+#if (defined(TILECL_EMU) && !defined(TILECL_EMU_NO_TENSOR_CORES)) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
 #define TILECL_TENSOR_CORES 1
 #else
 #define TILECL_TENSOR_CORES 0
@@ -489,7 +490,11 @@ __global__ void __launch_bounds__(kThreads)
       accumulate_fma<T, !ROWS>(acc, smem);
     }
   }
-  __syncthreads();  // the epilogue's staging reuses region 0
+  // No barrier here: the tensor-core epilogue stages in region 0 (kStage = kA, warp w's own 1 KiB),
+  // which the last iteration's readers past its final barrier (accumulate_*: G and X) never touch;
+  // the FMA epilogue uses no shared memory, and block_sum's warp_sums are written only below.
+  static_assert(!kMma || (L::kSeparateG && L::kStage + kWarps * 256 * 4 <= L::kX && L::kX < L::kG),
+                "the epilogue staging must not overlap G or X");
 
   // out = scale·acc; the row kernel also forms Σ_i a_i·(G b)_i over its rows and features
   const int count = ROWS ? n : m;
@@ -539,7 +544,12 @@ __global__ void __launch_bounds__(kThreads) sum_partials_kernel(const float* __r
   if (threadIdx.x == 0) *out = total;
 }
 
-inline int ceil_div(int x, int y) { return (x + y - 1) / y; }
+// In 64 bits: x + y − 1 must not overflow for x near 2^31.
+inline int ceil_div(int x, int y) { return static_cast<int>((static_cast<int64_t>(x) + y - 1) / y); }
+
+// The tile loops step a 32-bit index by up to 64 (col0 += BN, row0 += BM, k0 += BK): it must stay
+// below 2^31 (cuda_backend.py checks the same bound before any launch).
+constexpr int kMaxDim = INT32_MAX - 63;  // 2^31 − 64
 
 inline void check_launch(const char* what) {
   const cudaError_t status = cudaGetLastError();
@@ -548,6 +558,7 @@ inline void check_launch(const char* what) {
 
 inline void check_shapes(int n, int m, int d, int64_t lda, int64_t ldb) {
   if (n < 1 || m < 1 || d < 1) throw std::invalid_argument("tilecl: n, m and d must be positive");
+  if (n > kMaxDim || m > kMaxDim || d > kMaxDim) throw std::invalid_argument("tilecl: n, m and d must be at most 2^31 - 64");
   if (lda < d || ldb < d) throw std::invalid_argument("tilecl: row strides must be at least d");
 }
 
@@ -583,6 +594,7 @@ void launch_offset_backward(const BackwardArgs& p) {
   const T* a = static_cast<const T*>(p.a);
   const T* b = static_cast<const T*>(p.b);
   const int chunks = ceil_div(p.d, C::DOUT);
+  if (chunks > 65535) throw std::invalid_argument("tilecl: d above 65535 x " + std::to_string(C::DOUT) + " (grid.y limit)");
   const dim3 rows_grid(ceil_div(p.n, C::BM), chunks), cols_grid(ceil_div(p.m, C::BN), chunks);
   TILECL_LAUNCH((grad_kernel<T, true>), rows_grid, dim3(kThreads), stream, a, b, p.row_offset, p.row_mult,
                 p.col_offset, p.col_mult, p.grad_a, p.workspace, p.scale, p.n, p.m, p.k, p.d, p.lda, p.ldb,

@@ -6,14 +6,23 @@ tensor-core (WMMA) path. Tiles are 64 x 64 with 32-wide feature chunks and 64 (f
 (16-bit) gradient features per block, so the larger shapes here span several row and column
 tiles, feature chunks and gradient blocks, with ragged edges everywhere.
 
+Race detection: the emulation runs the fibers of a block in one order between synchronization
+points; the oracle tests run under the forward (thread 0 first) and the reverse order, and the
+results must be bitwise the same under every order (a shuffled one included), which a missing
+barrier breaks. The FMA path the 16-bit types take below sm_80 runs through a second emulation
+module built without tensor cores.
+
 The last tests compile the real extension with nvcc for sm_80 and sm_90, warnings as errors, and
 check ptxas's report: no spills, shared memory within the static limit, tensor-core instructions
-in the 16-bit kernels.
+in the 16-bit kernels; and build, link and import the real extension (warnings as errors).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -24,6 +33,7 @@ import tilecl
 from conftest import assert_close_by_rule, assert_rel
 from tilecl import _cuda_build, reference
 from tilecl.backends import resolve_backend
+from tilecl.cuda_backend import emulation_settings
 from tilecl.naive import naive_contrastive_loss, naive_nt_xent_loss
 
 LOW = [torch.float32, torch.bfloat16, torch.float16]
@@ -41,10 +51,17 @@ def emu():
     return _cuda_build.load_emulation()
 
 
+@pytest.fixture(params=["forward", "reverse"])
+def schedule(request):
+    """Run a test with the fibers in thread order and in reverse thread order."""
+    with emulation_settings(schedule=request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("n,m,d", SHAPES)
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_matches_oracle_by_rule(dtype, n, m, d, symmetric):
+def test_matches_oracle_by_rule(dtype, n, m, d, symmetric, schedule):
     if symmetric and m < n:
         pytest.skip("symmetric needs M >= N")
     a, b = make_inputs(n, m, d, dtype=dtype, seed=n + d)
@@ -57,7 +74,7 @@ def test_matches_oracle_by_rule(dtype, n, m, d, symmetric):
         assert_close_by_rule(x, y, r, dtype, name)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_labels_hard_negatives_reductions(dtype, symmetric, reduction):
@@ -97,9 +114,10 @@ def test_nt_xent_excludes_the_diagonal(dtype):
         assert_close_by_rule(x, y, r, dtype, "grad")
 
 
+@pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_gamma_surrogate_weights(symmetric):
-    a, b = make_inputs(40, 40, 20, dtype=torch.float32, seed=2)
+def test_gamma_surrogate_weights(dtype, symmetric):
+    a, b = make_inputs(40, 40, 20, dtype=dtype, seed=2)
     gen = torch.Generator().manual_seed(0)
     log_u, log_uc = torch.randn(40, generator=gen), torch.randn(40, generator=gen)
     kw = dict(symmetric=symmetric)
@@ -112,18 +130,24 @@ def test_gamma_surrogate_weights(symmetric):
     ours = (loss, *torch.autograd.grad(loss, (a, b)))
     same_dtype = (torch_loss, *torch.autograd.grad(torch_loss, (a, b)))
     for name, x, y, r in zip(NAMES, ours, same_dtype, ref):
-        assert_close_by_rule(x, y, r, torch.float32, name)
+        assert_close_by_rule(x, y, r, dtype, name)
 
 
+@pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("n,d", [(2, 1), (23, 17), (67, 9)])
-def test_uniformity(n, d):
+def test_uniformity(dtype, n, d):
     gen = torch.Generator().manual_seed(n)
-    z = (2 * torch.randn(n, d, generator=gen)).requires_grad_()
+    z = (2 * torch.randn(n, d, generator=gen)).to(dtype).requires_grad_()
     loss = tilecl.uniformity_loss(z, 2.0, backend="cuda-emu")
     (grad,) = torch.autograd.grad(loss, z)
     ref = reference.uniformity_loss(z.detach().double().numpy(), t=2.0)
-    assert_rel(loss, ref.loss, 2e-5, "loss", atol=2e-5)
-    assert_rel(grad, ref.grads[0], 2e-5, "grad", atol=2e-5)
+    if dtype == torch.float32:
+        assert_rel(loss, ref.loss, 2e-5, "loss", atol=2e-5)
+        assert_rel(grad, ref.grads[0], 2e-5, "grad", atol=2e-5)
+    torch_loss = tilecl.uniformity_loss(z, 2.0, backend="torch")
+    (torch_grad,) = torch.autograd.grad(torch_loss, z)
+    assert_close_by_rule(loss, torch_loss, ref.loss, dtype, "loss")
+    assert_close_by_rule(grad, torch_grad, ref.grads[0], dtype, "grad")
 
 
 def test_primitives_match_the_reference_backend():
@@ -173,6 +197,42 @@ def test_fully_masked_rows_and_columns_are_minus_inf_not_nan():
         a, b, torch.tensor(2.0), row, torch.ones(1), col, torch.ones(1), True
     )
     assert not grad_a.any() and not grad_b.any() and grad_scale.item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_results_do_not_depend_on_the_scheduling_order(dtype):
+    """Forward, reverse and shuffled fiber orders give bitwise the same results: no race between
+    synchronization points (a missing barrier makes the result depend on the order)."""
+    a, b = make_inputs(70, 130, 150, dtype=dtype, seed=6)
+    results = {}
+    for order, seed in (("forward", 0), ("reverse", 0), ("shuffled", 1)):
+        with emulation_settings(schedule=order, seed=seed):
+            results[order] = run(tilecl.contrastive_loss, a, b, 8.0, symmetric=True, backend="cuda-emu")
+    for order in ("reverse", "shuffled"):
+        for name, x, y in zip(NAMES, results[order], results["forward"]):
+            assert torch.equal(x, y), (order, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,m,d", [(37, 45, 40), (70, 130, 150)])
+def test_fma_path_of_16_bit_types_below_sm80(dtype, n, m, d):
+    """The pre-sm_80 path (TILECL_TENSOR_CORES 0: 16-bit inputs through the FMA loop) against the
+    oracle, and against the tensor-core path, which it matches bitwise except grad_scale (the
+    emulated WMMA accumulates in the same k order; only the partials' summation order differs)."""
+    a, b = make_inputs(n, m, d, dtype=dtype, seed=n + d)
+    with emulation_settings(tensor_cores=False):
+        assert _cuda_build.load_emulation(tensor_cores=False).TENSOR_CORES is False
+        ours = run(tilecl.contrastive_loss, a, b, 12.0, symmetric=True, backend="cuda-emu")
+    naive = run(naive_contrastive_loss, a, b, 12.0, symmetric=True)
+    ref = oracle(a, b, 12.0, symmetric=True)
+    for name, x, y, r in zip(NAMES, ours, naive, ref):
+        assert_close_by_rule(x, y, r, dtype, name)
+    mma = run(tilecl.contrastive_loss, a, b, 12.0, symmetric=True, backend="cuda-emu")
+    for name, x, y in zip(NAMES, ours, mma):
+        if name == "grad_scale":
+            assert_rel(x, y.double().numpy(), 1e-5, name, atol=1e-6)
+        else:
+            assert torch.equal(x, y), name
 
 
 def test_bitwise_reproducible():
@@ -267,6 +327,32 @@ def test_emulation_reports_divergent_barriers_and_misaligned_wmma(emu):
         emu.selftest_misaligned_wmma()
 
 
+@pytest.mark.parametrize("kind", [0, 1, 2, 3, 4])
+def test_emulation_reports_divergent_warp_collectives(emu, kind):
+    """WMMA calls and shuffles are warp rendezvous points: every lane must arrive through the same call."""
+    match = "not reached by every lane" if kind in (0, 2) else "divergent warp synchronization"
+    with pytest.raises(RuntimeError, match=match):
+        emu.selftest_divergent_warp(kind)
+
+
+def test_reverse_order_exposes_a_missing_barrier(emu):
+    """Thread 0 writes shared memory that thread 127 reads without a barrier between: the forward
+    order hides the race (thread 0 runs first), the reverse order reads the stale value."""
+    seen = {}
+    for order in ("forward", "reverse", "shuffled"):
+        emu.set_schedule(order, 3)
+        try:
+            seen[order] = (emu.selftest_missing_barrier(False), emu.selftest_missing_barrier(True))
+        finally:
+            emu.set_schedule("forward", 0)
+    assert seen["forward"] == (42, 42)
+    assert seen["reverse"] == (0, 42)  # the race shows; with the barrier the result is right
+    assert seen["shuffled"][1] == 42
+    with pytest.raises(ValueError, match="schedule must be"):
+        with emulation_settings(schedule="backwards"):
+            pass
+
+
 def test_emulated_16_bit_conversions_round_like_torch(emu):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(20000, generator=gen) * torch.logspace(-9, 6, 20000)
@@ -327,3 +413,47 @@ def test_tensor_cores_in_the_16_bit_kernels(nvcc_report):
         uses = k["tensor_core_instructions"] > 0
         expected = k["dtype"] != "float32" and k["name"] != "sum_partials"
         assert uses == expected, (k["name"], k["dtype"], k["arch"], k["tensor_core_instructions"])
+
+
+def test_real_extension_builds_links_and_imports():
+    """tilecl._cuda built as setup.py builds it (nvcc objects, host-compiled bindings.cpp, nvcc link),
+    warnings as errors in both compilers, and imported in a fresh process: no GPU is needed to
+    import it (static cudart loads the driver on the first CUDA call)."""
+    if _cuda_build.find_nvcc() is None:
+        pytest.skip("nvcc not found")
+    library = _cuda_build.build_extension_cached()
+    probe = (
+        "import importlib.util, json, sys\n"
+        "spec = importlib.util.spec_from_file_location('tilecl._cuda', sys.argv[1])\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "info = {'names': dir(module), 'emulated': module.EMULATED, 'archs': module.ARCHS}\n"
+        "print(json.dumps(info))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(library)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout.splitlines()[-1])
+    assert {"lse_stats", "offset_backward", "workspace_floats"} <= set(info["names"])
+    assert info["emulated"] is False and info["archs"] == "80,90"
+
+
+def test_capability_check_of_the_real_extension():
+    from tilecl.cuda_backend import runs_on
+
+    built = [(8, 0), (9, 0)]
+    assert runs_on((8, 0), built) and runs_on((8, 6), built) and runs_on((8, 9), built)
+    assert runs_on((9, 0), built) and runs_on((10, 0), built)  # the sm_90 PTX JIT-compiles
+    assert not runs_on((7, 5), built) and not runs_on((7, 0), built)
+    assert runs_on((7, 0), None) and not runs_on((6, 1), None)
+
+
+def test_sizes_past_the_32_bit_tile_loops_are_refused():
+    from tilecl.cuda_backend import MAX_DIM
+
+    assert MAX_DIM == 2**31 - 64
+    emu = resolve_backend("cuda-emu", torch.device("cpu"))
+    huge = torch.zeros(1, 1).expand(MAX_DIM + 1, 1)  # a stride-0 view: no memory behind it
+    with pytest.raises(ValueError, match="2\\^31 - 64"):
+        emu.lse_stats(huge, torch.zeros(3, 1), torch.tensor(1.0), torch.zeros(1, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="2\\^31 - 64"):
+        emu.lse_stats(torch.zeros(3, 1), huge, torch.tensor(1.0), torch.zeros(3, dtype=torch.long), 0)

@@ -174,19 +174,29 @@ def _write_ninja(path: Path, rules: dict[str, str], edges: list[tuple[str, str, 
     path.write_text("\n".join(lines) + "\n")
 
 
-def _emu_flags() -> list[str]:
-    return HOST_FLAGS + ["-DTILECL_EMU", f"-DTILECL_MODULE_NAME={EMU_MODULE}"]
+def _emu_module_name(tensor_cores: bool) -> str:
+    return EMU_MODULE if tensor_cores else f"{EMU_MODULE}_fma"
 
 
-def build_emulation() -> Path:
-    """The emulation module's shared library, built if its cache entry is missing."""
+def _emu_flags(tensor_cores: bool = True) -> list[str]:
+    flags = HOST_FLAGS + ["-DTILECL_EMU", f"-DTILECL_MODULE_NAME={_emu_module_name(tensor_cores)}"]
+    return flags if tensor_cores else flags + ["-DTILECL_EMU_NO_TENSOR_CORES"]
+
+
+def build_emulation(tensor_cores: bool = True) -> Path:
+    """The emulation module's shared library, built if its cache entry is missing.
+
+    ``tensor_cores=False`` builds ``tilecl_cuda_emu_fma``: the pre-sm_80 code path, where the
+    16-bit types multiply through the FMA loop instead of WMMA.
+    """
     cxx = host_compiler()
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
     import pybind11
 
-    key = source_hash(cxx, _tool_version(cxx), " ".join(_emu_flags()), suffix, pybind11.__version__)
+    flags = _emu_flags(tensor_cores)
+    key = source_hash(cxx, _tool_version(cxx), " ".join(flags), suffix, pybind11.__version__)
     directory = BUILD_ROOT / "cuda-emu" / key
-    library = directory / f"{EMU_MODULE}{suffix}"
+    library = directory / f"{_emu_module_name(tensor_cores)}{suffix}"
     if library.is_file():
         return library
     with _locked(BUILD_ROOT / "cuda-emu" / f"{key}.lock"):
@@ -194,7 +204,7 @@ def build_emulation() -> Path:
             return library
         directory.mkdir(parents=True, exist_ok=True)
         includes = [f"-I{p}" for p in [CSRC, *_python_includes()]]
-        compile_flags = _q([*_emu_flags(), *includes])
+        compile_flags = _q([*flags, *includes])
         rules = {
             "cxx_cu": f"{_q([cxx])} -x c++ {compile_flags} -c $in -o $out",
             "cxx": f"{_q([cxx])} {compile_flags} -c $in -o $out",
@@ -210,25 +220,24 @@ def build_emulation() -> Path:
         edges.append((temporary, "link", objects))
         _write_ninja(directory / "build.ninja", rules, edges)
         started = time.perf_counter()
-        _run_ninja(directory, "the cuda-emu module")
+        _run_ninja(directory, f"the cuda-emu module {library.name}")
         os.replace(directory / temporary, library)  # atomic: a reader never sees half a library
         (directory / "build-seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
     return library
 
 
-_EMULATION = None
+_EMULATION: dict[bool, object] = {}
 
 
-def load_emulation():
-    """The ``tilecl_cuda_emu`` module (built on first use)."""
-    global _EMULATION
-    if _EMULATION is None:
-        library = build_emulation()
-        spec = importlib.util.spec_from_file_location(EMU_MODULE, library)
+def load_emulation(tensor_cores: bool = True):
+    """The ``tilecl_cuda_emu`` module (built on first use); ``tensor_cores=False``: its FMA-path variant."""
+    if tensor_cores not in _EMULATION:
+        library = build_emulation(tensor_cores)
+        spec = importlib.util.spec_from_file_location(_emu_module_name(tensor_cores), library)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        _EMULATION = module
-    return _EMULATION
+        _EMULATION[tensor_cores] = module
+    return _EMULATION[tensor_cores]
 
 
 def emulation_buildable() -> Optional[str]:
@@ -244,8 +253,15 @@ def emulation_buildable() -> Optional[str]:
     return None
 
 
-def build_extension(output: Path, temp_dir: Path, archs: Optional[list[int]] = None) -> None:
-    """The real ``tilecl._cuda`` at ``output`` (nvcc objects and link in ``temp_dir``)."""
+def build_extension(
+    output: Path, temp_dir: Path, archs: Optional[list[int]] = None, strict: bool = False
+) -> None:
+    """The real ``tilecl._cuda`` at ``output`` (nvcc objects and link in ``temp_dir``).
+
+    The module records the architectures it was built for (``tilecl._cuda.ARCHS``), which
+    ``backend="cuda"`` checks against the device before a launch. ``strict``: warnings are errors,
+    in nvcc and in the host compiler (``bindings.cpp``) alike (the tests build it so).
+    """
     nvcc = find_nvcc()
     if nvcc is None:
         raise RuntimeError("building tilecl._cuda needs nvcc (set CUDA_HOME or put nvcc on PATH)")
@@ -253,10 +269,13 @@ def build_extension(output: Path, temp_dir: Path, archs: Optional[list[int]] = N
     temp_dir.mkdir(parents=True, exist_ok=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     cxx = host_compiler()
+    arch_list = ",".join(map(str, archs))
     host = _q(
-        [*HOST_FLAGS, "-DTILECL_MODULE_NAME=_cuda", f"-I{CSRC}", *(f"-I{p}" for p in _python_includes())]
-    )
-    device = _q([*NVCC_FLAGS, f"-I{CSRC}", "-ccbin", cxx, *gencode_flags(archs, ptx=True)])
+        [*HOST_FLAGS, *(["-Werror"] if strict else []), "-DTILECL_MODULE_NAME=_cuda",
+         f'-DTILECL_BUILT_ARCHS="{arch_list}"', f"-I{CSRC}", *(f"-I{p}" for p in _python_includes())]
+    )  # fmt: skip
+    nvcc_flags = NVCC_FLAGS + (NVCC_STRICT[:4] if strict else [])  # -Werror all-warnings, host -Werror
+    device = _q([*nvcc_flags, f"-I{CSRC}", "-ccbin", cxx, *gencode_flags(archs, ptx=True)])
     rules = {
         "nvcc": f"{_q([nvcc])} {device} -c $in -o $out",
         "cxx": f"{_q([cxx])} {host} -c $in -o $out",
@@ -270,6 +289,33 @@ def build_extension(output: Path, temp_dir: Path, archs: Optional[list[int]] = N
     edges.append((str(output.resolve()), "link", objects))
     _write_ninja(temp_dir / "build.ninja", rules, edges)
     _run_ninja(temp_dir, "tilecl._cuda")
+
+
+def build_extension_cached(archs: Optional[list[int]] = None) -> Path:
+    """``tilecl._cuda`` built strictly (warnings as errors) under ``build/cuda-ext/<hash>/``; its path.
+
+    For the tests: the real build and link, cached by source hash like :func:`nvcc_report`.
+    """
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    archs = archs or cuda_archs(DEFAULT_ARCHS)
+    cxx = host_compiler()
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    key = source_hash(
+        _tool_version(nvcc), _tool_version(cxx), " ".join(NVCC_FLAGS + HOST_FLAGS), ",".join(map(str, archs)),
+        suffix, "strict",
+    )  # fmt: skip
+    directory = BUILD_ROOT / "cuda-ext" / key
+    library = directory / f"_cuda{suffix}"
+    with _locked(BUILD_ROOT / "cuda-ext" / f"{key}.lock"):
+        if not library.is_file():
+            started = time.perf_counter()
+            temporary = directory / "tmp" / library.name
+            build_extension(temporary, directory / "obj", archs, strict=True)
+            os.replace(temporary, library)
+            (directory / "build-seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
+    return library
 
 
 # --------------------------------------------------------------------------- the nvcc report

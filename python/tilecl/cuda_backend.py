@@ -9,24 +9,43 @@
 Both take float32, float16 or bfloat16 inputs and return float32 statistics and gradients, with
 the signatures of :mod:`tilecl._blockwise`. Every argument is checked here, before a launch: the
 extension receives raw pointers and trusts them.
+
+The emulation's settings (:func:`emulation_settings`): the order in which the fibers of a block
+run between synchronization points (``"forward"``, ``"reverse"``, ``"shuffled"`` with a seed; the
+environment variable ``TILECL_EMU_SCHEDULE`` — ``reverse`` or ``shuffled:SEED`` — sets the default,
+read per launch), and whether the 16-bit types take the tensor-core (sm_80+) or the FMA path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any
+import os
+from typing import Any, Iterator, Optional
 
 import torch
 
 from . import _cuda_build
 
-__all__ = ["DTYPE_CODES", "cuda_built", "emulation_backend", "extension_backend", "load_extension"]
+__all__ = [
+    "DTYPE_CODES",
+    "MAX_DIM",
+    "cuda_built",
+    "emulation_backend",
+    "emulation_settings",
+    "extension_backend",
+    "load_extension",
+]
 
 #: the kernels' input types (the dtype code the bindings take)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 #: pointer alignment the real extension is given (fresh CUDA allocations are 256-byte aligned)
 ALIGNMENT = 16
+#: largest N, M or D the kernels take: their 32-bit tile loops (``col0 += 64``) stay below 2^31
+MAX_DIM = 2**31 - 64
+#: oldest compute capability the kernels are written for (warp-synchronous intrinsics)
+MIN_CAPABILITY = (7, 0)
+SCHEDULES = ("forward", "reverse", "shuffled")
 
 BUILD_HINT = (
     "build it with `make cuda` (or `pip install -e .` with nvcc on PATH; "
@@ -75,8 +94,11 @@ def _check_inputs(a: torch.Tensor, b: torch.Tensor, backend: str) -> tuple[torch
             raise RuntimeError(f"backend={backend!r} needs {kind} tensors, got {name} on {x.device}")
         if x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(f"backend={backend!r}: {name} is empty (shape {tuple(x.shape)})")
-        if x.shape[0] >= 2**31 or x.shape[1] >= 2**31:
-            raise ValueError(f"backend={backend!r}: {name} has a dimension of 2^31 or more")
+        if x.shape[0] > MAX_DIM or x.shape[1] > MAX_DIM:
+            raise ValueError(
+                f"backend={backend!r}: {name} has shape {tuple(x.shape)}; the kernels take at most "
+                f"2^31 - 64 = {MAX_DIM} rows and features"
+            )
     if a.dtype != b.dtype or a.device != b.device:
         raise ValueError(
             f"backend={backend!r}: a and b must share dtype and device, got {a.dtype}/{a.device} "
@@ -106,6 +128,97 @@ def _scale(scale: Any, backend: str) -> float:
     return value
 
 
+def _built_archs(module: Any) -> Optional[list[tuple[int, int]]]:
+    """The compute capabilities the extension holds code for (its ``ARCHS``, e.g. ``"80,90"``)."""
+    spec = getattr(module, "ARCHS", None)
+    if not spec:
+        return None
+    return [(int(a) // 10, int(a) % 10) for a in str(spec).split(",") if a.strip()]
+
+
+def runs_on(capability: tuple[int, int], archs: Optional[list[tuple[int, int]]]) -> bool:
+    """Whether an extension built for ``archs`` runs on a device of ``capability``.
+
+    SASS for ``(major, minor)`` runs on the same major with an equal or newer minor; the PTX of the
+    newest arch (always embedded) JIT-compiles for any newer device. Unknown archs: ``>= (7, 0)``.
+    """
+    if archs is None:
+        return tuple(capability) >= MIN_CAPABILITY
+    major, minor = capability
+    sass = any(a_major == major and a_minor <= minor for a_major, a_minor in archs)
+    return sass or tuple(capability) >= max(archs)
+
+
+@functools.cache
+def _check_capability(index: int, module: Any) -> None:
+    capability = tuple(torch.cuda.get_device_capability(index))
+    archs = _built_archs(module)
+    if not runs_on(capability, archs):
+        built = ", ".join(f"sm_{a}{b}" for a, b in archs) if archs else "unknown"
+        raise RuntimeError(
+            f"backend='cuda': tilecl._cuda was built for {built}, which cannot run on cuda:{index} "
+            f"(compute capability {capability[0]}.{capability[1]}); rebuild it for this GPU with "
+            f"TILECL_CUDA_ARCHS={capability[0]}{capability[1]} make cuda"
+        )
+
+
+def _check_device(device: torch.device, backend: str, module: Any) -> None:
+    if backend == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        _check_capability(index, module)
+
+
+# --------------------------------------------------------------------------- emulation settings
+
+_EMU_SETTINGS: dict[str, Any] = {"schedule": None, "seed": 0, "tensor_cores": True}
+
+
+def _parse_schedule(spec: str) -> tuple[str, int]:
+    order, _, seed = spec.partition(":")
+    if order not in SCHEDULES or (seed and not seed.isdigit()):
+        raise ValueError(f"emulation schedule must be one of {SCHEDULES} (shuffled:SEED), got {spec!r}")
+    return order, int(seed or 0)
+
+
+def _emulation_schedule() -> tuple[str, int]:
+    if _EMU_SETTINGS["schedule"] is not None:
+        return _EMU_SETTINGS["schedule"], _EMU_SETTINGS["seed"]
+    return _parse_schedule(os.environ.get("TILECL_EMU_SCHEDULE", "forward") or "forward")
+
+
+@contextlib.contextmanager
+def emulation_settings(
+    schedule: Optional[str] = None, seed: int = 0, tensor_cores: Optional[bool] = None
+) -> Iterator[None]:
+    """Settings of the ``cuda-emu`` launches inside the ``with`` block (process-wide, not thread-safe).
+
+    ``schedule``: the order in which the fibers of a block run between synchronization points —
+    ``"forward"`` (thread 0 first; the default), ``"reverse"`` (the last thread first) or
+    ``"shuffled"`` (a fresh permutation each round, from ``seed``). A kernel whose result depends
+    on the order has a race (typically a missing ``__syncthreads()``). ``tensor_cores=False`` runs
+    the FMA path the 16-bit types take below sm_80 (a second emulation module, built on first use).
+    """
+    if schedule is not None:
+        _parse_schedule(schedule)
+    saved = dict(_EMU_SETTINGS)
+    if schedule is not None:
+        _EMU_SETTINGS.update(schedule=schedule, seed=int(seed))
+    if tensor_cores is not None:
+        _EMU_SETTINGS["tensor_cores"] = bool(tensor_cores)
+    try:
+        yield
+    finally:
+        _EMU_SETTINGS.clear()
+        _EMU_SETTINGS.update(saved)
+
+
+def _emulation_module() -> Any:
+    """The emulation module of the current settings, its schedule set for the next launch."""
+    module = _cuda_build.load_emulation(_EMU_SETTINGS["tensor_cores"])
+    module.set_schedule(*_emulation_schedule())
+    return module
+
+
 def _stream(device: torch.device, backend: str) -> int:
     return torch.cuda.current_stream(device).cuda_stream if backend == "cuda" else 0
 
@@ -132,6 +245,7 @@ def _make_lse_stats(backend: str, module_loader):
         targets = _vector(targets, "targets", n, a, torch.int64)
         s = _scale(scale, backend)
         module = module_loader()
+        _check_device(a.device, backend, module)
         f32 = dict(dtype=torch.float32, device=a.device)
         row_lse, positive = torch.empty(n, **f32), torch.empty(n, **f32)
         col_lse = torch.empty(int(col_count), **f32)
@@ -174,6 +288,7 @@ def _make_offset_backward(backend: str, module_loader):
         h = _vector(col_mult, "col_mult", k, a, torch.float32)
         s = _scale(scale, backend)
         module = module_loader()
+        _check_device(a.device, backend, module)
         code = DTYPE_CODES[a.dtype]
         f32 = dict(dtype=torch.float32, device=a.device)
         grad_a, grad_b = torch.empty(n, d, **f32), torch.empty(m, d, **f32)
@@ -203,5 +318,5 @@ def extension_backend():
 def emulation_backend():
     """``(lse_stats, offset_backward)`` of the CPU emulation (built with g++ on first use)."""
     _cuda_build.load_emulation()
-    loader = _cuda_build.load_emulation
+    loader = _emulation_module
     return _make_lse_stats("cuda-emu", loader), _make_offset_backward("cuda-emu", loader)
