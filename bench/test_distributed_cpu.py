@@ -63,8 +63,8 @@ def model_bytes_per_rank(impl: str, world: int, n: int, d: int, itemsize: int = 
     features = local * d * itemsize
     if impl == "gather":
         vectors = 2 * (2 * (world - 1) * n * 4) // world  # two all-reduces of the N column statistics
-        # forward all-gather of b; backward all-gather of b again, of (r, h), and reduce-scatter of dB
-        gathers = (world - 1) * (2 * features + 2 * local * 4 + local * d * 4)
+        # forward all-gather of b (kept for the backward); backward all-gather of (r, h), reduce-scatter of dB
+        gathers = (world - 1) * (features + 2 * local * 4 + local * d * 4)
         return gathers + vectors
     # ring: b (and in the backward r, h) travels W-1 hops; the column stats and dB accumulators W hops
     forward = (world - 1) * features + world * local * 4

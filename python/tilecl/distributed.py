@@ -127,6 +127,8 @@ class _Shard:
     group: Optional[dist.ProcessGroup]
     world: int
     rank: int
+    #: gather: the forward's gathered columns, reused by the backward of the same call
+    kept: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, group) -> _Shard:
@@ -159,9 +161,22 @@ def _arranged_columns(shard: _Shard, blocks: list[torch.Tensor], col_count: int)
     return torch.cat(rolled)
 
 
+def _gathered_columns(shard: _Shard, b: torch.Tensor, col_count: int) -> torch.Tensor:
+    """Every rank's ``b``, arranged; gathered once per call and kept until the backward.
+
+    Keeping them (as an all-gather with autograd would) saves the backward's
+    second all-gather: a third of the gather implementation's traffic.
+    """
+    key = (b.data_ptr(), tuple(b.shape), b._version, col_count)
+    if shard.kept.get("key") != key:
+        shard.kept["key"] = key
+        shard.kept["columns"] = _arranged_columns(shard, gather_plain(b, shard.group), col_count)
+    return shard.kept["columns"]
+
+
 def _gather_lse_stats(local: Backend, shard: _Shard, a, b, scale, targets, col_count, exclude_diagonal=False):
     _check_layout(exclude_diagonal, col_count, b.shape[0])
-    columns = _arranged_columns(shard, gather_plain(b, shard.group), col_count)
+    columns = _gathered_columns(shard, b, col_count)
     row_lse, col_partial, positive = local.lse_stats(
         a, columns, scale, targets, col_count * shard.world, exclude_diagonal
     )
@@ -187,7 +202,8 @@ def _gather_offset_backward(
 ):
     m, col_count = b.shape[0], col_offset.shape[0]
     _check_layout(exclude_diagonal, col_count, m)
-    columns = _arranged_columns(shard, gather_plain(b, shard.group), col_count)
+    columns = _gathered_columns(shard, b, col_count)
+    shard.kept.clear()  # the backward is the last use
     if col_count:
         col_offset = torch.cat(shard.rolled(gather_plain(col_offset, shard.group)))
         col_mult = torch.cat(shard.rolled(gather_plain(col_mult, shard.group)))
