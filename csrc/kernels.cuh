@@ -64,7 +64,7 @@ struct Config {
 };
 template <>
 struct Config<float> {
-  static constexpr int BM = 64, BN = 64, BK = 32, DOUT = 256, XK = 16, PAD = 4;
+  static constexpr int BM = 64, BN = 64, BK = 32, DOUT = 512, XK = 8, PAD = 4;
 };
 
 constexpr int round_up32(int bytes) { return (bytes + 31) / 32 * 32; }
@@ -95,7 +95,8 @@ struct Layout {
   static_assert(kGradBytes <= 48 * 1024, "static shared memory above 48 KiB");
   static_assert(C::BM * 2 == kThreads && C::BN * 2 == kThreads, "two threads per row/column of a tile");
   static_assert(C::BM % 16 == 0 && C::BN % 16 == 0 && C::BK % 16 == 0 && C::DOUT % 32 == 0, "WMMA tiles");
-  static_assert(C::BM == C::BN && C::XK % 16 == 0 && C::BM % C::XK == 0, "X chunks tile the inner dimension");
+  static_assert(C::BM == C::BN && C::BM % C::XK == 0, "X chunks tile the inner dimension");
+  static_assert(!kSeparateG || C::XK % 16 == 0, "X chunks of the 16-bit types feed WMMA");
 };
 
 __device__ __forceinline__ float to_float(float x) { return x; }

@@ -2,9 +2,10 @@
 
 The emulation compiles the same kernel source with g++ (built once per source hash under
 build/cuda-emu/) and runs it with one fiber per CUDA thread; half and bfloat16 take the sm_80
-tensor-core (WMMA) path. Tiles are 64 x 64 with 32-wide feature chunks and 64 (float) or 128
-(16-bit) gradient features per block, so the larger shapes here span several row and column
-tiles, feature chunks and gradient blocks, with ragged edges everywhere.
+tensor-core (WMMA) path. Tiles are 64 x 64 with 32-wide feature chunks and 512 gradient
+features per block (X staged in 8- or 16-row chunks), so the larger shapes here span several row
+and column tiles, feature chunks, X chunks and (WIDE) gradient blocks, with ragged edges
+everywhere.
 
 Race detection: the emulation runs the fibers of a block in one order between synchronization
 points; the oracle tests run under the forward (thread 0 first) and the reverse order, and the
@@ -41,8 +42,8 @@ NAMES = ("loss", "grad_a", "grad_b", "grad_scale")
 # (1, 1, 1): a single element; (37, 45, 40): one tile, two feature chunks, ragged;
 # (70, 130, 150): 2 x 3 tiles, 5 feature chunks, ragged gradient X chunks
 SHAPES = [(1, 1, 1), (37, 45, 40), (70, 130, 150)]
-# D above the gradient blocks' width (DOUT = 256 float, 512 16-bit): 3-5 feature blocks along
-# grid.y, the last one ragged; 2 x 2 tiles, the last ones ragged
+# D above the gradient blocks' width (DOUT = 512): 3 feature blocks along grid.y, the last one
+# ragged; 2 x 2 tiles, the last ones ragged
 WIDE = (70, 75, 1100)
 
 missing = _cuda_build.emulation_buildable()
