@@ -47,29 +47,32 @@
 namespace tilecl {
 namespace detail {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = 128;  // statistics kernels and sum_partials: 4 warps
 constexpr int kWarps = kThreads / 32;
+constexpr int kGradThreads = 256;  // gradient kernels: 8 warps
+constexpr int kGradWarps = kGradThreads / 32;
 constexpr float kNegInf = -INFINITY;
 
 // Block shape per input type. BM = BN = 64 rows/columns of S per block, BK features per staged
-// chunk, DOUT gradient features per block (a wider D adds blocks along grid.y, each recomputing
-// its tiles of S). PAD (elements) shifts consecutive shared-memory rows across banks and keeps
-// every WMMA pointer 256-bit aligned.
+// chunk, DOUT gradient features per gradient block (a wider D adds blocks along grid.y, each
+// recomputing its tiles of S), XK rows of the gradient operand X staged at a time (a 64 x DOUT
+// X tile does not fit 48 KiB). PAD (elements) shifts consecutive shared-memory rows across banks
+// and keeps every WMMA pointer 256-bit aligned.
 template <typename T>
 struct Config {
-  static constexpr int BM = 64, BN = 64, BK = 32, DOUT = 128, PAD = 8;
+  static constexpr int BM = 64, BN = 64, BK = 32, DOUT = 512, XK = 16, PAD = 8;
 };
 template <>
 struct Config<float> {
-  static constexpr int BM = 64, BN = 64, BK = 32, DOUT = 64, PAD = 4;
+  static constexpr int BM = 64, BN = 64, BK = 32, DOUT = 512, XK = 8, PAD = 4;
 };
 
 constexpr int round_up32(int bytes) { return (bytes + 31) / 32 * 32; }
 
 // Offsets (bytes) into one shared buffer. Region 0 holds the staged chunks of a and b; the fp32
 // tile S follows; 16-bit types convert G to a separate tile (the tensor-core operand) and then
-// reuse S's space for the staged gradient operand X (b rows for grad_a, a rows for grad_b); float
-// overwrites S with G in place and stages X over region 0.
+// reuse region 0 and S's space for the staged XK-row chunks of the gradient operand X (b rows for
+// grad_a, a rows for grad_b); float overwrites S with G in place and stages X over region 0.
 template <typename T>
 struct Layout {
   using C = Config<T>;
@@ -84,15 +87,16 @@ struct Layout {
   static constexpr int kG = round_up32(kS + C::BM * LDS * 4);
   static constexpr int kStatsBytes = kG;
   static constexpr int kGradBytes = kSeparateG ? round_up32(kG + C::BM * LDG * int(sizeof(T))) : kG;
-  static constexpr int kX = kSeparateG ? kS : kA;
-  static constexpr int kXBytes = (C::BM > C::BN ? C::BM : C::BN) * LDX * int(sizeof(T));
+  static constexpr int kX = kA;
+  static constexpr int kXBytes = C::XK * LDX * int(sizeof(T));
   static constexpr int kStage = kA;  // per-warp 16x16 fp32 epilogue tiles of the tensor-core path
-  static_assert(kXBytes <= (kSeparateG ? kG - kS : kS - kA), "X does not fit its region");
-  static_assert(kWarps * 16 * 16 * 4 <= kS, "epilogue staging does not fit region 0");
+  static_assert(kXBytes <= (kSeparateG ? kG : kS) - kX, "an X chunk does not fit its region");
+  static_assert(kGradWarps * 16 * 16 * 4 <= kGradBytes - kStage, "epilogue staging does not fit");
   static_assert(kGradBytes <= 48 * 1024, "static shared memory above 48 KiB");
   static_assert(C::BM * 2 == kThreads && C::BN * 2 == kThreads, "two threads per row/column of a tile");
-  static_assert(C::BM % 16 == 0 && C::BN % 16 == 0 && C::BK % 16 == 0 && C::DOUT % 16 == 0, "WMMA tiles");
-  static_assert(C::BM / 16 == kWarps && C::BN / 16 == kWarps, "one 16-row strip per warp");
+  static_assert(C::BM % 16 == 0 && C::BN % 16 == 0 && C::BK % 16 == 0 && C::DOUT % 32 == 0, "WMMA tiles");
+  static_assert(C::BM == C::BN && C::BM % C::XK == 0, "X chunks tile the inner dimension");
+  static_assert(!kSeparateG || C::XK % 16 == 0, "X chunks of the 16-bit types feed WMMA");
 };
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -118,11 +122,11 @@ struct UseTensorCores {
   static constexpr bool value = TILECL_TENSOR_CORES && !std::is_same<T, float>::value;
 };
 
-// rows x cols of a row-major matrix (row stride ld) into shared memory, zeros outside.
-template <typename T, int ROWS, int COLS, int LD>
+// rows x cols of a row-major matrix (row stride ld) into shared memory, zeros outside; NT threads.
+template <typename T, int ROWS, int COLS, int LD, int NT>
 __device__ __forceinline__ void stage(T* dst, const T* src, int row0, int n_rows, int col0, int n_cols, int64_t ld) {
   const T zero = from_float<T>(0.0f);
-  for (int idx = threadIdx.x; idx < ROWS * COLS; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < ROWS * COLS; idx += NT) {
     const int r = idx / COLS, c = idx % COLS;
     const int row = row0 + r, col = col0 + c;
     dst[r * LD + c] = (row < n_rows && col < n_cols) ? src[static_cast<int64_t>(row) * ld + col] : zero;
@@ -130,9 +134,9 @@ __device__ __forceinline__ void stage(T* dst, const T* src, int row0, int n_rows
 }
 
 // S_s = scale·a[row0:row0+BM]·b[col0:col0+BN]ᵀ in fp32, -inf outside the matrix and (NT-Xent) on
-// the diagonal. Starts with a barrier (callers may still be reading the previous S_s) and ends
-// with one (the tile is complete for every thread).
-template <typename T>
+// the diagonal, by a block of NT threads. Starts with a barrier (callers may still be reading the
+// previous S_s) and ends with one (the tile is complete for every thread).
+template <typename T, int NT>
 __device__ void scores_tile(const T* __restrict__ a, const T* __restrict__ b, int row0, int col0, int n, int m,
                             int d, int64_t lda, int64_t ldb, float scale, bool exclude_diagonal,
                             unsigned char* smem) {
@@ -144,34 +148,39 @@ __device__ void scores_tile(const T* __restrict__ a, const T* __restrict__ b, in
   if constexpr (UseTensorCores<T>::value) {
 #if TILECL_TENSOR_CORES
     namespace wmma = nvcuda::wmma;
+    // warp w owns the 16-row strip w % STRIPS and FR consecutive 16-column fragments of it
+    constexpr int STRIPS = C::BM / 16, GROUPS = NT / 32 / STRIPS, FR = C::BN / 16 / GROUPS;
+    static_assert(GROUPS * STRIPS * 32 == NT && FR * GROUPS * 16 == C::BN, "warps tile the S tile");
+    // (with one group, as in the statistics kernels, the same code as a warp-per-strip layout)
     const int warp = threadIdx.x / 32;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[C::BN / 16];
+    const int strip = GROUPS == 1 ? warp : warp % STRIPS, frag0 = GROUPS == 1 ? 0 : warp / STRIPS * FR;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FR];
 #pragma unroll
-    for (int j = 0; j < C::BN / 16; ++j) wmma::fill_fragment(acc[j], 0.0f);
+    for (int j = 0; j < FR; ++j) wmma::fill_fragment(acc[j], 0.0f);
     for (int k0 = 0; k0 < d; k0 += C::BK) {
       __syncthreads();
-      stage<T, C::BM, C::BK, L::LDT>(a_s, a, row0, n, k0, d, lda);
-      stage<T, C::BN, C::BK, L::LDT>(b_s, b, col0, m, k0, d, ldb);
+      stage<T, C::BM, C::BK, L::LDT, NT>(a_s, a, row0, n, k0, d, lda);
+      stage<T, C::BN, C::BK, L::LDT, NT>(b_s, b, col0, m, k0, d, ldb);
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < C::BK; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::load_matrix_sync(fa, a_s + warp * 16 * L::LDT + kk, L::LDT);
+        wmma::load_matrix_sync(fa, a_s + strip * 16 * L::LDT + kk, L::LDT);
 #pragma unroll
-        for (int j = 0; j < C::BN / 16; ++j) {
+        for (int j = 0; j < FR; ++j) {
           // bᵀ as a column-major K x N operand is b's rows read in place
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-          wmma::load_matrix_sync(fb, b_s + j * 16 * L::LDT + kk, L::LDT);
+          wmma::load_matrix_sync(fb, b_s + (frag0 + j) * 16 * L::LDT + kk, L::LDT);
           wmma::mma_sync(acc[j], fa, fb, acc[j]);
         }
       }
     }
     // S_s may alias the previous tile's X operand: every thread passed the loop's barriers since
 #pragma unroll
-    for (int j = 0; j < C::BN / 16; ++j)
-      wmma::store_matrix_sync(s_s + warp * 16 * L::LDS + j * 16, acc[j], L::LDS, wmma::mem_row_major);
+    for (int j = 0; j < FR; ++j)
+      wmma::store_matrix_sync(s_s + strip * 16 * L::LDS + (frag0 + j) * 16, acc[j], L::LDS, wmma::mem_row_major);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < C::BM * C::BN; idx += kThreads) {
+    for (int idx = threadIdx.x; idx < C::BM * C::BN; idx += NT) {
       const int r = idx / C::BN, c = idx % C::BN;
       const int row = row0 + r, col = col0 + c;
       const bool valid = row < n && col < m && !(exclude_diagonal && row == col);
@@ -181,8 +190,9 @@ __device__ void scores_tile(const T* __restrict__ a, const T* __restrict__ b, in
     __syncthreads();
 #endif
   } else {
-    // thread (ty, tx) owns rows ty + 16·i and columns tx + 8·j of the tile
-    constexpr int RI = C::BM / 16, CJ = C::BN / 8;
+    // thread (ty, tx) owns rows ty + (NT/8)·i and columns tx + 8·j of the tile
+    constexpr int TY = NT / 8, RI = C::BM / TY, CJ = C::BN / 8;
+    static_assert(RI * TY == C::BM, "threads tile the S tile");
     const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
     float acc[RI][CJ];
 #pragma unroll
@@ -191,14 +201,14 @@ __device__ void scores_tile(const T* __restrict__ a, const T* __restrict__ b, in
       for (int j = 0; j < CJ; ++j) acc[i][j] = 0.0f;
     for (int k0 = 0; k0 < d; k0 += C::BK) {
       __syncthreads();
-      stage<T, C::BM, C::BK, L::LDT>(a_s, a, row0, n, k0, d, lda);
-      stage<T, C::BN, C::BK, L::LDT>(b_s, b, col0, m, k0, d, ldb);
+      stage<T, C::BM, C::BK, L::LDT, NT>(a_s, a, row0, n, k0, d, lda);
+      stage<T, C::BN, C::BK, L::LDT, NT>(b_s, b, col0, m, k0, d, ldb);
       __syncthreads();
 #pragma unroll 4
       for (int k = 0; k < C::BK; ++k) {
         float av[RI], bv[CJ];
 #pragma unroll
-        for (int i = 0; i < RI; ++i) av[i] = to_float(a_s[(ty + 16 * i) * L::LDT + k]);
+        for (int i = 0; i < RI; ++i) av[i] = to_float(a_s[(ty + TY * i) * L::LDT + k]);
 #pragma unroll
         for (int j = 0; j < CJ; ++j) bv[j] = to_float(b_s[(tx + 8 * j) * L::LDT + k]);
 #pragma unroll
@@ -211,7 +221,7 @@ __device__ void scores_tile(const T* __restrict__ a, const T* __restrict__ b, in
     for (int i = 0; i < RI; ++i)
 #pragma unroll
       for (int j = 0; j < CJ; ++j) {
-        const int r = ty + 16 * i, c = tx + 8 * j;
+        const int r = ty + TY * i, c = tx + 8 * j;
         const int row = row0 + r, col = col0 + c;
         const bool valid = row < n && col < m && !(exclude_diagonal && row == col);
         s_s[r * L::LDS + c] = valid ? acc[i][j] * scale : kNegInf;
@@ -263,7 +273,7 @@ __global__ void __launch_bounds__(kThreads)
   const int target = row < n && targets[row] >= 0 && targets[row] < m ? static_cast<int>(targets[row]) : -1;
   float run_max = kNegInf, run_sum = 0.0f, pos = 0.0f;
   for (int col0 = 0; col0 < m; col0 += C::BN) {
-    scores_tile<T>(a, b, row0, col0, n, m, d, lda, ldb, scale, exclude_diagonal, smem);
+    scores_tile<T, kThreads>(a, b, row0, col0, n, m, d, lda, ldb, scale, exclude_diagonal, smem);
     merge_line(run_max, run_sum, s_s + r * L::LDS, 1, half);
     // the positive logit comes from the same tile as the LSE, so a saturated row cancels exactly
     if (target >= col0 && target < col0 + C::BN) pos = s_s[r * L::LDS + (target - col0)];
@@ -286,7 +296,7 @@ __global__ void __launch_bounds__(kThreads)
   const int c = threadIdx.x / 2, half = threadIdx.x % 2;  // two threads per column
   float run_max = kNegInf, run_sum = 0.0f;
   for (int row0 = 0; row0 < n; row0 += C::BM) {
-    scores_tile<T>(a, b, row0, col0, n, m, d, lda, ldb, scale, exclude_diagonal, smem);
+    scores_tile<T, kThreads>(a, b, row0, col0, n, m, d, lda, ldb, scale, exclude_diagonal, smem);
     merge_line(run_max, run_sum, s_s + c, L::LDS, half);
   }
   const int col = col0 + c;
@@ -303,9 +313,10 @@ __device__ __forceinline__ float gradient_entry(float s, float c, float g, float
 
 // Row terms of rows [row0, row0 + BM) into shared memory: a non-finite c_i counts as 0 (the
 // reference's convention), rows past n carry no term.
+template <int NT>
 __device__ __forceinline__ void load_row_terms(float* c_s, float* g_s, const float* c, const float* g, int row0,
                                                int n, int count) {
-  for (int i = threadIdx.x; i < count; i += kThreads) {
+  for (int i = threadIdx.x; i < count; i += NT) {
     const int row = row0 + i;
     const float ci = row < n ? c[row] : 0.0f;
     c_s[i] = isfinite(ci) ? ci : 0.0f;
@@ -314,9 +325,10 @@ __device__ __forceinline__ void load_row_terms(float* c_s, float* g_s, const flo
 }
 
 // Column terms of columns [col0, col0 + BN): columns past k, or with a non-finite offset, have none.
+template <int NT>
 __device__ __forceinline__ void load_col_terms(float* r_s, float* h_s, const float* r, const float* h, int col0,
                                                int k, int count) {
-  for (int j = threadIdx.x; j < count; j += kThreads) {
+  for (int j = threadIdx.x; j < count; j += NT) {
     const int col = col0 + j;
     const float rj = col < k ? r[col] : 0.0f;
     const bool live = col < k && isfinite(rj);
@@ -326,13 +338,13 @@ __device__ __forceinline__ void load_col_terms(float* r_s, float* h_s, const flo
 }
 
 // S_s → G (in place for float, into the separate 16-bit tile otherwise), then a barrier.
-template <typename T>
+template <typename T, int NT>
 __device__ __forceinline__ void gradient_tile(unsigned char* smem, const float* c_s, const float* g_s,
                                               const float* r_s, const float* h_s) {
   using C = Config<T>;
   using L = Layout<T>;
   float* s_s = reinterpret_cast<float*>(smem + L::kS);
-  for (int idx = threadIdx.x; idx < C::BM * C::BN; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < C::BM * C::BN; idx += NT) {
     const int i = idx / C::BN, j = idx % C::BN;
     const float value = gradient_entry(s_s[i * L::LDS + j], c_s[i], g_s[i], r_s[j], h_s[j]);
     if constexpr (L::kSeparateG) {
@@ -344,7 +356,9 @@ __device__ __forceinline__ void gradient_tile(unsigned char* smem, const float* 
   __syncthreads();
 }
 
-// Sum of `value` over the block in a fixed order (butterfly within warps, then warp 0..3).
+// Sum of `value` over a block of NT threads in a fixed order (butterfly within warps, then the
+// warps in order).
+template <int NT>
 __device__ __forceinline__ float block_sum(float value, float* warp_sums) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
@@ -352,63 +366,72 @@ __device__ __forceinline__ float block_sum(float value, float* warp_sums) {
   __syncthreads();
   float total = 0.0f;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
+  for (int w = 0; w < NT / 32; ++w) total += warp_sums[w];
   return total;
 }
 
-// acc (+)= op(G)·X over one tile: TRANSPOSE_G = false is G·X (grad_a: G is BM x BN, X holds BN
-// rows of b), true is Gᵀ·X (grad_b: X holds BM rows of a). Tensor-core variant: warp w owns output
-// rows 16w..16w+15 as DOUT/16 fragments.
+// The gradient accumulator's ownership (kGradThreads threads, a BM x DOUT output tile). Tensor
+// cores: warp w owns the 16-row strip w % 4 and FR consecutive 16-feature fragments from
+// (w / 4)·FR. FMA: thread (ty, tx) = (tid / 32, tid % 32) owns output rows ty + 8·i and features
+// tx + 32·j (a warp reads one row of G, broadcast, and 32 consecutive features of X).
+template <typename T>
+struct GradShape {
+  using C = Config<T>;
+  static constexpr int STRIPS = C::BM / 16, GROUPS = kGradWarps / STRIPS, FR = C::DOUT / 16 / GROUPS;
+  static constexpr int TY = kGradThreads / 32, RI = C::BM / TY, FJ = C::DOUT / 32;
+  static_assert(STRIPS * GROUPS == kGradWarps && FR * GROUPS * 16 == C::DOUT, "warps tile the output");
+  static_assert(RI * TY == C::BM && C::BM == C::BN, "threads tile the output");
+};
+
+// acc (+)= op(G)[:, kc:kc+XK]·X over one staged XK-row chunk of X: TRANSPOSE_G = false is G·X
+// (grad_a: G is BM x BN, X holds b rows), true is Gᵀ·X (grad_b: X holds a rows).
 #if TILECL_TENSOR_CORES
 template <typename T, bool TRANSPOSE_G>
 __device__ __forceinline__ void accumulate_mma(
-    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[Config<T>::DOUT / 16],
-    const unsigned char* smem) {
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[GradShape<T>::FR],
+    const unsigned char* smem, int kc) {
   namespace wmma = nvcuda::wmma;
   using C = Config<T>;
   using L = Layout<T>;
+  using S = GradShape<T>;
   const T* g_t = reinterpret_cast<const T*>(smem + L::kG);
   const T* x_s = reinterpret_cast<const T*>(smem + L::kX);
-  const int warp = threadIdx.x / 32;
-  constexpr int INNER = TRANSPOSE_G ? C::BM : C::BN;
+  const int warp = threadIdx.x / 32, strip = warp % S::STRIPS, frag0 = warp / S::STRIPS * S::FR;
 #pragma unroll
-  for (int kk = 0; kk < INNER; kk += 16) {
+  for (int kk = 0; kk < C::XK; kk += 16) {
     using LayoutA = typename std::conditional<TRANSPOSE_G, wmma::col_major, wmma::row_major>::type;
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> fa;
-    // Gᵀ's (16w.., kk..) block is G's (kk.., 16w..) block read column-major
+    // Gᵀ's (16·strip.., k..) block is G's (k.., 16·strip..) block read column-major
     if constexpr (TRANSPOSE_G) {
-      wmma::load_matrix_sync(fa, g_t + kk * L::LDG + warp * 16, L::LDG);
+      wmma::load_matrix_sync(fa, g_t + (kc + kk) * L::LDG + strip * 16, L::LDG);
     } else {
-      wmma::load_matrix_sync(fa, g_t + warp * 16 * L::LDG + kk, L::LDG);
+      wmma::load_matrix_sync(fa, g_t + strip * 16 * L::LDG + kc + kk, L::LDG);
     }
 #pragma unroll
-    for (int j = 0; j < C::DOUT / 16; ++j) {
+    for (int j = 0; j < S::FR; ++j) {
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-      wmma::load_matrix_sync(fb, x_s + kk * L::LDX + j * 16, L::LDX);
+      wmma::load_matrix_sync(fb, x_s + kk * L::LDX + (frag0 + j) * 16, L::LDX);
       wmma::mma_sync(acc[j], fa, fb, acc[j]);
     }
   }
 }
 #endif
 
-// FMA variant: thread (ty, tx) owns output rows ty + 16·i and features tx + 8·j.
 template <typename T, bool TRANSPOSE_G>
-__device__ __forceinline__ void accumulate_fma(float (&acc)[4][Config<T>::DOUT / 8],
-                                               const unsigned char* smem) {
+__device__ __forceinline__ void accumulate_fma(float (&acc)[GradShape<T>::RI][GradShape<T>::FJ],
+                                               const unsigned char* smem, int kc) {
   using C = Config<T>;
   using L = Layout<T>;
-  constexpr int RI = 4, FJ = C::DOUT / 8;
-  static_assert(C::BM == 16 * RI && C::BN == 16 * RI, "64-row tiles");
-  const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
+  using S = GradShape<T>;
+  const int ty = threadIdx.x / 32, tx = threadIdx.x % 32;
   const T* x_s = reinterpret_cast<const T*>(smem + L::kX);
-  constexpr int INNER = TRANSPOSE_G ? C::BM : C::BN;
 #pragma unroll 2
-  for (int k = 0; k < INNER; ++k) {
-    float gv[RI], xv[FJ];
+  for (int k = 0; k < C::XK; ++k) {
+    float gv[S::RI], xv[S::FJ];
 #pragma unroll
-    for (int i = 0; i < RI; ++i) {
-      const int o = ty + 16 * i;  // output row: a row of G (grad_a) or a column of G (grad_b)
-      const int gi = TRANSPOSE_G ? k : o, gj = TRANSPOSE_G ? o : k;
+    for (int i = 0; i < S::RI; ++i) {
+      const int o = ty + S::TY * i;  // output row: a row of G (grad_a) or a column of G (grad_b)
+      const int gi = TRANSPOSE_G ? kc + k : o, gj = TRANSPOSE_G ? o : kc + k;
       if constexpr (L::kSeparateG) {
         gv[i] = to_float(reinterpret_cast<const T*>(smem + L::kG)[gi * L::LDG + gj]);
       } else {
@@ -416,32 +439,34 @@ __device__ __forceinline__ void accumulate_fma(float (&acc)[4][Config<T>::DOUT /
       }
     }
 #pragma unroll
-    for (int j = 0; j < FJ; ++j) xv[j] = to_float(x_s[k * L::LDX + tx + 8 * j]);
+    for (int j = 0; j < S::FJ; ++j) xv[j] = to_float(x_s[k * L::LDX + tx + 32 * j]);
 #pragma unroll
-    for (int i = 0; i < RI; ++i)
+    for (int i = 0; i < S::RI; ++i)
 #pragma unroll
-      for (int j = 0; j < FJ; ++j) acc[i][j] = fmaf(gv[i], xv[j], acc[i][j]);
+      for (int j = 0; j < S::FJ; ++j) acc[i][j] = fmaf(gv[i], xv[j], acc[i][j]);
   }
 }
 
 // The gradient kernels. ROWS = true: one block per BM rows (grad_a and the grad_scale partial);
 // false: one block per BN columns (grad_b). grid.y walks the features in DOUT chunks.
 template <typename T, bool ROWS>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kGradThreads)
     grad_kernel(const T* __restrict__ a, const T* __restrict__ b, const float* __restrict__ c,
                 const float* __restrict__ g, const float* __restrict__ r, const float* __restrict__ h,
                 float* __restrict__ out, float* __restrict__ partials, float scale, int n, int m, int k, int d,
                 int64_t lda, int64_t ldb, bool exclude_diagonal) {
   using C = Config<T>;
   using L = Layout<T>;
+  using S = GradShape<T>;
+  constexpr int NT = kGradThreads;
   alignas(32) __shared__ unsigned char smem[L::kGradBytes];
-  __shared__ float c_s[C::BM], g_s[C::BM], r_s[C::BN], h_s[C::BN], warp_sums[kWarps];
+  __shared__ float c_s[C::BM], g_s[C::BM], r_s[C::BN], h_s[C::BN], warp_sums[kGradWarps];
   const int tile0 = blockIdx.x * (ROWS ? C::BM : C::BN);  // this block's rows (columns)
   const int f0 = blockIdx.y * C::DOUT;
   if constexpr (ROWS) {
-    load_row_terms(c_s, g_s, c, g, tile0, n, C::BM);
+    load_row_terms<NT>(c_s, g_s, c, g, tile0, n, C::BM);
   } else {
-    load_col_terms(r_s, h_s, r, h, tile0, k, C::BN);
+    load_col_terms<NT>(r_s, h_s, r, h, tile0, k, C::BN);
   }
   const int other_count = ROWS ? m : n;
   constexpr int kStep = ROWS ? C::BN : C::BM;
@@ -450,51 +475,52 @@ __global__ void __launch_bounds__(kThreads)
 
 #if TILECL_TENSOR_CORES
   namespace wmma = nvcuda::wmma;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_mma[kMma ? C::DOUT / 16 : 1];
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_mma[kMma ? S::FR : 1];
   if constexpr (kMma) {
 #pragma unroll
-    for (int j = 0; j < C::DOUT / 16; ++j) wmma::fill_fragment(acc_mma[j], 0.0f);
+    for (int j = 0; j < S::FR; ++j) wmma::fill_fragment(acc_mma[j], 0.0f);
   }
 #endif
-  float acc[4][kMma ? 1 : C::DOUT / 8];
+  float acc[kMma ? 1 : S::RI][kMma ? 1 : S::FJ];
   if constexpr (!kMma) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < S::RI; ++i)
 #pragma unroll
-      for (int j = 0; j < C::DOUT / 8; ++j) acc[i][j] = 0.0f;
+      for (int j = 0; j < S::FJ; ++j) acc[i][j] = 0.0f;
   }
 
+  T* x_s = reinterpret_cast<T*>(smem + L::kX);
   for (int other0 = 0; other0 < other_count; other0 += kStep) {
     const int row0 = ROWS ? tile0 : other0, col0 = ROWS ? other0 : tile0;
     // the previous tile's gradient pass read these; scores_tile's leading barrier orders them
     if constexpr (ROWS) {
-      load_col_terms(r_s, h_s, r, h, col0, k, C::BN);
+      load_col_terms<NT>(r_s, h_s, r, h, col0, k, C::BN);
     } else {
-      load_row_terms(c_s, g_s, c, g, row0, n, C::BM);
+      load_row_terms<NT>(c_s, g_s, c, g, row0, n, C::BM);
     }
-    scores_tile<T>(a, b, row0, col0, n, m, d, lda, ldb, scale, exclude_diagonal, smem);
-    gradient_tile<T>(smem, c_s, g_s, r_s, h_s);
-    // X: the other operand's rows for this tile, this block's feature chunk
-    T* x_s = reinterpret_cast<T*>(smem + L::kX);
-    if constexpr (ROWS) {
-      stage<T, C::BN, C::DOUT, L::LDX>(x_s, b, col0, m, f0, d, ldb);
-    } else {
-      stage<T, C::BM, C::DOUT, L::LDX>(x_s, a, row0, n, f0, d, lda);
-    }
-    __syncthreads();
-    if constexpr (kMma) {
+    scores_tile<T, NT>(a, b, row0, col0, n, m, d, lda, ldb, scale, exclude_diagonal, smem);
+    gradient_tile<T, NT>(smem, c_s, g_s, r_s, h_s);
+    // X in XK-row chunks: the other operand's rows other0 + kc.., this block's feature chunk. A
+    // chunk wholly past the matrix has G = 0 and X = 0 and is skipped (a block-uniform test).
+    for (int kc = 0; kc < kStep && other0 + kc < other_count; kc += C::XK) {
+      if constexpr (ROWS) {
+        stage<T, C::XK, C::DOUT, L::LDX, NT>(x_s, b, other0 + kc, m, f0, d, ldb);
+      } else {
+        stage<T, C::XK, C::DOUT, L::LDX, NT>(x_s, a, other0 + kc, n, f0, d, lda);
+      }
+      __syncthreads();
+      if constexpr (kMma) {
 #if TILECL_TENSOR_CORES
-      accumulate_mma<T, !ROWS>(acc_mma, smem);
+        accumulate_mma<T, !ROWS>(acc_mma, smem, kc);
 #endif
-    } else {
-      accumulate_fma<T, !ROWS>(acc, smem);
+      } else {
+        accumulate_fma<T, !ROWS>(acc, smem, kc);
+      }
+      // the next chunk (or the next tile's staging of a and b) overwrites X
+      __syncthreads();
     }
   }
-  // No barrier here: the tensor-core epilogue stages in region 0 (kStage = kA, warp w's own 1 KiB),
-  // which the last iteration's readers past its final barrier (accumulate_*: G and X) never touch;
-  // the FMA epilogue uses no shared memory, and block_sum's warp_sums are written only below.
-  static_assert(!kMma || (L::kSeparateG && L::kStage + kWarps * 256 * 4 <= L::kX && L::kX < L::kG),
-                "the epilogue staging must not overlap G or X");
+  // The last chunk ended with a barrier, so the tensor-core epilogue may stage over X (region 0).
 
   // out = scale·acc; the row kernel also forms Σ_i a_i·(G b)_i over its rows and features
   const int count = ROWS ? n : m;
@@ -509,25 +535,26 @@ __global__ void __launch_bounds__(kThreads)
   if constexpr (kMma) {
 #if TILECL_TENSOR_CORES
     const int warp = tid / 32, lane = tid % 32;
+    const int strip = warp % S::STRIPS, frag0 = warp / S::STRIPS * S::FR;
     float* stage_w = reinterpret_cast<float*>(smem + L::kStage) + warp * 256;
 #pragma unroll
-    for (int j = 0; j < C::DOUT / 16; ++j) {
+    for (int j = 0; j < S::FR; ++j) {
       wmma::store_matrix_sync(stage_w, acc_mma[j], 16, wmma::mem_row_major);
       __syncwarp();
 #pragma unroll
-      for (int e = lane; e < 256; e += 32) emit(warp * 16 + e / 16, j * 16 + e % 16, stage_w[e]);
+      for (int e = lane; e < 256; e += 32) emit(strip * 16 + e / 16, (frag0 + j) * 16 + e % 16, stage_w[e]);
       __syncwarp();
     }
 #endif
   } else {
-    const int ty = tid / 8, tx = tid % 8;
+    const int ty = tid / 32, tx = tid % 32;
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < S::RI; ++i)
 #pragma unroll
-      for (int j = 0; j < C::DOUT / 8; ++j) emit(ty + 16 * i, tx + 8 * j, acc[i][j]);
+      for (int j = 0; j < S::FJ; ++j) emit(ty + S::TY * i, tx + 32 * j, acc[i][j]);
   }
   if constexpr (ROWS) {
-    const float total = block_sum(partial, warp_sums);
+    const float total = block_sum<NT>(partial, warp_sums);
     if (tid == 0) partials[blockIdx.y * gridDim.x + blockIdx.x] = total;
   }
 }
@@ -540,7 +567,7 @@ __global__ void __launch_bounds__(kThreads) sum_partials_kernel(const float* __r
   __shared__ float warp_sums[kWarps];
   float value = 0.0f;
   for (int i = threadIdx.x; i < count; i += kThreads) value += partials[i];
-  const float total = block_sum(value, warp_sums);
+  const float total = block_sum<kThreads>(value, warp_sums);
   if (threadIdx.x == 0) *out = total;
 }
 
@@ -596,11 +623,11 @@ void launch_offset_backward(const BackwardArgs& p) {
   const int chunks = ceil_div(p.d, C::DOUT);
   if (chunks > 65535) throw std::invalid_argument("tilecl: d above 65535 x " + std::to_string(C::DOUT) + " (grid.y limit)");
   const dim3 rows_grid(ceil_div(p.n, C::BM), chunks), cols_grid(ceil_div(p.m, C::BN), chunks);
-  TILECL_LAUNCH((grad_kernel<T, true>), rows_grid, dim3(kThreads), stream, a, b, p.row_offset, p.row_mult,
+  TILECL_LAUNCH((grad_kernel<T, true>), rows_grid, dim3(kGradThreads), stream, a, b, p.row_offset, p.row_mult,
                 p.col_offset, p.col_mult, p.grad_a, p.workspace, p.scale, p.n, p.m, p.k, p.d, p.lda, p.ldb,
                 p.exclude_diagonal);
   check_launch("tilecl grad_kernel<rows>");
-  TILECL_LAUNCH((grad_kernel<T, false>), cols_grid, dim3(kThreads), stream, a, b, p.row_offset, p.row_mult,
+  TILECL_LAUNCH((grad_kernel<T, false>), cols_grid, dim3(kGradThreads), stream, a, b, p.row_offset, p.row_mult,
                 p.col_offset, p.col_mult, p.grad_b, p.workspace, p.scale, p.n, p.m, p.k, p.d, p.lda, p.ldb,
                 p.exclude_diagonal);
   check_launch("tilecl grad_kernel<cols>");

@@ -2,9 +2,10 @@
 
 The emulation compiles the same kernel source with g++ (built once per source hash under
 build/cuda-emu/) and runs it with one fiber per CUDA thread; half and bfloat16 take the sm_80
-tensor-core (WMMA) path. Tiles are 64 x 64 with 32-wide feature chunks and 64 (float) or 128
-(16-bit) gradient features per block, so the larger shapes here span several row and column
-tiles, feature chunks and gradient blocks, with ragged edges everywhere.
+tensor-core (WMMA) path. Tiles are 64 x 64 with 32-wide feature chunks and 512 gradient
+features per block (X staged in 8- or 16-row chunks), so the larger shapes here span several row
+and column tiles, feature chunks, X chunks and (WIDE) gradient blocks, with ragged edges
+everywhere.
 
 Race detection: the emulation runs the fibers of a block in one order between synchronization
 points; the oracle tests run under the forward (thread 0 first) and the reverse order, and the
@@ -39,8 +40,11 @@ from tilecl.naive import naive_contrastive_loss
 LOW = [torch.float32, torch.bfloat16, torch.float16]
 NAMES = ("loss", "grad_a", "grad_b", "grad_scale")
 # (1, 1, 1): a single element; (37, 45, 40): one tile, two feature chunks, ragged;
-# (70, 130, 150): 2 x 3 tiles, 5 feature chunks, 2-3 gradient feature blocks
+# (70, 130, 150): 2 x 3 tiles, 5 feature chunks, ragged gradient X chunks
 SHAPES = [(1, 1, 1), (37, 45, 40), (70, 130, 150)]
+# D above the gradient blocks' width (DOUT = 512): 2 feature blocks along grid.y, the last one
+# ragged; 2 x 2 tiles, the last ones ragged (2 and 6 lines: most X chunks skipped)
+WIDE = (66, 70, 600)
 
 missing = _cuda_build.emulation_buildable()
 pytestmark = pytest.mark.skipif(missing is not None, reason=f"cuda-emu cannot be built here: {missing}")
@@ -71,6 +75,17 @@ def test_matches_oracle_by_rule(dtype, n, m, d, symmetric, schedule):
     for name, x, y, r in zip(NAMES, ours, naive, ref):
         if name in ("grad_a", "grad_b"):
             assert x.dtype == dtype
+        assert_close_by_rule(x, y, r, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_wide_d_spans_several_gradient_blocks(dtype, schedule):
+    n, m, d = WIDE
+    a, b = make_inputs(n, m, d, dtype=dtype, seed=9)
+    ours = run(tilecl.contrastive_loss, a, b, 12.0, symmetric=True, backend="cuda-emu")
+    naive = run(naive_contrastive_loss, a, b, 12.0, symmetric=True)
+    ref = oracle(a, b, 12.0, symmetric=True)
+    for name, x, y, r in zip(NAMES, ours, naive, ref):
         assert_close_by_rule(x, y, r, dtype, name)
 
 
@@ -208,7 +223,7 @@ def test_results_do_not_depend_on_the_scheduling_order(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,m,d", [(37, 45, 40), (70, 130, 150)])
+@pytest.mark.parametrize("n,m,d", [(37, 45, 40), (70, 130, 150), WIDE])
 def test_fma_path_of_16_bit_types_below_sm80(dtype, n, m, d):
     """The pre-sm_80 path (TILECL_TENSOR_CORES 0: 16-bit inputs through the FMA loop) against the
     oracle, and against the tensor-core path, which it matches bitwise except grad_scale (the
