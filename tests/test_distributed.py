@@ -23,7 +23,12 @@ import torch.multiprocessing as mp
 
 import tilecl
 from conftest import assert_rel
-from tilecl.modality import uniformity_loss
+from tilecl.modality import (
+    brownian_bridge_loss,
+    feature_separation_loss,
+    geometric_consistency_loss,
+    uniformity_loss,
+)
 
 N_PER_RANK, EXTRA, D = 5, 2, 4
 M_PER_RANK = N_PER_RANK + EXTRA
@@ -48,9 +53,23 @@ def global_batch(world: int, seed: int = 0) -> dict[str, torch.Tensor]:
         "log_u_cols": randn(n) - 2,
         "z1": randn(n, D),
         "z2": randn(n, D),
+        "u1": randn(n, D),
+        "u2": randn(n, D),
         "local_labels": torch.cat(local_labels),
         "pair_cols": torch.cat([r * M_PER_RANK + torch.arange(N_PER_RANK) for r in range(world)]),
         "labels": torch.cat([r * M_PER_RANK + x for r, x in enumerate(local_labels)]),
+    }
+
+
+def modality_views(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The augmented and independent features ModalityStructureLoss takes, from the batch's tensors."""
+    return {
+        "z_v_aug": x["a"],
+        "z_t_aug": x["positives"],
+        "zi_v": x["u1"],
+        "zi_t": x["u2"],
+        "zi_v_aug": x["u2"].flip(1),
+        "zi_t_aug": x["u1"].flip(1),
     }
 
 
@@ -105,6 +124,17 @@ def cases(inputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], **di
     def uniformity(z1):
         return uniformity_loss(z1, 2.0, backend="torch", **dist_kwargs)
 
+    group_only = {k: x for k, x in dist_kwargs.items() if k == "process_group"}
+
+    def geometric(z1, z2, a, positives):
+        return geometric_consistency_loss(z1, z2, a, positives, **group_only)
+
+    def bridge(z1, z2, a):
+        return brownian_bridge_loss(z1, z2, a, 0.3, **group_only)
+
+    def separation(z1, z2, a, positives, u1, u2):
+        return feature_separation_loss(z1, z2, a, positives, u1, u2, 0.2, backend="torch", **dist_kwargs)
+
     return {
         "clip": (clip, ("a", "b")),
         "clip default labels": (clip_default_labels, ("a", "b")),
@@ -113,6 +143,9 @@ def cases(inputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], **di
         "gamma surrogate": (gamma, ("a", "b")),
         "nt-xent": (nt_xent, ("z1", "z2")),
         "uniformity": (uniformity, ("z1",)),
+        "geometric consistency": (geometric, ("z1", "z2", "a", "positives")),
+        "brownian bridge": (bridge, ("z1", "z2", "a")),
+        "feature separation": (separation, ("z1", "z2", "a", "positives", "u1", "u2")),
     }
 
 
@@ -169,7 +202,7 @@ def _all_losses_worker(rank: int, world: int, store: str, out: str, impl: str) -
     inputs = {
         k: shard(everything[k], rank, world) for k in ("a", "b", "positives", "log_u_rows", "log_u_cols")
     }
-    inputs.update({k: shard(everything[k], rank, world) for k in ("z1", "z2")})
+    inputs.update({k: shard(everything[k], rank, world) for k in ("z1", "z2", "u1", "u2")})
     inputs["scale"] = torch.tensor(SCALE, dtype=torch.float64)
     labels = {
         "pair": torch.arange(N_PER_RANK),
@@ -184,6 +217,10 @@ def _all_losses_worker(rank: int, world: int, store: str, out: str, impl: str) -
         inputs["a"], pairs, SCALE
     )
     results["NTXentLoss"] = tilecl.NTXentLoss(world_size=world, dist_impl=impl)(inputs["z1"], inputs["z2"])
+    structure = tilecl.ModalityStructureLoss(world_size=world, dist_impl=impl, backend="torch")
+    results["ModalityStructureLoss"] = structure(
+        inputs["z1"], inputs["z2"], SCALE, **modality_views(inputs), output_dict=True
+    )
     gamma_module = tilecl.GammaContrastiveLoss(
         50, gamma=0.5, estimator="mean", process_group=group, dist_impl=impl, backend="torch"
     ).double()
@@ -246,9 +283,15 @@ def test_modules_use_the_default_group(world, impl, spawned):
     pairs_all = everything["b"].view(world, M_PER_RANK, D)[:, :N_PER_RANK].reshape(-1, D)
     clip = tilecl.contrastive_loss(everything["a"], pairs_all, SCALE)
     nt_xent = tilecl.nt_xent_loss(everything["z1"], everything["z2"], 0.5)
+    structure = tilecl.ModalityStructureLoss(backend="torch")(
+        everything["z1"], everything["z2"], SCALE, **modality_views(everything), output_dict=True
+    )
     for res in spawned(world, impl):
         assert_rel(res["ClipLoss"], clip, 1e-10, "ClipLoss on every rank")
         assert_rel(res["NTXentLoss"], nt_xent, 1e-10, "NTXentLoss on every rank")
+        assert structure.keys() == res["ModalityStructureLoss"].keys()
+        for part, value in structure.items():
+            assert_rel(res["ModalityStructureLoss"][part], value, 1e-10, f"ModalityStructureLoss {part}")
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -165,8 +165,14 @@ class _GramFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, fn: Callable, pairs: Sequence[tuple[int, int]], *mats: torch.Tensor):
-        grams = [_gram(mats[i], mats[j]).requires_grad_() for i, j in pairs]
+    def forward(ctx, fn: Callable, pairs: Sequence[tuple[int, int]], group, *mats: torch.Tensor):
+        grams = [_gram(mats[i], mats[j]) for i, j in pairs]
+        ctx.world = 1
+        if group is not None:  # every rank's rows: the global Grams
+            for gram in grams:
+                torch.distributed.all_reduce(gram, group=group)
+            ctx.world = torch.distributed.get_world_size(group)
+        grams = [gram.requires_grad_() for gram in grams]
         with torch.enable_grad():
             value = fn(*grams)
             grads = torch.autograd.grad(value, grams, allow_unused=True)
@@ -180,7 +186,7 @@ class _GramFunction(torch.autograd.Function):
             pairs = ctx.pairs
             saved = ctx.saved_tensors
             mats, dgrams = saved[: len(saved) - len(pairs)], saved[len(saved) - len(pairs) :]
-            g = grad_output.double()
+            g = grad_output.double() * ctx.world  # the gradient convention of tilecl.distributed
             grads = []
             for k, z in enumerate(mats):
                 out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
@@ -193,12 +199,31 @@ class _GramFunction(torch.autograd.Function):
                         if j == k:
                             acc.addmm_(mats[i][rows].double(), d)
                     out[rows] = (g * acc).to(z.dtype)
-                grads.append(out if ctx.needs_input_grad[2 + k] else None)
-        return _refuse_second_derivative((None, None, *grads))
+                grads.append(out if ctx.needs_input_grad[3 + k] else None)
+        return _refuse_second_derivative((None, None, None, *grads))
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:
     return (x * x).sum()
+
+
+def _global_count(z: torch.Tensor, process_group) -> int:
+    """The number of samples over all ranks (which must hold equal shapes)."""
+    if process_group is None:
+        return z.shape[0]
+    from .distributed import agree_on_call
+
+    return z.shape[0] * agree_on_call(process_group, N=z.shape[0], D=z.shape[1], dtype=z.dtype)
+
+
+def _mean(per_sample: torch.Tensor, process_group) -> torch.Tensor:
+    """Mean over all ranks' samples, with the gradient convention of :mod:`tilecl.distributed`."""
+    if process_group is None:
+        return per_sample.mean()
+    from .distributed import global_value
+
+    world = torch.distributed.get_world_size(process_group)
+    return global_value(per_sample.sum() / (per_sample.shape[0] * world), world, process_group)
 
 
 def geometric_consistency_loss(
@@ -206,6 +231,8 @@ def geometric_consistency_loss(
     z_t: torch.Tensor,
     z_v_aug: Optional[torch.Tensor] = None,
     z_t_aug: Optional[torch.Tensor] = None,
+    *,
+    process_group: Optional[object] = None,
 ) -> torch.Tensor:
     """Geometric consistency ``L_gc`` (+ ``L^a_gc`` when both augmented views are given).
 
@@ -218,10 +245,21 @@ def geometric_consistency_loss(
     Every Frobenius term is a function of d×d Grams, e.g.
     ``‖S_VV − S_TT‖² = ‖Z_VᵀZ_V‖² + ‖Z_TᵀZ_T‖² − 2‖Z_VᵀZ_T‖²``, accumulated in
     float64: O(N·d²) time, O(d²) extra memory, exact. Gradients included.
+    With ``process_group`` the Grams are all-reduced (d×d floats per rank):
+    the loss of the concatenation of all ranks' features.
     """
-    _check_features(z_v, "z_v")
-    _check_features(z_t, "z_t", z_v)
-    n = z_v.shape[0]
+
+    def check() -> None:
+        _check_features(z_v, "z_v")
+        _check_features(z_t, "z_t", z_v)
+        if (z_v_aug is None) != (z_t_aug is None):
+            raise ValueError("pass both z_v_aug and z_t_aug (for L^a_gc) or neither")
+        if z_v_aug is not None:
+            _check_features(z_v_aug, "z_v_aug", z_v)
+            _check_features(z_t_aug, "z_t_aug", z_v)
+
+    checked_on_every_rank(process_group, "gather", check)
+    n = _global_count(z_v, process_group)
 
     def l_gc(g_vv, g_tt, g_tv):
         # ‖S_VT − S_VTᵀ‖² = 2⟨G_V, G_T⟩ − 2 tr(C·C), C = Z_TᵀZ_V; ‖S_VV − S_TT‖² as above
@@ -229,49 +267,59 @@ def geometric_consistency_loss(
             2 * (g_vv * g_tt).sum() - 2 * (g_tv * g_tv.t()).sum() + _sq(g_vv) + _sq(g_tt) - 2 * _sq(g_tv)
         ) / n
 
-    loss = _GramFunction.apply(l_gc, [(0, 0), (1, 1), (1, 0)], z_v, z_t)
-    if (z_v_aug is None) != (z_t_aug is None):
-        raise ValueError("pass both z_v_aug and z_t_aug (for L^a_gc) or neither")
+    loss = _GramFunction.apply(l_gc, [(0, 0), (1, 1), (1, 0)], process_group, z_v, z_t)
     if z_v_aug is None:
         return loss
-    _check_features(z_v_aug, "z_v_aug", z_v)
-    _check_features(z_t_aug, "z_t_aug", z_v)
 
     def l_aug(g_vv, g_aa, g_va, g_tt, g_bb, g_tb):
         return (_sq(g_vv) + _sq(g_aa) - 2 * _sq(g_va) + _sq(g_tt) + _sq(g_bb) - 2 * _sq(g_tb)) / n
 
     pairs = [(0, 0), (2, 2), (0, 2), (1, 1), (3, 3), (1, 3)]
-    loss = loss + _GramFunction.apply(l_aug, pairs, z_v, z_t, z_v_aug, z_t_aug)
+    loss = loss + _GramFunction.apply(l_aug, pairs, process_group, z_v, z_t, z_v_aug, z_t_aug)
     cross = (z_v * z_t).sum(dim=1) - (z_v_aug * z_t_aug).sum(dim=1)
-    return loss + (cross * cross).mean()
+    return loss + _mean(cross * cross, process_group)
 
 
 # --------------------------------------------------------------------------- per-sample terms
 
 
 def brownian_bridge_loss(
-    z_v: torch.Tensor, z_t: torch.Tensor, z_v_aug: torch.Tensor, t: Union[float, torch.Tensor] = 0.25
+    z_v: torch.Tensor,
+    z_t: torch.Tensor,
+    z_v_aug: torch.Tensor,
+    t: Union[float, torch.Tensor] = 0.25,
+    *,
+    process_group: Optional[object] = None,
 ) -> torch.Tensor:
     """The augmented image feature should lie on the bridge from image to text.
 
     ``μ_j = normalize(t·z_Vj + (1−t)·z_Tj)``, ``L_br = mean_j ‖z^a_Vj − μ_j‖²``
     (the bridge's variance ``t(1−t)`` dropped; the paper's printed closed form
     is garbled, this is PAPERS.md's corrected one). ``t`` is a float in
-    ``[0, 1]`` or an ``(N,)`` tensor of sampled bridge times.
+    ``[0, 1]`` or an ``(N,)`` tensor of sampled bridge times. With
+    ``process_group``: the mean over all ranks' samples.
     """
-    _check_features(z_v, "z_v")
-    _check_features(z_t, "z_t", z_v)
-    _check_features(z_v_aug, "z_v_aug", z_v)
-    if isinstance(t, torch.Tensor):
-        if t.shape not in ((), (z_v.shape[0],)):
-            raise ValueError(f"t must be a float or a ({z_v.shape[0]},) tensor, got shape {tuple(t.shape)}")
-        if bool(((t < 0) | (t > 1)).any()):
-            raise ValueError("bridge times t must lie in [0, 1]")
-        t = t.to(z_v.dtype).reshape(-1, 1) if t.dim() else t.to(z_v.dtype)
-    elif not (isinstance(t, (int, float)) and 0 <= t <= 1):
-        raise ValueError(f"t must lie in [0, 1], got {t!r}")
-    mid = F.normalize(t * z_v + (1 - t) * z_t, dim=1)
-    return ((z_v_aug - mid) ** 2).sum(dim=1).mean()
+
+    def check() -> Union[float, torch.Tensor]:
+        _check_features(z_v, "z_v")
+        _check_features(z_t, "z_t", z_v)
+        _check_features(z_v_aug, "z_v_aug", z_v)
+        if isinstance(t, torch.Tensor):
+            if t.shape not in ((), (z_v.shape[0],)):
+                raise ValueError(
+                    f"t must be a float or a ({z_v.shape[0]},) tensor, got shape {tuple(t.shape)}"
+                )
+            if bool(((t < 0) | (t > 1)).any()):
+                raise ValueError("bridge times t must lie in [0, 1]")
+            return t.to(z_v.dtype).reshape(-1, 1) if t.dim() else t.to(z_v.dtype)
+        if not (isinstance(t, (int, float)) and 0 <= t <= 1):
+            raise ValueError(f"t must lie in [0, 1], got {t!r}")
+        return t
+
+    times = checked_on_every_rank(process_group, "gather", check)
+    _global_count(z_v, process_group)  # equal shapes on every rank, else the same error everywhere
+    mid = F.normalize(times * z_v + (1 - times) * z_t, dim=1)
+    return _mean(((z_v_aug - mid) ** 2).sum(dim=1), process_group)
 
 
 def feature_separation_loss(
@@ -285,6 +333,8 @@ def feature_separation_loss(
     t: float = 2.0,
     *,
     backend: str = "auto",
+    process_group: Optional[object] = None,
+    dist_impl: str = "gather",
 ) -> torch.Tensor:
     """Deep feature separation: ``L_ortho + L^i_con + L^i_uni``.
 
@@ -296,23 +346,30 @@ def feature_separation_loss(
     * ``L^i_uni = uniformity(zi_V) + uniformity(zi_T)`` — Wang & Isola's
       uniformity per modality (mean over pairs ``j ≠ k``; the paper's version
       sums the two potentials inside one log with the diagonal included).
+
+    With ``process_group`` (and ``dist_impl``): every term over all ranks' samples.
     """
-    _check_features(z_v, "z_v")
-    for name, z in (
-        ("z_t", z_t),
-        ("zi_v", zi_v),
-        ("zi_t", zi_t),
-        ("zi_v_aug", zi_v_aug),
-        ("zi_t_aug", zi_t_aug),
-    ):
-        _check_features(z, name, z_v)
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    ortho = ((z_v * zi_v).sum(dim=1) ** 2 + (z_t * zi_t).sum(dim=1) ** 2).mean()
+
+    def check() -> None:
+        _check_features(z_v, "z_v")
+        for name, z in (
+            ("z_t", z_t),
+            ("zi_v", zi_v),
+            ("zi_t", zi_t),
+            ("zi_v_aug", zi_v_aug),
+            ("zi_t_aug", zi_t_aug),
+        ):
+            _check_features(z, name, z_v)
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+
+    checked_on_every_rank(process_group, dist_impl, check)
+    _global_count(z_v, process_group)
+    ortho = _mean((z_v * zi_v).sum(dim=1) ** 2 + (z_t * zi_t).sum(dim=1) ** 2, process_group)
+    shared = dict(backend=backend, process_group=process_group, dist_impl=dist_impl)
     scale = 1.0 / temperature
     con = (
-        contrastive_loss(zi_v, zi_v_aug, scale, backend=backend)
-        + contrastive_loss(zi_t, zi_t_aug, scale, backend=backend)
+        contrastive_loss(zi_v, zi_v_aug, scale, **shared) + contrastive_loss(zi_t, zi_t_aug, scale, **shared)
     ) / 2
-    uni = uniformity_loss(zi_v, t, backend=backend) + uniformity_loss(zi_t, t, backend=backend)
+    uni = uniformity_loss(zi_v, t, **shared) + uniformity_loss(zi_t, t, **shared)
     return ortho + con + uni

@@ -250,6 +250,8 @@ class ModalityStructureLoss(nn.Module):
     is CyCLIP's weight for the same (1/N-normalized) terms; ``λ_sep = λ_br = 0.1``
     keep those terms an order below the contrastive loss at the start of training.
     ``forward(..., output_dict=True)`` returns the total and every part.
+    With ``world_size > 1``: every part over all ranks' samples on the default
+    process group (``dist_impl`` for the contrastive parts).
     """
 
     def __init__(
@@ -262,8 +264,12 @@ class ModalityStructureLoss(nn.Module):
         bridge_t: float = 0.25,
         *,
         backend: str = "auto",
+        world_size: int = 1,
+        dist_impl: str = "gather",
     ) -> None:
         super().__init__()
+        _check_world(world_size, dist_impl)
+        self.world_size, self.dist_impl = world_size, dist_impl
         for name, value in (("lambda_sep", lambda_sep), ("lambda_br", lambda_br), ("lambda_gc", lambda_gc)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
@@ -288,15 +294,21 @@ class ModalityStructureLoss(nn.Module):
     ) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
         from .modality import brownian_bridge_loss, feature_separation_loss, geometric_consistency_loss
 
-        parts = {"contrastive_loss": contrastive_loss(z_v, z_t, logit_scale, backend=self.backend)}
+        group = _default_group(self.world_size, "ModalityStructureLoss")
+        dist_kw = dict(process_group=group, dist_impl=self.dist_impl)
+        parts = {"contrastive_loss": contrastive_loss(z_v, z_t, logit_scale, backend=self.backend, **dist_kw)}
         independent = (zi_v, zi_t, zi_v_aug, zi_t_aug)
         if self.lambda_sep and all(x is not None for x in independent):
             parts["separation_loss"] = self.lambda_sep * feature_separation_loss(
-                z_v, z_t, *independent, self.temperature, self.uniformity_t, backend=self.backend
+                z_v, z_t, *independent, self.temperature, self.uniformity_t, backend=self.backend, **dist_kw
             )
         if self.lambda_br and z_v_aug is not None:
-            parts["bridge_loss"] = self.lambda_br * brownian_bridge_loss(z_v, z_t, z_v_aug, self.bridge_t)
+            parts["bridge_loss"] = self.lambda_br * brownian_bridge_loss(
+                z_v, z_t, z_v_aug, self.bridge_t, process_group=group
+            )
         if self.lambda_gc:
-            parts["geometric_loss"] = self.lambda_gc * geometric_consistency_loss(z_v, z_t, z_v_aug, z_t_aug)
+            parts["geometric_loss"] = self.lambda_gc * geometric_consistency_loss(
+                z_v, z_t, z_v_aug, z_t_aug, process_group=group
+            )
         total = sum(parts.values())
         return {"loss": total, **parts} if output_dict else total
