@@ -62,18 +62,19 @@ def _scores(
     stride_a,
     stride_b,
     scale,
+    EXCLUDE_DIAGONAL: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """The fp32 tile ``scale · a[rows] · b[cols]ᵀ`` (out-of-range rows/cols read as zeros)."""
+    """The fp32 tile ``scale · a[rows] · b[cols]ᵀ``, ``-inf`` outside the matrix (and on the diagonal)."""
     acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         feats = d0 + tl.arange(0, BLOCK_D)
         a = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
         b = _load_block(b_ptr, cols, n_cols, feats, dim, stride_b)
         acc = _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
-    return acc * scale
+    return _masked(acc * scale, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL)
 
 
 @triton.jit
@@ -138,11 +139,11 @@ def _row_stats_kernel(
             stride_a,
             stride_b,
             scale,
+            EXCLUDE_DIAGONAL,
             BLOCK_D,
             PRECISION,
             UPCAST,
         )
-        s = _masked(s, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL)
         is_target = cols[None, :] == targets[:, None]
         positive += tl.sum(tl.where(is_target, s, 0.0), axis=1)
         run_max, run_sum = _merge_tile(run_max, run_sum, s, 1)
@@ -185,11 +186,11 @@ def _col_stats_kernel(
             stride_a,
             stride_b,
             scale,
+            EXCLUDE_DIAGONAL,
             BLOCK_D,
             PRECISION,
             UPCAST,
         )
-        s = _masked(s, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL)
         run_max, run_sum = _merge_tile(run_max, run_sum, s, 0)
     tl.store(col_lse_ptr + cols, _log_sum_exp(run_max, run_sum), mask=cols < col_count)
 
@@ -218,9 +219,9 @@ def _recomputed_gradient(
 ):  # fmt: skip
     """The tile of ``G`` at (rows, cols): ``S`` recomputed exactly as in the forward, then the offsets."""
     s = _scores(
-        a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_a, stride_b, scale, BLOCK_D, PRECISION, UPCAST
-    )
-    s = _masked(s, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL)
+        a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_a, stride_b, scale, EXCLUDE_DIAGONAL,
+        BLOCK_D, PRECISION, UPCAST,
+    )  # fmt: skip
     return _gradient_tile(s, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, n_rows, col_count)
 
 
