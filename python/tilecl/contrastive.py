@@ -216,8 +216,18 @@ def _apply(
     log_u_cols: Optional[torch.Tensor],
     spec: LossSpec,
     stats: Optional[BatchStats] = None,
+    *,
+    process_group: Optional[Any] = None,
+    dist_impl: str = "gather",
 ) -> torch.Tensor:
-    """Run the shared Function, computing the batch statistics unless the caller already has them."""
+    """Run the shared Function, computing the batch statistics unless the caller already has them.
+
+    With ``process_group``: the same on the global batch (sharded backend, global reduction).
+    """
+    if process_group is not None:
+        sharded = sharded_spec(spec, a, b, labels, process_group, dist_impl)
+        share = _apply(a, b, scale, labels, positives, log_u_rows, log_u_cols, sharded, stats)
+        return global_loss(share, a.shape[0], spec.reduction, sharded.world, process_group)
     if stats is None:
         stats = batch_stats(a, b, scale, labels, positives, spec)
     return _ContrastiveFunction.apply(a, b, positives, scale, labels, log_u_rows, log_u_cols, stats, spec)
@@ -289,26 +299,6 @@ def global_loss(
     if reduction == "mean":
         share = share / (count * world)
     return global_value(share, world, process_group)
-
-
-def _run(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    positives: Optional[torch.Tensor],
-    log_u_rows: Optional[torch.Tensor],
-    log_u_cols: Optional[torch.Tensor],
-    spec: LossSpec,
-    process_group: Optional[Any],
-    dist_impl: str,
-) -> torch.Tensor:
-    """:func:`_apply` on this process's batch, or on the global batch of ``process_group``."""
-    if process_group is None:
-        return _apply(a, b, scale, labels, positives, log_u_rows, log_u_cols, spec)
-    sharded = sharded_spec(spec, a, b, labels, process_group, dist_impl)
-    share = _apply(a, b, scale, labels, positives, log_u_rows, log_u_cols, sharded)
-    return global_loss(share, a.shape[0], spec.reduction, sharded.world, process_group)
 
 
 def check_call(
@@ -396,7 +386,8 @@ def contrastive_loss(
         lambda: check_call(a, b, logit_scale, labels, positives, symmetric, reduction, backend),
         reduction,
     )
-    return _run(a, b, scale, labels, positives, None, None, spec, process_group, dist_impl)
+    group = dict(process_group=process_group, dist_impl=dist_impl)
+    return _apply(a, b, scale, labels, positives, None, None, spec, **group)
 
 
 def gamma_contrastive_loss(
@@ -444,9 +435,8 @@ def gamma_contrastive_loss(
 
     scale, spec = checked_on_every_rank(process_group, dist_impl, check, reduction)
     log_u_cols = _detached(log_u_cols) if symmetric else None
-    return _run(
-        a, b, scale, labels, positives, log_u_rows.detach(), log_u_cols, spec, process_group, dist_impl
-    )
+    group = dict(process_group=process_group, dist_impl=dist_impl)
+    return _apply(a, b, scale, labels, positives, log_u_rows.detach(), log_u_cols, spec, **group)
 
 
 def _detached(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -495,4 +485,5 @@ def nt_xent_loss(
     n = z1.shape[0]
     partners = torch.arange(2 * n, device=z1.device).roll(n)
     scale = torch.tensor(1.0 / temperature, dtype=torch.float64, device=z1.device)
-    return _run(views, views, scale, partners, None, None, None, spec, process_group, dist_impl)
+    group = dict(process_group=process_group, dist_impl=dist_impl)
+    return _apply(views, views, scale, partners, None, None, None, spec, **group)
