@@ -65,7 +65,7 @@ def cuda_extensions() -> list:
 
 setup(
     package_dir={"tilecl": "python/tilecl", "tilecl.kernels": "kernels"},
-    packages=["tilecl", "tilecl.kernels"],
+    packages=["tilecl", "tilecl.backends", "tilecl.kernels"],
     package_data={"tilecl": ["py.typed"]},
     ext_modules=cuda_extensions(),
     cmdclass={"build_ext": NinjaBuildExt},

@@ -1,14 +1,14 @@
 """Triton kernels for the two primitives every tilecl loss is built from.
 
-* ``_row_stats_kernel`` / ``_col_stats_kernel`` — the streaming-LSE forward:
+* ``row_stats_kernel`` / ``col_stats_kernel`` — the streaming-LSE forward:
   one program per block of rows (columns) walks all column (row) tiles of
   ``S = s·a bᵀ``, keeping an online max and sum in fp32, and reads the positive
   logit from the same tile. Any input, any scale: no fixed maximum.
-* ``_backward_kernel`` — the offset-form backward
+* ``backward_kernel`` — the offset-form backward
   ``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j)``: one program per block
   of rows recomputes its tiles of ``S`` and accumulates ``dA = s·G·b`` in
   registers; ``dB = s·Gᵀ·a`` is either added with fp32 atomics from the same
-  program (default: 3 N·M·D passes) or computed by ``_backward_cols_kernel``,
+  program (default: 3 N·M·D passes) or computed by ``backward_cols_kernel``,
   one program per block of columns (``deterministic=True``: 4 passes, no
   floating-point atomics, bitwise reproducible).
 
@@ -51,6 +51,31 @@ def _dot(x, y, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _dots(
+    a_ptr,
+    b_ptr,
+    rows,
+    cols,
+    n_rows,
+    n_cols,
+    dim,
+    stride_a,
+    stride_b,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """The fp32 tile ``a[rows] · b[cols]ᵀ`` (0 outside the matrix)."""
+    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        feats = d0 + tl.arange(0, BLOCK_D)
+        a = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
+        b = _load_block(b_ptr, cols, n_cols, feats, dim, stride_b)
+        acc = _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
 def _scores(
     a_ptr,
     b_ptr,
@@ -68,12 +93,7 @@ def _scores(
     UPCAST: tl.constexpr,
 ):
     """The fp32 tile ``scale · a[rows] · b[cols]ᵀ``, ``-inf`` outside the matrix (and on the diagonal)."""
-    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        feats = d0 + tl.arange(0, BLOCK_D)
-        a = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
-        b = _load_block(b_ptr, cols, n_cols, feats, dim, stride_b)
-        acc = _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
+    acc = _dots(a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_a, stride_b, BLOCK_D, PRECISION, UPCAST)
     return _masked(acc * scale, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL)
 
 
@@ -102,7 +122,7 @@ def _log_sum_exp(run_max, run_sum):
 
 
 @triton.jit
-def _row_stats_kernel(
+def row_stats_kernel(
     a_ptr,
     b_ptr,
     targets_ptr,
@@ -152,7 +172,7 @@ def _row_stats_kernel(
 
 
 @triton.jit
-def _col_stats_kernel(
+def col_stats_kernel(
     a_ptr,
     b_ptr,
     col_lse_ptr,
@@ -208,7 +228,9 @@ def _gradient_tile(s, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, n_rows, col_count)
     # or exp(S − 0) overflows to inf and 0·inf poisons the tile
     grad = tl.where(g[:, None] != 0, g[:, None] * tl.exp(s - c[:, None]), 0.0)
     grad += tl.where(h[None, :] != 0, h[None, :] * tl.exp(s - r[None, :]), 0.0)
-    return grad
+    # G·S elementwise, for Σ G_ij S_ij from the fp32 G (the 16-bit G that feeds the products keeps
+    # 3 digits); G is 0 wherever S is masked to -inf
+    return grad, grad * tl.where(grad != 0, s, 0.0)
 
 
 @triton.jit
@@ -217,7 +239,7 @@ def _recomputed_gradient(
     stride_a, stride_b, EXCLUDE_DIAGONAL: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """The tile of ``G`` at (rows, cols): ``S`` recomputed exactly as in the forward, then the offsets."""
+    """The fp32 tiles of ``G`` at (rows, cols), ``S`` recomputed exactly as in the forward, and ``G∘S``."""
     s = _scores(
         a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_a, stride_b, scale, EXCLUDE_DIAGONAL,
         BLOCK_D, PRECISION, UPCAST,
@@ -226,7 +248,7 @@ def _recomputed_gradient(
 
 
 @triton.jit
-def _backward_kernel(
+def backward_kernel(
     a_ptr,
     b_ptr,
     c_ptr,
@@ -237,6 +259,7 @@ def _backward_kernel(
     grad_b_ptr,
     scale_partial_ptr,
     scale,
+    inv_scale,
     n_rows,
     n_cols,
     col_count,
@@ -245,6 +268,7 @@ def _backward_kernel(
     stride_b,
     EXCLUDE_DIAGONAL: tl.constexpr,
     ATOMIC_GRAD_B: tl.constexpr,
+    SCALE_FROM_FP32_G: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -258,12 +282,15 @@ def _backward_kernel(
     feat_ok = feats < dim
     a_out = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
     grad_a = tl.zeros((BLOCK_M, BLOCK_DOUT), dtype=tl.float32)
+    grad_times_s_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused without SCALE_FROM_FP32_G
     for c0 in range(0, n_cols, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        grad = _recomputed_gradient(
+        grad, grad_times_s = _recomputed_gradient(
             a_ptr, b_ptr, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, scale, n_rows, n_cols, col_count, dim,
             stride_a, stride_b, EXCLUDE_DIAGONAL, BLOCK_D, PRECISION, UPCAST,
         )  # fmt: skip
+        if SCALE_FROM_FP32_G:
+            grad_times_s_sum += grad_times_s
         b_out = _load_block(b_ptr, cols, n_cols, feats, dim, stride_b)
         grad_a = _dot(grad.to(b_out.dtype), b_out, grad_a, PRECISION, UPCAST)
         if ATOMIC_GRAD_B:
@@ -274,8 +301,14 @@ def _backward_kernel(
                 grad_b * scale,
                 mask=(cols[:, None] < n_cols) & feat_ok[None, :],
             )
-    # Σ_ij G_ij (a_i·b_j) = Σ_i a_i·(G b)_i, this program's share of the features
-    partial = tl.sum(tl.sum(grad_a * a_out.to(tl.float32), axis=1), axis=0)
+    if SCALE_FROM_FP32_G:
+        # Σ_ij G_ij (a_i·b_j) = Σ_ij G_ij S_ij / scale (the launcher takes scale = 0 apart), from the
+        # fp32 G; every feature chunk recomputes the same G, the first one reports the sum
+        partial = tl.where(tl.program_id(1) == 0, tl.sum(tl.sum(grad_times_s_sum, axis=1), axis=0), 0.0)
+        partial = partial * inv_scale
+    else:
+        # Σ_ij G_ij (a_i·b_j) = Σ_i a_i·(G b)_i, this program's share of the features (G is fp32 here)
+        partial = tl.sum(tl.sum(grad_a * a_out.to(tl.float32), axis=1), axis=0)
     tl.store(scale_partial_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), partial)
     tl.store(
         grad_a_ptr + rows[:, None] * dim + feats[None, :],
@@ -285,7 +318,7 @@ def _backward_kernel(
 
 
 @triton.jit
-def _backward_cols_kernel(
+def backward_cols_kernel(
     a_ptr,
     b_ptr,
     c_ptr,
@@ -315,7 +348,7 @@ def _backward_cols_kernel(
     grad_b = tl.zeros((BLOCK_N, BLOCK_DOUT), dtype=tl.float32)
     for r0 in range(0, n_rows, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
-        grad = _recomputed_gradient(
+        grad, _ = _recomputed_gradient(
             a_ptr, b_ptr, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, scale, n_rows, n_cols, col_count, dim,
             stride_a, stride_b, EXCLUDE_DIAGONAL, BLOCK_D, PRECISION, UPCAST,
         )  # fmt: skip

@@ -1,26 +1,34 @@
-"""Every bad input of DESIGN.md raises a clear error naming the argument, before any compute."""
+"""Every bad input raises a clear error naming the argument, before any compute.
+
+One exception type per kind of mistake (``tilecl.validation``): TypeError for a
+wrong type or dtype, ValueError for a wrong value or shape, RuntimeError for a
+backend that cannot run here.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 import tilecl
-from tilecl import _blockwise
+from tilecl.backends import BACKENDS
+
+
+class NoCompute:
+    """Primitives that fail loudly: a kernel started before the error was raised."""
+
+    def lse_stats(self, *args, **kwargs):
+        raise AssertionError("a kernel ran before the bad input was rejected")
+
+    offset_backward = lse_stats
 
 
 @pytest.fixture(autouse=True)
 def no_compute(monkeypatch):
-    """Fail loudly if a kernel starts before the error is raised."""
-
-    def boom(*args, **kwargs):
-        raise AssertionError("a kernel ran before the bad input was rejected")
-
-    monkeypatch.setattr(_blockwise, "lse_stats", boom)
-    monkeypatch.setattr(_blockwise, "offset_backward", boom)
-    from tilecl import backends
-
-    monkeypatch.setitem(backends._BACKENDS, "torch", backends.Backend("torch", boom, boom))
+    for name in ("torch", "reference"):
+        monkeypatch.setitem(BACKENDS, name, dataclasses.replace(BACKENDS[name], load=NoCompute))
 
 
 def feats(n=4, d=3, dtype=torch.float32, device="cpu"):
@@ -153,7 +161,7 @@ CASES = [
         "unavailable backend",
         lambda: tilecl.contrastive_loss(feats(), feats(), backend="cuda"),
         RuntimeError,
-        "not available|needs CUDA tensors",
+        "backend='cuda' cannot run",
     ),
     (
         "nt_xent unequal views",
@@ -204,6 +212,102 @@ CASES = [
         lambda: tilecl.NTXentLoss(reduction="mean "),
         ValueError,
         "reduction must be one of",
+    ),
+]
+
+
+# the same kind of mistake raises the same exception type in every entry point
+CASES += [
+    (
+        "uniformity integer features",
+        lambda: tilecl.uniformity_loss(torch.ones(4, 3, dtype=torch.long)),
+        TypeError,
+        "z must be float",
+    ),
+    (
+        "uniformity not a tensor",
+        lambda: tilecl.uniformity_loss([[1.0, 2.0]]),
+        TypeError,
+        "z must be a torch.Tensor",
+    ),
+    ("uniformity 1-D", lambda: tilecl.uniformity_loss(torch.randn(4)), ValueError, "z must be 2-D"),
+    ("uniformity string t", lambda: tilecl.uniformity_loss(feats(), t="2"), TypeError, "t must be a number"),
+    (
+        "geometric dtype",
+        lambda: tilecl.geometric_consistency_loss(feats(), feats(dtype=torch.float64)),
+        TypeError,
+        "z_t and z_v must have the same dtype",
+    ),
+    (
+        "geometric shape",
+        lambda: tilecl.geometric_consistency_loss(feats(4), feats(5)),
+        ValueError,
+        "z_t must have the shape of z_v",
+    ),
+    (
+        "bridge t out of range",
+        lambda: tilecl.brownian_bridge_loss(feats(), feats(), feats(), 1.5),
+        ValueError,
+        "t must lie in",
+    ),
+    (
+        "separation temperature",
+        lambda: tilecl.feature_separation_loss(*[feats()] * 6, temperature=0.0),
+        ValueError,
+        "temperature must be",
+    ),
+    (
+        "gamma integer log_u",
+        lambda: tilecl.gamma_contrastive_loss(
+            feats(), feats(), torch.zeros(4, dtype=torch.long), torch.zeros(4)
+        ),
+        TypeError,
+        "log_u_rows must be",
+    ),
+    ("gamma module num_samples", lambda: tilecl.GammaContrastiveLoss(2.5), TypeError, "num_samples must be"),
+    (
+        "gamma module gamma",
+        lambda: tilecl.GammaContrastiveLoss(4, gamma=0.0),
+        ValueError,
+        "gamma must lie in",
+    ),
+    (
+        "gamma module estimator",
+        lambda: tilecl.GammaContrastiveLoss(4, estimator="mode"),
+        ValueError,
+        "estimator",
+    ),
+    (
+        "gamma module index dtype",
+        lambda: tilecl.GammaContrastiveLoss(4)(feats(), feats(), torch.zeros(4)),
+        TypeError,
+        "index must be an int64",
+    ),
+    (
+        "backend not a string",
+        lambda: tilecl.contrastive_loss(feats(), feats(), backend=None),
+        TypeError,
+        "backend must be a string",
+    ),
+    (
+        "reduction not a string",
+        lambda: tilecl.contrastive_loss(feats(), feats(), reduction=1),
+        TypeError,
+        "reduction must be a string",
+    ),
+    (
+        "undeclared dtype",
+        lambda: tilecl.contrastive_loss(
+            feats(dtype=torch.float64), feats(dtype=torch.float64), backend="cuda-emu"
+        ),
+        TypeError,
+        "cannot run torch.float64",
+    ),
+    (
+        "ModalityStructureLoss lambda",
+        lambda: tilecl.ModalityStructureLoss(lambda_sep=-1.0),
+        ValueError,
+        "lambda_sep",
     ),
 ]
 

@@ -1,17 +1,14 @@
-"""The CUDA C++ kernels (csrc/) against the oracle, run through the CPU emulation (backend="cuda-emu").
+"""What belongs to the CUDA C++ backends: the emulation itself, its schedules, and the nvcc build.
 
-The emulation compiles the same kernel source with g++ (built once per source hash under
-build/cuda-emu/) and runs it with one fiber per CUDA thread; half and bfloat16 take the sm_80
-tensor-core (WMMA) path. Tiles are 64 x 64 with 32-wide feature chunks and 512 gradient
-features per block (X staged in 8- or 16-row chunks), so the larger shapes here span several row
-and column tiles, feature chunks, X chunks and (WIDE) gradient blocks, with ragged edges
-everywhere.
+The matrix (``test_losses.py``) checks the ``cuda-emu`` backend (and ``cuda`` on a GPU) against
+the oracle like every other backend. Here: the shapes that span the CUDA kernels' own blocking
+(64 x 64 tiles, 32-wide feature chunks, 512 gradient features per block along grid.y, X staged
+in 8- or 16-row chunks), under the forward (thread 0 first) and the reverse fiber order.
 
 Race detection: the emulation runs the fibers of a block in one order between synchronization
-points; the oracle tests run under the forward (thread 0 first) and the reverse order, and the
-results must be bitwise the same under every order (a shuffled one included), which a missing
-barrier breaks. The FMA path the 16-bit types take below sm_80 runs through a second emulation
-module built without tensor cores.
+points; results must be bitwise the same under every order (a shuffled one included), which a
+missing barrier breaks. The FMA path the 16-bit types take below sm_80 runs through a second
+emulation module built without tensor cores.
 
 The last tests compile the real extension with nvcc for sm_80 and sm_90, warnings as errors, and
 check ptxas's report: no spills, shared memory within the static limit, tensor-core instructions
@@ -28,20 +25,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_contrastive import check_nt_xent_by_rule, make_inputs, oracle, run
 
 import tilecl
-from conftest import assert_close_by_rule, assert_rel
-from tilecl import _cuda_build, reference
-from tilecl.backends import resolve_backend
-from tilecl.cuda_backend import emulation_settings
+from tilecl import _cuda_build
+from tilecl.backends import OffsetTerms, resolve_backend
+from tilecl.backends.cuda import MAX_DIM, cuda_built, emulation_settings, runs_on
 from tilecl.naive import naive_contrastive_loss
+from utils import NAMES, assert_all_close_by_rule, assert_rel, make_inputs, oracle, run
 
 LOW = [torch.float32, torch.bfloat16, torch.float16]
-NAMES = ("loss", "grad_a", "grad_b", "grad_scale")
-# (1, 1, 1): a single element; (37, 45, 40): one tile, two feature chunks, ragged;
+CPU = torch.device("cpu")
 # (70, 130, 150): 2 x 3 tiles, 5 feature chunks, ragged gradient X chunks
-SHAPES = [(1, 1, 1), (37, 45, 40), (70, 130, 150)]
+BLOCKED = (70, 130, 150)
 # D above the gradient blocks' width (DOUT = 512): 2 feature blocks along grid.y, the last one
 # ragged; 2 x 2 tiles, the last ones ragged (2 and 6 lines: most X chunks skipped)
 WIDE = (66, 70, 600)
@@ -63,156 +58,19 @@ def schedule(request):
 
 
 @pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("n,m,d", SHAPES)
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_matches_oracle_by_rule(dtype, n, m, d, symmetric, schedule):
-    if symmetric and m < n:
-        pytest.skip("symmetric needs M >= N")
-    a, b = make_inputs(n, m, d, dtype=dtype, seed=n + d)
-    ours = run(tilecl.contrastive_loss, a, b, 12.0, symmetric=symmetric, backend="cuda-emu")
-    naive = run(naive_contrastive_loss, a, b, 12.0, symmetric=symmetric)
-    ref = oracle(a, b, 12.0, symmetric=symmetric)
-    for name, x, y, r in zip(NAMES, ours, naive, ref):
-        if name in ("grad_a", "grad_b"):
-            assert x.dtype == dtype
-        assert_close_by_rule(x, y, r, dtype, name)
-
-
-@pytest.mark.parametrize("dtype", LOW)
-def test_wide_d_spans_several_gradient_blocks(dtype, schedule):
-    n, m, d = WIDE
-    a, b = make_inputs(n, m, d, dtype=dtype, seed=9)
+@pytest.mark.parametrize("n,m,d", [BLOCKED, WIDE], ids=["blocked", "wide"])
+def test_the_kernels_own_blocking(dtype, n, m, d, schedule):
+    a, b = make_inputs(n, m, d, dtype=dtype, device=CPU, seed=9)
     ours = run(tilecl.contrastive_loss, a, b, 12.0, symmetric=True, backend="cuda-emu")
     naive = run(naive_contrastive_loss, a, b, 12.0, symmetric=True)
-    ref = oracle(a, b, 12.0, symmetric=True)
-    for name, x, y, r in zip(NAMES, ours, naive, ref):
-        assert_close_by_rule(x, y, r, dtype, name)
-
-
-@pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_labels_hard_negatives_reductions(dtype, symmetric, reduction):
-    # M > N: hard-negative columns; repeated labels share a column in the symmetric direction
-    n, m = 11, 83
-    a, b = make_inputs(n, m, 20, dtype=dtype, seed=3)
-    labels = torch.tensor([18, 0, 3, 3, 7, 10, 1, 2, 70, 16, 4])
-    upstream = torch.linspace(-1, 1, n) if reduction == "none" else None
-    kw = dict(labels=labels, symmetric=symmetric, reduction=reduction)
-    ours = run(tilecl.contrastive_loss, a, b, 5.0, upstream, backend="cuda-emu", **kw)
-    naive = run(naive_contrastive_loss, a, b, 5.0, upstream, **kw)
-    ref = oracle(a, b, 5.0, upstream, labels=labels.numpy(), symmetric=symmetric, reduction=reduction)
-    for name, x, y, r in zip(NAMES, ours, naive, ref):
-        assert_close_by_rule(x, y, r, dtype, name)
-
-
-@pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_extreme_logits_unnormalized(dtype, symmetric):
-    a, b = make_inputs(24, 69, 16, dtype=dtype, seed=5, spread=3.0, normalize=False)
-    ours = run(tilecl.contrastive_loss, a, b, 100.0, symmetric=symmetric, backend="cuda-emu")
-    assert all(torch.isfinite(x).all() for x in ours)
-    naive = run(naive_contrastive_loss, a, b, 100.0, symmetric=symmetric)
-    ref = oracle(a, b, 100.0, symmetric=symmetric)
-    for name, x, y, r in zip(NAMES, ours, naive, ref):
-        assert_close_by_rule(x, y, r, dtype, name)
-
-
-@pytest.mark.parametrize("dtype", LOW)
-def test_nt_xent_excludes_the_diagonal(dtype):
-    check_nt_xent_by_rule("cuda-emu", dtype, 35, 24, 0.1)
-
-
-@pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_gamma_surrogate_weights(dtype, symmetric):
-    a, b = make_inputs(40, 40, 20, dtype=dtype, seed=2)
-    gen = torch.Generator().manual_seed(0)
-    log_u, log_uc = torch.randn(40, generator=gen), torch.randn(40, generator=gen)
-    kw = dict(symmetric=symmetric)
-    loss = tilecl.gamma_contrastive_loss(a, b, log_u, log_uc, 6.0, backend="cuda-emu", **kw)
-    ref = reference.gamma_contrastive_loss(
-        a.detach().double().numpy(), b.detach().double().numpy(), log_u.double().numpy(),
-        log_uc.double().numpy(), 6.0, **kw,
-    )  # fmt: skip
-    torch_loss = tilecl.gamma_contrastive_loss(a, b, log_u, log_uc, 6.0, backend="torch", **kw)
-    ours = (loss, *torch.autograd.grad(loss, (a, b)))
-    same_dtype = (torch_loss, *torch.autograd.grad(torch_loss, (a, b)))
-    for name, x, y, r in zip(NAMES, ours, same_dtype, ref):
-        assert_close_by_rule(x, y, r, dtype, name)
-
-
-@pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("n,d", [(2, 1), (23, 17), (67, 9)])
-def test_uniformity(dtype, n, d):
-    gen = torch.Generator().manual_seed(n)
-    z = (2 * torch.randn(n, d, generator=gen)).to(dtype).requires_grad_()
-    loss = tilecl.uniformity_loss(z, 2.0, backend="cuda-emu")
-    (grad,) = torch.autograd.grad(loss, z)
-    ref = reference.uniformity_loss(z.detach().double().numpy(), t=2.0)
-    if dtype == torch.float32:
-        assert_rel(loss, ref.loss, 2e-5, "loss", atol=2e-5)
-        assert_rel(grad, ref.grads[0], 2e-5, "grad", atol=2e-5)
-    torch_loss = tilecl.uniformity_loss(z, 2.0, backend="torch")
-    (torch_grad,) = torch.autograd.grad(torch_loss, z)
-    assert_close_by_rule(loss, torch_loss, ref.loss, dtype, "loss")
-    assert_close_by_rule(grad, torch_grad, ref.grads[0], dtype, "grad")
-
-
-def test_primitives_match_the_reference_backend():
-    """lse_stats / offset_backward directly, with every kind of missing term."""
-    emu, ref = (
-        resolve_backend("cuda-emu", torch.device("cpu")),
-        resolve_backend("reference", torch.device("cpu")),
-    )
-    n, m, d = 45, 71, 33
-    a, b = (x.detach().float() for x in make_inputs(n, m, d, seed=1, normalize=False))
-    scale = torch.tensor(3.0)
-    targets = torch.randint(0, m, (n,), generator=torch.Generator().manual_seed(0))
-    for exclude in (False, True):
-        for col_count in (0, 30, m):
-            ours = emu.lse_stats(a, b, scale, targets, col_count, exclude)
-            want = ref.lse_stats(a, b, scale, targets, col_count, exclude)
-            for name, x, y in zip(("row_lse", "col_lse", "positive"), ours, want):
-                assert x.dtype == torch.float32 and x.shape == y.shape
-                finite = torch.isfinite(y)
-                assert torch.equal(torch.isneginf(x), torch.isneginf(y)), name  # excluded: -inf, not NaN
-                if finite.any():
-                    assert_rel(x[finite], y[finite].numpy(), 1e-6, name)
-        row_lse, col_lse, _ = ref.lse_stats(a, b, scale, targets, 30, exclude)
-        c = row_lse.float().clone()
-        c[3], c[7] = -math.inf, math.inf  # a non-finite row offset counts as 0 (the reference's rule)
-        g = torch.linspace(0.5, 1.5, n)
-        g[5] = 0.0
-        r = col_lse.float().clone()
-        r[2], r[4] = math.inf, -math.inf  # no term in these columns, whatever the multiplier
-        h = torch.linspace(1.0, 0.1, 30)
-        h[6] = 0.0
-        # keep the rows' exps finite: offsets c = 0 next to logits up to scale·|a||b|
-        a_small, b_small = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
-        ours = emu.offset_backward(a_small, b_small, scale, c, g, r, h, exclude)
-        want = ref.offset_backward(a_small, b_small, scale, c, g, r, h, exclude)
-        for name, x, y in zip(("grad_a", "grad_b", "grad_scale"), ours, want):
-            assert torch.isfinite(x).all(), name
-            assert_rel(x, y.numpy(), 2e-6, name, atol=1e-6)
-
-
-def test_fully_masked_rows_and_columns_are_minus_inf_not_nan():
-    emu = resolve_backend("cuda-emu", torch.device("cpu"))
-    a, b = torch.randn(1, 5), torch.randn(1, 5)
-    row, col, pos = emu.lse_stats(a, b, torch.tensor(2.0), torch.zeros(1, dtype=torch.long), 1, True)
-    assert row.item() == col.item() == pos.item() == -math.inf
-    grad_a, grad_b, grad_scale = emu.offset_backward(
-        a, b, torch.tensor(2.0), row, torch.ones(1), col, torch.ones(1), True
-    )
-    assert not grad_a.any() and not grad_b.any() and grad_scale.item() == 0.0
+    assert_all_close_by_rule(ours, naive, oracle(a, b, 12.0, symmetric=True), dtype)
 
 
 @pytest.mark.parametrize("dtype", LOW)
 def test_results_do_not_depend_on_the_scheduling_order(dtype):
     """Forward, reverse and shuffled fiber orders give bitwise the same results: no race between
     synchronization points (a missing barrier makes the result depend on the order)."""
-    a, b = make_inputs(70, 130, 150, dtype=dtype, seed=6)
+    a, b = make_inputs(*BLOCKED, dtype=dtype, device=CPU, seed=6)
     results = {}
     for order, seed in (("forward", 0), ("reverse", 0), ("shuffled", 1)):
         with emulation_settings(schedule=order, seed=seed):
@@ -228,43 +86,33 @@ def test_fma_path_of_16_bit_types_below_sm80(dtype, n, m, d):
     """The pre-sm_80 path (TILECL_TENSOR_CORES 0: 16-bit inputs through the FMA loop) against the
     oracle, and against the tensor-core path, which it matches bitwise except grad_scale (the
     emulated WMMA accumulates in the same k order; only the partials' summation order differs)."""
-    a, b = make_inputs(n, m, d, dtype=dtype, seed=n + d)
+    a, b = make_inputs(n, m, d, dtype=dtype, device=CPU, seed=n + d)
     with emulation_settings(tensor_cores=False):
         assert _cuda_build.load_emulation(tensor_cores=False).TENSOR_CORES is False
         ours = run(tilecl.contrastive_loss, a, b, 12.0, symmetric=True, backend="cuda-emu")
     naive = run(naive_contrastive_loss, a, b, 12.0, symmetric=True)
-    ref = oracle(a, b, 12.0, symmetric=True)
-    for name, x, y, r in zip(NAMES, ours, naive, ref):
-        assert_close_by_rule(x, y, r, dtype, name)
+    assert_all_close_by_rule(ours, naive, oracle(a, b, 12.0, symmetric=True), dtype)
     mma = run(tilecl.contrastive_loss, a, b, 12.0, symmetric=True, backend="cuda-emu")
     for name, x, y in zip(NAMES, ours, mma):
         if name == "grad_scale":
-            assert_rel(x, y.double().numpy(), 1e-5, name, atol=1e-6)
+            assert_rel(x, y, 1e-5, name, atol=1e-6)
         else:
             assert torch.equal(x, y), name
 
 
 def test_bitwise_reproducible():
-    a, b = make_inputs(70, 130, 150, dtype=torch.bfloat16, seed=4)
+    a, b = make_inputs(*BLOCKED, dtype=torch.bfloat16, device=CPU, seed=4)
     first = run(tilecl.contrastive_loss, a, b, 8.0, backend="cuda-emu")
     second = run(tilecl.contrastive_loss, a, b, 8.0, backend="cuda-emu")
     for x, y in zip(first, second):
         assert torch.equal(x, y)
 
 
-def test_non_contiguous_and_strided_inputs():
+def test_a_row_strided_view_reaches_the_kernel_as_is():
     base = torch.randn(50, 80)
-    a = base[:40, ::2]  # column stride 2: copied to a unit column stride
-    b = base[3:43, 10:50]  # row stride 80, unit column stride: passed as is
-    kw = dict(symmetric=True)
-    ours = run(tilecl.contrastive_loss, a.clone().requires_grad_(), b.clone().requires_grad_(), 4.0,
-               backend="cuda-emu", **kw)  # fmt: skip
-    a2, b2 = a.contiguous().requires_grad_(), b.contiguous().requires_grad_()
-    want = run(tilecl.contrastive_loss, a2, b2, 4.0, backend="torch", **kw)
-    for name, x, y in zip(NAMES, ours, want):
-        assert_rel(x, y.detach().numpy(), 1e-5, name, atol=1e-6)
-    # the view itself reaches the kernel with its row stride
-    emu = resolve_backend("cuda-emu", torch.device("cpu"))
+    a = base[:40, ::2]
+    b = base[3:43, 10:50]  # row stride 80, unit column stride: passed with its stride, not copied
+    emu = resolve_backend("cuda-emu", CPU, torch.float32)
     targets = torch.arange(40)
     stats = emu.lse_stats(a.contiguous(), b, torch.tensor(4.0), targets, 40)
     dense = emu.lse_stats(a.contiguous(), b.contiguous(), torch.tensor(4.0), targets, 40)
@@ -273,10 +121,10 @@ def test_non_contiguous_and_strided_inputs():
 
 
 def test_bad_inputs_raise_before_any_launch():
-    emu = resolve_backend("cuda-emu", torch.device("cpu"))
+    emu = resolve_backend("cuda-emu", CPU, torch.float32)
     a, b = torch.randn(4, 3), torch.randn(5, 3)
     t = torch.zeros(4, dtype=torch.long)
-    with pytest.raises(TypeError, match="backend='torch' for float64"):
+    with pytest.raises(TypeError, match="backend='cuda-emu' cannot run torch.float64.*torch"):
         tilecl.contrastive_loss(a.double(), b.double()[:4], backend="cuda-emu")
     with pytest.raises(ValueError, match="share dtype"):
         emu.lse_stats(a, b.half(), torch.tensor(1.0), t, 0)
@@ -290,11 +138,17 @@ def test_bad_inputs_raise_before_any_launch():
         emu.lse_stats(a, b, torch.tensor(math.nan), t, 0)
     with pytest.raises(ValueError, match="row_mult"):
         emu.offset_backward(
-            a, b, torch.tensor(1.0), torch.zeros(4), torch.zeros(3), torch.zeros(0), torch.zeros(0)
+            a,
+            b,
+            torch.tensor(1.0),
+            OffsetTerms(torch.zeros(4), torch.zeros(3), torch.zeros(0), torch.zeros(0)),
         )
     with pytest.raises(ValueError, match="col_offset"):
         emu.offset_backward(
-            a, b, torch.tensor(1.0), torch.zeros(4), torch.zeros(4), torch.zeros(6), torch.zeros(6)
+            a,
+            b,
+            torch.tensor(1.0),
+            OffsetTerms(torch.zeros(4), torch.zeros(4), torch.zeros(6), torch.zeros(6)),
         )
     with pytest.raises(RuntimeError, match="needs CPU tensors"):
         tilecl.contrastive_loss(
@@ -303,12 +157,10 @@ def test_bad_inputs_raise_before_any_launch():
 
 
 def test_missing_extension_says_how_to_build_it():
-    from tilecl.cuda_backend import cuda_built
-
     if cuda_built():
         pytest.skip("tilecl._cuda is built here")
     with pytest.raises(RuntimeError, match="make cuda"):
-        resolve_backend("cuda", torch.device("cuda"))
+        resolve_backend("cuda", torch.device("cuda"), torch.float32)
 
 
 # --------------------------------------------------------------------------- the emulation layer itself
@@ -447,8 +299,6 @@ def test_real_extension_builds_links_and_imports():
 
 
 def test_capability_check_of_the_real_extension():
-    from tilecl.cuda_backend import runs_on
-
     built = [(8, 0), (9, 0)]
     assert runs_on((8, 0), built) and runs_on((8, 6), built) and runs_on((8, 9), built)
     assert runs_on((9, 0), built) and runs_on((10, 0), built)  # the sm_90 PTX JIT-compiles
@@ -457,10 +307,8 @@ def test_capability_check_of_the_real_extension():
 
 
 def test_sizes_past_the_32_bit_tile_loops_are_refused():
-    from tilecl.cuda_backend import MAX_DIM
-
     assert MAX_DIM == 2**31 - 64
-    emu = resolve_backend("cuda-emu", torch.device("cpu"))
+    emu = resolve_backend("cuda-emu", CPU, torch.float32)
     huge = torch.zeros(1, 1).expand(MAX_DIM + 1, 1)  # a stride-0 view: no memory behind it
     with pytest.raises(ValueError, match="2\\^31 - 64"):
         emu.lse_stats(huge, torch.zeros(3, 1), torch.tensor(1.0), torch.zeros(1, dtype=torch.long), 0)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import datetime
 import functools
+import gc
+import weakref
 
 import pytest
 import torch
@@ -22,13 +24,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import tilecl
-from conftest import assert_rel
 from tilecl.modality import (
     brownian_bridge_loss,
     feature_separation_loss,
     geometric_consistency_loss,
     uniformity_loss,
 )
+from utils import assert_rel
 
 N_PER_RANK, EXTRA, D = 5, 2, 4
 M_PER_RANK = N_PER_RANK + EXTRA
@@ -406,13 +408,34 @@ def _bad_input_worker(rank: int, world: int, store: str, out: str) -> None:
             messages[name] = "no error"
         except Exception as error:
             messages[name] = f"{type(error).__name__}: {error}"
-    torch.save((messages, not module.visited_rows.any()), f"{out}.{rank}")
+    freed = _a_failed_call_keeps_nothing_alive(group, odd)
+    torch.save((messages, not module.visited_rows.any(), freed), f"{out}.{rank}")
     dist.destroy_process_group()
+
+
+def _a_failed_call_keeps_nothing_alive(group, odd: bool) -> bool:
+    """With the garbage collector off, the inputs of a call that raised are freed as soon as the
+    caller drops them: no reference cycle through the raised exception keeps them, or the group,
+    alive until a collection that may come only at interpreter shutdown (where tearing down
+    gloo's threads aborts the process)."""
+    gc.collect()
+    gc.disable()
+    try:
+        x = torch.randn(3, D, dtype=torch.float64)
+        alive = weakref.ref(x)
+        try:
+            tilecl.nt_xent_loss(x, x.clone(), -1.0 if odd else 0.5, process_group=group)
+        except ValueError:
+            pass
+        del x
+        return alive() is None
+    finally:
+        gc.enable()
 
 
 def test_bad_input_on_one_rank_raises_everywhere_and_leaves_memory(tmp_path):
     """No hang and no transport abort: the failing rank raises its own error, the others say so."""
-    (m0, unchanged0), (m1, unchanged1) = spawn(_bad_input_worker, 2, tmp_path)
+    (m0, unchanged0, freed0), (m1, unchanged1, freed1) = spawn(_bad_input_worker, 2, tmp_path)
     assert "index must lie in" in m1["gamma index"] and "temperature" in m1["nt-xent temperature"]
     assert "'mean' or 'sum'" in m1["reduction none"] and "backend='cuda'" in m1["unavailable backend"]
     assert "image_features and text_features" in m1["ClipLoss pair"]
@@ -434,6 +457,7 @@ def test_bad_input_on_one_rank_raises_everywhere_and_leaves_memory(tmp_path):
     ]:
         assert m0[name] == m1[name] and f"the same {what}" in m0[name], (name, m0[name], m1[name])
     assert unchanged0 and unchanged1
+    assert freed0 and freed1, "a failed call's inputs outlived it (a reference cycle through its exception)"
 
 
 def _subgroup_worker(rank: int, world: int, store: str, out: str) -> None:

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import tilecl
-from conftest import assert_rel
 from tilecl import reference
 from tilecl.gamma import em_update, gamma_log_weights
+from utils import assert_rel
 
 
 def inputs(n, m, d, seed=0):

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
+from tilecl.backends.triton import pass_count
 from tilecl.inspect_kernels import SHARED_LIMIT
-from tilecl.kernels import pass_count
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import tilecl
+from tilecl.backends import AUTO_ON_CUDA, BACKENDS, resolve_backend
 from tilecl.naive import naive_contrastive_loss, naive_nt_xent_loss
 
 
@@ -122,7 +123,12 @@ def test_nt_xent_module_matches_naive():
 def test_available_backends_and_auto():
     names = tilecl.available_backends()
     assert "torch" in names and "reference" in names
-    from tilecl.backends import resolve_backend
-
-    assert resolve_backend("auto", torch.device("cpu")).name == "torch"
-    assert resolve_backend("auto", torch.device("cuda")).name in ("triton", "cuda", "torch")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_backend("auto", cpu, torch.float32) is BACKENDS["torch"].load()
+    on_cuda = resolve_backend("auto", cuda, torch.float32)
+    runnable = [
+        name for name in AUTO_ON_CUDA if not BACKENDS[name].not_supported_reasons(cuda, torch.float32)
+    ]
+    assert on_cuda is BACKENDS[(runnable or ["torch"])[0]].load()
+    # float64 on CUDA tensors: the kernels do not take it, so auto dispatches to torch
+    assert resolve_backend("auto", cuda, torch.float64) is BACKENDS["torch"].load()

@@ -12,6 +12,8 @@ Public API::
     tilecl.reference          # the NumPy float64 oracle
 """
 
+__version__ = "0.1.0"
+
 from . import reference
 from .backends import available_backends
 from .contrastive import contrastive_loss, gamma_contrastive_loss, nt_xent_loss
@@ -23,8 +25,6 @@ from .modality import (
     uniformity_loss,
 )
 from .modules import ClipLoss, InfoNCELoss, ModalityStructureLoss, NTXentLoss
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ClipLoss",

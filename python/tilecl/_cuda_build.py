@@ -234,6 +234,8 @@ def load_emulation(tensor_cores: bool = True):
     if tensor_cores not in _EMULATION:
         library = build_emulation(tensor_cores)
         spec = importlib.util.spec_from_file_location(_emu_module_name(tensor_cores), library)
+        if spec is None or spec.loader is None:
+            raise RuntimeError(f"cannot load the emulation module from {library}")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         _EMULATION[tensor_cores] = module

@@ -1,31 +1,22 @@
 """The global losses across ranks (torch.distributed), without any rank holding N×N.
 
-Every tilecl loss is written on two primitives (:mod:`tilecl.backends`). A
-*sharded* backend gives them a distributed meaning: ``a`` and ``b`` are this
-rank's shards of the global ``A = [a_0; a_1; …]`` and ``B = [b_0; b_1; …]``,
-and
+Every loss takes ``process_group`` and ``dist_impl`` and hands them to one
+:class:`Ranks`, which is all a loss needs to know about ranks, local or global:
 
-* ``lse_stats`` returns the row LSE of this rank's rows over **all** columns,
-  the column LSE of this rank's columns over **all** rows, and the positive
-  logits of this rank's (rank-local) targets;
-* ``offset_backward`` takes this rank's row offsets/multipliers and column
-  offsets/multipliers and returns ``∂/∂a`` and ``∂/∂b`` of the *global* sum
-  ``Σ G_ij S_ij``, plus this rank's part of ``Σ G_ij a_i·b_j``.
+* :meth:`Ranks.checked` — the loss's own checks, and agreement: if any rank's
+  checks fail, every rank raises (the failing rank its own error, the others
+  a ValueError saying so), before any exchange, so none is left waiting;
+* :meth:`Ranks.sharded` — every rank must make the same call (sizes, dtype,
+  options; else the same ValueError on every rank), then the spec runs on the
+  sharded primitives of :mod:`tilecl.backends.sharded` (``dist_impl``
+  ``"gather"`` or ``"ring"``) with per-rank sums;
+* :meth:`Ranks.global_loss` — the global value from the per-rank sums, with the
+  gradient convention below; :meth:`Ranks.mean`, :meth:`Ranks.gather`,
+  :meth:`Ranks.logsumexp` and :meth:`Ranks.sum_` for losses built from
+  per-sample terms, row statistics or Gram matrices.
 
-The losses' autograd Functions run unchanged on top; only the reduction is
-global. Two implementations (``dist_impl``):
-
-``"gather"``
-    all-gather ``b`` (``O(N_global·D)`` per rank), one tiled pass of this
-    rank's rows against every column; column statistics are merged across
-    ranks with two ``all_reduce`` of ``O(N_global)`` floats, and the backward
-    reduce-scatters ``∂/∂B`` to the owners.
-``"ring"``
-    the blocks of ``b`` travel around the ring with ``batch_isend_irecv``
-    (the next block is in flight while the current one is computed), so a
-    rank holds two blocks, ``O(N_local·D)``. A block's column statistics
-    (forward) and its ``∂/∂b`` (backward) travel with it, each rank adding its
-    rows' part, and arrive at the owner after one lap.
+With ``process_group=None`` every method is the identity (no collective), so a
+loss has one code path.
 
 Gradient convention (documented because open_clip's users were confused by
 world-size factors): the returned value is the **global** loss on every rank
@@ -45,32 +36,45 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from .backends import Backend
+from . import validation as v
+from .backends import Primitives
+from .backends.sharded import (
+    DIST_IMPLS,
+    Shard,
+    ShardedPrimitives,
+    control_tensor,
+    gather_plain,
+    logsumexp_across,
+)
+from .function import LossSpec, col_count
 
-__all__ = ["DIST_IMPLS", "check_dist_impl", "global_value", "sharded_backend"]
+__all__ = ["DIST_IMPLS", "Ranks", "agree", "agree_on_call", "global_value"]
 
-DIST_IMPLS = ("gather", "ring")
-
-
-def check_dist_impl(dist_impl: object) -> str:
-    if dist_impl not in DIST_IMPLS:
-        raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
-    return dist_impl  # type: ignore[return-value]
-
-
-def _control_tensor(values: list[int], group) -> torch.Tensor:
-    """A small int64 tensor for agreement collectives, on the device the group's backend needs."""
-    on_gpu = dist.get_backend(group) == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    return torch.tensor(values, dtype=torch.int64, device=device)
+_T = TypeVar("_T")
 
 
-def agree_on_call(group, **values: object) -> int:
+def agree(failure: Optional[Exception], group: Any, what: str) -> None:
+    """Raise on every rank if any rank failed a check (none is left waiting in a collective)."""
+    flag = control_tensor([0 if failure is None else 1], group)
+    dist.all_reduce(flag, group=group)
+    if failure is not None:
+        try:
+            raise failure
+        finally:
+            # the traceback holds this frame: without this, frame and exception keep each other
+            # (and the group and inputs they reach) alive until a garbage collection, which may
+            # come only at interpreter shutdown, after the process group's threads are gone
+            failure = None
+    if int(flag):
+        raise ValueError(f"{what} failed its checks on another rank")
+
+
+def agree_on_call(group: Any, **values: object) -> int:
     """Every rank's call signature (sizes, dtype, options); the same error on every rank where they differ.
 
     Ranks that disagree would otherwise exchange buffers of different sizes or
@@ -78,8 +82,8 @@ def agree_on_call(group, **values: object) -> int:
     group's size.
     """
     world = dist.get_world_size(group)
-    codes = [v if isinstance(v, int) else zlib.crc32(repr(v).encode()) for v in values.values()]
-    mine = _control_tensor([int(c) for c in codes], group)
+    codes = [x if isinstance(x, int) else zlib.crc32(repr(x).encode()) for x in values.values()]
+    mine = control_tensor([int(c) for c in codes], group)
     gathered = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
     rows = torch.stack(gathered).cpu()
@@ -92,7 +96,7 @@ def agree_on_call(group, **values: object) -> int:
     return world
 
 
-def global_value(share: torch.Tensor, world: int, group) -> torch.Tensor:
+def global_value(share: torch.Tensor, world: int, group: Any) -> torch.Tensor:
     """Value: the sum of every rank's ``share`` (the global loss); gradient: ``world ×`` this rank's share.
 
     DistributedDataParallel averages gradients over ranks, so the factor makes
@@ -103,263 +107,101 @@ def global_value(share: torch.Tensor, world: int, group) -> torch.Tensor:
     return world * share + (total - world * share).detach()
 
 
-def logsumexp_across(x: torch.Tensor, group) -> torch.Tensor:
-    """Elementwise ``log Σ_ranks exp(x)`` (two all-reduces; ``-inf`` everywhere stays ``-inf``)."""
-    peak = x.clone()
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    total = torch.exp(x - peak)
-    dist.all_reduce(total, group=group)
-    return peak + torch.log(total)
-
-
-def gather_plain(x: torch.Tensor, group) -> list[torch.Tensor]:
-    """All ranks' ``x`` in rank order (no autograd: the Functions route gradients themselves)."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return parts
-
-
 @dataclasses.dataclass(frozen=True)
-class _Shard:
-    """This rank's place in the group and the column layout of a sharded call."""
+class Ranks:
+    """Where a loss runs: this process alone (``group=None``) or every rank of a process group."""
 
-    group: Optional[dist.ProcessGroup]
-    world: int
-    rank: int
-    #: gather: the forward's gathered columns, reused by the backward of the same call
-    kept: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    group: Optional[Any] = None
+    dist_impl: str = "gather"
 
-    @classmethod
-    def of(cls, group) -> _Shard:
-        return cls(group, dist.get_world_size(group), dist.get_rank(group))
+    @property
+    def world(self) -> int:
+        return 1 if self.group is None else dist.get_world_size(self.group)
 
-    def peer(self, offset: int) -> int:
-        """Global rank of the group member ``offset`` places further round the ring."""
-        local = (self.rank + offset) % self.world
-        return local if self.group is None else dist.get_global_rank(self.group, local)
+    @property
+    def rank(self) -> int:
+        return 0 if self.group is None else dist.get_rank(self.group)
 
-    def rolled(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Own part first: the home block's local diagonal is then the global one."""
-        return parts[self.rank :] + parts[: self.rank]
+    def checked(self, check: Callable[[], _T], reduction: Optional[str] = None) -> _T:
+        """Run ``check``; with a group, every rank raises if any rank's check failed (nobody hangs).
 
+        ``reduction`` is the loss's: a global loss is ``"mean"`` or ``"sum"``.
+        """
+        if self.group is None:
+            return check()
+        failure: Optional[Exception] = None
+        result: Optional[_T] = None
+        try:
+            v.check_choice(self.dist_impl, "dist_impl", DIST_IMPLS)
+            if reduction == "none":
+                raise ValueError("with process_group, reduction must be 'mean' or 'sum'")
+            result = check()
+        except Exception as error:  # whatever it is, the other ranks must not wait for this one
+            failure = error
+        try:
+            agree(failure, self.group, "the loss's input")
+        finally:
+            failure = None  # see agree: no frame ↔ exception cycle
+        return result  # type: ignore[return-value]
 
-# --------------------------------------------------------------------------- gather
+    def agree_on_call(self, **values: object) -> int:
+        """The world size, once every rank made the same call (:func:`agree_on_call`); 1 locally."""
+        return 1 if self.group is None else agree_on_call(self.group, **values)
 
-
-def _arranged_columns(shard: _Shard, blocks: list[torch.Tensor], col_count: int) -> torch.Tensor:
-    """Gathered ``b`` blocks, own first, with every block's first ``col_count`` rows up front.
-
-    The local primitives return column statistics for a prefix of the
-    columns, so the columns that have statistics (every rank's pair columns)
-    must come first; the hard negatives follow.
-    """
-    rolled = shard.rolled(blocks)
-    m = blocks[0].shape[0]
-    if 0 < col_count < m:
-        return torch.cat([x[:col_count] for x in rolled] + [x[col_count:] for x in rolled])
-    return torch.cat(rolled)
-
-
-def _gathered_columns(shard: _Shard, b: torch.Tensor, col_count: int) -> torch.Tensor:
-    """Every rank's ``b``, arranged; gathered once per call and kept until the backward.
-
-    Keeping them (as an all-gather with autograd would) saves the backward's
-    second all-gather: a third of the gather implementation's traffic.
-    """
-    key = (b.data_ptr(), tuple(b.shape), b._version, col_count)
-    if shard.kept.get("key") != key:
-        shard.kept["key"] = key
-        shard.kept["columns"] = _arranged_columns(shard, gather_plain(b, shard.group), col_count)
-    return shard.kept["columns"]
-
-
-def _gather_lse_stats(local: Backend, shard: _Shard, a, b, scale, targets, col_count, exclude_diagonal=False):
-    _check_layout(exclude_diagonal, col_count, b.shape[0])
-    columns = _gathered_columns(shard, b, col_count)
-    row_lse, col_partial, positive = local.lse_stats(
-        a, columns, scale, targets, col_count * shard.world, exclude_diagonal
-    )
-    if col_count == 0:
-        return row_lse, col_partial, positive
-    # rolled block p is rank (rank + p)'s: roll back to rank order, merge over all ranks' rows
-    by_rank = col_partial.view(shard.world, col_count).roll(shard.rank, dims=0)
-    col_lse = logsumexp_across(by_rank.contiguous(), shard.group)[shard.rank]
-    return row_lse, col_lse, positive
-
-
-def _gather_offset_backward(
-    local: Backend,
-    shard: _Shard,
-    a,
-    b,
-    scale,
-    row_offset,
-    row_mult,
-    col_offset,
-    col_mult,
-    exclude_diagonal=False,
-):
-    m, col_count = b.shape[0], col_offset.shape[0]
-    _check_layout(exclude_diagonal, col_count, m)
-    columns = _gathered_columns(shard, b, col_count)
-    shard.kept.clear()  # the backward is the last use
-    if col_count:
-        col_offset = torch.cat(shard.rolled(gather_plain(col_offset, shard.group)))
-        col_mult = torch.cat(shard.rolled(gather_plain(col_mult, shard.group)))
-    grad_a, grad_columns, grad_scale = local.offset_backward(
-        a, columns, scale, row_offset, row_mult, col_offset, col_mult, exclude_diagonal
-    )
-    grad_blocks = _split_arranged(shard, grad_columns, m, col_count)
-    grad_b = torch.empty_like(grad_blocks[0])
-    dist.reduce_scatter(grad_b, [x.contiguous() for x in grad_blocks], group=shard.group)
-    return grad_a, grad_b, grad_scale
-
-
-def _split_arranged(shard: _Shard, arranged: torch.Tensor, m: int, col_count: int) -> list[torch.Tensor]:
-    """Inverse of :func:`_arranged_columns`: per-rank blocks in rank order."""
-    world = shard.world
-    if 0 < col_count < m:
-        heads = arranged[: world * col_count].view(world, col_count, -1)
-        tails = arranged[world * col_count :].view(world, m - col_count, -1)
-        rolled = [torch.cat([h, t]) for h, t in zip(heads, tails)]
-    else:
-        rolled = list(arranged.view(world, m, -1))
-    back = world - shard.rank
-    return rolled[back:] + rolled[:back]
-
-
-def _check_layout(exclude_diagonal: bool, col_count: int, m: int) -> None:
-    # the losses that exclude the diagonal (NT-Xent, uniformity) have no column statistics
-    if exclude_diagonal and 0 < col_count < m:
-        raise NotImplementedError("exclude_diagonal with column statistics on part of the columns")
-
-
-# --------------------------------------------------------------------------- ring
-
-
-def _ring(
-    shard: _Shard,
-    travelling: list[torch.Tensor],
-    step: Callable[[list[torch.Tensor], bool], torch.Tensor],
-    combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """One lap of the ring; returns the accumulator of this rank's own block.
-
-    At step ``t`` a rank holds the block of rank ``rank − t``. One batch of
-    point-to-point ops per step sends on the accumulator finished at step
-    ``t − 1`` and the block in hand, and receives this step's accumulator so
-    far and the next block; the step's part (``step``) is computed while they
-    travel, then added (``combine``). Every send is in a batch with the
-    matching receives, in the same order on both sides — NCCL pairs batched
-    ops in order, and a lone send would wait for a receive posted behind the
-    peer's own send. At most two accumulators are alive: ``O(n·D)`` per rank.
-    """
-    if shard.world == 1:
-        return step(travelling, True)
-    group, after, before = shard.group, shard.peer(1), shard.peer(-1)
-    held, finished = travelling, None
-
-    def exchange(send: list[torch.Tensor], receive: list[torch.Tensor]) -> list:
-        ops = [dist.P2POp(dist.isend, x, after, group) for x in send if x.numel()]
-        ops += [dist.P2POp(dist.irecv, x, before, group) for x in receive if x.numel()]
-        return dist.batch_isend_irecv(ops) if ops else []
-
-    for t in range(shard.world):
-        sends, receives = [], []
-        accumulated = incoming = None
-        if finished is not None:
-            accumulated = torch.empty_like(finished)
-            sends.append(finished)
-            receives.append(accumulated)
-        if t < shard.world - 1:
-            incoming = [torch.empty_like(x) for x in held]
-            sends += held
-            receives += incoming
-        requests = exchange(sends, receives)
-        part = step(held, t == 0)
-        for request in requests:
-            request.wait()
-        finished = (part if accumulated is None else combine(accumulated, part)).contiguous()
-        held = incoming if incoming is not None else held
-    own = torch.empty_like(finished)
-    for request in exchange([finished], [own]):
-        request.wait()
-    return own
-
-
-def _ring_lse_stats(local: Backend, shard: _Shard, a, b, scale, targets, col_count, exclude_diagonal=False):
-    row_lse, positive = None, None
-
-    def step(held: list[torch.Tensor], home: bool) -> torch.Tensor:
-        nonlocal row_lse, positive
-        rows, cols, pos = local.lse_stats(a, held[0], scale, targets, col_count, exclude_diagonal and home)
-        row_lse = rows if row_lse is None else torch.logaddexp(row_lse, rows)
-        if home:
-            positive = pos
-        return cols
-
-    col_lse = _ring(shard, [b.contiguous()], step, torch.logaddexp)
-    return row_lse, col_lse, positive
-
-
-def _ring_offset_backward(
-    local: Backend,
-    shard: _Shard,
-    a,
-    b,
-    scale,
-    row_offset,
-    row_mult,
-    col_offset,
-    col_mult,
-    exclude_diagonal=False,
-):
-    grad_a, grad_scale = None, None
-
-    def step(held: list[torch.Tensor], home: bool) -> torch.Tensor:
-        nonlocal grad_a, grad_scale
-        block, offsets, mults = held
-        ga, gb, gs = local.offset_backward(
-            a, block, scale, row_offset, row_mult, offsets, mults, exclude_diagonal and home
+    def sharded(
+        self, spec: LossSpec, a: torch.Tensor, b: torch.Tensor, labels: Optional[torch.Tensor]
+    ) -> LossSpec:
+        """``spec`` over the global batch: sharded primitives, per-rank sums. Locally: ``spec``."""
+        if self.group is None:
+            return spec
+        n, m = a.shape[0], b.shape[0]
+        world = self.agree_on_call(
+            N=n,
+            M=m,
+            D=a.shape[1],
+            dtype=a.dtype,
+            columns_with_statistics=col_count(labels, n, m, spec.symmetric),
+            exclude_diagonal=spec.exclude_diagonal,
+            reduction=spec.reduction,
+            dist_impl=self.dist_impl,
         )
-        grad_a = ga if grad_a is None else grad_a.add_(ga)
-        grad_scale = gs if grad_scale is None else grad_scale + gs
-        return gb
+        primitives = self.sharded_primitives(spec.primitives)
+        return dataclasses.replace(spec, primitives=primitives, reduction="sum", world=world)
 
-    travelling = [b.contiguous(), col_offset.contiguous(), col_mult.contiguous()]
-    grad_b = _ring(shard, travelling, step, torch.add)
-    return grad_a, grad_b, grad_scale
+    def sharded_primitives(self, local: Primitives) -> Primitives:
+        """``local`` over the global batch (call :meth:`agree_on_call` first). Locally: ``local``."""
+        if self.group is None:
+            return local
+        return ShardedPrimitives(local, Shard.of(self.group), self.dist_impl)
 
+    def global_loss(self, value: torch.Tensor, count: int, reduction: str) -> torch.Tensor:
+        """The global loss from :meth:`sharded`'s per-rank sum over ``count`` terms. Locally: ``value``."""
+        if self.group is None:
+            return value
+        share = value / (count * self.world) if reduction == "mean" else value
+        return global_value(share, self.world, self.group)
 
-# --------------------------------------------------------------------------- entry points
+    def mean(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """Mean over every rank's samples (the gradient convention above)."""
+        if self.group is None:
+            return per_sample.mean()
+        world = self.world
+        return global_value(per_sample.sum() / (per_sample.shape[0] * world), world, self.group)
 
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``x`` concatenated in rank order (no autograd). Locally: ``x``."""
+        return x if self.group is None else torch.cat(gather_plain(x, self.group))
 
-_IMPLEMENTATIONS = {
-    "gather": (_gather_lse_stats, _gather_offset_backward),
-    "ring": (_ring_lse_stats, _ring_offset_backward),
-}
+    def own(self, n: int) -> slice:
+        """This rank's rows in :meth:`gather`'s concatenation of ``n``-row parts."""
+        return slice(self.rank * n, (self.rank + 1) * n)
 
+    def logsumexp(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise ``log Σ_ranks exp(x)``. Locally: ``x``."""
+        return x if self.group is None else logsumexp_across(x, self.group)
 
-def sharded_backend(local: Backend, group, dist_impl: str) -> Backend:
-    """``local``'s two primitives over the global batch of ``group`` (see the module docstring)."""
-    shard = _Shard.of(group)
-    forward, backward = _IMPLEMENTATIONS[check_dist_impl(dist_impl)]
-
-    def lse_stats(*args, **kwargs):
-        return forward(local, shard, *args, **kwargs)
-
-    def offset_backward(*args, **kwargs):
-        return backward(local, shard, *args, **kwargs)
-
-    return Backend(f"{dist_impl}:{local.name}", lse_stats, offset_backward)
-
-
-def agree(failure: Optional[Exception], group, what: str) -> None:
-    """Raise on every rank if any rank failed a check (none is left waiting in a collective)."""
-    flag = _control_tensor([0 if failure is None else 1], group)
-    dist.all_reduce(flag, group=group)
-    if failure is not None:
-        raise failure
-    if int(flag):
-        raise ValueError(f"{what} failed its checks on another rank")
+    def sum_(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over every rank, in place. Locally: ``x``."""
+        if self.group is not None:
+            dist.all_reduce(x, group=self.group)
+        return x

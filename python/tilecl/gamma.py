@@ -28,21 +28,14 @@ import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from . import _validation as v
-from .contrastive import (
-    BatchStats,
-    _apply,
-    _targets,
-    batch_stats,
-    check_call,
-    checked_on_every_rank,
-    global_loss,
-    sharded_spec,
-)
-from .distributed import check_dist_impl
+from . import validation as v
+from ._compat import standard_gamma
+from .backends import LseStats
+from .contrastive import check_call
+from .distributed import DIST_IMPLS, Ranks
+from .function import LossSpec, apply_loss, batch_stats, targets_of
 
 __all__ = ["GammaContrastiveLoss", "em_update", "gamma_log_weights"]
 
@@ -96,10 +89,9 @@ def gamma_log_weights(
     """
     if estimator == "mean":
         return math.log(alpha) - log_memory_at_batch
-    # torch.distributions.Gamma draws through this op too, but cannot take a generator
     device = log_memory_at_batch.device if generator is None else generator.device
     concentration = torch.full(log_memory_at_batch.shape, alpha, dtype=torch.float64, device=device)
-    draws = torch._standard_gamma(concentration, generator=generator).to(log_memory_at_batch.device)
+    draws = standard_gamma(concentration, generator).to(log_memory_at_batch.device)
     return torch.log(draws).to(log_memory_at_batch.dtype) - log_memory_at_batch
 
 
@@ -143,16 +135,12 @@ class GammaContrastiveLoss(nn.Module):
         dist_impl: str = "gather",
     ) -> None:
         super().__init__()
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-        v.check_positive(alpha, "alpha")
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
-            raise ValueError(f"gamma must lie in (0, 1], got {gamma!r}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        self.num_samples, self.alpha, self.gamma = num_samples, float(alpha), float(gamma)
-        self.estimator, self.symmetric, self.backend = estimator, symmetric, backend
-        check_dist_impl(dist_impl)
+        self.num_samples = v.check_count(num_samples, "num_samples")
+        self.alpha = v.check_positive(alpha, "alpha")
+        self.gamma = v.check_in_interval(gamma, "gamma", 0.0, 1.0, open_low=True)
+        self.estimator = v.check_choice(estimator, "estimator", ESTIMATORS)
+        v.check_choice(dist_impl, "dist_impl", DIST_IMPLS)
+        self.symmetric, self.backend = symmetric, backend
         self.generator, self.process_group, self.dist_impl = generator, process_group, dist_impl
         for direction in ("rows", "cols"):
             self.register_buffer(f"log_memory_{direction}", torch.zeros(num_samples, dtype=torch.float64))
@@ -165,19 +153,6 @@ class GammaContrastiveLoss(nn.Module):
             f"num_samples={self.num_samples}, alpha={self.alpha}, gamma={self.gamma}, "
             f"estimator={self.estimator!r}, symmetric={self.symmetric}"
         )
-
-    def _check_index(self, index: torch.Tensor, n: int, like: torch.Tensor) -> None:
-        if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32):
-            raise TypeError("index must be an int64 (or int32) tensor of dataset indices")
-        if index.shape != (n,):
-            raise ValueError(f"index must have shape ({n},) (one per row of a), got {tuple(index.shape)}")
-        if index.device != like.device:
-            raise ValueError(f"index must be on {like.device}, got {index.device}")
-        low, high = int(index.min()), int(index.max())
-        if low < 0 or high >= self.num_samples:
-            raise ValueError(
-                f"index must lie in [0, num_samples={self.num_samples}), got values in [{low}, {high}]"
-            )
 
     def _e_step(self, direction: str, index: torch.Tensor, log_d_hat: torch.Tensor, own: slice = slice(None)):
         """The memory update (to commit later) and ``log u`` of the rows ``own`` of the batch."""
@@ -207,77 +182,59 @@ class GammaContrastiveLoss(nn.Module):
         (``positives`` keeps the positive out of ``D̂``, as in the paper).
         """
         n, m = a.shape[0], b.shape[0]
+        ranks = Ranks(self.process_group, self.dist_impl)
 
-        def check():
+        def check() -> tuple[torch.Tensor, LossSpec]:
             checked = check_call(a, b, logit_scale, labels, positives, self.symmetric, "mean", self.backend)
             if self.process_group is not None and (labels is not None or positives is not None):
                 raise ValueError("labels and positives are not supported with process_group")
-            self._check_index(index, n, a)
+            v.check_index(index, "index", n, self.num_samples, a)
             if self.log_memory_rows.device != a.device:
                 raise ValueError(
                     f"the module's memory is on {self.log_memory_rows.device}; move it with .to()"
                 )
             return checked
 
-        scale, spec = checked_on_every_rank(self.process_group, self.dist_impl, check)
-        if self.process_group is not None:
-            return self._forward_distributed(a, b, index, scale, spec)
+        scale, spec = ranks.checked(check)
+        spec = ranks.sharded(spec, a, b, labels)
         stats = batch_stats(a, b, scale, labels, positives, spec)
-        row_update, log_u_rows = self._e_step("rows", index, stats.row_lse - math.log(m))
-        col_update, log_u_cols = None, None
-        if self.symmetric:
-            col_at_pair = stats.col_lse[_targets(labels, n, a.device)]
-            col_update, log_u_cols = self._e_step("cols", index, col_at_pair - math.log(n))
-        loss = _apply(a, b, scale, labels, positives, log_u_rows, log_u_cols, spec, stats)
-        if self.training:
-            self._commit("rows", row_update)
-            if col_update is not None:
-                self._commit("cols", col_update)
-        self.last_infonce = _infonce_from_stats(stats, labels, self.symmetric)
-        self.last_log_u = (log_u_rows, log_u_cols)
-        return loss
-
-    def _forward_distributed(self, a, b, index, scale, spec) -> torch.Tensor:
-        """The sharded statistics of every rank's pairs; the E-step on the gathered O(N) statistics.
-
-        Only per-sample scalars (``log D̂`` and the dataset index) are
-        gathered for the E-step, so every rank updates the same samples the
-        same way and the memories stay identical, whatever ``dist_impl``.
-        """
-        from .distributed import gather_plain
-
-        group = self.process_group
-        n, m = a.shape[0], b.shape[0]
-        sharded = sharded_spec(spec, a, b, None, group, self.dist_impl)
-        world = sharded.world
-        stats = batch_stats(a, b, scale, None, None, sharded)
-        global_index = torch.cat(gather_plain(index, group))
-        mine = slice(dist.get_rank(group) * n, (dist.get_rank(group) + 1) * n)
+        # the E-step runs on every rank's per-sample statistics (O(N) scalars), so every rank
+        # updates the same samples the same way and the memories stay identical
+        every_index, mine = ranks.gather(index), ranks.own(n)
 
         def e_step(direction: str, log_d_hat: torch.Tensor):
-            return self._e_step(direction, global_index, torch.cat(gather_plain(log_d_hat, group)), mine)
+            return self._e_step(direction, every_index, ranks.gather(log_d_hat), mine)
 
-        row_update, log_u_rows = e_step("rows", stats.row_lse - math.log(m * world))
+        row_update, log_u_rows = e_step("rows", stats.row_lse - math.log(m * spec.world))
         col_update, log_u_cols = None, None
         if self.symmetric:
-            col_update, log_u_cols = e_step("cols", stats.col_lse[:n] - math.log(n * world))
-        share = _apply(a, b, scale, None, None, log_u_rows, log_u_cols, sharded, stats)
-        loss = global_loss(share, n, spec.reduction, world, group)
+            col_at_pair = stats.col_lse[targets_of(labels, n, a.device)]
+            col_update, log_u_cols = e_step("cols", col_at_pair - math.log(n * spec.world))
+        loss = apply_loss(
+            a,
+            b,
+            scale,
+            spec,
+            labels=labels,
+            positives=positives,
+            log_u_rows=log_u_rows,
+            log_u_cols=log_u_cols,
+            stats=stats,
+        )
+        loss = ranks.global_loss(loss, n, "mean")
         if self.training:
             self._commit("rows", row_update)
             if col_update is not None:
                 self._commit("cols", col_update)
-        infonce = _infonce_from_stats(stats, None, self.symmetric) / world
-        dist.all_reduce(infonce, group=group)
-        self.last_infonce = infonce
+        self.last_infonce = ranks.sum_(_infonce_from_stats(stats, labels, self.symmetric) / ranks.world)
         self.last_log_u = (log_u_rows, log_u_cols)
         return loss
 
 
-def _infonce_from_stats(stats: BatchStats, labels: Optional[torch.Tensor], symmetric: bool) -> torch.Tensor:
+def _infonce_from_stats(stats: LseStats, labels: Optional[torch.Tensor], symmetric: bool) -> torch.Tensor:
     """The batch's plain InfoNCE value, read off the stats the loss already computed."""
     per_pair = stats.row_lse - stats.positive
     if symmetric:
-        targets = _targets(labels, stats.row_lse.shape[0], stats.row_lse.device)
+        targets = targets_of(labels, stats.row_lse.shape[0], stats.row_lse.device)
         per_pair = (per_pair + stats.col_lse[targets] - stats.positive) / 2
     return per_pair.mean().detach()

@@ -7,7 +7,7 @@ For each kernel x dtype x configuration x architecture: shared memory
 on the generated PTX, with the ptxas that ships with Triton), and the count of
 tensor-core instructions in the PTX (``mma.sync``, and on sm_90 also
 ``wgmma.mma_async``). Plus the N·M·D matmul pass count of a symmetric fwd+bwd, derived from
-the kernel structure (``tilecl.kernels.pass_count``).
+the kernel structure (``tilecl.backends.triton.pass_count``).
 
 CUDA section (``report["cuda"]``): the ``csrc/`` kernels compiled by nvcc for sm_80 and sm_90
 with warnings as errors; per kernel x dtype x architecture, ptxas's registers, spill and stack
@@ -37,28 +37,30 @@ def _signature(kernel: str, dtype: str) -> dict:
     f32, i32 = "*fp32", "i32"
     shapes = {"n_rows": i32, "n_cols": i32}
     strides = {"dim": i32, "stride_a": i32, "stride_b": i32}
-    if kernel == "_row_stats_kernel":
+    if kernel == "row_stats_kernel":
         ptrs = {"a_ptr": t, "b_ptr": t, "targets_ptr": "*i64", "row_lse_ptr": f32, "positive_ptr": f32}
         return {**ptrs, "scale": "fp32", **shapes, **strides}
-    if kernel == "_col_stats_kernel":
+    if kernel == "col_stats_kernel":
         ptrs = {"a_ptr": t, "b_ptr": t, "col_lse_ptr": f32}
         return {**ptrs, "scale": "fp32", **shapes, "col_count": i32, **strides}
     offsets = {"c_ptr": f32, "g_ptr": f32, "r_ptr": f32, "h_ptr": f32}
-    if kernel == "_backward_kernel":
+    scales = {"scale": "fp32"}
+    if kernel == "backward_kernel":
         outs = {"grad_a_ptr": f32, "grad_b_ptr": f32, "scale_partial_ptr": f32}
+        scales["inv_scale"] = "fp32"
     else:
         outs = {"grad_b_ptr": f32}
-    return {"a_ptr": t, "b_ptr": t, **offsets, **outs, "scale": "fp32", **shapes, "col_count": i32, **strides}
+    return {"a_ptr": t, "b_ptr": t, **offsets, **outs, **scales, **shapes, "col_count": i32, **strides}
 
 
 def _variants() -> list[tuple[str, str, dict]]:
     """(report name, kernel function name, extra constexprs)."""
     return [
-        ("row_stats", "_row_stats_kernel", {}),
-        ("col_stats", "_col_stats_kernel", {}),
-        ("backward_atomic", "_backward_kernel", {"ATOMIC_GRAD_B": True}),
-        ("backward_rows_deterministic", "_backward_kernel", {"ATOMIC_GRAD_B": False}),
-        ("backward_cols_deterministic", "_backward_cols_kernel", {}),
+        ("row_stats", "row_stats_kernel", {}),
+        ("col_stats", "col_stats_kernel", {}),
+        ("backward_atomic", "backward_kernel", {"ATOMIC_GRAD_B": True}),
+        ("backward_rows_deterministic", "backward_kernel", {"ATOMIC_GRAD_B": False}),
+        ("backward_cols_deterministic", "backward_cols_kernel", {}),
     ]
 
 
@@ -76,7 +78,10 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
             text=True,
             check=True,
         ).stderr
-    registers = int(re.search(r"Used (\d+) registers", out).group(1))
+    used = re.search(r"Used (\d+) registers", out)
+    if used is None:
+        raise RuntimeError(f"ptxas reported no register count:\n{out}")
+    registers = int(used.group(1))
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", out)]
     return {"registers": registers, "spill_bytes": sum(spills)}
 
@@ -97,6 +102,7 @@ def compile_kernel(name: str, dtype: str, config, arch: int) -> dict:
         "PRECISION": "ieee",
         "UPCAST": False,
         **extra,
+        **({"SCALE_FROM_FP32_G": dtype != "float32"} if fn_name == "backward_kernel" else {}),
         **{k: v for k, v in blocks.items() if k.startswith("BLOCK") and k in fn.arg_names},
     }
     signature = {**_signature(fn_name, dtype), **{k: "constexpr" for k in constexprs}}
@@ -123,7 +129,7 @@ def inspect(
     archs=(80, 90), dtypes=("float16", "bfloat16", "float32"), kernels=None, configs=None, progress=True
 ) -> dict:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    from tilecl.kernels.launch import GPU_CONFIGS, MAX_BLOCK_DOUT, pass_count
+    from tilecl.backends.triton import GPU_CONFIGS, MAX_BLOCK_DOUT, pass_count
 
     rows = []
     names = kernels or [v[0] for v in _variants()]
@@ -169,8 +175,7 @@ def performance_model(n: int = 65536, d: int = 512) -> dict:
     is a lower bound on time for both structures; what it compares is the
     matmul work each structure must do.
     """
-    from tilecl.kernels import pass_count
-    from tilecl.kernels.launch import MAX_BLOCK_DOUT
+    from tilecl.backends.triton import MAX_BLOCK_DOUT, pass_count
 
     flops_per_pass = 2 * n * n * d
     ours = pass_count(d, MAX_BLOCK_DOUT, deterministic=False)

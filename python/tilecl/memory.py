@@ -1,6 +1,6 @@
 """Peak extra memory of one fwd+bwd, in a fresh subprocess (CPU) or from the allocator (CUDA).
 
-Protocol (DESIGN.md): on CPU, a new Python process allocates the inputs,
+Protocol (docs/design.md): on CPU, a new Python process allocates the inputs,
 resets its peak RSS to the current RSS (``/proc/self/clear_refs``), runs the
 loss forward and backward once, and reports the peak RSS (``VmHWM``) minus
 that baseline (Linux only). A fresh process per configuration keeps earlier

@@ -19,13 +19,16 @@ Features are ``(N, d)`` tensors (L2-normalized by the caller, as in the paper);
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from .backends import resolve_backend
-from .contrastive import _refuse_second_derivative, checked_on_every_rank, contrastive_loss
+from . import validation as v
+from .backends import OffsetTerms, Primitives, resolve_backend
+from .contrastive import contrastive_loss
+from .distributed import Ranks
+from .function import refuse_second_derivative
 
 __all__ = [
     "brownian_bridge_loss",
@@ -38,47 +41,31 @@ __all__ = [
 GRAM_CHUNK_ROWS = 8192
 
 
-def _check_features(z: object, name: str, like: Optional[torch.Tensor] = None) -> torch.Tensor:
-    if not isinstance(z, torch.Tensor) or z.dim() != 2 or not z.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a 2-D floating tensor (N, d), got {getattr(z, 'shape', type(z))}")
-    if z.shape[0] == 0 or z.shape[1] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(z.shape)})")
-    if like is not None:
-        if z.shape != like.shape:
-            raise ValueError(
-                f"{name} must have the shape of the first features {tuple(like.shape)}, got {tuple(z.shape)}"
-            )
-        if z.device != like.device or z.dtype != like.dtype:
-            raise ValueError(f"{name} must match the first features' dtype and device")
-    return z
-
-
 # --------------------------------------------------------------------------- uniformity
 
 
 class _PairLogMeanExp(torch.autograd.Function):
     """``log mean_{j≠k} exp(a'_j·b'_k + β_j)`` over the tiles (a scalar).
 
-    With a sharded backend (``group`` set) the rows are this rank's, the
+    Over a process group (sharded primitives) the rows are this rank's, the
     columns every rank's, and the total is merged across ranks; the backward
     then follows the gradient convention of :mod:`tilecl.distributed`.
+
+    Not the shared Function of :mod:`tilecl.function`: the loss is one scalar
+    of all row statistics, not a sum of per-pair terms, so it needs its own
+    (ten-line) backward over the same offset-backward primitive.
     """
 
     @staticmethod
-    def forward(ctx, a_aug, b_aug, row_bias, backend, group):
+    def forward(ctx, a_aug, b_aug, row_bias, primitives: Primitives, ranks: Ranks):
         one = torch.ones((), dtype=torch.float64, device=a_aug.device)
         targets = torch.zeros(a_aug.shape[0], dtype=torch.long, device=a_aug.device)
-        row_lse, _, _ = backend.lse_stats(a_aug, b_aug, one, targets, 0, True)
+        row_lse, _, _ = primitives.lse_stats(a_aug, b_aug, one, targets, 0, True)
         bias = row_bias.to(row_lse.dtype)
-        total = torch.logsumexp(row_lse + bias, dim=0)
-        n, world = a_aug.shape[0], 1
-        if group is not None:
-            from .distributed import logsumexp_across
-
-            world = torch.distributed.get_world_size(group)
-            total, n = logsumexp_across(total, group), n * world
+        total = ranks.logsumexp(torch.logsumexp(row_lse + bias, dim=0))
+        n = a_aug.shape[0] * ranks.world
         ctx.save_for_backward(a_aug, b_aug, bias, row_lse, total)
-        ctx.backend, ctx.world = backend, world
+        ctx.primitives, ctx.world = primitives, ranks.world
         return (total - math.log(n * (n - 1))).to(row_bias.dtype)
 
     @staticmethod
@@ -89,12 +76,11 @@ class _PairLogMeanExp(torch.autograd.Function):
             one = torch.ones((), dtype=torch.float64, device=a_aug.device)
             empty = torch.empty(0, dtype=bias.dtype, device=bias.device)
             # d/dS'_jk = g·exp(S'_jk + β_j − total): the offset backward with c_j = total − β_j
-            grad_a, grad_b, _ = ctx.backend.offset_backward(
-                a_aug, b_aug, one, total - bias, g.expand_as(bias), empty, empty, True
-            )
+            terms = OffsetTerms(total - bias, g.expand_as(bias), empty, empty)
+            grad_a, grad_b, _ = ctx.primitives.offset_backward(a_aug, b_aug, one, terms, True)
             grad_bias = g * torch.exp(row_lse + bias - total)
             grads = (grad_a.to(a_aug.dtype), grad_b.to(b_aug.dtype), grad_bias, None, None)
-        return _refuse_second_derivative(grads)
+        return refuse_second_derivative(grads)
 
 
 def uniformity_loss(
@@ -118,30 +104,26 @@ def uniformity_loss(
     ``torch.pdist(z).pow(2).mul(-t).exp().mean().log()``.
     """
 
-    def check():
-        _check_features(z, "z")
+    ranks = Ranks(process_group, dist_impl)
+
+    def check() -> Primitives:
+        v.check_features(z, "z")
         if z.shape[0] < 2 and process_group is None:
             raise ValueError(f"uniformity_loss needs at least 2 samples, got N={z.shape[0]}")
-        if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
-            raise ValueError(f"t must be a finite number > 0, got {t!r}")
-        return resolve_backend(backend, z.device)
+        v.check_positive(t, "t")
+        return resolve_backend(backend, z.device, z.dtype)
 
-    ops = checked_on_every_rank(process_group, dist_impl, check)
-    if process_group is not None:
-        from .distributed import agree_on_call, sharded_backend
-
-        n = z.shape[0]
-        world = agree_on_call(
-            process_group, N=n, M=n, D=z.shape[1], dtype=z.dtype, t=float(t), dist_impl=dist_impl
-        )
-        if n * world < 2:
-            raise ValueError(f"uniformity_loss needs at least 2 samples over all ranks, got {n * world}")
-        ops = sharded_backend(ops, process_group, dist_impl)
+    local = ranks.checked(check)
+    n = z.shape[0]
+    world = ranks.agree_on_call(N=n, M=n, D=z.shape[1], dtype=z.dtype, t=float(t), dist_impl=dist_impl)
+    if n * world < 2:
+        raise ValueError(f"uniformity_loss needs at least 2 samples over all ranks, got {n * world}")
+    primitives = ranks.sharded_primitives(local)
     sq_norm = (z * z).sum(dim=1, keepdim=True)
     root = math.sqrt(2 * t)
     a_aug = torch.cat([root * z, torch.ones_like(sq_norm)], dim=1)
     b_aug = torch.cat([root * z, -t * sq_norm], dim=1)
-    return _PairLogMeanExp.apply(a_aug, b_aug, -t * sq_norm.squeeze(1), ops, process_group)
+    return _PairLogMeanExp.apply(a_aug, b_aug, -t * sq_norm.squeeze(1), primitives, ranks)
 
 
 # --------------------------------------------------------------------------- Gram-matrix losses
@@ -165,14 +147,10 @@ class _GramFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, fn: Callable, pairs: Sequence[tuple[int, int]], group, *mats: torch.Tensor):
-        grams = [_gram(mats[i], mats[j]) for i, j in pairs]
-        ctx.world = 1
-        if group is not None:  # every rank's rows: the global Grams
-            for gram in grams:
-                torch.distributed.all_reduce(gram, group=group)
-            ctx.world = torch.distributed.get_world_size(group)
-        grams = [gram.requires_grad_() for gram in grams]
+    def forward(ctx, fn: Callable, pairs: Sequence[tuple[int, int]], ranks: Ranks, *mats: torch.Tensor):
+        # over a process group: every rank's rows, the global Grams
+        grams = [ranks.sum_(_gram(mats[i], mats[j])).requires_grad_() for i, j in pairs]
+        ctx.world = ranks.world
         with torch.enable_grad():
             value = fn(*grams)
             grads = torch.autograd.grad(value, grams, allow_unused=True)
@@ -200,30 +178,16 @@ class _GramFunction(torch.autograd.Function):
                             acc.addmm_(mats[i][rows].double(), d)
                     out[rows] = (g * acc).to(z.dtype)
                 grads.append(out if ctx.needs_input_grad[3 + k] else None)
-        return _refuse_second_derivative((None, None, None, *grads))
+        return refuse_second_derivative((None, None, None, *grads))
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:
     return (x * x).sum()
 
 
-def _global_count(z: torch.Tensor, process_group) -> int:
-    """The number of samples over all ranks (which must hold equal shapes)."""
-    if process_group is None:
-        return z.shape[0]
-    from .distributed import agree_on_call
-
-    return z.shape[0] * agree_on_call(process_group, N=z.shape[0], D=z.shape[1], dtype=z.dtype)
-
-
-def _mean(per_sample: torch.Tensor, process_group) -> torch.Tensor:
-    """Mean over all ranks' samples, with the gradient convention of :mod:`tilecl.distributed`."""
-    if process_group is None:
-        return per_sample.mean()
-    from .distributed import global_value
-
-    world = torch.distributed.get_world_size(process_group)
-    return global_value(per_sample.sum() / (per_sample.shape[0] * world), world, process_group)
+def _global_count(z: torch.Tensor, ranks: Ranks) -> int:
+    """The number of samples over all ranks (which must hold equal shapes, else the same error on all)."""
+    return z.shape[0] * ranks.agree_on_call(N=z.shape[0], D=z.shape[1], dtype=z.dtype)
 
 
 def geometric_consistency_loss(
@@ -249,17 +213,19 @@ def geometric_consistency_loss(
     the loss of the concatenation of all ranks' features.
     """
 
+    ranks = Ranks(process_group)
+
     def check() -> None:
-        _check_features(z_v, "z_v")
-        _check_features(z_t, "z_t", z_v)
+        v.check_features(z_v, "z_v")
+        v.check_like(z_t, "z_t", z_v, "z_v")
         if (z_v_aug is None) != (z_t_aug is None):
             raise ValueError("pass both z_v_aug and z_t_aug (for L^a_gc) or neither")
         if z_v_aug is not None:
-            _check_features(z_v_aug, "z_v_aug", z_v)
-            _check_features(z_t_aug, "z_t_aug", z_v)
+            v.check_like(z_v_aug, "z_v_aug", z_v, "z_v")
+            v.check_like(z_t_aug, "z_t_aug", z_v, "z_v")
 
-    checked_on_every_rank(process_group, "gather", check)
-    n = _global_count(z_v, process_group)
+    ranks.checked(check)
+    n = _global_count(z_v, ranks)
 
     def l_gc(g_vv, g_tt, g_tv):
         # ‖S_VT − S_VTᵀ‖² = 2⟨G_V, G_T⟩ − 2 tr(C·C), C = Z_TᵀZ_V; ‖S_VV − S_TT‖² as above
@@ -267,7 +233,7 @@ def geometric_consistency_loss(
             2 * (g_vv * g_tt).sum() - 2 * (g_tv * g_tv.t()).sum() + _sq(g_vv) + _sq(g_tt) - 2 * _sq(g_tv)
         ) / n
 
-    loss = _GramFunction.apply(l_gc, [(0, 0), (1, 1), (1, 0)], process_group, z_v, z_t)
+    loss = _GramFunction.apply(l_gc, [(0, 0), (1, 1), (1, 0)], ranks, z_v, z_t)
     if z_v_aug is None:
         return loss
 
@@ -275,9 +241,10 @@ def geometric_consistency_loss(
         return (_sq(g_vv) + _sq(g_aa) - 2 * _sq(g_va) + _sq(g_tt) + _sq(g_bb) - 2 * _sq(g_tb)) / n
 
     pairs = [(0, 0), (2, 2), (0, 2), (1, 1), (3, 3), (1, 3)]
-    loss = loss + _GramFunction.apply(l_aug, pairs, process_group, z_v, z_t, z_v_aug, z_t_aug)
+    loss = loss + _GramFunction.apply(l_aug, pairs, ranks, z_v, z_t, z_v_aug, z_t_aug)
+    assert z_t_aug is not None  # checked above: both or neither
     cross = (z_v * z_t).sum(dim=1) - (z_v_aug * z_t_aug).sum(dim=1)
-    return loss + _mean(cross * cross, process_group)
+    return loss + ranks.mean(cross * cross)
 
 
 # --------------------------------------------------------------------------- per-sample terms
@@ -295,15 +262,17 @@ def brownian_bridge_loss(
 
     ``μ_j = normalize(t·z_Vj + (1−t)·z_Tj)``, ``L_br = mean_j ‖z^a_Vj − μ_j‖²``
     (the bridge's variance ``t(1−t)`` dropped; the paper's printed closed form
-    is garbled, this is PAPERS.md's corrected one). ``t`` is a float in
+    is garbled; this is the corrected one of docs/design.md). ``t`` is a float in
     ``[0, 1]`` or an ``(N,)`` tensor of sampled bridge times. With
     ``process_group``: the mean over all ranks' samples.
     """
 
+    ranks = Ranks(process_group)
+
     def check() -> Union[float, torch.Tensor]:
-        _check_features(z_v, "z_v")
-        _check_features(z_t, "z_t", z_v)
-        _check_features(z_v_aug, "z_v_aug", z_v)
+        v.check_features(z_v, "z_v")
+        v.check_like(z_t, "z_t", z_v, "z_v")
+        v.check_like(z_v_aug, "z_v_aug", z_v, "z_v")
         if isinstance(t, torch.Tensor):
             if t.shape not in ((), (z_v.shape[0],)):
                 raise ValueError(
@@ -312,14 +281,12 @@ def brownian_bridge_loss(
             if bool(((t < 0) | (t > 1)).any()):
                 raise ValueError("bridge times t must lie in [0, 1]")
             return t.to(z_v.dtype).reshape(-1, 1) if t.dim() else t.to(z_v.dtype)
-        if not (isinstance(t, (int, float)) and 0 <= t <= 1):
-            raise ValueError(f"t must lie in [0, 1], got {t!r}")
-        return t
+        return v.check_in_interval(t, "t", 0.0, 1.0)
 
-    times = checked_on_every_rank(process_group, "gather", check)
-    _global_count(z_v, process_group)  # equal shapes on every rank, else the same error everywhere
+    times = ranks.checked(check)
+    _global_count(z_v, ranks)  # equal shapes on every rank, else the same error everywhere
     mid = F.normalize(times * z_v + (1 - times) * z_t, dim=1)
-    return _mean(((z_v_aug - mid) ** 2).sum(dim=1), process_group)
+    return ranks.mean(((z_v_aug - mid) ** 2).sum(dim=1))
 
 
 def feature_separation_loss(
@@ -350,8 +317,10 @@ def feature_separation_loss(
     With ``process_group`` (and ``dist_impl``): every term over all ranks' samples.
     """
 
+    ranks = Ranks(process_group, dist_impl)
+
     def check() -> None:
-        _check_features(z_v, "z_v")
+        v.check_features(z_v, "z_v")
         for name, z in (
             ("z_t", z_t),
             ("zi_v", zi_v),
@@ -359,14 +328,13 @@ def feature_separation_loss(
             ("zi_v_aug", zi_v_aug),
             ("zi_t_aug", zi_t_aug),
         ):
-            _check_features(z, name, z_v)
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+            v.check_like(z, name, z_v, "z_v")
+        v.check_positive(temperature, "temperature")
 
-    checked_on_every_rank(process_group, dist_impl, check)
-    _global_count(z_v, process_group)
-    ortho = _mean((z_v * zi_v).sum(dim=1) ** 2 + (z_t * zi_t).sum(dim=1) ** 2, process_group)
-    shared = dict(backend=backend, process_group=process_group, dist_impl=dist_impl)
+    ranks.checked(check)
+    _global_count(z_v, ranks)
+    ortho = ranks.mean((z_v * zi_v).sum(dim=1) ** 2 + (z_t * zi_t).sum(dim=1) ** 2)
+    shared: dict[str, Any] = dict(backend=backend, process_group=process_group, dist_impl=dist_impl)
     scale = 1.0 / temperature
     con = (
         contrastive_loss(zi_v, zi_v_aug, scale, **shared) + contrastive_loss(zi_t, zi_t_aug, scale, **shared)

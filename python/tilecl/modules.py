@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from . import _validation as v
-from .contrastive import checked_on_every_rank, contrastive_loss, nt_xent_loss
+from . import validation as v
+from .contrastive import contrastive_loss, named_contrastive_loss, nt_xent_loss
+from .distributed import DIST_IMPLS
+from .modality import brownian_bridge_loss, feature_separation_loss, geometric_consistency_loss
 
 __all__ = ["ClipLoss", "InfoNCELoss", "ModalityStructureLoss", "NTXentLoss"]
 
 
 def _check_world(world_size: object, dist_impl: object) -> None:
-    from .distributed import check_dist_impl
-
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
-    check_dist_impl(dist_impl)
+    v.check_count(world_size, "world_size")
+    v.check_choice(dist_impl, "dist_impl", DIST_IMPLS)
 
 
 def _default_group(world_size: int, owner: str, rank: Optional[int] = None) -> Optional[object]:
@@ -98,11 +97,8 @@ class ClipLoss(nn.Module):
     ) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
         """Symmetric CLIP loss of ``(N, D)`` image and text features."""
         group = _default_group(self.world_size, "ClipLoss", self.rank)
-        names = ("image_features", "text_features")
-        checked_on_every_rank(
-            group, self.dist_impl, lambda: v.check_pair(image_features, text_features, names)
-        )
-        loss = contrastive_loss(
+        loss = named_contrastive_loss(
+            ("image_features", "text_features"),
             image_features,
             text_features,
             logit_scale,
@@ -162,7 +158,7 @@ class InfoNCELoss(nn.Module):
 
     @property
     def temperature(self) -> float:
-        return 1.0 / float(self.logit_scale())
+        return 1.0 / float(self.logit_scale().detach())
 
     def logit_scale(self) -> torch.Tensor:
         return self.log_scale.exp().clamp(max=self.max_scale)
@@ -174,25 +170,17 @@ class InfoNCELoss(nn.Module):
         negatives: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        group = _default_group(self.world_size, "InfoNCELoss")
-
-        def check() -> None:
-            v.check_pair(a, b)
-            if negatives is not None:
-                v.check_pair(b, negatives, ("b", "negatives"))
-
-        checked_on_every_rank(group, self.dist_impl, check)
-        if negatives is not None:
-            b = torch.cat([b, negatives])
-        return contrastive_loss(
+        return named_contrastive_loss(
+            ("a", "b"),
             a,
             b,
             self.logit_scale(),
             labels=labels,
+            negatives=negatives,
             symmetric=self.symmetric,
             reduction=self.reduction,
             backend=self.backend,
-            process_group=group,
+            process_group=_default_group(self.world_size, "InfoNCELoss"),
             dist_impl=self.dist_impl,
         )
 
@@ -271,8 +259,7 @@ class ModalityStructureLoss(nn.Module):
         _check_world(world_size, dist_impl)
         self.world_size, self.dist_impl = world_size, dist_impl
         for name, value in (("lambda_sep", lambda_sep), ("lambda_br", lambda_br), ("lambda_gc", lambda_gc)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            v.check_nonnegative(value, name)
         v.check_positive(temperature, "temperature")
         self.lambda_sep, self.lambda_br, self.lambda_gc = lambda_sep, lambda_br, lambda_gc
         self.temperature, self.uniformity_t, self.bridge_t = temperature, uniformity_t, bridge_t
@@ -292,16 +279,20 @@ class ModalityStructureLoss(nn.Module):
         zi_t_aug: Optional[torch.Tensor] = None,
         output_dict: bool = False,
     ) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
-        from .modality import brownian_bridge_loss, feature_separation_loss, geometric_consistency_loss
-
         group = _default_group(self.world_size, "ModalityStructureLoss")
-        dist_kw = dict(process_group=group, dist_impl=self.dist_impl)
+        dist_kw: dict[str, Any] = dict(process_group=group, dist_impl=self.dist_impl)
         parts = {"contrastive_loss": contrastive_loss(z_v, z_t, logit_scale, backend=self.backend, **dist_kw)}
-        independent = (zi_v, zi_t, zi_v_aug, zi_t_aug)
-        if self.lambda_sep and all(x is not None for x in independent):
+        if (
+            self.lambda_sep
+            and zi_v is not None
+            and zi_t is not None
+            and zi_v_aug is not None
+            and zi_t_aug is not None
+        ):
             parts["separation_loss"] = self.lambda_sep * feature_separation_loss(
-                z_v, z_t, *independent, self.temperature, self.uniformity_t, backend=self.backend, **dist_kw
-            )
+                z_v, z_t, zi_v, zi_t, zi_v_aug, zi_t_aug, self.temperature, self.uniformity_t,
+                backend=self.backend, **dist_kw,
+            )  # fmt: skip
         if self.lambda_br and z_v_aug is not None:
             parts["bridge_loss"] = self.lambda_br * brownian_bridge_loss(
                 z_v, z_t, z_v_aug, self.bridge_t, process_group=group
@@ -310,5 +301,5 @@ class ModalityStructureLoss(nn.Module):
             parts["geometric_loss"] = self.lambda_gc * geometric_consistency_loss(
                 z_v, z_t, z_v_aug, z_t_aug, process_group=group
             )
-        total = sum(parts.values())
+        total = torch.stack(list(parts.values())).sum()
         return {"loss": total, **parts} if output_dict else total

@@ -8,7 +8,7 @@ Every function takes an array-module parameter ``xp`` (NumPy by default).
 Passing CuPy arrays with ``xp=cupy`` runs the same code on the GPU, so kernels
 can be checked on device without copying to the host.
 
-Conventions (shared with the torch backends, see DESIGN.md)::
+Conventions (shared with every backend, see docs/design.md)::
 
     S = s · a bᵀ                                      (N x M logits)
     ℓ_i^{a→b} = LSE_j S_ij − S_{i, y_i}               (row direction)

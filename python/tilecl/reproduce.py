@@ -1,6 +1,6 @@
 """``python -m tilecl reproduce synthetic``: the article's headline experiment, reconstructed.
 
-Setting (PAPERS.md §1, **[reconstructed]** — the paper's exact setup is not
+Setting (docs/design.md, **[reconstructed]** — the paper's exact setup is not
 public). Anchors ``x_i`` (2,000) and a pool of items ``v_k`` (1,000) in R⁸,
 random directions of norm 2; fixed scores ``S = X Vᵀ``. The model scores
 ``s_θ(i, k) = θ·S_ik`` with one parameter θ (it enters the library as the
@@ -30,7 +30,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -148,7 +148,7 @@ def run_synthetic(
 ) -> dict:
     from tqdm.auto import tqdm
 
-    results = {m: {"final_theta": [], "trace": []} for m in METHODS}
+    results: dict[str, dict[str, list]] = {m: {"final_theta": [], "trace": []} for m in METHODS}
     mles = []
     bar = tqdm(
         total=seeds * len(METHODS) * cfg.steps, desc="synthetic θ runs", unit="step", disable=not progress
@@ -258,7 +258,7 @@ def run_digits(
     from .demo import TwoTower, linear_probe_accuracy, load_digit_views, retrieval_r1, train
 
     views = load_digit_views()
-    scores = {m: {"r1": [], "probe": []} for m in DIGITS_METHODS}
+    scores: dict[str, dict[str, list[float]]] = {m: {"r1": [], "probe": []} for m in DIGITS_METHODS}
     for seed in range(seeds):
         for method in DIGITS_METHODS:
             model = TwoTower(seed=seed)
@@ -364,13 +364,13 @@ def run_modality(
 
     views = load_digit_views()
     right_train, right_test = _degrade(views.right_train, 1), _degrade(views.right_test, 2)
-    weights = {
+    weights: dict[str, dict[str, Any]] = {
         "clip": dict(lambda_sep=0.0, lambda_br=0.0, lambda_gc=0.0),
         "clip+separation": dict(lambda_sep=0.1, lambda_br=0.0, lambda_gc=0.0),
         "clip+bridge": dict(lambda_sep=0.0, lambda_br=0.1, lambda_gc=0.0),
         "clip+geometric": dict(lambda_sep=0.0, lambda_br=0.0, lambda_gc=0.25),
     }
-    scores = {m: {"r1": [], "probe": []} for m in MODALITY_METHODS}
+    scores: dict[str, dict[str, list[float]]] = {m: {"r1": [], "probe": []} for m in MODALITY_METHODS}
     bar = tqdm(
         total=seeds * len(MODALITY_METHODS) * epochs, desc="modality runs", unit="epoch", disable=not progress
     )

@@ -1,7 +1,20 @@
-"""Argument checks shared by every public entry point.
+"""Argument checks shared by every public entry point: one exception type per kind of mistake.
 
 Every check runs before any kernel does, and each message names the argument
 and what was expected, so a wrong call fails fast and says why.
+
+==================  ===========================================================
+``TypeError``       wrong type or dtype (a list for a tensor, integer features,
+                    float labels, a string for a number, mismatched dtypes,
+                    a dtype the chosen backend does not take)
+``ValueError``      wrong value or shape (mismatched sizes or devices, empty
+                    batches, labels out of range, non-finite scales, unknown
+                    option strings, ranks that disagree on the call)
+``RuntimeError``    a backend that cannot run here (not installed or built,
+                    tensors on a device it does not run on)
+==================  ===========================================================
+
+The table is ``docs/design.md``'s too.
 """
 
 from __future__ import annotations
@@ -17,10 +30,15 @@ REDUCTIONS = ("mean", "sum", "none")
 Scale = Union[float, torch.Tensor]
 
 
-def check_features(x: object, name: str) -> torch.Tensor:
-    """A 2-D, non-empty floating tensor of shape ``(rows, D)``."""
+def check_tensor(x: object, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_features(x: object, name: str) -> torch.Tensor:
+    """A 2-D, non-empty floating tensor of shape ``(rows, D)``."""
+    x = check_tensor(x, name)
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (batch x dim), got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
@@ -46,6 +64,22 @@ def check_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str] = ("a", 
         raise TypeError(f"{na} and {nb} must have the same dtype, got {a.dtype} and {b.dtype}")
     if a.device != b.device:
         raise ValueError(f"{na} and {nb} must be on the same device, got {a.device} and {b.device}")
+
+
+def check_like(x: object, name: str, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """Features of exactly ``like``'s shape, dtype and device."""
+    x = check_features(x, name)
+    if x.shape != like.shape:
+        raise ValueError(
+            f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(x.shape)}"
+        )
+    if x.dtype != like.dtype:
+        raise TypeError(f"{name} and {like_name} must have the same dtype, got {x.dtype} and {like.dtype}")
+    if x.device != like.device:
+        raise ValueError(
+            f"{name} and {like_name} must be on the same device, got {x.device} and {like.device}"
+        )
+    return x
 
 
 def check_scale(value: Scale, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -82,9 +116,17 @@ def check_labels(labels: Optional[torch.Tensor], rows: int, cols: int, like: tor
         raise ValueError(f"labels must lie in [0, {cols}) (the columns of b), got values in [{low}, {high}]")
 
 
-def check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    """One of a fixed set of option strings."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, one of {choices}, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_reduction(reduction: object) -> str:
+    return check_choice(reduction, "reduction", REDUCTIONS)
 
 
 def check_symmetric(symmetric: bool, rows: int, cols: int) -> None:
@@ -95,19 +137,68 @@ def check_symmetric(symmetric: bool, rows: int, cols: int) -> None:
         )
 
 
-def check_positive(value: float, name: str) -> None:
+def check_number(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def check_positive(value: object, name: str) -> float:
+    number = check_number(value, name)
+    if not number > 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return number
+
+
+def check_nonnegative(value: object, name: str) -> float:
+    number = check_number(value, name)
+    if not number >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value}")
+    return number
+
+
+def check_in_interval(value: object, name: str, low: float, high: float, open_low: bool = False) -> float:
+    """A number in ``[low, high]`` (``(low, high]`` with ``open_low``)."""
+    number = check_number(value, name)
+    if number > high or number < low or (open_low and number == low):
+        interval = f"{'(' if open_low else '['}{low}, {high}]"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return number
+
+
+def check_count(value: object, name: str, minimum: int = 1) -> int:
+    """An integer ``>= minimum`` (a bool is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_index(index: object, name: str, n: int, size: int, like: torch.Tensor) -> torch.Tensor:
+    """Dataset indices: an int64/int32 ``(n,)`` tensor on ``like``'s device, in ``[0, size)``."""
+    index = check_tensor(index, name)
+    if index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 (or int32) tensor of dataset indices, got {index.dtype}")
+    if index.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) (one per row of a), got {tuple(index.shape)}")
+    if index.device != like.device:
+        raise ValueError(f"{name} must be on {like.device}, got {index.device}")
+    low, high = int(index.min()), int(index.max())
+    if low < 0 or high >= size:
+        raise ValueError(f"{name} must lie in [0, num_samples={size}), got values in [{low}, {high}]")
+    return index
 
 
 def check_log_weights(log_u: Optional[torch.Tensor], name: str, n: int, like: torch.Tensor) -> None:
     """Per-pair log weights ``log u``: a floating ``(n,)`` tensor on ``like``'s device, no NaN or +inf."""
     if log_u is None:
         raise ValueError(f"{name} is required")
-    if not isinstance(log_u, torch.Tensor) or not log_u.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating torch.Tensor")
+    log_u = check_tensor(log_u, name)
+    if not log_u.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {log_u.dtype}")
     if log_u.shape != (n,):
         raise ValueError(f"{name} must have shape ({n},), got {tuple(log_u.shape)}")
     if log_u.device != like.device:

@@ -7,7 +7,7 @@
   the tests. Built on first use under ``build/cuda-emu/``.
 
 Both take float32, float16 or bfloat16 inputs and return float32 statistics and gradients, with
-the signatures of :mod:`tilecl._blockwise`. Every argument is checked here, before a launch: the
+the contract of :mod:`tilecl.backends.base`. Every argument is checked here, before a launch: the
 extension receives raw pointers and trusts them.
 
 The emulation's settings (:func:`emulation_settings`): the order in which the fibers of a block
@@ -20,20 +20,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
 from typing import Any, Iterator, Optional
 
 import torch
 
-from . import _cuda_build
+from .. import _cuda_build
+from .base import Gradients, LseStats, OffsetTerms, with_unit_multipliers
 
 __all__ = [
     "DTYPE_CODES",
     "MAX_DIM",
+    "CudaKernels",
     "cuda_built",
-    "emulation_backend",
+    "emulation_buildable",
     "emulation_settings",
-    "extension_backend",
     "load_extension",
 ]
 
@@ -55,9 +57,12 @@ BUILD_HINT = (
 
 def cuda_built() -> bool:
     """Whether ``tilecl._cuda`` is importable (without importing it)."""
-    import importlib.util
-
     return importlib.util.find_spec("tilecl._cuda") is not None
+
+
+def emulation_buildable() -> Optional[str]:
+    """``None`` when the emulation module can be built here, else what is missing."""
+    return _cuda_build.emulation_buildable()
 
 
 @functools.cache
@@ -151,7 +156,8 @@ def runs_on(capability: tuple[int, int], archs: Optional[list[tuple[int, int]]])
 
 @functools.cache
 def _check_capability(index: int, module: Any) -> None:
-    capability = tuple(torch.cuda.get_device_capability(index))
+    major, minor = torch.cuda.get_device_capability(index)
+    capability = (major, minor)
     archs = _built_archs(module)
     if not runs_on(capability, archs):
         built = ", ".join(f"sm_{a}{b}" for a, b in archs) if archs else "unknown"
@@ -223,20 +229,31 @@ def _stream(device: torch.device, backend: str) -> int:
     return torch.cuda.current_stream(device).cuda_stream if backend == "cuda" else 0
 
 
-def _make_lse_stats(backend: str, module_loader):
+class CudaKernels:
+    """The two primitives over the kernels of ``csrc/``: ``"cuda"`` (the nvcc extension on CUDA
+    tensors) or ``"cuda-emu"`` (the g++ emulation on CPU tensors). Float32 statistics and gradients."""
+
+    def __init__(self, backend: str) -> None:
+        if backend not in ("cuda", "cuda-emu"):
+            raise ValueError(f"backend must be 'cuda' or 'cuda-emu', got {backend!r}")
+        self.backend = backend
+        # fail when the backend is loaded, before any launch, if the module cannot be had
+        self.module()
+
+    def module(self) -> Any:
+        return load_extension() if self.backend == "cuda" else _emulation_module()
+
     def lse_stats(
+        self,
         a: torch.Tensor,
         b: torch.Tensor,
         scale: torch.Tensor,
         targets: torch.Tensor,
         col_count: int,
         exclude_diagonal: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Row LSE (``N``), column LSE (``col_count``), positive logits (``N``) of ``S = s·a·bᵀ``, float32.
-
-        ``a``: ``N x D``, ``b``: ``M x D`` (float32/float16/bfloat16), ``targets``: ``N`` integer
-        column indices in ``[0, M)``, ``0 <= col_count <= M``. See :func:`tilecl._blockwise.lse_stats`.
-        """
+    ) -> LseStats:
+        """:class:`~tilecl.backends.base.LseStats` in float32; ``0 <= col_count <= M``."""
+        backend = self.backend
         a, b = _check_inputs(a, b, backend)
         n, m, d = a.shape[0], b.shape[0], a.shape[1]
         if not 0 <= int(col_count) <= m:
@@ -244,9 +261,9 @@ def _make_lse_stats(backend: str, module_loader):
         # the callers validate labels; a target outside [0, M) is never read past (its positive is 0)
         targets = _vector(targets, "targets", n, a, torch.int64)
         s = _scale(scale, backend)
-        module = module_loader()
+        module = self.module()
         _check_device(a.device, backend, module)
-        f32 = dict(dtype=torch.float32, device=a.device)
+        f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
         row_lse, positive = torch.empty(n, **f32), torch.empty(n, **f32)
         col_lse = torch.empty(int(col_count), **f32)
         with _device_guard(a.device, backend):
@@ -255,42 +272,46 @@ def _make_lse_stats(backend: str, module_loader):
                 col_lse.data_ptr(), positive.data_ptr(), s, n, m, d, a.stride(0), b.stride(0), int(col_count),
                 bool(exclude_diagonal), _stream(a.device, backend),
             )  # fmt: skip
-        return row_lse, col_lse, positive
+        return LseStats(row_lse, col_lse, positive)
 
-    return lse_stats
-
-
-def _make_offset_backward(backend: str, module_loader):
     def offset_backward(
+        self,
         a: torch.Tensor,
         b: torch.Tensor,
         scale: torch.Tensor,
-        row_offset: torch.Tensor,
-        row_mult: torch.Tensor,
-        col_offset: torch.Tensor,
-        col_mult: torch.Tensor,
+        terms: OffsetTerms,
         exclude_diagonal: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(scale·G·b (N x D), scale·Gᵀ·a (M x D), Σ G_ij a_i·b_j (0-d))`` in float32.
+    ) -> Gradients:
+        """:class:`~tilecl.backends.base.Gradients` in float32 (float16 multipliers rescaled first)."""
+        return with_unit_multipliers(self._launch_backward)(a, b, scale, terms, exclude_diagonal)
 
-        ``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j)``; ``c, g``: ``N``; ``r, h``: ``K <= M``.
-        A non-finite ``c_i`` counts as 0 and a non-finite ``r_j`` drops column ``j``'s term, as in
-        the reference. See :func:`tilecl._blockwise.offset_backward`.
-        """
+    def _launch_backward(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor,
+        terms: OffsetTerms,
+        exclude_diagonal: bool = False,
+    ) -> Gradients:
+        backend = self.backend
         a, b = _check_inputs(a, b, backend)
         n, m, d = a.shape[0], b.shape[0], a.shape[1]
+        row_offset, row_mult, col_offset, col_mult = terms
         k = col_offset.shape[0] if isinstance(col_offset, torch.Tensor) and col_offset.dim() == 1 else -1
         if not 0 <= k <= m:
             raise ValueError(f"col_offset must be a 1-D tensor of at most {m} entries")
         c = _vector(row_offset, "row_offset", n, a, torch.float32)
         g = _vector(row_mult, "row_mult", n, a, torch.float32)
+        # the kernels count a non-finite c_i as 0; the contract drops the row's term
+        live_rows = torch.isfinite(c)
+        c, g = torch.where(live_rows, c, 0.0), torch.where(live_rows, g, 0.0)
         r = _vector(col_offset, "col_offset", k, a, torch.float32)
         h = _vector(col_mult, "col_mult", k, a, torch.float32)
         s = _scale(scale, backend)
-        module = module_loader()
+        module = self.module()
         _check_device(a.device, backend, module)
         code = DTYPE_CODES[a.dtype]
-        f32 = dict(dtype=torch.float32, device=a.device)
+        f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
         grad_a, grad_b = torch.empty(n, d, **f32), torch.empty(m, d, **f32)
         grad_scale = torch.empty((), **f32)
         workspace = torch.empty(module.workspace_floats(code, n, d), **f32)
@@ -300,23 +321,8 @@ def _make_offset_backward(backend: str, module_loader):
                 grad_a.data_ptr(), grad_b.data_ptr(), grad_scale.data_ptr(), workspace.data_ptr(), s,
                 n, m, d, k, a.stride(0), b.stride(0), bool(exclude_diagonal), _stream(a.device, backend),
             )  # fmt: skip
-        return grad_a, grad_b, grad_scale
-
-    return offset_backward
+        return Gradients(grad_a, grad_b, grad_scale)
 
 
 def _device_guard(device: torch.device, backend: str):
     return torch.cuda.device(device) if backend == "cuda" else contextlib.nullcontext()
-
-
-def extension_backend():
-    """``(lse_stats, offset_backward)`` of the real extension (built with nvcc)."""
-    load_extension()  # fail at resolve time, before any launch, if it is missing
-    return _make_lse_stats("cuda", load_extension), _make_offset_backward("cuda", load_extension)
-
-
-def emulation_backend():
-    """``(lse_stats, offset_backward)`` of the CPU emulation (built with g++ on first use)."""
-    _cuda_build.load_emulation()
-    loader = _emulation_module
-    return _make_lse_stats("cuda-emu", loader), _make_offset_backward("cuda-emu", loader)

@@ -1,4 +1,4 @@
-"""The ``torch`` backend: the two tiled primitives every loss is built from.
+"""The ``torch`` backend: the two primitives (:mod:`tilecl.backends.base`) as tiled PyTorch.
 
 * :func:`lse_stats` — one pass over the tiles of ``S = s·a bᵀ`` that yields the
   row log-sum-exp (all ``M`` columns) and the column log-sum-exp of the first
@@ -23,6 +23,8 @@ import math
 import os
 
 import torch
+
+from .base import Gradients, LseStats, OffsetTerms
 
 __all__ = ["TILE_BYTES", "accumulation_dtype", "lse_stats", "offset_backward", "tile_shape"]
 
@@ -101,7 +103,7 @@ def lse_stats(
     targets: torch.Tensor,
     col_count: int,
     exclude_diagonal: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> LseStats:
     """Row and column log-sum-exp of ``S = scale · a bᵀ`` without forming ``S``.
 
     Args:
@@ -148,7 +150,7 @@ def lse_stats(
                 width = min(col_count, j1) - j0
                 peak, shifted = _column_sums(scores[:, :width], exps[:, :width], row_shift)
                 _merge_(col_max[j0 : j0 + width], col_sum[j0 : j0 + width], peak, shifted)
-    return row_max + torch.log(row_sum), col_max + torch.log(col_sum), positive
+    return LseStats(row_max + torch.log(row_sum), col_max + torch.log(col_sum), positive)
 
 
 def _column_sums(
@@ -186,12 +188,9 @@ def offset_backward(
     a: torch.Tensor,
     b: torch.Tensor,
     scale: torch.Tensor,
-    row_offset: torch.Tensor,
-    row_mult: torch.Tensor,
-    col_offset: torch.Tensor,
-    col_mult: torch.Tensor,
+    terms: OffsetTerms,
     exclude_diagonal: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Gradients:
     """The offset-form backward shared by every loss.
 
     With ``S = scale · a bᵀ`` recomputed tile by tile and::
@@ -204,13 +203,16 @@ def offset_backward(
     Outputs are in the accumulation dtype.
     """
     n, m = a.shape[0], b.shape[0]
+    row_offset, row_mult, col_offset, col_mult = terms
     col_count = col_offset.shape[0]
     acc = accumulation_dtype(a.dtype)
     s = scale.to(acc)
-    c = _finite_or_zero(row_offset.to(acc))
-    g = row_mult.to(acc)
-    # a column with no term (no pair: r_j = +inf; every entry excluded: -inf) contributes nothing;
-    # r = +inf makes its exp exactly 0 (a finite placeholder could overflow and meet h = 0 as 0·inf)
+    # a row or column with no term (a zero weight: +inf; every entry excluded: -inf) contributes
+    # nothing: its multiplier is 0 and its offset a finite 0 (rows) or +inf (columns, whose exp is
+    # then exactly 0: a finite placeholder could overflow and meet h = 0 as 0·inf)
+    live_rows = torch.isfinite(row_offset)
+    c = torch.where(live_rows, row_offset, 0.0).to(acc)
+    g = torch.where(live_rows, row_mult, 0.0).to(acc)
     live = torch.isfinite(col_offset)
     h = torch.where(live, col_mult, 0.0).to(acc)
     r = torch.where(live, col_offset, math.inf).to(acc)
@@ -250,7 +252,7 @@ def offset_backward(
             grad_b[j0:j1].addmm_(tile.t(), a_scaled)
         grad_scale += torch.sum(ga_block * a_block)
         ga_block.mul_(s)
-    return grad_a, grad_b, grad_scale
+    return Gradients(grad_a, grad_b, grad_scale)
 
 
 def _column_term_(

@@ -1,0 +1,210 @@
+"""The backend contract: two primitives, their result types, and what a backend declares it supports.
+
+Every loss in tilecl is written once over two primitives of ``S = scale · a bᵀ``
+(``a``: ``N x D``, ``b``: ``M x D``; ``S`` is never stored):
+
+* ``lse_stats`` — one streaming pass: the row log-sum-exp over all ``M``
+  columns, the column log-sum-exp of the first ``col_count`` columns and the
+  positive logits ``S_{i, y_i}`` (:class:`LseStats`);
+* ``offset_backward`` — recomputes ``S`` and applies
+  ``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j)`` (the terms:
+  :class:`OffsetTerms`), returning ``s·G·b``, ``s·Gᵀ·a`` and
+  ``Σ G_ij (a_i·b_j)`` (:class:`Gradients`).
+
+A backend module implements :class:`Primitives`; the registry
+(:mod:`tilecl.backends`) holds a :class:`Backend` per name, which declares
+the devices and dtypes it takes and answers :meth:`Backend.not_supported_reasons`.
+See ``docs/adding-a-backend.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping, NamedTuple, Optional, Protocol
+
+import torch
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "KERNEL_DTYPES",
+    "Backend",
+    "Gradients",
+    "LseStats",
+    "OffsetTerms",
+    "Primitives",
+    "Unsupported",
+    "anywhere",
+    "cuda_visible",
+    "with_unit_multipliers",
+]
+
+#: every floating dtype a loss takes
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: the inputs of the GPU kernels (float32 accumulation, float32 results)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def anywhere() -> Optional[str]:
+    """A device check that always passes."""
+    return None
+
+
+def cuda_visible() -> Optional[str]:
+    """``None`` when a CUDA device is visible, else the reason a CUDA combination cannot run."""
+    return None if torch.cuda.is_available() else "needs a CUDA device (torch.cuda.is_available() is False)"
+
+
+class LseStats(NamedTuple):
+    """What the streaming forward yields, in the accumulation dtype.
+
+    ``row_lse`` (``N``): ``LSE_j S_ij``; ``col_lse`` (``col_count``):
+    ``LSE_i S_ij``; ``positive`` (``N``): ``S_{i, y_i}``, read from the same
+    tiles as the LSEs so that ``LSE − S⁺`` cancels exactly for a saturated row.
+    A row or column with every entry excluded gets ``-inf``, never NaN.
+    """
+
+    row_lse: torch.Tensor
+    col_lse: torch.Tensor
+    positive: torch.Tensor
+
+
+class OffsetTerms(NamedTuple):
+    """The terms of ``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j)``.
+
+    ``row_offset`` ``c`` and ``row_mult`` ``g``: ``(N,)``; ``col_offset`` ``r``
+    and ``col_mult`` ``h``: ``(K,)`` with ``K ≤ M`` (columns ``j ≥ K`` carry
+    no column term). A non-finite ``c_i`` drops row ``i``'s term whatever
+    ``g_i`` is, and a non-finite ``r_j`` column ``j``'s whatever ``h_j`` is:
+    ``c = +inf`` is a zero weight (the gamma loss's ``u_i = 0``), ``c = -inf``
+    a row whose every logit is excluded — either way the term is exactly 0,
+    never ``0·inf`` or ``inf − inf``.
+    """
+
+    row_offset: torch.Tensor
+    row_mult: torch.Tensor
+    col_offset: torch.Tensor
+    col_mult: torch.Tensor
+
+
+class Gradients(NamedTuple):
+    """The exponential part of the backward, in the accumulation dtype.
+
+    ``grad_a = s·G·b`` (``N x D``), ``grad_b = s·Gᵀ·a`` (``M x D``),
+    ``grad_scale = Σ_ij G_ij a_i·b_j`` (0-d).
+    """
+
+    grad_a: torch.Tensor
+    grad_b: torch.Tensor
+    grad_scale: torch.Tensor
+
+
+class Primitives(Protocol):
+    """The two functions a backend implements (a module of functions or an object of methods)."""
+
+    def lse_stats(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor,
+        targets: torch.Tensor,
+        col_count: int,
+        exclude_diagonal: bool = False,
+    ) -> LseStats:
+        """Statistics of ``S = scale·a bᵀ``; ``targets``: ``(N,)`` int64 positive columns in ``[0, M)``;
+        ``exclude_diagonal``: treat ``S_ii`` as ``-inf``."""
+        ...
+
+    def offset_backward(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor,
+        terms: OffsetTerms,
+        exclude_diagonal: bool = False,
+    ) -> Gradients:
+        """The exponential part of the backward of every loss, for the given :class:`OffsetTerms`."""
+        ...
+
+
+class Unsupported(NamedTuple):
+    """One reason a backend cannot take a call, and the exception kind it maps to."""
+
+    error: type[Exception]
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A registered backend: its declarations and how its primitives are loaded.
+
+    Attributes:
+        name: the ``backend=`` string.
+        dtypes: the input dtypes it takes.
+        devices: device type → a check that this machine can run it there
+            (``None`` when it can, else why not).
+        missing: why it cannot run on this machine at all (a package or a
+            build is missing), else ``None``.
+        load: returns the :class:`Primitives` (called once, on first use).
+    """
+
+    name: str
+    dtypes: tuple[torch.dtype, ...]
+    devices: Mapping[str, Callable[[], Optional[str]]]
+    missing: Callable[[], Optional[str]]
+    load: Callable[[], Primitives]
+
+    def unsupported(self, device: torch.device, dtype: torch.dtype) -> list[Unsupported]:
+        """Every reason this backend cannot run on ``device`` tensors of ``dtype`` here."""
+        found = []
+        missing = self.missing()
+        if missing is not None:
+            found.append(Unsupported(RuntimeError, missing))
+        if device.type not in self.devices:
+            kinds = " or ".join(kind.upper() for kind in self.devices)
+            found.append(Unsupported(RuntimeError, f"needs {kinds} tensors, got tensors on {device}"))
+        else:
+            why = self.devices[device.type]()
+            if why is not None:
+                found.append(Unsupported(RuntimeError, why))
+        if dtype not in self.dtypes:
+            names = ", ".join(str(t).removeprefix("torch.") for t in self.dtypes)
+            found.append(Unsupported(TypeError, f"takes {names} inputs, got {dtype}"))
+        return found
+
+    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype) -> list[str]:
+        """Why not, as sentences (empty: it can run); xformers' convention."""
+        return [u.reason for u in self.unsupported(device, dtype)]
+
+
+def with_unit_multipliers(offset_backward: Callable[..., Gradients]) -> Callable[..., Gradients]:
+    """``offset_backward`` with float16 multipliers rescaled by a power of two (exact) around 1.
+
+    The kernels round the gradient tile ``G = g·exp(S − c) + …`` to the input
+    type for the second tensor-core product. The multipliers are ~1/N, so for
+    float16 (smallest normal 6e-5) ``G`` falls into the subnormals and loses
+    its digits at realistic N; scaled so the largest multiplier is in [1, 2),
+    ``G ≤ 2`` keeps full precision and the float32 outputs are scaled back.
+    bfloat16 and float32 have float32's exponent range and pass through.
+    """
+
+    def rescaled(
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor,
+        terms: OffsetTerms,
+        exclude_diagonal: bool = False,
+    ) -> Gradients:
+        if a.dtype != torch.float16:
+            return offset_backward(a, b, scale, terms, exclude_diagonal)
+        peak = torch.zeros((), dtype=torch.float32, device=a.device)
+        for mult in (terms.row_mult, terms.col_mult):
+            if mult.numel():
+                peak = torch.maximum(peak, mult.detach().abs().max().to(peak))
+        usable = torch.isfinite(peak) & (peak > 0)
+        # a tensor, not a float: no device synchronization
+        unit = torch.where(usable, torch.exp2(-torch.floor(torch.log2(peak))), torch.ones_like(peak))
+        scaled = terms._replace(row_mult=terms.row_mult * unit, col_mult=terms.col_mult * unit)
+        grads = offset_backward(a, b, scale, scaled, exclude_diagonal)
+        return Gradients(*(x / unit.to(x.dtype) for x in grads))
+
+    return rescaled

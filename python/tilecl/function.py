@@ -1,0 +1,225 @@
+"""The one autograd Function every contrastive loss runs: per-pair losses over a backend's two primitives.
+
+Forward: the backend's streaming LSE gives the row and column statistics and
+the positive logits. Backward: every loss's ``dL/dS`` is
+
+    G_ij = α_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j) − Σ_{pairs} w_i·[j = y_i]
+
+with row offsets ``c`` (InfoNCE: the row LSE; gamma: ``log M − log u_i``) and
+column offsets ``r``, so the backend's offset backward handles the
+exponential part and the sparse positive part is applied here with gathers.
+Only the inputs and ``O(N + M)`` statistics are saved between the passes.
+
+Layers: the losses (:mod:`tilecl.contrastive`, :mod:`tilecl.gamma`,
+:mod:`tilecl.modality`) → this Function → a backend's primitives
+(:mod:`tilecl.backends`); :mod:`tilecl.distributed` swaps in the sharded
+primitives and makes the reduction global.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import torch
+
+from ._compat import delayed_error
+from .backends import LseStats, OffsetTerms, Primitives
+
+__all__ = ["LossSpec", "apply_loss", "batch_stats", "col_count", "refuse_second_derivative", "targets_of"]
+
+DOUBLE_BACKWARD_MESSAGE = (
+    "tilecl losses are differentiable once: double backward (differentiating a gradient "
+    "of a tilecl loss, e.g. a gradient penalty) is not supported; use tilecl.naive for that"
+)
+
+
+def refuse_second_derivative(grads: tuple) -> tuple:
+    """Under ``create_graph=True``, make differentiating these gradients raise a clear error.
+
+    Like ``once_differentiable``, but the outputs always carry the error node
+    (its own version skips it when the upstream gradient does not require grad,
+    which ends in an unrelated "does not require grad" message).
+    """
+    if not torch.is_grad_enabled():
+        return grads
+    live = [i for i, g in enumerate(grads) if g is not None]
+    guarded = delayed_error(DOUBLE_BACKWARD_MESSAGE, [grads[i].detach().requires_grad_() for i in live])
+    out = list(grads)
+    for i, g in zip(live, guarded):
+        out[i] = g
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """The fixed options of one call of the shared autograd Function."""
+
+    symmetric: bool
+    reduction: str
+    exclude_diagonal: bool
+    primitives: Primitives
+    #: ranks whose shards make the global batch (the primitives are then sharded)
+    world: int = 1
+
+
+def targets_of(labels: Optional[torch.Tensor], n: int, device: torch.device) -> torch.Tensor:
+    """Row ``i``'s positive column: ``labels`` as int64, or ``i``."""
+    return torch.arange(n, device=device) if labels is None else labels.long()
+
+
+def col_count(labels: Optional[torch.Tensor], n: int, m: int, symmetric: bool) -> int:
+    """Columns with statistics: the pair columns (all of ``b`` with labels) when symmetric, else none."""
+    return (n if labels is None else m) if symmetric else 0
+
+
+def batch_stats(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    positives: Optional[torch.Tensor],
+    spec: LossSpec,
+) -> LseStats:
+    """One streaming pass over the tiles (no autograd). Decoupled positives are a row-wise dot."""
+    n = a.shape[0]
+    count = col_count(labels, n, b.shape[0], spec.symmetric)
+    with torch.no_grad():
+        row_lse, col_lse, positive = spec.primitives.lse_stats(
+            a, b, scale, targets_of(labels, n, a.device), count, spec.exclude_diagonal
+        )
+        if positives is not None:
+            acc = row_lse.dtype
+            positive = scale.to(acc) * torch.sum(a.to(acc) * positives.to(acc), dim=1)
+    return LseStats(row_lse, col_lse, positive)
+
+
+def _pair_weights(grad_output: torch.Tensor, reduction: str, n: int, acc: torch.dtype) -> torch.Tensor:
+    """d(loss)/d(ℓ_i) for each pair, as a length-``n`` vector."""
+    grad_output = grad_output.to(acc)
+    if reduction == "none":
+        return grad_output
+    per_pair = grad_output / n if reduction == "mean" else grad_output
+    return per_pair.expand(n)
+
+
+class ContrastiveFunction(torch.autograd.Function):
+    """Per-pair loss ``ℓ_i = row_i (+ col_i) − S⁺_i`` over precomputed stats, and its backward.
+
+    InfoNCE (``log_u_rows is None``): ``row_i = LSE_j S_ij``. Gamma surrogate:
+    ``row_i = u_i·D̂_i = exp(log u_i + LSE_j S_ij − log M)``. Either way
+    ``dℓ_i/dS_ij = exp(S_ij − c_i) − [j = y_i]`` with the row offset
+    ``c_i = LSE_i`` (InfoNCE) or ``log M − log u_i`` (gamma), and likewise for
+    the column direction, so one offset backward serves both.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        positives: Optional[torch.Tensor],
+        scale: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        log_u_rows: Optional[torch.Tensor],
+        log_u_cols: Optional[torch.Tensor],
+        stats: LseStats,
+        spec: LossSpec,
+    ) -> torch.Tensor:
+        n, m = a.shape[0], b.shape[0]
+        targets = targets_of(labels, n, a.device)
+        row_lse, col_lse, positive = stats
+        acc = row_lse.dtype
+        if log_u_rows is None:
+            row_offset, row_term = row_lse, row_lse
+        else:
+            row_offset = math.log(m * spec.world) - log_u_rows.to(acc)
+            row_term = torch.exp(row_lse - row_offset)
+        per_pair = row_term - positive
+        col_offset = None
+        if spec.symmetric:
+            col_at_pair = col_lse[targets]
+            if log_u_cols is None:
+                col_offset, col_term = col_at_pair, col_at_pair
+            else:
+                col_offset = math.log(n * spec.world) - log_u_cols.to(acc)
+                col_term = torch.exp(col_at_pair - col_offset)
+            per_pair = (per_pair + col_term - positive) / 2
+        ctx.save_for_backward(a, b, positives, scale, targets, row_offset, col_offset)
+        ctx.col_count = col_lse.shape[0]
+        ctx.spec = spec
+        if spec.reduction == "mean":
+            return per_pair.mean()
+        if spec.reduction == "sum":
+            return per_pair.sum()
+        return per_pair
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
+        with torch.no_grad():
+            grads = ContrastiveFunction._backward(ctx, grad_output)
+        return refuse_second_derivative(grads)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
+        a, b, positives, scale, targets, row_offset, col_offset = ctx.saved_tensors
+        spec: LossSpec = ctx.spec
+        acc = row_offset.dtype
+        weights = _pair_weights(grad_output, spec.reduction, a.shape[0], acc)
+        half = weights / 2 if spec.symmetric else weights
+        col_mult = torch.zeros(ctx.col_count, dtype=acc, device=a.device)
+        col_shift = torch.full_like(col_mult, math.inf)
+        if spec.symmetric:
+            # pairs sharing a column fold into one offset: r_j = min_i c_i, h_j = Σ_i w_i·e^(r_j − c_i)
+            col_shift.scatter_reduce_(0, targets, col_offset, "amin")
+            col_mult.index_add_(0, targets, half * torch.exp(col_shift[targets] - col_offset))
+        terms = OffsetTerms(row_offset, half, col_shift, col_mult)
+        grad_a, grad_b, grad_scale = spec.primitives.offset_backward(
+            a, b, scale, terms, spec.exclude_diagonal
+        )
+        # the positive logit enters every pair's loss with weight −w_i
+        s = scale.to(acc)
+        a_acc = a.to(acc)
+        positive_rows = (positives if positives is not None else b[targets]).to(acc)
+        grad_a -= (s * weights)[:, None] * positive_rows
+        grad_positive_rows = -(s * weights)[:, None] * a_acc
+        grad_scale = grad_scale - torch.sum(weights * torch.sum(a_acc * positive_rows, dim=1))
+        grad_positives = None
+        if positives is not None:
+            grad_positives = grad_positive_rows.to(positives.dtype) if ctx.needs_input_grad[2] else None
+        else:
+            grad_b.index_add_(0, targets, grad_positive_rows)
+        needs = ctx.needs_input_grad
+        return (
+            grad_a.to(a.dtype) if needs[0] else None,
+            grad_b.to(b.dtype) if needs[1] else None,
+            grad_positives,
+            grad_scale.to(scale.dtype).reshape(scale.shape) if needs[3] else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def apply_loss(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    spec: LossSpec,
+    *,
+    labels: Optional[torch.Tensor] = None,
+    positives: Optional[torch.Tensor] = None,
+    log_u_rows: Optional[torch.Tensor] = None,
+    log_u_cols: Optional[torch.Tensor] = None,
+    stats: Optional[LseStats] = None,
+) -> torch.Tensor:
+    """Run the shared Function, computing the batch statistics unless the caller already has them."""
+    if stats is None:
+        stats = batch_stats(a, b, scale, labels, positives, spec)
+    loss: torch.Tensor = ContrastiveFunction.apply(
+        a, b, positives, scale, labels, log_u_rows, log_u_cols, stats, spec
+    )
+    return loss

@@ -1,0 +1,323 @@
+"""Every loss on every backend, device and dtype (the matrix of ``tests/utils.py``) against the oracle.
+
+Written once: each test takes a ``combo`` — torch, reference, triton (under
+Triton's interpreter on CPU tensors), cuda-emu (the CUDA C++ source through the
+CPU emulation) and, on a machine with CUDA, torch, reference, triton and cuda
+on CUDA tensors. The shapes cross several tiles and feature chunks of every
+backend (the torch backend runs with ~20 x 20 tiles here, the interpreter with
+16 x 16, the CUDA kernels with 64 x 64 and 32-wide feature chunks), with
+ragged edges. Values and all three gradients (``a``, ``b``, ``logit_scale``)
+must meet the error rule: ``≤ 2×`` naive PyTorch's error in the same dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import tilecl
+from tilecl import reference
+from tilecl.backends import BACKENDS, FLOAT_DTYPES, OffsetTerms, resolve_backend
+from tilecl.naive import naive_contrastive_loss, naive_nt_xent_loss
+from utils import (
+    NAMES,
+    Combo,
+    assert_all_close_by_rule,
+    assert_rel,
+    host,
+    make_inputs,
+    matrix,
+    max_error,
+    oracle,
+    run,
+)
+
+ALL = matrix()
+LOW = matrix(dtypes=(torch.float32, torch.bfloat16, torch.float16))
+# (1, 1, 1): one element; (13, 17, 5): hard-negative columns, primes; (37, 45, 40): two
+# 32-wide feature chunks; (70, 130, 24): 2 x 3 CUDA tiles, 5 x 9 interpreter tiles, ragged everywhere
+SHAPES = [(1, 1, 1), (13, 17, 5), (37, 45, 40), pytest.param(70, 130, 24, marks=pytest.mark.slow)]
+
+
+def loss_fn(combo: Combo):
+    def on_backend(a, b, s, **kw):
+        return tilecl.contrastive_loss(a, b, s, backend=combo.backend, **kw)
+
+    return on_backend
+
+
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+@pytest.mark.parametrize("n,m,d", SHAPES)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_values_and_gradients(combo, n, m, d, symmetric):
+    a, b = combo.inputs(n, m, d, seed=n + d)
+    ours = run(loss_fn(combo), a, b, 12.0, symmetric=symmetric)
+    naive = run(naive_contrastive_loss, a, b, 12.0, symmetric=symmetric)
+    if combo.backend != "reference":  # the oracle's statistics stay float64
+        assert ours[0].dtype == (torch.float64 if combo.dtype == torch.float64 else torch.float32)
+    assert ours[1].dtype == ours[2].dtype == combo.dtype
+    assert ours[1].device == a.device
+    assert_all_close_by_rule(ours, naive, oracle(a, b, 12.0, symmetric=symmetric), combo.dtype)
+
+
+@pytest.mark.parametrize("combo", matrix(dtypes=(torch.float64, torch.float32)), indirect=True)
+def test_zero_logit_scale(combo):
+    """An infinite temperature: every logit 0, the scale's gradient still Σ G_ij a_i·b_j."""
+    a, b = combo.inputs(19, 23, 7, seed=4)
+    ours = run(loss_fn(combo), a, b, 0.0)
+    naive = run(naive_contrastive_loss, a, b, 0.0)
+    assert_all_close_by_rule(ours, naive, oracle(a, b, 0.0), combo.dtype)
+
+
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_labels_hard_negatives_reductions(combo, symmetric, reduction):
+    # M > N: hard-negative columns; repeated labels share a column in the symmetric direction
+    n, m = 11, 83
+    a, b = combo.inputs(n, m, 20, seed=3)
+    labels = torch.tensor([18, 0, 3, 3, 7, 10, 1, 2, 70, 16, 4], device=a.device)
+    upstream = torch.linspace(-1, 1, n, dtype=torch.float64) if reduction == "none" else None
+    kw = dict(labels=labels, symmetric=symmetric, reduction=reduction)
+    ours = run(loss_fn(combo), a, b, 5.0, upstream, **kw)
+    naive = run(naive_contrastive_loss, a, b, 5.0, upstream, **kw)
+    ref = oracle(
+        a, b, 5.0, upstream, labels=host(labels).astype(int), symmetric=symmetric, reduction=reduction
+    )
+    assert_all_close_by_rule(ours, naive, ref, combo.dtype)
+
+
+@pytest.mark.parametrize("combo", matrix(dtypes=(torch.float64, torch.float32)), indirect=True)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_extreme_logits_unnormalized(combo, symmetric):
+    """logit_scale 100 on unnormalized inputs: |S| in the thousands (the exact fallbacks run)."""
+    a, b = combo.inputs(24, 69, 16, seed=5, spread=3.0, normalize=False)
+    assert float((100 * host(a) @ host(b).T).__abs__().max()) > 1000
+    ours = run(loss_fn(combo), a, b, 100.0, symmetric=symmetric)
+    assert all(torch.isfinite(x).all() for x in ours)
+    naive = run(naive_contrastive_loss, a, b, 100.0, symmetric=symmetric)
+    assert_all_close_by_rule(ours, naive, oracle(a, b, 100.0, symmetric=symmetric), combo.dtype)
+
+
+@pytest.mark.parametrize("combo", matrix(dtypes=(torch.float64, torch.float32)), indirect=True)
+def test_extreme_logits_with_columns_nobody_points_to(combo):
+    """Symmetric loss whose labels skip columns: those columns carry no term and must not poison G."""
+    a, b = combo.inputs(12, 20, 8, seed=8, spread=3.0, normalize=False)
+    labels = torch.tensor([19, 0, 3, 3, 7, 10, 1, 2, 5, 16, 4, 4], device=a.device)
+    kw = dict(labels=labels, symmetric=True)
+    ours = run(loss_fn(combo), a, b, 100.0, **kw)
+    assert all(torch.isfinite(x).all() for x in ours)
+    naive = run(naive_contrastive_loss, a, b, 100.0, **kw)
+    ref = oracle(a, b, 100.0, labels=host(labels).astype(int), symmetric=True)
+    assert_all_close_by_rule(ours, naive, ref, combo.dtype)
+
+
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+@pytest.mark.parametrize("n", [1, 35])
+def test_nt_xent(combo, n):
+    """The self-similarity excluded (a diagonal through several tiles), partners as positives."""
+    z1, z2 = combo.inputs(n, n, 24, seed=9, normalize=False)
+    temperature = 0.1 if combo.dtype != torch.float64 else 0.02
+    ours = tilecl.nt_xent_loss(z1, z2, temperature, backend=combo.backend)
+    naive = naive_nt_xent_loss(z1, z2, temperature)
+    ref = reference.nt_xent_loss(host(z1), host(z2), temperature)
+    grads, naive_grads = torch.autograd.grad(ours, (z1, z2)), torch.autograd.grad(naive, (z1, z2))
+    assert_all_close_by_rule((ours, *grads), (naive, *naive_grads), ref, combo.dtype, ("loss", "z1", "z2"))
+
+
+def naive_gamma_loss(a, b, log_u, log_uc, scale, symmetric):
+    """The gamma surrogate with ``S`` stored whole, in the inputs' dtype."""
+    logits = scale * a @ b.t()
+    n, m = a.shape[0], b.shape[0]
+    positive = logits.diagonal()
+    per_pair = torch.exp(log_u.to(logits) + torch.logsumexp(logits, 1) - math.log(m)) - positive
+    if symmetric:
+        col = torch.exp(log_uc.to(logits) + torch.logsumexp(logits, 0)[:n] - math.log(n))
+        per_pair = (per_pair + col - positive) / 2
+    return per_pair.mean()
+
+
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gamma_surrogate_weights(combo, symmetric):
+    a, b = combo.inputs(40, 47, 20, seed=2)
+    gen = torch.Generator().manual_seed(0)
+    log_u, log_uc = (torch.randn(40, generator=gen, dtype=torch.float64).to(a.device) for _ in range(2))
+    log_u[3] = log_uc[5] = -math.inf  # u = 0: those pairs' terms drop out
+    log_uc_or_none = log_uc if symmetric else None
+    kw = dict(symmetric=symmetric)
+    ours = run(
+        lambda a_, b_, s, **k: tilecl.gamma_contrastive_loss(
+            a_, b_, log_u, log_uc_or_none, s, backend=combo.backend, **k
+        ),
+        a, b, 6.0, **kw,
+    )  # fmt: skip
+    naive = run(lambda a_, b_, s, **k: naive_gamma_loss(a_, b_, log_u, log_uc, s, **k), a, b, 6.0, **kw)
+    ref = reference.gamma_contrastive_loss(
+        host(a), host(b), host(log_u), host(log_uc) if symmetric else None, 6.0, **kw
+    )
+    assert_all_close_by_rule(ours, naive, ref[:4], combo.dtype)
+
+
+def naive_uniformity(z, t):
+    """Wang & Isola's uniformity with every pairwise distance stored, in the input's dtype.
+
+    Distances as ``torch.cdist`` computes them for more than 25 rows: ``‖x‖² + ‖y‖² − 2x·y``.
+    """
+    n = z.shape[0]
+    norms = (z * z).sum(1)
+    sq = norms[:, None] + norms[None, :] - 2 * z @ z.t()
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=z.device)
+    return torch.logsumexp(-t * sq[off_diagonal], 0) - math.log(n * (n - 1))
+
+
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+@pytest.mark.parametrize("n,d", [(2, 1), (23, 17), (67, 9)])
+def test_uniformity(combo, n, d):
+    # unit rows, as the regularizers take them (unnormalized features: test_modality.py, float64)
+    z, _ = combo.inputs(n, 1, d, seed=n)
+    loss = tilecl.uniformity_loss(z, 2.0, backend=combo.backend)
+    naive = naive_uniformity(z, 2.0)
+    ref = reference.uniformity_loss(host(z), t=2.0)
+    grads, naive_grads = torch.autograd.grad(loss, z), torch.autograd.grad(naive, z)
+    assert_all_close_by_rule((loss, *grads), (naive, *naive_grads), (ref.loss, *ref.grads), combo.dtype)
+
+
+#: error of the primitives themselves against the float64 reference on the same rounded inputs:
+#: float32 accumulation, and the kernels round G to the input type before the second product
+PRIMITIVE_REL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+def test_primitives_with_every_kind_of_missing_term(combo):
+    """lse_stats / offset_backward directly against the reference backend."""
+    device = torch.device(combo.device)
+    ours = resolve_backend(combo.backend, device, combo.dtype)
+    ref = resolve_backend("reference", device, combo.dtype)
+    n, m, d = 45, 71, 33
+    a, b = (x.detach() for x in combo.inputs(n, m, d, seed=1, normalize=False))
+    scale = torch.tensor(3.0, device=device)
+    targets = torch.randint(0, m, (n,), generator=torch.Generator().manual_seed(0)).to(device)
+    rel = PRIMITIVE_REL[combo.dtype]
+    for exclude in (False, True):
+        for col_count in (0, 30, m):
+            got = ours.lse_stats(a, b, scale, targets, col_count, exclude)
+            want = ref.lse_stats(a, b, scale, targets, col_count, exclude)
+            for name, x, y in zip(("row_lse", "col_lse", "positive"), got, want):
+                assert x.shape == y.shape and x.device == device, name
+                assert torch.equal(torch.isneginf(x), torch.isneginf(y)), name  # excluded: -inf, not NaN
+                finite = torch.isfinite(y)
+                if finite.any():
+                    assert_rel(x[finite], y[finite], max(rel, 2e-6), name)
+        row_lse, col_lse, _ = ref.lse_stats(a, b, scale, targets, 30, exclude)
+        c = row_lse.float().clone()
+        c[3], c[7] = -math.inf, math.inf  # a non-finite row offset counts as 0 (the reference's rule)
+        g = torch.linspace(0.5, 1.5, n, device=device)
+        g[5] = 0.0
+        r = col_lse.float().clone()
+        r[2], r[4] = math.inf, -math.inf  # no term in these columns, whatever the multiplier
+        h = torch.linspace(1.0, 0.1, 30, device=device)
+        h[6] = 0.0
+        # keep the rows' exps finite: offsets c = 0 next to logits up to scale·|a||b|
+        a_unit, b_unit = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+        terms = OffsetTerms(c, g, r, h)
+        got = ours.offset_backward(a_unit, b_unit, scale, terms, exclude)
+        want = ref.offset_backward(a_unit, b_unit, scale, terms, exclude)
+        for name, x, y in zip(("grad_a", "grad_b", "grad_scale"), got, want):
+            assert torch.isfinite(x).all(), name
+            assert_rel(x, y, rel, name, atol=rel)
+
+
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+def test_fully_masked_rows_and_columns_are_minus_inf_not_nan(combo):
+    device = torch.device(combo.device)
+    primitives = resolve_backend(combo.backend, device, combo.dtype)
+    a, b = (x.detach() for x in combo.inputs(1, 1, 5, normalize=False))
+    scale = torch.tensor(2.0, device=device)
+    row, col, pos = primitives.lse_stats(
+        a, b, scale, torch.zeros(1, dtype=torch.long, device=device), 1, True
+    )
+    assert row.item() == col.item() == pos.item() == -math.inf
+    ones = torch.ones(1, device=device)
+    grad_a, grad_b, grad_scale = primitives.offset_backward(
+        a, b, scale, OffsetTerms(row, ones, col, ones), True
+    )
+    assert not grad_a.any() and not grad_b.any() and grad_scale.item() == 0.0
+
+
+@pytest.mark.parametrize("combo", matrix(dtypes=(torch.float16,)), indirect=True)
+@pytest.mark.parametrize("multiplier", [0.5, 1e-6, 1e-9])
+def test_float16_gradient_with_tiny_multipliers(combo, multiplier):
+    """The multipliers are ~1/N; a float16 G rounded before the second product would be subnormal at
+    large N. The backends rescale them by a power of two, so the error stays at float16's rounding."""
+    device = torch.device(combo.device)
+    n, m, d = 40, 50, 32
+    a, b = (x.detach() for x in combo.inputs(n, m, d, normalize=False))
+    scale = torch.tensor(5.0, device=device)
+    ref, ours = resolve_backend("reference", device, a.dtype), resolve_backend(combo.backend, device, a.dtype)
+    row_lse, col_lse, _ = ref.lse_stats(a, b, scale, torch.arange(n, device=device), n)
+    terms = OffsetTerms(row_lse, torch.full((n,), multiplier), col_lse, torch.full((n,), multiplier / 3))
+    terms = OffsetTerms(*(x.to(device) for x in terms))
+    for name, x, y in zip(("grad_a", "grad_b", "grad_scale"), ours.offset_backward(a, b, scale, terms),
+                          ref.offset_backward(a, b, scale, terms)):  # fmt: skip
+        relative = max_error(x, y) / float(y.abs().max())
+        # G rounded to float16 (2^-11) and summed over ~50 terms: 1e-3 is a few roundings
+        assert relative < 1e-3, f"{combo.id} {name} at multiplier {multiplier}: relative error {relative:.2e}"
+
+
+@pytest.mark.parametrize("combo", matrix(dtypes=(torch.float64, torch.float32)), indirect=True)
+def test_non_contiguous_and_strided_inputs_just_work(combo):
+    base = torch.randn(50, 80, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    base = base.to(combo.device, combo.dtype)
+    views = (
+        base[:40, ::2],
+        base[3:43, 10:50],
+        base[:40, :40].t(),
+    )  # column stride 2, row stride 80, transposed
+    for a, b in ((views[0], views[1]), (views[2], views[1])):
+        assert not (a.is_contiguous() and b.is_contiguous())
+        ours = run(loss_fn(combo), a.requires_grad_(), b.requires_grad_(), 4.0)
+        want = run(loss_fn(combo), *(x.contiguous().detach().requires_grad_() for x in (a, b)), 4.0)
+        for name, x, y in zip(NAMES, ours, want):
+            assert_rel(x, y, 1e-5 if combo.dtype == torch.float32 else 1e-12, name, atol=1e-6)
+
+
+@pytest.mark.parametrize("combo", matrix(dtypes=(torch.float32,)), indirect=True)
+def test_double_backward_is_refused_clearly(combo):
+    a, b = combo.inputs(4, 4, 3)
+    loss = tilecl.contrastive_loss(a, b, 2.0, backend=combo.backend)
+    (grad_a,) = torch.autograd.grad(loss, (a,), create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad_a.sum().backward()
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_undeclared_dtypes_are_refused_with_the_backends_reason(name):
+    """A dtype a backend does not declare raises TypeError before any kernel, naming who takes it."""
+    backend = BACKENDS[name]
+    for dtype in FLOAT_DTYPES:
+        if dtype in backend.dtypes:
+            continue
+        a, b = make_inputs(3, 3, 2, dtype=dtype, device="cpu")
+        reasons = backend.not_supported_reasons(torch.device("cpu"), dtype)
+        error = TypeError if all("inputs, got" in r for r in reasons) else RuntimeError
+        with pytest.raises(error, match=f"backend='{name}'.*{dtype}"):
+            tilecl.contrastive_loss(a, b, 1.0, backend=name)
+
+
+def test_the_matrix_lists_every_declared_combination():
+    cells = {p.values[0].id for p in ALL}
+    for name, backend in BACKENDS.items():
+        for device in backend.devices:
+            for dtype in backend.dtypes:
+                assert Combo(name, device, dtype).id in cells
+    assert {
+        "triton/cuda/float32",
+        "cuda/cuda/bfloat16",
+        "torch/cuda/float64",
+        "cuda-emu/cpu/float16",
+    } <= cells
+    assert np.all([p.values[0].dtype in BACKENDS[p.values[0].backend].dtypes for p in ALL])

@@ -1,0 +1,167 @@
+"""The test matrix, the input factory and the error rule shared by every test file.
+
+Error rule (as flash-attention's tests): a backend's error against the float64
+oracle must be at most ``2×`` the error of naive PyTorch computed in the same
+dtype on the same device, plus a small absolute slack relative to the
+reference's magnitude.
+
+The matrix: every ``(backend, device, dtype)`` a backend declares
+(:data:`tilecl.backends.BACKENDS`). :func:`matrix` yields them all as pytest
+params; a combination this machine cannot run carries the backend's own
+reason and is skipped by the ``combo`` fixture, never dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pytest
+import torch
+
+from tilecl import reference
+from tilecl.backends import BACKENDS
+
+#: the device a backend-independent test runs on: the GPU where there is one
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+#: absolute slack, as a fraction of the largest reference value, per input dtype
+ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
+LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+NAMES = ("loss", "grad_a", "grad_b", "grad_scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class Combo:
+    """One cell of the matrix."""
+
+    backend: str
+    device: str
+    dtype: torch.dtype
+
+    @property
+    def id(self) -> str:
+        return f"{self.backend}/{self.device}/{str(self.dtype).removeprefix('torch.')}"
+
+    def reasons(self) -> list[str]:
+        return BACKENDS[self.backend].not_supported_reasons(torch.device(self.device), self.dtype)
+
+    def inputs(self, n: int, m: int, d: int, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return make_inputs(n, m, d, dtype=self.dtype, device=self.device, **kw)
+
+
+def matrix(
+    dtypes: Iterable[torch.dtype] = (torch.float64, *LOW_PRECISION), backends: Optional[Iterable[str]] = None
+) -> list[Any]:
+    """Every declared ``(backend, device, dtype)`` among ``dtypes`` (and ``backends``), as pytest params."""
+    wanted = tuple(dtypes)
+    params = []
+    for name, backend in BACKENDS.items():
+        if backends is not None and name not in backends:
+            continue
+        for device in backend.devices:
+            for dtype in backend.dtypes:
+                if dtype in wanted:
+                    combo = Combo(name, device, dtype)
+                    params.append(pytest.param(combo, id=combo.id))
+    return params
+
+
+def make_inputs(
+    n: int,
+    m: int,
+    d: int,
+    dtype: torch.dtype = torch.float64,
+    device: Any = DEVICE,
+    seed: int = 0,
+    spread: float = 1.0,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, D)`` and ``(M, D)`` leaf features, drawn in float64 on the CPU (the same on every device)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, d, generator=gen, dtype=torch.float64) * spread
+    b = torch.randn(m, d, generator=gen, dtype=torch.float64) * spread
+    if normalize:
+        a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+    return a.to(device=device, dtype=dtype).requires_grad_(), b.to(
+        device=device, dtype=dtype
+    ).requires_grad_()
+
+
+def host(x: Any) -> np.ndarray:
+    """A float64 NumPy copy of a tensor (any device) or array."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().double().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def run(
+    loss_fn: Callable[..., torch.Tensor],
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    grad_output: Optional[torch.Tensor] = None,
+    **kw: Any,
+) -> tuple[torch.Tensor, ...]:
+    """Loss and gradients (a, b, logit_scale) of ``loss_fn`` in the inputs' dtype and device."""
+    s = torch.tensor(
+        scale,
+        dtype=torch.float64 if a.dtype == torch.float64 else torch.float32,
+        device=a.device,
+        requires_grad=True,
+    )
+    loss = loss_fn(a, b, s, **kw)
+    if grad_output is not None:
+        grad_output = grad_output.to(device=a.device, dtype=loss.dtype)
+    grads = torch.autograd.grad(loss, (a, b, s), grad_outputs=grad_output)
+    return (loss, *grads)
+
+
+def oracle(
+    a: torch.Tensor, b: torch.Tensor, scale: float, grad_output: Optional[torch.Tensor] = None, **kw: Any
+) -> tuple[Any, ...]:
+    """The float64 NumPy oracle's loss and gradients for the same (rounded) inputs."""
+    out = reference.contrastive_loss(
+        host(a), host(b), scale, grad_output=None if grad_output is None else host(grad_output), **kw
+    )
+    return out.loss, out.grad_a, out.grad_b, out.grad_logit_scale
+
+
+def max_error(x: Any, ref: Any) -> float:
+    return float(np.max(np.abs(host(x) - host(ref))))
+
+
+def assert_close_by_rule(ours: Any, naive: Any, ref: Any, dtype: torch.dtype, what: str) -> None:
+    """``|ours − ref| ≤ 2·|naive − ref| + atol·max|ref|`` (elementwise maxima)."""
+    scale = float(np.max(np.abs(host(ref)))) + 1e-30
+    ours_err = max_error(ours, ref)
+    naive_err = max_error(naive, ref)
+    bound = 2 * naive_err + ATOL[dtype] * scale
+    assert ours_err <= bound, f"{what}: error {ours_err:.3e} > 2 x naive {naive_err:.3e} + atol ({dtype})"
+
+
+def assert_all_close_by_rule(
+    ours: Iterable[Any],
+    naive: Iterable[Any],
+    ref: Iterable[Any],
+    dtype: torch.dtype,
+    names: Iterable[str] = NAMES,
+) -> None:
+    for name, x, y, r in zip(names, ours, naive, ref):
+        assert_close_by_rule(x, y, r, dtype, name)
+
+
+def assert_rel(ours: Any, ref: Any, rel: float, what: str, atol: float = 1e-15) -> None:
+    """Max error relative to the largest reference entry, plus ``atol``.
+
+    ``atol`` covers results that are tiny only because large terms cancel
+    (a saturated softmax minus its one-hot target): pass the terms' magnitude
+    times a few eps there.
+    """
+    scale = float(np.max(np.abs(host(ref))))
+    err = max_error(ours, ref)
+    assert err <= rel * scale + atol, (
+        f"{what}: error {err:.3e} > {rel:.1e} x max|ref| {scale:.3e} + {atol:.1e}"
+    )
