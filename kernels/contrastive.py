@@ -51,31 +51,6 @@ def _dot(x, y, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _dots(
-    a_ptr,
-    b_ptr,
-    rows,
-    cols,
-    n_rows,
-    n_cols,
-    dim,
-    stride_a,
-    stride_b,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """The fp32 tile ``a[rows] · b[cols]ᵀ`` (0 outside the matrix)."""
-    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        feats = d0 + tl.arange(0, BLOCK_D)
-        a = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
-        b = _load_block(b_ptr, cols, n_cols, feats, dim, stride_b)
-        acc = _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
-    return acc
-
-
-@triton.jit
 def _scores(
     a_ptr,
     b_ptr,
@@ -93,7 +68,12 @@ def _scores(
     UPCAST: tl.constexpr,
 ):
     """The fp32 tile ``scale · a[rows] · b[cols]ᵀ``, ``-inf`` outside the matrix (and on the diagonal)."""
-    acc = _dots(a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_a, stride_b, BLOCK_D, PRECISION, UPCAST)
+    acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        feats = d0 + tl.arange(0, BLOCK_D)
+        a = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
+        b = _load_block(b_ptr, cols, n_cols, feats, dim, stride_b)
+        acc = _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
     return _masked(acc * scale, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL)
 
 

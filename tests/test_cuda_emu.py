@@ -28,7 +28,7 @@ import torch
 
 import tilecl
 from tilecl import _cuda_build
-from tilecl.backends import OffsetTerms, resolve_backend
+from tilecl.backends import OffsetTerms, Scores, resolve_backend
 from tilecl.backends.cuda import MAX_DIM, cuda_built, emulation_settings, runs_on
 from tilecl.naive import naive_contrastive_loss
 from utils import NAMES, assert_all_close_by_rule, assert_rel, make_inputs, oracle, run
@@ -114,8 +114,8 @@ def test_a_row_strided_view_reaches_the_kernel_as_is():
     b = base[3:43, 10:50]  # row stride 80, unit column stride: passed with its stride, not copied
     emu = resolve_backend("cuda-emu", CPU, torch.float32)
     targets = torch.arange(40)
-    stats = emu.lse_stats(a.contiguous(), b, torch.tensor(4.0), targets, 40)
-    dense = emu.lse_stats(a.contiguous(), b.contiguous(), torch.tensor(4.0), targets, 40)
+    stats = emu.lse_stats(Scores(a.contiguous(), b, torch.tensor(4.0)), targets, 40)
+    dense = emu.lse_stats(Scores(a.contiguous(), b.contiguous(), torch.tensor(4.0)), targets, 40)
     for x, y in zip(stats, dense):
         assert torch.equal(x, y)
 
@@ -124,31 +124,26 @@ def test_bad_inputs_raise_before_any_launch():
     emu = resolve_backend("cuda-emu", CPU, torch.float32)
     a, b = torch.randn(4, 3), torch.randn(5, 3)
     t = torch.zeros(4, dtype=torch.long)
+    one = torch.tensor(1.0)
     with pytest.raises(TypeError, match="backend='cuda-emu' cannot run torch.float64.*torch"):
         tilecl.contrastive_loss(a.double(), b.double()[:4], backend="cuda-emu")
     with pytest.raises(ValueError, match="share dtype"):
-        emu.lse_stats(a, b.half(), torch.tensor(1.0), t, 0)
+        emu.lse_stats(Scores(a, b.half(), one), t, 0)
     with pytest.raises(ValueError, match="feature dimension"):
-        emu.lse_stats(a, torch.randn(5, 2), torch.tensor(1.0), t, 0)
+        emu.lse_stats(Scores(a, torch.randn(5, 2), one), t, 0)
     with pytest.raises(ValueError, match="col_count"):
-        emu.lse_stats(a, b, torch.tensor(1.0), t, 6)
+        emu.lse_stats(Scores(a, b, one), t, 6)
     with pytest.raises(ValueError, match="targets"):
-        emu.lse_stats(a, b, torch.tensor(1.0), t[:3], 0)
+        emu.lse_stats(Scores(a, b, one), t[:3], 0)
     with pytest.raises(ValueError, match="scale must be finite"):
-        emu.lse_stats(a, b, torch.tensor(math.nan), t, 0)
+        emu.lse_stats(Scores(a, b, torch.tensor(math.nan)), t, 0)
     with pytest.raises(ValueError, match="row_mult"):
         emu.offset_backward(
-            a,
-            b,
-            torch.tensor(1.0),
-            OffsetTerms(torch.zeros(4), torch.zeros(3), torch.zeros(0), torch.zeros(0)),
+            Scores(a, b, one), OffsetTerms(torch.zeros(4), torch.zeros(3), torch.zeros(0), torch.zeros(0))
         )
     with pytest.raises(ValueError, match="col_offset"):
         emu.offset_backward(
-            a,
-            b,
-            torch.tensor(1.0),
-            OffsetTerms(torch.zeros(4), torch.zeros(4), torch.zeros(6), torch.zeros(6)),
+            Scores(a, b, one), OffsetTerms(torch.zeros(4), torch.zeros(4), torch.zeros(6), torch.zeros(6))
         )
     with pytest.raises(RuntimeError, match="needs CPU tensors"):
         tilecl.contrastive_loss(
@@ -311,6 +306,6 @@ def test_sizes_past_the_32_bit_tile_loops_are_refused():
     emu = resolve_backend("cuda-emu", CPU, torch.float32)
     huge = torch.zeros(1, 1).expand(MAX_DIM + 1, 1)  # a stride-0 view: no memory behind it
     with pytest.raises(ValueError, match="2\\^31 - 64"):
-        emu.lse_stats(huge, torch.zeros(3, 1), torch.tensor(1.0), torch.zeros(1, dtype=torch.long), 0)
+        emu.lse_stats(Scores(huge, torch.zeros(3, 1), torch.tensor(1.0)), torch.zeros(1, dtype=torch.long), 0)
     with pytest.raises(ValueError, match="2\\^31 - 64"):
-        emu.lse_stats(torch.zeros(3, 1), huge, torch.tensor(1.0), torch.zeros(3, dtype=torch.long), 0)
+        emu.lse_stats(Scores(torch.zeros(3, 1), huge, torch.tensor(1.0)), torch.zeros(3, dtype=torch.long), 0)

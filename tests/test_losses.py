@@ -20,7 +20,7 @@ import torch
 
 import tilecl
 from tilecl import reference
-from tilecl.backends import BACKENDS, FLOAT_DTYPES, OffsetTerms, resolve_backend
+from tilecl.backends import BACKENDS, FLOAT_DTYPES, OffsetTerms, Scores, resolve_backend
 from tilecl.naive import naive_contrastive_loss, naive_nt_xent_loss
 from utils import (
     NAMES,
@@ -204,15 +204,15 @@ def test_primitives_with_every_kind_of_missing_term(combo):
     rel = PRIMITIVE_REL[combo.dtype]
     for exclude in (False, True):
         for col_count in (0, 30, m):
-            got = ours.lse_stats(a, b, scale, targets, col_count, exclude)
-            want = ref.lse_stats(a, b, scale, targets, col_count, exclude)
+            got = ours.lse_stats(Scores(a, b, scale, exclude), targets, col_count)
+            want = ref.lse_stats(Scores(a, b, scale, exclude), targets, col_count)
             for name, x, y in zip(("row_lse", "col_lse", "positive"), got, want):
                 assert x.shape == y.shape and x.device == device, name
                 assert torch.equal(torch.isneginf(x), torch.isneginf(y)), name  # excluded: -inf, not NaN
                 finite = torch.isfinite(y)
                 if finite.any():
                     assert_rel(x[finite], y[finite], max(rel, 2e-6), name)
-        row_lse, col_lse, _ = ref.lse_stats(a, b, scale, targets, 30, exclude)
+        row_lse, col_lse, _ = ref.lse_stats(Scores(a, b, scale, exclude), targets, 30)
         c = row_lse.float().clone()
         c[3], c[7] = -math.inf, math.inf  # a non-finite row offset counts as 0 (the reference's rule)
         g = torch.linspace(0.5, 1.5, n, device=device)
@@ -224,8 +224,8 @@ def test_primitives_with_every_kind_of_missing_term(combo):
         # keep the rows' exps finite: offsets c = 0 next to logits up to scale·|a||b|
         a_unit, b_unit = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
         terms = OffsetTerms(c, g, r, h)
-        got = ours.offset_backward(a_unit, b_unit, scale, terms, exclude)
-        want = ref.offset_backward(a_unit, b_unit, scale, terms, exclude)
+        got = ours.offset_backward(Scores(a_unit, b_unit, scale, exclude), terms)
+        want = ref.offset_backward(Scores(a_unit, b_unit, scale, exclude), terms)
         for name, x, y in zip(("grad_a", "grad_b", "grad_scale"), got, want):
             assert torch.isfinite(x).all(), name
             assert_rel(x, y, rel, name, atol=rel)
@@ -237,14 +237,11 @@ def test_fully_masked_rows_and_columns_are_minus_inf_not_nan(combo):
     primitives = resolve_backend(combo.backend, device, combo.dtype)
     a, b = (x.detach() for x in combo.inputs(1, 1, 5, normalize=False))
     scale = torch.tensor(2.0, device=device)
-    row, col, pos = primitives.lse_stats(
-        a, b, scale, torch.zeros(1, dtype=torch.long, device=device), 1, True
-    )
+    scores = Scores(a, b, scale, exclude_diagonal=True)
+    row, col, pos = primitives.lse_stats(scores, torch.zeros(1, dtype=torch.long, device=device), 1)
     assert row.item() == col.item() == pos.item() == -math.inf
     ones = torch.ones(1, device=device)
-    grad_a, grad_b, grad_scale = primitives.offset_backward(
-        a, b, scale, OffsetTerms(row, ones, col, ones), True
-    )
+    grad_a, grad_b, grad_scale = primitives.offset_backward(scores, OffsetTerms(row, ones, col, ones))
     assert not grad_a.any() and not grad_b.any() and grad_scale.item() == 0.0
 
 
@@ -258,11 +255,12 @@ def test_float16_gradient_with_tiny_multipliers(combo, multiplier):
     a, b = (x.detach() for x in combo.inputs(n, m, d, normalize=False))
     scale = torch.tensor(5.0, device=device)
     ref, ours = resolve_backend("reference", device, a.dtype), resolve_backend(combo.backend, device, a.dtype)
-    row_lse, col_lse, _ = ref.lse_stats(a, b, scale, torch.arange(n, device=device), n)
+    scores = Scores(a, b, scale)
+    row_lse, col_lse, _ = ref.lse_stats(scores, torch.arange(n, device=device), n)
     terms = OffsetTerms(row_lse, torch.full((n,), multiplier), col_lse, torch.full((n,), multiplier / 3))
     terms = OffsetTerms(*(x.to(device) for x in terms))
-    for name, x, y in zip(("grad_a", "grad_b", "grad_scale"), ours.offset_backward(a, b, scale, terms),
-                          ref.offset_backward(a, b, scale, terms)):  # fmt: skip
+    got, want = ours.offset_backward(scores, terms), ref.offset_backward(scores, terms)
+    for name, x, y in zip(("grad_a", "grad_b", "grad_scale"), got, want):
         relative = max_error(x, y) / float(y.abs().max())
         # G rounded to float16 (2^-11) and summed over ~50 terms: 1e-3 is a few roundings
         assert relative < 1e-3, f"{combo.id} {name} at multiplier {multiplier}: relative error {relative:.2e}"

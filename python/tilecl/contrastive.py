@@ -20,7 +20,6 @@ __all__ = [
     "check_call",
     "contrastive_loss",
     "gamma_contrastive_loss",
-    "named_contrastive_loss",
     "nt_xent_loss",
 ]
 
@@ -58,8 +57,7 @@ def check_call(
     return scale, LossSpec(bool(symmetric), reduction, False, primitives)
 
 
-def named_contrastive_loss(
-    names: tuple[str, str],
+def contrastive_loss(
     a: torch.Tensor,
     b: torch.Tensor,
     logit_scale: v.Scale = 1.0,
@@ -72,42 +70,7 @@ def named_contrastive_loss(
     positives: Optional[torch.Tensor] = None,
     process_group: Optional[Any] = None,
     dist_impl: str = "gather",
-) -> torch.Tensor:
-    """:func:`contrastive_loss` whose errors call ``a`` and ``b`` by the caller's ``names``.
-
-    ``negatives`` (``(K, D)``): extra candidate rows appended after ``b``
-    (checked against ``b`` first).
-    """
-    ranks = Ranks(process_group, dist_impl)
-
-    def check() -> tuple[torch.Tensor, LossSpec]:
-        if negatives is not None:
-            v.check_pair(b, negatives, (names[1], "negatives"))
-        columns = b if negatives is None else torch.cat([b, negatives])
-        scale, spec = check_call(
-            a, columns, logit_scale, labels, positives, symmetric, reduction, backend, names
-        )
-        return scale, spec
-
-    scale, spec = ranks.checked(check, reduction)
-    if negatives is not None:
-        b = torch.cat([b, negatives])
-    loss = apply_loss(a, b, scale, ranks.sharded(spec, a, b, labels), labels=labels, positives=positives)
-    return ranks.global_loss(loss, a.shape[0], reduction)
-
-
-def contrastive_loss(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    logit_scale: v.Scale = 1.0,
-    *,
-    labels: Optional[torch.Tensor] = None,
-    symmetric: bool = True,
-    reduction: str = "mean",
-    backend: str = "auto",
-    positives: Optional[torch.Tensor] = None,
-    process_group: Optional[Any] = None,
-    dist_impl: str = "gather",
+    argument_names: tuple[str, str] = ("a", "b"),
 ) -> torch.Tensor:
     """InfoNCE (one direction) or CLIP (symmetric) loss, tile by tile.
 
@@ -125,6 +88,8 @@ def contrastive_loss(
             or a 0-d tensor (which may require grad).
         labels: ``(N,)`` integer tensor, row ``i``'s positive column
             (default ``i``).
+        negatives: optional ``(K, D)`` extra (hard-negative) candidates,
+            appended after ``b``'s rows: ``b`` becomes ``(M + K, D)``.
         symmetric: add the column direction and halve (CLIP). Needs ``M >= N``.
         reduction: ``"mean"`` (over the N pairs), ``"sum"`` or ``"none"`` (``(N,)``).
         backend: ``"auto"``, ``"torch"``, ``"reference"`` (see :func:`tilecl.available_backends`).
@@ -142,23 +107,28 @@ def contrastive_loss(
         dist_impl: ``"gather"`` (all-gather, ``O(N_global·D)`` per rank) or
             ``"ring"`` (blocks travel round the ring, ``O(N_local·D)``).
 
+    Error messages call ``a`` and ``b`` by ``argument_names`` (the wrappers
+    pass theirs, e.g. ``("image_features", "text_features")``).
+
     Returns:
         The loss; float32 for float16/bfloat16 inputs, otherwise the input dtype.
         Double backward is not supported.
     """
-    return named_contrastive_loss(
-        ("a", "b"),
-        a,
-        b,
-        logit_scale,
-        labels=labels,
-        symmetric=symmetric,
-        reduction=reduction,
-        backend=backend,
-        positives=positives,
-        process_group=process_group,
-        dist_impl=dist_impl,
-    )
+    ranks = Ranks(process_group, dist_impl)
+
+    def check() -> tuple[torch.Tensor, LossSpec]:
+        if negatives is not None:
+            v.check_pair(b, negatives, (argument_names[1], "negatives"))
+        columns = b if negatives is None else torch.cat([b, negatives])
+        return check_call(
+            a, columns, logit_scale, labels, positives, symmetric, reduction, backend, argument_names
+        )
+
+    scale, spec = ranks.checked(check, reduction)
+    if negatives is not None:
+        b = torch.cat([b, negatives])
+    loss = apply_loss(a, b, scale, ranks.sharded(spec, a, b, labels), labels=labels, positives=positives)
+    return ranks.global_loss(loss, a.shape[0], reduction)
 
 
 def gamma_contrastive_loss(

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from ._compat import delayed_error
-from .backends import LseStats, OffsetTerms, Primitives
+from .backends import LseStats, OffsetTerms, Primitives, Scores
 
 __all__ = ["LossSpec", "apply_loss", "batch_stats", "col_count", "refuse_second_derivative", "targets_of"]
 
@@ -86,9 +86,8 @@ def batch_stats(
     n = a.shape[0]
     count = col_count(labels, n, b.shape[0], spec.symmetric)
     with torch.no_grad():
-        row_lse, col_lse, positive = spec.primitives.lse_stats(
-            a, b, scale, targets_of(labels, n, a.device), count, spec.exclude_diagonal
-        )
+        scores = Scores(a, b, scale, spec.exclude_diagonal)
+        row_lse, col_lse, positive = spec.primitives.lse_stats(scores, targets_of(labels, n, a.device), count)
         if positives is not None:
             acc = row_lse.dtype
             positive = scale.to(acc) * torch.sum(a.to(acc) * positives.to(acc), dim=1)
@@ -175,9 +174,8 @@ class ContrastiveFunction(torch.autograd.Function):
             col_shift.scatter_reduce_(0, targets, col_offset, "amin")
             col_mult.index_add_(0, targets, half * torch.exp(col_shift[targets] - col_offset))
         terms = OffsetTerms(row_offset, half, col_shift, col_mult)
-        grad_a, grad_b, grad_scale = spec.primitives.offset_backward(
-            a, b, scale, terms, spec.exclude_diagonal
-        )
+        scores = Scores(a, b, scale, spec.exclude_diagonal)
+        grad_a, grad_b, grad_scale = spec.primitives.offset_backward(scores, terms)
         # the positive logit enters every pair's loss with weight −w_i
         s = scale.to(acc)
         a_acc = a.to(acc)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import validation as v
-from .backends import OffsetTerms, Primitives, resolve_backend
+from .backends import OffsetTerms, Primitives, Scores, resolve_backend
 from .contrastive import contrastive_loss
 from .distributed import Ranks
 from .function import refuse_second_derivative
@@ -60,7 +60,7 @@ class _PairLogMeanExp(torch.autograd.Function):
     def forward(ctx, a_aug, b_aug, row_bias, primitives: Primitives, ranks: Ranks):
         one = torch.ones((), dtype=torch.float64, device=a_aug.device)
         targets = torch.zeros(a_aug.shape[0], dtype=torch.long, device=a_aug.device)
-        row_lse, _, _ = primitives.lse_stats(a_aug, b_aug, one, targets, 0, True)
+        row_lse, _, _ = primitives.lse_stats(Scores(a_aug, b_aug, one, True), targets, 0)
         bias = row_bias.to(row_lse.dtype)
         total = ranks.logsumexp(torch.logsumexp(row_lse + bias, dim=0))
         n = a_aug.shape[0] * ranks.world
@@ -77,7 +77,7 @@ class _PairLogMeanExp(torch.autograd.Function):
             empty = torch.empty(0, dtype=bias.dtype, device=bias.device)
             # d/dS'_jk = g·exp(S'_jk + β_j − total): the offset backward with c_j = total − β_j
             terms = OffsetTerms(total - bias, g.expand_as(bias), empty, empty)
-            grad_a, grad_b, _ = ctx.primitives.offset_backward(a_aug, b_aug, one, terms, True)
+            grad_a, grad_b, _ = ctx.primitives.offset_backward(Scores(a_aug, b_aug, one, True), terms)
             grad_bias = g * torch.exp(row_lse + bias - total)
             grads = (grad_a.to(a_aug.dtype), grad_b.to(b_aug.dtype), grad_bias, None, None)
         return refuse_second_derivative(grads)

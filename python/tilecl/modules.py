@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import validation as v
-from .contrastive import contrastive_loss, named_contrastive_loss, nt_xent_loss
+from .contrastive import contrastive_loss, nt_xent_loss
 from .distributed import DIST_IMPLS
 from .modality import brownian_bridge_loss, feature_separation_loss, geometric_consistency_loss
 
@@ -97,8 +97,7 @@ class ClipLoss(nn.Module):
     ) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
         """Symmetric CLIP loss of ``(N, D)`` image and text features."""
         group = _default_group(self.world_size, "ClipLoss", self.rank)
-        loss = named_contrastive_loss(
-            ("image_features", "text_features"),
+        loss = contrastive_loss(
             image_features,
             text_features,
             logit_scale,
@@ -106,6 +105,7 @@ class ClipLoss(nn.Module):
             backend=self.backend,
             process_group=group,
             dist_impl=self.dist_impl,
+            argument_names=("image_features", "text_features"),
         )
         if logit_bias is not None:
             # keeps the bias in the graph (DDP expects a gradient) without changing the value
@@ -170,8 +170,7 @@ class InfoNCELoss(nn.Module):
         negatives: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        return named_contrastive_loss(
-            ("a", "b"),
+        return contrastive_loss(
             a,
             b,
             self.logit_scale(),

@@ -44,6 +44,7 @@ from .base import (
     LseStats,
     OffsetTerms,
     Primitives,
+    Scores,
     anywhere,
     cuda_visible,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "LseStats",
     "OffsetTerms",
     "Primitives",
+    "Scores",
     "available_backends",
     "resolve_backend",
 ]

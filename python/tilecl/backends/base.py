@@ -3,6 +3,8 @@
 Every loss in tilecl is written once over two primitives of ``S = scale · a bᵀ``
 (``a``: ``N x D``, ``b``: ``M x D``; ``S`` is never stored):
 
+Both take the operands of ``S`` as one :class:`Scores`.
+
 * ``lse_stats`` — one streaming pass: the row log-sum-exp over all ``M``
   columns, the column log-sum-exp of the first ``col_count`` columns and the
   positive logits ``S_{i, y_i}`` (:class:`LseStats`);
@@ -32,6 +34,7 @@ __all__ = [
     "LseStats",
     "OffsetTerms",
     "Primitives",
+    "Scores",
     "Unsupported",
     "anywhere",
     "cuda_visible",
@@ -52,6 +55,20 @@ def anywhere() -> Optional[str]:
 def cuda_visible() -> Optional[str]:
     """``None`` when a CUDA device is visible, else the reason a CUDA combination cannot run."""
     return None if torch.cuda.is_available() else "needs a CUDA device (torch.cuda.is_available() is False)"
+
+
+class Scores(NamedTuple):
+    """The score matrix ``S = scale · a bᵀ``, never stored: what both primitives work on.
+
+    ``a``: ``(N, D)``; ``b``: ``(M, D)`` (same dtype and device; rows may be
+    strided); ``scale``: a 0-d tensor; ``exclude_diagonal``: ``S_ii = -inf``
+    (NT-Xent's and uniformity's self-pairs).
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: torch.Tensor
+    exclude_diagonal: bool = False
 
 
 class LseStats(NamedTuple):
@@ -101,27 +118,12 @@ class Gradients(NamedTuple):
 class Primitives(Protocol):
     """The two functions a backend implements (a module of functions or an object of methods)."""
 
-    def lse_stats(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        targets: torch.Tensor,
-        col_count: int,
-        exclude_diagonal: bool = False,
-    ) -> LseStats:
-        """Statistics of ``S = scale·a bᵀ``; ``targets``: ``(N,)`` int64 positive columns in ``[0, M)``;
-        ``exclude_diagonal``: treat ``S_ii`` as ``-inf``."""
+    def lse_stats(self, scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats:
+        """:class:`LseStats` of ``scores``; ``targets``: ``(N,)`` int64 positive columns in ``[0, M)``;
+        column statistics for the first ``col_count`` columns."""
         ...
 
-    def offset_backward(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        terms: OffsetTerms,
-        exclude_diagonal: bool = False,
-    ) -> Gradients:
+    def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
         """The exponential part of the backward of every loss, for the given :class:`OffsetTerms`."""
         ...
 
@@ -187,16 +189,10 @@ def with_unit_multipliers(offset_backward: Callable[..., Gradients]) -> Callable
     bfloat16 and float32 have float32's exponent range and pass through.
     """
 
-    def rescaled(
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        terms: OffsetTerms,
-        exclude_diagonal: bool = False,
-    ) -> Gradients:
-        if a.dtype != torch.float16:
-            return offset_backward(a, b, scale, terms, exclude_diagonal)
-        peak = torch.zeros((), dtype=torch.float32, device=a.device)
+    def rescaled(scores: Scores, terms: OffsetTerms) -> Gradients:
+        if scores.a.dtype != torch.float16:
+            return offset_backward(scores, terms)
+        peak = torch.zeros((), dtype=torch.float32, device=scores.a.device)
         for mult in (terms.row_mult, terms.col_mult):
             if mult.numel():
                 peak = torch.maximum(peak, mult.detach().abs().max().to(peak))
@@ -204,7 +200,7 @@ def with_unit_multipliers(offset_backward: Callable[..., Gradients]) -> Callable
         # a tensor, not a float: no device synchronization
         unit = torch.where(usable, torch.exp2(-torch.floor(torch.log2(peak))), torch.ones_like(peak))
         scaled = terms._replace(row_mult=terms.row_mult * unit, col_mult=terms.col_mult * unit)
-        grads = offset_backward(a, b, scale, scaled, exclude_diagonal)
+        grads = offset_backward(scores, scaled)
         return Gradients(*(x / unit.to(x.dtype) for x in grads))
 
     return rescaled

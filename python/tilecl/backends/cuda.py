@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from .. import _cuda_build
-from .base import Gradients, LseStats, OffsetTerms, with_unit_multipliers
+from .base import Gradients, LseStats, OffsetTerms, Scores, with_unit_multipliers
 
 __all__ = [
     "DTYPE_CODES",
@@ -243,24 +243,16 @@ class CudaKernels:
     def module(self) -> Any:
         return load_extension() if self.backend == "cuda" else _emulation_module()
 
-    def lse_stats(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        targets: torch.Tensor,
-        col_count: int,
-        exclude_diagonal: bool = False,
-    ) -> LseStats:
+    def lse_stats(self, scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats:
         """:class:`~tilecl.backends.base.LseStats` in float32; ``0 <= col_count <= M``."""
         backend = self.backend
-        a, b = _check_inputs(a, b, backend)
+        a, b = _check_inputs(scores.a, scores.b, backend)
         n, m, d = a.shape[0], b.shape[0], a.shape[1]
         if not 0 <= int(col_count) <= m:
             raise ValueError(f"col_count must be in [0, {m}], got {col_count}")
         # the callers validate labels; a target outside [0, M) is never read past (its positive is 0)
         targets = _vector(targets, "targets", n, a, torch.int64)
-        s = _scale(scale, backend)
+        s = _scale(scores.scale, backend)
         module = self.module()
         _check_device(a.device, backend, module)
         f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
@@ -270,31 +262,17 @@ class CudaKernels:
             module.lse_stats(
                 DTYPE_CODES[a.dtype], a.data_ptr(), b.data_ptr(), targets.data_ptr(), row_lse.data_ptr(),
                 col_lse.data_ptr(), positive.data_ptr(), s, n, m, d, a.stride(0), b.stride(0), int(col_count),
-                bool(exclude_diagonal), _stream(a.device, backend),
+                scores.exclude_diagonal, _stream(a.device, backend),
             )  # fmt: skip
         return LseStats(row_lse, col_lse, positive)
 
-    def offset_backward(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        terms: OffsetTerms,
-        exclude_diagonal: bool = False,
-    ) -> Gradients:
+    def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
         """:class:`~tilecl.backends.base.Gradients` in float32 (float16 multipliers rescaled first)."""
-        return with_unit_multipliers(self._launch_backward)(a, b, scale, terms, exclude_diagonal)
+        return with_unit_multipliers(self._launch_backward)(scores, terms)
 
-    def _launch_backward(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        terms: OffsetTerms,
-        exclude_diagonal: bool = False,
-    ) -> Gradients:
+    def _launch_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
         backend = self.backend
-        a, b = _check_inputs(a, b, backend)
+        a, b = _check_inputs(scores.a, scores.b, backend)
         n, m, d = a.shape[0], b.shape[0], a.shape[1]
         row_offset, row_mult, col_offset, col_mult = terms
         k = col_offset.shape[0] if isinstance(col_offset, torch.Tensor) and col_offset.dim() == 1 else -1
@@ -307,7 +285,7 @@ class CudaKernels:
         c, g = torch.where(live_rows, c, 0.0), torch.where(live_rows, g, 0.0)
         r = _vector(col_offset, "col_offset", k, a, torch.float32)
         h = _vector(col_mult, "col_mult", k, a, torch.float32)
-        s = _scale(scale, backend)
+        s = _scale(scores.scale, backend)
         module = self.module()
         _check_device(a.device, backend, module)
         code = DTYPE_CODES[a.dtype]
@@ -319,7 +297,7 @@ class CudaKernels:
             module.offset_backward(
                 code, a.data_ptr(), b.data_ptr(), c.data_ptr(), g.data_ptr(), r.data_ptr(), h.data_ptr(),
                 grad_a.data_ptr(), grad_b.data_ptr(), grad_scale.data_ptr(), workspace.data_ptr(), s,
-                n, m, d, k, a.stride(0), b.stride(0), bool(exclude_diagonal), _stream(a.device, backend),
+                n, m, d, k, a.stride(0), b.stride(0), scores.exclude_diagonal, _stream(a.device, backend),
             )  # fmt: skip
         return Gradients(grad_a, grad_b, grad_scale)
 

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .base import Gradients, LseStats, OffsetTerms, Primitives
+from .base import Gradients, LseStats, OffsetTerms, Primitives, Scores
 
 __all__ = ["DIST_IMPLS", "Shard", "ShardedPrimitives", "control_tensor", "gather_plain", "logsumexp_across"]
 
@@ -122,13 +122,12 @@ def _gathered_columns(shard: Shard, b: torch.Tensor, col_count: int) -> torch.Te
 
 
 def _gather_lse_stats(
-    local: Primitives, shard: Shard, a: Tensor, b: Tensor, scale: Tensor, targets: Tensor, col_count: int,
-    exclude_diagonal: bool,
-) -> LseStats:  # fmt: skip
-    _check_layout(exclude_diagonal, col_count, b.shape[0])
-    columns = _gathered_columns(shard, b, col_count)
+    local: Primitives, shard: Shard, scores: Scores, targets: Tensor, col_count: int
+) -> LseStats:
+    _check_layout(scores.exclude_diagonal, col_count, scores.b.shape[0])
+    columns = _gathered_columns(shard, scores.b, col_count)
     row_lse, col_partial, positive = local.lse_stats(
-        a, columns, scale, targets, col_count * shard.world, exclude_diagonal
+        scores._replace(b=columns), targets, col_count * shard.world
     )
     if col_count == 0:
         return LseStats(row_lse, col_partial, positive)
@@ -138,20 +137,17 @@ def _gather_lse_stats(
     return LseStats(row_lse, col_lse, positive)
 
 
-def _gather_offset_backward(
-    local: Primitives, shard: Shard, a: Tensor, b: Tensor, scale: Tensor, terms: OffsetTerms,
-    exclude_diagonal: bool,
-) -> Gradients:  # fmt: skip
-    m, col_count = b.shape[0], terms.col_offset.shape[0]
-    _check_layout(exclude_diagonal, col_count, m)
-    columns = _gathered_columns(shard, b, col_count)
+def _gather_offset_backward(local: Primitives, shard: Shard, scores: Scores, terms: OffsetTerms) -> Gradients:
+    m, col_count = scores.b.shape[0], terms.col_offset.shape[0]
+    _check_layout(scores.exclude_diagonal, col_count, m)
+    columns = _gathered_columns(shard, scores.b, col_count)
     shard.kept.clear()  # the backward is the last use
     if col_count:
         terms = terms._replace(
             col_offset=torch.cat(shard.rolled(gather_plain(terms.col_offset, shard.group))),
             col_mult=torch.cat(shard.rolled(gather_plain(terms.col_mult, shard.group))),
         )
-    grad_a, grad_columns, grad_scale = local.offset_backward(a, columns, scale, terms, exclude_diagonal)
+    grad_a, grad_columns, grad_scale = local.offset_backward(scores._replace(b=columns), terms)
     grad_blocks = _split_arranged(shard, grad_columns, m, col_count)
     grad_b = torch.empty_like(grad_blocks[0])
     dist.reduce_scatter(grad_b, [x.contiguous() for x in grad_blocks], group=shard.group)
@@ -232,42 +228,40 @@ def _ring(
 
 
 def _ring_lse_stats(
-    local: Primitives, shard: Shard, a: Tensor, b: Tensor, scale: Tensor, targets: Tensor, col_count: int,
-    exclude_diagonal: bool,
-) -> LseStats:  # fmt: skip
+    local: Primitives, shard: Shard, scores: Scores, targets: Tensor, col_count: int
+) -> LseStats:
     row_lse: Optional[Tensor] = None
     positive: Optional[Tensor] = None
 
     def step(held: list[torch.Tensor], home: bool) -> torch.Tensor:
         nonlocal row_lse, positive
-        rows, cols, pos = local.lse_stats(a, held[0], scale, targets, col_count, exclude_diagonal and home)
+        # the diagonal of the global S lies in this rank's own block only
+        block = scores._replace(b=held[0], exclude_diagonal=scores.exclude_diagonal and home)
+        rows, cols, pos = local.lse_stats(block, targets, col_count)
         row_lse = rows if row_lse is None else torch.logaddexp(row_lse, rows)
         if home:
             positive = pos
         return cols
 
-    col_lse = _ring(shard, [b.contiguous()], step, torch.logaddexp)
+    col_lse = _ring(shard, [scores.b.contiguous()], step, torch.logaddexp)
     assert row_lse is not None and positive is not None  # the home step always runs
     return LseStats(row_lse, col_lse, positive)
 
 
-def _ring_offset_backward(
-    local: Primitives, shard: Shard, a: Tensor, b: Tensor, scale: Tensor, terms: OffsetTerms,
-    exclude_diagonal: bool,
-) -> Gradients:  # fmt: skip
+def _ring_offset_backward(local: Primitives, shard: Shard, scores: Scores, terms: OffsetTerms) -> Gradients:
     grad_a: Optional[Tensor] = None
     grad_scale: Optional[Tensor] = None
 
     def step(held: list[torch.Tensor], home: bool) -> torch.Tensor:
         nonlocal grad_a, grad_scale
         block, offsets, mults = held
-        block_terms = terms._replace(col_offset=offsets, col_mult=mults)
-        ga, gb, gs = local.offset_backward(a, block, scale, block_terms, exclude_diagonal and home)
+        block_scores = scores._replace(b=block, exclude_diagonal=scores.exclude_diagonal and home)
+        ga, gb, gs = local.offset_backward(block_scores, terms._replace(col_offset=offsets, col_mult=mults))
         grad_a = ga if grad_a is None else grad_a.add_(ga)
         grad_scale = gs if grad_scale is None else grad_scale + gs
         return gb
 
-    travelling = [b.contiguous(), terms.col_offset.contiguous(), terms.col_mult.contiguous()]
+    travelling = [scores.b.contiguous(), terms.col_offset.contiguous(), terms.col_mult.contiguous()]
     grad_b = _ring(shard, travelling, step, torch.add)
     assert grad_a is not None and grad_scale is not None  # the home step always runs
     return Gradients(grad_a, grad_b, grad_scale)
@@ -284,25 +278,10 @@ class ShardedPrimitives:
             raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
         self.local, self.shard, self.dist_impl = local, shard, dist_impl
 
-    def lse_stats(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        targets: torch.Tensor,
-        col_count: int,
-        exclude_diagonal: bool = False,
-    ) -> LseStats:
+    def lse_stats(self, scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats:
         forward = _gather_lse_stats if self.dist_impl == "gather" else _ring_lse_stats
-        return forward(self.local, self.shard, a, b, scale, targets, col_count, exclude_diagonal)
+        return forward(self.local, self.shard, scores, targets, col_count)
 
-    def offset_backward(
-        self,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: torch.Tensor,
-        terms: OffsetTerms,
-        exclude_diagonal: bool = False,
-    ) -> Gradients:
+    def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
         backward = _gather_offset_backward if self.dist_impl == "gather" else _ring_offset_backward
-        return backward(self.local, self.shard, a, b, scale, terms, exclude_diagonal)
+        return backward(self.local, self.shard, scores, terms)

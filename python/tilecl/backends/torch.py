@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from .base import Gradients, LseStats, OffsetTerms
+from .base import Gradients, LseStats, OffsetTerms, Scores
 
 __all__ = ["TILE_BYTES", "accumulation_dtype", "lse_stats", "offset_backward", "tile_shape"]
 
@@ -96,21 +96,14 @@ def _scores_(
     return out
 
 
-def lse_stats(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    targets: torch.Tensor,
-    col_count: int,
-    exclude_diagonal: bool = False,
-) -> LseStats:
+def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats:
     """Row and column log-sum-exp of ``S = scale · a bᵀ`` without forming ``S``.
 
     Args:
-        a: ``N x D``; b: ``M x D``; scale: 0-d tensor.
+        scores: ``a`` (``N x D``), ``b`` (``M x D``), the 0-d ``scale`` and
+            ``exclude_diagonal`` (treat ``S_ii`` as ``-inf``).
         targets: ``N`` int64, row ``i``'s positive column ``y_i``.
         col_count: column statistics are returned for columns ``[0, col_count)``.
-        exclude_diagonal: treat ``S_ii`` as ``-inf`` (NT-Xent's self-similarity).
 
     Returns:
         ``row_lse`` (``N``), ``col_lse`` (``col_count``) and the positive logits
@@ -119,6 +112,7 @@ def lse_stats(
         accumulation dtype. A row or column with every entry excluded gets
         ``-inf``, never NaN.
     """
+    a, b, scale, exclude_diagonal = scores
     n, m = a.shape[0], b.shape[0]
     acc = accumulation_dtype(a.dtype)
     s = scale.to(acc)
@@ -138,17 +132,17 @@ def lse_stats(
         block_targets = targets[i0:i1]
         for j0 in range(0, m, cols):
             j1 = min(m, j0 + cols)
-            scores = _tile(score_buffer, i1 - i0, j1 - j0)
-            _scores_(scores, a_scaled, b[j0:j1].to(acc), i0, j0, exclude_diagonal)
-            _gather_positive_(positive[i0:i1], scores, block_targets - j0)
-            new_max = torch.maximum(run_max, scores.amax(dim=1))
+            tile = _tile(score_buffer, i1 - i0, j1 - j0)
+            _scores_(tile, a_scaled, b[j0:j1].to(acc), i0, j0, exclude_diagonal)
+            _gather_positive_(positive[i0:i1], tile, block_targets - j0)
+            new_max = torch.maximum(run_max, tile.amax(dim=1))
             row_shift = _finite_or_zero(new_max)
-            exps = torch.sub(scores, row_shift[:, None], out=_tile(exp_buffer, i1 - i0, j1 - j0)).exp_()
+            exps = torch.sub(tile, row_shift[:, None], out=_tile(exp_buffer, i1 - i0, j1 - j0)).exp_()
             run_sum.mul_(torch.exp(run_max - row_shift)).add_(exps.sum(dim=1))
             run_max.copy_(new_max)
             if j0 < col_count:
                 width = min(col_count, j1) - j0
-                peak, shifted = _column_sums(scores[:, :width], exps[:, :width], row_shift)
+                peak, shifted = _column_sums(tile[:, :width], exps[:, :width], row_shift)
                 _merge_(col_max[j0 : j0 + width], col_sum[j0 : j0 + width], peak, shifted)
     return LseStats(row_max + torch.log(row_sum), col_max + torch.log(col_sum), positive)
 
@@ -184,13 +178,7 @@ def _gather_positive_(out: torch.Tensor, tile: torch.Tensor, local_targets: torc
     torch.where(inside, picked, out, out=out)
 
 
-def offset_backward(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    terms: OffsetTerms,
-    exclude_diagonal: bool = False,
-) -> Gradients:
+def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     """The offset-form backward shared by every loss.
 
     With ``S = scale · a bᵀ`` recomputed tile by tile and::
@@ -202,6 +190,7 @@ def offset_backward(
     ``dL/dS``. Shapes: ``c, g``: ``N``; ``r, h``: ``col_count ≤ M``.
     Outputs are in the accumulation dtype.
     """
+    a, b, scale, exclude_diagonal = scores
     n, m = a.shape[0], b.shape[0]
     row_offset, row_mult, col_offset, col_mult = terms
     col_count = col_offset.shape[0]

@@ -28,7 +28,7 @@ from tilecl.kernels.contrastive import (
 )
 
 from . import torch as torch_primitives
-from .base import Gradients, LseStats, OffsetTerms, with_unit_multipliers
+from .base import Gradients, LseStats, OffsetTerms, Scores, with_unit_multipliers
 
 __all__ = ["GPU_CONFIGS", "KernelConfig", "MAX_BLOCK_DOUT", "lse_stats", "offset_backward", "pass_count"]
 
@@ -124,16 +124,10 @@ def _launch_options(cfg: KernelConfig) -> dict:
     return opts
 
 
-def lse_stats(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    targets: torch.Tensor,
-    col_count: int,
-    exclude_diagonal: bool = False,
-) -> LseStats:
+def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats:
     """:class:`~tilecl.backends.base.LseStats` in float32."""
-    a, b = _check(a, b)
+    a, b = _check(scores.a, scores.b)
+    scale, exclude_diagonal = scores.scale, scores.exclude_diagonal
     n, m, dim = a.shape[0], b.shape[0], a.shape[1]
     cfg = config_for(a)
     opts = _launch_options(cfg)
@@ -155,15 +149,10 @@ def lse_stats(
 
 
 @with_unit_multipliers
-def offset_backward(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    terms: OffsetTerms,
-    exclude_diagonal: bool = False,
-) -> Gradients:
+def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     """:class:`~tilecl.backends.base.Gradients` in float32."""
-    a, b = _check(a, b)
+    a, b = _check(scores.a, scores.b)
+    scale, exclude_diagonal = scores.scale, scores.exclude_diagonal
     row_offset, row_mult, col_offset, col_mult = terms
     n, m, dim = a.shape[0], b.shape[0], a.shape[1]
     col_count = col_offset.shape[0]
@@ -193,7 +182,8 @@ def offset_backward(
             a, b, c, g, r, h, grad_b, s, n, m, col_count, dim, a.stride(0), b.stride(0), **common,
         )  # fmt: skip
     grad_scale = scale_partials.sum()
-    if not s:
-        # the kernel sums G·S / scale; at scale 0 (an infinite temperature) S holds no a·b to divide
-        grad_scale = torch_primitives.offset_backward(a, b, scale, terms, exclude_diagonal).grad_scale.float()
+    if not s and a.dtype != torch.float32:
+        # 16-bit inputs: the kernel sums G·S / scale, and at scale 0 (an infinite temperature) S
+        # holds no a·b to divide
+        grad_scale = torch_primitives.offset_backward(scores, terms).grad_scale.float()
     return Gradients(grad_a, grad_b, grad_scale)
