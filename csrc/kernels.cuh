@@ -252,9 +252,10 @@ __device__ __forceinline__ void merge_line(float& run_max, float& run_sum, const
   run_max = new_max;
 }
 
-// max + log(sum); a line with no entry (fully excluded) is -inf, without log(0).
+// max + log(sum); a line with no entry (fully excluded) is -inf, without log(0). A NaN sum (a NaN
+// logit, which fmaxf skips) stays NaN: it must not pass for an excluded line.
 __device__ __forceinline__ float log_sum_exp(float run_max, float run_sum) {
-  return run_sum > 0.0f ? run_max + logf(run_sum) : kNegInf;
+  return run_sum == 0.0f ? kNegInf : run_max + logf(run_sum);
 }
 
 template <typename T>
@@ -311,27 +312,30 @@ __device__ __forceinline__ float gradient_entry(float s, float c, float g, float
   return out;
 }
 
-// Row terms of rows [row0, row0 + BM) into shared memory: a non-finite c_i counts as 0 (the
-// reference's convention), rows past n carry no term.
+// Row terms of rows [row0, row0 + BM) into shared memory: c_i = -inf (a fully excluded row) and rows
+// past n carry no term; +inf gives exp(S - inf) = 0 by itself and NaN is kept, so NaN or inf inputs
+// give non-finite gradients as the full-matrix loss does.
 template <int NT>
 __device__ __forceinline__ void load_row_terms(float* c_s, float* g_s, const float* c, const float* g, int row0,
                                                int n, int count) {
   for (int i = threadIdx.x; i < count; i += NT) {
     const int row = row0 + i;
     const float ci = row < n ? c[row] : 0.0f;
-    c_s[i] = isfinite(ci) ? ci : 0.0f;
-    g_s[i] = row < n ? g[row] : 0.0f;
+    const bool live = row < n && !(isinf(ci) && ci < 0.0f);
+    c_s[i] = live ? ci : 0.0f;
+    g_s[i] = live ? g[row] : 0.0f;
   }
 }
 
-// Column terms of columns [col0, col0 + BN): columns past k, or with a non-finite offset, have none.
+// Column terms of columns [col0, col0 + BN): columns past k, or with r_j = -inf, have none (as the
+// rows: +inf and NaN are kept).
 template <int NT>
 __device__ __forceinline__ void load_col_terms(float* r_s, float* h_s, const float* r, const float* h, int col0,
                                                int k, int count) {
   for (int j = threadIdx.x; j < count; j += NT) {
     const int col = col0 + j;
     const float rj = col < k ? r[col] : 0.0f;
-    const bool live = col < k && isfinite(rj);
+    const bool live = col < k && !(isinf(rj) && rj < 0.0f);
     r_s[j] = live ? rj : 0.0f;
     h_s[j] = live ? h[col] : 0.0f;
   }

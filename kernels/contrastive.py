@@ -97,8 +97,11 @@ def _merge_tile(run_max, run_sum, s, AXIS: tl.constexpr):
 
 @triton.jit
 def _log_sum_exp(run_max, run_sum):
-    """``max + log(sum)``; an empty (fully excluded or padding) row is ``-inf``, without log(0)."""
-    return tl.where(run_sum > 0, run_max + tl.log(tl.where(run_sum > 0, run_sum, 1.0)), float("-inf"))
+    """``max + log(sum)``; an empty (fully excluded or padding) row is ``-inf``, without log(0).
+
+    A NaN sum (a NaN logit) stays NaN: it must not pass for an excluded row.
+    """
+    return tl.where(run_sum == 0, float("-inf"), run_max + tl.log(tl.where(run_sum == 0, 1.0, run_sum)))
 
 
 @triton.jit

@@ -142,7 +142,19 @@ CASES = [
         "string logit_scale",
         lambda: tilecl.contrastive_loss(feats(), feats(), "1"),
         TypeError,
-        "logit_scale must be a float",
+        "logit_scale must be a number or a 0-d tensor",
+    ),
+    (
+        "zero logit_scale",
+        lambda: tilecl.contrastive_loss(feats(), feats(), 0.0),
+        ValueError,
+        "logit_scale must be > 0.*log-scale",
+    ),
+    (
+        "negative logit_scale tensor",
+        lambda: tilecl.ClipLoss()(feats(), feats(), torch.tensor(-2.0)),
+        ValueError,
+        "logit_scale must be > 0",
     ),
     (
         "bad reduction",

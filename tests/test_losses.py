@@ -63,13 +63,23 @@ def test_values_and_gradients(combo, n, m, d, symmetric):
     assert_all_close_by_rule(ours, naive, oracle(a, b, 12.0, symmetric=symmetric), combo.dtype)
 
 
-@pytest.mark.parametrize("combo", matrix(dtypes=(torch.float64, torch.float32)), indirect=True)
-def test_zero_logit_scale(combo):
-    """An infinite temperature: every logit 0, the scale's gradient still Σ G_ij a_i·b_j."""
-    a, b = combo.inputs(19, 23, 7, seed=4)
-    ours = run(loss_fn(combo), a, b, 0.0)
-    naive = run(naive_contrastive_loss, a, b, 0.0)
-    assert_all_close_by_rule(ours, naive, oracle(a, b, 0.0), combo.dtype)
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("poison", ["nan-in-a", "inf-in-b"])
+def test_nan_and_inf_inputs_propagate_like_the_full_matrix_loss(combo, symmetric, poison):
+    """A NaN or inf feature makes exactly the values the naive loss makes non-finite non-finite:
+    never a finite (wrong) gradient that a scaler or clipping would then apply."""
+    a, b = combo.inputs(13, 17, 5, seed=7)
+    with torch.no_grad():
+        if poison == "nan-in-a":
+            a[3, 1] = math.nan
+        else:
+            b[2, 0] = math.inf
+    ours = run(loss_fn(combo), a, b, 3.0, symmetric=symmetric)
+    naive = run(naive_contrastive_loss, a, b, 3.0, symmetric=symmetric)
+    for name, x, y in zip(NAMES, ours, naive):
+        assert not torch.isfinite(y).all(), name  # the poison reaches every output of the naive loss
+        assert torch.equal(torch.isfinite(x), torch.isfinite(y)), f"{name}: finite where naive is not"
 
 
 @pytest.mark.parametrize("combo", ALL, indirect=True)
@@ -229,6 +239,22 @@ def test_primitives_with_every_kind_of_missing_term(combo):
         for name, x, y in zip(("grad_a", "grad_b", "grad_scale"), got, want):
             assert torch.isfinite(x).all(), name
             assert_rel(x, y, rel, name, atol=rel)
+
+
+@pytest.mark.parametrize("combo", matrix(dtypes=(torch.float64, torch.float32)), indirect=True)
+def test_offset_backward_at_scale_zero(combo):
+    """Every logit 0 (the losses refuse logit_scale 0; the primitive still takes it):
+    ``Σ G_ij a_i·b_j`` does not come from ``S``."""
+    device = torch.device(combo.device)
+    ours = resolve_backend(combo.backend, device, combo.dtype)
+    ref = resolve_backend("reference", device, combo.dtype)
+    a, b = (x.detach() for x in combo.inputs(19, 23, 7, seed=4))
+    gen = torch.Generator().manual_seed(1)
+    terms = OffsetTerms(*(torch.rand(k, generator=gen).to(device) for k in (19, 19, 23, 23)))
+    scores = Scores(a, b, torch.tensor(0.0, device=device))
+    for name, x, y in zip(("grad_a", "grad_b", "grad_scale"), ours.offset_backward(scores, terms),
+                          ref.offset_backward(scores, terms)):  # fmt: skip
+        assert_rel(x, y, PRIMITIVE_REL[combo.dtype], name, atol=1e-6)
 
 
 @pytest.mark.parametrize("combo", ALL, indirect=True)

@@ -10,11 +10,12 @@ Public API::
     tilecl.feature_separation_loss, tilecl.ModalityStructureLoss
     tilecl.available_backends()
     tilecl.reference          # the NumPy float64 oracle
+    tilecl.naive              # the full-matrix PyTorch losses (twice differentiable)
 """
 
 __version__ = "0.1.0"
 
-from . import reference
+from . import naive, reference
 from .backends import available_backends
 from .contrastive import contrastive_loss, gamma_contrastive_loss, nt_xent_loss
 from .gamma import GammaContrastiveLoss
@@ -39,6 +40,7 @@ __all__ = [
     "gamma_contrastive_loss",
     "geometric_consistency_loss",
     "nt_xent_loss",
+    "naive",
     "reference",
     "uniformity_loss",
 ]

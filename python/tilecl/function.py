@@ -172,7 +172,11 @@ class ContrastiveFunction(torch.autograd.Function):
         if spec.symmetric:
             # pairs sharing a column fold into one offset: r_j = min_i c_i, h_j = Σ_i w_i·e^(r_j − c_i)
             col_shift.scatter_reduce_(0, targets, col_offset, "amin")
-            col_mult.index_add_(0, targets, half * torch.exp(col_shift[targets] - col_offset))
+            # amin skips NaN: a column any NaN pair points to must stay NaN (NaN inputs propagate)
+            col_shift.index_add_(0, targets, torch.where(torch.isnan(col_offset), math.nan, 0.0).to(acc))
+            # a pair with u' = 0 (offset +inf) adds nothing, also to a column whose offset is +inf
+            shares = torch.exp(col_shift[targets] - col_offset)
+            col_mult.index_add_(0, targets, half * torch.where(torch.isposinf(col_offset), 0.0, shares))
         terms = OffsetTerms(row_offset, half, col_shift, col_mult)
         scores = Scores(a, b, scale, spec.exclude_diagonal)
         grad_a, grad_b, grad_scale = spec.primitives.offset_backward(scores, terms)

@@ -20,8 +20,10 @@ The table is ``docs/design.md``'s too.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -82,21 +84,37 @@ def check_like(x: object, name: str, like: torch.Tensor, like_name: str) -> torc
     return x
 
 
+def _is_number(value: object) -> bool:
+    """A real number: int, float or a NumPy scalar, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_scale(value: Scale, name: str, like: torch.Tensor) -> torch.Tensor:
-    """A finite scalar (float or one-element tensor) as a 0-d tensor on ``like``'s device."""
+    """A finite positive scalar (number or one-element tensor) as a 0-d tensor on ``like``'s device.
+
+    It is the exponentiated inverse temperature: 0 or less almost always means
+    the log-scale was passed, so that is refused with a pointer to ``.exp()``.
+    """
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         if not value.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-        if not math.isfinite(float(value.detach())):
-            raise ValueError(f"{name} must be finite, got {float(value.detach())}")
-        return value.reshape(()).to(like.device)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return torch.tensor(float(value), dtype=torch.float64, device=like.device)
+        number = float(value.detach())
+        tensor = value.reshape(()).to(like.device)
+    elif _is_number(value):
+        number = float(value)
+        tensor = torch.tensor(number, dtype=torch.float64, device=like.device)
+    else:
+        raise TypeError(f"{name} must be a number or a 0-d tensor, got {type(value).__name__}")
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {number}")
+    if number <= 0:
+        raise ValueError(
+            f"{name} must be > 0, got {number}: it is the exponentiated inverse temperature "
+            f"(open_clip passes model.logit_scale.exp()); did you pass the log-scale?"
+        )
+    return tensor
 
 
 def check_labels(labels: Optional[torch.Tensor], rows: int, cols: int, like: torch.Tensor) -> None:
@@ -138,11 +156,12 @@ def check_symmetric(symmetric: bool, rows: int, cols: int) -> None:
 
 
 def check_number(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_number(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number):
         raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
+    return number
 
 
 def check_positive(value: object, name: str) -> float:

@@ -90,11 +90,12 @@ class OffsetTerms(NamedTuple):
 
     ``row_offset`` ``c`` and ``row_mult`` ``g``: ``(N,)``; ``col_offset`` ``r``
     and ``col_mult`` ``h``: ``(K,)`` with ``K ≤ M`` (columns ``j ≥ K`` carry
-    no column term). A non-finite ``c_i`` drops row ``i``'s term whatever
-    ``g_i`` is, and a non-finite ``r_j`` column ``j``'s whatever ``h_j`` is:
-    ``c = +inf`` is a zero weight (the gamma loss's ``u_i = 0``), ``c = -inf``
-    a row whose every logit is excluded — either way the term is exactly 0,
-    never ``0·inf`` or ``inf − inf``.
+    no column term). A zero multiplier means no term, whatever its offset;
+    an offset of ``-inf`` (a row or column whose every logit is excluded)
+    means no term too — exactly 0, never ``0·inf`` or ``inf − inf``. Any other
+    offset is used as it is: ``+inf`` gives ``exp(S − inf) = 0`` (the gamma
+    loss's ``u_i = 0``) and NaN stays NaN, so NaN or inf inputs make the
+    gradients non-finite exactly where the full-matrix loss's are.
     """
 
     row_offset: torch.Tensor

@@ -280,9 +280,6 @@ class CudaKernels:
             raise ValueError(f"col_offset must be a 1-D tensor of at most {m} entries")
         c = _vector(row_offset, "row_offset", n, a, torch.float32)
         g = _vector(row_mult, "row_mult", n, a, torch.float32)
-        # the kernels count a non-finite c_i as 0; the contract drops the row's term
-        live_rows = torch.isfinite(c)
-        c, g = torch.where(live_rows, c, 0.0), torch.where(live_rows, g, 0.0)
         r = _vector(col_offset, "col_offset", k, a, torch.float32)
         h = _vector(col_mult, "col_mult", k, a, torch.float32)
         s = _scale(scores.scale, backend)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import reference as oracle
 from .base import Gradients, LseStats, OffsetTerms, Scores
 
 __all__ = ["lse_stats", "offset_backward"]
@@ -33,11 +32,22 @@ def _on(like: torch.Tensor, *arrays: np.ndarray) -> list[torch.Tensor]:
     return [torch.as_tensor(x).to(device=like.device, dtype=torch.float64) for x in arrays]
 
 
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    """``log Σ exp(x)`` shifted by the max, as a full-matrix cross entropy is: a line of only ``-inf``
+    (or none) gives ``-inf``, a ``+inf`` entry NaN (``inf − inf``), as in the streaming backends."""
+    if x.shape[axis] == 0:
+        return np.full(x.shape[1 - axis], -np.inf)
+    peak = np.max(x, axis=axis, keepdims=True)
+    shift = np.where(np.isneginf(peak), 0.0, peak)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.squeeze(shift + np.log(np.sum(np.exp(x - shift), axis=axis, keepdims=True)), axis=axis)
+
+
 def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats:
     """:class:`~tilecl.backends.base.LseStats` of ``S = scale·a bᵀ``, in float64."""
     full = _full(scores)
-    rows = oracle.logsumexp(full, axis=1)
-    cols = oracle.logsumexp(full[:, :col_count], axis=0)
+    rows = _logsumexp(full, axis=1)
+    cols = _logsumexp(full[:, :col_count], axis=0)
     positive = full[np.arange(full.shape[0]), targets.cpu().numpy()]  # -inf where excluded
     return LseStats(*_on(scores.a, rows, cols, positive))
 
@@ -46,13 +56,19 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     """:class:`~tilecl.backends.base.Gradients` for ``terms``, in float64."""
     full = _full(scores)
     c, g, r, h = map(_host, terms)
-    # a non-finite offset drops its term: exp(S - inf) = 0, never 0·inf
-    live_rows, live_cols = np.isfinite(c), np.isfinite(r)
-    g, c = np.where(live_rows, g, 0.0), np.where(live_rows, c, np.inf)
-    h, r = np.where(live_cols, h, 0.0), np.where(live_cols, r, np.inf)
-    grad = g[:, None] * np.exp(full - c[:, None])
-    width = r.shape[0]
-    grad[:, :width] += h[None, :] * np.exp(full[:, :width] - r[None, :])
+    # no term where the multiplier is 0 or the offset -inf (every entry excluded): exactly 0, never
+    # 0·inf; any other offset as it is, so NaN or inf inputs propagate
+    live_rows, live_cols = ~np.isneginf(c) & (g != 0), ~np.isneginf(r) & (h != 0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        grad = np.where(live_rows[:, None], g[:, None] * np.exp(full - c[:, None]), 0.0)
+        width = r.shape[0]
+        grad[:, :width] += np.where(
+            live_cols[None, :], h[None, :] * np.exp(full[:, :width] - r[None, :]), 0.0
+        )
     s = float(scores.scale)
     a64, b64 = _host(scores.a), _host(scores.b)
-    return Gradients(*_on(scores.a, s * grad @ b64, s * grad.T @ a64, np.sum(grad @ b64 * a64)))
+    # explicit products, not BLAS: 0·inf must be NaN (an inf input), as IEEE and the naive loss say
+    with np.errstate(invalid="ignore"):
+        grad_a = np.einsum("ij,jd->id", grad, b64, optimize=False)
+        grad_b = np.einsum("ij,id->jd", grad, a64, optimize=False)
+    return Gradients(*_on(scores.a, s * grad_a, s * grad_b, np.sum(grad_a * a64)))

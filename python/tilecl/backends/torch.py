@@ -196,13 +196,14 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     col_count = col_offset.shape[0]
     acc = accumulation_dtype(a.dtype)
     s = scale.to(acc)
-    # a row or column with no term (a zero weight: +inf; every entry excluded: -inf) contributes
-    # nothing: its multiplier is 0 and its offset a finite 0 (rows) or +inf (columns, whose exp is
-    # then exactly 0: a finite placeholder could overflow and meet h = 0 as 0·inf)
-    live_rows = torch.isfinite(row_offset)
+    # a row or column with no term (a zero multiplier, or every entry excluded: offset -inf)
+    # contributes nothing: multiplier 0 and offset a finite 0 (rows) or +inf (columns, whose exp is
+    # then exactly 0: a finite placeholder could overflow and meet h = 0 as 0·inf). Other offsets
+    # stay as they are, NaN included: NaN inputs must reach the gradients.
+    live_rows = ~torch.isneginf(row_offset) & (row_mult != 0)
     c = torch.where(live_rows, row_offset, 0.0).to(acc)
     g = torch.where(live_rows, row_mult, 0.0).to(acc)
-    live = torch.isfinite(col_offset)
+    live = ~torch.isneginf(col_offset) & (col_mult != 0)
     h = torch.where(live, col_mult, 0.0).to(acc)
     r = torch.where(live, col_offset, math.inf).to(acc)
     rows, cols = tile_shape(n, m, acc)

@@ -159,8 +159,9 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     cfg = config_for(a)
     opts = _launch_options(cfg)
     f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
-    # an infinite offset carries no term (a column without pairs, a fully excluded row or column)
-    row_live, col_live = torch.isfinite(row_offset), torch.isfinite(col_offset)
+    # an offset of -inf (a fully excluded row or column) carries no term; +inf and NaN stay, so
+    # NaN or inf inputs reach the gradients as in the full-matrix loss
+    row_live, col_live = ~torch.isneginf(row_offset), ~torch.isneginf(col_offset)
     c = torch.where(row_live, row_offset, 0.0).to(**f32).contiguous()
     g = torch.where(row_live, row_mult, 0.0).to(**f32).contiguous()
     r = torch.where(col_live, col_offset, 0.0).to(**f32).contiguous()
