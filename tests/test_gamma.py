@@ -181,7 +181,13 @@ def test_state_dict_round_trip_and_eval_mode_freezes_memory():
     a, b, _, _ = inputs(4, 4, 3)
     module(a, b, torch.tensor([1, 2, 3, 4]), 2.0)
     state = {k: t.clone() for k, t in module.state_dict().items()}
-    assert set(state) == {"log_memory_rows", "visited_rows", "log_memory_cols", "visited_cols"}
+    assert set(state) == {
+        "log_memory_rows",
+        "visited_rows",
+        "log_memory_cols",
+        "visited_cols",
+        "_extra_state",
+    }
     restored = tilecl.GammaContrastiveLoss(10, gamma=0.5, estimator="mean")
     restored.load_state_dict(state)
     for k, t in restored.state_dict().items():
@@ -239,3 +245,65 @@ def test_functional_bad_log_weights():
         tilecl.gamma_contrastive_loss(a, b, log_u * float("nan"), log_u, 1.0)
     with pytest.raises(ValueError, match="positives"):
         tilecl.contrastive_loss(a, b, 1.0, positives=a)  # symmetric with decoupled positives
+
+
+# --------------------------------------------------------------------------- reliability
+
+
+def test_a_non_finite_batch_never_writes_the_memory_and_names_its_indices():
+    """One NaN row used to commit NaN into that row's and the whole batch's column entries, and the
+    γ-mixing kept it forever (every later step on those indices NaN, silently)."""
+    module = tilecl.GammaContrastiveLoss(10, gamma=0.5, estimator="mean", backend="torch")
+    a, b, _, _ = inputs(4, 4, 3, seed=5)
+    module(a, b, torch.tensor([0, 1, 2, 3]), 2.0)
+    before = {k: t.clone() for k, t in module.state_dict().items()}
+    poisoned = a.detach().clone()
+    poisoned[1, 0] = math.nan
+    with pytest.warns(RuntimeWarning, match=r"dataset indices \[1, 5, 6, 7\]"):
+        loss = module(poisoned, b, torch.tensor([6, 1, 5, 7]), 2.0)
+    assert not torch.isfinite(loss)
+    for k, t in module.state_dict().items():
+        assert torch.equal(t, before[k]), k
+    # the next clean step on the same indices is finite
+    assert torch.isfinite(module(a, b, torch.tensor([6, 1, 5, 7]), 2.0))
+    assert torch.isfinite(module.log_memory_rows).all() and torch.isfinite(module.log_memory_cols).all()
+
+
+def test_a_corrupted_memory_is_refused_like_bad_log_weights():
+    module = tilecl.GammaContrastiveLoss(10, estimator="mean", backend="torch")
+    a, b, _, _ = inputs(4, 4, 3, seed=5)
+    module(a, b, torch.tensor([0, 1, 2, 3]), 2.0)
+    with torch.no_grad():
+        module.log_memory_rows[2] = math.nan  # e.g. a checkpoint written by an older version
+    with pytest.raises(ValueError, match="log_u_rows \\(from the memory\\) must not contain NaN"):
+        module(a, b, torch.tensor([0, 1, 2, 3]), 2.0)
+
+
+@pytest.mark.parametrize(
+    "cast", [lambda m: m.float(), lambda m: m.half(), lambda m: m.bfloat16(), lambda m: m.to(torch.float32)]
+)
+def test_module_casts_keep_the_memory_float64_and_training_works(cast):
+    """model.half() and friends used to convert the memory (rounding it) and break every later step."""
+    module = tilecl.GammaContrastiveLoss(10, gamma=0.5, estimator="mean", backend="torch")
+    a, b, _, _ = inputs(4, 4, 3, seed=5)
+    module(a, b, torch.tensor([0, 1, 2, 3]), 2.0)
+    before = module.log_memory_rows.clone()
+    assert cast(module) is module
+    assert module.log_memory_rows.dtype == module.log_memory_cols.dtype == torch.float64
+    assert torch.equal(module.log_memory_rows, before)  # not rounded through the cast dtype
+    module(a.float(), b.float(), torch.tensor([2, 3, 4, 5]), 2.0)
+    assert set(module.state_dict()) >= {"log_memory_rows", "log_memory_cols"}
+
+
+def test_checkpoint_restores_the_sampling_generator():
+    def make():
+        return tilecl.GammaContrastiveLoss(10, generator=torch.Generator().manual_seed(3), backend="torch")
+
+    a, b, _, _ = inputs(4, 4, 3, seed=5)
+    module = make()
+    module(a, b, torch.tensor([0, 1, 2, 3]), 2.0)
+    checkpoint = {k: t.clone() for k, t in module.state_dict().items()}
+    expected = module(a, b, torch.tensor([4, 5, 6, 7]), 2.0)
+    resumed = make()
+    resumed.load_state_dict(checkpoint)
+    assert torch.equal(resumed(a, b, torch.tensor([4, 5, 6, 7]), 2.0), expected)

@@ -25,7 +25,8 @@ them), and the backward is the shared offset backward with
 from __future__ import annotations
 
 import math
-from typing import Optional
+import warnings
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -40,6 +41,8 @@ from .function import LossSpec, apply_loss, batch_stats, targets_of
 __all__ = ["GammaContrastiveLoss", "em_update", "gamma_log_weights"]
 
 ESTIMATORS = ("sample", "mean")
+#: the per-sample log-memory buffers: float64 whatever the module is cast to
+MEMORY_BUFFERS = ("log_memory_rows", "log_memory_cols")
 
 
 def em_update(
@@ -101,7 +104,13 @@ class GammaContrastiveLoss(nn.Module):
     ``forward(a, b, index, logit_scale)`` runs the E-step (memory update, draw
     of ``u``) and returns the M-step surrogate to backpropagate. The memory is
     updated only in training mode and only after every check passed and the
-    loss was computed, so a call that raises leaves it unchanged.
+    loss was computed, so a call that raises leaves it unchanged. A batch with
+    non-finite statistics (NaN or inf features) writes nothing: a
+    ``RuntimeWarning`` names its dataset indices and the loss is NaN, so an AMP
+    scaler can skip the step. The memory stays float64 whatever the module is
+    cast to (``.half()``, ``.to(dtype)``…), and ``state_dict`` saves the
+    sampling generator's state with it (draws from torch's global RNG, without
+    a ``generator``, resume only as the global RNG does).
 
     Args:
         num_samples: dataset size; ``index`` values lie in ``[0, num_samples)``.
@@ -161,10 +170,54 @@ class GammaContrastiveLoss(nn.Module):
         log_u = gamma_log_weights(at_batch[own], self.alpha, self.estimator, self.generator)
         return (unique, new), log_u
 
-    def _commit(self, direction: str, update: tuple[torch.Tensor, torch.Tensor]) -> None:
-        unique, new = update
-        getattr(self, f"log_memory_{direction}")[unique] = new.to(torch.float64)
-        getattr(self, f"visited_{direction}")[unique] = True
+    def _commit_finite(
+        self, updates: dict[str, tuple[torch.Tensor, torch.Tensor]], finite: torch.Tensor, index: torch.Tensor
+    ) -> None:
+        """Write the step's memory update, or nothing if any sample's statistics were not finite."""
+        if not bool(finite.all()):
+            bad = sorted(set(index[~finite].tolist()))
+            warnings.warn(
+                f"GammaContrastiveLoss: non-finite statistics (NaN or inf features) for dataset indices "
+                f"{bad}; this step's memory update was skipped for the whole batch",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        for direction, (unique, new) in updates.items():
+            getattr(self, f"log_memory_{direction}")[unique] = new.to(torch.float64)
+            getattr(self, f"visited_{direction}")[unique] = True
+
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> GammaContrastiveLoss:
+        """``.to()``, ``.cuda()``, ``.float()``, ``.half()``…: the memory moves but stays float64.
+
+        A cast of the whole model must neither round the stored ``log D̄`` nor change the dtype
+        the E-step writes into.
+        """
+        memory: dict[str, torch.Tensor] = {}
+        for name in MEMORY_BUFFERS:
+            buffer = self._buffers.pop(name)
+            assert buffer is not None  # registered in __init__
+            memory[name] = buffer
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buffer in memory.items():
+                # fn on an empty float64 tensor says where it sends tensors; the dtype is ignored
+                device = fn(torch.empty(0, dtype=torch.float64, device=buffer.device)).device
+                self._buffers[name] = buffer.to(device)
+        return self
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The sampling generator's state (empty without a generator), saved by ``state_dict``."""
+        if self.generator is None:
+            return torch.empty(0, dtype=torch.uint8)
+        return self.generator.get_state()
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        if self.generator is not None and state.numel():
+            self.generator.set_state(state)
 
     def forward(
         self,
@@ -202,14 +255,21 @@ class GammaContrastiveLoss(nn.Module):
         # updates the same samples the same way and the memories stay identical
         every_index, mine = ranks.gather(index), ranks.own(n)
 
-        def e_step(direction: str, log_d_hat: torch.Tensor):
-            return self._e_step(direction, every_index, ranks.gather(log_d_hat), mine)
-
-        row_update, log_u_rows = e_step("rows", stats.row_lse - math.log(m * spec.world))
-        col_update, log_u_cols = None, None
+        log_d_hat = {"rows": ranks.gather(stats.row_lse - math.log(m * spec.world))}
         if self.symmetric:
             col_at_pair = stats.col_lse[targets_of(labels, n, a.device)]
-            col_update, log_u_cols = e_step("cols", col_at_pair - math.log(n * spec.world))
+            log_d_hat["cols"] = ranks.gather(col_at_pair - math.log(n * spec.world))
+        # NaN or inf features give non-finite statistics; those must never reach the memory, where
+        # the γ-mixing would keep them forever
+        finite = torch.stack([torch.isfinite(x) for x in log_d_hat.values()]).all(dim=0)
+        updates, log_u = {}, {}
+        for direction, estimate in log_d_hat.items():
+            updates[direction], log_u[direction] = self._e_step(direction, every_index, estimate, mine)
+            # the memory only holds finite values, so a finite statistic must give a finite log u
+            v.check_log_weights(
+                torch.where(finite[mine], log_u[direction], 0.0), f"log_u_{direction} (from the memory)", n, a
+            )
+        log_u_rows, log_u_cols = log_u["rows"], log_u.get("cols")
         loss = apply_loss(
             a,
             b,
@@ -223,9 +283,7 @@ class GammaContrastiveLoss(nn.Module):
         )
         loss = ranks.global_loss(loss, n, "mean")
         if self.training:
-            self._commit("rows", row_update)
-            if col_update is not None:
-                self._commit("cols", col_update)
+            self._commit_finite(updates, finite, every_index)
         self.last_infonce = ranks.sum_(_infonce_from_stats(stats, labels, self.symmetric) / ranks.world)
         self.last_log_u = (log_u_rows, log_u_cols)
         return loss
