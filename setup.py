@@ -13,10 +13,12 @@ Without either switch the extension is built only when ``nvcc`` is found.
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 SKIP_CUDA_BUILD = os.environ.get("TILECL_SKIP_CUDA_BUILD", "0") == "1"
 FORCE_CUDA_BUILD = os.environ.get("TILECL_FORCE_CUDA_BUILD", "0") == "1"
@@ -41,9 +43,31 @@ class NinjaBuildExt(build_ext):
         _cuda_build().build_extension(output, Path(self.build_temp).resolve() / "tilecl-cuda")
 
 
+#: why this build leaves tilecl._cuda out (None: it builds it); said once, by build_py
+SKIPPED: list = []
+
+
+def _skipped(why: str) -> None:
+    SKIPPED.append(why)
+
+
+class BuildPyThatSaysWhatItSkips(build_py):
+    """build_py runs once per build (setup.py itself runs several times under pip): say it there."""
+
+    def run(self):
+        for why in SKIPPED[:1]:
+            print(
+                f"tilecl: building without the CUDA C++ extension tilecl._cuda ({why}); backend='cuda' "
+                "will be unavailable (the torch and triton backends are not affected)",
+                file=sys.stderr,
+            )
+        super().run()
+
+
 def cuda_extensions() -> list:
     """The CUDA C++ extension: built when nvcc is found (or TILECL_FORCE_CUDA_BUILD=1), never when skipped."""
     if SKIP_CUDA_BUILD:
+        _skipped("TILECL_SKIP_CUDA_BUILD=1")
         return []
     sources = (
         sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cu"))
@@ -53,11 +77,13 @@ def cuda_extensions() -> list:
     if not sources:
         if FORCE_CUDA_BUILD:
             raise RuntimeError("TILECL_FORCE_CUDA_BUILD=1 but csrc/ has no CUDA sources")
+        _skipped("csrc/ is not in this source tree")
         return []
     build = _cuda_build()
     if build.find_nvcc() is None:
         if FORCE_CUDA_BUILD:
             raise RuntimeError("TILECL_FORCE_CUDA_BUILD=1 but nvcc was not found (set CUDA_HOME or PATH)")
+        _skipped("nvcc was not found (set CUDA_HOME or PATH)")
         return []
     build.cuda_archs()  # a malformed TILECL_CUDA_ARCHS fails here, before any compile
     return [Extension("tilecl._cuda", sources=[*sources, "csrc/bindings.cpp"])]
@@ -68,5 +94,5 @@ setup(
     packages=["tilecl", "tilecl.backends", "tilecl.kernels"],
     package_data={"tilecl": ["py.typed"]},
     ext_modules=cuda_extensions(),
-    cmdclass={"build_ext": NinjaBuildExt},
+    cmdclass={"build_ext": NinjaBuildExt, "build_py": BuildPyThatSaysWhatItSkips},
 )

@@ -28,9 +28,13 @@ import triton.language as tl
 
 @triton.jit
 def _load_block(ptr, index, n, feats, dim, stride):
-    """Rows ``index`` x features ``feats`` of an ``(n, dim)`` matrix, zeros outside."""
+    """Rows ``index`` x features ``feats`` of an ``(n, dim)`` matrix, zeros outside.
+
+    The row offset is formed in int64: ``index * stride`` passes 2^31 at N·D = 2^31 (N = 4,194,304
+    rows of 512 features), and an int32 product would wrap to a wrong address.
+    """
     return tl.load(
-        ptr + index[:, None] * stride + feats[None, :],
+        ptr + index[:, None].to(tl.int64) * stride + feats[None, :],
         mask=(index[:, None] < n) & (feats[None, :] < dim),
         other=0.0,
     )
@@ -280,7 +284,7 @@ def backward_kernel(
             zero = tl.zeros((BLOCK_N, BLOCK_DOUT), dtype=tl.float32)
             grad_b = _dot(tl.trans(grad.to(a_out.dtype)), a_out, zero, PRECISION, UPCAST)
             tl.atomic_add(
-                grad_b_ptr + cols[:, None] * dim + feats[None, :],
+                grad_b_ptr + cols[:, None].to(tl.int64) * dim + feats[None, :],
                 grad_b * scale,
                 mask=(cols[:, None] < n_cols) & feat_ok[None, :],
             )
@@ -294,7 +298,7 @@ def backward_kernel(
         partial = tl.sum(tl.sum(grad_a * a_out.to(tl.float32), axis=1), axis=0)
     tl.store(scale_partial_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), partial)
     tl.store(
-        grad_a_ptr + rows[:, None] * dim + feats[None, :],
+        grad_a_ptr + rows[:, None].to(tl.int64) * dim + feats[None, :],
         grad_a * scale,
         mask=(rows[:, None] < n_rows) & feat_ok[None, :],
     )
@@ -338,7 +342,7 @@ def backward_cols_kernel(
         a_out = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
         grad_b = _dot(tl.trans(grad.to(a_out.dtype)), a_out, grad_b, PRECISION, UPCAST)
     tl.store(
-        grad_b_ptr + cols[:, None] * dim + feats[None, :],
+        grad_b_ptr + cols[:, None].to(tl.int64) * dim + feats[None, :],
         grad_b * scale,
         mask=(cols[:, None] < n_cols) & feat_ok[None, :],
     )

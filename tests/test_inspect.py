@@ -50,6 +50,15 @@ def test_zero_spills_and_shared_memory_within_limits(report):
         assert 0 < k["registers"] <= 255
 
 
+def test_every_address_product_is_64_bit(report):
+    """index × stride over a tile is formed in int64: an int32 product wraps at N·D = 2^31
+    (N = 4,194,304 rows at D = 512) and reads or stores gradients at wrong addresses."""
+    for k in report["kernels"]:
+        where = (k["name"], k["arch"], k["dtype"], k["config"]["BLOCK_DOUT"])
+        assert k["address_products"] > 0, where
+        assert k["address_products_i64"] == k["address_products"], where
+
+
 def test_cuda_section_reports_every_kernel_without_spills(report):
     cuda = report["cuda"]
     if "skipped" in cuda:

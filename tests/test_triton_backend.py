@@ -30,3 +30,21 @@ def test_deterministic_backward_is_bitwise_reproducible_and_matches():
     for name, x, y, z in zip(("loss", "grad_a", "grad_b", "grad_scale"), first, second, default):
         assert torch.equal(x, y), name
         assert_rel(x, z, 1e-5, name, atol=1e-6)
+
+
+def test_sizes_past_the_32_bit_tile_indices_are_refused_before_a_launch():
+    """Address products are int64 (test_inspect.py); the tile indices themselves stay int32."""
+    from tilecl.backends import Scores
+    from tilecl.backends import triton as triton_backend
+
+    limit = triton_backend.MAX_DIM
+    assert limit == 2**31 - 512
+    huge = torch.zeros(1, 1, device=DEVICE).expand(limit + 1, 1)  # a stride-0 view: no memory behind it
+    fits = torch.zeros(1, 1, device=DEVICE).expand(limit, 1)
+    small = torch.zeros(3, 1, device=DEVICE)
+    one = torch.tensor(1.0, device=DEVICE)
+    for a, b in ((huge, small), (small, huge)):
+        with pytest.raises(ValueError, match="2\\^31 - 512"):
+            targets = torch.zeros(1, dtype=torch.long, device=DEVICE).expand(a.shape[0])
+            triton_backend.lse_stats(Scores(a, b, one), targets, 0)
+    triton_backend._check(fits, small)  # the boundary itself is accepted (no launch: a check only)

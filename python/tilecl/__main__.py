@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 from typing import Optional, Sequence
 
 
@@ -51,6 +52,28 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     inspect.add_argument("--only", choices=("triton", "cuda"), default=None, help="one section only")
 
     args = parser.parse_args(argv)
+    try:
+        # before anything runs: a demo must not fail on a missing package two minutes in
+        for module in REQUIRED_MODULES.get(args.command, ()):
+            importlib.import_module(module)
+        _run(args)
+    except ModuleNotFoundError as error:
+        extra = OPTIONAL_MODULES.get((error.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        raise SystemExit(
+            f"tilecl {args.command}: this command needs {error.name!r}, which is not installed; "
+            f"install it with: pip install 'tilecl[{extra}]'"
+        ) from None
+
+
+#: optional packages the CLI commands use → the extra that installs them
+OPTIONAL_MODULES = {"sklearn": "demo", "tqdm": "demo", "matplotlib": "demo", "triton": "gpu"}
+#: what each command imports, checked before it starts
+REQUIRED_MODULES = {"demo": ("sklearn", "tqdm", "matplotlib"), "reproduce": ("sklearn", "tqdm", "matplotlib")}
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "demo":
         from .demo import run_demo
 

@@ -114,6 +114,8 @@ def compile_kernel(name: str, dtype: str, config, arch: int) -> dict:
     ptx = compiled.asm["ptx"]
     # sm_90 runs Hopper's wgmma for tiles of >= 64 rows and Ampere's mma.sync below that
     tensor_core = len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\.", ptx))
+    # address products: index × stride over a tile (a tensor-typed multiply); int32 ones wrap at 2^31
+    products = re.findall(r"arith\.muli [^:]*: tensor<[0-9x]+x(i32|i64)>", compiled.asm["ttir"])
     return {
         "name": name,
         "arch": f"sm_{arch}",
@@ -122,6 +124,11 @@ def compile_kernel(name: str, dtype: str, config, arch: int) -> dict:
         "shared_bytes": int(compiled.metadata.shared),
         **_ptxas_report(ptx, arch),
         "tensor_core_instructions": tensor_core,
+        "ptx_instructions": len(
+            re.findall(r"^\s+(?:@%p\d+\s+)?[a-z][\w.:]*\s[^\n]*;\s*$", ptx, flags=re.MULTILINE)
+        ),
+        "address_products": len(products),
+        "address_products_i64": products.count("i64"),
     }
 
 

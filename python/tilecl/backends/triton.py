@@ -68,14 +68,19 @@ GPU_CONFIGS = {
         KernelConfig(32, 32, 32, 256, 8),
         KernelConfig(16, 16, 32, 512, 8),
     ],
+    # float32: the 64-bit address products cost registers; these are the largest spill-free tiles
     "float32": [
-        KernelConfig(32, 32, 16, 128, 8),
-        KernelConfig(32, 16, 16, 256, 8),
+        KernelConfig(32, 16, 16, 128, 8),
+        KernelConfig(16, 16, 16, 256, 8),
         KernelConfig(16, 16, 16, 512, 8),
     ],
 }
 #: widest gradient accumulator: larger D adds a program (and an S recompute) per chunk
 MAX_BLOCK_DOUT = 512
+#: largest block side: tile indices ``program_id · BLOCK + arange`` are int32 and must not wrap
+MAX_BLOCK = 512
+#: largest N, M or D the kernels take (address products are int64; the indices themselves int32)
+MAX_DIM = 2**31 - MAX_BLOCK
 # chosen by `python -m tilecl inspect`: the largest tiles with zero register spills on sm_80 and sm_90
 
 
@@ -108,6 +113,12 @@ def _dot_options(dtype: torch.dtype) -> dict:
 
 def _check(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # the registry refuses these before a loss runs; a direct call of the primitive is checked here
+    for name, x in (("a", a), ("b", b)):
+        if max(x.shape) > MAX_DIM:
+            raise ValueError(
+                f"backend='triton': {name} has shape {tuple(x.shape)}; the kernels take at most "
+                f"2^31 - {MAX_BLOCK} = {MAX_DIM} rows and features (their tile indices are 32-bit)"
+            )
     if a.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"backend='triton' takes float16, bfloat16 and float32 inputs, got {a.dtype}")
     if a.device.type != "cuda" and not INTERPRETED:
