@@ -3,7 +3,7 @@
 // Tensors cross as integers (tensor.data_ptr()), with their shapes and row strides, a dtype code
 // (0 float32, 1 float16, 2 bfloat16) and the stream handle
 // (torch.cuda.current_stream().cuda_stream): one build works with any torch version. The Python
-// side (tilecl.cuda_backend) validates every argument before calling in here.
+// side (tilecl.backends.cuda) validates every argument before calling in here.
 //
 // Built twice from this one file: as tilecl._cuda against the nvcc-compiled kernels, and (with
 // TILECL_EMU) as the CPU emulation module, whose launches must keep the GIL (the emulated

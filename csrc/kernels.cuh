@@ -579,7 +579,7 @@ __global__ void __launch_bounds__(kThreads) sum_partials_kernel(const float* __r
 inline int ceil_div(int x, int y) { return static_cast<int>((static_cast<int64_t>(x) + y - 1) / y); }
 
 // The tile loops step a 32-bit index by up to 64 (col0 += BN, row0 += BM, k0 += BK): it must stay
-// below 2^31 (cuda_backend.py checks the same bound before any launch).
+// below 2^31 (backends/cuda.py checks the same bound before any launch).
 constexpr int kMaxDim = INT32_MAX - 63;  // 2^31 − 64
 
 inline void check_launch(const char* what) {

@@ -17,10 +17,7 @@ in the 16-bit kernels; and build, link and import the real extension (warnings a
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -31,7 +28,15 @@ from tilecl import _cuda_build
 from tilecl.backends import OffsetTerms, Scores, resolve_backend
 from tilecl.backends.cuda import MAX_DIM, cuda_built, emulation_settings, runs_on
 from tilecl.naive import naive_contrastive_loss
-from utils import NAMES, assert_all_close_by_rule, assert_rel, make_inputs, oracle, run
+from utils import (
+    NAMES,
+    assert_all_close_by_rule,
+    assert_rel,
+    extension_in_a_fresh_process,
+    make_inputs,
+    oracle,
+    run,
+)
 
 LOW = [torch.float32, torch.bfloat16, torch.float16]
 CPU = torch.device("cpu")
@@ -277,18 +282,7 @@ def test_real_extension_builds_links_and_imports():
     import it (static cudart loads the driver on the first CUDA call)."""
     if _cuda_build.find_nvcc() is None:
         pytest.skip("nvcc not found")
-    library = _cuda_build.build_extension_cached()
-    probe = (
-        "import importlib.util, json, sys\n"
-        "spec = importlib.util.spec_from_file_location('tilecl._cuda', sys.argv[1])\n"
-        "module = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(module)\n"
-        "info = {'names': dir(module), 'emulated': module.EMULATED, 'archs': module.ARCHS}\n"
-        "print(json.dumps(info))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", probe, str(library)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    info = json.loads(done.stdout.splitlines()[-1])
+    info = extension_in_a_fresh_process(_cuda_build.build_extension_cached())
     assert {"lse_stats", "offset_backward", "workspace_floats"} <= set(info["names"])
     assert info["emulated"] is False and info["archs"] == "80,90"
 

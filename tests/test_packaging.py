@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tilecl import _cuda_build
+from utils import extension_in_a_fresh_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,16 +52,8 @@ def test_the_sdist_builds_the_cuda_extension_where_nvcc_is(tmp_path):
         env=env,
     )
     (library,) = (tmp_path / "site" / "tilecl").glob("_cuda*.so")
-    probe = (
-        "import importlib.util, sys\n"
-        "spec = importlib.util.spec_from_file_location('tilecl._cuda', sys.argv[1])\n"
-        "module = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(module)\n"
-        "print(module.ARCHS, hasattr(module, 'lse_stats'), module.EMULATED)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", probe, str(library)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["80", "True", "False"]
+    info = extension_in_a_fresh_process(library)
+    assert "lse_stats" in info["names"] and info["emulated"] is False and info["archs"] == "80"
 
 
 def test_a_build_without_the_extension_says_so_once(tmp_path):

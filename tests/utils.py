@@ -14,6 +14,9 @@ reason and is skipped by the ``combo`` fixture, never dropped.
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 from collections.abc import Iterable
 from typing import Any, Callable, Optional
 
@@ -127,6 +130,25 @@ def oracle(
         host(a), host(b), scale, grad_output=None if grad_output is None else host(grad_output), **kw
     )
     return out.loss, out.grad_a, out.grad_b, out.grad_logit_scale
+
+
+def extension_in_a_fresh_process(library: Any) -> dict[str, Any]:
+    """Import a built ``tilecl._cuda`` from its file in a new Python process; its names, EMULATED, ARCHS.
+
+    A fresh process: no GPU is needed to import it (static cudart loads the driver on the first
+    CUDA call), and nothing of this process's imports can stand in for it.
+    """
+    probe = (
+        "import importlib.util, json, sys\n"
+        "spec = importlib.util.spec_from_file_location('tilecl._cuda', sys.argv[1])\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "print(json.dumps({'names': dir(module), 'emulated': module.EMULATED, 'archs': module.ARCHS}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(library)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    info: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return info
 
 
 def max_error(x: Any, ref: Any) -> float:
