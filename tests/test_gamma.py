@@ -307,3 +307,18 @@ def test_checkpoint_restores_the_sampling_generator():
     resumed = make()
     resumed.load_state_dict(checkpoint)
     assert torch.equal(resumed(a, b, torch.tensor([4, 5, 6, 7]), 2.0), expected)
+
+
+def test_meta_init_then_to_empty_and_share_memory_move_the_memory():
+    with torch.device("meta"):
+        module = tilecl.GammaContrastiveLoss(10, backend="torch")
+    module.to_empty(device="cpu")
+    assert module.log_memory_rows.device.type == "cpu" and module.log_memory_rows.dtype == torch.float64
+    module.share_memory()
+    assert module.log_memory_rows.is_shared() and module.visited_rows.is_shared()
+
+
+def test_a_checkpoint_without_the_generator_state_still_loads():
+    module = tilecl.GammaContrastiveLoss(10, generator=torch.Generator().manual_seed(0), backend="torch")
+    old = {k: t for k, t in module.state_dict().items() if k != "_extra_state"}  # written by 0.1.0
+    tilecl.GammaContrastiveLoss(10, generator=torch.Generator(), backend="torch").load_state_dict(old)

@@ -204,9 +204,10 @@ class GammaContrastiveLoss(nn.Module):
             super()._apply(fn, recurse)
         finally:
             for name, buffer in memory.items():
-                # fn on an empty float64 tensor says where it sends tensors; the dtype is ignored
-                device = fn(torch.empty(0, dtype=torch.float64, device=buffer.device)).device
-                self._buffers[name] = buffer.to(device)
+                moved = fn(buffer)  # to(device), to_empty(), share_memory_() … as for any buffer
+                if moved.dtype != torch.float64:  # a cast: move the original, keep its dtype
+                    moved = buffer.to(moved.device)
+                self._buffers[name] = moved
         return self
 
     def get_extra_state(self) -> torch.Tensor:
@@ -218,6 +219,13 @@ class GammaContrastiveLoss(nn.Module):
     def set_extra_state(self, state: torch.Tensor) -> None:
         if self.generator is not None and state.numel():
             self.generator.set_state(state)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        # checkpoints written before the generator's state was saved have no extra state: load them
+        key = prefix + "_extra_state"
+        if key not in state_dict:
+            state_dict = {**state_dict, key: torch.empty(0, dtype=torch.uint8)}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
         self,

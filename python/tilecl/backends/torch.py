@@ -201,7 +201,10 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     # then exactly 0: a finite placeholder could overflow and meet h = 0 as 0·inf). Other offsets
     # stay as they are, NaN included: NaN inputs must reach the gradients.
     live_rows = ~torch.isneginf(row_offset) & (row_mult != 0)
-    c = torch.where(live_rows, row_offset, 0.0).to(acc)
+    # a zero-weight row keeps its (finite) offset: exp(S − 0) would overflow at large logits and
+    # meet the zero weight as inf·0; only -inf (and NaN there) become 0
+    placeholder = torch.isneginf(row_offset) | ((row_mult == 0) & torch.isnan(row_offset))
+    c = torch.where(placeholder, 0.0, row_offset).to(acc)
     g = torch.where(live_rows, row_mult, 0.0).to(acc)
     live = ~torch.isneginf(col_offset) & (col_mult != 0)
     h = torch.where(live, col_mult, 0.0).to(acc)

@@ -77,6 +77,8 @@ GPU_CONFIGS = {
 }
 #: widest gradient accumulator: larger D adds a program (and an S recompute) per chunk
 MAX_BLOCK_DOUT = 512
+#: below this |scale|, 1/scale overflows float32: the 16-bit d(scale) comes from the torch backend
+TINY_SCALE = 2.0**-100
 #: largest block side: tile indices ``program_id · BLOCK + arange`` are int32 and must not wrap
 MAX_BLOCK = 512
 #: largest N, M or D the kernels take (address products are int64; the indices themselves int32)
@@ -184,8 +186,9 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     grad_b = torch.empty(m, dim, **f32) if deterministic else torch.zeros(m, dim, **f32)
     scale_partials = torch.empty(grid[0] * grid[1], **f32)
     common = dict(EXCLUDE_DIAGONAL=exclude_diagonal, **_dot_options(a.dtype), **opts)
+    inv_s = 1.0 / s if abs(s) >= TINY_SCALE else 0.0
     backward_kernel[grid](
-        a, b, c, g, r, h, grad_a, grad_b, scale_partials, s, 1.0 / s if s else 0.0, n, m, col_count, dim,
+        a, b, c, g, r, h, grad_a, grad_b, scale_partials, s, inv_s, n, m, col_count, dim,
         a.stride(0), b.stride(0), ATOMIC_GRAD_B=not deterministic, SCALE_FROM_FP32_G=a.dtype != torch.float32,
         **common,
     )  # fmt: skip
@@ -194,8 +197,8 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
             a, b, c, g, r, h, grad_b, s, n, m, col_count, dim, a.stride(0), b.stride(0), **common,
         )  # fmt: skip
     grad_scale = scale_partials.sum()
-    if not s and a.dtype != torch.float32:
-        # 16-bit inputs: the kernel sums G·S / scale, and at scale 0 (an infinite temperature) S
-        # holds no a·b to divide
+    if abs(s) < TINY_SCALE and a.dtype != torch.float32:
+        # 16-bit inputs: the kernel sums G·S / scale, and at scale ~0 (an infinite temperature) S
+        # holds no a·b to divide (1/scale would overflow float32)
         grad_scale = torch_primitives.offset_backward(scores, terms).grad_scale.float()
     return Gradients(grad_a, grad_b, grad_scale)
