@@ -85,6 +85,7 @@ def test_results_do_not_depend_on_the_scheduling_order(dtype):
             assert torch.equal(x, y), (order, name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,m,d", [(37, 45, 40), (70, 130, 150), WIDE])
 def test_fma_path_of_16_bit_types_below_sm80(dtype, n, m, d):
@@ -248,6 +249,7 @@ def nvcc_report():
     return _cuda_build.nvcc_report()
 
 
+@pytest.mark.slow
 def test_nvcc_builds_every_kernel_for_sm80_and_sm90_without_warnings(nvcc_report):
     combos = {(k["name"], k["dtype"], k["arch"]) for k in nvcc_report["kernels"]}
     names = {"row_stats", "col_stats", "grad_rows", "grad_cols", "sum_partials"}
@@ -260,6 +262,7 @@ def test_nvcc_builds_every_kernel_for_sm80_and_sm90_without_warnings(nvcc_report
     assert "-Werror" in nvcc_report["flags"]
 
 
+@pytest.mark.slow
 def test_zero_spills_and_shared_memory_within_the_static_limit(nvcc_report):
     for k in nvcc_report["kernels"]:
         where = (k["name"], k["dtype"], k["arch"])
@@ -269,6 +272,7 @@ def test_zero_spills_and_shared_memory_within_the_static_limit(nvcc_report):
         assert 0 < k["shared_bytes"] <= 48 * 1024, where
 
 
+@pytest.mark.slow
 def test_tensor_cores_in_the_16_bit_kernels(nvcc_report):
     for k in nvcc_report["kernels"]:
         uses = k["tensor_core_instructions"] > 0
@@ -276,6 +280,7 @@ def test_tensor_cores_in_the_16_bit_kernels(nvcc_report):
         assert uses == expected, (k["name"], k["dtype"], k["arch"], k["tensor_core_instructions"])
 
 
+@pytest.mark.slow
 def test_real_extension_builds_links_and_imports():
     """tilecl._cuda built as setup.py builds it (nvcc objects, host-compiled bindings.cpp, nvcc link),
     warnings as errors in both compilers, and imported in a fresh process: no GPU is needed to

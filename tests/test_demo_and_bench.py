@@ -15,6 +15,7 @@ from tilecl.memory import peak_extra_memory_cpu
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_trains_and_reports_memory(capsys):
     out = run_demo(epochs=15, batch_size=256, memory_n=2048, memory_d=32)
     assert out["r1_after"] > out["r1_before"]
@@ -25,6 +26,7 @@ def test_demo_trains_and_reports_memory(capsys):
     assert "R@1" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_memory_probe_sees_the_naive_matrix():
     n = 4096
     naive = peak_extra_memory_cpu("naive", n, 16)
@@ -33,6 +35,7 @@ def test_memory_probe_sees_the_naive_matrix():
     assert tiled["peak_extra_bytes"] < n * n * 4  # never one
 
 
+@pytest.mark.slow
 def test_bench_table_and_plot(tmp_path):
     rows = [
         {"provider": p, "n": n, "d": 8, "time_s": t, "peak_extra_bytes": m, "efficiency": 0.5}
@@ -56,6 +59,7 @@ def test_bench_table_and_plot(tmp_path):
     assert plot.returncode == 0 and png.stat().st_size > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["gather", "ring"])
 def test_distributed_bench_measures_its_traffic(impl):
     """A tiny run of the distributed bench: the loopback carries at least the designed payload."""

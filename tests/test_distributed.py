@@ -259,7 +259,7 @@ def single_process(world: int) -> dict:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", list(cases({}, {}).keys()))
 def test_every_loss_matches_single_process(case, world, impl, spawned):
     ref_loss, ref_grads = single_process(world)[case]
@@ -279,7 +279,7 @@ def test_every_loss_matches_single_process(case, world, impl, spawned):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_modules_use_the_default_group(world, impl, spawned):
     everything = global_batch(world)
     pairs_all = everything["b"].view(world, M_PER_RANK, D)[:, :N_PER_RANK].reshape(-1, D)
@@ -297,7 +297,7 @@ def test_modules_use_the_default_group(world, impl, spawned):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_gamma_memory_and_gradients_match_single_process(world, impl, spawned):
     everything = global_batch(world)
     pairs_all = everything["b"].view(world, M_PER_RANK, D)[:, :N_PER_RANK].reshape(-1, D)
@@ -339,6 +339,7 @@ def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_step_gradients_equal_single_process(tmp_path):
     world = 2
     results = spawn(_ddp_worker, world, tmp_path)
@@ -477,6 +478,7 @@ def _subgroup_worker(rank: int, world: int, store: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_subgroups_with_their_own_rank_numbering(tmp_path):
     world = 4
     results = spawn(_subgroup_worker, world, tmp_path)

@@ -16,6 +16,9 @@ import pytest
 from tilecl.backends.triton import pass_count
 from tilecl.inspect_kernels import SHARED_LIMIT
 
+# compiling every kernel for sm_80 and sm_90 (nvcc included) takes minutes cold
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):

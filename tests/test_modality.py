@@ -78,6 +78,7 @@ def test_geometric_consistency_near_consistent_geometry_float32():
     assert abs(float(naive) - ref.loss) > 10 * abs(float(ours) - ref.loss)
 
 
+@pytest.mark.slow
 def test_geometric_consistency_large_n_bounded_memory():
     """N = 262,144, d = 512: O(d²) Grams, never N×N (which would need 256 GiB per matrix)."""
     n, d = 262_144, 512

@@ -68,6 +68,7 @@ def test_a_build_without_the_extension_says_so_once(tmp_path):
     assert done.stderr.count("building without the CUDA C++ extension tilecl._cuda") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "command,module,extra",
     [(["demo"], "sklearn", "demo"), (["reproduce", "synthetic", "--fast"], "tqdm", "demo")],

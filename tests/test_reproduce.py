@@ -10,6 +10,7 @@ from tilecl.__main__ import main
 from tilecl.reproduce import SyntheticConfig, final_theta, finite_sample_mle, make_data, train_theta
 
 
+@pytest.mark.slow
 def test_synthetic_bias_is_visible_in_a_short_run():
     """One seed, 3000 steps: minibatch InfoNCE overshoots θ* = 1, gamma-EM lands far closer."""
     cfg = SyntheticConfig(steps=3000, average_last=1000, gamma=0.05)
@@ -21,6 +22,7 @@ def test_synthetic_bias_is_visible_in_a_short_run():
     assert abs(gamma - 1.0) < abs(infonce - 1.0) / 2
 
 
+@pytest.mark.slow
 def test_synthetic_cli_writes_json_and_plot(tmp_path):
     out_json, out_png = tmp_path / "s.json", tmp_path / "s.png"
     main(
@@ -44,6 +46,7 @@ def test_synthetic_cli_writes_json_and_plot(tmp_path):
     assert out_png.stat().st_size > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "experiment,methods",
     [
