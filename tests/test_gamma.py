@@ -275,7 +275,7 @@ def test_a_corrupted_memory_is_refused_like_bad_log_weights():
     module(a, b, torch.tensor([0, 1, 2, 3]), 2.0)
     with torch.no_grad():
         module.log_memory_rows[2] = math.nan  # e.g. a checkpoint written by an older version
-    with pytest.raises(ValueError, match="log_u_rows \\(from the memory\\) must not contain NaN"):
+    with pytest.raises(ValueError, match="log_memory_rows at the batch's indices must not contain NaN"):
         module(a, b, torch.tensor([0, 1, 2, 3]), 2.0)
 
 

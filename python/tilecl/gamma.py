@@ -163,13 +163,6 @@ class GammaContrastiveLoss(nn.Module):
             f"estimator={self.estimator!r}, symmetric={self.symmetric}"
         )
 
-    def _e_step(self, direction: str, index: torch.Tensor, log_d_hat: torch.Tensor, own: slice = slice(None)):
-        """The memory update (to commit later) and ``log u`` of the rows ``own`` of the batch."""
-        memory, visited = getattr(self, f"log_memory_{direction}"), getattr(self, f"visited_{direction}")
-        unique, new, at_batch = em_update(memory, visited, index, log_d_hat, self.gamma)
-        log_u = gamma_log_weights(at_batch[own], self.alpha, self.estimator, self.generator)
-        return (unique, new), log_u
-
     def _commit_finite(
         self, updates: dict[str, tuple[torch.Tensor, torch.Tensor]], finite: torch.Tensor, index: torch.Tensor
     ) -> None:
@@ -272,11 +265,18 @@ class GammaContrastiveLoss(nn.Module):
         finite = torch.stack([torch.isfinite(x) for x in log_d_hat.values()]).all(dim=0)
         updates, log_u = {}, {}
         for direction, estimate in log_d_hat.items():
-            updates[direction], log_u[direction] = self._e_step(direction, every_index, estimate, mine)
-            # the memory only holds finite values, so a finite statistic must give a finite log u
+            memory, visited = getattr(self, f"log_memory_{direction}"), getattr(self, f"visited_{direction}")
+            unique, new, at_batch = em_update(memory, visited, every_index, estimate, self.gamma)
+            # the memory holds only finite values, so where the statistics are finite so is log D̄ (a
+            # corrupted checkpoint is not); checked on the whole gathered batch: every rank raises
             v.check_log_weights(
-                torch.where(finite[mine], log_u[direction], 0.0), f"log_u_{direction} (from the memory)", n, a
+                torch.where(finite, at_batch, 0.0),
+                f"log_memory_{direction} at the batch's indices",
+                every_index.shape[0],
+                a,
             )
+            updates[direction] = (unique, new)
+            log_u[direction] = gamma_log_weights(at_batch[mine], self.alpha, self.estimator, self.generator)
         log_u_rows, log_u_cols = log_u["rows"], log_u.get("cols")
         loss = apply_loss(
             a,
