@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast typecheck demo bench lint format clean cuda
+.PHONY: venv test test-fast typecheck demo bench lint format clean cuda gpu-check
 
 venv: $(STAMP)
 
@@ -44,6 +44,15 @@ bench: venv
 # The CUDA C++ extension tilecl._cuda, in place (needs nvcc; TILECL_CUDA_ARCHS, default 80;90).
 cuda: venv
 	TILECL_FORCE_CUDA_BUILD=1 $(PY) setup.py build_ext --inplace
+
+# Verify and benchmark on this machine's GPU (bench/gpu_check.py). It creates and installs nothing:
+# it runs the python it finds (this checkout's .venv when there is one, else python3), which on a
+# GPU box has a CUDA build of torch, triton, pytest, pybind11, ninja and nvcc. GPU_CHECK_DRY=1: the
+# same steps on the CPU with tiny sizes. Output: $(GPU_CHECK_OUT) (git-ignored).
+GPU_CHECK_OUT ?= gpu-check
+GPU_PYTHON ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check --out $(GPU_CHECK_OUT) $(if $(GPU_CHECK_DRY),--dry,)
 
 format: venv
 	$(VENV)/bin/ruff format .

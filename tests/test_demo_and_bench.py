@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -77,3 +78,32 @@ def test_distributed_table_prints_the_committed_results():
     )
     assert table.returncode == 0, table.stderr
     assert "| ring |" in table.stdout and "| gather |" in table.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_reports_every_step(tmp_path):
+    """make gpu-check GPU_CHECK_DRY=1: every step reports, the CSV has Liger-Kernel's columns."""
+    from bench.gpu_bench import COLUMNS
+
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--dry", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = (tmp_path / "summary.md").read_text()
+    for step in ("env", "build", "tests", "oracle-on-cupy", "sanitizer", "benchmark"):
+        assert f"| {step} | " in summary, step
+    assert "| fail |" not in summary
+    assert (tmp_path / "env.json").exists() and list(tmp_path.glob("gpu_bench_*.png"))
+    with open(tmp_path / "gpu_bench.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == COLUMNS
+    assert {r["kernel_provider"] for r in rows} >= {
+        "naive",
+        "tilecl-torch",
+        "tilecl-triton",
+        "tilecl-cuda-emu",
+    }
+    assert {r["kernel_operation_mode"] for r in rows} == {"forward", "backward", "full"}
