@@ -141,7 +141,8 @@ def step_sanitizer(out: Path, dry: bool, budget: float) -> tuple[str, str]:
         return "skip", "dry run" if dry else "compute-sanitizer not found"
     code = (
         "import torch, tilecl\n"
-        "for backend in ('cuda', 'triton'):\n"
+        "for backend, deterministic in (('cuda', False), ('triton', False), ('triton', True)):\n"
+        "    torch.use_deterministic_algorithms(deterministic)  # the column-block backward kernel too\n"
         "    for dtype in (torch.float32, torch.bfloat16):\n"
         "        a = torch.randn(67, 45, device='cuda', dtype=dtype, requires_grad=True)\n"
         "        b = torch.randn(131, 45, device='cuda', dtype=dtype, requires_grad=True)\n"
