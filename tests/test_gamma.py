@@ -275,8 +275,11 @@ def test_a_corrupted_memory_is_refused_like_bad_log_weights():
     module(a, b, torch.tensor([0, 1, 2, 3]), 2.0)
     with torch.no_grad():
         module.log_memory_rows[2] = math.nan  # e.g. a checkpoint written by an older version
+    before = {k: t.clone() for k, t in module.state_dict().items()}
     with pytest.raises(ValueError, match="log_memory_rows at the batch's indices must not contain NaN"):
         module(a, b, torch.tensor([0, 1, 2, 3]), 2.0)
+    for k, t in module.state_dict().items():  # nothing written by the call that raised
+        assert torch.equal(t, before[k]) or (t.isnan() == before[k].isnan()).all(), k
 
 
 @pytest.mark.parametrize(
@@ -322,3 +325,18 @@ def test_a_checkpoint_without_the_generator_state_still_loads():
     module = tilecl.GammaContrastiveLoss(10, generator=torch.Generator().manual_seed(0), backend="torch")
     old = {k: t for k, t in module.state_dict().items() if k != "_extra_state"}  # written by 0.1.0
     tilecl.GammaContrastiveLoss(10, generator=torch.Generator(), backend="torch").load_state_dict(old)
+
+
+def test_the_private_torch_fallbacks_behave_like_the_private_ops():
+    """_compat's fallbacks (used only if torch drops DelayedError or _standard_gamma), run directly."""
+    from tilecl import _compat
+
+    draws = _compat._marsaglia_tsang(
+        torch.full((40000,), 0.5, dtype=torch.float64), torch.Generator().manual_seed(1)
+    )
+    assert (draws > 0).all()
+    assert abs(float(draws.mean()) - 0.5) < 0.02 and abs(float(draws.var()) - 0.5) < 0.05  # Gamma(α, 1): α, α
+    x = torch.ones(3, requires_grad=True)
+    (guarded,) = _compat._RefuseGradient.apply("no second derivative", x * 2)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        guarded.sum().backward()

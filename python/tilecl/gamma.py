@@ -251,10 +251,18 @@ class GammaContrastiveLoss(nn.Module):
 
         scale, spec = ranks.checked(check)
         spec = ranks.sharded(spec, a, b, labels)
-        stats = batch_stats(a, b, scale, labels, positives, spec)
         # the E-step runs on every rank's per-sample statistics (O(N) scalars), so every rank
         # updates the same samples the same way and the memories stay identical
         every_index, mine = ranks.gather(index), ranks.own(n)
+        for direction in ("rows", "cols") if self.symmetric else ("rows",):
+            # the memory only ever holds finite values; a corrupted checkpoint is refused before any
+            # kernel runs, on the whole gathered batch so that every rank raises together
+            memory, visited = getattr(self, f"log_memory_{direction}"), getattr(self, f"visited_{direction}")
+            seen = torch.where(visited[every_index], memory[every_index], 0.0)
+            v.check_log_weights(
+                seen, f"log_memory_{direction} at the batch's indices", every_index.shape[0], a
+            )
+        stats = batch_stats(a, b, scale, labels, positives, spec)
 
         log_d_hat = {"rows": ranks.gather(stats.row_lse - math.log(m * spec.world))}
         if self.symmetric:
@@ -267,14 +275,6 @@ class GammaContrastiveLoss(nn.Module):
         for direction, estimate in log_d_hat.items():
             memory, visited = getattr(self, f"log_memory_{direction}"), getattr(self, f"visited_{direction}")
             unique, new, at_batch = em_update(memory, visited, every_index, estimate, self.gamma)
-            # the memory holds only finite values, so where the statistics are finite so is log D̄ (a
-            # corrupted checkpoint is not); checked on the whole gathered batch: every rank raises
-            v.check_log_weights(
-                torch.where(finite, at_batch, 0.0),
-                f"log_memory_{direction} at the batch's indices",
-                every_index.shape[0],
-                a,
-            )
             updates[direction] = (unique, new)
             log_u[direction] = gamma_log_weights(at_batch[mine], self.alpha, self.estimator, self.generator)
         log_u_rows, log_u_cols = log_u["rows"], log_u.get("cols")

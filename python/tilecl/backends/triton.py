@@ -28,14 +28,13 @@ from tilecl.kernels.contrastive import (
 )
 
 from . import torch as torch_primitives
-from .base import Gradients, LseStats, OffsetTerms, Scores, with_unit_multipliers
+from .base import KERNEL_DTYPES, Gradients, LseStats, OffsetTerms, Scores, with_unit_multipliers
 
 __all__ = ["GPU_CONFIGS", "KernelConfig", "MAX_BLOCK_DOUT", "lse_stats", "offset_backward", "pass_count"]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: float32 inputs use full-precision dot products unless this is set (TILECL_ALLOW_TF32=1)
 ALLOW_TF32 = os.environ.get("TILECL_ALLOW_TF32", "0") == "1"
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,7 @@ def _check(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
                 f"backend='triton': {name} has shape {tuple(x.shape)}; the kernels take at most "
                 f"2^31 - {MAX_BLOCK} = {MAX_DIM} rows and features (their tile indices are 32-bit)"
             )
-    if a.dtype not in SUPPORTED_DTYPES:
+    if a.dtype not in KERNEL_DTYPES:
         raise TypeError(f"backend='triton' takes float16, bfloat16 and float32 inputs, got {a.dtype}")
     if a.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
