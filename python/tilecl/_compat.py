@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["delayed_error", "standard_gamma"]
+__all__ = ["delayed_error", "is_fake", "standard_gamma"]
 
 _DelayedError: Any
 try:
@@ -31,6 +31,15 @@ class _RefuseGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         raise RuntimeError(ctx.message)
+
+
+def is_fake(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a fake tensor (shapes without data: torch.compile's tracing, FSDP's meta init)."""
+    try:
+        from torch._subclasses.fake_tensor import is_fake as private
+    except ImportError:  # pragma: no cover - depends on the installed torch
+        return type(x).__name__ == "FakeTensor"
+    return bool(private(x))
 
 
 def delayed_error(message: str, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -27,7 +27,15 @@ import torch
 from ._compat import delayed_error
 from .backends import LseStats, OffsetTerms, Primitives, Scores
 
-__all__ = ["LossSpec", "apply_loss", "batch_stats", "col_count", "refuse_second_derivative", "targets_of"]
+__all__ = [
+    "LossSpec",
+    "apply_loss",
+    "batch_stats",
+    "col_count",
+    "log_count",
+    "refuse_second_derivative",
+    "targets_of",
+]
 
 DOUBLE_BACKWARD_MESSAGE = (
     "tilecl losses are differentiable once: double backward (differentiating a gradient "
@@ -62,6 +70,15 @@ class LossSpec:
     primitives: Primitives
     #: ranks whose shards make the global batch (the primitives are then sharded)
     world: int = 1
+
+
+def log_count(count: int, like: torch.Tensor) -> torch.Tensor:
+    """``log(count)`` as a 0-d tensor of ``like``'s dtype and device.
+
+    Under ``torch.compile`` a batch size is symbolic; ``math.log`` of it would
+    specialize the graph to that size (one recompile per batch size).
+    """
+    return torch.full((), count, dtype=like.dtype, device=like.device).log()
 
 
 def targets_of(labels: Optional[torch.Tensor], n: int, device: torch.device) -> torch.Tensor:
@@ -133,7 +150,7 @@ class ContrastiveFunction(torch.autograd.Function):
         if log_u_rows is None:
             row_offset, row_term = row_lse, row_lse
         else:
-            row_offset = math.log(m * spec.world) - log_u_rows.to(acc)
+            row_offset = log_count(m * spec.world, row_lse) - log_u_rows.to(acc)
             row_term = torch.exp(row_lse - row_offset)
         per_pair = row_term - positive
         col_offset = None
@@ -142,7 +159,7 @@ class ContrastiveFunction(torch.autograd.Function):
             if log_u_cols is None:
                 col_offset, col_term = col_at_pair, col_at_pair
             else:
-                col_offset = math.log(n * spec.world) - log_u_cols.to(acc)
+                col_offset = log_count(n * spec.world, row_lse) - log_u_cols.to(acc)
                 col_term = torch.exp(col_at_pair - col_offset)
             per_pair = (per_pair + col_term - positive) / 2
         ctx.save_for_backward(a, b, positives, scale, targets, row_offset, col_offset)

@@ -36,7 +36,7 @@ from ._compat import standard_gamma
 from .backends import LseStats
 from .contrastive import check_call
 from .distributed import DIST_IMPLS, Ranks
-from .function import LossSpec, apply_loss, batch_stats, targets_of
+from .function import LossSpec, apply_loss, batch_stats, log_count, targets_of
 
 __all__ = ["GammaContrastiveLoss", "em_update", "gamma_log_weights"]
 
@@ -51,7 +51,7 @@ def em_update(
     index: torch.Tensor,
     log_d_hat: torch.Tensor,
     gamma: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """The E-step's memory update for one batch, without touching the memory.
 
     Args:
@@ -60,23 +60,31 @@ def em_update(
         gamma: the moving-average rate ``γ ∈ (0, 1]`` (1: plain minibatch estimate).
 
     Returns:
-        ``(unique_index, new_log_memory_at_unique, log_memory_at_batch)``: the
-        caller commits ``log_memory[unique_index] = new`` when it chooses, and
-        ``log_memory_at_batch`` (``(N,)``) is the updated ``log D̄`` of every row.
+        ``(N,)`` the updated ``log D̄`` at each row's index. Rows sharing an index
+        get the same value (from the mean of their estimates), so the caller
+        commits ``log_memory[index] = result`` when it chooses, duplicates and all.
+
+    Every shape is ``N`` (no ``unique``: the duplicates are grouped by sorting),
+    so the update traces under ``torch.compile`` without a data-dependent shape.
     """
-    unique, inverse = torch.unique(index, return_inverse=True)
+    n = index.shape[0]
+    sorted_index, order = torch.sort(index)
+    starts = torch.ones_like(sorted_index, dtype=torch.bool)
+    starts[1:] = sorted_index[1:] != sorted_index[:-1]
+    # group k: the k-th distinct index; each row's group, in the batch's order
+    group = torch.empty_like(order).scatter_(0, order, torch.cumsum(starts, 0) - 1)
     acc = log_d_hat.dtype
-    peak = torch.full((unique.numel(),), -math.inf, dtype=acc, device=index.device)
-    peak.scatter_reduce_(0, inverse, log_d_hat, "amax")
-    total = torch.zeros_like(peak).index_add_(0, inverse, torch.exp(log_d_hat - peak[inverse]))
-    count = torch.bincount(inverse, minlength=unique.numel()).to(acc)
-    estimate = peak + torch.log(total / count)
-    old = log_memory[unique].to(acc)
+    peak = torch.full((n,), -math.inf, dtype=acc, device=index.device)
+    peak.scatter_reduce_(0, group, log_d_hat, "amax")
+    at_peak = peak[group]
+    total = torch.zeros_like(peak).index_add_(0, group, torch.exp(log_d_hat - at_peak))
+    count = torch.zeros_like(peak).index_add_(0, group, torch.ones_like(log_d_hat))
+    estimate = at_peak + torch.log(total[group] / count[group])
+    old = log_memory[index].to(acc)
     mixed = torch.logaddexp(
         math.log1p(-gamma) + old if gamma < 1 else torch.full_like(old, -math.inf), math.log(gamma) + estimate
     )
-    new = torch.where(visited[unique], mixed, estimate)
-    return unique, new, new[inverse]
+    return torch.where(visited[index], mixed, estimate)
 
 
 def gamma_log_weights(
@@ -92,10 +100,24 @@ def gamma_log_weights(
     """
     if estimator == "mean":
         return math.log(alpha) - log_memory_at_batch
-    device = log_memory_at_batch.device if generator is None else generator.device
-    concentration = torch.full(log_memory_at_batch.shape, alpha, dtype=torch.float64, device=device)
-    draws = standard_gamma(concentration, generator).to(log_memory_at_batch.device)
+    if generator is None:
+        concentration = torch.full_like(log_memory_at_batch, alpha, dtype=torch.float64)
+        draws = standard_gamma(concentration, None)
+    else:
+        draws = _draw_from(generator, log_memory_at_batch.shape, alpha).to(log_memory_at_batch.device)
     return torch.log(draws).to(log_memory_at_batch.dtype) - log_memory_at_batch
+
+
+@torch.compiler.disable
+def _draw_from(generator: torch.Generator, shape: torch.Size, alpha: float) -> torch.Tensor:
+    """``Gamma(α, 1)`` draws from ``generator``, on its device.
+
+    torch.compile cannot trace an op given an explicit generator, so under
+    compilation this is a graph break (the only one of the module): pass no
+    generator to compile a step with ``fullgraph=True``.
+    """
+    concentration = torch.full(shape, alpha, dtype=torch.float64, device=generator.device)
+    return standard_gamma(concentration, generator)
 
 
 class GammaContrastiveLoss(nn.Module):
@@ -154,6 +176,8 @@ class GammaContrastiveLoss(nn.Module):
         for direction in ("rows", "cols"):
             self.register_buffer(f"log_memory_{direction}", torch.zeros(num_samples, dtype=torch.float64))
             self.register_buffer(f"visited_{direction}", torch.zeros(num_samples, dtype=torch.bool))
+        # steps whose memory update was skipped for non-finite statistics (not saved in checkpoints)
+        self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.int64), persistent=False)
         self.last_infonce: Optional[torch.Tensor] = None
         self.last_log_u: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
@@ -164,10 +188,21 @@ class GammaContrastiveLoss(nn.Module):
         )
 
     def _commit_finite(
-        self, updates: dict[str, tuple[torch.Tensor, torch.Tensor]], finite: torch.Tensor, index: torch.Tensor
+        self, updates: dict[str, torch.Tensor], finite: torch.Tensor, index: torch.Tensor
     ) -> None:
-        """Write the step's memory update, or nothing if any sample's statistics were not finite."""
-        if not bool(finite.all()):
+        """Write the step's memory update, or nothing if any sample's statistics were not finite.
+
+        Branch-free (``where`` on the device), so it compiles; a skipped step
+        counts in ``skipped_updates`` and, in eager mode, warns with the indices.
+        """
+        commit = finite.all()
+        for direction, new in updates.items():
+            memory, visited = getattr(self, f"log_memory_{direction}"), getattr(self, f"visited_{direction}")
+            memory[index] = torch.where(commit, new.to(torch.float64), memory[index])
+            visited[index] = visited[index] | commit
+        skipped = self.get_buffer("skipped_updates")
+        skipped += (~commit).to(skipped.dtype)
+        if v.reads_values(finite) and not bool(commit):
             bad = sorted(set(index[~finite].tolist()))
             warnings.warn(
                 f"GammaContrastiveLoss: non-finite statistics (NaN or inf features) for dataset indices "
@@ -175,10 +210,6 @@ class GammaContrastiveLoss(nn.Module):
                 RuntimeWarning,
                 stacklevel=3,
             )
-            return
-        for direction, (unique, new) in updates.items():
-            getattr(self, f"log_memory_{direction}")[unique] = new.to(torch.float64)
-            getattr(self, f"visited_{direction}")[unique] = True
 
     def _apply(
         self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
@@ -264,18 +295,18 @@ class GammaContrastiveLoss(nn.Module):
             )
         stats = batch_stats(a, b, scale, labels, positives, spec)
 
-        log_d_hat = {"rows": ranks.gather(stats.row_lse - math.log(m * spec.world))}
+        log_d_hat = {"rows": ranks.gather(stats.row_lse - log_count(m * spec.world, stats.row_lse))}
         if self.symmetric:
             col_at_pair = stats.col_lse[targets_of(labels, n, a.device)]
-            log_d_hat["cols"] = ranks.gather(col_at_pair - math.log(n * spec.world))
+            log_d_hat["cols"] = ranks.gather(col_at_pair - log_count(n * spec.world, col_at_pair))
         # NaN or inf features give non-finite statistics; those must never reach the memory, where
         # the γ-mixing would keep them forever
         finite = torch.stack([torch.isfinite(x) for x in log_d_hat.values()]).all(dim=0)
         updates, log_u = {}, {}
         for direction, estimate in log_d_hat.items():
             memory, visited = getattr(self, f"log_memory_{direction}"), getattr(self, f"visited_{direction}")
-            unique, new, at_batch = em_update(memory, visited, every_index, estimate, self.gamma)
-            updates[direction] = (unique, new)
+            at_batch = em_update(memory, visited, every_index, estimate, self.gamma)
+            updates[direction] = at_batch
             log_u[direction] = gamma_log_weights(at_batch[mine], self.alpha, self.estimator, self.generator)
         log_u_rows, log_u_cols = log_u["rows"], log_u.get("cols")
         loss = apply_loss(

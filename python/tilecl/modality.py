@@ -28,7 +28,7 @@ from . import validation as v
 from .backends import OffsetTerms, Primitives, Scores, resolve_backend
 from .contrastive import contrastive_loss
 from .distributed import Ranks
-from .function import refuse_second_derivative
+from .function import log_count, refuse_second_derivative
 
 __all__ = [
     "brownian_bridge_loss",
@@ -66,7 +66,7 @@ class _PairLogMeanExp(torch.autograd.Function):
         n = a_aug.shape[0] * ranks.world
         ctx.save_for_backward(a_aug, b_aug, bias, row_lse, total)
         ctx.primitives, ctx.world = primitives, ranks.world
-        return (total - math.log(n * (n - 1))).to(row_bias.dtype)
+        return (total - log_count(n * (n - 1), total)).to(row_bias.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -129,56 +129,68 @@ def uniformity_loss(
 # --------------------------------------------------------------------------- Gram-matrix losses
 
 
+def _row_chunks(n: int) -> list[slice]:
+    """Row chunks of ``GRAM_CHUNK_ROWS``; one chunk under ``torch.compile``.
+
+    The chunks bound the float64 copies; a loop over a symbolic batch size
+    would specialize a compiled graph to that size, so a compiled loss takes
+    the whole batch at once (``O(N·d)`` extra memory, still no ``N x N``).
+    """
+    if torch.compiler.is_compiling():
+        return [slice(None)]
+    return [slice(start, start + GRAM_CHUNK_ROWS) for start in range(0, n, GRAM_CHUNK_ROWS)]
+
+
 def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``xᵀ·y`` in float64, accumulated over row chunks (exact products of float32 inputs)."""
     out = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[0], GRAM_CHUNK_ROWS):
-        rows = slice(start, start + GRAM_CHUNK_ROWS)
+    for rows in _row_chunks(x.shape[0]):
         out.addmm_(x[rows].double().t(), y[rows].double())
     return out
 
 
-class _GramFunction(torch.autograd.Function):
-    """A scalar ``f(G)`` of the Grams ``G_p = Z_iᵀ Z_j`` for index pairs ``p = (i, j)``.
+class _Grams(torch.autograd.Function):
+    """The Grams ``G_p = Z_iᵀ Z_j`` (float64, ``d x d``) for index pairs ``p = (i, j)``.
 
-    Forward accumulates each Gram in float64 over row chunks and differentiates
-    ``f`` with respect to the d×d Grams; backward maps those back with
+    Forward accumulates each Gram in float64 over row chunks (all-reduced over
+    a process group); a loss is then any function of the Grams, differentiated
+    by autograd on the d×d matrices. Backward maps ``∂f/∂G_p`` back with
     ``∂f/∂Z_i = Z_j·(∂f/∂G)ᵀ`` and ``∂f/∂Z_j = Z_i·∂f/∂G``, chunk by chunk.
     """
 
     @staticmethod
-    def forward(ctx, fn: Callable, pairs: Sequence[tuple[int, int]], ranks: Ranks, *mats: torch.Tensor):
-        # over a process group: every rank's rows, the global Grams
-        grams = [ranks.sum_(_gram(mats[i], mats[j])).requires_grad_() for i, j in pairs]
+    def forward(ctx, pairs: Sequence[tuple[int, int]], ranks: Ranks, *mats: torch.Tensor):
         ctx.world = ranks.world
-        with torch.enable_grad():
-            value = fn(*grams)
-            grads = torch.autograd.grad(value, grams, allow_unused=True)
         ctx.pairs = pairs
-        ctx.save_for_backward(*mats, *[torch.zeros_like(g) if d is None else d for g, d in zip(grams, grads)])
-        return value.detach().to(mats[0].dtype)
+        ctx.save_for_backward(*mats)
+        return tuple(ranks.sum_(_gram(mats[i], mats[j])) for i, j in pairs)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, *dgrams: torch.Tensor):
         with torch.no_grad():
-            pairs = ctx.pairs
-            saved = ctx.saved_tensors
-            mats, dgrams = saved[: len(saved) - len(pairs)], saved[len(saved) - len(pairs) :]
-            g = grad_output.double() * ctx.world  # the gradient convention of tilecl.distributed
+            pairs, mats = ctx.pairs, ctx.saved_tensors
             grads = []
             for k, z in enumerate(mats):
                 out = torch.empty(z.shape, dtype=z.dtype, device=z.device)
-                for start in range(0, z.shape[0], GRAM_CHUNK_ROWS):
-                    rows = slice(start, start + GRAM_CHUNK_ROWS)
+                for rows in _row_chunks(z.shape[0]):
                     acc = torch.zeros(out[rows].shape, dtype=torch.float64, device=z.device)
                     for (i, j), d in zip(pairs, dgrams):
                         if i == k:
                             acc.addmm_(mats[j][rows].double(), d.t())
                         if j == k:
                             acc.addmm_(mats[i][rows].double(), d)
-                    out[rows] = (g * acc).to(z.dtype)
-                grads.append(out if ctx.needs_input_grad[3 + k] else None)
-        return refuse_second_derivative((None, None, None, *grads))
+                    # the gradient convention of tilecl.distributed
+                    out[rows] = (ctx.world * acc).to(z.dtype)
+                grads.append(out if ctx.needs_input_grad[2 + k] else None)
+        return refuse_second_derivative((None, None, *grads))
+
+
+def _of_grams(
+    fn: Callable[..., torch.Tensor], pairs: Sequence[tuple[int, int]], ranks: Ranks, *mats: torch.Tensor
+) -> torch.Tensor:
+    """``fn`` of the Grams of ``pairs`` of ``mats``, in the features' dtype."""
+    grams: tuple[torch.Tensor, ...] = _Grams.apply(pairs, ranks, *mats)
+    return fn(*grams).to(mats[0].dtype)
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:
@@ -233,16 +245,16 @@ def geometric_consistency_loss(
             2 * (g_vv * g_tt).sum() - 2 * (g_tv * g_tv.t()).sum() + _sq(g_vv) + _sq(g_tt) - 2 * _sq(g_tv)
         ) / n
 
-    loss = _GramFunction.apply(l_gc, [(0, 0), (1, 1), (1, 0)], ranks, z_v, z_t)
+    loss = _of_grams(l_gc, [(0, 0), (1, 1), (1, 0)], ranks, z_v, z_t)
     if z_v_aug is None:
         return loss
 
     def l_aug(g_vv, g_aa, g_va, g_tt, g_bb, g_tb):
         return (_sq(g_vv) + _sq(g_aa) - 2 * _sq(g_va) + _sq(g_tt) + _sq(g_bb) - 2 * _sq(g_tb)) / n
 
-    pairs = [(0, 0), (2, 2), (0, 2), (1, 1), (3, 3), (1, 3)]
-    loss = loss + _GramFunction.apply(l_aug, pairs, ranks, z_v, z_t, z_v_aug, z_t_aug)
     assert z_t_aug is not None  # checked above: both or neither
+    pairs = [(0, 0), (2, 2), (0, 2), (1, 1), (3, 3), (1, 3)]
+    loss = loss + _of_grams(l_aug, pairs, ranks, z_v, z_t, z_v_aug, z_t_aug)
     cross = (z_v * z_t).sum(dim=1) - (z_v_aug * z_t_aug).sum(dim=1)
     return loss + ranks.mean(cross * cross)
 
@@ -278,7 +290,10 @@ def brownian_bridge_loss(
                 raise ValueError(
                     f"t must be a float or a ({z_v.shape[0]},) tensor, got shape {tuple(t.shape)}"
                 )
-            if bool(((t < 0) | (t > 1)).any()):
+            inside = (t >= 0) & (t <= 1)
+            if not v.reads_values(t):
+                v.check_values(inside, "bridge times t must lie in [0, 1]")
+            elif not bool(inside.all()):
                 raise ValueError("bridge times t must lie in [0, 1]")
             return t.to(z_v.dtype).reshape(-1, 1) if t.dim() else t.to(z_v.dtype)
         return v.check_in_interval(t, "t", 0.0, 1.0)

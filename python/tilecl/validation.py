@@ -15,6 +15,13 @@ and what was expected, so a wrong call fails fast and says why.
 ==================  ===========================================================
 
 The table is ``docs/design.md``'s too.
+
+Checks of tensor *values* (a scale's sign, labels in range) read the data on
+the host in eager mode. Under ``torch.compile`` that read would be a graph
+break and, on a GPU, a synchronization, so there they become asynchronous
+device assertions (:func:`check_values`): the same condition, raising
+``RuntimeError`` with the same message when the compiled step runs. On meta
+or fake tensors (no data) they are skipped.
 """
 
 from __future__ import annotations
@@ -26,10 +33,23 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from ._compat import is_fake
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
 Scale = Union[float, torch.Tensor]
+
+
+def reads_values(x: torch.Tensor) -> bool:
+    """Whether a check may read ``x``'s values on the host now: eager mode and real data."""
+    return not torch.compiler.is_compiling() and x.device.type != "meta" and not is_fake(x)
+
+
+def check_values(condition: torch.Tensor, message: str) -> None:
+    """Under ``torch.compile``: assert ``condition`` (a bool tensor) on the device, without a sync."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(condition.all(), message)
 
 
 def check_tensor(x: object, name: str) -> torch.Tensor:
@@ -100,8 +120,11 @@ def check_scale(value: Scale, name: str, like: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         if not value.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-        number = float(value.detach())
         tensor = value.reshape(()).to(like.device)
+        if not reads_values(value):
+            check_values(torch.isfinite(tensor) & (tensor > 0), f"{name} must be finite and > 0")
+            return tensor
+        number = float(value.detach())
     elif _is_number(value):
         number = float(value)
         tensor = torch.tensor(number, dtype=torch.float64, device=like.device)
@@ -129,6 +152,10 @@ def check_labels(labels: Optional[torch.Tensor], rows: int, cols: int, like: tor
         raise ValueError(f"labels must have shape ({rows},) (one per row of a), got {tuple(labels.shape)}")
     if labels.device != like.device:
         raise ValueError(f"labels must be on {like.device}, got {labels.device}")
+    if not reads_values(labels):
+        # no sizes in the message: they are symbolic under compilation, and printing one specializes
+        check_values((labels >= 0) & (labels < cols), "labels must lie in [0, M) (the columns of b)")
+        return
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= cols:
         raise ValueError(f"labels must lie in [0, {cols}) (the columns of b), got values in [{low}, {high}]")
@@ -205,6 +232,9 @@ def check_index(index: object, name: str, n: int, size: int, like: torch.Tensor)
         raise ValueError(f"{name} must have shape ({n},) (one per row of a), got {tuple(index.shape)}")
     if index.device != like.device:
         raise ValueError(f"{name} must be on {like.device}, got {index.device}")
+    if not reads_values(index):
+        check_values((index >= 0) & (index < size), f"{name} must lie in [0, num_samples={size})")
+        return index
     low, high = int(index.min()), int(index.max())
     if low < 0 or high >= size:
         raise ValueError(f"{name} must lie in [0, num_samples={size}), got values in [{low}, {high}]")
@@ -222,5 +252,8 @@ def check_log_weights(log_u: Optional[torch.Tensor], name: str, n: int, like: to
         raise ValueError(f"{name} must have shape ({n},), got {tuple(log_u.shape)}")
     if log_u.device != like.device:
         raise ValueError(f"{name} must be on {like.device}, got {log_u.device}")
+    if not reads_values(log_u):
+        check_values(~torch.isnan(log_u) & ~torch.isposinf(log_u), f"{name} must not contain NaN or +inf")
+        return
     if bool(torch.isnan(log_u).any() | torch.isposinf(log_u).any()):
         raise ValueError(f"{name} must not contain NaN or +inf (log u = -inf means u = 0)")

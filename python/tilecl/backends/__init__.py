@@ -18,6 +18,9 @@ Each entry of :data:`BACKENDS` declares the devices and dtypes it takes and
 answers :meth:`~tilecl.backends.base.Backend.not_supported_reasons`; dispatch
 and every error message come from those declarations.
 
+On ``meta`` tensors (shapes, no data) the ops of :mod:`tilecl.backends.ops`
+answer with their fake implementations; ``torch`` and ``reference`` take them.
+
 ``backend="auto"``: CUDA tensors → the first of ``triton``, ``cuda`` that
 supports the call, else ``torch``; anything else → ``torch``. An explicitly
 requested backend that cannot run raises; it never silently falls back.
@@ -49,6 +52,7 @@ from .base import (
     cuda_visible,
 )
 from .cuda import BUILD_HINT, CudaKernels, cuda_built, emulation_buildable
+from .ops import RegisteredPrimitives, register_implementation
 
 __all__ = [
     "BACKENDS",
@@ -122,16 +126,24 @@ BACKENDS: dict[str, Backend] = {
         "cuda-emu", KERNEL_DTYPES, {"cpu": anywhere}, _emulation_missing, lambda: _load_cuda("cuda-emu")
     ),
     "torch": Backend(
-        "torch", FLOAT_DTYPES, {"cpu": anywhere, "cuda": cuda_visible}, lambda: None, lambda: torch_primitives
+        "torch",
+        FLOAT_DTYPES,
+        {"cpu": anywhere, "cuda": cuda_visible, "meta": anywhere},
+        lambda: None,
+        lambda: torch_primitives,
     ),
     "reference": Backend(
         "reference",
         FLOAT_DTYPES,
-        {"cpu": anywhere, "cuda": cuda_visible},
+        {"cpu": anywhere, "cuda": cuda_visible, "meta": anywhere},
         lambda: None,
         lambda: reference_primitives,
     ),
 }
+
+
+for _name, _backend in BACKENDS.items():
+    register_implementation(_name, _backend.load)
 
 
 def available_backends() -> list[str]:
@@ -146,6 +158,8 @@ def available_backends() -> list[str]:
 def resolve_backend(name: object, device: Device, dtype: DType) -> Primitives:
     """The primitives to run on ``device`` tensors of ``dtype``; raises if ``name`` cannot run them.
 
+    They call the backend through the registered ops of :mod:`tilecl.backends.ops`.
+
     Raises:
         TypeError: ``name`` is not a string, or the backend does not take ``dtype``.
         ValueError: ``name`` is not a known backend.
@@ -156,7 +170,7 @@ def resolve_backend(name: object, device: Device, dtype: DType) -> Primitives:
     if name == "auto":
         candidates = AUTO_ON_CUDA if device.type == "cuda" else ()
         chosen = next((c for c in candidates if not BACKENDS[c].unsupported(device, dtype)), "torch")
-        return BACKENDS[chosen].load()
+        return RegisteredPrimitives(chosen)
     if name not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {tuple(BACKENDS)}, got {name!r}")
     found = BACKENDS[name].unsupported(device, dtype)
@@ -169,4 +183,4 @@ def resolve_backend(name: object, device: Device, dtype: DType) -> Primitives:
             f"backend={name!r} cannot run {dtype} tensors on {device} here: {reasons} "
             f"(backends that can: {', '.join(takers) or 'none'})"
         )
-    return BACKENDS[name].load()
+    return RegisteredPrimitives(name)

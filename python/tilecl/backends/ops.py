@@ -1,0 +1,143 @@
+"""The two primitives as registered custom ops, ``tilecl::lse_stats`` and ``tilecl::offset_backward``.
+
+``torch.compile`` sees each primitive as one opaque op with an exact fake
+(meta) implementation, so a loss traces without graph breaks however
+data-dependent the kernel behind it is (the torch backend's tile loop, the
+Triton launch, the CUDA extension), and a loss runs on ``meta`` / fake
+tensors (the shapes and dtypes below, no data). Autograd is not registered on
+the ops: the losses' autograd Functions (:mod:`tilecl.function`,
+:mod:`tilecl.modality`) call them under ``no_grad`` in their forward and
+backward, so there is still one Function over two primitives.
+
+The backend is the op's first argument, a string: one op per primitive serves
+every backend, and the compiled graph names the one it runs.
+
+Schemas::
+
+    tilecl::lse_stats(str backend, Tensor a, Tensor b, Tensor scale, bool exclude_diagonal,
+                      Tensor targets, SymInt col_count) -> (Tensor row_lse, Tensor col_lse, Tensor positive)
+    tilecl::offset_backward(str backend, Tensor a, Tensor b, Tensor scale, bool exclude_diagonal,
+                            Tensor row_offset, Tensor row_mult, Tensor col_offset, Tensor col_mult)
+                            -> (Tensor grad_a, Tensor grad_b, Tensor grad_scale)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .base import Gradients, LseStats, OffsetTerms, Primitives, Scores
+
+__all__ = ["NAMESPACE", "OPS", "RegisteredPrimitives", "result_dtype"]
+
+NAMESPACE = "tilecl"
+
+#: the backend implementations behind the ops, by name (filled by the registry)
+_IMPLEMENTATIONS: dict[str, Callable[[], Primitives]] = {}
+
+
+def register_implementation(name: str, load: Callable[[], Primitives]) -> None:
+    """Make ``backend=name`` of the ops run the primitives ``load()`` returns."""
+    _IMPLEMENTATIONS[name] = load
+
+
+def result_dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a backend's statistics and gradients for inputs of ``dtype``.
+
+    The reference oracle answers in float64 whatever the input; every other
+    backend accumulates float64 in float64 and anything else in float32.
+    """
+    return torch.float64 if backend == "reference" or dtype == torch.float64 else torch.float32
+
+
+def _fresh(x: Tensor, inputs: tuple[Tensor, ...]) -> Tensor:
+    # a custom op's outputs may not alias its inputs (an oracle's float64 result can be its float64 input)
+    return x.clone() if any(x.data_ptr() == t.data_ptr() for t in inputs if t.numel()) else x
+
+
+@torch.library.custom_op(f"{NAMESPACE}::lse_stats", mutates_args=())
+def lse_stats_op(
+    backend: str,
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    exclude_diagonal: bool,
+    targets: Tensor,
+    col_count: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``backend``'s ``lse_stats``: ``(row_lse (N,), col_lse (col_count,), positive (N,))``."""
+    stats = _IMPLEMENTATIONS[backend]().lse_stats(Scores(a, b, scale, exclude_diagonal), targets, col_count)
+    row_lse, col_lse, positive = (_fresh(x, (a, b, scale, targets)) for x in stats)
+    return row_lse, col_lse, positive
+
+
+@lse_stats_op.register_fake
+def _lse_stats_fake(
+    backend: str,
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    exclude_diagonal: bool,
+    targets: Tensor,
+    col_count: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    acc = result_dtype(backend, a.dtype)
+    n = a.shape[0]
+    return a.new_empty(n, dtype=acc), a.new_empty(col_count, dtype=acc), a.new_empty(n, dtype=acc)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::offset_backward", mutates_args=())
+def offset_backward_op(
+    backend: str,
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    exclude_diagonal: bool,
+    row_offset: Tensor,
+    row_mult: Tensor,
+    col_offset: Tensor,
+    col_mult: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``backend``'s ``offset_backward``: ``(grad_a (N, D), grad_b (M, D), grad_scale ())``."""
+    scores = Scores(a, b, scale, exclude_diagonal)
+    terms = OffsetTerms(row_offset, row_mult, col_offset, col_mult)
+    grads = _IMPLEMENTATIONS[backend]().offset_backward(scores, terms)
+    inputs = (a, b, scale, row_offset, row_mult, col_offset, col_mult)
+    grad_a, grad_b, grad_scale = (_fresh(x, inputs) for x in grads)
+    return grad_a, grad_b, grad_scale
+
+
+@offset_backward_op.register_fake
+def _offset_backward_fake(
+    backend: str,
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    exclude_diagonal: bool,
+    row_offset: Tensor,
+    row_mult: Tensor,
+    col_offset: Tensor,
+    col_mult: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    acc = result_dtype(backend, a.dtype)
+    return a.new_empty(a.shape, dtype=acc), b.new_empty(b.shape, dtype=acc), a.new_empty((), dtype=acc)
+
+
+#: every registered op, for ``torch.library.opcheck`` and the docs
+OPS = (lse_stats_op, offset_backward_op)
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisteredPrimitives:
+    """The :class:`Primitives` of backend ``name``, called through the registered ops."""
+
+    name: str
+
+    def lse_stats(self, scores: Scores, targets: Tensor, col_count: int) -> LseStats:
+        return LseStats(*lse_stats_op(self.name, *scores, targets, col_count))
+
+    def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
+        return Gradients(*offset_backward_op(self.name, *scores, *terms))
