@@ -4,8 +4,10 @@
   one program per block of rows (columns) walks all column (row) tiles of
   ``S = s·a bᵀ``, keeping an online max and sum in fp32, and reads the positive
   logit from the same tile. Any input, any scale: no fixed maximum.
-* ``backward_kernel`` — the offset-form backward
-  ``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j)``: one program per block
+* ``backward_kernel`` — the gradient sweep, in the offset form
+  ``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j)`` or (``SIGMOID``) the
+  SigLIP form ``G_ij = g_i·(σ(S_ij + β) − [k_i = κ_j])`` whose per-row losses
+  come out of the same tiles: one program per block
   of rows recomputes its tiles of ``S`` and accumulates ``dA = s·G·b`` in
   registers; ``dB = s·Gᵀ·a`` is either added with fp32 atomics from the same
   program (default: 3 N·M·D passes) or computed by ``backward_cols_kernel``,
@@ -221,17 +223,46 @@ def _gradient_tile(s, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, n_rows, col_count)
 
 
 @triton.jit
+def _sigmoid_tile(s, rows, cols, g_ptr, row_key_ptr, col_key_ptr, bias, n_rows, n_cols):
+    """The sigmoid form on one tile: ``G = g_i·(σ(ℓ) − [k_i = κ_j])``, ``g_i·softplus(−z·ℓ)``; ``ℓ = S + β``.
+
+    ``S = -inf`` marks an entry outside the matrix or excluded: no loss, no gradient.
+    """
+    row_ok = rows < n_rows
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+    row_key = tl.load(row_key_ptr + rows, mask=row_ok, other=0)
+    col_key = tl.load(col_key_ptr + cols, mask=cols < n_cols, other=0)
+    valid = s != float("-inf")
+    positive = (row_key[:, None] == col_key[None, :]) & valid
+    logit = s + bias
+    small = tl.exp(-tl.abs(logit))  # e^-|ℓ| ≤ 1: both σ and softplus from one exp, never overflowing
+    # log(1 + e) loses e below fp32's epsilon, and a confident pair's whole loss is e: the series there
+    log_one_plus = tl.where(small < 1e-4, small * (1.0 - 0.5 * small), tl.log(1.0 + small))
+    signed = tl.where(positive, logit, -logit)  # z·ℓ; the loss is softplus(−z·ℓ)
+    loss = tl.where(valid, g[:, None] * (tl.maximum(-signed, 0.0) + log_one_plus), 0.0)
+    # σ(ℓ) − 1 = −σ(−ℓ) at a positive: taken directly, not by cancelling against 1
+    large, tiny = 1.0 / (1.0 + small), small / (1.0 + small)  # σ(|ℓ|), σ(−|ℓ|)
+    grad = tl.where(positive, -tl.where(logit >= 0, tiny, large), tl.where(logit >= 0, large, tiny))
+    grad = tl.where(valid, g[:, None] * grad, 0.0)
+    return grad, grad * tl.where(valid, s, 0.0), loss
+
+
+@triton.jit
 def _recomputed_gradient(
     a_ptr, b_ptr, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, scale, n_rows, n_cols, col_count, dim,
-    stride_a, stride_b, EXCLUDE_DIAGONAL: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    stride_a, stride_b, row_key_ptr, col_key_ptr, bias, EXCLUDE_DIAGONAL: tl.constexpr,
+    SIGMOID: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """The fp32 tiles of ``G`` at (rows, cols), ``S`` recomputed exactly as in the forward, and ``G∘S``."""
+    """The fp32 tiles of ``G`` at (rows, cols), ``S`` recomputed exactly as in the forward, ``G∘S``
+    and (sigmoid form) the losses; the form is chosen at compile time."""
     s = _scores(
         a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_a, stride_b, scale, EXCLUDE_DIAGONAL,
         BLOCK_D, PRECISION, UPCAST,
     )  # fmt: skip
-    return _gradient_tile(s, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, n_rows, col_count)
+    if SIGMOID:
+        return _sigmoid_tile(s, rows, cols, g_ptr, row_key_ptr, col_key_ptr, bias, n_rows, n_cols)
+    grad, grad_times_s = _gradient_tile(s, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, n_rows, col_count)
+    return grad, grad_times_s, grad
 
 
 @triton.jit
@@ -253,9 +284,16 @@ def backward_kernel(
     dim,
     stride_a,
     stride_b,
+    row_key_ptr,
+    col_key_ptr,
+    bias,
+    row_loss_ptr,
+    bias_partial_ptr,
     EXCLUDE_DIAGONAL: tl.constexpr,
     ATOMIC_GRAD_B: tl.constexpr,
     SCALE_FROM_FP32_G: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    WITH_GRADS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -263,45 +301,63 @@ def backward_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """One block of rows × one chunk of output features: ``dA = s·G·b`` (and ``dB`` by atomics)."""
+    """One block of rows × one chunk of output features: ``dA = s·G·b`` (and ``dB`` by atomics).
+
+    Sigmoid form: also the rows' losses and this program's ``Σ G`` (feature chunk 0 reports them);
+    ``WITH_GRADS=False`` computes only those (one pass, no products with ``G``).
+    """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     feats = tl.program_id(1) * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
     feat_ok = feats < dim
     a_out = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
     grad_a = tl.zeros((BLOCK_M, BLOCK_DOUT), dtype=tl.float32)
     grad_times_s_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused without SCALE_FROM_FP32_G
+    loss_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # sigmoid form only
+    grad_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # sigmoid form only
     for c0 in range(0, n_cols, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        grad, grad_times_s = _recomputed_gradient(
+        grad, grad_times_s, loss = _recomputed_gradient(
             a_ptr, b_ptr, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, scale, n_rows, n_cols, col_count, dim,
-            stride_a, stride_b, EXCLUDE_DIAGONAL, BLOCK_D, PRECISION, UPCAST,
+            stride_a, stride_b, row_key_ptr, col_key_ptr, bias, EXCLUDE_DIAGONAL, SIGMOID, BLOCK_D,
+            PRECISION, UPCAST,
         )  # fmt: skip
+        if SIGMOID:
+            loss_sum += loss
+            grad_sum += grad
+        if WITH_GRADS:
+            if SCALE_FROM_FP32_G:
+                grad_times_s_sum += grad_times_s
+            b_out = _load_block(b_ptr, cols, n_cols, feats, dim, stride_b)
+            grad_a = _dot(grad.to(b_out.dtype), b_out, grad_a, PRECISION, UPCAST)
+            if ATOMIC_GRAD_B:
+                zero = tl.zeros((BLOCK_N, BLOCK_DOUT), dtype=tl.float32)
+                grad_b = _dot(tl.trans(grad.to(a_out.dtype)), a_out, zero, PRECISION, UPCAST)
+                tl.atomic_add(
+                    grad_b_ptr + cols[:, None].to(tl.int64) * dim + feats[None, :],
+                    grad_b * scale,
+                    mask=(cols[:, None] < n_cols) & feat_ok[None, :],
+                )
+    program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    if SIGMOID:
+        # every feature chunk recomputes the same tiles: the first one reports
+        first = tl.program_id(1) == 0
+        tl.store(row_loss_ptr + rows, tl.sum(loss_sum, axis=1), mask=rows < tl.where(first, n_rows, 0))
+        tl.store(bias_partial_ptr + program, tl.where(first, tl.sum(tl.sum(grad_sum, axis=1), axis=0), 0.0))
+    if WITH_GRADS:
         if SCALE_FROM_FP32_G:
-            grad_times_s_sum += grad_times_s
-        b_out = _load_block(b_ptr, cols, n_cols, feats, dim, stride_b)
-        grad_a = _dot(grad.to(b_out.dtype), b_out, grad_a, PRECISION, UPCAST)
-        if ATOMIC_GRAD_B:
-            zero = tl.zeros((BLOCK_N, BLOCK_DOUT), dtype=tl.float32)
-            grad_b = _dot(tl.trans(grad.to(a_out.dtype)), a_out, zero, PRECISION, UPCAST)
-            tl.atomic_add(
-                grad_b_ptr + cols[:, None].to(tl.int64) * dim + feats[None, :],
-                grad_b * scale,
-                mask=(cols[:, None] < n_cols) & feat_ok[None, :],
-            )
-    if SCALE_FROM_FP32_G:
-        # Σ_ij G_ij (a_i·b_j) = Σ_ij G_ij S_ij / scale (the launcher takes scale = 0 apart), from the
-        # fp32 G; every feature chunk recomputes the same G, the first one reports the sum
-        partial = tl.where(tl.program_id(1) == 0, tl.sum(tl.sum(grad_times_s_sum, axis=1), axis=0), 0.0)
-        partial = partial * inv_scale
-    else:
-        # Σ_ij G_ij (a_i·b_j) = Σ_i a_i·(G b)_i, this program's share of the features (G is fp32 here)
-        partial = tl.sum(tl.sum(grad_a * a_out.to(tl.float32), axis=1), axis=0)
-    tl.store(scale_partial_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), partial)
-    tl.store(
-        grad_a_ptr + rows[:, None].to(tl.int64) * dim + feats[None, :],
-        grad_a * scale,
-        mask=(rows[:, None] < n_rows) & feat_ok[None, :],
-    )
+            # Σ_ij G_ij (a_i·b_j) = Σ_ij G_ij S_ij / scale (the launcher takes scale = 0 apart), from
+            # the fp32 G; every feature chunk recomputes the same G, the first one reports the sum
+            partial = tl.sum(tl.sum(grad_times_s_sum, axis=1), axis=0)
+            partial = tl.where(tl.program_id(1) == 0, partial, 0.0) * inv_scale
+        else:
+            # Σ_ij G_ij (a_i·b_j) = Σ_i a_i·(G b)_i, this program's share of the features (fp32 G)
+            partial = tl.sum(tl.sum(grad_a * a_out.to(tl.float32), axis=1), axis=0)
+        tl.store(scale_partial_ptr + program, partial)
+        tl.store(
+            grad_a_ptr + rows[:, None].to(tl.int64) * dim + feats[None, :],
+            grad_a * scale,
+            mask=(rows[:, None] < n_rows) & feat_ok[None, :],
+        )
 
 
 @triton.jit
@@ -320,7 +376,11 @@ def backward_cols_kernel(
     dim,
     stride_a,
     stride_b,
+    row_key_ptr,
+    col_key_ptr,
+    bias,
     EXCLUDE_DIAGONAL: tl.constexpr,
+    SIGMOID: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -335,9 +395,10 @@ def backward_cols_kernel(
     grad_b = tl.zeros((BLOCK_N, BLOCK_DOUT), dtype=tl.float32)
     for r0 in range(0, n_rows, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
-        grad, _ = _recomputed_gradient(
+        grad, _, _ = _recomputed_gradient(
             a_ptr, b_ptr, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, scale, n_rows, n_cols, col_count, dim,
-            stride_a, stride_b, EXCLUDE_DIAGONAL, BLOCK_D, PRECISION, UPCAST,
+            stride_a, stride_b, row_key_ptr, col_key_ptr, bias, EXCLUDE_DIAGONAL, SIGMOID, BLOCK_D,
+            PRECISION, UPCAST,
         )  # fmt: skip
         a_out = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
         grad_b = _dot(tl.trans(grad.to(a_out.dtype)), a_out, grad_b, PRECISION, UPCAST)

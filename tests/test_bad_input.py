@@ -22,7 +22,7 @@ class NoCompute:
     def lse_stats(self, *args, **kwargs):
         raise AssertionError("a kernel ran before the bad input was rejected")
 
-    offset_backward = lse_stats
+    offset_backward = sigmoid_sweep = lse_stats
 
 
 @pytest.fixture(autouse=True)
@@ -320,6 +320,67 @@ CASES += [
         lambda: tilecl.ModalityStructureLoss(lambda_sep=-1.0),
         ValueError,
         "lambda_sep",
+    ),
+]
+
+
+def siglip(**kw):
+    kw = {"logit_scale": 10.0, "logit_bias": -5.0, **kw}
+    return lambda: tilecl.sigmoid_loss(kw.pop("a", feats()), kw.pop("b", feats()), **kw)
+
+
+CASES += [
+    ("sigmoid bias NaN", siglip(logit_bias=float("nan")), ValueError, "logit_bias must be finite"),
+    (
+        "sigmoid bias inf tensor",
+        siglip(logit_bias=torch.tensor(float("inf"))),
+        ValueError,
+        "logit_bias must be",
+    ),
+    ("sigmoid bias shape", siglip(logit_bias=torch.zeros(3)), ValueError, "logit_bias must be a scalar"),
+    ("sigmoid bias type", siglip(logit_bias="1"), TypeError, "logit_bias must be a number"),
+    (
+        "sigmoid bias integer tensor",
+        siglip(logit_bias=torch.tensor(1)),
+        TypeError,
+        "logit_bias must be a floating",
+    ),
+    ("sigmoid scale 0", siglip(logit_scale=0.0), ValueError, "logit_scale must be > 0"),
+    ("sigmoid mismatched D", siglip(b=feats(4, 2)), ValueError, "feature dimension"),
+    ("sigmoid M < N", siglip(b=feats(3)), ValueError, "M >= N"),
+    ("sigmoid labels range", siglip(labels=torch.tensor([0, 1, 2, 4])), ValueError, "labels must lie in"),
+    (
+        "sigmoid groups one side",
+        siglip(row_groups=torch.zeros(4, dtype=torch.long)),
+        ValueError,
+        "both row_groups",
+    ),
+    (
+        "sigmoid groups dtype",
+        siglip(row_groups=torch.zeros(4), col_groups=torch.zeros(4)),
+        TypeError,
+        "row_groups must be an integer",
+    ),
+    (
+        "sigmoid groups shape",
+        siglip(row_groups=torch.zeros(4, dtype=torch.long), col_groups=torch.zeros(3, dtype=torch.long)),
+        ValueError,
+        r"col_groups must have shape \(4,\)",
+    ),
+    (
+        "sigmoid labels and groups",
+        siglip(labels=torch.arange(4), row_groups=torch.arange(4), col_groups=torch.arange(4)),
+        ValueError,
+        "exclusive",
+    ),
+    ("sigmoid reduction", siglip(reduction="avg"), ValueError, "reduction"),
+    ("sigmoid on cuda-emu", siglip(backend="cuda-emu"), RuntimeError, "no sigmoid form"),
+    ("SigLipLoss dist_impl", lambda: tilecl.SigLipLoss(dist_impl="tree"), ValueError, "dist_impl"),
+    (
+        "SigLipLoss names its arguments",
+        lambda: tilecl.SigLipLoss()(feats(4, 3), feats(4, 2), 10.0, -10.0),
+        ValueError,
+        "image_features and text_features",
     ),
 ]
 

@@ -20,7 +20,8 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import tilecl
-from tilecl.backends.ops import OPS, lse_stats_op, offset_backward_op
+from tilecl.backends import BACKENDS
+from tilecl.backends.ops import OPS, lse_stats_op, offset_backward_op, sigmoid_sweep_op
 from utils import Combo, assert_rel, matrix
 
 D = 16
@@ -104,6 +105,24 @@ def _gamma_module(n, device, backend):
     return module, (a, b, index, _scale(device))
 
 
+def _siglip(n, device, backend):
+    a, b = _features(n, device, n)
+    bias = torch.tensor(-4.0, device=device, requires_grad=True)
+    return tilecl.SigLipLoss(backend=backend), (a, b, _scale(device), bias)
+
+
+def _siglip_groups_per_row(n, device, backend):
+    a, b = _features(n, device, n)
+    groups = (torch.arange(n) // 3).to(device)
+
+    def loss(a, b, s, groups):
+        return tilecl.sigmoid_loss(
+            a, b, s, -2.0, row_groups=groups, col_groups=groups, reduction="none", backend=backend
+        ).sum()
+
+    return loss, (a, b, _scale(device), groups)
+
+
 def _uniformity(n, device, backend):
     return (lambda z: tilecl.uniformity_loss(z, backend=backend)), tuple(_features(n, device, n, 1))
 
@@ -133,6 +152,8 @@ CASES = [
     Case("NTXentLoss", _nt_xent, interpreted=True),
     Case("gamma-surrogate", _gamma),
     Case("GammaContrastiveLoss", _gamma_module, interpreted=True),
+    Case("SigLipLoss", _siglip, interpreted=True),
+    Case("sigmoid-groups-none", _siglip_groups_per_row),
     Case("uniformity", _uniformity, interpreted=True),
     Case("feature-separation", _separation),
     Case("geometric-consistency", _geometric, on_backends=False),
@@ -287,7 +308,11 @@ def test_meta_tensors_give_shapes(case):
 @pytest.mark.parametrize("combo", matrix(), indirect=True)
 def test_opcheck_every_registered_op(combo):
     """``torch.library.opcheck``: schema, fake implementation, autograd registration, AOT tracing."""
-    assert {op._qualname for op in OPS} == {"tilecl::lse_stats", "tilecl::offset_backward"}
+    assert {op._qualname for op in OPS} == {
+        "tilecl::lse_stats",
+        "tilecl::offset_backward",
+        "tilecl::sigmoid_sweep",
+    }
     n, m = 6, 9
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(k, 5, generator=gen).to(combo.device, combo.dtype) for k in (n, m))
@@ -301,3 +326,11 @@ def test_opcheck_every_registered_op(combo):
         weights = torch.full_like(row_lse, 1 / n)
         terms = (row_lse, weights, col_lse, weights)
         torch.library.opcheck(offset_backward_op, (combo.backend, a, b, scale, exclude_diagonal, *terms))
+    if "sigmoid" not in BACKENDS[combo.backend].forms:
+        return
+    bias = torch.tensor(-3.0, dtype=torch.float64, device=combo.device)
+    keys = torch.arange(n, device=combo.device), torch.arange(m, device=combo.device)
+    weights = torch.ones(n, dtype=torch.float64 if combo.dtype == torch.float64 else torch.float32)
+    for with_grads in (False, True):
+        sweep = (combo.backend, a, b, scale, False, bias, *keys, weights.to(combo.device), with_grads)
+        torch.library.opcheck(sigmoid_sweep_op, sweep)

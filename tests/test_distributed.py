@@ -35,7 +35,12 @@ from utils import assert_rel
 N_PER_RANK, EXTRA, D = 5, 2, 4
 M_PER_RANK = N_PER_RANK + EXTRA
 SCALE = 3.0
+BIAS = -2.0
 IMPLS = ("gather", "ring")
+#: inputs every rank holds the same copy of (their gradients are averaged across ranks)
+REPLICATED = {"scale", "bias"}
+#: open_clip's SigLipLoss(dist_impl=...) name for each exchange
+OPEN_CLIP_NAMES = {"gather": "reduce", "ring": "bidir"}
 
 
 def global_batch(world: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -60,6 +65,9 @@ def global_batch(world: int, seed: int = 0) -> dict[str, torch.Tensor]:
         "local_labels": torch.cat(local_labels),
         "pair_cols": torch.cat([r * M_PER_RANK + torch.arange(N_PER_RANK) for r in range(world)]),
         "labels": torch.cat([r * M_PER_RANK + x for r, x in enumerate(local_labels)]),
+        # SigLIP group ids (global): several positives per row, across ranks
+        "row_groups": torch.randint(0, 6, (n,), generator=gen),
+        "col_groups": torch.randint(0, 6, (m,), generator=gen),
     }
 
 
@@ -137,6 +145,28 @@ def cases(inputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], **di
     def separation(z1, z2, a, positives, u1, u2):
         return feature_separation_loss(z1, z2, a, positives, u1, u2, 0.2, backend="torch", **dist_kwargs)
 
+    def sigmoid(a, b, scale, bias):
+        return tilecl.sigmoid_loss(
+            a, b, scale, bias, labels=labels["default"], backend="torch", **dist_kwargs
+        )
+
+    def sigmoid_labels_sum(a, b, scale):
+        return tilecl.sigmoid_loss(
+            a, b, scale, -1.0, labels=labels["custom"], reduction="sum", backend="torch", **dist_kwargs
+        )
+
+    def sigmoid_groups(a, b, bias):
+        return tilecl.sigmoid_loss(
+            a,
+            b,
+            s,
+            bias,
+            row_groups=inputs.get("row_groups"),
+            col_groups=inputs.get("col_groups"),
+            backend="torch",
+            **dist_kwargs,
+        )
+
     return {
         "clip": (clip, ("a", "b")),
         "clip default labels": (clip_default_labels, ("a", "b")),
@@ -148,6 +178,9 @@ def cases(inputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], **di
         "geometric consistency": (geometric, ("z1", "z2", "a", "positives")),
         "brownian bridge": (bridge, ("z1", "z2", "a")),
         "feature separation": (separation, ("z1", "z2", "a", "positives", "u1", "u2")),
+        "sigmoid": (sigmoid, ("a", "b", "scale", "bias")),
+        "sigmoid labels sum": (sigmoid_labels_sum, ("a", "b", "scale")),
+        "sigmoid groups": (sigmoid_groups, ("a", "b", "bias")),
     }
 
 
@@ -205,7 +238,9 @@ def _all_losses_worker(rank: int, world: int, store: str, out: str, impl: str) -
         k: shard(everything[k], rank, world) for k in ("a", "b", "positives", "log_u_rows", "log_u_cols")
     }
     inputs.update({k: shard(everything[k], rank, world) for k in ("z1", "z2", "u1", "u2")})
+    inputs.update({k: shard(everything[k], rank, world) for k in ("row_groups", "col_groups")})
     inputs["scale"] = torch.tensor(SCALE, dtype=torch.float64)
+    inputs["bias"] = torch.tensor(BIAS, dtype=torch.float64)
     labels = {
         "pair": torch.arange(N_PER_RANK),
         "default": None,
@@ -219,6 +254,8 @@ def _all_losses_worker(rank: int, world: int, store: str, out: str, impl: str) -
         inputs["a"], pairs, SCALE
     )
     results["NTXentLoss"] = tilecl.NTXentLoss(world_size=world, dist_impl=impl)(inputs["z1"], inputs["z2"])
+    siglip = tilecl.SigLipLoss(rank=rank, world_size=world, dist_impl=OPEN_CLIP_NAMES[impl])
+    results["SigLipLoss"] = siglip(inputs["a"], pairs, SCALE, BIAS)
     structure = tilecl.ModalityStructureLoss(world_size=world, dist_impl=impl, backend="torch")
     results["ModalityStructureLoss"] = structure(
         inputs["z1"], inputs["z2"], SCALE, **modality_views(inputs), output_dict=True
@@ -254,6 +291,7 @@ def spawned(tmp_path_factory):
 def single_process(world: int) -> dict:
     everything = global_batch(world)
     inputs = dict(everything, scale=torch.tensor(SCALE, dtype=torch.float64))
+    inputs["bias"] = torch.tensor(BIAS, dtype=torch.float64)
     pair = everything["pair_cols"]
     return evaluate(inputs, {"pair": pair, "default": pair, "custom": everything["labels"]})
 
@@ -267,15 +305,15 @@ def test_every_loss_matches_single_process(case, world, impl, spawned):
         loss, grads = res[case]
         assert_rel(loss, ref_loss, 1e-10, f"{case} value on rank {rank}")
         for name, grad in grads.items():
-            if name == "scale":
+            if name in REPLICATED:
                 continue
             # convention: each rank holds world x the gradient of the global loss w.r.t. its inputs
             want = shard(ref_grads[name], rank, world)
             assert_rel(grad / world, want, 1e-10, f"{case} grad {name} on rank {rank}")
-    if "scale" in ref_grads:
-        # a replicated scale: the rank-average (what DDP computes) is the global gradient
-        average = sum(res[case][1]["scale"] for res in spawned(world, impl)) / world
-        assert_rel(average, ref_grads["scale"], 1e-10, f"{case} grad logit_scale")
+    for name in REPLICATED & set(ref_grads):
+        # a replicated scale or bias: the rank-average (what DDP computes) is the global gradient
+        average = sum(res[case][1][name] for res in spawned(world, impl)) / world
+        assert_rel(average, ref_grads[name], 1e-10, f"{case} grad {name}")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -288,7 +326,9 @@ def test_modules_use_the_default_group(world, impl, spawned):
     structure = tilecl.ModalityStructureLoss(backend="torch")(
         everything["z1"], everything["z2"], SCALE, **modality_views(everything), output_dict=True
     )
+    siglip = tilecl.sigmoid_loss(everything["a"], pairs_all, SCALE, BIAS)
     for res in spawned(world, impl):
+        assert_rel(res["SigLipLoss"], siglip, 1e-10, "SigLipLoss on every rank")
         assert_rel(res["ClipLoss"], clip, 1e-10, "ClipLoss on every rank")
         assert_rel(res["NTXentLoss"], nt_xent, 1e-10, "NTXentLoss on every rank")
         assert structure.keys() == res["ModalityStructureLoss"].keys()
@@ -335,6 +375,18 @@ def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
         log_scale.grad /= world
         grads[impl] = {"loss": loss.detach(), "log_scale": log_scale.grad}
         grads[impl].update({k: p.grad for k, p in model.named_parameters()})
+        # a SigLIP step: learnable scale and bias outside DDP, averaged by hand
+        model.zero_grad()
+        bias = torch.nn.Parameter(torch.tensor(-1.5, dtype=torch.float64))
+        log_scale.grad = None
+        siglip = tilecl.SigLipLoss(rank=rank, world_size=world, dist_impl=OPEN_CLIP_NAMES[impl])
+        loss = siglip(ddp(x), ddp(y), log_scale.exp(), bias)
+        loss.backward()
+        for p in (log_scale, bias):
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        grads[f"siglip {impl}"] = {"loss": loss.detach(), "log_scale": log_scale.grad, "bias": bias.grad}
+        grads[f"siglip {impl}"].update({k: p.grad.clone() for k, p in model.named_parameters()})
     torch.save(grads, f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -349,12 +401,20 @@ def test_ddp_step_gradients_equal_single_process(tmp_path):
     x_all, y_all = global_batch(world, seed=1)["a"], global_batch(world, seed=2)["a"]
     loss = tilecl.contrastive_loss(model(x_all), model(y_all), log_scale.exp())
     loss.backward()
+    want = {"loss": loss.detach(), "log_scale": log_scale.grad}
+    want.update({k: p.grad.clone() for k, p in model.named_parameters()})
+    model.zero_grad()
+    log_scale.grad = None
+    bias = torch.nn.Parameter(torch.tensor(-1.5, dtype=torch.float64))
+    siglip = tilecl.sigmoid_loss(model(x_all), model(y_all), log_scale.exp(), bias)
+    siglip.backward()
+    want_siglip = {"loss": siglip.detach(), "log_scale": log_scale.grad, "bias": bias.grad}
+    want_siglip.update({k: p.grad.clone() for k, p in model.named_parameters()})
     for res in results:
         for impl in IMPLS:
-            assert_rel(res[impl]["loss"], loss.detach(), 1e-10, f"{impl} loss")
-            assert_rel(res[impl]["log_scale"], log_scale.grad, 1e-10, f"{impl} log_scale grad")
-            for name, p in model.named_parameters():
-                assert_rel(res[impl][name], p.grad, 1e-10, f"{impl} {name}")
+            for key, expected in ((impl, want), (f"siglip {impl}", want_siglip)):
+                for name, value in expected.items():
+                    assert_rel(res[key][name], value, 1e-10, f"{key} {name}")
 
 
 def _unequal_worker(rank: int, world: int, store: str, out: str) -> None:

@@ -4,8 +4,9 @@ Public API::
 
     tilecl.contrastive_loss(a, b, logit_scale, *, labels, symmetric, reduction, backend)
     tilecl.nt_xent_loss(z1, z2, temperature, *, reduction, backend)
+    tilecl.sigmoid_loss(a, b, logit_scale, logit_bias, *, labels, row_groups, col_groups, ...)
     tilecl.gamma_contrastive_loss(a, b, log_u_rows, log_u_cols, logit_scale, ...)
-    tilecl.ClipLoss, tilecl.InfoNCELoss, tilecl.NTXentLoss, tilecl.GammaContrastiveLoss
+    tilecl.ClipLoss, tilecl.SigLipLoss, tilecl.InfoNCELoss, tilecl.NTXentLoss, tilecl.GammaContrastiveLoss
     tilecl.uniformity_loss, tilecl.geometric_consistency_loss, tilecl.brownian_bridge_loss,
     tilecl.feature_separation_loss, tilecl.ModalityStructureLoss
     tilecl.available_backends()
@@ -25,7 +26,8 @@ from .modality import (
     geometric_consistency_loss,
     uniformity_loss,
 )
-from .modules import ClipLoss, InfoNCELoss, ModalityStructureLoss, NTXentLoss
+from .modules import ClipLoss, InfoNCELoss, ModalityStructureLoss, NTXentLoss, SigLipLoss
+from .sigmoid import sigmoid_loss
 
 __all__ = [
     "ClipLoss",
@@ -33,6 +35,7 @@ __all__ = [
     "InfoNCELoss",
     "ModalityStructureLoss",
     "NTXentLoss",
+    "SigLipLoss",
     "available_backends",
     "brownian_bridge_loss",
     "contrastive_loss",
@@ -42,5 +45,6 @@ __all__ = [
     "nt_xent_loss",
     "naive",
     "reference",
+    "sigmoid_loss",
     "uniformity_loss",
 ]

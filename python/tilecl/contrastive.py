@@ -234,8 +234,5 @@ def nt_xent_loss(
     n = z1.shape[0]
     partners = torch.arange(2 * n, device=z1.device).roll(n)
     scale = torch.tensor(1.0 / temperature, dtype=torch.float64, device=z1.device)
-    # the columns are the rows; a second tensor object for them (torch.compile does not trace an
-    # autograd.Function given one tensor twice) whose gradient autograd adds to the rows'
-    columns = views.view_as(views)
-    loss = apply_loss(views, columns, scale, ranks.sharded(spec, views, columns, partners), labels=partners)
+    loss = apply_loss(views, views, scale, ranks.sharded(spec, views, views, partners), labels=partners)
     return ranks.global_loss(loss, 2 * n, reduction)

@@ -32,6 +32,7 @@ __all__ = [
     "apply_loss",
     "batch_stats",
     "col_count",
+    "distinct",
     "log_count",
     "refuse_second_derivative",
     "targets_of",
@@ -70,6 +71,24 @@ class LossSpec:
     primitives: Primitives
     #: ranks whose shards make the global batch (the primitives are then sharded)
     world: int = 1
+
+
+def distinct(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+    """The tensors, a repeated one replaced by a view of it (same values, a new tensor object).
+
+    torch.compile does not trace an autograd Function given one tensor twice
+    (``loss(a, a)``, one group-id tensor for rows and columns); autograd adds a
+    view's gradient to its base, so nothing else changes.
+    """
+    seen: list[torch.Tensor] = []
+    out = []
+    for x in tensors:
+        if x is not None and any(x is y for y in seen):
+            x = x.view_as(x)
+        if x is not None:
+            seen.append(x)
+        out.append(x)
+    return tuple(out)
 
 
 def log_count(count: int, like: torch.Tensor) -> torch.Tensor:
@@ -238,6 +257,9 @@ def apply_loss(
     """Run the shared Function, computing the batch statistics unless the caller already has them."""
     if stats is None:
         stats = batch_stats(a, b, scale, labels, positives, spec)
+    a, b, positives, scale, labels, log_u_rows, log_u_cols = distinct(  # type: ignore[assignment]
+        a, b, positives, scale, labels, log_u_rows, log_u_cols
+    )
     loss: torch.Tensor = ContrastiveFunction.apply(
         a, b, positives, scale, labels, log_u_rows, log_u_cols, stats, spec
     )

@@ -12,6 +12,7 @@ from . import validation as v
 from .contrastive import contrastive_loss, nt_xent_loss
 from .distributed import DIST_IMPLS
 from .modality import brownian_bridge_loss, feature_separation_loss, geometric_consistency_loss
+from .sigmoid import OPEN_CLIP_DIST_IMPLS, sigmoid_loss
 
 __all__ = ["ClipLoss", "InfoNCELoss", "ModalityStructureLoss", "NTXentLoss"]
 
@@ -51,8 +52,8 @@ class ClipLoss(nn.Module):
     ``logit_scale`` is the already-exponentiated scale (open_clip passes
     ``model.logit_scale.exp()``). A scalar ``logit_bias`` shifts every logit
     equally, which cancels in both softmaxes: it is accepted and has zero
-    gradient. ``cache_labels`` is accepted and has no effect (no label tensor
-    is built).
+    gradient (a model trained with a bias is SigLIP's: :class:`SigLipLoss`).
+    ``cache_labels`` is accepted and has no effect (no label tensor is built).
 
     With ``world_size > 1`` the loss is the global loss over all ranks' pairs
     on the default process group (``dist_impl="gather"`` or ``"ring"``; see
@@ -182,6 +183,72 @@ class InfoNCELoss(nn.Module):
             process_group=_default_group(self.world_size, "InfoNCELoss"),
             dist_impl=self.dist_impl,
         )
+
+
+class SigLipLoss(nn.Module):
+    """Drop-in replacement for ``open_clip.loss.SigLipLoss`` that never forms ``N x N``, fwd or bwd.
+
+    Same constructor and ``forward`` as open_clip::
+
+        loss = SigLipLoss()(image_features, text_features, logit_scale, logit_bias)
+
+    ``logit_scale`` is the exponentiated scale (``model.logit_scale.exp()``),
+    ``logit_bias`` the learnable bias; both get their gradients. The value is
+    open_clip's, ``(1/N) Σ_ij softplus(−z_ij ℓ_ij)`` (see
+    :func:`tilecl.sigmoid_loss`). ``cache_labels`` is accepted and has no
+    effect (no label matrix exists).
+
+    With ``world_size > 1`` (the default process group): ``dist_impl`` takes
+    tilecl's ``"gather"``/``"ring"`` or open_clip's names (``"bidir"``,
+    ``"shift"`` → ring; ``"reduce"``, ``"gather"`` → gather; ``None`` is
+    open_clip's default, ``"bidir"``). The value is the **global** loss
+    (``Σ`` over every rank's pairs ``/ N_global``) on every rank, where
+    open_clip returns each rank's ``Σ`` over its rows ``/ N_local``; the
+    average over ranks is the same, and so are DDP's averaged gradients.
+    """
+
+    def __init__(
+        self,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        dist_impl: Optional[str] = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        name = "bidir" if dist_impl is None else dist_impl
+        if name not in OPEN_CLIP_DIST_IMPLS and name not in DIST_IMPLS:
+            choices = tuple(OPEN_CLIP_DIST_IMPLS) + tuple(
+                d for d in DIST_IMPLS if d not in OPEN_CLIP_DIST_IMPLS
+            )
+            raise ValueError(f"dist_impl must be None or one of {choices}, got {dist_impl!r}")
+        _check_world(world_size, "gather")
+        self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size
+        self.dist_impl = OPEN_CLIP_DIST_IMPLS.get(name, name)
+        self.backend = backend
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: v.Scale,
+        logit_bias: Optional[v.Scale] = None,
+        output_dict: bool = False,
+    ) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
+        """Sigmoid loss of ``(N, D)`` image and text features, the diagonal pairs positive."""
+        group = _default_group(self.world_size, "SigLipLoss", self.rank)
+        loss = sigmoid_loss(
+            image_features,
+            text_features,
+            logit_scale,
+            logit_bias,
+            backend=self.backend,
+            process_group=group,
+            dist_impl=self.dist_impl,
+            argument_names=("image_features", "text_features"),
+        )
+        return {"contrastive_loss": loss} if output_dict else loss
 
 
 class NTXentLoss(nn.Module):

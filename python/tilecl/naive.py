@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["naive_contrastive_loss", "naive_nt_xent_loss"]
+__all__ = ["naive_contrastive_loss", "naive_nt_xent_loss", "naive_sigmoid_loss"]
 
 
 def naive_contrastive_loss(
@@ -51,3 +51,33 @@ def naive_nt_xent_loss(
     logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
     partners = torch.arange(2 * n, device=z.device).roll(n)
     return F.cross_entropy(logits, partners, reduction=reduction)
+
+
+def naive_sigmoid_loss(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    logit_scale: Union[float, torch.Tensor] = 1.0,
+    logit_bias: Union[float, torch.Tensor, None] = None,
+    *,
+    labels: Optional[torch.Tensor] = None,
+    row_groups: Optional[torch.Tensor] = None,
+    col_groups: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """open_clip's ``SigLipLoss`` formula, ``−logsigmoid(z ∘ ℓ)`` over the stored ``N x M`` logits."""
+    n, m = a.shape[0], b.shape[0]
+    logits = logit_scale * a @ b.t()
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    if row_groups is not None and col_groups is not None:
+        positive = row_groups[:, None] == col_groups[None, :]
+    else:
+        targets = torch.arange(n, device=a.device) if labels is None else labels.long()
+        positive = targets[:, None] == torch.arange(m, device=a.device)[None, :]
+    signs = torch.where(positive, 1.0, -1.0).to(logits.dtype)
+    per_row = -F.logsigmoid(signs * logits).sum(dim=1)
+    if reduction == "mean":
+        return per_row.sum() / n
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row

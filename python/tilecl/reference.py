@@ -30,12 +30,14 @@ import numpy as np
 __all__ = [
     "LossAndGrads",
     "NTXentLossAndGrads",
+    "SigmoidLossAndGrads",
     "contrastive_loss",
     "gamma_contrastive_loss",
     "gamma_em_update",
     "logsumexp",
     "loss_and_logit_grad",
     "nt_xent_loss",
+    "sigmoid_loss",
 ]
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -358,3 +360,62 @@ def brownian_bridge_loss(
     grad_mu = -2 * diff / n
     grad_m = (grad_mu - mu * xp.sum(mu * grad_mu, axis=1, keepdims=True)) / norm
     return ModalityLossAndGrads(float(xp.sum(diff * diff) / n), (t * grad_m, (1 - t) * grad_m, 2 * diff / n))
+
+
+class SigmoidLossAndGrads(NamedTuple):
+    """Sigmoid loss value and its gradients with respect to ``a``, ``b``, ``logit_scale``, ``logit_bias``."""
+
+    loss: Any
+    grad_a: Any
+    grad_b: Any
+    grad_logit_scale: float
+    grad_logit_bias: float
+
+
+def sigmoid_loss(
+    a: Any,
+    b: Any,
+    logit_scale: float,
+    logit_bias: float = 0.0,
+    *,
+    labels: Any = None,
+    row_groups: Any = None,
+    col_groups: Any = None,
+    reduction: str = "mean",
+    grad_output: Any = None,
+    xp: Any = np,
+) -> SigmoidLossAndGrads:
+    """SigLIP's loss ``(1/N) Σ_ij softplus(−z_ij ℓ_ij)``, ``ℓ = s·a bᵀ + β``, and its analytic gradients.
+
+    ``z_ij = +1`` where ``j = labels_i`` (default ``i``) or, with group ids,
+    where ``row_groups_i = col_groups_j``; ``∂/∂ℓ_ij = w_i(σ(ℓ_ij) − [z_ij = +1])``
+    with ``w_i = 1/N`` (mean), 1 (sum) or ``grad_output_i`` (none, per-row sums).
+    """
+    a = xp.asarray(a, dtype=xp.float64)
+    b = xp.asarray(b, dtype=xp.float64)
+    n, m = a.shape[0], b.shape[0]
+    if row_groups is not None:
+        positive = xp.asarray(row_groups)[:, None] == xp.asarray(col_groups)[None, :]
+    else:
+        targets = xp.arange(n) if labels is None else xp.asarray(labels)
+        positive = targets[:, None] == xp.arange(m)[None, :]
+    dots = a @ b.T
+    logits = logit_scale * dots + logit_bias
+    signed = xp.where(positive, logits, -logits)
+    # softplus(−t) = max(−t, 0) + log1p(e^−|t|), exact at any magnitude
+    per_pair = xp.maximum(-signed, 0.0) + xp.log1p(xp.exp(-xp.abs(signed)))
+    per_row = per_pair.sum(axis=1)
+    if reduction == "none":
+        weights = xp.ones(n) if grad_output is None else xp.asarray(grad_output, dtype=xp.float64)
+        loss: Any = per_row
+    else:
+        weights = xp.full(n, 1.0 / n if reduction == "mean" else 1.0)
+        loss = float((weights * per_row).sum())
+    grad = weights[:, None] * (1.0 / (1.0 + xp.exp(-logits)) - positive)
+    return SigmoidLossAndGrads(
+        loss,
+        logit_scale * grad @ b,
+        logit_scale * grad.T @ a,
+        float((grad * dots).sum()),
+        float(grad.sum()),
+    )

@@ -140,6 +140,26 @@ def check_scale(value: Scale, name: str, like: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def check_bias(value: Optional[Scale], name: str, like: torch.Tensor) -> torch.Tensor:
+    """A finite scalar of any sign (number or one-element tensor) as a 0-d tensor; ``None`` is 0."""
+    if value is None:
+        return torch.zeros((), dtype=torch.float64, device=like.device)
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        tensor = value.reshape(()).to(like.device)
+        if not reads_values(value):
+            check_values(torch.isfinite(tensor), f"{name} must be finite")
+        elif not math.isfinite(float(value.detach())):
+            raise ValueError(f"{name} must be finite, got {float(value.detach())}")
+        return tensor
+    if not _is_number(value):
+        raise TypeError(f"{name} must be a number or a 0-d tensor, got {type(value).__name__}")
+    return torch.tensor(check_number(value, name), dtype=torch.float64, device=like.device)
+
+
 def check_labels(labels: Optional[torch.Tensor], rows: int, cols: int, like: torch.Tensor) -> None:
     """Row ``i``'s positive column: an integer tensor of shape ``(rows,)`` in ``[0, cols)``."""
     if labels is None:

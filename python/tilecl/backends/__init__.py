@@ -48,6 +48,8 @@ from .base import (
     OffsetTerms,
     Primitives,
     Scores,
+    SigmoidSweep,
+    SigmoidTerms,
     anywhere,
     cuda_visible,
 )
@@ -64,6 +66,8 @@ __all__ = [
     "OffsetTerms",
     "Primitives",
     "Scores",
+    "SigmoidSweep",
+    "SigmoidTerms",
     "available_backends",
     "resolve_backend",
 ]
@@ -121,9 +125,17 @@ BACKENDS: dict[str, Backend] = {
         _triton_missing,
         _load_triton,
     ),
-    "cuda": Backend("cuda", KERNEL_DTYPES, {"cuda": cuda_visible}, _cuda_missing, lambda: _load_cuda("cuda")),
+    # the CUDA C++ kernels have the softmax (offset) form only
+    "cuda": Backend(
+        "cuda", KERNEL_DTYPES, {"cuda": cuda_visible}, _cuda_missing, lambda: _load_cuda("cuda"), ("softmax",)
+    ),
     "cuda-emu": Backend(
-        "cuda-emu", KERNEL_DTYPES, {"cpu": anywhere}, _emulation_missing, lambda: _load_cuda("cuda-emu")
+        "cuda-emu",
+        KERNEL_DTYPES,
+        {"cpu": anywhere},
+        _emulation_missing,
+        lambda: _load_cuda("cuda-emu"),
+        ("softmax",),
     ),
     "torch": Backend(
         "torch",
@@ -142,8 +154,14 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-for _name, _backend in BACKENDS.items():
-    register_implementation(_name, _backend.load)
+def _load(name: str) -> Primitives:
+    # looked up at each call, so that a backend swapped in the registry (a test's stand-in) is the
+    # one the ops run
+    return BACKENDS[name].load()
+
+
+for _name in BACKENDS:
+    register_implementation(_name, functools.partial(_load, _name))
 
 
 def available_backends() -> list[str]:
@@ -155,8 +173,8 @@ def available_backends() -> list[str]:
     ]
 
 
-def resolve_backend(name: object, device: Device, dtype: DType) -> Primitives:
-    """The primitives to run on ``device`` tensors of ``dtype``; raises if ``name`` cannot run them.
+def resolve_backend(name: object, device: Device, dtype: DType, form: str = "softmax") -> Primitives:
+    """The primitives to run the ``form`` on ``device`` tensors of ``dtype``; raises if ``name`` cannot.
 
     They call the backend through the registered ops of :mod:`tilecl.backends.ops`.
 
@@ -169,15 +187,15 @@ def resolve_backend(name: object, device: Device, dtype: DType) -> Primitives:
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name == "auto":
         candidates = AUTO_ON_CUDA if device.type == "cuda" else ()
-        chosen = next((c for c in candidates if not BACKENDS[c].unsupported(device, dtype)), "torch")
+        chosen = next((c for c in candidates if not BACKENDS[c].unsupported(device, dtype, form)), "torch")
         return RegisteredPrimitives(chosen)
     if name not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {tuple(BACKENDS)}, got {name!r}")
-    found = BACKENDS[name].unsupported(device, dtype)
+    found = BACKENDS[name].unsupported(device, dtype, form)
     if found:
         # a backend that cannot run here outranks a dtype mistake: fixing the dtype would not help
         error = RuntimeError if any(u.error is RuntimeError for u in found) else TypeError
-        takers = [other for other, b in BACKENDS.items() if not b.unsupported(device, dtype)]
+        takers = [other for other, b in BACKENDS.items() if not b.unsupported(device, dtype, form)]
         reasons = "; ".join(u.reason for u in found)
         raise error(
             f"backend={name!r} cannot run {dtype} tensors on {device} here: {reasons} "

@@ -11,7 +11,13 @@ Both take the operands of ``S`` as one :class:`Scores`.
 * ``offset_backward`` — recomputes ``S`` and applies
   ``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j)`` (the terms:
   :class:`OffsetTerms`), returning ``s·G·b``, ``s·Gᵀ·a`` and
-  ``Σ G_ij (a_i·b_j)`` (:class:`Gradients`).
+  ``Σ G_ij (a_i·b_j)`` (:class:`Gradients`);
+* ``sigmoid_sweep`` — the same gradient sweep with the elementwise sigmoid
+  form ``G_ij = w_i·(σ(S_ij + β) − [k_i = κ_j])`` (:class:`SigmoidTerms`),
+  which needs no statistics from other tiles: one pass yields the per-row
+  losses ``Σ_j w_i·softplus(−z_ij(S_ij + β))`` and, when asked, the gradients
+  (:class:`SigmoidSweep`). A backend runs it through its offset backward's
+  tile loop with the other elementwise step, never a second loop.
 
 A backend module implements :class:`Primitives`; the registry
 (:mod:`tilecl.backends`) holds a :class:`Backend` per name, which declares
@@ -28,6 +34,7 @@ import torch
 
 __all__ = [
     "FLOAT_DTYPES",
+    "FORMS",
     "KERNEL_DTYPES",
     "Backend",
     "Gradients",
@@ -35,6 +42,8 @@ __all__ = [
     "OffsetTerms",
     "Primitives",
     "Scores",
+    "SigmoidSweep",
+    "SigmoidTerms",
     "Unsupported",
     "anywhere",
     "cuda_visible",
@@ -45,6 +54,8 @@ __all__ = [
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: the inputs of the GPU kernels (float32 accumulation, float32 results)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: the gradient forms: the offset form of the softmax losses, the sigmoid (SigLIP) form
+FORMS = ("softmax", "sigmoid")
 
 
 def anywhere() -> Optional[str]:
@@ -116,8 +127,40 @@ class Gradients(NamedTuple):
     grad_scale: torch.Tensor
 
 
+class SigmoidTerms(NamedTuple):
+    """The sigmoid (SigLIP) form of the gradient sweep: ``G_ij = w_i·(σ(S_ij + β) − [k_i = κ_j])``.
+
+    ``bias`` ``β``: a 0-d tensor; ``row_keys`` ``k`` (``(N,)``) and
+    ``col_keys`` ``κ`` (``(M,)``): int64, a pair is positive (``z_ij = +1``)
+    where they are equal — the diagonal (``k = κ =`` global indices), labels
+    (``k_i = y_i``) or group ids alike; ``row_weights`` ``w``: ``(N,)`` in the
+    accumulation dtype (0 means the row adds nothing).
+    """
+
+    bias: torch.Tensor
+    row_keys: torch.Tensor
+    col_keys: torch.Tensor
+    row_weights: torch.Tensor
+
+
+class SigmoidSweep(NamedTuple):
+    """What one sigmoid sweep yields, in the accumulation dtype.
+
+    ``row_loss`` (``N``): ``Σ_j w_i·softplus(−z_ij ℓ_ij)`` with ``ℓ = S + β``;
+    with gradients, ``grad_a = s·G·b`` (``N x D``), ``grad_b = s·Gᵀ·a``
+    (``M x D``), ``grad_scale = Σ G_ij a_i·b_j`` and ``grad_bias = Σ G_ij``
+    (0-d); without, those four are empty (``numel() == 0``).
+    """
+
+    row_loss: torch.Tensor
+    grad_a: torch.Tensor
+    grad_b: torch.Tensor
+    grad_scale: torch.Tensor
+    grad_bias: torch.Tensor
+
+
 class Primitives(Protocol):
-    """The two functions a backend implements (a module of functions or an object of methods)."""
+    """The functions a backend implements (a module of functions or an object of methods)."""
 
     def lse_stats(self, scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats:
         """:class:`LseStats` of ``scores``; ``targets``: ``(N,)`` int64 positive columns in ``[0, M)``;
@@ -126,6 +169,10 @@ class Primitives(Protocol):
 
     def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
         """The exponential part of the backward of every loss, for the given :class:`OffsetTerms`."""
+        ...
+
+    def sigmoid_sweep(self, scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
+        """Per-row sigmoid losses and, ``with_grads``, their gradients (:class:`SigmoidSweep`)."""
         ...
 
 
@@ -148,6 +195,8 @@ class Backend:
         missing: why it cannot run on this machine at all (a package or a
             build is missing), else ``None``.
         load: returns the :class:`Primitives` (called once, on first use).
+        forms: the gradient forms its kernels have: ``"softmax"`` (the
+            offset form, every softmax loss) and ``"sigmoid"`` (SigLIP).
     """
 
     name: str
@@ -155,10 +204,15 @@ class Backend:
     devices: Mapping[str, Callable[[], Optional[str]]]
     missing: Callable[[], Optional[str]]
     load: Callable[[], Primitives]
+    forms: tuple[str, ...] = FORMS
 
-    def unsupported(self, device: torch.device, dtype: torch.dtype) -> list[Unsupported]:
-        """Every reason this backend cannot run on ``device`` tensors of ``dtype`` here."""
+    def unsupported(
+        self, device: torch.device, dtype: torch.dtype, form: str = "softmax"
+    ) -> list[Unsupported]:
+        """Every reason this backend cannot run the ``form`` on ``device`` tensors of ``dtype`` here."""
         found = []
+        if form not in self.forms:
+            found.append(Unsupported(RuntimeError, f"its kernels have no {form} form yet"))
         missing = self.missing()
         if missing is not None:
             found.append(Unsupported(RuntimeError, missing))
@@ -174,9 +228,11 @@ class Backend:
             found.append(Unsupported(TypeError, f"takes {names} inputs, got {dtype}"))
         return found
 
-    def not_supported_reasons(self, device: torch.device, dtype: torch.dtype) -> list[str]:
+    def not_supported_reasons(
+        self, device: torch.device, dtype: torch.dtype, form: str = "softmax"
+    ) -> list[str]:
         """Why not, as sentences (empty: it can run); xformers' convention."""
-        return [u.reason for u in self.unsupported(device, dtype)]
+        return [u.reason for u in self.unsupported(device, dtype, form)]
 
 
 def with_unit_multipliers(offset_backward: Callable[..., Gradients]) -> Callable[..., Gradients]:

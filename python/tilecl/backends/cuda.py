@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from .. import _cuda_build
-from .base import Gradients, LseStats, OffsetTerms, Scores, with_unit_multipliers
+from .base import Gradients, LseStats, OffsetTerms, Scores, SigmoidSweep, SigmoidTerms, with_unit_multipliers
 
 __all__ = [
     "DTYPE_CODES",
@@ -265,6 +265,11 @@ class CudaKernels:
                 scores.exclude_diagonal, _stream(a.device, backend),
             )  # fmt: skip
         return LseStats(row_lse, col_lse, positive)
+
+    def sigmoid_sweep(self, scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
+        """Not in the CUDA C++ kernels yet: the registry declares only the softmax form, so dispatch
+        refuses a sigmoid loss on this backend before any kernel and never reaches this."""
+        raise NotImplementedError(f"backend={self.backend!r} has no sigmoid form")
 
     def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
         """:class:`~tilecl.backends.base.Gradients` in float32 (float16 multipliers rescaled first)."""

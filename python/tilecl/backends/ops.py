@@ -19,6 +19,11 @@ Schemas::
     tilecl::offset_backward(str backend, Tensor a, Tensor b, Tensor scale, bool exclude_diagonal,
                             Tensor row_offset, Tensor row_mult, Tensor col_offset, Tensor col_mult)
                             -> (Tensor grad_a, Tensor grad_b, Tensor grad_scale)
+    tilecl::sigmoid_sweep(str backend, Tensor a, Tensor b, Tensor scale, bool exclude_diagonal,
+                          Tensor bias, Tensor row_keys, Tensor col_keys, Tensor row_weights,
+                          bool with_grads)
+                          -> (Tensor row_loss, Tensor grad_a, Tensor grad_b, Tensor grad_scale,
+                              Tensor grad_bias)
 """
 
 from __future__ import annotations
@@ -29,9 +34,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .base import Gradients, LseStats, OffsetTerms, Primitives, Scores
+from .base import Gradients, LseStats, OffsetTerms, Primitives, Scores, SigmoidSweep, SigmoidTerms
 
-__all__ = ["NAMESPACE", "OPS", "RegisteredPrimitives", "result_dtype"]
+__all__ = ["NAMESPACE", "OPS", "RegisteredPrimitives", "result_dtype", "sigmoid_sweep_op"]
 
 NAMESPACE = "tilecl"
 
@@ -126,8 +131,51 @@ def _offset_backward_fake(
     return a.new_empty(a.shape, dtype=acc), b.new_empty(b.shape, dtype=acc), a.new_empty((), dtype=acc)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::sigmoid_sweep", mutates_args=())
+def sigmoid_sweep_op(
+    backend: str,
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    exclude_diagonal: bool,
+    bias: Tensor,
+    row_keys: Tensor,
+    col_keys: Tensor,
+    row_weights: Tensor,
+    with_grads: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``backend``'s ``sigmoid_sweep``: ``(row_loss (N,), grad_a, grad_b, grad_scale, grad_bias)``."""
+    scores = Scores(a, b, scale, exclude_diagonal)
+    terms = SigmoidTerms(bias, row_keys, col_keys, row_weights)
+    sweep = _IMPLEMENTATIONS[backend]().sigmoid_sweep(scores, terms, with_grads)
+    inputs = (a, b, scale, bias, row_keys, col_keys, row_weights)
+    row_loss, grad_a, grad_b, grad_scale, grad_bias = (_fresh(x, inputs) for x in sweep)
+    return row_loss, grad_a, grad_b, grad_scale, grad_bias
+
+
+@sigmoid_sweep_op.register_fake
+def _sigmoid_sweep_fake(
+    backend: str,
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    exclude_diagonal: bool,
+    bias: Tensor,
+    row_keys: Tensor,
+    col_keys: Tensor,
+    row_weights: Tensor,
+    with_grads: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    acc = result_dtype(backend, a.dtype)
+    row_loss = a.new_empty(a.shape[0], dtype=acc)
+    if not with_grads:
+        return row_loss, *(a.new_empty(0, dtype=acc) for _ in range(4))  # type: ignore[return-value]
+    grads = a.new_empty(a.shape, dtype=acc), b.new_empty(b.shape, dtype=acc)
+    return row_loss, *grads, a.new_empty((), dtype=acc), a.new_empty((), dtype=acc)
+
+
 #: every registered op, for ``torch.library.opcheck`` and the docs
-OPS = (lse_stats_op, offset_backward_op)
+OPS = (lse_stats_op, offset_backward_op, sigmoid_sweep_op)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,3 +189,6 @@ class RegisteredPrimitives:
 
     def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
         return Gradients(*offset_backward_op(self.name, *scores, *terms))
+
+    def sigmoid_sweep(self, scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
+        return SigmoidSweep(*sigmoid_sweep_op(self.name, *scores, *terms, with_grads))

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Gradients, LseStats, OffsetTerms, Scores
+from .base import Gradients, LseStats, OffsetTerms, Scores, SigmoidSweep, SigmoidTerms
 
-__all__ = ["lse_stats", "offset_backward"]
+__all__ = ["lse_stats", "offset_backward", "sigmoid_sweep"]
 
 
 def _host(x: torch.Tensor) -> np.ndarray:
@@ -72,3 +72,25 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
         grad_a = np.einsum("ij,jd->id", grad, b64, optimize=False)
         grad_b = np.einsum("ij,id->jd", grad, a64, optimize=False)
     return Gradients(*_on(scores.a, s * grad_a, s * grad_b, np.sum(grad_a * a64)))
+
+
+def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
+    """:class:`~tilecl.backends.base.SigmoidSweep` from the full ``ℓ = S + β``, in float64."""
+    logits = _full(scores) + float(terms.bias)
+    positive = terms.row_keys.cpu().numpy()[:, None] == terms.col_keys.cpu().numpy()[None, :]
+    weights = _host(terms.row_weights)
+    signed = np.where(positive, logits, -logits)
+    with np.errstate(over="ignore", invalid="ignore"):
+        # softplus(−t) = max(−t, 0) + log1p(e^−|t|); an excluded entry (ℓ = −inf, negative) adds 0
+        per_pair = np.maximum(-signed, 0.0) + np.log1p(np.exp(-np.abs(signed)))
+        per_pair = np.where(np.isneginf(logits) & ~positive, 0.0, per_pair)
+        row_loss = weights * per_pair.sum(axis=1)
+        if not with_grads:
+            empty = np.zeros(0)
+            return SigmoidSweep(*_on(scores.a, row_loss, empty, empty, empty, empty))
+        grad = weights[:, None] * (1.0 / (1.0 + np.exp(-logits)) - positive)
+    s = float(scores.scale)
+    a64, b64 = _host(scores.a), _host(scores.b)
+    grad_a = np.einsum("ij,jd->id", grad, b64, optimize=False)
+    grad_b = np.einsum("ij,id->jd", grad, a64, optimize=False)
+    return SigmoidSweep(*_on(scores.a, row_loss, s * grad_a, s * grad_b, np.sum(grad_a * a64), np.sum(grad)))

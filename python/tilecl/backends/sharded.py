@@ -8,7 +8,10 @@
   logits of this rank's (rank-local) targets;
 * ``offset_backward`` takes this rank's row and column terms and returns
   ``∂/∂a`` and ``∂/∂b`` of the *global* sum ``Σ G_ij S_ij``, plus this rank's
-  part of ``Σ G_ij a_i·b_j``.
+  part of ``Σ G_ij a_i·b_j``;
+* ``sigmoid_sweep`` returns this rank's rows' losses over **all** columns (the
+  column keys travel with the columns), ``∂/∂a`` and ``∂/∂b`` of the global
+  sum, and this rank's parts of the scale and bias gradients.
 
 The losses' autograd Function runs unchanged on top; the agreement before any
 exchange, the global reduction and the gradient convention are
@@ -36,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .base import Gradients, LseStats, OffsetTerms, Primitives, Scores
+from .base import Gradients, LseStats, OffsetTerms, Primitives, Scores, SigmoidSweep, SigmoidTerms
 
 __all__ = ["DIST_IMPLS", "Shard", "ShardedPrimitives", "control_tensor", "gather_plain", "logsumexp_across"]
 
@@ -154,6 +157,23 @@ def _gather_offset_backward(local: Primitives, shard: Shard, scores: Scores, ter
     return Gradients(grad_a, grad_b, grad_scale)
 
 
+def _gather_sigmoid_sweep(
+    local: Primitives, shard: Shard, scores: Scores, terms: SigmoidTerms, with_grads: bool
+) -> SigmoidSweep:
+    m = scores.b.shape[0]
+    columns = _gathered_columns(shard, scores.b, 0)
+    col_keys = torch.cat(shard.rolled(gather_plain(terms.col_keys, shard.group)))
+    if with_grads:
+        shard.kept.clear()  # the sweep with gradients is the last use
+    sweep = local.sigmoid_sweep(scores._replace(b=columns), terms._replace(col_keys=col_keys), with_grads)
+    if not with_grads:
+        return sweep
+    grad_blocks = _split_arranged(shard, sweep.grad_b, m, 0)
+    grad_b = torch.empty_like(grad_blocks[0])
+    dist.reduce_scatter(grad_b, [x.contiguous() for x in grad_blocks], group=shard.group)
+    return sweep._replace(grad_b=grad_b)
+
+
 def _split_arranged(shard: Shard, arranged: torch.Tensor, m: int, col_count: int) -> list[torch.Tensor]:
     """Inverse of :func:`_arranged_columns`: per-rank blocks in rank order."""
     world = shard.world
@@ -267,6 +287,32 @@ def _ring_offset_backward(local: Primitives, shard: Shard, scores: Scores, terms
     return Gradients(grad_a, grad_b, grad_scale)
 
 
+def _ring_sigmoid_sweep(
+    local: Primitives, shard: Shard, scores: Scores, terms: SigmoidTerms, with_grads: bool
+) -> SigmoidSweep:
+    totals: Optional[SigmoidSweep] = None
+
+    def step(held: list[torch.Tensor], home: bool) -> torch.Tensor:
+        nonlocal totals
+        block, keys = held
+        block_scores = scores._replace(b=block, exclude_diagonal=scores.exclude_diagonal and home)
+        part = local.sigmoid_sweep(block_scores, terms._replace(col_keys=keys), with_grads)
+        if totals is None:
+            totals = part
+        else:
+            totals = totals._replace(
+                row_loss=totals.row_loss.add_(part.row_loss),
+                grad_a=totals.grad_a.add_(part.grad_a),
+                grad_scale=totals.grad_scale + part.grad_scale,
+                grad_bias=totals.grad_bias + part.grad_bias,
+            )
+        return part.grad_b  # empty without gradients: nothing travels
+
+    grad_b = _ring(shard, [scores.b.contiguous(), terms.col_keys.contiguous()], step, torch.add)
+    assert totals is not None  # the home step always runs
+    return totals._replace(grad_b=grad_b)
+
+
 # --------------------------------------------------------------------------- the primitives
 
 
@@ -285,3 +331,7 @@ class ShardedPrimitives:
     def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
         backward = _gather_offset_backward if self.dist_impl == "gather" else _ring_offset_backward
         return backward(self.local, self.shard, scores, terms)
+
+    def sigmoid_sweep(self, scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
+        sweep = _gather_sigmoid_sweep if self.dist_impl == "gather" else _ring_sigmoid_sweep
+        return sweep(self.local, self.shard, scores, terms, with_grads)

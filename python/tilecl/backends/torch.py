@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Callable
 
 import torch
 
-from .base import Gradients, LseStats, OffsetTerms, Scores
+from .base import Gradients, LseStats, OffsetTerms, Scores, SigmoidSweep, SigmoidTerms
 
-__all__ = ["TILE_BYTES", "accumulation_dtype", "lse_stats", "offset_backward", "tile_shape"]
+__all__ = ["TILE_BYTES", "accumulation_dtype", "lse_stats", "offset_backward", "sigmoid_sweep", "tile_shape"]
 
 #: Bytes of float tile buffers a call may hold (the "extra memory" knob).
 TILE_BYTES: int = int(os.environ.get("TILECL_TILE_BYTES", str(16 << 20)))
@@ -179,7 +180,7 @@ def _gather_positive_(out: torch.Tensor, tile: torch.Tensor, local_targets: torc
 
 
 def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
-    """The offset-form backward shared by every loss.
+    """The offset-form backward shared by every softmax loss.
 
     With ``S = scale · a bᵀ`` recomputed tile by tile and::
 
@@ -190,12 +191,10 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     ``dL/dS``. Shapes: ``c, g``: ``N``; ``r, h``: ``col_count ≤ M``.
     Outputs are in the accumulation dtype.
     """
-    a, b, scale, exclude_diagonal = scores
-    n, m = a.shape[0], b.shape[0]
+    a = scores.a
     row_offset, row_mult, col_offset, col_mult = terms
     col_count = col_offset.shape[0]
     acc = accumulation_dtype(a.dtype)
-    s = scale.to(acc)
     # a row or column with no term (a zero multiplier, or every entry excluded: offset -inf)
     # contributes nothing: multiplier 0 and offset a finite 0 (rows) or +inf (columns, whose exp is
     # then exactly 0: a finite placeholder could overflow and meet h = 0 as 0·inf). Other offsets
@@ -209,42 +208,101 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     live = ~torch.isneginf(col_offset) & (col_mult != 0)
     h = torch.where(live, col_mult, 0.0).to(acc)
     r = torch.where(live, col_offset, math.inf).to(acc)
+    window = _SAFE_WINDOW[acc]
+
+    def to_gradient(tile: torch.Tensor, spare: torch.Tensor, rows: slice, cols: slice) -> None:
+        c1 = min(col_count, cols.stop)
+        if c1 > cols.start:
+            _column_term_(tile, spare, c[rows], g[rows], r[cols.start : c1], h[cols.start : c1], window)
+        else:
+            tile.sub_(c[rows, None]).exp_().mul_(g[rows, None])
+
+    return _gradient_sweep(scores, to_gradient)
+
+
+def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
+    """The sigmoid (SigLIP) losses of every row and, ``with_grads``, their gradients, in one sweep.
+
+    With ``ℓ = scale · a bᵀ + β`` recomputed tile by tile and ``z_ij = +1``
+    where ``row_keys[i] == col_keys[j]`` (else ``−1``)::
+
+        row_loss_i = Σ_j w_i·softplus(−z_ij ℓ_ij),    G_ij = w_i·(σ(ℓ_ij) − [z_ij = +1])
+
+    and the gradients as :func:`offset_backward`'s, plus ``grad_bias = Σ G_ij``.
+    Per tile: ``u = −z·ℓ``, the loss ``softplus(u)`` and ``G = −z·σ(u)``.
+    """
+    a = scores.a
+    acc = accumulation_dtype(a.dtype)
+    bias = terms.bias.to(acc)
+    weights = terms.row_weights.to(acc)
+    row_loss = torch.zeros(a.shape[0], dtype=acc, device=a.device)
+    grad_bias = torch.zeros((), dtype=acc, device=a.device)
+    softplus = torch.nn.functional.softplus
+    # above the threshold softplus(u) is taken as u: log1p(e^-u) must be below u's last digit there
+    threshold = 40.0 if acc == torch.float64 else 20.0
+
+    def to_gradient(tile: torch.Tensor, spare: torch.Tensor, rows: slice, cols: slice) -> None:
+        positive = _tile(spare, tile.shape[0], tile.shape[1])
+        positive.copy_(terms.row_keys[rows, None] == terms.col_keys[None, cols])
+        # u = −z·ℓ in place (z = 2·positive − 1): the loss is softplus(u) and G = −z·σ(u), so a
+        # confident pair's tiny loss and gradient never come from cancelling against ℓ or 1
+        tile.add_(bias).addcmul_(tile, positive, value=-2.0)
+        row_loss[rows] += softplus(tile, threshold=threshold).sum(dim=1) * weights[rows]
+        if with_grads:
+            tile.sigmoid_()
+            tile.addcmul_(tile, positive, value=-2.0).mul_(weights[rows, None])
+            grad_bias.add_(tile.sum())
+
+    if not with_grads:
+        _gradient_sweep(scores, to_gradient, with_grads=False)
+        return SigmoidSweep(row_loss, *(row_loss.new_empty(0) for _ in range(4)))
+    grad_a, grad_b, grad_scale = _gradient_sweep(scores, to_gradient)
+    return SigmoidSweep(row_loss, grad_a, grad_b, grad_scale, grad_bias)
+
+
+def _gradient_sweep(
+    scores: Scores,
+    to_gradient: Callable[[torch.Tensor, torch.Tensor, slice, slice], None],
+    with_grads: bool = True,
+) -> Gradients:
+    """The tile loop of every backward: ``S`` recomputed, turned into ``G`` in place, then two products.
+
+    ``to_gradient(tile, spare, rows, cols)`` turns the tile of ``S`` at
+    ``(rows, cols)`` into ``G`` (``spare``: a second tile buffer). Returns
+    ``(scale·G·b, scale·Gᵀ·a, Σ G_ij a_i·b_j)``; ``with_grads=False`` only
+    visits the tiles (empty results).
+    """
+    a, b, scale, exclude_diagonal = scores
+    n, m = a.shape[0], b.shape[0]
+    acc = accumulation_dtype(a.dtype)
+    s = scale.to(acc)
     rows, cols = tile_shape(n, m, acc)
     buffer = torch.empty(rows * cols, dtype=acc, device=a.device)
     second = torch.empty(rows * cols, dtype=acc, device=a.device)
-    grad_a = torch.empty(n, a.shape[1], dtype=acc, device=a.device)
-    grad_b = torch.zeros(m, b.shape[1], dtype=acc, device=a.device)
+    if with_grads:
+        grad_a = torch.empty(n, a.shape[1], dtype=acc, device=a.device)
+        grad_b = torch.zeros(m, b.shape[1], dtype=acc, device=a.device)
+    else:
+        grad_a = grad_b = torch.empty(0, dtype=acc, device=a.device)
     grad_scale = torch.zeros((), dtype=acc, device=a.device)
-    window = _SAFE_WINDOW[acc]
 
     for i0 in range(0, n, rows):
         i1 = min(n, i0 + rows)
         a_block = a[i0:i1].to(acc)
         a_scaled = a_block * s
-        c_block, g_block = c[i0:i1], g[i0:i1]
-        ga_block = grad_a[i0:i1].zero_()
+        ga_block = grad_a[i0:i1].zero_() if with_grads else grad_a
         for j0 in range(0, m, cols):
             j1 = min(m, j0 + cols)
             b_block = b[j0:j1].to(acc)
             tile = _tile(buffer, i1 - i0, j1 - j0)
             _scores_(tile, a_scaled, b_block, i0, j0, exclude_diagonal)
-            c1 = min(col_count, j1)
-            if c1 > j0:
-                _column_term_(
-                    tile,
-                    second,
-                    c_block,
-                    g_block,
-                    r[j0:c1],
-                    h[j0:c1],
-                    window,
-                )
-            else:
-                tile.sub_(c_block[:, None]).exp_().mul_(g_block[:, None])
-            ga_block.addmm_(tile, b_block)
-            grad_b[j0:j1].addmm_(tile.t(), a_scaled)
-        grad_scale += torch.sum(ga_block * a_block)
-        ga_block.mul_(s)
+            to_gradient(tile, second, slice(i0, i1), slice(j0, j1))
+            if with_grads:
+                ga_block.addmm_(tile, b_block)
+                grad_b[j0:j1].addmm_(tile.t(), a_scaled)
+        if with_grads:
+            grad_scale += torch.sum(ga_block * a_block)
+            ga_block.mul_(s)
     return Gradients(grad_a, grad_b, grad_scale)
 
 

@@ -28,7 +28,16 @@ from tilecl.kernels.contrastive import (
 )
 
 from . import torch as torch_primitives
-from .base import KERNEL_DTYPES, Gradients, LseStats, OffsetTerms, Scores, with_unit_multipliers
+from .base import (
+    KERNEL_DTYPES,
+    Gradients,
+    LseStats,
+    OffsetTerms,
+    Scores,
+    SigmoidSweep,
+    SigmoidTerms,
+    with_unit_multipliers,
+)
 
 __all__ = ["GPU_CONFIGS", "KernelConfig", "MAX_BLOCK_DOUT", "lse_stats", "offset_backward", "pass_count"]
 
@@ -105,6 +114,17 @@ def pass_count(dim: int, block_dout: int, deterministic: bool) -> int:
     """
     chunks = -(-dim // block_dout)
     return 2 + chunks * (2 if deterministic else 1) + 2
+
+
+def sigmoid_pass_count(dim: int, block_dout: int, deterministic: bool) -> int:
+    """N·M·D matmul passes of a sigmoid fwd+bwd: the whole of it is one gradient sweep.
+
+    Each feature chunk computes ``S`` (1 per chunk), then ``G·b`` and ``Gᵀ·a``
+    one pass each; the deterministic sweep recomputes ``S`` once more per
+    chunk in its column-block kernel. 3 (4 deterministic) at ``D ≤ BLOCK_DOUT``.
+    """
+    chunks = -(-dim // block_dout)
+    return chunks * (2 if deterministic else 1) + 2
 
 
 def _dot_options(dtype: torch.dtype) -> dict:
@@ -186,14 +206,17 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     scale_partials = torch.empty(grid[0] * grid[1], **f32)
     common = dict(EXCLUDE_DIAGONAL=exclude_diagonal, **_dot_options(a.dtype), **opts)
     inv_s = 1.0 / s if abs(s) >= TINY_SCALE else 0.0
+    unused = dict(row_key_ptr=c, col_key_ptr=c, bias=0.0)  # the sigmoid form's arguments
     backward_kernel[grid](
         a, b, c, g, r, h, grad_a, grad_b, scale_partials, s, inv_s, n, m, col_count, dim,
-        a.stride(0), b.stride(0), ATOMIC_GRAD_B=not deterministic, SCALE_FROM_FP32_G=a.dtype != torch.float32,
-        **common,
+        a.stride(0), b.stride(0), **unused, row_loss_ptr=c, bias_partial_ptr=c,
+        ATOMIC_GRAD_B=not deterministic, SCALE_FROM_FP32_G=a.dtype != torch.float32, SIGMOID=False,
+        WITH_GRADS=True, **common,
     )  # fmt: skip
     if deterministic:
         backward_cols_kernel[(triton.cdiv(m, cfg.BLOCK_N), grid[1])](
-            a, b, c, g, r, h, grad_b, s, n, m, col_count, dim, a.stride(0), b.stride(0), **common,
+            a, b, c, g, r, h, grad_b, s, n, m, col_count, dim, a.stride(0), b.stride(0), **unused,
+            SIGMOID=False, **common,
         )  # fmt: skip
     grad_scale = scale_partials.sum()
     if abs(s) < TINY_SCALE and a.dtype != torch.float32:
@@ -201,3 +224,63 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
         # holds no a·b to divide (1/scale would overflow float32)
         grad_scale = torch_primitives.offset_backward(scores, terms).grad_scale.float()
     return Gradients(grad_a, grad_b, grad_scale)
+
+
+def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
+    """:class:`~tilecl.backends.base.SigmoidSweep` in float32: ``backward_kernel`` in its sigmoid form.
+
+    One sweep: without gradients one ``S`` pass; with them 3 passes (4 under
+    ``torch.use_deterministic_algorithms``, no float atomics).
+    """
+    a, b = _check(scores.a, scores.b)
+    scale, exclude_diagonal = scores.scale, scores.exclude_diagonal
+    n, m, dim = a.shape[0], b.shape[0], a.shape[1]
+    cfg = config_for(a)
+    opts = _launch_options(cfg)
+    f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
+    weights = terms.row_weights.to(**f32)
+    unit = torch.ones((), **f32)
+    if a.dtype == torch.float16 and with_grads:
+        # G = w·(σ − z) is rounded to float16 for the products: weights ~1/N would make it subnormal
+        peak = weights.abs().max() if n else unit
+        usable = torch.isfinite(peak) & (peak > 0)
+        unit = torch.where(usable, torch.exp2(-torch.floor(torch.log2(peak))), unit)
+        weights = weights * unit
+    weights = weights.contiguous()
+    row_keys, col_keys = terms.row_keys.contiguous(), terms.col_keys.contiguous()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    s, bias = float(scale), float(terms.bias)
+    grid = (triton.cdiv(n, cfg.BLOCK_M), triton.cdiv(dim, cfg.BLOCK_DOUT) if with_grads else 1)
+    row_loss = torch.empty(n, **f32)
+    bias_partials = torch.empty(grid[0] * grid[1], **f32)
+    grad_a = torch.empty(n, dim, **f32) if with_grads else row_loss
+    grad_b = (
+        (torch.empty(m, dim, **f32) if deterministic else torch.zeros(m, dim, **f32))
+        if with_grads
+        else row_loss
+    )
+    scale_partials = torch.empty(grid[0] * grid[1], **f32)
+    common = dict(EXCLUDE_DIAGONAL=exclude_diagonal, SIGMOID=True, **_dot_options(a.dtype), **opts)
+    keys = dict(row_key_ptr=row_keys, col_key_ptr=col_keys, bias=bias)
+    inv_s = 1.0 / s if abs(s) >= TINY_SCALE else 0.0
+    # the offset form's c, r and h are not read: the row weights stand in for their pointers
+    backward_kernel[grid](
+        a, b, weights, weights, weights, weights, grad_a, grad_b, scale_partials, s, inv_s, n, m, 0,
+        dim, a.stride(0), b.stride(0), **keys, row_loss_ptr=row_loss, bias_partial_ptr=bias_partials,
+        ATOMIC_GRAD_B=not deterministic, SCALE_FROM_FP32_G=a.dtype != torch.float32,
+        WITH_GRADS=with_grads, **common,
+    )  # fmt: skip
+    if not with_grads:
+        return SigmoidSweep(row_loss, *(torch.empty(0, **f32) for _ in range(4)))
+    if deterministic:
+        backward_cols_kernel[(triton.cdiv(m, cfg.BLOCK_N), grid[1])](
+            a, b, weights, weights, weights, weights, grad_b, s, n, m, 0, dim, a.stride(0), b.stride(0),
+            **keys, **common,
+        )  # fmt: skip
+    grad_scale = scale_partials.sum()
+    if abs(s) < TINY_SCALE and a.dtype != torch.float32:
+        # as in offset_backward: S / scale holds no a·b at scale ~0
+        grad_scale = torch_primitives.sigmoid_sweep(scores, terms, True).grad_scale.float() * unit
+    return SigmoidSweep(
+        row_loss / unit, grad_a / unit, grad_b / unit, grad_scale / unit, bias_partials.sum() / unit
+    )

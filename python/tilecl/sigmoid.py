@@ -1,0 +1,198 @@
+"""The sigmoid (SigLIP) contrastive loss (Zhai et al., ICCV 2023), fused, tile by tile.
+
+With ``ℓ_ij = s·⟨a_i, b_j⟩ + β`` and ``z_ij = +1`` for a positive pair, ``−1``
+otherwise::
+
+    L = −(1/N) Σ_ij log σ(z_ij ℓ_ij) = (1/N) Σ_ij softplus(−z_ij ℓ_ij)
+    G_ij = ∂L/∂ℓ_ij = (σ(ℓ_ij) − [z_ij = +1]) / N
+
+Every pair's term is elementwise, so no tile needs statistics from another:
+when gradients are wanted, the forward's one sweep over the tiles (the
+backends' ``sigmoid_sweep``, the gradient tile loop with the sigmoid
+elementwise step) yields the loss and ``G·b``, ``Gᵀ·a``, ``Σ G a·b`` and
+``Σ G`` — 3 ``N·M·D`` matmul passes, where a forward-then-recompute scheme
+needs 4 — and the backward only rescales them by the upstream gradient.
+Under ``no_grad`` the sweep is one pass; with ``reduction="none"`` (a per-row
+upstream gradient) the backward sweeps again with those rows' weights.
+
+Positives are described by keys (``row_keys[i] == col_keys[j]``): the diagonal
+(global indices), labels (row ``i``'s positive column) or group ids (several
+captions of one image) are all the same mechanism in every kernel, and keys
+travel with their columns across ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from . import validation as v
+from .backends import Primitives, Scores, SigmoidTerms, resolve_backend
+from .backends.ops import result_dtype
+from .distributed import Ranks
+from .function import distinct, refuse_second_derivative
+
+__all__ = ["OPEN_CLIP_DIST_IMPLS", "sigmoid_loss"]
+
+#: open_clip's ``SigLipLoss(dist_impl=...)`` names, mapped onto tilecl's two exchanges
+OPEN_CLIP_DIST_IMPLS = {"bidir": "ring", "shift": "ring", "reduce": "gather", "gather": "gather"}
+
+
+class SigmoidFunction(torch.autograd.Function):
+    """``Σ_ij softplus(−z_ij ℓ_ij)`` per row, reduced, with the gradients from the forward's sweep."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor,
+        row_keys: torch.Tensor,
+        col_keys: torch.Tensor,
+        primitives: Primitives,
+        reduction: str,
+        fused: bool,
+    ) -> torch.Tensor:
+        acc = result_dtype("", a.dtype)
+        scores = Scores(a, b, scale, False)
+        weights = torch.ones(a.shape[0], dtype=acc, device=a.device)
+        sweep = primitives.sigmoid_sweep(scores, SigmoidTerms(bias, row_keys, col_keys, weights), fused)
+        row_loss = sweep.row_loss.to(acc)
+        ctx.primitives, ctx.reduction, ctx.fused = primitives, reduction, fused
+        ctx.divisor = a.shape[0] if reduction == "mean" else 1
+        if fused:
+            ctx.save_for_backward(sweep.grad_a, sweep.grad_b, sweep.grad_scale, sweep.grad_bias)
+        else:
+            ctx.save_for_backward(a, b, scale, bias, row_keys, col_keys)
+        ctx.kinds = [(x.dtype, x.shape) for x in (a, b, scale, bias)]
+        if reduction == "none":
+            return row_loss
+        total = row_loss.sum()
+        return total / ctx.divisor if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
+        kinds = ctx.kinds
+        with torch.no_grad():
+            if ctx.fused:
+                grad_a, grad_b, grad_scale, grad_bias = ctx.saved_tensors
+                g = grad_output.to(grad_a.dtype) / ctx.divisor
+                grad_a, grad_b = grad_a.mul_(g), grad_b.mul_(g)
+                grad_scale, grad_bias = grad_scale * g, grad_bias * g
+            else:
+                saved_a, saved_b, saved_scale, saved_bias, row_keys, col_keys = ctx.saved_tensors
+                acc = result_dtype("", saved_a.dtype)
+                weights = grad_output.to(acc).expand(saved_a.shape[0]) / ctx.divisor
+                terms = SigmoidTerms(saved_bias, row_keys, col_keys, weights.contiguous())
+                scores = Scores(saved_a, saved_b, saved_scale, False)
+                _, grad_a, grad_b, grad_scale, grad_bias = ctx.primitives.sigmoid_sweep(scores, terms, True)
+            grads = tuple(
+                grad.to(dtype).reshape(shape) if needed else None
+                for grad, (dtype, shape), needed in zip(
+                    (grad_a, grad_b, grad_scale, grad_bias), kinds, ctx.needs_input_grad
+                )
+            )
+        return (*refuse_second_derivative(grads), None, None, None, None, None)
+
+
+def _check_groups(
+    row_groups: Optional[torch.Tensor], col_groups: Optional[torch.Tensor], n: int, m: int, like: torch.Tensor
+) -> None:
+    if (row_groups is None) != (col_groups is None):
+        raise ValueError(
+            "pass both row_groups and col_groups (a pair is positive where they are equal) or neither"
+        )
+    for name, groups, size in (("row_groups", row_groups, n), ("col_groups", col_groups, m)):
+        if groups is None:
+            continue
+        groups = v.check_tensor(groups, name)
+        if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor of group ids, got {groups.dtype}")
+        if groups.shape != (size,):
+            raise ValueError(f"{name} must have shape ({size},), got {tuple(groups.shape)}")
+        if groups.device != like.device:
+            raise ValueError(f"{name} must be on {like.device}, got {groups.device}")
+
+
+def sigmoid_loss(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    logit_scale: v.Scale,
+    logit_bias: Optional[v.Scale] = None,
+    *,
+    labels: Optional[torch.Tensor] = None,
+    row_groups: Optional[torch.Tensor] = None,
+    col_groups: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+    process_group: Optional[Any] = None,
+    dist_impl: str = "gather",
+    argument_names: tuple[str, str] = ("a", "b"),
+) -> torch.Tensor:
+    """SigLIP's sigmoid loss ``(1/N) Σ_ij softplus(−z_ij (s·a_i·b_j + β))``, tile by tile.
+
+    Args:
+        a: ``(N, D)`` e.g. image features; b: ``(M, D)`` e.g. text features
+            (``M > N``: extra negative columns).
+        logit_scale: ``s > 0``, already exponentiated (a float or 0-d tensor,
+            may require grad).
+        logit_bias: ``β`` (a finite float or 0-d tensor, may require grad);
+            ``None`` is 0.
+        labels: ``(N,)`` row ``i``'s positive column (default: ``i``).
+        row_groups, col_groups: ``(N,)`` and ``(M,)`` integer ids instead:
+            every pair with equal ids is positive (several captions per image).
+        reduction: ``"mean"`` (``Σ / N``, open_clip's), ``"sum"`` or
+            ``"none"`` (``(N,)``, each row's ``Σ_j``).
+        backend: as :func:`tilecl.contrastive_loss` (``cuda`` has no sigmoid
+            form yet; ``auto`` then picks ``triton`` or ``torch``).
+        process_group, dist_impl: the global loss over every rank's pairs
+            (``"gather"`` or ``"ring"``; labels index this rank's ``b``,
+            group ids are global), gradient convention of
+            :mod:`tilecl.distributed`.
+
+    Returns:
+        The loss, float32 for 16-bit inputs, else the input dtype. Double
+        backward is not supported.
+    """
+    ranks = Ranks(process_group, dist_impl)
+
+    def check() -> tuple[torch.Tensor, torch.Tensor, Primitives]:
+        v.check_pair(a, b, argument_names)
+        n, m = a.shape[0], b.shape[0]
+        v.check_reduction(reduction)
+        v.check_labels(labels, n, m, a)
+        _check_groups(row_groups, col_groups, n, m, a)
+        if labels is not None and row_groups is not None:
+            raise ValueError("labels and row_groups/col_groups are exclusive ways to name the positives")
+        if labels is None and row_groups is None and m < n:
+            raise ValueError(
+                f"the diagonal positives need {argument_names[1]} to have at least as many rows as "
+                f"{argument_names[0]} (M >= N), got N={n}, M={m}; pass labels or group ids"
+            )
+        scale = v.check_scale(logit_scale, "logit_scale", a)
+        bias = v.check_bias(logit_bias, "logit_bias", a)
+        return scale, bias, resolve_backend(backend, a.device, a.dtype, form="sigmoid")
+
+    scale, bias, local = ranks.checked(check, reduction)
+    n, m = a.shape[0], b.shape[0]
+    kind = "groups" if row_groups is not None else ("labels" if labels is not None else "diagonal")
+    ranks.agree_on_call(N=n, M=m, D=a.shape[1], dtype=a.dtype, positives=kind, dist_impl=dist_impl)
+    if row_groups is not None and col_groups is not None:
+        row_keys, col_keys = row_groups.long(), col_groups.long()
+    else:
+        # global column indices: keys stay unique across ranks and travel with their columns
+        offset = ranks.rank * m
+        col_keys = offset + torch.arange(m, device=a.device)
+        row_keys = offset + (torch.arange(n, device=a.device) if labels is None else labels.long())
+    fused = torch.is_grad_enabled() and any(x.requires_grad for x in (a, b, scale, bias))
+    local_reduction = reduction if process_group is None else "sum"
+    inputs = distinct(a, b, scale, bias, row_keys, col_keys)
+    loss: torch.Tensor = SigmoidFunction.apply(
+        *inputs,
+        ranks.sharded_primitives(local),
+        local_reduction,
+        fused and local_reduction != "none",
+    )
+    return ranks.global_loss(loss, n, reduction)
