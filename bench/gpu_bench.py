@@ -1,4 +1,4 @@
-"""GPU benchmark of the symmetric CLIP loss: one CSV row per measurement, in Liger-Kernel's schema.
+"""GPU benchmark of the CLIP and SigLIP losses: one CSV row per measurement, in Liger-Kernel's schema.
 
 ``python -m bench.gpu_bench --out DIR`` on a CUDA machine times every provider with
 ``triton.testing.do_bench`` (median and 20/80 quantiles) in three modes (forward,
@@ -9,9 +9,12 @@ measured in the same run at the same dtype stands next to the static pass count 
 sizes (wall-clock quantiles over a few repetitions; the CUDA kernels through the
 emulation; no memory metric), so the script is exercised where there is no GPU.
 
-Providers: the naive full-matrix loss (open_clip's formula) in the same dtype,
-tilecl's torch, triton (default and deterministic) and cuda backends, and Inf-CL
-(``inf_cl.cal_inf_loss`` once per direction) when it is importable.
+Providers (``kernel_name="clip_loss"``): the naive full-matrix loss (open_clip's
+formula) in the same dtype, tilecl's torch, triton (default and deterministic)
+and cuda backends, and Inf-CL (``inf_cl.cal_inf_loss`` once per direction) when
+it is importable. ``kernel_name="siglip_loss"``: open_clip's ``SigLipLoss``
+formula, tilecl's sigmoid loss on torch and triton (default and deterministic),
+and siglip-kernel when it is importable.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ import torch  # noqa: E402
 
 import tilecl  # noqa: E402
 from tilecl.backends import BACKENDS  # noqa: E402
-from tilecl.backends.triton import MAX_BLOCK_DOUT, pass_count  # noqa: E402
-from tilecl.naive import naive_contrastive_loss  # noqa: E402
+from tilecl.backends.triton import MAX_BLOCK_DOUT, pass_count, sigmoid_pass_count  # noqa: E402
+from tilecl.naive import naive_contrastive_loss, naive_sigmoid_loss  # noqa: E402
 
 COLUMNS = [
     "kernel_name", "kernel_provider", "kernel_operation_mode", "metric_name", "metric_unit", "x_name",
@@ -99,6 +102,36 @@ def providers(dry: bool) -> dict[str, Callable[..., torch.Tensor]]:
     return found
 
 
+#: SigLIP's initial logit bias, for every sigmoid provider
+SIGLIP_BIAS = -10.0
+
+
+def siglip_providers(dry: bool) -> dict[str, Callable[..., torch.Tensor]]:
+    """Sigmoid-loss functions ``(a, b, scale)`` by provider name; only those that can run here."""
+    device = torch.device("cpu" if dry else "cuda")
+    found: dict[str, Callable[..., torch.Tensor]] = {
+        "naive": lambda a, b, s: naive_sigmoid_loss(a, b, s, SIGLIP_BIAS)
+    }
+
+    def backend(name: str) -> Callable[..., torch.Tensor]:
+        return lambda a, b, s: tilecl.sigmoid_loss(a, b, s, SIGLIP_BIAS, backend=name)
+
+    for provider, name in (("tilecl-torch", "torch"), ("tilecl-triton", "triton")):
+        if not BACKENDS[name].not_supported_reasons(device, torch.float32, "sigmoid"):
+            found[provider] = backend(name)
+    if "tilecl-triton" in found:
+        found["tilecl-triton-deterministic"] = _deterministic(backend("triton"))
+    try:
+        import siglip_kernel  # type: ignore[import-not-found]
+    except ImportError:
+        pass
+    else:
+        loss = getattr(siglip_kernel, "siglip_loss", None) or getattr(siglip_kernel, "sigmoid_loss", None)
+        if loss is not None:
+            found["siglip-kernel"] = lambda a, b, s: loss(a, b, s, SIGLIP_BIAS)
+    return found
+
+
 def _deterministic(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     def run(*args: Any) -> torch.Tensor:
         torch.use_deterministic_algorithms(True)
@@ -159,49 +192,30 @@ def run(
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     rows: list[dict] = []
     skipped: list[str] = []
-    found = providers(dry)
+    losses = (
+        ("clip_loss", providers(dry), pass_count),
+        ("siglip_loss", siglip_providers(dry), sigmoid_pass_count),
+    )
     for dtype in dtypes:
-        dtype_name = str(dtype).removeprefix("torch.")
         for d in ds:
             mm = matmul_tflops(d, dtype, device, on_gpu)
-            for provider, fn in found.items():
-                for n in ns:
-                    why = fits(n, d, dtype, provider, on_gpu)
-                    if why is not None:
-                        skipped.append(f"{provider} N={n} D={d} {dtype_name}: {why}")
-                        continue
-                    try:
-                        result = measure(provider, fn, n, d, dtype, on_gpu)
-                    except (RuntimeError, TypeError) as error:  # e.g. out of memory, a dtype refused
-                        skipped.append(
-                            f"{provider} N={n} D={d} {dtype_name}: {type(error).__name__}: {error}"
+            for kernel_name, found, passes_of in losses:
+                for provider, fn in found.items():
+                    for n in ns:
+                        rows += _measured_rows(
+                            kernel_name,
+                            provider,
+                            fn,
+                            n,
+                            d,
+                            dtype,
+                            on_gpu,
+                            mm,
+                            passes_of,
+                            skipped,
+                            gpu_name,
+                            stamp,
                         )
-                        continue
-                    deterministic = provider.endswith("deterministic")
-                    passes = pass_count(d, MAX_BLOCK_DOUT, deterministic) if "triton" in provider else None
-                    for mode in MODES:
-                        q50, q20, q80 = result[mode]
-                        tflops = FLOPS_PER_MODE[mode] * n * n * d / 1e12
-                        extra = {"D": d, "dtype": dtype_name, "mm_tflops": round(mm, 3), "passes": passes}
-                        if mode == "full":
-                            extra["efficiency_vs_mm"] = round(tflops / (q50 * 1e-3) / mm, 4)
-                        common = dict(
-                            kernel_name="clip_loss", kernel_provider=provider, kernel_operation_mode=mode,
-                            x_name="N", x_label="batch size N", x_value=n,
-                            extra_benchmark_config_str=json.dumps(extra), gpu_name=gpu_name,
-                            timestamp=stamp, tilecl_version=tilecl.__version__,
-                        )  # fmt: skip
-                        rows.append(dict(common, metric_name="time", metric_unit="ms",
-                                         y_value_50=q50, y_value_20=q20, y_value_80=q80))  # fmt: skip
-                        # quantiles swap: more time is fewer TFLOP/s
-                        rows.append(dict(common, metric_name="throughput", metric_unit="TFLOP/s",
-                                         y_value_50=tflops / (q50 * 1e-3), y_value_20=tflops / (q80 * 1e-3),
-                                         y_value_80=tflops / (q20 * 1e-3)))  # fmt: skip
-                    if "memory" in result:
-                        peak = result["memory"][0]
-                        rows.append(dict(common, kernel_operation_mode="full", metric_name="memory",
-                                         metric_unit="MiB", y_value_50=peak, y_value_20=peak,
-                                         y_value_80=peak))  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "gpu_bench.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
@@ -209,6 +223,60 @@ def run(
         writer.writerows(rows)
     plot(rows, out_dir)
     return rows, skipped
+
+
+def _measured_rows(
+    kernel_name: str,
+    provider: str,
+    fn: Callable[..., torch.Tensor],
+    n: int,
+    d: int,
+    dtype: torch.dtype,
+    on_gpu: bool,
+    mm: float,
+    passes_of: Callable[[int, int, bool], int],
+    skipped: list[str],
+    gpu_name: str,
+    stamp: str,
+) -> list[dict]:
+    """The CSV rows of one provider at one configuration (none, and a line in ``skipped``, if it cannot)."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    label = f"{kernel_name} {provider} N={n} D={d} {dtype_name}"
+    why = fits(n, d, dtype, provider, on_gpu)
+    if why is not None:
+        skipped.append(f"{label}: {why}")
+        return []
+    try:
+        result = measure(provider, fn, n, d, dtype, on_gpu)
+    except (RuntimeError, TypeError) as error:  # e.g. out of memory, a dtype refused
+        skipped.append(f"{label}: {type(error).__name__}: {error}")
+        return []
+    deterministic = provider.endswith("deterministic")
+    passes = passes_of(d, MAX_BLOCK_DOUT, deterministic) if "triton" in provider else None
+    rows = []
+    for mode in MODES:
+        q50, q20, q80 = result[mode]
+        tflops = FLOPS_PER_MODE[mode] * n * n * d / 1e12
+        extra = {"D": d, "dtype": dtype_name, "mm_tflops": round(mm, 3), "passes": passes}
+        if mode == "full":
+            extra["efficiency_vs_mm"] = round(tflops / (q50 * 1e-3) / mm, 4)
+        common = dict(
+            kernel_name=kernel_name, kernel_provider=provider, kernel_operation_mode=mode,
+            x_name="N", x_label="batch size N", x_value=n,
+            extra_benchmark_config_str=json.dumps(extra), gpu_name=gpu_name,
+            timestamp=stamp, tilecl_version=tilecl.__version__,
+        )  # fmt: skip
+        rows.append(dict(common, metric_name="time", metric_unit="ms",
+                         y_value_50=q50, y_value_20=q20, y_value_80=q80))  # fmt: skip
+        # quantiles swap: more time is fewer TFLOP/s
+        rows.append(dict(common, metric_name="throughput", metric_unit="TFLOP/s",
+                         y_value_50=tflops / (q50 * 1e-3), y_value_20=tflops / (q80 * 1e-3),
+                         y_value_80=tflops / (q20 * 1e-3)))  # fmt: skip
+    if "memory" in result:
+        peak = result["memory"][0]
+        rows.append(dict(common, kernel_operation_mode="full", metric_name="memory",
+                         metric_unit="MiB", y_value_50=peak, y_value_20=peak, y_value_80=peak))  # fmt: skip
+    return rows
 
 
 def plot(rows: list[dict], out_dir: Path) -> list[Path]:
@@ -220,15 +288,16 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
 
     figures = []
     full = [r for r in rows if r["kernel_operation_mode"] == "full" and r["metric_name"] == "time"]
-    keys = sorted({(json.loads(r["extra_benchmark_config_str"])["D"],
+    keys = sorted({(r["kernel_name"], json.loads(r["extra_benchmark_config_str"])["D"],
                     json.loads(r["extra_benchmark_config_str"])["dtype"]) for r in full})  # fmt: skip
-    for d, dtype in keys:
+    for kernel, d, dtype in keys:
         fig, ax = plt.subplots(figsize=(6, 4))
         for provider in sorted({r["kernel_provider"] for r in full}):
             points = sorted(
                 (r["x_value"], r["y_value_50"])
                 for r in full
                 if r["kernel_provider"] == provider
+                and r["kernel_name"] == kernel
                 and json.loads(r["extra_benchmark_config_str"])["D"] == d
                 and json.loads(r["extra_benchmark_config_str"])["dtype"] == dtype
             )
@@ -239,10 +308,10 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
             yscale="log",
             xlabel="N",
             ylabel="ms (median)",
-            title=f"CLIP fwd+bwd, D={d}, {dtype}",
+            title=f"{kernel} fwd+bwd, D={d}, {dtype}",
         )
         ax.legend(fontsize=7)
-        path = out_dir / f"gpu_bench_D{d}_{dtype}.png"
+        path = out_dir / f"gpu_bench_{kernel}_D{d}_{dtype}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)

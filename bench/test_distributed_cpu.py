@@ -1,4 +1,4 @@
-"""The distributed CLIP loss on CPU ranks (gloo over loopback): wall time, bytes and memory per step.
+"""The distributed CLIP and SigLIP losses on CPU ranks (gloo over loopback): time, bytes, memory per step.
 
 Per configuration (ranks W, ``dist_impl``, global batch N, D): W processes
 with one torch thread each (this machine has 2 cores: W = 4 oversubscribes
@@ -16,7 +16,9 @@ features, the symmetric loss forward + backward.
   during one step (``/proc/self/clear_refs`` + ``VmHWM``).
 
 A single-process row (``impl="single"``, all cores) gives the reference time.
-Writes ``bench/results/distributed_cpu.json``; ``TILECL_BENCH_MAX_N`` caps N.
+Writes ``bench/results/distributed_cpu.json`` (CLIP) and
+``bench/results/siglip_distributed_cpu.json`` (the sigmoid loss);
+``TILECL_BENCH_MAX_N`` caps N.
 """
 
 from __future__ import annotations
@@ -72,7 +74,23 @@ def model_bytes_per_rank(impl: str, world: int, n: int, d: int, itemsize: int = 
     return forward + backward
 
 
-def _worker(rank: int, world: int, store: str, out: str, impl: str, n: int, d: int) -> None:
+def model_sigmoid_bytes_per_rank(impl: str, world: int, n: int, d: int, itemsize: int = 4) -> int:
+    """The sigmoid loss's payload per rank: the columns with their int64 keys out, ``dB`` back."""
+    local = n // world
+    columns = local * (d * itemsize + 8)
+    grads = local * d * 4
+    if impl == "gather":
+        return (world - 1) * (columns + grads)  # all-gather of b and keys, reduce-scatter of dB
+    return (world - 1) * columns + world * grads  # W-1 hops for b, W hops for the dB accumulator
+
+
+def _loss(kind: str, a: torch.Tensor, b: torch.Tensor, group, impl: str) -> torch.Tensor:
+    if kind == "sigmoid":
+        return tilecl.sigmoid_loss(a, b, 10.0, -10.0, backend="torch", process_group=group, dist_impl=impl)
+    return tilecl.contrastive_loss(a, b, 20.0, backend="torch", process_group=group, dist_impl=impl)
+
+
+def _worker(rank: int, world: int, store: str, out: str, impl: str, n: int, d: int, kind: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
@@ -87,8 +105,7 @@ def _worker(rank: int, world: int, store: str, out: str, impl: str, n: int, d: i
     def step() -> float:
         dist.barrier()
         start = time.perf_counter()
-        loss = tilecl.contrastive_loss(a, b, 20.0, backend="torch", process_group=group, dist_impl=impl)
-        loss.backward()
+        _loss(kind, a, b, group, impl).backward()
         return time.perf_counter() - start
 
     step()  # warm-up
@@ -114,7 +131,9 @@ def _worker(rank: int, world: int, store: str, out: str, impl: str, n: int, d: i
             "d": d,
             "time_s": sorted(times)[len(times) // 2],
             "loopback_bytes_per_rank": traffic / world,
-            "model_bytes_per_rank": model_bytes_per_rank(impl, world, n, d),
+            "model_bytes_per_rank": (
+                model_sigmoid_bytes_per_rank if kind == "sigmoid" else model_bytes_per_rank
+            )(impl, world, n, d),
             "peak_extra_bytes": float(peak),
         }
         with open(out, "w") as f:
@@ -122,11 +141,11 @@ def _worker(rank: int, world: int, store: str, out: str, impl: str, n: int, d: i
     dist.destroy_process_group()
 
 
-def run_ranks(impl: str, world: int, n: int, d: int) -> dict:
+def run_ranks(impl: str, world: int, n: int, d: int, kind: str = "clip") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
         store = os.path.join(tmp, "store")
-        mp.spawn(_worker, args=(world, store, out, impl, n, d), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, store, out, impl, n, d, kind), nprocs=world, join=True)
         with open(out) as f:
             return json.load(f)
 
@@ -138,6 +157,22 @@ CONFIGS = [(impl, w, n) for n in NS if n <= MAX_N for w in WORLDS for impl in ("
 def test_distributed_step(impl, world, n):
     row = run_ranks(impl, world, n, D)
     merge_rows("distributed_cpu.json", [row], ("n", "world", "impl"))
+
+
+@pytest.mark.parametrize("impl,world,n", CONFIGS)
+def test_siglip_distributed_step(impl, world, n):
+    row = run_ranks(impl, world, n, D, "sigmoid")
+    merge_rows("siglip_distributed_cpu.json", [row], ("n", "world", "impl"))
+
+
+@pytest.mark.parametrize("n", [n for n in NS if n <= MAX_N])
+def test_siglip_single_process_reference(n):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(n, D, generator=gen), dim=1).requires_grad_()
+    b = torch.nn.functional.normalize(torch.randn(n, D, generator=gen), dim=1).requires_grad_()
+    seconds = median_time(lambda: _loss("sigmoid", a, b, None, "gather").backward(), ROUNDS)
+    row = {"impl": "single", "world": 1, "n": n, "d": D, "time_s": seconds}
+    merge_rows("siglip_distributed_cpu.json", [row], ("n", "world", "impl"))
 
 
 @pytest.mark.parametrize("n", [n for n in NS if n <= MAX_N])

@@ -77,6 +77,43 @@ void offset_backward(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr
   }
 }
 
+// The sigmoid form of the same kernels: the row weights stand in for the offsets c (never -inf),
+// there are no column terms (k = 0).
+void sigmoid_sweep(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr_t row_weights,
+                   std::uintptr_t row_keys, std::uintptr_t col_keys, std::uintptr_t row_loss, std::uintptr_t grad_a,
+                   std::uintptr_t grad_b, std::uintptr_t grad_scale, std::uintptr_t grad_bias,
+                   std::uintptr_t workspace, float scale, float bias, int64_t n, int64_t m, int64_t d, int64_t lda,
+                   int64_t ldb, bool with_grads, std::uintptr_t stream) {
+  tilecl::BackwardArgs args{};
+  args.a = ptr<const void>(a);
+  args.b = ptr<const void>(b);
+  args.row_offset = args.row_mult = ptr<const float>(row_weights);
+  args.grad_a = ptr<float>(grad_a);
+  args.grad_b = ptr<float>(grad_b);
+  args.grad_scale = ptr<float>(grad_scale);
+  args.workspace = ptr<float>(workspace);
+  args.scale = scale;
+  args.n = as_int(n, "n");
+  args.m = as_int(m, "m");
+  args.d = as_int(d, "d");
+  args.k = 0;
+  args.lda = lda;
+  args.ldb = ldb;
+  args.stream = ptr<void>(stream);
+  args.sigmoid = true;
+  args.with_grads = with_grads;
+  args.row_keys = ptr<const int64_t>(row_keys);
+  args.col_keys = ptr<const int64_t>(col_keys);
+  args.bias = bias;
+  args.row_loss = ptr<float>(row_loss);
+  args.grad_bias = ptr<float>(grad_bias);
+  switch (dtype_of(dtype)) {
+    case tilecl::kFloat32: return tilecl::offset_backward_float(args);
+    case tilecl::kFloat16: return tilecl::offset_backward_half(args);
+    case tilecl::kBFloat16: return tilecl::offset_backward_bf16(args);
+  }
+}
+
 int64_t workspace_floats(int dtype, int64_t n, int64_t d) {
   switch (dtype_of(dtype)) {
     case tilecl::kFloat32: return tilecl::backward_workspace_floats_float(as_int(n, "n"), as_int(d, "d"));
@@ -98,7 +135,7 @@ void register_emu_selftest(py::module_& module);  // emu_selftest.cpp
 #endif
 
 PYBIND11_MODULE(TILECL_MODULE_NAME, module) {
-  module.doc() = "tilecl CUDA kernels: streaming-LSE statistics and the offset-form backward (raw pointers)";
+  module.doc() = "tilecl CUDA kernels: streaming-LSE statistics and the gradient sweep (raw pointers)";
 #ifdef TILECL_EMU
   using launch_guard = py::call_guard<>;
   module.attr("EMULATED") = true;
@@ -128,6 +165,12 @@ PYBIND11_MODULE(TILECL_MODULE_NAME, module) {
              py::arg("n"), py::arg("m"), py::arg("d"), py::arg("k"), py::arg("lda"), py::arg("ldb"),
              py::arg("exclude_diagonal"), py::arg("stream"),
              "grad_a = scale·G·b, grad_b = scale·Gᵀ·a, grad_scale = Σ G_ij a_i·b_j (float32 outputs).");
+  module.def("sigmoid_sweep", &sigmoid_sweep, launch_guard(), py::arg("dtype"), py::arg("a"), py::arg("b"),
+             py::arg("row_weights"), py::arg("row_keys"), py::arg("col_keys"), py::arg("row_loss"),
+             py::arg("grad_a"), py::arg("grad_b"), py::arg("grad_scale"), py::arg("grad_bias"), py::arg("workspace"),
+             py::arg("scale"), py::arg("bias"), py::arg("n"), py::arg("m"), py::arg("d"), py::arg("lda"),
+             py::arg("ldb"), py::arg("with_grads"), py::arg("stream"),
+             "The sigmoid form: row losses (n), and with_grads grad_a, grad_b, grad_scale, grad_bias (float32).");
   module.def("workspace_floats", &workspace_floats, py::arg("dtype"), py::arg("n"), py::arg("d"),
              "Floats of scratch offset_backward needs (its workspace argument).");
 }

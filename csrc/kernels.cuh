@@ -1,4 +1,4 @@
-// The tilecl CUDA kernels: streaming-LSE statistics and the offset-form backward.
+// The tilecl CUDA kernels: streaming-LSE statistics and the gradient sweep (offset and sigmoid forms).
 //
 // Same structure as the Triton kernels (kernels/contrastive.py):
 //   row_stats_kernel   one block per BM rows, walks every column tile: row LSE and positive logit;
@@ -13,7 +13,9 @@
 // memory; half and bfloat16 multiply on tensor cores (WMMA 16x16x16, fp32 accumulation) on
 // sm_80+, float (and the 16-bit types on older GPUs) with shared-memory FMA. The tile lands in
 // shared memory as fp32, where the row/column reductions and the gradient tile
-// G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j) are computed elementwise.
+// G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j) are computed elementwise — or, in the sigmoid
+// (SigLIP) form of the same gradient kernels, G_ij = g_i·(σ(S_ij + β) − [z_ij = +1]) and the
+// row kernel's per-row losses, so the sigmoid loss is one sweep.
 //
 // This file is compiled by nvcc, and by g++ with -DTILECL_EMU against cuda_emu.h: it may use
 // only what that header emulates (README.md lists it), and it launches through TILECL_LAUNCH.
@@ -360,6 +362,61 @@ __device__ __forceinline__ void gradient_tile(unsigned char* smem, const float* 
   __syncthreads();
 }
 
+// The sigmoid form of one entry: ℓ = S + bias (S = -inf outside the matrix: no term). Sets the
+// pair's loss softplus(−z·ℓ) and returns σ(ℓ) − [z = +1], both from one exp(−|ℓ|) ≤ 1 (no
+// overflow), the positive's σ(ℓ) − 1 = −σ(−ℓ) taken directly rather than by cancelling against 1.
+__device__ __forceinline__ float sigmoid_entry(float s, float bias, bool positive, float& loss) {
+  if (isinf(s) && s < 0.0f) {
+    loss = 0.0f;
+    return 0.0f;
+  }
+  const float logit = s + bias, small = expf(-fabsf(logit));
+  const float signed_logit = positive ? logit : -logit;
+  loss = fmaxf(-signed_logit, 0.0f) + log1pf(small);
+  const float large = 1.0f / (1.0f + small), tiny = small / (1.0f + small);  // σ(|ℓ|), σ(−|ℓ|)
+  return positive ? -(logit >= 0.0f ? tiny : large) : (logit >= 0.0f ? large : tiny);
+}
+
+// Keys of lines [line0, line0 + count) into shared memory (lines past `total` get -1, never read).
+template <int NT>
+__device__ __forceinline__ void load_keys(int64_t* keys_s, const int64_t* keys, int line0, int total, int count) {
+  for (int i = threadIdx.x; i < count; i += NT) keys_s[i] = line0 + i < total ? keys[line0 + i] : -1;
+}
+
+// S_s → the sigmoid form's G (as gradient_tile), then a barrier. With `report` (the row kernel's
+// first feature chunk) thread i < BM first adds its row's weighted losses and Σ_j G_ij to `loss`
+// and `grad_sum`, in a fixed order; `with_grads = false` stops there.
+template <typename T, int NT>
+__device__ __forceinline__ void sigmoid_tile(unsigned char* smem, const float* g_s, const int64_t* rk_s,
+                                             const int64_t* ck_s, float bias, bool report, bool with_grads,
+                                             float& loss, float& grad_sum) {
+  using C = Config<T>;
+  using L = Layout<T>;
+  float* s_s = reinterpret_cast<float*>(smem + L::kS);
+  if (report && threadIdx.x < C::BM) {
+    const int i = threadIdx.x;
+    for (int j = 0; j < C::BN; ++j) {
+      float pair_loss;
+      const float grad = sigmoid_entry(s_s[i * L::LDS + j], bias, rk_s[i] == ck_s[j], pair_loss);
+      loss += g_s[i] * pair_loss;
+      grad_sum += g_s[i] * grad;
+    }
+  }
+  __syncthreads();  // S_s is read above and overwritten below
+  if (!with_grads) return;
+  for (int idx = threadIdx.x; idx < C::BM * C::BN; idx += NT) {
+    const int i = idx / C::BN, j = idx % C::BN;
+    float unused;
+    const float value = g_s[i] * sigmoid_entry(s_s[i * L::LDS + j], bias, rk_s[i] == ck_s[j], unused);
+    if constexpr (L::kSeparateG) {
+      reinterpret_cast<T*>(smem + L::kG)[i * L::LDG + j] = from_float<T>(value);
+    } else {
+      s_s[i * L::LDS + j] = value;
+    }
+  }
+  __syncthreads();
+}
+
 // Sum of `value` over a block of NT threads in a fixed order (butterfly within warps, then the
 // warps in order).
 template <int NT>
@@ -458,19 +515,27 @@ __global__ void __launch_bounds__(kGradThreads)
     grad_kernel(const T* __restrict__ a, const T* __restrict__ b, const float* __restrict__ c,
                 const float* __restrict__ g, const float* __restrict__ r, const float* __restrict__ h,
                 float* __restrict__ out, float* __restrict__ partials, float scale, int n, int m, int k, int d,
-                int64_t lda, int64_t ldb, bool exclude_diagonal) {
+                int64_t lda, int64_t ldb, bool exclude_diagonal, bool sigmoid, bool with_grads,
+                const int64_t* __restrict__ row_keys, const int64_t* __restrict__ col_keys, float bias,
+                float* __restrict__ row_loss, float* __restrict__ bias_partials) {
   using C = Config<T>;
   using L = Layout<T>;
   using S = GradShape<T>;
   constexpr int NT = kGradThreads;
   alignas(32) __shared__ unsigned char smem[L::kGradBytes];
   __shared__ float c_s[C::BM], g_s[C::BM], r_s[C::BN], h_s[C::BN], warp_sums[kGradWarps];
+  __shared__ int64_t rk_s[C::BM], ck_s[C::BN];  // the sigmoid form's keys
   const int tile0 = blockIdx.x * (ROWS ? C::BM : C::BN);  // this block's rows (columns)
   const int f0 = blockIdx.y * C::DOUT;
+  // the sigmoid form's per-row losses and Σ G, reported by the row kernel's first feature chunk
+  const bool report = ROWS && sigmoid && blockIdx.y == 0;
+  float loss = 0.0f, grad_sum = 0.0f;
   if constexpr (ROWS) {
     load_row_terms<NT>(c_s, g_s, c, g, tile0, n, C::BM);
+    if (sigmoid) load_keys<NT>(rk_s, row_keys, tile0, n, C::BM);
   } else {
     load_col_terms<NT>(r_s, h_s, r, h, tile0, k, C::BN);
+    if (sigmoid) load_keys<NT>(ck_s, col_keys, tile0, m, C::BN);
   }
   const int other_count = ROWS ? m : n;
   constexpr int kStep = ROWS ? C::BN : C::BM;
@@ -499,11 +564,18 @@ __global__ void __launch_bounds__(kGradThreads)
     // the previous tile's gradient pass read these; scores_tile's leading barrier orders them
     if constexpr (ROWS) {
       load_col_terms<NT>(r_s, h_s, r, h, col0, k, C::BN);
+      if (sigmoid) load_keys<NT>(ck_s, col_keys, col0, m, C::BN);
     } else {
       load_row_terms<NT>(c_s, g_s, c, g, row0, n, C::BM);
+      if (sigmoid) load_keys<NT>(rk_s, row_keys, row0, n, C::BM);
     }
     scores_tile<T, NT>(a, b, row0, col0, n, m, d, lda, ldb, scale, exclude_diagonal, smem);
-    gradient_tile<T, NT>(smem, c_s, g_s, r_s, h_s);
+    if (sigmoid) {
+      sigmoid_tile<T, NT>(smem, g_s, rk_s, ck_s, bias, report, with_grads, loss, grad_sum);
+      if (!with_grads) continue;  // a block-uniform flag: every thread skips the products
+    } else {
+      gradient_tile<T, NT>(smem, c_s, g_s, r_s, h_s);
+    }
     // X in XK-row chunks: the other operand's rows other0 + kc.., this block's feature chunk. A
     // chunk wholly past the matrix has G = 0 and X = 0 and is skipped (a block-uniform test).
     for (int kc = 0; kc < kStep && other0 + kc < other_count; kc += C::XK) {
@@ -526,6 +598,17 @@ __global__ void __launch_bounds__(kGradThreads)
   }
   // The last chunk ended with a barrier, so the tensor-core epilogue may stage over X (region 0).
 
+  if (report) {
+    if (threadIdx.x < C::BM && tile0 + threadIdx.x < n) row_loss[tile0 + threadIdx.x] = loss;
+  }
+  if constexpr (ROWS) {
+    if (sigmoid) {
+      const float total = block_sum<NT>(grad_sum, warp_sums);  // 0 outside the first feature chunk
+      if (threadIdx.x == 0) bias_partials[blockIdx.y * gridDim.x + blockIdx.x] = total;
+      __syncthreads();  // warp_sums is reused below
+    }
+  }
+  if (!with_grads) return;
   // out = scale·acc; the row kernel also forms Σ_i a_i·(G b)_i over its rows and features
   const int count = ROWS ? n : m;
   float partial = 0.0f;
@@ -593,9 +676,16 @@ inline void check_shapes(int n, int m, int d, int64_t lda, int64_t ldb) {
   if (lda < d || ldb < d) throw std::invalid_argument("tilecl: row strides must be at least d");
 }
 
+// One partial per (row tile, feature chunk): grad_scale's.
+template <typename T>
+int64_t partial_count(int n, int d) {
+  return static_cast<int64_t>(ceil_div(n, Config<T>::BM)) * ceil_div(d, Config<T>::DOUT);
+}
+
+// grad_scale's partials, then the sigmoid form's grad_bias partials.
 template <typename T>
 int64_t workspace_floats(int n, int d) {
-  return static_cast<int64_t>(ceil_div(n, Config<T>::BM)) * ceil_div(d, Config<T>::DOUT);
+  return 2 * partial_count<T>(n, d);
 }
 
 template <typename T>
@@ -624,18 +714,29 @@ void launch_offset_backward(const BackwardArgs& p) {
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   const T* a = static_cast<const T*>(p.a);
   const T* b = static_cast<const T*>(p.b);
-  const int chunks = ceil_div(p.d, C::DOUT);
+  if (p.sigmoid && (p.k != 0 || !p.row_keys || !p.col_keys || !p.row_loss || !p.grad_bias))
+    throw std::invalid_argument("tilecl: the sigmoid form needs k = 0, both keys, row_loss and grad_bias");
+  const bool grads = !p.sigmoid || p.with_grads;
+  // without gradients (sigmoid form only) one feature chunk suffices: the losses need only S
+  const int chunks = grads ? ceil_div(p.d, C::DOUT) : 1;
   if (chunks > 65535) throw std::invalid_argument("tilecl: d above 65535 x " + std::to_string(C::DOUT) + " (grid.y limit)");
   const dim3 rows_grid(ceil_div(p.n, C::BM), chunks), cols_grid(ceil_div(p.m, C::BN), chunks);
+  const int count = static_cast<int>(partial_count<T>(p.n, p.d));
+  float* bias_partials = p.workspace + count;
   TILECL_LAUNCH((grad_kernel<T, true>), rows_grid, dim3(kGradThreads), stream, a, b, p.row_offset, p.row_mult,
                 p.col_offset, p.col_mult, p.grad_a, p.workspace, p.scale, p.n, p.m, p.k, p.d, p.lda, p.ldb,
-                p.exclude_diagonal);
+                p.exclude_diagonal, p.sigmoid, grads, p.row_keys, p.col_keys, p.bias, p.row_loss, bias_partials);
   check_launch("tilecl grad_kernel<rows>");
+  if (p.sigmoid) {
+    const int used = static_cast<int>(rows_grid.x) * chunks;
+    TILECL_LAUNCH(sum_partials_kernel<T>, dim3(1), dim3(kThreads), stream, bias_partials, used, p.grad_bias);
+    check_launch("tilecl sum_partials_kernel<bias>");
+  }
+  if (!grads) return;
   TILECL_LAUNCH((grad_kernel<T, false>), cols_grid, dim3(kGradThreads), stream, a, b, p.row_offset, p.row_mult,
                 p.col_offset, p.col_mult, p.grad_b, p.workspace, p.scale, p.n, p.m, p.k, p.d, p.lda, p.ldb,
-                p.exclude_diagonal);
+                p.exclude_diagonal, p.sigmoid, grads, p.row_keys, p.col_keys, p.bias, p.row_loss, bias_partials);
   check_launch("tilecl grad_kernel<cols>");
-  const int count = static_cast<int>(workspace_floats<T>(p.n, p.d));
   TILECL_LAUNCH(sum_partials_kernel<T>, dim3(1), dim3(kThreads), stream, p.workspace, count, p.grad_scale);
   check_launch("tilecl sum_partials_kernel");
 }

@@ -44,6 +44,15 @@ struct BackwardArgs {
   int64_t lda, ldb;
   bool exclude_diagonal;
   void* stream;
+  // The sigmoid (SigLIP) form, same kernels (sigmoid = true): G_ij = g_i·(σ(S_ij + bias) − [z_ij = +1])
+  // with z_ij = +1 where row_keys[i] == col_keys[j]; c, r and h are not read (k = 0).
+  bool sigmoid;
+  bool with_grads;           // false: only row_loss and grad_bias (one S pass, grad_a/grad_b untouched)
+  const int64_t* row_keys;   // n
+  const int64_t* col_keys;   // m
+  float bias;
+  float* row_loss;           // n: Σ_j g_i·softplus(−z_ij (S_ij + bias))
+  float* grad_bias;          // 1: Σ G_ij
 };
 
 void lse_stats_float(const LseArgs& args);
@@ -53,7 +62,7 @@ void offset_backward_float(const BackwardArgs& args);
 void offset_backward_half(const BackwardArgs& args);
 void offset_backward_bf16(const BackwardArgs& args);
 
-// Floats of scratch the backward needs: one grad_scale partial per (row tile, feature chunk).
+// Floats of scratch the backward needs: a grad_scale and a grad_bias partial per (row tile, feature chunk).
 int64_t backward_workspace_floats_float(int n, int d);
 int64_t backward_workspace_floats_half(int n, int d);
 int64_t backward_workspace_floats_bf16(int n, int d);

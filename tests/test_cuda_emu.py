@@ -85,6 +85,45 @@ def test_results_do_not_depend_on_the_scheduling_order(dtype):
             assert torch.equal(x, y), (order, name)
 
 
+def sigmoid_run(a, b, **kw):
+    """The sigmoid loss and its four gradients on cuda-emu, bias -3, scale 10."""
+    s = torch.tensor(10.0, requires_grad=True)
+    t = torch.tensor(-3.0, requires_grad=True)
+    loss = tilecl.sigmoid_loss(a, b, s, t, backend="cuda-emu", **kw)
+    return (loss, *torch.autograd.grad(loss, (a, b, s, t)))
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("n,m,d", [BLOCKED, WIDE], ids=["blocked", "wide"])
+def test_the_sigmoid_form_in_the_kernels_own_blocking(dtype, n, m, d, schedule):
+    """Several row and column tiles, feature chunks along grid.y: the row kernel's first chunk alone
+    reports the losses and Σ G, every chunk its share of the products."""
+    from tilecl import reference
+    from tilecl.naive import naive_sigmoid_loss
+
+    a, b = make_inputs(n, m, d, dtype=dtype, device=CPU, seed=9)
+    ours = sigmoid_run(a, b)
+    s = torch.tensor(10.0, requires_grad=True)
+    t = torch.tensor(-3.0, requires_grad=True)
+    loss = naive_sigmoid_loss(a, b, s, t)
+    naive = (loss, *torch.autograd.grad(loss, (a, b, s, t)))
+    ref = reference.sigmoid_loss(a.detach().double().numpy(), b.detach().double().numpy(), 10.0, -3.0)
+    names = ("loss", "grad_a", "grad_b", "grad_scale", "grad_bias")
+    assert_all_close_by_rule(ours, naive, ref, dtype, names)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_the_sigmoid_form_does_not_depend_on_the_scheduling_order(dtype):
+    a, b = make_inputs(*BLOCKED, dtype=dtype, device=CPU, seed=6)
+    results = {}
+    for order, seed in (("forward", 0), ("reverse", 0), ("shuffled", 1)):
+        with emulation_settings(schedule=order, seed=seed):
+            results[order] = sigmoid_run(a, b)
+    for order in ("reverse", "shuffled"):
+        for x, y in zip(results[order], results["forward"]):
+            assert torch.equal(x, y), order
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,m,d", [(37, 45, 40), (70, 130, 150), WIDE])

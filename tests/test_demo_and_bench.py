@@ -107,3 +107,5 @@ def test_gpu_check_dry_run_reports_every_step(tmp_path):
         "tilecl-cuda-emu",
     }
     assert {r["kernel_operation_mode"] for r in rows} == {"forward", "backward", "full"}
+    siglip = {r["kernel_provider"] for r in rows if r["kernel_name"] == "siglip_loss"}
+    assert siglip >= {"naive", "tilecl-torch", "tilecl-triton", "tilecl-triton-deterministic"}

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tilecl.backends.triton import pass_count
+from tilecl.backends.triton import pass_count, sigmoid_pass_count
 from tilecl.inspect_kernels import SHARED_LIMIT
 
 # compiling every kernel for sm_80 and sm_90 (nvcc included) takes minutes cold
@@ -32,8 +32,12 @@ def test_every_kernel_config_and_arch_compiles(report):
     combos = {
         (k["name"], k["arch"], k["dtype"], json.dumps(k["config"], sort_keys=True)) for k in report["kernels"]
     }
-    assert len(combos) == len(report["kernels"]) == 5 * 2 * 9
+    assert len(combos) == len(report["kernels"]) == 9 * 2 * 9
     assert report["passes"] == {"default": 5, "deterministic": 6}
+    # the sigmoid loss is one sweep: S, G·b and Gᵀ·a (the deterministic one recomputes S for Gᵀ·a)
+    assert report["sigmoid_passes"] == {"default": 3, "deterministic": 4}
+    sigmoid = report["performance_model"]["sigmoid"]
+    assert sigmoid["512"]["passes"] == 3 and sigmoid["512"]["speedup_vs_reported"] >= 2
 
 
 def test_tensor_cores_for_half_types_on_both_archs(report):
@@ -87,6 +91,12 @@ def test_cuda_only_cli(tmp_path):
     report = json.loads(path.read_text())
     assert set(report) == {"cuda"}
     assert "skipped" in report["cuda"] or len(report["cuda"]["kernels"]) == 30
+
+
+def test_sigmoid_pass_counts():
+    assert sigmoid_pass_count(512, 512, deterministic=False) == 3
+    assert sigmoid_pass_count(512, 512, deterministic=True) == 4
+    assert sigmoid_pass_count(768, 512, deterministic=False) == 4
 
 
 def test_pass_counts():

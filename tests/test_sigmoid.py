@@ -3,8 +3,8 @@
 Values and the four gradients (``a``, ``b``, ``logit_scale``, ``logit_bias``)
 meet the error rule (``≤ 2×`` naive PyTorch's error in the same dtype) for the
 diagonal positives, labels with extra negative columns, group ids and all
-three reductions. A backend without the sigmoid form (the CUDA C++ kernels)
-is a skip carrying its declared reason.
+three reductions. A backend that declared no sigmoid form would be a skip
+carrying that reason (every backend here has it).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["delayed_error", "is_fake", "standard_gamma"]
+__all__ = ["delayed_error", "is_fake", "softplus_into", "standard_gamma"]
 
 _DelayedError: Any
 try:
@@ -40,6 +40,18 @@ def is_fake(x: torch.Tensor) -> bool:
     except ImportError:  # pragma: no cover - depends on the installed torch
         return type(x).__name__ == "FakeTensor"
     return bool(private(x))
+
+
+def softplus_into(x: torch.Tensor, out: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``softplus(x)`` written into ``out`` (the public function allocates a new tensor per call)."""
+    private = getattr(torch._C._nn, "softplus", None)
+    try:
+        if private is not None:
+            result: torch.Tensor = private(x, 1, threshold, out=out)
+            return result
+    except TypeError:  # pragma: no cover - depends on the installed torch
+        pass
+    return out.copy_(torch.nn.functional.softplus(x, threshold=threshold))  # pragma: no cover
 
 
 def delayed_error(message: str, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:

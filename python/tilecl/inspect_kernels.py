@@ -45,12 +45,16 @@ def _signature(kernel: str, dtype: str) -> dict:
         return {**ptrs, "scale": "fp32", **shapes, "col_count": i32, **strides}
     offsets = {"c_ptr": f32, "g_ptr": f32, "r_ptr": f32, "h_ptr": f32}
     scales = {"scale": "fp32"}
+    sigmoid = {"row_key_ptr": "*i64", "col_key_ptr": "*i64", "bias": "fp32"}
     if kernel == "backward_kernel":
         outs = {"grad_a_ptr": f32, "grad_b_ptr": f32, "scale_partial_ptr": f32}
         scales["inv_scale"] = "fp32"
+        sigmoid.update({"row_loss_ptr": f32, "bias_partial_ptr": f32})
     else:
         outs = {"grad_b_ptr": f32}
-    return {"a_ptr": t, "b_ptr": t, **offsets, **outs, **scales, **shapes, "col_count": i32, **strides}
+    return {
+        "a_ptr": t, "b_ptr": t, **offsets, **outs, **scales, **shapes, "col_count": i32, **strides, **sigmoid,
+    }  # fmt: skip
 
 
 def _variants() -> list[tuple[str, str, dict]]:
@@ -61,6 +65,15 @@ def _variants() -> list[tuple[str, str, dict]]:
         ("backward_atomic", "backward_kernel", {"ATOMIC_GRAD_B": True}),
         ("backward_rows_deterministic", "backward_kernel", {"ATOMIC_GRAD_B": False}),
         ("backward_cols_deterministic", "backward_cols_kernel", {}),
+        # the same two kernels in their sigmoid (SigLIP) form: the loss and its gradients in one sweep
+        ("sigmoid_atomic", "backward_kernel", {"ATOMIC_GRAD_B": True, "SIGMOID": True}),
+        ("sigmoid_rows_deterministic", "backward_kernel", {"ATOMIC_GRAD_B": False, "SIGMOID": True}),
+        ("sigmoid_cols_deterministic", "backward_cols_kernel", {"SIGMOID": True}),
+        (
+            "sigmoid_loss_only",
+            "backward_kernel",
+            {"ATOMIC_GRAD_B": True, "SIGMOID": True, "WITH_GRADS": False},
+        ),
     ]
 
 
@@ -101,8 +114,13 @@ def compile_kernel(name: str, dtype: str, config, arch: int) -> dict:
         "EXCLUDE_DIAGONAL": False,
         "PRECISION": "ieee",
         "UPCAST": False,
+        "SIGMOID": False,
+        **(
+            {"SCALE_FROM_FP32_G": dtype != "float32", "WITH_GRADS": True}
+            if fn_name == "backward_kernel"
+            else {}
+        ),
         **extra,
-        **({"SCALE_FROM_FP32_G": dtype != "float32"} if fn_name == "backward_kernel" else {}),
         **{k: v for k, v in blocks.items() if k.startswith("BLOCK") and k in fn.arg_names},
     }
     signature = {**_signature(fn_name, dtype), **{k: "constexpr" for k in constexprs}}
@@ -136,7 +154,7 @@ def inspect(
     archs=(80, 90), dtypes=("float16", "bfloat16", "float32"), kernels=None, configs=None, progress=True
 ) -> dict:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    from tilecl.backends.triton import GPU_CONFIGS, MAX_BLOCK_DOUT, pass_count
+    from tilecl.backends.triton import GPU_CONFIGS, MAX_BLOCK_DOUT, pass_count, sigmoid_pass_count
 
     rows = []
     names = kernels or [v[0] for v in _variants()]
@@ -160,6 +178,10 @@ def inspect(
         "passes": {
             "default": pass_count(MAX_BLOCK_DOUT, MAX_BLOCK_DOUT, False),
             "deterministic": pass_count(MAX_BLOCK_DOUT, MAX_BLOCK_DOUT, True),
+        },
+        "sigmoid_passes": {
+            "default": sigmoid_pass_count(MAX_BLOCK_DOUT, MAX_BLOCK_DOUT, False),
+            "deterministic": sigmoid_pass_count(MAX_BLOCK_DOUT, MAX_BLOCK_DOUT, True),
         },
         "passes_by_dim": {
             str(d): {
@@ -198,7 +220,28 @@ def performance_model(n: int = 65536, d: int = 512) -> dict:
             "ms": 1e3 * ours_det * flops_per_pass / H100_PEAK["bf16"],
         },
         "infcl_tf32": {"passes": infcl, "ms": 1e3 * infcl * flops_per_pass / H100_PEAK["tf32"]},
+        "sigmoid": siglip_model(n),
     }
+
+
+#: siglip-kernel's own figure (its README): B = 65,536, bf16, H100, fwd+bwd
+SIGLIP_KERNEL_REPORTED_MS = 48.8
+
+
+def siglip_model(n: int = 65536, dims: tuple[int, ...] = (512, 768, 1152)) -> dict:
+    """The sigmoid fwd+bwd, bf16 on an H100, modelled as :func:`performance_model` (passes only).
+
+    siglip-kernel's report does not state its feature dimension, so the
+    model is given for the common ones (ViT-B/16: 768; So400m: 1152).
+    """
+    from tilecl.backends.triton import MAX_BLOCK_DOUT, sigmoid_pass_count
+
+    out: dict = {"n": n, "siglip_kernel_reported_ms": SIGLIP_KERNEL_REPORTED_MS}
+    for d in dims:
+        passes = sigmoid_pass_count(d, MAX_BLOCK_DOUT, deterministic=False)
+        ms = 1e3 * passes * 2 * n * n * d / H100_PEAK["bf16"]
+        out[str(d)] = {"passes": passes, "ms": ms, "speedup_vs_reported": SIGLIP_KERNEL_REPORTED_MS / ms}
+    return out
 
 
 def cuda_inspect(progress: bool = True) -> dict:
@@ -244,6 +287,14 @@ def main(json_path: Optional[str] = None, only: Optional[str] = None) -> Optiona
         f"{model['infcl_tf32']['passes']} passes ≈ {model['infcl_tf32']['ms']:.1f} ms"
     )
     print(f"N·M·D matmul passes, symmetric fwd+bwd (D <= 512): {report['passes']}")
+    print(f"N·M·D matmul passes, sigmoid fwd+bwd (D <= 512): {report['sigmoid_passes']}")
+    for d, row in model["sigmoid"].items():
+        if isinstance(row, dict):
+            print(
+                f"model (not measured), sigmoid fwd+bwd, N={model['n']}, D={d}, bf16, H100: {row['passes']} "
+                f"passes ≈ {row['ms']:.1f} ms ({row['speedup_vs_reported']:.1f}x siglip-kernel's reported "
+                f"{SIGLIP_KERNEL_REPORTED_MS} ms)"
+            )
     print(f"by feature dimension D: {report['passes_by_dim']}")
     return _write(report, json_path)
 

@@ -15,7 +15,8 @@ import subprocess
 import sys
 from typing import Optional
 
-PROVIDERS = ("tilecl", "naive")
+#: CLIP (symmetric InfoNCE) tiled and full-matrix; SigLIP (sigmoid) tiled and open_clip's formula
+PROVIDERS = ("tilecl", "naive", "tilecl-sigmoid", "naive-sigmoid")
 
 _CHILD = r"""
 import json, sys, torch
@@ -24,7 +25,7 @@ n, d, threads = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[5])
 if threads > 0:
     torch.set_num_threads(threads)
 import tilecl
-from tilecl.naive import naive_contrastive_loss
+from tilecl.naive import naive_contrastive_loss, naive_sigmoid_loss
 dtype = getattr(torch, dtype)
 gen = torch.Generator().manual_seed(0)
 def features():
@@ -32,7 +33,13 @@ def features():
     return x.to(dtype).requires_grad_()
 a, b = features(), features()
 scale = torch.tensor(14.3, requires_grad=True)
-fn = tilecl.contrastive_loss if provider == "tilecl" else naive_contrastive_loss
+bias = torch.tensor(-10.0, requires_grad=True)
+fn = {
+    "tilecl": lambda a, b, s: tilecl.contrastive_loss(a, b, s),
+    "naive": naive_contrastive_loss,
+    "tilecl-sigmoid": lambda a, b, s: tilecl.sigmoid_loss(a, b, s, bias),
+    "naive-sigmoid": lambda a, b, s: naive_sigmoid_loss(a, b, s, bias),
+}[provider]
 def status_bytes(field):
     with open("/proc/self/status") as f:
         for line in f:
@@ -64,7 +71,7 @@ def peak_extra_memory_cpu(
     threads: int = 0,
     timeout: Optional[float] = None,
 ) -> dict:
-    """Peak extra RSS (bytes) of a symmetric CLIP fwd+bwd at ``N = n``, ``D = d`` in a fresh process.
+    """Peak extra RSS (bytes) of one fwd+bwd of ``provider`` at ``N = n``, ``D = d`` in a fresh process.
 
     Returns ``{"peak_extra_bytes": int, "seconds": float, "loss": float}``; ``seconds``
     is the wall time of that single (cold) fwd+bwd.

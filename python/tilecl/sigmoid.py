@@ -145,8 +145,7 @@ def sigmoid_loss(
             every pair with equal ids is positive (several captions per image).
         reduction: ``"mean"`` (``Σ / N``, open_clip's), ``"sum"`` or
             ``"none"`` (``(N,)``, each row's ``Σ_j``).
-        backend: as :func:`tilecl.contrastive_loss` (``cuda`` has no sigmoid
-            form yet; ``auto`` then picks ``triton`` or ``torch``).
+        backend: as :func:`tilecl.contrastive_loss`.
         process_group, dist_impl: the global loss over every rank's pairs
             (``"gather"`` or ``"ring"``; labels index this rank's ``b``,
             group ids are global), gradient convention of

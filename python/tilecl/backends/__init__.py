@@ -125,17 +125,9 @@ BACKENDS: dict[str, Backend] = {
         _triton_missing,
         _load_triton,
     ),
-    # the CUDA C++ kernels have the softmax (offset) form only
-    "cuda": Backend(
-        "cuda", KERNEL_DTYPES, {"cuda": cuda_visible}, _cuda_missing, lambda: _load_cuda("cuda"), ("softmax",)
-    ),
+    "cuda": Backend("cuda", KERNEL_DTYPES, {"cuda": cuda_visible}, _cuda_missing, lambda: _load_cuda("cuda")),
     "cuda-emu": Backend(
-        "cuda-emu",
-        KERNEL_DTYPES,
-        {"cpu": anywhere},
-        _emulation_missing,
-        lambda: _load_cuda("cuda-emu"),
-        ("softmax",),
+        "cuda-emu", KERNEL_DTYPES, {"cpu": anywhere}, _emulation_missing, lambda: _load_cuda("cuda-emu")
     ),
     "torch": Backend(
         "torch",

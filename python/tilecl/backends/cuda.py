@@ -267,9 +267,44 @@ class CudaKernels:
         return LseStats(row_lse, col_lse, positive)
 
     def sigmoid_sweep(self, scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
-        """Not in the CUDA C++ kernels yet: the registry declares only the softmax form, so dispatch
-        refuses a sigmoid loss on this backend before any kernel and never reaches this."""
-        raise NotImplementedError(f"backend={self.backend!r} has no sigmoid form")
+        """:class:`~tilecl.backends.base.SigmoidSweep` in float32: the gradient kernels in their sigmoid form.
+
+        Without gradients one ``S`` pass (the row kernel alone); with them the
+        row and column kernels (4 passes, no float atomics). float16 weights
+        are rescaled by a power of two first, as the offset form's multipliers.
+        """
+        backend = self.backend
+        a, b = _check_inputs(scores.a, scores.b, backend)
+        n, m, d = a.shape[0], b.shape[0], a.shape[1]
+        f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
+        weights = _vector(terms.row_weights, "row_weights", n, a, torch.float32)
+        unit = torch.ones((), **f32)
+        if a.dtype == torch.float16 and with_grads:
+            peak = weights.abs().max()
+            usable = torch.isfinite(peak) & (peak > 0)
+            unit = torch.where(usable, torch.exp2(-torch.floor(torch.log2(peak))), unit)
+            weights = (weights * unit).contiguous()
+        row_keys = terms.row_keys.to(device=a.device, dtype=torch.int64).contiguous()
+        col_keys = terms.col_keys.to(device=a.device, dtype=torch.int64).contiguous()
+        s, bias = _scale(scores.scale, backend), float(terms.bias)
+        module = self.module()
+        _check_device(a.device, backend, module)
+        code = DTYPE_CODES[a.dtype]
+        row_loss = torch.empty(n, **f32)
+        grad_a = torch.empty(n, d, **f32) if with_grads else torch.empty(0, **f32)
+        grad_b = torch.empty(m, d, **f32) if with_grads else torch.empty(0, **f32)
+        grad_scale, grad_bias = torch.empty((), **f32), torch.empty((), **f32)
+        workspace = torch.empty(module.workspace_floats(code, n, d), **f32)
+        with _device_guard(a.device, backend):
+            module.sigmoid_sweep(
+                code, a.data_ptr(), b.data_ptr(), weights.data_ptr(), row_keys.data_ptr(),
+                col_keys.data_ptr(), row_loss.data_ptr(), grad_a.data_ptr(), grad_b.data_ptr(), grad_scale.data_ptr(),
+                grad_bias.data_ptr(), workspace.data_ptr(), s, bias, n, m, d, a.stride(0), b.stride(0),
+                with_grads, _stream(a.device, backend),
+            )  # fmt: skip
+        if not with_grads:
+            return SigmoidSweep(row_loss, *(torch.empty(0, **f32) for _ in range(4)))
+        return SigmoidSweep(*(x / unit for x in (row_loss, grad_a, grad_b, grad_scale, grad_bias)))
 
     def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
         """:class:`~tilecl.backends.base.Gradients` in float32 (float16 multipliers rescaled first)."""

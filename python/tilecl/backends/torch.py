@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
+from .._compat import softplus_into
 from .base import Gradients, LseStats, OffsetTerms, Scores, SigmoidSweep, SigmoidTerms
 
 __all__ = ["TILE_BYTES", "accumulation_dtype", "lse_stats", "offset_backward", "sigmoid_sweep", "tile_shape"]
@@ -229,48 +230,70 @@ def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> Sigm
         row_loss_i = Σ_j w_i·softplus(−z_ij ℓ_ij),    G_ij = w_i·(σ(ℓ_ij) − [z_ij = +1])
 
     and the gradients as :func:`offset_backward`'s, plus ``grad_bias = Σ G_ij``.
-    Per tile: ``u = −z·ℓ``, the loss ``softplus(u)`` and ``G = −z·σ(u)``.
+    Per tile: ``u = −z·ℓ``, the loss ``softplus(u)`` and ``G = −z·σ(u)`` — no
+    confident pair's tiny loss or gradient comes from a cancellation. The
+    positives are found by sorting the tile's column keys (``O(R + C)``
+    work, no ``R x C`` mask) and flipped in place; the weights ``w`` scale
+    the ``N x D`` operands, not the tile.
     """
     a = scores.a
     acc = accumulation_dtype(a.dtype)
     bias = terms.bias.to(acc)
     weights = terms.row_weights.to(acc)
     row_loss = torch.zeros(a.shape[0], dtype=acc, device=a.device)
-    grad_bias = torch.zeros((), dtype=acc, device=a.device)
-    softplus = torch.nn.functional.softplus
+    row_grad_sums = torch.zeros(a.shape[0], dtype=acc, device=a.device)
     # above the threshold softplus(u) is taken as u: log1p(e^-u) must be below u's last digit there
     threshold = 40.0 if acc == torch.float64 else 20.0
 
     def to_gradient(tile: torch.Tensor, spare: torch.Tensor, rows: slice, cols: slice) -> None:
-        positive = _tile(spare, tile.shape[0], tile.shape[1])
-        positive.copy_(terms.row_keys[rows, None] == terms.col_keys[None, cols])
-        # u = −z·ℓ in place (z = 2·positive − 1): the loss is softplus(u) and G = −z·σ(u), so a
-        # confident pair's tiny loss and gradient never come from cancelling against ℓ or 1
-        tile.add_(bias).addcmul_(tile, positive, value=-2.0)
-        row_loss[rows] += softplus(tile, threshold=threshold).sum(dim=1) * weights[rows]
+        pair_rows, pair_cols = _matches(terms.row_keys[rows], terms.col_keys[cols])
+        tile.add_(bias)
+        tile.index_put_((pair_rows, pair_cols), -tile[pair_rows, pair_cols])  # u = −z·ℓ
+        losses = softplus_into(tile, _tile(spare, tile.shape[0], tile.shape[1]), threshold)
+        row_loss[rows] += losses.sum(dim=1)
         if with_grads:
             tile.sigmoid_()
-            tile.addcmul_(tile, positive, value=-2.0).mul_(weights[rows, None])
-            grad_bias.add_(tile.sum())
+            tile.index_put_((pair_rows, pair_cols), -tile[pair_rows, pair_cols])  # G = −z·σ(u)
+            row_grad_sums[rows] += tile.sum(dim=1)
 
     if not with_grads:
         _gradient_sweep(scores, to_gradient, with_grads=False)
-        return SigmoidSweep(row_loss, *(row_loss.new_empty(0) for _ in range(4)))
-    grad_a, grad_b, grad_scale = _gradient_sweep(scores, to_gradient)
-    return SigmoidSweep(row_loss, grad_a, grad_b, grad_scale, grad_bias)
+        return SigmoidSweep(row_loss * weights, *(row_loss.new_empty(0) for _ in range(4)))
+    grad_a, grad_b, grad_scale = _gradient_sweep(scores, to_gradient, row_scale=weights)
+    return SigmoidSweep(row_loss * weights, grad_a, grad_b, grad_scale, torch.dot(row_grad_sums, weights))
+
+
+def _matches(row_keys: torch.Tensor, col_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local ``(row, col)`` indices of every pair with ``row_keys[r] == col_keys[c]``.
+
+    Sorts the column keys and binary-searches each row's: ``O((R + C) log C)``
+    plus the matches, instead of an ``R x C`` comparison.
+    """
+    sorted_keys, order = torch.sort(col_keys)
+    low = torch.searchsorted(sorted_keys, row_keys, side="left")
+    counts = torch.searchsorted(sorted_keys, row_keys, side="right") - low
+    pair_rows = torch.repeat_interleave(torch.arange(row_keys.shape[0], device=row_keys.device), counts)
+    first = torch.repeat_interleave(low, counts)
+    rank = torch.arange(pair_rows.shape[0], device=row_keys.device) - torch.repeat_interleave(
+        torch.cumsum(counts, 0) - counts, counts
+    )
+    return pair_rows, order[first + rank]
 
 
 def _gradient_sweep(
     scores: Scores,
     to_gradient: Callable[[torch.Tensor, torch.Tensor, slice, slice], None],
     with_grads: bool = True,
+    row_scale: Optional[torch.Tensor] = None,
 ) -> Gradients:
     """The tile loop of every backward: ``S`` recomputed, turned into ``G`` in place, then two products.
 
     ``to_gradient(tile, spare, rows, cols)`` turns the tile of ``S`` at
     ``(rows, cols)`` into ``G`` (``spare``: a second tile buffer). Returns
-    ``(scale·G·b, scale·Gᵀ·a, Σ G_ij a_i·b_j)``; ``with_grads=False`` only
-    visits the tiles (empty results).
+    ``(scale·W·G·b, scale·(W·G)ᵀ·a, Σ (W·G)_ij a_i·b_j)`` with ``W`` the
+    diagonal of ``row_scale`` (identity when ``None``; applied to the ``N x D``
+    operands, never to a tile); ``with_grads=False`` only visits the tiles
+    (empty results).
     """
     a, b, scale, exclude_diagonal = scores
     n, m = a.shape[0], b.shape[0]
@@ -290,6 +313,7 @@ def _gradient_sweep(
         i1 = min(n, i0 + rows)
         a_block = a[i0:i1].to(acc)
         a_scaled = a_block * s
+        a_weighted = a_scaled if row_scale is None else a_scaled * row_scale[i0:i1, None]
         ga_block = grad_a[i0:i1].zero_() if with_grads else grad_a
         for j0 in range(0, m, cols):
             j1 = min(m, j0 + cols)
@@ -299,8 +323,10 @@ def _gradient_sweep(
             to_gradient(tile, second, slice(i0, i1), slice(j0, j1))
             if with_grads:
                 ga_block.addmm_(tile, b_block)
-                grad_b[j0:j1].addmm_(tile.t(), a_scaled)
+                grad_b[j0:j1].addmm_(tile.t(), a_weighted)
         if with_grads:
+            if row_scale is not None:
+                ga_block.mul_(row_scale[i0:i1, None])
             grad_scale += torch.sum(ga_block * a_block)
             ga_block.mul_(s)
     return Gradients(grad_a, grad_b, grad_scale)
