@@ -298,8 +298,9 @@ class CudaKernels:
         with _device_guard(a.device, backend):
             module.sigmoid_sweep(
                 code, a.data_ptr(), b.data_ptr(), weights.data_ptr(), row_keys.data_ptr(),
-                col_keys.data_ptr(), row_loss.data_ptr(), grad_a.data_ptr(), grad_b.data_ptr(), grad_scale.data_ptr(),
-                grad_bias.data_ptr(), workspace.data_ptr(), s, bias, n, m, d, a.stride(0), b.stride(0),
+                col_keys.data_ptr(), row_loss.data_ptr(), grad_a.data_ptr(), grad_b.data_ptr(),
+                grad_scale.data_ptr(), grad_bias.data_ptr(), workspace.data_ptr(), s, bias, n, m, d,
+                a.stride(0), b.stride(0),
                 with_grads, _stream(a.device, backend),
             )  # fmt: skip
         if not with_grads:
