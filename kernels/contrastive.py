@@ -236,14 +236,15 @@ def _sigmoid_tile(s, rows, cols, g_ptr, row_key_ptr, col_key_ptr, bias, n_rows, 
     positive = (row_key[:, None] == col_key[None, :]) & valid
     logit = s + bias
     small = tl.exp(-tl.abs(logit))  # e^-|ℓ| ≤ 1: both σ and softplus from one exp, never overflowing
-    # log(1 + e) loses e below fp32's epsilon, and a confident pair's whole loss is e: the series there
+    # |G| is σ(−|ℓ|) = e/(1+e) when the pair leans its own way (z·ℓ ≥ 0), else σ(|ℓ|) = 1/(1+e):
+    # the positive's σ(ℓ) − 1 = −σ(−ℓ) is taken directly, not by cancelling against 1
+    leans = positive == (logit >= 0)
+    size = tl.where(leans, small, 1.0) / (1.0 + small)
+    grad = tl.where(valid, g[:, None] * tl.where(positive, -size, size), 0.0)
+    # softplus(−z·ℓ) = max(−z·ℓ, 0) + log(1 + e); log(1 + e) loses e below fp32's epsilon, and a
+    # confident pair's whole loss is e: the series there
     log_one_plus = tl.where(small < 1e-4, small * (1.0 - 0.5 * small), tl.log(1.0 + small))
-    signed = tl.where(positive, logit, -logit)  # z·ℓ; the loss is softplus(−z·ℓ)
-    loss = tl.where(valid, g[:, None] * (tl.maximum(-signed, 0.0) + log_one_plus), 0.0)
-    # σ(ℓ) − 1 = −σ(−ℓ) at a positive: taken directly, not by cancelling against 1
-    large, tiny = 1.0 / (1.0 + small), small / (1.0 + small)  # σ(|ℓ|), σ(−|ℓ|)
-    grad = tl.where(positive, -tl.where(logit >= 0, tiny, large), tl.where(logit >= 0, large, tiny))
-    grad = tl.where(valid, g[:, None] * grad, 0.0)
+    loss = tl.where(valid, g[:, None] * (tl.where(leans, 0.0, tl.abs(logit)) + log_one_plus), 0.0)
     return grad, grad * tl.where(valid, s, 0.0), loss
 
 
@@ -312,8 +313,8 @@ def backward_kernel(
     a_out = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
     grad_a = tl.zeros((BLOCK_M, BLOCK_DOUT), dtype=tl.float32)
     grad_times_s_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused without SCALE_FROM_FP32_G
-    loss_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # sigmoid form only
-    grad_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # sigmoid form only
+    loss_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sigmoid form only
+    grad_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sigmoid form only
     for c0 in range(0, n_cols, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         grad, grad_times_s, loss = _recomputed_gradient(
@@ -322,8 +323,8 @@ def backward_kernel(
             PRECISION, UPCAST,
         )  # fmt: skip
         if SIGMOID:
-            loss_sum += loss
-            grad_sum += grad
+            loss_rows += tl.sum(loss, axis=1)
+            grad_rows += tl.sum(grad, axis=1)
         if WITH_GRADS:
             if SCALE_FROM_FP32_G:
                 grad_times_s_sum += grad_times_s
@@ -341,8 +342,8 @@ def backward_kernel(
     if SIGMOID:
         # every feature chunk recomputes the same tiles: the first one reports
         first = tl.program_id(1) == 0
-        tl.store(row_loss_ptr + rows, tl.sum(loss_sum, axis=1), mask=rows < tl.where(first, n_rows, 0))
-        tl.store(bias_partial_ptr + program, tl.where(first, tl.sum(tl.sum(grad_sum, axis=1), axis=0), 0.0))
+        tl.store(row_loss_ptr + rows, loss_rows, mask=rows < tl.where(first, n_rows, 0))
+        tl.store(bias_partial_ptr + program, tl.where(first, tl.sum(grad_rows, axis=0), 0.0))
     if WITH_GRADS:
         if SCALE_FROM_FP32_G:
             # Σ_ij G_ij (a_i·b_j) = Σ_ij G_ij S_ij / scale (the launcher takes scale = 0 apart), from

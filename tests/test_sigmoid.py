@@ -169,3 +169,13 @@ def test_deterministic_triton_sweep_is_reproducible_and_agrees():
     for x, y, z, name in zip(first, second, default, NAMES):
         assert torch.equal(x, y), name
         assert_rel(x, z, 1e-6, name, atol=1e-7)
+
+
+def test_a_retained_graph_gives_the_same_gradients_twice():
+    """The fused path saves the gradients in the forward; a second backward must not rescale them again."""
+    a, b = make_inputs(9, 11, 4, device="cpu", seed=5)
+    loss = tilecl.sigmoid_loss(a, b, 10.0, -3.0, backend="torch")
+    first = torch.autograd.grad(loss, (a, b), retain_graph=True)
+    second = torch.autograd.grad(loss, (a, b))
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)

@@ -110,16 +110,12 @@ def compile_kernel(name: str, dtype: str, config, arch: int) -> dict:
     _, fn_name, extra = next(v for v in _variants() if v[0] == name)
     fn = getattr(contrastive, fn_name)
     blocks = asdict(config)
+    defaults = {"SIGMOID": False, "SCALE_FROM_FP32_G": dtype != "float32", "WITH_GRADS": True}
     constexprs = {
         "EXCLUDE_DIAGONAL": False,
         "PRECISION": "ieee",
         "UPCAST": False,
-        "SIGMOID": False,
-        **(
-            {"SCALE_FROM_FP32_G": dtype != "float32", "WITH_GRADS": True}
-            if fn_name == "backward_kernel"
-            else {}
-        ),
+        **{k: v for k, v in defaults.items() if k in fn.arg_names},
         **extra,
         **{k: v for k, v in blocks.items() if k.startswith("BLOCK") and k in fn.arg_names},
     }
@@ -154,14 +150,21 @@ def inspect(
     archs=(80, 90), dtypes=("float16", "bfloat16", "float32"), kernels=None, configs=None, progress=True
 ) -> dict:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    from tilecl.backends.triton import GPU_CONFIGS, MAX_BLOCK_DOUT, pass_count, sigmoid_pass_count
+    from tilecl.backends.triton import (
+        GPU_CONFIGS,
+        MAX_BLOCK_DOUT,
+        SIGMOID_GPU_CONFIGS,
+        pass_count,
+        sigmoid_pass_count,
+    )
 
     rows = []
     names = kernels or [v[0] for v in _variants()]
     for dtype in dtypes:
-        for config in configs or GPU_CONFIGS[dtype]:
-            for arch in archs:
-                for name in names:
+        for name in names:
+            table = SIGMOID_GPU_CONFIGS if name.startswith("sigmoid") else GPU_CONFIGS
+            for config in configs or table[dtype]:
+                for arch in archs:
                     row = compile_kernel(name, dtype, config, arch)
                     if progress:
                         blocks = (

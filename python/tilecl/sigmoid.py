@@ -14,6 +14,8 @@ elementwise step) yields the loss and ``G·b``, ``Gᵀ·a``, ``Σ G a·b`` and
 needs 4 — and the backward only rescales them by the upstream gradient.
 Under ``no_grad`` the sweep is one pass; with ``reduction="none"`` (a per-row
 upstream gradient) the backward sweeps again with those rows' weights.
+(The scaling is not in place: a graph kept with ``retain_graph=True`` may be
+differentiated again.)
 
 Positives are described by keys (``row_keys[i] == col_keys[j]``): the diagonal
 (global indices), labels (row ``i``'s positive column) or group ids (several
@@ -79,8 +81,10 @@ class SigmoidFunction(torch.autograd.Function):
             if ctx.fused:
                 grad_a, grad_b, grad_scale, grad_bias = ctx.saved_tensors
                 g = grad_output.to(grad_a.dtype) / ctx.divisor
-                grad_a, grad_b = grad_a.mul_(g), grad_b.mul_(g)
-                grad_scale, grad_bias = grad_scale * g, grad_bias * g
+                # not in place: a graph kept with retain_graph=True may run this backward again
+                grad_a, grad_b, grad_scale, grad_bias = (
+                    x * g for x in (grad_a, grad_b, grad_scale, grad_bias)
+                )
             else:
                 saved_a, saved_b, saved_scale, saved_bias, row_keys, col_keys = ctx.saved_tensors
                 acc = result_dtype("", saved_a.dtype)
@@ -177,7 +181,11 @@ def sigmoid_loss(
     scale, bias, local = ranks.checked(check, reduction)
     n, m = a.shape[0], b.shape[0]
     kind = "groups" if row_groups is not None else ("labels" if labels is not None else "diagonal")
-    ranks.agree_on_call(N=n, M=m, D=a.shape[1], dtype=a.dtype, positives=kind, dist_impl=dist_impl)
+    # the fused sweep exchanges ∂b in the forward: every rank must take the same path
+    fused = torch.is_grad_enabled() and any(x.requires_grad for x in (a, b, scale, bias))
+    ranks.agree_on_call(
+        N=n, M=m, D=a.shape[1], dtype=a.dtype, positives=kind, dist_impl=dist_impl, gradients=fused
+    )
     if row_groups is not None and col_groups is not None:
         row_keys, col_keys = row_groups.long(), col_groups.long()
     else:
@@ -185,7 +193,6 @@ def sigmoid_loss(
         offset = ranks.rank * m
         col_keys = offset + torch.arange(m, device=a.device)
         row_keys = offset + (torch.arange(n, device=a.device) if labels is None else labels.long())
-    fused = torch.is_grad_enabled() and any(x.requires_grad for x in (a, b, scale, bias))
     local_reduction = reduction if process_group is None else "sum"
     inputs = distinct(a, b, scale, bias, row_keys, col_keys)
     loss: torch.Tensor = SigmoidFunction.apply(

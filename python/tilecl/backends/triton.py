@@ -39,7 +39,17 @@ from .base import (
     with_unit_multipliers,
 )
 
-__all__ = ["GPU_CONFIGS", "KernelConfig", "MAX_BLOCK_DOUT", "lse_stats", "offset_backward", "pass_count"]
+__all__ = [
+    "GPU_CONFIGS",
+    "SIGMOID_GPU_CONFIGS",
+    "KernelConfig",
+    "MAX_BLOCK_DOUT",
+    "lse_stats",
+    "offset_backward",
+    "pass_count",
+    "sigmoid_pass_count",
+    "sigmoid_sweep",
+]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: float32 inputs use full-precision dot products unless this is set (TILECL_ALLOW_TF32=1)
@@ -94,14 +104,30 @@ MAX_DIM = 2**31 - MAX_BLOCK
 # chosen by `python -m tilecl inspect`: the largest tiles with zero register spills on sm_80 and sm_90
 
 
-def gpu_config(dim: int, dtype: torch.dtype) -> KernelConfig:
+#: the sigmoid form keeps more fp32 temporaries live per tile entry (the loss, σ's pieces), so the
+#: 16-bit tiles of the softmax configurations spill there: these are the largest spill-free ones
+#: for each feature width (python -m tilecl inspect); float32's are the softmax ones
+_SIGMOID_16_BIT = [
+    KernelConfig(32, 16, 32, 128, 4),
+    KernelConfig(16, 32, 32, 256, 8),
+    KernelConfig(16, 16, 32, 512, 8),
+]
+SIGMOID_GPU_CONFIGS = {
+    "float16": _SIGMOID_16_BIT,
+    "bfloat16": _SIGMOID_16_BIT,
+    "float32": GPU_CONFIGS["float32"],
+}
+
+
+def gpu_config(dim: int, dtype: torch.dtype, form: str = "softmax") -> KernelConfig:
     """The smallest configuration whose gradient accumulator holds all ``dim`` features (≤ 512)."""
-    configs = GPU_CONFIGS[str(dtype).removeprefix("torch.")]
+    table = SIGMOID_GPU_CONFIGS if form == "sigmoid" else GPU_CONFIGS
+    configs = table[str(dtype).removeprefix("torch.")]
     return next((c for c in configs if c.BLOCK_DOUT >= dim), configs[-1])
 
 
-def config_for(a: torch.Tensor) -> KernelConfig:
-    return INTERPRETER_CONFIG if INTERPRETED else gpu_config(a.shape[1], a.dtype)
+def config_for(a: torch.Tensor, form: str = "softmax") -> KernelConfig:
+    return INTERPRETER_CONFIG if INTERPRETED else gpu_config(a.shape[1], a.dtype, form)
 
 
 def pass_count(dim: int, block_dout: int, deterministic: bool) -> int:
@@ -235,7 +261,7 @@ def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> Sigm
     a, b = _check(scores.a, scores.b)
     scale, exclude_diagonal = scores.scale, scores.exclude_diagonal
     n, m, dim = a.shape[0], b.shape[0], a.shape[1]
-    cfg = config_for(a)
+    cfg = config_for(a, "sigmoid")
     opts = _launch_options(cfg)
     f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
     weights = terms.row_weights.to(**f32)
