@@ -62,6 +62,17 @@ def median_time(fn, rounds: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def fastest_time(fn, runs: int) -> float:
+    """Fastest wall time of ``runs`` calls after one warm-up call (interference only adds time)."""
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:

@@ -13,7 +13,6 @@ caps N.
 from __future__ import annotations
 
 import os
-import time
 from typing import Callable
 
 import pytest
@@ -21,7 +20,7 @@ import torch
 
 import tilecl
 
-from .conftest import merge_rows
+from .conftest import fastest_time, merge_rows
 
 D = 256
 NS = [2048, 8192]
@@ -30,15 +29,6 @@ MAX_N = int(os.environ.get("TILECL_BENCH_MAX_N", str(max(NS))))
 LARGE = ("clip", "nt_xent", "GammaContrastiveLoss")
 #: eager and compiled alternate this many times, a few runs each
 INTERLEAVED = 4
-
-
-def _fastest(fn: Callable[[], None], runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def _features(n: int, count: int) -> list[torch.Tensor]:
@@ -103,8 +93,8 @@ def test_compiled_vs_eager(benchmark, name, n):
     rounds = 5 if n <= 2048 else 3
     eager_s, compiled_s = [], []
     for _ in range(INTERLEAVED):
-        eager_s.append(_fastest(step(fn), rounds))
-        compiled_s.append(_fastest(step(compiled), rounds))
+        eager_s.append(fastest_time(step(fn), rounds))
+        compiled_s.append(fastest_time(step(compiled), rounds))
     benchmark.pedantic(step(compiled), rounds=1)
     row = {
         "loss": name,

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
-from typing import Callable
 
 import pytest
 import torch
@@ -29,7 +27,7 @@ import tilecl
 from tilecl.memory import peak_extra_memory_cpu
 from tilecl.naive import naive_sigmoid_loss
 
-from .conftest import matmul_flops, merge_rows
+from .conftest import fastest_time, matmul_flops, merge_rows
 
 NS = [1024, 4096, 8192, 16384, 65536]
 DS = [128, 512]
@@ -45,16 +43,6 @@ RAM_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 OPEN_CLIP_BYTES_PER_N2 = 16
 
 
-def _fastest(fn: Callable[[], None], runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def three_mm_seconds(n: int, d: int) -> float:
     """``S = a bᵀ``, ``S·b`` and ``Sᵀ·a``: the products a fused sigmoid fwd+bwd cannot avoid."""
     a, b = torch.randn(n, d), torch.randn(n, d)
@@ -66,7 +54,7 @@ def three_mm_seconds(n: int, d: int) -> float:
         torch.mm(scores, b, out=out_a)
         torch.mm(scores.t(), a, out=out_b)
 
-    return _fastest(products, 3)
+    return fastest_time(products, 3)
 
 
 def configs():
@@ -109,7 +97,7 @@ def test_siglip_fwd_bwd(benchmark, provider, n, d):
             fn(a, b, scale, bias).backward()
 
         runs = 5 if n <= 4096 else 3
-        row["time_s"] = _fastest(step, runs)
+        row["time_s"] = fastest_time(step, runs)
         row["timing"] = f"fastest of {runs} warm runs"
         benchmark.pedantic(step, rounds=1)
     if n <= MEASURED_MM_N:

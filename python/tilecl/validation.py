@@ -109,27 +109,32 @@ def _is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
-def check_scale(value: Scale, name: str, like: torch.Tensor) -> torch.Tensor:
-    """A finite positive scalar (number or one-element tensor) as a 0-d tensor on ``like``'s device.
-
-    It is the exponentiated inverse temperature: 0 or less almost always means
-    the log-scale was passed, so that is refused with a pointer to ``.exp()``.
-    """
+def _scalar(value: object, name: str, like: torch.Tensor) -> tuple[torch.Tensor, Optional[float]]:
+    """A number or one-element floating tensor as a 0-d tensor on ``like``'s device, and its value
+    (``None`` where it cannot be read now: under compilation, on meta or fake tensors)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         if not value.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
         tensor = value.reshape(()).to(like.device)
-        if not reads_values(value):
-            check_values(torch.isfinite(tensor) & (tensor > 0), f"{name} must be finite and > 0")
-            return tensor
-        number = float(value.detach())
-    elif _is_number(value):
-        number = float(value)
-        tensor = torch.tensor(number, dtype=torch.float64, device=like.device)
-    else:
-        raise TypeError(f"{name} must be a number or a 0-d tensor, got {type(value).__name__}")
+        return tensor, float(value.detach()) if reads_values(value) else None
+    if _is_number(value):
+        number = float(value)  # type: ignore[arg-type]
+        return torch.tensor(number, dtype=torch.float64, device=like.device), number
+    raise TypeError(f"{name} must be a number or a 0-d tensor, got {type(value).__name__}")
+
+
+def check_scale(value: Scale, name: str, like: torch.Tensor) -> torch.Tensor:
+    """A finite positive scalar (number or one-element tensor) as a 0-d tensor on ``like``'s device.
+
+    It is the exponentiated inverse temperature: 0 or less almost always means
+    the log-scale was passed, so that is refused with a pointer to ``.exp()``.
+    """
+    tensor, number = _scalar(value, name, like)
+    if number is None:
+        check_values(torch.isfinite(tensor) & (tensor > 0), f"{name} must be finite and > 0")
+        return tensor
     if not math.isfinite(number):
         raise ValueError(f"{name} must be finite, got {number}")
     if number <= 0:
@@ -144,20 +149,12 @@ def check_bias(value: Optional[Scale], name: str, like: torch.Tensor) -> torch.T
     """A finite scalar of any sign (number or one-element tensor) as a 0-d tensor; ``None`` is 0."""
     if value is None:
         return torch.zeros((), dtype=torch.float64, device=like.device)
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        if not value.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-        tensor = value.reshape(()).to(like.device)
-        if not reads_values(value):
-            check_values(torch.isfinite(tensor), f"{name} must be finite")
-        elif not math.isfinite(float(value.detach())):
-            raise ValueError(f"{name} must be finite, got {float(value.detach())}")
-        return tensor
-    if not _is_number(value):
-        raise TypeError(f"{name} must be a number or a 0-d tensor, got {type(value).__name__}")
-    return torch.tensor(check_number(value, name), dtype=torch.float64, device=like.device)
+    tensor, number = _scalar(value, name, like)
+    if number is None:
+        check_values(torch.isfinite(tensor), f"{name} must be finite")
+    elif not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {number}")
+    return tensor
 
 
 def check_labels(labels: Optional[torch.Tensor], rows: int, cols: int, like: torch.Tensor) -> None:
