@@ -15,13 +15,21 @@ import pytest
 import torch
 
 import tilecl
-from tilecl import reference
 from tilecl.backends import BACKENDS
 from tilecl.naive import naive_sigmoid_loss
-from utils import Combo, assert_all_close_by_rule, assert_rel, host, make_inputs, matrix
+from utils import (
+    SIGMOID_NAMES,
+    Combo,
+    assert_all_close_by_rule,
+    assert_rel,
+    make_inputs,
+    matrix,
+    run_sigmoid,
+    sigmoid_oracle,
+)
 
 ALL = matrix()
-NAMES = ("loss", "grad_a", "grad_b", "grad_scale", "grad_bias")
+NAMES = SIGMOID_NAMES
 SHAPES = [(1, 1, 1), (13, 17, 5), (37, 45, 40), pytest.param(70, 130, 24, marks=pytest.mark.slow)]
 
 
@@ -34,38 +42,19 @@ def sigmoid_combo(combo: Combo) -> Combo:
     return combo
 
 
-def run(fn, a, b, scale: float, bias: float, grad_output=None, **kw):
-    """Loss and gradients (a, b, logit_scale, logit_bias) in the inputs' dtype and device."""
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    s = torch.tensor(scale, dtype=acc, device=a.device, requires_grad=True)
-    t = torch.tensor(bias, dtype=acc, device=a.device, requires_grad=True)
-    loss = fn(a, b, s, t, **kw)
-    if grad_output is not None:
-        grad_output = grad_output.to(device=a.device, dtype=loss.dtype)
-    return (loss, *torch.autograd.grad(loss, (a, b, s, t), grad_outputs=grad_output))
-
-
-def oracle(a, b, scale, bias, grad_output=None, **kw):
-    kw = {k: None if x is None else host(x).astype(int) for k, x in kw.items() if k != "reduction"} | {
-        "reduction": kw.get("reduction", "mean")
-    }
-    out = reference.sigmoid_loss(
-        host(a), host(b), scale, bias, grad_output=None if grad_output is None else host(grad_output), **kw
-    )
-    return out.loss, out.grad_a, out.grad_b, out.grad_logit_scale, out.grad_logit_bias
-
-
 def check(combo: Combo, n: int, m: int, d: int, scale=10.0, bias=-5.0, grad_output=None, **kw) -> None:
     a, b = combo.inputs(n, m, d, seed=n + m + d)
 
     def ours(a, b, s, t, **kw):
         return tilecl.sigmoid_loss(a, b, s, t, backend=combo.backend, **kw)
 
-    mine = run(ours, a, b, scale, bias, grad_output, **kw)
-    naive = run(naive_sigmoid_loss, a, b, scale, bias, grad_output, **kw)
+    mine = run_sigmoid(ours, a, b, scale, bias, grad_output, **kw)
+    naive = run_sigmoid(naive_sigmoid_loss, a, b, scale, bias, grad_output, **kw)
     if combo.backend != "reference":
         assert mine[0].dtype == (torch.float64 if combo.dtype == torch.float64 else torch.float32)
-    assert_all_close_by_rule(mine, naive, oracle(a, b, scale, bias, grad_output, **kw), combo.dtype, NAMES)
+    assert_all_close_by_rule(
+        mine, naive, sigmoid_oracle(a, b, scale, bias, grad_output, **kw), combo.dtype, NAMES
+    )
 
 
 @pytest.mark.parametrize("combo", ALL, indirect=True)
@@ -159,11 +148,11 @@ def test_deterministic_triton_sweep_is_reproducible_and_agrees():
         pytest.skip("triton cannot run here")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a, b = make_inputs(40, 50, 24, dtype=torch.float32, device=device, seed=2)
-    default = run(lambda *x: tilecl.sigmoid_loss(*x, backend="triton"), a, b, 10.0, -3.0)
+    default = run_sigmoid(lambda *x: tilecl.sigmoid_loss(*x, backend="triton"), a, b, 10.0, -3.0)
     torch.use_deterministic_algorithms(True)
     try:
-        first = run(lambda *x: tilecl.sigmoid_loss(*x, backend="triton"), a, b, 10.0, -3.0)
-        second = run(lambda *x: tilecl.sigmoid_loss(*x, backend="triton"), a, b, 10.0, -3.0)
+        first = run_sigmoid(lambda *x: tilecl.sigmoid_loss(*x, backend="triton"), a, b, 10.0, -3.0)
+        second = run_sigmoid(lambda *x: tilecl.sigmoid_loss(*x, backend="triton"), a, b, 10.0, -3.0)
     finally:
         torch.use_deterministic_algorithms(False)
     for x, y, z, name in zip(first, second, default, NAMES):

@@ -34,6 +34,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 NAMES = ("loss", "grad_a", "grad_b", "grad_scale")
+SIGMOID_NAMES = (*NAMES, "grad_bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +132,28 @@ def oracle(
         host(a), host(b), scale, grad_output=None if grad_output is None else host(grad_output), **kw
     )
     return out.loss, out.grad_a, out.grad_b, out.grad_logit_scale
+
+
+def run_sigmoid(fn, a, b, scale: float, bias: float, grad_output=None, **kw):
+    """The sigmoid loss and its gradients (a, b, logit_scale, logit_bias) in the inputs' dtype and device."""
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    s = torch.tensor(scale, dtype=acc, device=a.device, requires_grad=True)
+    t = torch.tensor(bias, dtype=acc, device=a.device, requires_grad=True)
+    loss = fn(a, b, s, t, **kw)
+    if grad_output is not None:
+        grad_output = grad_output.to(device=a.device, dtype=loss.dtype)
+    return (loss, *torch.autograd.grad(loss, (a, b, s, t), grad_outputs=grad_output))
+
+
+def sigmoid_oracle(a, b, scale, bias, grad_output=None, **kw):
+    """The float64 oracle's sigmoid loss and gradients for the same (rounded) inputs."""
+    kw = {k: None if x is None else host(x).astype(int) for k, x in kw.items() if k != "reduction"} | {
+        "reduction": kw.get("reduction", "mean")
+    }
+    out = reference.sigmoid_loss(
+        host(a), host(b), scale, bias, grad_output=None if grad_output is None else host(grad_output), **kw
+    )
+    return out.loss, out.grad_a, out.grad_b, out.grad_logit_scale, out.grad_logit_bias
 
 
 def extension_in_a_fresh_process(library: Any) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import torch
 
 from . import validation as v
 from .backends import Primitives, Scores, SigmoidTerms, resolve_backend
-from .backends.ops import result_dtype
+from .backends.base import accumulation_dtype
 from .distributed import Ranks
 from .function import distinct, refuse_second_derivative
 
@@ -57,12 +57,12 @@ class SigmoidFunction(torch.autograd.Function):
         reduction: str,
         fused: bool,
     ) -> torch.Tensor:
-        acc = result_dtype("", a.dtype)
+        acc = accumulation_dtype(a.dtype)
         scores = Scores(a, b, scale, False)
         weights = torch.ones(a.shape[0], dtype=acc, device=a.device)
         sweep = primitives.sigmoid_sweep(scores, SigmoidTerms(bias, row_keys, col_keys, weights), fused)
         row_loss = sweep.row_loss.to(acc)
-        ctx.primitives, ctx.reduction, ctx.fused = primitives, reduction, fused
+        ctx.primitives, ctx.fused = primitives, fused
         ctx.divisor = a.shape[0] if reduction == "mean" else 1
         if fused:
             ctx.save_for_backward(sweep.grad_a, sweep.grad_b, sweep.grad_scale, sweep.grad_bias)
@@ -87,7 +87,7 @@ class SigmoidFunction(torch.autograd.Function):
                 )
             else:
                 saved_a, saved_b, saved_scale, saved_bias, row_keys, col_keys = ctx.saved_tensors
-                acc = result_dtype("", saved_a.dtype)
+                acc = accumulation_dtype(saved_a.dtype)
                 weights = grad_output.to(acc).expand(saved_a.shape[0]) / ctx.divisor
                 terms = SigmoidTerms(saved_bias, row_keys, col_keys, weights.contiguous())
                 scores = Scores(saved_a, saved_b, saved_scale, False)

@@ -45,9 +45,11 @@ __all__ = [
     "SigmoidSweep",
     "SigmoidTerms",
     "Unsupported",
+    "accumulation_dtype",
     "anywhere",
     "cuda_visible",
     "with_unit_multipliers",
+    "with_unit_weights",
 ]
 
 #: every floating dtype a loss takes
@@ -235,6 +237,22 @@ class Backend:
         return [u.reason for u in self.unsupported(device, dtype, form)]
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (so gradcheck works); everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _unit(*mults: torch.Tensor) -> torch.Tensor:
+    """A power of two (exact) that brings the largest ``|mult|`` into [1, 2); 1 if there is none."""
+    peak = torch.zeros((), dtype=torch.float32, device=mults[0].device)
+    for mult in mults:
+        if mult.numel():
+            peak = torch.maximum(peak, mult.detach().abs().max().to(peak))
+    usable = torch.isfinite(peak) & (peak > 0)
+    # a tensor, not a float: no device synchronization
+    return torch.where(usable, torch.exp2(-torch.floor(torch.log2(peak))), torch.ones_like(peak))
+
+
 def with_unit_multipliers(offset_backward: Callable[..., Gradients]) -> Callable[..., Gradients]:
     """``offset_backward`` with float16 multipliers rescaled by a power of two (exact) around 1.
 
@@ -249,15 +267,26 @@ def with_unit_multipliers(offset_backward: Callable[..., Gradients]) -> Callable
     def rescaled(scores: Scores, terms: OffsetTerms) -> Gradients:
         if scores.a.dtype != torch.float16:
             return offset_backward(scores, terms)
-        peak = torch.zeros((), dtype=torch.float32, device=scores.a.device)
-        for mult in (terms.row_mult, terms.col_mult):
-            if mult.numel():
-                peak = torch.maximum(peak, mult.detach().abs().max().to(peak))
-        usable = torch.isfinite(peak) & (peak > 0)
-        # a tensor, not a float: no device synchronization
-        unit = torch.where(usable, torch.exp2(-torch.floor(torch.log2(peak))), torch.ones_like(peak))
+        unit = _unit(terms.row_mult, terms.col_mult)
         scaled = terms._replace(row_mult=terms.row_mult * unit, col_mult=terms.col_mult * unit)
         grads = offset_backward(scores, scaled)
         return Gradients(*(x / unit.to(x.dtype) for x in grads))
+
+    return rescaled
+
+
+def with_unit_weights(sigmoid_sweep: Callable[..., SigmoidSweep]) -> Callable[..., SigmoidSweep]:
+    """``sigmoid_sweep`` with float16 row weights rescaled as :func:`with_unit_multipliers` does.
+
+    ``G = w·(σ − [z = +1])`` is rounded to float16 for the products; per-row
+    upstream weights ~1/N would make it subnormal.
+    """
+
+    def rescaled(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
+        if scores.a.dtype != torch.float16 or not with_grads:
+            return sigmoid_sweep(scores, terms, with_grads)
+        unit = _unit(terms.row_weights)
+        sweep = sigmoid_sweep(scores, terms._replace(row_weights=terms.row_weights * unit), with_grads)
+        return SigmoidSweep(*(x / unit.to(x.dtype) for x in sweep))
 
     return rescaled

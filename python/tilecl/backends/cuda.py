@@ -27,7 +27,16 @@ from typing import Any, Iterator, Optional
 import torch
 
 from .. import _cuda_build
-from .base import Gradients, LseStats, OffsetTerms, Scores, SigmoidSweep, SigmoidTerms, with_unit_multipliers
+from .base import (
+    Gradients,
+    LseStats,
+    OffsetTerms,
+    Scores,
+    SigmoidSweep,
+    SigmoidTerms,
+    with_unit_multipliers,
+    with_unit_weights,
+)
 
 __all__ = [
     "DTYPE_CODES",
@@ -273,17 +282,14 @@ class CudaKernels:
         row and column kernels (4 passes, no float atomics). float16 weights
         are rescaled by a power of two first, as the offset form's multipliers.
         """
+        return with_unit_weights(self._launch_sigmoid)(scores, terms, with_grads)
+
+    def _launch_sigmoid(self, scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
         backend = self.backend
         a, b = _check_inputs(scores.a, scores.b, backend)
         n, m, d = a.shape[0], b.shape[0], a.shape[1]
         f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
         weights = _vector(terms.row_weights, "row_weights", n, a, torch.float32)
-        unit = torch.ones((), **f32)
-        if a.dtype == torch.float16 and with_grads:
-            peak = weights.abs().max()
-            usable = torch.isfinite(peak) & (peak > 0)
-            unit = torch.where(usable, torch.exp2(-torch.floor(torch.log2(peak))), unit)
-            weights = (weights * unit).contiguous()
         row_keys = terms.row_keys.to(device=a.device, dtype=torch.int64).contiguous()
         col_keys = terms.col_keys.to(device=a.device, dtype=torch.int64).contiguous()
         s, bias = _scale(scores.scale, backend), float(terms.bias)
@@ -305,7 +311,7 @@ class CudaKernels:
             )  # fmt: skip
         if not with_grads:
             return SigmoidSweep(row_loss, *(torch.empty(0, **f32) for _ in range(4)))
-        return SigmoidSweep(*(x / unit for x in (row_loss, grad_a, grad_b, grad_scale, grad_bias)))
+        return SigmoidSweep(row_loss, grad_a, grad_b, grad_scale, grad_bias)
 
     def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
         """:class:`~tilecl.backends.base.Gradients` in float32 (float16 multipliers rescaled first)."""

@@ -34,7 +34,16 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .base import Gradients, LseStats, OffsetTerms, Primitives, Scores, SigmoidSweep, SigmoidTerms
+from .base import (
+    Gradients,
+    LseStats,
+    OffsetTerms,
+    Primitives,
+    Scores,
+    SigmoidSweep,
+    SigmoidTerms,
+    accumulation_dtype,
+)
 
 __all__ = ["NAMESPACE", "OPS", "RegisteredPrimitives", "result_dtype", "sigmoid_sweep_op"]
 
@@ -55,7 +64,7 @@ def result_dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
     The reference oracle answers in float64 whatever the input; every other
     backend accumulates float64 in float64 and anything else in float32.
     """
-    return torch.float64 if backend == "reference" or dtype == torch.float64 else torch.float32
+    return torch.float64 if backend == "reference" else accumulation_dtype(dtype)
 
 
 def _fresh(x: Tensor, inputs: tuple[Tensor, ...]) -> Tensor:

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from .._compat import softplus_into
-from .base import Gradients, LseStats, OffsetTerms, Scores, SigmoidSweep, SigmoidTerms
+from .base import Gradients, LseStats, OffsetTerms, Scores, SigmoidSweep, SigmoidTerms, accumulation_dtype
 
 __all__ = ["TILE_BYTES", "accumulation_dtype", "lse_stats", "offset_backward", "sigmoid_sweep", "tile_shape"]
 
@@ -38,11 +38,6 @@ TILE_BYTES: int = int(os.environ.get("TILECL_TILE_BYTES", str(16 << 20)))
 # remaining tiles take the exact two-exp path. Margins in natural-log units.
 _SAFE_WINDOW = {torch.float32: 80.0, torch.float64: 700.0}
 _UNDERFLOW_GUARD = {torch.float32: math.exp(-60.0), torch.float64: math.exp(-600.0)}
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64 (so gradcheck works); everything else accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def tile_shape(n: int, m: int, acc: torch.dtype) -> tuple[int, int]:

@@ -37,6 +37,7 @@ from .base import (
     SigmoidSweep,
     SigmoidTerms,
     with_unit_multipliers,
+    with_unit_weights,
 )
 
 __all__ = [
@@ -252,6 +253,7 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     return Gradients(grad_a, grad_b, grad_scale)
 
 
+@with_unit_weights
 def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
     """:class:`~tilecl.backends.base.SigmoidSweep` in float32: ``backward_kernel`` in its sigmoid form.
 
@@ -264,15 +266,7 @@ def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> Sigm
     cfg = config_for(a, "sigmoid")
     opts = _launch_options(cfg)
     f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
-    weights = terms.row_weights.to(**f32)
-    unit = torch.ones((), **f32)
-    if a.dtype == torch.float16 and with_grads:
-        # G = w·(σ − z) is rounded to float16 for the products: weights ~1/N would make it subnormal
-        peak = weights.abs().max() if n else unit
-        usable = torch.isfinite(peak) & (peak > 0)
-        unit = torch.where(usable, torch.exp2(-torch.floor(torch.log2(peak))), unit)
-        weights = weights * unit
-    weights = weights.contiguous()
+    weights = terms.row_weights.to(**f32).contiguous()
     row_keys, col_keys = terms.row_keys.contiguous(), terms.col_keys.contiguous()
     deterministic = torch.are_deterministic_algorithms_enabled()
     s, bias = float(scale), float(terms.bias)
@@ -306,7 +300,5 @@ def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> Sigm
     grad_scale = scale_partials.sum()
     if abs(s) < TINY_SCALE and a.dtype != torch.float32:
         # as in offset_backward: S / scale holds no a·b at scale ~0
-        grad_scale = torch_primitives.sigmoid_sweep(scores, terms, True).grad_scale.float() * unit
-    return SigmoidSweep(
-        row_loss / unit, grad_a / unit, grad_b / unit, grad_scale / unit, bias_partials.sum() / unit
-    )
+        grad_scale = torch_primitives.sigmoid_sweep(scores, terms, True).grad_scale.float()
+    return SigmoidSweep(row_loss, grad_a, grad_b, grad_scale, bias_partials.sum())
