@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import functools
 import gc
+import math
 import weakref
 
 import pytest
@@ -461,6 +462,9 @@ def _bad_input_worker(rank: int, world: int, store: str, out: str) -> None:
         "unavailable backend": clip(backend="cuda" if odd else "torch"),  # a RuntimeError on rank 1
         "ClipLoss pair": lambda: tilecl.ClipLoss(rank=rank, world_size=world)(a, a[:, :2] if odd else a, 1.0),
         "uniformity t": lambda: uniformity_loss(a, 3.0 if odd else 2.0, process_group=group),
+        "sigmoid bias": lambda: tilecl.sigmoid_loss(
+            a, a.clone(), 1.0, math.nan if odd else 0.0, process_group=group
+        ),
     }
     messages = {}
     for name, call in calls.items():
@@ -500,12 +504,14 @@ def test_bad_input_on_one_rank_raises_everywhere_and_leaves_memory(tmp_path):
     assert "index must lie in" in m1["gamma index"] and "temperature" in m1["nt-xent temperature"]
     assert "'mean' or 'sum'" in m1["reduction none"] and "backend='cuda'" in m1["unavailable backend"]
     assert "image_features and text_features" in m1["ClipLoss pair"]
+    assert "logit_bias must be finite" in m1["sigmoid bias"]
     for name in (
         "gamma index",
         "nt-xent temperature",
         "reduction none",
         "unavailable backend",
         "ClipLoss pair",
+        "sigmoid bias",
     ):
         assert "another rank" in m0[name], (name, m0[name])
     # calls that are well-formed on each rank but differ between them: the same error on both
