@@ -68,27 +68,46 @@ def _scores(
     stride_a,
     stride_b,
     scale,
+    row_group_ptr,
+    col_group_ptr,
+    kept_ptr,
     EXCLUDE_DIAGONAL: tl.constexpr,
+    MASKED: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """The fp32 tile ``scale · a[rows] · b[cols]ᵀ``, ``-inf`` outside the matrix (and on the diagonal)."""
+    """The fp32 tile ``scale · a[rows] · b[cols]ᵀ``, ``-inf`` outside the matrix and where excluded."""
     acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         feats = d0 + tl.arange(0, BLOCK_D)
         a = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
         b = _load_block(b_ptr, cols, n_cols, feats, dim, stride_b)
         acc = _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
-    return _masked(acc * scale, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL)
+    return _masked(
+        acc * scale, rows, cols, n_rows, n_cols, row_group_ptr, col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL,
+        MASKED,
+    )  # fmt: skip
 
 
 @triton.jit
-def _masked(s, rows, cols, n_rows, n_cols, EXCLUDE_DIAGONAL: tl.constexpr):
-    """``-inf`` outside the matrix and, for NT-Xent, on the diagonal."""
-    valid = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+def _masked(
+    s, rows, cols, n_rows, n_cols, row_group_ptr, col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    """``-inf`` outside the matrix, for NT-Xent on the diagonal, and (``MASKED``) on the false
+    negatives: same group id, not the row's kept (positive) column."""
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    valid = row_ok[:, None] & col_ok[None, :]
     if EXCLUDE_DIAGONAL:
         valid = valid & (rows[:, None] != cols[None, :])
+    if MASKED:
+        row_group = tl.load(row_group_ptr + rows, mask=row_ok, other=0)
+        kept = tl.load(kept_ptr + rows, mask=row_ok, other=-1)
+        col_group = tl.load(col_group_ptr + cols, mask=col_ok, other=0)
+        same = row_group[:, None] == col_group[None, :]
+        valid = valid & ~(same & (cols[None, :].to(tl.int64) != kept[:, None]))
     return tl.where(valid, s, float("-inf"))
 
 
@@ -123,7 +142,11 @@ def row_stats_kernel(
     dim,
     stride_a,
     stride_b,
+    row_group_ptr,
+    col_group_ptr,
+    kept_ptr,
     EXCLUDE_DIAGONAL: tl.constexpr,
+    MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -148,7 +171,11 @@ def row_stats_kernel(
             stride_a,
             stride_b,
             scale,
+            row_group_ptr,
+            col_group_ptr,
+            kept_ptr,
             EXCLUDE_DIAGONAL,
+            MASKED,
             BLOCK_D,
             PRECISION,
             UPCAST,
@@ -172,7 +199,11 @@ def col_stats_kernel(
     dim,
     stride_a,
     stride_b,
+    row_group_ptr,
+    col_group_ptr,
+    kept_ptr,
     EXCLUDE_DIAGONAL: tl.constexpr,
+    MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -195,7 +226,11 @@ def col_stats_kernel(
             stride_a,
             stride_b,
             scale,
+            row_group_ptr,
+            col_group_ptr,
+            kept_ptr,
             EXCLUDE_DIAGONAL,
+            MASKED,
             BLOCK_D,
             PRECISION,
             UPCAST,
@@ -251,14 +286,15 @@ def _sigmoid_tile(s, rows, cols, g_ptr, row_key_ptr, col_key_ptr, bias, n_rows, 
 @triton.jit
 def _recomputed_gradient(
     a_ptr, b_ptr, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, scale, n_rows, n_cols, col_count, dim,
-    stride_a, stride_b, row_key_ptr, col_key_ptr, bias, EXCLUDE_DIAGONAL: tl.constexpr,
-    SIGMOID: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    stride_a, stride_b, row_key_ptr, col_key_ptr, bias, row_group_ptr, col_group_ptr, kept_ptr,
+    EXCLUDE_DIAGONAL: tl.constexpr, MASKED: tl.constexpr, SIGMOID: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """The fp32 tiles of ``G`` at (rows, cols), ``S`` recomputed exactly as in the forward, ``G∘S``
     and (sigmoid form) the losses; the form is chosen at compile time."""
     s = _scores(
-        a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_a, stride_b, scale, EXCLUDE_DIAGONAL,
-        BLOCK_D, PRECISION, UPCAST,
+        a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_a, stride_b, scale, row_group_ptr,
+        col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL, MASKED, BLOCK_D, PRECISION, UPCAST,
     )  # fmt: skip
     if SIGMOID:
         return _sigmoid_tile(s, rows, cols, g_ptr, row_key_ptr, col_key_ptr, bias, n_rows, n_cols)
@@ -290,7 +326,11 @@ def backward_kernel(
     bias,
     row_loss_ptr,
     bias_partial_ptr,
+    row_group_ptr,
+    col_group_ptr,
+    kept_ptr,
     EXCLUDE_DIAGONAL: tl.constexpr,
+    MASKED: tl.constexpr,
     ATOMIC_GRAD_B: tl.constexpr,
     SCALE_FROM_FP32_G: tl.constexpr,
     SIGMOID: tl.constexpr,
@@ -319,8 +359,8 @@ def backward_kernel(
         cols = c0 + tl.arange(0, BLOCK_N)
         grad, grad_times_s, loss = _recomputed_gradient(
             a_ptr, b_ptr, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, scale, n_rows, n_cols, col_count, dim,
-            stride_a, stride_b, row_key_ptr, col_key_ptr, bias, EXCLUDE_DIAGONAL, SIGMOID, BLOCK_D,
-            PRECISION, UPCAST,
+            stride_a, stride_b, row_key_ptr, col_key_ptr, bias, row_group_ptr, col_group_ptr, kept_ptr,
+            EXCLUDE_DIAGONAL, MASKED, SIGMOID, BLOCK_D, PRECISION, UPCAST,
         )  # fmt: skip
         if SIGMOID:
             loss_rows += tl.sum(loss, axis=1)
@@ -380,7 +420,11 @@ def backward_cols_kernel(
     row_key_ptr,
     col_key_ptr,
     bias,
+    row_group_ptr,
+    col_group_ptr,
+    kept_ptr,
     EXCLUDE_DIAGONAL: tl.constexpr,
+    MASKED: tl.constexpr,
     SIGMOID: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -398,8 +442,8 @@ def backward_cols_kernel(
         rows = r0 + tl.arange(0, BLOCK_M)
         grad, _, _ = _recomputed_gradient(
             a_ptr, b_ptr, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, scale, n_rows, n_cols, col_count, dim,
-            stride_a, stride_b, row_key_ptr, col_key_ptr, bias, EXCLUDE_DIAGONAL, SIGMOID, BLOCK_D,
-            PRECISION, UPCAST,
+            stride_a, stride_b, row_key_ptr, col_key_ptr, bias, row_group_ptr, col_group_ptr, kept_ptr,
+            EXCLUDE_DIAGONAL, MASKED, SIGMOID, BLOCK_D, PRECISION, UPCAST,
         )  # fmt: skip
         a_out = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
         grad_b = _dot(tl.trans(grad.to(a_out.dtype)), a_out, grad_b, PRECISION, UPCAST)

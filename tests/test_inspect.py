@@ -32,7 +32,7 @@ def test_every_kernel_config_and_arch_compiles(report):
     combos = {
         (k["name"], k["arch"], k["dtype"], json.dumps(k["config"], sort_keys=True)) for k in report["kernels"]
     }
-    assert len(combos) == len(report["kernels"]) == 9 * 2 * 9
+    assert len(combos) == len(report["kernels"]) == 11 * 2 * 9
     assert report["passes"] == {"default": 5, "deterministic": 6}
     # the sigmoid loss is one sweep: S, G·b and Gᵀ·a (the deterministic one recomputes S for Gᵀ·a)
     assert report["sigmoid_passes"] == {"default": 3, "deterministic": 4}

@@ -34,12 +34,18 @@ def check_call(
     reduction: str,
     backend: str,
     names: tuple[str, str] = ("a", "b"),
+    groups: tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None),
+    weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, LossSpec]:
     """Every check of a contrastive call, before any compute; returns the scale tensor and the spec."""
     v.check_pair(a, b, names)
     n, m = a.shape[0], b.shape[0]
     v.check_reduction(reduction)
     v.check_labels(labels, n, m, a)
+    v.check_groups(*groups, n, m, a)
+    v.check_weights(weights, n, a)
+    if positives is not None and groups[0] is not None:
+        raise ValueError("row_groups/col_groups mask columns of b; with positives the positive is not one")
     if positives is not None:
         v.check_pair(a, positives, (names[0], "positives"))
         if positives.shape[0] != n:
@@ -68,6 +74,9 @@ def contrastive_loss(
     reduction: str = "mean",
     backend: str = "auto",
     positives: Optional[torch.Tensor] = None,
+    row_groups: Optional[torch.Tensor] = None,
+    col_groups: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
     process_group: Optional[Any] = None,
     dist_impl: str = "gather",
     argument_names: tuple[str, str] = ("a", "b"),
@@ -97,6 +106,18 @@ def contrastive_loss(
             ``b``, so that it is *not* in the denominator (decoupled form:
             ``ℓ_i = LSE_j S_ij − s·a_i·p_i`` over ``b``'s columns only, as in the
             gamma paper's ``D_i = E_neg[exp s]``). Needs ``symmetric=False``.
+        row_groups, col_groups: optional ``(N,)`` and ``(M [+ K],)`` integer
+            group ids (one per column of ``b``, then of ``negatives``):
+            false-negative masking. An entry ``(i, j)`` with
+            ``row_groups[i] == col_groups[j]`` that is not the pair's positive
+            (``j != y_i``) is removed from both directions' denominators —
+            two captions of one image, a duplicated query. Applied inside the
+            tiles (no ``N x M`` mask); a row masked down to its positive has
+            loss 0.
+        weights: optional ``(N,)`` non-negative per-pair weights:
+            ``"sum"`` is ``Σ w_i ℓ_i``, ``"mean"`` is ``Σ w_i ℓ_i / Σ w_i``
+            (0 when every weight is 0), ``"none"`` is ``w_i ℓ_i``. They are the
+            backward's row multipliers; no gradient flows into them.
 
     Distributed:
         process_group: a ``torch.distributed`` group: the loss is then the
@@ -121,14 +142,19 @@ def contrastive_loss(
             v.check_pair(b, negatives, (argument_names[1], "negatives"))
         columns = b if negatives is None else torch.cat([b, negatives])
         return check_call(
-            a, columns, logit_scale, labels, positives, symmetric, reduction, backend, argument_names
-        )
+            a, columns, logit_scale, labels, positives, symmetric, reduction, backend, argument_names,
+            (row_groups, col_groups), weights,
+        )  # fmt: skip
 
     scale, spec = ranks.checked(check, reduction)
     if negatives is not None:
         b = torch.cat([b, negatives])
-    loss = apply_loss(a, b, scale, ranks.sharded(spec, a, b, labels), labels=labels, positives=positives)
-    return ranks.global_loss(loss, a.shape[0], reduction)
+    groups = None if row_groups is None or col_groups is None else (row_groups, col_groups)
+    sharded = ranks.sharded(spec, a, b, labels, masked=groups is not None, weighted=weights is not None)
+    loss = apply_loss(
+        a, b, scale, sharded, labels=labels, positives=positives, groups=groups, weights=weights
+    )
+    return ranks.global_loss(loss, a.shape[0], reduction, weights)
 
 
 def gamma_contrastive_loss(
@@ -143,6 +169,9 @@ def gamma_contrastive_loss(
     reduction: str = "mean",
     backend: str = "auto",
     positives: Optional[torch.Tensor] = None,
+    row_groups: Optional[torch.Tensor] = None,
+    col_groups: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
     process_group: Optional[Any] = None,
     dist_impl: str = "gather",
 ) -> torch.Tensor:
@@ -164,30 +193,38 @@ def gamma_contrastive_loss(
         log_u_cols: ``(N,)`` ``log u'_i`` of pair ``i``'s column direction
             (required when ``symmetric``).
         Others: as :func:`contrastive_loss`; with ``process_group``, ``M`` and
-            ``N`` in ``D̂`` are the global counts.
+            ``N`` in ``D̂`` are the global counts. With ``row_groups`` /
+            ``col_groups`` the masked entries leave ``D̂``'s sum; its
+            normalizer stays ``M`` (``N``).
     """
 
     ranks = Ranks(process_group, dist_impl)
 
     def check() -> tuple[torch.Tensor, LossSpec]:
-        checked = check_call(a, b, logit_scale, labels, positives, symmetric, reduction, backend)
+        checked = check_call(
+            a, b, logit_scale, labels, positives, symmetric, reduction, backend, ("a", "b"),
+            (row_groups, col_groups), weights,
+        )  # fmt: skip
         v.check_log_weights(log_u_rows, "log_u_rows", a.shape[0], a)
         if symmetric:
             v.check_log_weights(log_u_cols, "log_u_cols", a.shape[0], a)
         return checked
 
     scale, spec = ranks.checked(check, reduction)
+    groups = None if row_groups is None or col_groups is None else (row_groups, col_groups)
     loss = apply_loss(
         a,
         b,
         scale,
-        ranks.sharded(spec, a, b, labels),
+        ranks.sharded(spec, a, b, labels, masked=groups is not None, weighted=weights is not None),
         labels=labels,
         positives=positives,
         log_u_rows=log_u_rows.detach(),
         log_u_cols=log_u_cols.detach() if symmetric and log_u_cols is not None else None,
+        groups=groups,
+        weights=weights,
     )
-    return ranks.global_loss(loss, a.shape[0], reduction)
+    return ranks.global_loss(loss, a.shape[0], reduction, weights)
 
 
 def nt_xent_loss(
@@ -197,6 +234,8 @@ def nt_xent_loss(
     *,
     reduction: str = "mean",
     backend: str = "auto",
+    groups: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
     process_group: Optional[Any] = None,
     dist_impl: str = "gather",
 ) -> torch.Tensor:
@@ -213,6 +252,11 @@ def nt_xent_loss(
         temperature: ``τ > 0``.
         reduction: ``"mean"`` over the ``2N`` views, ``"sum"``, or ``"none"``
             (``(2N,)``: the ``z1`` views first).
+        groups: optional ``(N,)`` integer ids of the samples: another sample
+            of the same group is not a negative (false-negative masking; both
+            views of a sample share its id, the partner stays the positive).
+        weights: optional ``(N,)`` per-sample weights, applied to both views
+            (see :func:`contrastive_loss`).
         process_group, dist_impl: as :func:`contrastive_loss`; every view's
             negatives are then all other views of all ranks.
     """
@@ -227,6 +271,9 @@ def nt_xent_loss(
             )
         v.check_positive(temperature, "temperature")
         v.check_reduction(reduction)
+        if groups is not None:
+            v.check_groups(groups, groups, z1.shape[0], z1.shape[0], z1)
+        v.check_weights(weights, z1.shape[0], z1)
         return LossSpec(False, reduction, True, resolve_backend(backend, z1.device, z1.dtype))
 
     spec = ranks.checked(check, reduction)
@@ -234,5 +281,18 @@ def nt_xent_loss(
     n = z1.shape[0]
     partners = torch.arange(2 * n, device=z1.device).roll(n)
     scale = torch.tensor(1.0 / temperature, dtype=torch.float64, device=z1.device)
-    loss = apply_loss(views, views, scale, ranks.sharded(spec, views, views, partners), labels=partners)
-    return ranks.global_loss(loss, 2 * n, reduction)
+    view_groups = None if groups is None else torch.cat([groups, groups]).long()
+    view_weights = None if weights is None else torch.cat([weights, weights])
+    sharded = ranks.sharded(
+        spec, views, views, partners, masked=view_groups is not None, weighted=view_weights is not None
+    )
+    loss = apply_loss(
+        views,
+        views,
+        scale,
+        sharded,
+        labels=partners,
+        groups=None if view_groups is None else (view_groups, view_groups),
+        weights=view_weights,
+    )
+    return ranks.global_loss(loss, 2 * n, reduction, view_weights)

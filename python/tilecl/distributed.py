@@ -51,7 +51,7 @@ from .backends.sharded import (
     gather_plain,
     logsumexp_across,
 )
-from .function import LossSpec, col_count
+from .function import LossSpec, col_count, weight_total
 
 __all__ = ["DIST_IMPLS", "Ranks", "agree", "agree_on_call", "global_value"]
 
@@ -149,13 +149,23 @@ class Ranks:
         return 1 if self.group is None else agree_on_call(self.group, **values)
 
     def sharded(
-        self, spec: LossSpec, a: torch.Tensor, b: torch.Tensor, labels: Optional[torch.Tensor]
+        self,
+        spec: LossSpec,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        **options: object,
     ) -> LossSpec:
-        """``spec`` over the global batch: sharded primitives, per-rank sums. Locally: ``spec``."""
+        """``spec`` over the global batch: sharded primitives, per-rank sums. Locally: ``spec``.
+
+        ``options``: more of the call every rank must agree on (e.g. whether
+        group ids or weights were given: they change what travels).
+        """
         if self.group is None:
             return spec
         n, m = a.shape[0], b.shape[0]
         world = self.agree_on_call(
+            **options,
             N=n,
             M=m,
             D=a.shape[1],
@@ -174,11 +184,22 @@ class Ranks:
             return local
         return ShardedPrimitives(local, Shard.of(self.group), self.dist_impl)
 
-    def global_loss(self, value: torch.Tensor, count: int, reduction: str) -> torch.Tensor:
-        """The global loss from :meth:`sharded`'s per-rank sum over ``count`` terms. Locally: ``value``."""
+    def global_loss(
+        self, value: torch.Tensor, count: int, reduction: str, weights: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The global loss from :meth:`sharded`'s per-rank sum over ``count`` terms. Locally: ``value``.
+
+        With per-pair ``weights`` a ``"mean"`` is the weighted mean over every rank's pairs.
+        """
         if self.group is None:
             return value
-        share = value / (count * self.world) if reduction == "mean" else value
+        if reduction != "mean":
+            share = value
+        elif weights is None:
+            share = value / (count * self.world)
+        else:
+            total = self.sum_(weights.detach().sum().to(value.dtype).reshape(1))[0]
+            share = value / weight_total(total.reshape(1))
         return global_value(share, self.world, self.group)
 
     def mean(self, per_sample: torch.Tensor) -> torch.Tensor:
@@ -191,6 +212,15 @@ class Ranks:
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's ``x`` concatenated in rank order (no autograd). Locally: ``x``."""
         return x if self.group is None else torch.cat(gather_plain(x, self.group))
+
+    def gather_with_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``x`` concatenated in rank order, differentiable: the backward sums every
+        rank's gradient of a part into its owner (the gradient convention above). Locally: ``x``."""
+        if self.group is None:
+            return x
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(x.contiguous(), group=self.group))
 
     def own(self, n: int) -> slice:
         """This rank's rows in :meth:`gather`'s concatenation of ``n``-row parts."""

@@ -34,8 +34,11 @@ __all__ = [
     "col_count",
     "distinct",
     "log_count",
+    "reduce_pairs",
     "refuse_second_derivative",
+    "scores_of",
     "targets_of",
+    "weight_total",
 ]
 
 DOUBLE_BACKWARD_MESSAGE = (
@@ -110,6 +113,21 @@ def col_count(labels: Optional[torch.Tensor], n: int, m: int, symmetric: bool) -
     return (n if labels is None else m) if symmetric else 0
 
 
+def scores_of(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    targets: torch.Tensor,
+    groups: Optional[tuple[torch.Tensor, torch.Tensor]],
+    spec: LossSpec,
+) -> Scores:
+    """The :class:`Scores` of a call: with ``groups`` (row, column ids), same-group entries other
+    than row ``i``'s positive ``targets[i]`` are excluded (false-negative masking)."""
+    if groups is None:
+        return Scores(a, b, scale, spec.exclude_diagonal)
+    return Scores(a, b, scale, spec.exclude_diagonal, groups[0].long(), groups[1].long(), targets)
+
+
 def batch_stats(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -117,26 +135,55 @@ def batch_stats(
     labels: Optional[torch.Tensor],
     positives: Optional[torch.Tensor],
     spec: LossSpec,
+    groups: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> LseStats:
     """One streaming pass over the tiles (no autograd). Decoupled positives are a row-wise dot."""
     n = a.shape[0]
     count = col_count(labels, n, b.shape[0], spec.symmetric)
     with torch.no_grad():
-        scores = Scores(a, b, scale, spec.exclude_diagonal)
-        row_lse, col_lse, positive = spec.primitives.lse_stats(scores, targets_of(labels, n, a.device), count)
+        targets = targets_of(labels, n, a.device)
+        scores = scores_of(a, b, scale, targets, groups, spec)
+        row_lse, col_lse, positive = spec.primitives.lse_stats(scores, targets, count)
         if positives is not None:
             acc = row_lse.dtype
             positive = scale.to(acc) * torch.sum(a.to(acc) * positives.to(acc), dim=1)
     return LseStats(row_lse, col_lse, positive)
 
 
-def _pair_weights(grad_output: torch.Tensor, reduction: str, n: int, acc: torch.dtype) -> torch.Tensor:
-    """d(loss)/d(ℓ_i) for each pair, as a length-``n`` vector."""
+def weight_total(weights: torch.Tensor) -> torch.Tensor:
+    """The normalizer of a weighted mean, ``Σ w``; an all-zero batch gives 0, not 0/0."""
+    return weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)
+
+
+def reduce_pairs(per_pair: torch.Tensor, reduction: str, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """``mean``, ``sum`` or ``none`` of the per-pair losses; with ``weights`` the pairs are weighted
+    and ``mean`` is ``Σ w_i ℓ_i / Σ w_i``."""
+    if weights is not None:
+        weights = weights.to(per_pair.dtype)
+        per_pair = per_pair * weights
+        if reduction == "mean":
+            return per_pair.sum() / weight_total(weights)
+    if reduction == "mean":
+        return per_pair.mean()
+    if reduction == "sum":
+        return per_pair.sum()
+    return per_pair
+
+
+def _pair_weights(
+    grad_output: torch.Tensor, reduction: str, n: int, acc: torch.dtype, weights: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """d(loss)/d(ℓ_i) for each pair, as a length-``n`` vector: the backward's row multipliers."""
     grad_output = grad_output.to(acc)
-    if reduction == "none":
-        return grad_output
-    per_pair = grad_output / n if reduction == "mean" else grad_output
-    return per_pair.expand(n)
+    if weights is None:
+        if reduction == "none":
+            return grad_output
+        per_pair = grad_output / n if reduction == "mean" else grad_output
+        return per_pair.expand(n)
+    w = weights.to(acc)
+    if reduction == "mean":
+        return grad_output * w / weight_total(w)
+    return grad_output * w
 
 
 class ContrastiveFunction(torch.autograd.Function):
@@ -159,6 +206,9 @@ class ContrastiveFunction(torch.autograd.Function):
         labels: Optional[torch.Tensor],
         log_u_rows: Optional[torch.Tensor],
         log_u_cols: Optional[torch.Tensor],
+        row_groups: Optional[torch.Tensor],
+        col_groups: Optional[torch.Tensor],
+        weights: Optional[torch.Tensor],
         stats: LseStats,
         spec: LossSpec,
     ) -> torch.Tensor:
@@ -181,14 +231,11 @@ class ContrastiveFunction(torch.autograd.Function):
                 col_offset = log_count(n * spec.world, row_lse) - log_u_cols.to(acc)
                 col_term = torch.exp(col_at_pair - col_offset)
             per_pair = (per_pair + col_term - positive) / 2
-        ctx.save_for_backward(a, b, positives, scale, targets, row_offset, col_offset)
+        saved = (a, b, positives, scale, targets, row_offset, col_offset, row_groups, col_groups, weights)
+        ctx.save_for_backward(*saved)
         ctx.col_count = col_lse.shape[0]
         ctx.spec = spec
-        if spec.reduction == "mean":
-            return per_pair.mean()
-        if spec.reduction == "sum":
-            return per_pair.sum()
-        return per_pair
+        return reduce_pairs(per_pair, spec.reduction, weights)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
@@ -198,10 +245,12 @@ class ContrastiveFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
-        a, b, positives, scale, targets, row_offset, col_offset = ctx.saved_tensors
+        a, b, positives, scale, targets, row_offset, col_offset, row_groups, col_groups, pair_weights = (
+            ctx.saved_tensors
+        )
         spec: LossSpec = ctx.spec
         acc = row_offset.dtype
-        weights = _pair_weights(grad_output, spec.reduction, a.shape[0], acc)
+        weights = _pair_weights(grad_output, spec.reduction, a.shape[0], acc, pair_weights)
         half = weights / 2 if spec.symmetric else weights
         col_mult = torch.zeros(ctx.col_count, dtype=acc, device=a.device)
         col_shift = torch.full_like(col_mult, math.inf)
@@ -214,7 +263,8 @@ class ContrastiveFunction(torch.autograd.Function):
             shares = torch.exp(col_shift[targets] - col_offset)
             col_mult.index_add_(0, targets, half * torch.where(torch.isposinf(col_offset), 0.0, shares))
         terms = OffsetTerms(row_offset, half, col_shift, col_mult)
-        scores = Scores(a, b, scale, spec.exclude_diagonal)
+        groups = None if row_groups is None else (row_groups, col_groups)
+        scores = scores_of(a, b, scale, targets, groups, spec)
         grad_a, grad_b, grad_scale = spec.primitives.offset_backward(scores, terms)
         # the positive logit enters every pair's loss with weight −w_i
         s = scale.to(acc)
@@ -234,11 +284,7 @@ class ContrastiveFunction(torch.autograd.Function):
             grad_b.to(b.dtype) if needs[1] else None,
             grad_positives,
             grad_scale.to(scale.dtype).reshape(scale.shape) if needs[3] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
+            *(None,) * 8,
         )
 
 
@@ -252,15 +298,24 @@ def apply_loss(
     positives: Optional[torch.Tensor] = None,
     log_u_rows: Optional[torch.Tensor] = None,
     log_u_cols: Optional[torch.Tensor] = None,
+    groups: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    weights: Optional[torch.Tensor] = None,
     stats: Optional[LseStats] = None,
 ) -> torch.Tensor:
-    """Run the shared Function, computing the batch statistics unless the caller already has them."""
+    """Run the shared Function, computing the batch statistics unless the caller already has them.
+
+    ``groups``: ``(row_groups (N,), col_groups (M,))`` false-negative masking;
+    ``weights``: ``(N,)`` per-pair weights (see :func:`reduce_pairs`), no gradient.
+    """
     if stats is None:
-        stats = batch_stats(a, b, scale, labels, positives, spec)
-    a, b, positives, scale, labels, log_u_rows, log_u_cols = distinct(  # type: ignore[assignment]
-        a, b, positives, scale, labels, log_u_rows, log_u_cols
+        stats = batch_stats(a, b, scale, labels, positives, spec, groups)
+    row_groups, col_groups = (None, None) if groups is None else groups
+    if weights is not None:
+        weights = weights.detach()
+    a, b, positives, scale, labels, log_u_rows, log_u_cols, row_groups, col_groups, weights = distinct(  # type: ignore[assignment]
+        a, b, positives, scale, labels, log_u_rows, log_u_cols, row_groups, col_groups, weights
     )
     loss: torch.Tensor = ContrastiveFunction.apply(
-        a, b, positives, scale, labels, log_u_rows, log_u_cols, stats, spec
+        a, b, positives, scale, labels, log_u_rows, log_u_cols, row_groups, col_groups, weights, stats, spec
     )
     return loss

@@ -35,14 +35,15 @@ TYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 def _signature(kernel: str, dtype: str) -> dict:
     t = f"*{TYPE_NAMES[dtype]}"
     f32, i32 = "*fp32", "i32"
+    groups = {"row_group_ptr": "*i64", "col_group_ptr": "*i64", "kept_ptr": "*i64"}
     shapes = {"n_rows": i32, "n_cols": i32}
     strides = {"dim": i32, "stride_a": i32, "stride_b": i32}
     if kernel == "row_stats_kernel":
         ptrs = {"a_ptr": t, "b_ptr": t, "targets_ptr": "*i64", "row_lse_ptr": f32, "positive_ptr": f32}
-        return {**ptrs, "scale": "fp32", **shapes, **strides}
+        return {**ptrs, "scale": "fp32", **shapes, **strides, **groups}
     if kernel == "col_stats_kernel":
         ptrs = {"a_ptr": t, "b_ptr": t, "col_lse_ptr": f32}
-        return {**ptrs, "scale": "fp32", **shapes, "col_count": i32, **strides}
+        return {**ptrs, "scale": "fp32", **shapes, "col_count": i32, **strides, **groups}
     offsets = {"c_ptr": f32, "g_ptr": f32, "r_ptr": f32, "h_ptr": f32}
     scales = {"scale": "fp32"}
     sigmoid = {"row_key_ptr": "*i64", "col_key_ptr": "*i64", "bias": "fp32"}
@@ -54,6 +55,7 @@ def _signature(kernel: str, dtype: str) -> dict:
         outs = {"grad_b_ptr": f32}
     return {
         "a_ptr": t, "b_ptr": t, **offsets, **outs, **scales, **shapes, "col_count": i32, **strides, **sigmoid,
+        **groups,
     }  # fmt: skip
 
 
@@ -65,6 +67,9 @@ def _variants() -> list[tuple[str, str, dict]]:
         ("backward_atomic", "backward_kernel", {"ATOMIC_GRAD_B": True}),
         ("backward_rows_deterministic", "backward_kernel", {"ATOMIC_GRAD_B": False}),
         ("backward_cols_deterministic", "backward_cols_kernel", {}),
+        # false-negative masking by group id (issue: supervised and masked losses), forward and backward
+        ("row_stats_masked", "row_stats_kernel", {"MASKED": True}),
+        ("backward_atomic_masked", "backward_kernel", {"ATOMIC_GRAD_B": True, "MASKED": True}),
         # the same two kernels in their sigmoid (SigLIP) form: the loss and its gradients in one sweep
         ("sigmoid_atomic", "backward_kernel", {"ATOMIC_GRAD_B": True, "SIGMOID": True}),
         ("sigmoid_rows_deterministic", "backward_kernel", {"ATOMIC_GRAD_B": False, "SIGMOID": True}),
@@ -113,6 +118,7 @@ def compile_kernel(name: str, dtype: str, config, arch: int) -> dict:
     defaults = {"SIGMOID": False, "SCALE_FROM_FP32_G": dtype != "float32", "WITH_GRADS": True}
     constexprs = {
         "EXCLUDE_DIAGONAL": False,
+        "MASKED": False,
         "PRECISION": "ieee",
         "UPCAST": False,
         **{k: v for k, v in defaults.items() if k in fn.arg_names},

@@ -101,25 +101,6 @@ class SigmoidFunction(torch.autograd.Function):
         return (*refuse_second_derivative(grads), None, None, None, None, None)
 
 
-def _check_groups(
-    row_groups: Optional[torch.Tensor], col_groups: Optional[torch.Tensor], n: int, m: int, like: torch.Tensor
-) -> None:
-    if (row_groups is None) != (col_groups is None):
-        raise ValueError(
-            "pass both row_groups and col_groups (a pair is positive where they are equal) or neither"
-        )
-    for name, groups, size in (("row_groups", row_groups, n), ("col_groups", col_groups, m)):
-        if groups is None:
-            continue
-        groups = v.check_tensor(groups, name)
-        if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor of group ids, got {groups.dtype}")
-        if groups.shape != (size,):
-            raise ValueError(f"{name} must have shape ({size},), got {tuple(groups.shape)}")
-        if groups.device != like.device:
-            raise ValueError(f"{name} must be on {like.device}, got {groups.device}")
-
-
 def sigmoid_loss(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -166,7 +147,7 @@ def sigmoid_loss(
         n, m = a.shape[0], b.shape[0]
         v.check_reduction(reduction)
         v.check_labels(labels, n, m, a)
-        _check_groups(row_groups, col_groups, n, m, a)
+        v.check_groups(row_groups, col_groups, n, m, a, "a pair is positive where they are equal")
         if labels is not None and row_groups is not None:
             raise ValueError("labels and row_groups/col_groups are exclusive ways to name the positives")
         if labels is None and row_groups is None and m < n:

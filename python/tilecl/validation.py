@@ -274,3 +274,46 @@ def check_log_weights(log_u: Optional[torch.Tensor], name: str, n: int, like: to
         return
     if bool(torch.isnan(log_u).any() | torch.isposinf(log_u).any()):
         raise ValueError(f"{name} must not contain NaN or +inf (log u = -inf means u = 0)")
+
+
+def check_groups(
+    row_groups: Optional[torch.Tensor],
+    col_groups: Optional[torch.Tensor],
+    n: int,
+    m: int,
+    like: torch.Tensor,
+    meaning: str = "an entry is masked where they are equal",
+) -> None:
+    """Group ids: both or neither, integer tensors of shapes ``(n,)`` and ``(m,)`` on ``like``'s device."""
+    if (row_groups is None) != (col_groups is None):
+        raise ValueError(f"pass both row_groups and col_groups ({meaning}) or neither")
+    for name, groups, size in (("row_groups", row_groups, n), ("col_groups", col_groups, m)):
+        if groups is None:
+            continue
+        groups = check_tensor(groups, name)
+        if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor of group ids, got {groups.dtype}")
+        if groups.shape != (size,):
+            raise ValueError(f"{name} must have shape ({size},), got {tuple(groups.shape)}")
+        if groups.device != like.device:
+            raise ValueError(f"{name} must be on {like.device}, got {groups.device}")
+
+
+def check_weights(weights: Optional[torch.Tensor], n: int, like: torch.Tensor, name: str = "weights") -> None:
+    """Per-pair weights: a floating ``(n,)`` tensor on ``like``'s device, finite and ``>= 0``."""
+    if weights is None:
+        return
+    weights = check_tensor(weights, name)
+    if not weights.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {weights.dtype}")
+    if weights.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) (one per pair), got {tuple(weights.shape)}")
+    if weights.device != like.device:
+        raise ValueError(f"{name} must be on {like.device}, got {weights.device}")
+    valid = torch.isfinite(weights) & (weights >= 0)
+    if not reads_values(weights):
+        check_values(valid, f"{name} must be finite and non-negative")
+        return
+    if not bool(valid.all()):
+        bad = weights[~valid][0].item()
+        raise ValueError(f"{name} must be finite and non-negative, got {bad}")

@@ -5,6 +5,9 @@ Every loss in tilecl is written once over two primitives of ``S = scale · a b�
 
 Both take the operands of ``S`` as one :class:`Scores`.
 
+Masked entries (the diagonal, or same-group false negatives: :class:`Scores`)
+are ``-inf`` in ``S`` and so drop out of every sum and gradient.
+
 * ``lse_stats`` — one streaming pass: the row log-sum-exp over all ``M``
   columns, the column log-sum-exp of the first ``col_count`` columns and the
   positive logits ``S_{i, y_i}`` (:class:`LseStats`);
@@ -76,12 +79,34 @@ class Scores(NamedTuple):
     ``a``: ``(N, D)``; ``b``: ``(M, D)`` (same dtype and device; rows may be
     strided); ``scale``: a 0-d tensor; ``exclude_diagonal``: ``S_ii = -inf``
     (NT-Xent's and uniformity's self-pairs).
+
+    False-negative masking (all three given, or none): ``row_groups`` (``(N,)``)
+    and ``col_groups`` (``(M,)``) int64 group ids and ``kept_cols`` (``(N,)``
+    int64, row ``i``'s positive column, or ``-1``). An entry is excluded,
+    ``S_ij = -inf``, where ``row_groups[i] == col_groups[j]`` and
+    ``j != kept_cols[i]``: a same-group entry is not a negative, the pair's own
+    positive stays. Every backend applies it inside its tiles, so the forward
+    and the recomputing backward see the same ``S``.
     """
 
     a: torch.Tensor
     b: torch.Tensor
     scale: torch.Tensor
     exclude_diagonal: bool = False
+    row_groups: Optional[torch.Tensor] = None
+    col_groups: Optional[torch.Tensor] = None
+    kept_cols: Optional[torch.Tensor] = None
+
+    @property
+    def masked(self) -> bool:
+        """Whether group masking applies (``row_groups``, ``col_groups`` and ``kept_cols`` given)."""
+        return self.row_groups is not None
+
+    def group_mask(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(row_groups, col_groups, kept_cols)`` of a :attr:`masked` call."""
+        if self.row_groups is None or self.col_groups is None or self.kept_cols is None:
+            raise ValueError("group masking needs row_groups, col_groups and kept_cols together")
+        return self.row_groups, self.col_groups, self.kept_cols
 
 
 class LseStats(NamedTuple):

@@ -24,6 +24,11 @@ def _full(scores: Scores) -> np.ndarray:
     if scores.exclude_diagonal:
         k = min(full.shape)
         full[np.arange(k), np.arange(k)] = -np.inf
+    if scores.masked:
+        row_groups, col_groups, kept_cols = (x.cpu().numpy() for x in scores.group_mask())
+        same = row_groups[:, None] == col_groups[None, :]
+        positive = np.arange(full.shape[1])[None, :] == kept_cols[:, None]
+        full[same & ~positive] = -np.inf
     return full
 
 

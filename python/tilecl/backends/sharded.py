@@ -124,13 +124,30 @@ def _gathered_columns(shard: Shard, b: torch.Tensor, col_count: int) -> torch.Te
     return shard.kept["columns"]
 
 
+def _with_gathered_groups(shard: Shard, scores: Scores, columns: Tensor, col_count: int) -> Scores:
+    """``scores`` over the gathered ``columns``: every rank's column group ids, arranged as the columns.
+
+    The kept (positive) columns index this rank's block, which comes first;
+    a kept column past the statistics prefix moves with the block's tail.
+    """
+    scores = scores._replace(b=columns)
+    if not scores.masked:
+        return scores
+    _, col_groups, kept = scores.group_mask()
+    m = col_groups.shape[0]
+    groups = _arranged_columns(shard, gather_plain(col_groups, shard.group), col_count)
+    if 0 < col_count < m:
+        kept = torch.where(kept >= col_count, kept + (shard.world - 1) * col_count, kept)
+    return scores._replace(col_groups=groups, kept_cols=kept)
+
+
 def _gather_lse_stats(
     local: Primitives, shard: Shard, scores: Scores, targets: Tensor, col_count: int
 ) -> LseStats:
     _check_layout(scores.exclude_diagonal, col_count, scores.b.shape[0])
     columns = _gathered_columns(shard, scores.b, col_count)
     row_lse, col_partial, positive = local.lse_stats(
-        scores._replace(b=columns), targets, col_count * shard.world
+        _with_gathered_groups(shard, scores, columns, col_count), targets, col_count * shard.world
     )
     if col_count == 0:
         return LseStats(row_lse, col_partial, positive)
@@ -150,7 +167,8 @@ def _gather_offset_backward(local: Primitives, shard: Shard, scores: Scores, ter
             col_offset=torch.cat(shard.rolled(gather_plain(terms.col_offset, shard.group))),
             col_mult=torch.cat(shard.rolled(gather_plain(terms.col_mult, shard.group))),
         )
-    grad_a, grad_columns, grad_scale = local.offset_backward(scores._replace(b=columns), terms)
+    gathered = _with_gathered_groups(shard, scores, columns, col_count)
+    grad_a, grad_columns, grad_scale = local.offset_backward(gathered, terms)
     grad_blocks = _split_arranged(shard, grad_columns, m, col_count)
     grad_b = torch.empty_like(grad_blocks[0])
     dist.reduce_scatter(grad_b, [x.contiguous() for x in grad_blocks], group=shard.group)
@@ -165,7 +183,8 @@ def _gather_sigmoid_sweep(
     col_keys = torch.cat(shard.rolled(gather_plain(terms.col_keys, shard.group)))
     if with_grads:
         shard.kept.clear()  # the sweep with gradients is the last use
-    sweep = local.sigmoid_sweep(scores._replace(b=columns), terms._replace(col_keys=col_keys), with_grads)
+    gathered = _with_gathered_groups(shard, scores, columns, 0)
+    sweep = local.sigmoid_sweep(gathered, terms._replace(col_keys=col_keys), with_grads)
     if not with_grads:
         return sweep
     grad_blocks = _split_arranged(shard, sweep.grad_b, m, 0)
@@ -247,6 +266,21 @@ def _ring(
     return own
 
 
+def _travelling_groups(scores: Scores) -> list[torch.Tensor]:
+    """The column group ids travel with their block (nothing when unmasked)."""
+    return [] if scores.col_groups is None else [scores.col_groups.contiguous()]
+
+
+def _block_scores(scores: Scores, block: Tensor, groups: list[Tensor], home: bool) -> Scores:
+    """``scores`` against a travelling block: the diagonal and the kept (positive) columns lie in the
+    rank's own block only."""
+    block_scores = scores._replace(b=block, exclude_diagonal=scores.exclude_diagonal and home)
+    if not scores.masked or home:
+        return block_scores._replace(col_groups=groups[0] if groups else None)
+    none_kept = torch.full_like(scores.group_mask()[2], -1)
+    return block_scores._replace(col_groups=groups[0], kept_cols=none_kept)
+
+
 def _ring_lse_stats(
     local: Primitives, shard: Shard, scores: Scores, targets: Tensor, col_count: int
 ) -> LseStats:
@@ -255,15 +289,14 @@ def _ring_lse_stats(
 
     def step(held: list[torch.Tensor], home: bool) -> torch.Tensor:
         nonlocal row_lse, positive
-        # the diagonal of the global S lies in this rank's own block only
-        block = scores._replace(b=held[0], exclude_diagonal=scores.exclude_diagonal and home)
+        block = _block_scores(scores, held[0], held[1:], home)
         rows, cols, pos = local.lse_stats(block, targets, col_count)
         row_lse = rows if row_lse is None else torch.logaddexp(row_lse, rows)
         if home:
             positive = pos
         return cols
 
-    col_lse = _ring(shard, [scores.b.contiguous()], step, torch.logaddexp)
+    col_lse = _ring(shard, [scores.b.contiguous(), *_travelling_groups(scores)], step, torch.logaddexp)
     assert row_lse is not None and positive is not None  # the home step always runs
     return LseStats(row_lse, col_lse, positive)
 
@@ -274,14 +307,15 @@ def _ring_offset_backward(local: Primitives, shard: Shard, scores: Scores, terms
 
     def step(held: list[torch.Tensor], home: bool) -> torch.Tensor:
         nonlocal grad_a, grad_scale
-        block, offsets, mults = held
-        block_scores = scores._replace(b=block, exclude_diagonal=scores.exclude_diagonal and home)
+        block, offsets, mults, *groups = held
+        block_scores = _block_scores(scores, block, groups, home)
         ga, gb, gs = local.offset_backward(block_scores, terms._replace(col_offset=offsets, col_mult=mults))
         grad_a = ga if grad_a is None else grad_a.add_(ga)
         grad_scale = gs if grad_scale is None else grad_scale + gs
         return gb
 
     travelling = [scores.b.contiguous(), terms.col_offset.contiguous(), terms.col_mult.contiguous()]
+    travelling += _travelling_groups(scores)
     grad_b = _ring(shard, travelling, step, torch.add)
     assert grad_a is not None and grad_scale is not None  # the home step always runs
     return Gradients(grad_a, grad_b, grad_scale)
@@ -294,8 +328,8 @@ def _ring_sigmoid_sweep(
 
     def step(held: list[torch.Tensor], home: bool) -> torch.Tensor:
         nonlocal totals
-        block, keys = held
-        block_scores = scores._replace(b=block, exclude_diagonal=scores.exclude_diagonal and home)
+        block, keys, *groups = held
+        block_scores = _block_scores(scores, block, groups, home)
         part = local.sigmoid_sweep(block_scores, terms._replace(col_keys=keys), with_grads)
         if totals is None:
             totals = part
@@ -308,7 +342,8 @@ def _ring_sigmoid_sweep(
             )
         return part.grad_b  # empty without gradients: nothing travels
 
-    grad_b = _ring(shard, [scores.b.contiguous(), terms.col_keys.contiguous()], step, torch.add)
+    travelling = [scores.b.contiguous(), terms.col_keys.contiguous(), *_travelling_groups(scores)]
+    grad_b = _ring(shard, travelling, step, torch.add)
     assert totals is not None  # the home step always runs
     return totals._replace(grad_b=grad_b)
 

@@ -78,18 +78,20 @@ def _tile(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def _scores_(
-    out: torch.Tensor,
-    a_scaled: torch.Tensor,
-    b_block: torch.Tensor,
-    row0: int,
-    col0: int,
-    exclude_diagonal: bool,
+    out: torch.Tensor, a_scaled: torch.Tensor, b_block: torch.Tensor, scores: Scores, rows: slice, cols: slice
 ) -> torch.Tensor:
+    """The tile of ``S`` at ``(rows, cols)`` into ``out``, its excluded entries ``-inf`` (:class:`Scores`)."""
     torch.mm(a_scaled, b_block.t(), out=out)
-    if exclude_diagonal:
-        offset = _diagonal_offset(row0, col0)
+    if scores.exclude_diagonal:
+        offset = _diagonal_offset(rows.start, cols.start)
         if -out.shape[0] < offset < out.shape[1]:
             out.diagonal(offset).fill_(-math.inf)
+    if scores.masked:
+        row_groups, col_groups, kept_cols = scores.group_mask()
+        pair_rows, pair_cols = _matches(row_groups[rows], col_groups[cols])
+        # same group and not the row's positive: a false negative (the positive keeps its logit)
+        kept = kept_cols[rows][pair_rows] == pair_cols + cols.start
+        out.index_put_((pair_rows, pair_cols), torch.where(kept, out[pair_rows, pair_cols], -math.inf))
     return out
 
 
@@ -109,7 +111,7 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats
         accumulation dtype. A row or column with every entry excluded gets
         ``-inf``, never NaN.
     """
-    a, b, scale, exclude_diagonal = scores
+    a, b, scale = scores.a, scores.b, scores.scale
     n, m = a.shape[0], b.shape[0]
     acc = accumulation_dtype(a.dtype)
     s = scale.to(acc)
@@ -130,7 +132,7 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats
         for j0 in range(0, m, cols):
             j1 = min(m, j0 + cols)
             tile = _tile(score_buffer, i1 - i0, j1 - j0)
-            _scores_(tile, a_scaled, b[j0:j1].to(acc), i0, j0, exclude_diagonal)
+            _scores_(tile, a_scaled, b[j0:j1].to(acc), scores, slice(i0, i1), slice(j0, j1))
             _gather_positive_(positive[i0:i1], tile, block_targets - j0)
             new_max = torch.maximum(run_max, tile.amax(dim=1))
             row_shift = _finite_or_zero(new_max)
@@ -290,7 +292,7 @@ def _gradient_sweep(
     operands, never to a tile); ``with_grads=False`` only visits the tiles
     (empty results).
     """
-    a, b, scale, exclude_diagonal = scores
+    a, b, scale = scores.a, scores.b, scores.scale
     n, m = a.shape[0], b.shape[0]
     acc = accumulation_dtype(a.dtype)
     s = scale.to(acc)
@@ -314,7 +316,7 @@ def _gradient_sweep(
             j1 = min(m, j0 + cols)
             b_block = b[j0:j1].to(acc)
             tile = _tile(buffer, i1 - i0, j1 - j0)
-            _scores_(tile, a_scaled, b_block, i0, j0, exclude_diagonal)
+            _scores_(tile, a_scaled, b_block, scores, slice(i0, i1), slice(j0, j1))
             to_gradient(tile, second, slice(i0, i1), slice(j0, j1))
             if with_grads:
                 ga_block.addmm_(tile, b_block)

@@ -175,6 +175,17 @@ def _check(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (a if a.stride(1) == 1 else a.contiguous()), (b if b.stride(1) == 1 else b.contiguous())
 
 
+def _group_mask(scores: Scores, placeholder: torch.Tensor) -> dict:
+    """The kernels' group-mask arguments: the id and kept-column pointers and ``MASKED``.
+
+    Without masking the pointers are never read; ``placeholder`` stands in for them.
+    """
+    if not scores.masked:
+        return dict(row_group_ptr=placeholder, col_group_ptr=placeholder, kept_ptr=placeholder, MASKED=False)
+    row_groups, col_groups, kept_cols = (x.long().contiguous() for x in scores.group_mask())
+    return dict(row_group_ptr=row_groups, col_group_ptr=col_groups, kept_ptr=kept_cols, MASKED=True)
+
+
 def _launch_options(cfg: KernelConfig) -> dict:
     opts = asdict(cfg)
     if INTERPRETED:
@@ -194,15 +205,16 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats
     s = float(scale)
     row_lse = torch.empty(n, dtype=torch.float32, device=a.device)
     positive = torch.empty(n, dtype=torch.float32, device=a.device)
+    groups = _group_mask(scores, targets)
     row_stats_kernel[(triton.cdiv(n, cfg.BLOCK_M),)](
         a, b, targets.contiguous(), row_lse, positive, s, n, m, dim, a.stride(0), b.stride(0),
-        EXCLUDE_DIAGONAL=exclude_diagonal, **_dot_options(a.dtype), **opts,
+        EXCLUDE_DIAGONAL=exclude_diagonal, **groups, **_dot_options(a.dtype), **opts,
     )  # fmt: skip
     col_lse = torch.empty(col_count, dtype=torch.float32, device=a.device)
     if col_count:
         col_stats_kernel[(triton.cdiv(col_count, cfg.BLOCK_N),)](
             a, b, col_lse, s, n, m, col_count, dim, a.stride(0), b.stride(0),
-            EXCLUDE_DIAGONAL=exclude_diagonal, **_dot_options(a.dtype), **opts,
+            EXCLUDE_DIAGONAL=exclude_diagonal, **groups, **_dot_options(a.dtype), **opts,
         )  # fmt: skip
     return LseStats(row_lse, col_lse, positive)
 
@@ -231,7 +243,8 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     grad_a = torch.empty(n, dim, **f32)
     grad_b = torch.empty(m, dim, **f32) if deterministic else torch.zeros(m, dim, **f32)
     scale_partials = torch.empty(grid[0] * grid[1], **f32)
-    common = dict(EXCLUDE_DIAGONAL=exclude_diagonal, **_dot_options(a.dtype), **opts)
+    groups = _group_mask(scores, c)
+    common = dict(EXCLUDE_DIAGONAL=exclude_diagonal, **groups, **_dot_options(a.dtype), **opts)
     inv_s = 1.0 / s if abs(s) >= TINY_SCALE else 0.0
     unused = dict(row_key_ptr=c, col_key_ptr=c, bias=0.0)  # the sigmoid form's arguments
     backward_kernel[grid](
@@ -280,7 +293,10 @@ def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> Sigm
         else row_loss
     )
     scale_partials = torch.empty(grid[0] * grid[1], **f32)
-    common = dict(EXCLUDE_DIAGONAL=exclude_diagonal, SIGMOID=True, **_dot_options(a.dtype), **opts)
+    common = dict(
+        EXCLUDE_DIAGONAL=exclude_diagonal, SIGMOID=True, **_group_mask(scores, row_keys),
+        **_dot_options(a.dtype), **opts,
+    )  # fmt: skip
     keys = dict(row_key_ptr=row_keys, col_key_ptr=col_keys, bias=bias)
     inv_s = 1.0 / s if abs(s) >= TINY_SCALE else 0.0
     # the offset form's c, r and h are not read: the row weights stand in for their pointers

@@ -1,0 +1,173 @@
+"""The supervised contrastive loss (SupCon, Khosla et al. 2020, ``L_out``): every same-class sample a positive.
+
+For anchor ``i`` with positives ``P(i)`` (same class, not ``i`` itself)::
+
+    ℓ_i = LSE_{j ≠ i} S_ij − (1/|P(i)|) Σ_{p ∈ P(i)} S_ip,       S = a bᵀ / τ
+
+The first term is the streaming forward and the offset backward of every
+softmax loss, with the diagonal excluded. The second is linear in the
+features: ``Σ_{p ∈ P(i)} S_ip = a_i · (Σ_{p ∈ P(i)} b_p) / τ``, and the sum is
+the class sum of ``b`` minus ``b_i`` — ``O(N·D)`` from per-class sums, never a
+mask matrix. It enters the shared autograd Function as the decoupled positive
+(:func:`tilecl.contrastive_loss`'s ``positives``), whose gradient flows back
+through the class sums by autograd. Anchors without a positive are left out
+of the mean (weight 0) and counted (:class:`SupConOutput`), never a silent 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import validation as v
+from .backends import resolve_backend
+from .distributed import Ranks
+from .function import LossSpec, apply_loss
+
+__all__ = ["SupConOutput", "class_sums", "supcon_loss"]
+
+
+class SupConOutput(NamedTuple):
+    """``supcon_loss(..., with_counts=True)``: the loss and how many anchors it averages.
+
+    ``anchors_with_positives`` and ``anchors_without_positives`` are int64
+    0-d tensors (global counts with ``process_group``); the second kind is
+    excluded from the mean, and with no anchor of the first kind the loss is 0.
+    """
+
+    loss: torch.Tensor
+    anchors_with_positives: torch.Tensor
+    anchors_without_positives: torch.Tensor
+
+
+def class_sums(
+    row_labels: torch.Tensor, col_labels: torch.Tensor, columns: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row, the sum of the ``columns`` of its class and their count, in ``O((N + M)·D)``.
+
+    ``row_labels``: ``(N,)``; ``col_labels``: ``(M,)``; ``columns``: ``(M, D)``.
+    Returns ``(sums (N, D), counts (N,))``: ``Σ_{j: col_labels[j] = row_labels[i]} columns[j]``
+    and the number of terms. Differentiable in ``columns``. A class is named by
+    the position of its first entry in the sorted column labels, so every shape
+    is static (no ``unique``; torch.compile traces it without a break).
+    """
+    m = col_labels.shape[0]
+    row_labels, col_labels = row_labels.long(), col_labels.long()
+    sorted_labels, _ = torch.sort(col_labels)
+    col_class = torch.searchsorted(sorted_labels, col_labels)
+    table = columns.new_zeros(m, columns.shape[1]).index_add(0, col_class, columns)
+    sizes = torch.zeros(m, dtype=torch.int64, device=columns.device).index_add_(
+        0, col_class, torch.ones_like(col_class)
+    )
+    row_class = torch.searchsorted(sorted_labels, row_labels).clamp(max=m - 1)
+    present = sorted_labels[row_class] == row_labels
+    sums = torch.where(present[:, None], table[row_class], 0.0)
+    return sums, torch.where(present, sizes[row_class], 0)
+
+
+def _check_class_labels(labels: object, name: str, n: int, like: torch.Tensor) -> torch.Tensor:
+    labels = v.check_tensor(labels, name)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of class ids, got {labels.dtype}")
+    if labels.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) (one per row), got {tuple(labels.shape)}")
+    if labels.device != like.device:
+        raise ValueError(f"{name} must be on {like.device}, got {labels.device}")
+    return labels
+
+
+def supcon_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 0.1,
+    *,
+    columns: Optional[torch.Tensor] = None,
+    column_labels: Optional[torch.Tensor] = None,
+    normalize: bool = True,
+    weights: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+    with_counts: bool = False,
+    process_group: Optional[Any] = None,
+    dist_impl: str = "gather",
+) -> Union[torch.Tensor, SupConOutput]:
+    """Supervised contrastive loss (``L_out``), tile by tile.
+
+    One tower (``columns is None``): ``features`` are the anchors and the
+    candidates (several views stacked, as SimCLR's ``2N``), ``S_ii`` excluded::
+
+        ℓ_i = LSE_{j ≠ i} S_ij − mean_{p ≠ i, y_p = y_i} S_ip,        S = z zᵀ / τ
+
+    Two towers: rows ``features`` (``a``, classes ``labels``) against
+    ``columns`` (``b``, classes ``column_labels``), nothing excluded::
+
+        ℓ_i = LSE_j S_ij − mean_{j: y^b_j = y^a_i} S_ij,               S = a bᵀ / τ
+
+    Args:
+        features: ``(N, D)``.
+        labels: ``(N,)`` integer class ids (any values).
+        temperature: ``τ > 0``.
+        columns, column_labels: ``(M, D)`` and ``(M,)``, the two-tower form.
+        normalize: L2-normalize the features first (cosine similarity, as
+            pytorch-metric-learning's ``SupConLoss``).
+        weights: optional ``(N,)`` non-negative per-anchor weights (see
+            :func:`tilecl.contrastive_loss`).
+        reduction: ``"mean"`` over the anchors that have a positive (weighted
+            by ``weights``), ``"sum"``, or ``"none"`` (``(N,)``; 0 for an
+            anchor without a positive).
+        with_counts: return a :class:`SupConOutput` with the anchor counts.
+        backend, process_group, dist_impl: as :func:`tilecl.contrastive_loss`;
+            across ranks the classes are global (every rank's samples of a
+            class are positives), and the class sums gather ``b``
+            (``O(N_global·D)``) whatever ``dist_impl``.
+
+    Returns:
+        The loss (float32 for 16-bit inputs), or a :class:`SupConOutput`.
+    """
+    ranks = Ranks(process_group, dist_impl)
+    two_tower = columns is not None
+
+    def check() -> LossSpec:
+        v.check_features(features, "features")
+        n = features.shape[0]
+        _check_class_labels(labels, "labels", n, features)
+        if two_tower:
+            assert columns is not None
+            v.check_pair(features, columns, ("features", "columns"))
+            _check_class_labels(column_labels, "column_labels", columns.shape[0], features)
+        elif column_labels is not None:
+            raise ValueError("column_labels need columns (the two-tower form)")
+        v.check_positive(temperature, "temperature")
+        v.check_reduction(reduction)
+        v.check_weights(weights, n, features)
+        return LossSpec(False, reduction, not two_tower, resolve_backend(backend, features.device, features.dtype))
+
+    spec = ranks.checked(check, reduction)
+    a = F.normalize(features, dim=1) if normalize else features
+    if columns is None:
+        b, b_labels = a, labels
+    else:
+        assert column_labels is not None  # checked
+        b = F.normalize(columns, dim=1) if normalize else columns
+        b_labels = column_labels
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    every_b = ranks.gather_with_grad(b).to(acc)
+    sums, counts = class_sums(labels, ranks.gather(b_labels), every_b)
+    if not two_tower:
+        # the anchor is in its own class sum, not among its positives
+        sums, counts = sums - b.to(acc), counts - 1
+    has_positive = counts > 0
+    positives = (sums / counts.clamp(min=1)[:, None].to(acc)).to(a.dtype)
+    pair_weights = has_positive.to(acc)
+    if weights is not None:
+        pair_weights = pair_weights * weights.detach().to(acc)
+    scale = torch.tensor(1.0 / temperature, dtype=torch.float64, device=a.device)
+    sharded = ranks.sharded(spec, a, b, None, supcon=True, weighted=weights is not None)
+    loss = apply_loss(a, b, scale, sharded, positives=positives, weights=pair_weights)
+    loss = ranks.global_loss(loss, a.shape[0], reduction, pair_weights)
+    if not with_counts:
+        return loss
+    with_positive = ranks.sum_(has_positive.sum().reshape(1))[0]
+    return SupConOutput(loss, with_positive, a.shape[0] * ranks.world - with_positive)
