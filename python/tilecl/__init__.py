@@ -3,10 +3,15 @@
 Public API::
 
     tilecl.contrastive_loss(a, b, logit_scale, *, labels, symmetric, reduction, backend)
-    tilecl.nt_xent_loss(z1, z2, temperature, *, reduction, backend)
+    tilecl.contrastive_loss(..., row_groups, col_groups, weights)   # false-negative masking, weights
+    tilecl.nt_xent_loss(z1, z2, temperature, *, reduction, backend, groups, weights)
+    tilecl.supcon_loss(features, labels, temperature, *, columns, column_labels, ...)
     tilecl.sigmoid_loss(a, b, logit_scale, logit_bias, *, labels, row_groups, col_groups, ...)
     tilecl.gamma_contrastive_loss(a, b, log_u_rows, log_u_cols, logit_scale, ...)
-    tilecl.ClipLoss, tilecl.SigLipLoss, tilecl.InfoNCELoss, tilecl.NTXentLoss, tilecl.GammaContrastiveLoss
+    tilecl.ClipLoss, tilecl.SigLipLoss, tilecl.InfoNCELoss, tilecl.NTXentLoss, tilecl.SupConLoss,
+    tilecl.GammaContrastiveLoss
+    tilecl.integrations.sentence_transformers, tilecl.integrations.pytorch_metric_learning
+        (adapters, imported on demand)
     tilecl.uniformity_loss, tilecl.geometric_consistency_loss, tilecl.brownian_bridge_loss,
     tilecl.feature_separation_loss, tilecl.ModalityStructureLoss
     tilecl.available_backends()
@@ -26,8 +31,9 @@ from .modality import (
     geometric_consistency_loss,
     uniformity_loss,
 )
-from .modules import ClipLoss, InfoNCELoss, ModalityStructureLoss, NTXentLoss, SigLipLoss
+from .modules import ClipLoss, InfoNCELoss, ModalityStructureLoss, NTXentLoss, SigLipLoss, SupConLoss
 from .sigmoid import sigmoid_loss
+from .supervised import SupConOutput, supcon_loss
 
 __all__ = [
     "ClipLoss",
@@ -36,6 +42,8 @@ __all__ = [
     "ModalityStructureLoss",
     "NTXentLoss",
     "SigLipLoss",
+    "SupConLoss",
+    "SupConOutput",
     "available_backends",
     "brownian_bridge_loss",
     "contrastive_loss",
@@ -46,5 +54,6 @@ __all__ = [
     "naive",
     "reference",
     "sigmoid_loss",
+    "supcon_loss",
     "uniformity_loss",
 ]

@@ -260,17 +260,24 @@ class GammaContrastiveLoss(nn.Module):
         *,
         labels: Optional[torch.Tensor] = None,
         positives: Optional[torch.Tensor] = None,
+        row_groups: Optional[torch.Tensor] = None,
+        col_groups: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Surrogate loss for ``a (N, D)``, ``b (M, D)`` and the batch's dataset ``index (N,)``.
 
-        ``labels`` and ``positives`` as in :func:`tilecl.contrastive_loss`
-        (``positives`` keeps the positive out of ``D̂``, as in the paper).
+        ``labels``, ``positives`` and the false-negative masking ``row_groups``
+        / ``col_groups`` as in :func:`tilecl.contrastive_loss` (``positives``
+        keeps the positive out of ``D̂``, as in the paper; masked entries
+        leave ``D̂``'s sum and so the memory's estimates too).
         """
         n, m = a.shape[0], b.shape[0]
         ranks = Ranks(self.process_group, self.dist_impl)
 
         def check() -> tuple[torch.Tensor, LossSpec]:
-            checked = check_call(a, b, logit_scale, labels, positives, self.symmetric, "mean", self.backend)
+            checked = check_call(
+                a, b, logit_scale, labels, positives, self.symmetric, "mean", self.backend, ("a", "b"),
+                (row_groups, col_groups),
+            )  # fmt: skip
             if self.process_group is not None and (labels is not None or positives is not None):
                 raise ValueError("labels and positives are not supported with process_group")
             v.check_index(index, "index", n, self.num_samples, a)
@@ -281,7 +288,8 @@ class GammaContrastiveLoss(nn.Module):
             return checked
 
         scale, spec = ranks.checked(check)
-        spec = ranks.sharded(spec, a, b, labels)
+        groups = None if row_groups is None or col_groups is None else (row_groups, col_groups)
+        spec = ranks.sharded(spec, a, b, labels, masked=groups is not None)
         # the E-step runs on every rank's per-sample statistics (O(N) scalars), so every rank
         # updates the same samples the same way and the memories stay identical
         every_index, mine = ranks.gather(index), ranks.own(n)
@@ -293,7 +301,7 @@ class GammaContrastiveLoss(nn.Module):
             v.check_log_weights(
                 seen, f"log_memory_{direction} at the batch's indices", every_index.shape[0], a
             )
-        stats = batch_stats(a, b, scale, labels, positives, spec)
+        stats = batch_stats(a, b, scale, labels, positives, spec, groups)
 
         log_d_hat = {"rows": ranks.gather(stats.row_lse - log_count(m * spec.world, stats.row_lse))}
         if self.symmetric:
@@ -318,6 +326,7 @@ class GammaContrastiveLoss(nn.Module):
             positives=positives,
             log_u_rows=log_u_rows,
             log_u_cols=log_u_cols,
+            groups=groups,
             stats=stats,
         )
         loss = ranks.global_loss(loss, n, "mean")

@@ -1,4 +1,5 @@
-"""``nn.Module`` wrappers: drop-in ClipLoss, InfoNCELoss (learnable temperature), NTXentLoss."""
+"""``nn.Module`` wrappers: drop-in ClipLoss, SigLipLoss, InfoNCELoss (learnable temperature),
+NTXentLoss, SupConLoss."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from .contrastive import contrastive_loss, nt_xent_loss
 from .distributed import DIST_IMPLS
 from .modality import brownian_bridge_loss, feature_separation_loss, geometric_consistency_loss
 from .sigmoid import OPEN_CLIP_DIST_IMPLS, sigmoid_loss
+from .supervised import supcon_loss
 
-__all__ = ["ClipLoss", "InfoNCELoss", "ModalityStructureLoss", "NTXentLoss"]
+__all__ = ["ClipLoss", "InfoNCELoss", "ModalityStructureLoss", "NTXentLoss", "SigLipLoss", "SupConLoss"]
 
 
 def _check_world(world_size: object, dist_impl: object) -> None:
@@ -95,13 +97,27 @@ class ClipLoss(nn.Module):
         logit_scale: v.Scale,
         logit_bias: Optional[torch.Tensor] = None,
         output_dict: bool = False,
+        *,
+        image_groups: Optional[torch.Tensor] = None,
+        text_groups: Optional[torch.Tensor] = None,
+        weights: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
-        """Symmetric CLIP loss of ``(N, D)`` image and text features."""
+        """Symmetric CLIP loss of ``(N, D)`` image and text features.
+
+        ``image_groups`` / ``text_groups`` (``(N,)`` integer ids, both or
+        neither): false-negative masking — an image and a text of the same
+        group that are not a pair leave both softmaxes (two captions of one
+        image, one product photographed twice). ``weights``: ``(N,)``
+        per-pair weights. See :func:`tilecl.contrastive_loss`.
+        """
         group = _default_group(self.world_size, "ClipLoss", self.rank)
         loss = contrastive_loss(
             image_features,
             text_features,
             logit_scale,
+            row_groups=image_groups,
+            col_groups=text_groups,
+            weights=weights,
             symmetric=True,
             backend=self.backend,
             process_group=group,
@@ -170,13 +186,23 @@ class InfoNCELoss(nn.Module):
         b: torch.Tensor,
         negatives: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
+        *,
+        row_groups: Optional[torch.Tensor] = None,
+        col_groups: Optional[torch.Tensor] = None,
+        weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """The loss of anchors ``a`` against ``b`` (then ``negatives``); ``row_groups`` /
+        ``col_groups`` mask false negatives, ``weights`` weigh the pairs
+        (:func:`tilecl.contrastive_loss`)."""
         return contrastive_loss(
             a,
             b,
             self.logit_scale(),
             labels=labels,
             negatives=negatives,
+            row_groups=row_groups,
+            col_groups=col_groups,
+            weights=weights,
             symmetric=self.symmetric,
             reduction=self.reduction,
             backend=self.backend,
@@ -276,16 +302,82 @@ class NTXentLoss(nn.Module):
         self.backend = backend
         self.world_size, self.dist_impl = world_size, dist_impl
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        z1: torch.Tensor,
+        z2: torch.Tensor,
+        *,
+        groups: Optional[torch.Tensor] = None,
+        weights: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``groups``: ``(N,)`` sample ids whose other members are not negatives; ``weights``:
+        ``(N,)`` per-sample weights (:func:`tilecl.nt_xent_loss`)."""
         return nt_xent_loss(
             z1,
             z2,
             self.temperature,
+            groups=groups,
+            weights=weights,
             reduction=self.reduction,
             backend=self.backend,
             process_group=_default_group(self.world_size, "NTXentLoss"),
             dist_impl=self.dist_impl,
         )
+
+
+class SupConLoss(nn.Module):
+    """Supervised contrastive loss (Khosla et al. 2020, ``L_out``) with pytorch-metric-learning's call.
+
+    ``loss(embeddings, labels)`` equals ``pytorch_metric_learning.losses.SupConLoss(temperature)``'s
+    value and gradients (cosine similarity, the mean over anchors that have a
+    positive) without its ``N x N`` matrices; see :func:`tilecl.supcon_loss`.
+    ``ref_emb`` / ``ref_labels`` give the two-tower form. With
+    ``world_size > 1``: the global loss on the default process group.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        *,
+        reduction: str = "mean",
+        backend: str = "auto",
+        world_size: int = 1,
+        dist_impl: str = "gather",
+    ) -> None:
+        super().__init__()
+        v.check_positive(temperature, "temperature")
+        v.check_reduction(reduction)
+        _check_world(world_size, dist_impl)
+        self.temperature = temperature
+        self.reduction = reduction
+        self.backend = backend
+        self.world_size, self.dist_impl = world_size, dist_impl
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_emb: Optional[torch.Tensor] = None,
+        ref_labels: Optional[torch.Tensor] = None,
+        *,
+        weights: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        if (ref_emb is None) != (ref_labels is None):
+            raise ValueError("pass both ref_emb and ref_labels (the two-tower form) or neither")
+        loss = supcon_loss(
+            embeddings,
+            labels,
+            self.temperature,
+            columns=ref_emb,
+            column_labels=ref_labels,
+            weights=weights,
+            reduction=self.reduction,
+            backend=self.backend,
+            process_group=_default_group(self.world_size, "SupConLoss"),
+            dist_impl=self.dist_impl,
+        )
+        assert isinstance(loss, torch.Tensor)
+        return loss
 
 
 class ModalityStructureLoss(nn.Module):

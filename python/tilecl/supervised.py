@@ -1,4 +1,4 @@
-"""The supervised contrastive loss (SupCon, Khosla et al. 2020, ``L_out``): every same-class sample a positive.
+"""The supervised contrastive loss (SupCon, Khosla et al. 2020, ``L_out``): same-class samples are positives.
 
 For anchor ``i`` with positives ``P(i)`` (same class, not ``i`` itself)::
 
@@ -142,7 +142,9 @@ def supcon_loss(
         v.check_positive(temperature, "temperature")
         v.check_reduction(reduction)
         v.check_weights(weights, n, features)
-        return LossSpec(False, reduction, not two_tower, resolve_backend(backend, features.device, features.dtype))
+        return LossSpec(
+            False, reduction, not two_tower, resolve_backend(backend, features.device, features.dtype)
+        )
 
     spec = ranks.checked(check, reduction)
     a = F.normalize(features, dim=1) if normalize else features

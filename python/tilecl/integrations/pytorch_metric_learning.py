@@ -1,0 +1,150 @@
+"""pytorch-metric-learning's ``NTXentLoss`` and ``SupConLoss``, tile by tile.
+
+Same constructor (``temperature``) and call, ``loss(embeddings, labels)``, as
+``pytorch_metric_learning.losses``, with its default distance (cosine
+similarity) and reducer, so a training script swaps the import::
+
+    from tilecl.integrations.pytorch_metric_learning import SupConLoss
+    loss = SupConLoss(temperature=0.1)(embeddings, labels)
+
+PML forms the ``N x N`` similarity and its pair masks; these never do, forward
+or backward. ``indices_tuple`` (a miner's pairs) is not supported: the pairs are
+all the pairs the labels define.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import validation as v
+from ..contrastive import contrastive_loss
+from ..modules import _check_world, _default_group
+from ..supervised import supcon_loss
+
+__all__ = ["NTXentLoss", "SupConLoss", "positive_pairs"]
+
+
+def _no_miner(indices_tuple: Optional[Any]) -> None:
+    if indices_tuple is not None:
+        raise NotImplementedError(
+            "indices_tuple (a miner's pairs) is not supported: every pair the labels define is used"
+        )
+
+
+def positive_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ordered pair ``(i, p)``, ``i != p``, of equal labels: ``Σ_c n_c(n_c − 1)`` pairs.
+
+    Found by sorting (``O(N log N)`` plus the pairs), not from an ``N x N`` comparison.
+    """
+    order = torch.argsort(labels, stable=True)
+    ordered = labels[order]
+    start = torch.searchsorted(ordered, ordered, side="left")
+    size = torch.searchsorted(ordered, ordered, side="right") - start
+    anchor = torch.repeat_interleave(torch.arange(labels.shape[0], device=labels.device), size)
+    rank = torch.arange(anchor.shape[0], device=labels.device) - torch.repeat_interleave(
+        torch.cumsum(size, 0) - size, size
+    )
+    partner = start[anchor] + rank
+    distinct = anchor != partner
+    return order[anchor[distinct]], order[partner[distinct]]
+
+
+class NTXentLoss(nn.Module):
+    """PML's ``NTXentLoss``: for every positive pair ``(a, p)``::
+
+        ℓ_ap = −log( e^{S_ap} / (e^{S_ap} + Σ_{n: y_n ≠ y_a} e^{S_an}) ),     S = cos / τ
+
+    averaged over the pairs (PML's ``MeanReducer``). The other positives of
+    ``a`` (and ``a`` itself) are not in the denominator: one row per pair,
+    every same-label column other than ``p`` masked by group id inside the
+    tiles. With two views per label this is SimCLR's NT-Xent. Single process:
+    the pair count differs between ranks, so the across-ranks form is
+    :func:`tilecl.nt_xent_loss` or :class:`SupConLoss`.
+    """
+
+    def __init__(self, temperature: float = 0.07, *, backend: str = "auto") -> None:
+        super().__init__()
+        v.check_positive(temperature, "temperature")
+        self.temperature = temperature
+        self.backend = backend
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: Optional[Any] = None,
+        ref_emb: Optional[torch.Tensor] = None,
+        ref_labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        _no_miner(indices_tuple)
+        if ref_emb is not None or ref_labels is not None:
+            raise NotImplementedError("ref_emb / ref_labels: use SupConLoss's two-tower form")
+        v.check_features(embeddings, "embeddings")
+        if not isinstance(labels, torch.Tensor) or labels.shape != (embeddings.shape[0],):
+            raise ValueError(f"labels must be a tensor of shape ({embeddings.shape[0]},), one per embedding")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        anchors, partners = positive_pairs(labels.long())
+        unit = F.normalize(embeddings, dim=1)
+        if anchors.numel() == 0:
+            return (unit * 0.0).sum()  # no positive pair: PML's zero loss, still in the graph
+        classes = labels.long()
+        return contrastive_loss(
+            unit[anchors],
+            unit,
+            1.0 / self.temperature,
+            labels=partners,
+            row_groups=classes[anchors],
+            col_groups=classes,
+            symmetric=False,
+            backend=self.backend,
+            argument_names=("embeddings", "embeddings"),
+        )
+
+
+class SupConLoss(nn.Module):
+    """PML's ``SupConLoss`` (:func:`tilecl.supcon_loss`): the mean over anchors that have a positive
+    (PML's ``AvgNonZeroReducer``); ``ref_emb`` / ``ref_labels`` give the two-tower form."""
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        *,
+        backend: str = "auto",
+        world_size: int = 1,
+        dist_impl: str = "gather",
+    ) -> None:
+        super().__init__()
+        v.check_positive(temperature, "temperature")
+        _check_world(world_size, dist_impl)
+        self.temperature = temperature
+        self.backend = backend
+        self.world_size, self.dist_impl = world_size, dist_impl
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: Optional[Any] = None,
+        ref_emb: Optional[torch.Tensor] = None,
+        ref_labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        _no_miner(indices_tuple)
+        if (ref_emb is None) != (ref_labels is None):
+            raise ValueError("pass both ref_emb and ref_labels (the two-tower form) or neither")
+        loss = supcon_loss(
+            embeddings,
+            labels,
+            self.temperature,
+            columns=ref_emb,
+            column_labels=ref_labels,
+            backend=self.backend,
+            process_group=_default_group(self.world_size, "SupConLoss"),
+            dist_impl=self.dist_impl,
+        )
+        assert isinstance(loss, torch.Tensor)
+        return loss
