@@ -38,6 +38,7 @@ __all__ = [
     "loss_and_logit_grad",
     "nt_xent_loss",
     "sigmoid_loss",
+    "supcon_loss",
 ]
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -74,10 +75,22 @@ def _softmax(x: Any, axis: int, xp: Any) -> Any:
     return xp.exp(x - xp.expand_dims(logsumexp(x, axis, xp), axis))
 
 
-def _pair_weights(n: int, reduction: str, grad_output: Optional[Any], xp: Any) -> Any:
-    """d(reduced loss)/d(ℓ_i): what each pair's loss is multiplied by upstream."""
+def _pair_weights(
+    n: int, reduction: str, grad_output: Optional[Any], xp: Any, weights: Optional[Any] = None
+) -> Any:
+    """d(reduced loss)/d(ℓ_i): what each pair's loss is multiplied by upstream.
+
+    With per-pair ``weights`` the reduced loss is ``Σ w_i ℓ_i / Σ w_i``
+    (``"mean"``; 0 when every weight is 0), ``Σ w_i ℓ_i`` or ``w_i ℓ_i``.
+    """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if weights is not None:
+        w = xp.asarray(weights, dtype=xp.float64)
+        if reduction == "mean":
+            total = float(xp.sum(w))
+            return w / total if total > 0 else xp.zeros(n)
+        return w if reduction == "sum" else w * _pair_weights(n, "none", grad_output, xp)
     if reduction == "mean":
         return xp.full(n, 1.0 / n)
     if reduction == "sum":
@@ -87,7 +100,14 @@ def _pair_weights(n: int, reduction: str, grad_output: Optional[Any], xp: Any) -
     return xp.asarray(grad_output, dtype=xp.float64).reshape(n)
 
 
-def _reduce(per_pair: Any, reduction: str, xp: Any) -> Any:
+def _reduce(per_pair: Any, reduction: str, xp: Any, weights: Optional[Any] = None) -> Any:
+    if weights is not None:
+        w = xp.asarray(weights, dtype=xp.float64)
+        weighted = w * per_pair
+        if reduction == "mean":
+            total = float(xp.sum(w))
+            return xp.sum(weighted) / total if total > 0 else 0.0 * xp.sum(weighted)
+        return xp.sum(weighted) if reduction == "sum" else weighted
     if reduction == "mean":
         return xp.mean(per_pair)
     if reduction == "sum":
@@ -105,6 +125,7 @@ def loss_and_logit_grad(
     log_u_rows: Optional[Any] = None,
     log_u_cols: Optional[Any] = None,
     positive_logits: Optional[Any] = None,
+    weights: Optional[Any] = None,
 ) -> tuple[Any, Any, Any]:
     """Contrastive loss of a given logit matrix and its gradient ``dL/dS``.
 
@@ -113,12 +134,14 @@ def loss_and_logit_grad(
     ``log_u_cols``) the row (column) term is the gamma surrogate
     ``u_i·D̂_i`` with ``D̂_i = mean_j exp(S_ij)`` instead of ``LSE_j S_ij``.
     With ``positive_logits`` the positive is not a column of ``logits``
-    (decoupled form). Returns ``(loss, dL/dS, dL/d positive_logits)``.
+    (decoupled form). ``weights``: per-pair weights (:func:`_pair_weights`).
+    Returns ``(loss, dL/dS, dL/d positive_logits)``.
     """
     n, m = logits.shape
     rows = xp.arange(n)
     positive = logits[rows, labels] if positive_logits is None else positive_logits
-    weights = _pair_weights(n, reduction, grad_output, xp)
+    pair_weights = weights
+    weights = _pair_weights(n, reduction, grad_output, xp, pair_weights)
     row_weights = weights / 2 if symmetric else weights
     if log_u_rows is None:
         row_term = logsumexp(logits, 1, xp)
@@ -141,10 +164,11 @@ def loss_and_logit_grad(
             col_mult = xp.bincount(labels, weights=col_weights * xp.exp(log_u_cols), minlength=m)
         per_pair = (per_pair + col_term - positive) / 2
         grad = grad + col_grad * col_mult[None, :]
+    loss = _reduce(per_pair, reduction, xp, pair_weights)
     if positive_logits is None:
         grad[rows, labels] -= weights
-        return _reduce(per_pair, reduction, xp), grad, None
-    return _reduce(per_pair, reduction, xp), grad, -weights
+        return loss, grad, None
+    return loss, grad, -weights
 
 
 def contrastive_loss(
@@ -159,6 +183,9 @@ def contrastive_loss(
     positives: Optional[Any] = None,
     log_u_rows: Optional[Any] = None,
     log_u_cols: Optional[Any] = None,
+    row_groups: Optional[Any] = None,
+    col_groups: Optional[Any] = None,
+    weights: Optional[Any] = None,
 ) -> LossAndGrads:
     """InfoNCE / CLIP loss of ``S = logit_scale · a bᵀ`` and its analytic gradients.
 
@@ -174,6 +201,9 @@ def contrastive_loss(
         positives: ``N x D``, row ``i``'s positive apart from ``b`` (decoupled:
             not in the denominator); its gradient is ``grad_positives``.
         log_u_rows, log_u_cols: gamma weights; see :func:`gamma_contrastive_loss`.
+        row_groups, col_groups: false-negative masking: ``S_ij = -inf`` where
+            the ids are equal and ``j != labels_i``.
+        weights: per-pair weights (see :func:`_pair_weights`).
 
     Returns:
         :class:`LossAndGrads` with ``dL/da = s·G·b``, ``dL/db = s·Gᵀ·a`` and
@@ -186,13 +216,17 @@ def contrastive_loss(
     n = a.shape[0]
     labels = xp.arange(n) if labels is None else xp.asarray(labels).astype(xp.int64)
     dots = a @ b.T
+    logits = s * dots
+    if row_groups is not None:
+        same = xp.asarray(row_groups)[:, None] == xp.asarray(col_groups)[None, :]
+        logits = xp.where(same & (xp.arange(b.shape[0])[None, :] != labels[:, None]), -xp.inf, logits)
     positive_dots = None
     if positives is not None:
         positives = xp.asarray(positives, dtype=xp.float64)
         positive_dots = xp.sum(a * positives, axis=1)
     as_array = lambda x: None if x is None else xp.asarray(x, dtype=xp.float64)  # noqa: E731
     loss, grad_logits, grad_positive = loss_and_logit_grad(
-        s * dots,
+        logits,
         labels,
         symmetric,
         reduction,
@@ -201,9 +235,11 @@ def contrastive_loss(
         as_array(log_u_rows),
         as_array(log_u_cols),
         None if positive_dots is None else s * positive_dots,
+        weights,
     )
     grad_a = s * grad_logits @ b
-    grad_s = float(xp.sum(grad_logits * dots))
+    # masked entries have no gradient; 0·dots keeps an inf input's NaN out of them
+    grad_s = float(xp.sum(xp.where(xp.isneginf(logits), 0.0, grad_logits * dots)))
     grad_positives = None
     if positives is not None:
         grad_a = grad_a + s * grad_positive[:, None] * positives
@@ -224,15 +260,20 @@ def gamma_contrastive_loss(
     grad_output: Optional[Any] = None,
     xp: Any = np,
     positives: Optional[Any] = None,
+    row_groups: Optional[Any] = None,
+    col_groups: Optional[Any] = None,
 ) -> LossAndGrads:
     """The gamma-augmented surrogate and its gradients, ``u`` held fixed::
 
     ℓ_i^{a→b} = −S_{i,y_i} + u_i·(1/M) Σ_j exp(S_ij)
     ℓ_i^{b→a} = −S_{i,y_i} + u'_i·(1/N) Σ_k exp(S_{k,y_i})
+
+    (masked entries, ``row_groups`` / ``col_groups``, leave the sums; ``M``, ``N`` stay).
     """
     return contrastive_loss(
-        a, b, logit_scale, labels, symmetric, reduction, grad_output, xp, positives, log_u_rows, log_u_cols
-    )
+        a, b, logit_scale, labels, symmetric, reduction, grad_output, xp, positives, log_u_rows, log_u_cols,
+        row_groups, col_groups,
+    )  # fmt: skip
 
 
 def gamma_em_update(
@@ -264,6 +305,8 @@ def nt_xent_loss(
     reduction: str = "mean",
     grad_output: Optional[Any] = None,
     xp: Any = np,
+    groups: Optional[Any] = None,
+    weights: Optional[Any] = None,
 ) -> NTXentLossAndGrads:
     """SimCLR's NT-Xent loss over ``2N`` views and its gradients.
 
@@ -275,6 +318,8 @@ def nt_xent_loss(
 
     ``"mean"`` averages over the ``2N`` views; ``"none"`` returns the ``2N``
     per-view losses (first the ``z1`` views, then the ``z2`` views).
+    ``groups`` (``N``): another sample of the same group is masked;
+    ``weights`` (``N``): per-sample weights, both views.
     """
     z = xp.concatenate([xp.asarray(z1, dtype=xp.float64), xp.asarray(z2, dtype=xp.float64)])
     views = z.shape[0]
@@ -284,7 +329,14 @@ def nt_xent_loss(
     logits = unit @ unit.T / temperature
     logits[xp.arange(views), xp.arange(views)] = -xp.inf
     partners = (xp.arange(views) + half) % views
-    loss, grad_logits, _ = loss_and_logit_grad(logits, partners, False, reduction, grad_output, xp)
+    if groups is not None:
+        ids = xp.concatenate([xp.asarray(groups), xp.asarray(groups)])
+        same = (ids[:, None] == ids[None, :]) & (xp.arange(views)[None, :] != partners[:, None])
+        logits = xp.where(same, -xp.inf, logits)
+    view_weights = None if weights is None else xp.concatenate([xp.asarray(weights)] * 2).astype(xp.float64)
+    loss, grad_logits, _ = loss_and_logit_grad(
+        logits, partners, False, reduction, grad_output, xp, weights=view_weights
+    )
     grad_unit = (grad_logits + grad_logits.T) @ unit / temperature
     # through u = z/‖z‖: du/dz projects out the radial component
     grad_z = (grad_unit - unit * xp.sum(unit * grad_unit, axis=1, keepdims=True)) / norms
@@ -418,4 +470,77 @@ def sigmoid_loss(
         logit_scale * grad.T @ a,
         float((grad * dots).sum()),
         float(grad.sum()),
+    )
+
+
+class SupConLossAndGrads(NamedTuple):
+    """SupCon's value, the anchors with a positive, and the gradients (``grad_columns`` is
+    ``None`` in the one-tower form)."""
+
+    loss: Any
+    anchors_with_positives: int
+    grad_features: Any
+    grad_columns: Any = None
+
+
+def _unit_and_back(z: Any, xp: Any) -> tuple[Any, Any]:
+    """``z / ‖z‖`` and the map taking ``dL/du`` back to ``dL/dz``."""
+    norms = xp.sqrt(xp.sum(z * z, axis=1, keepdims=True))
+    unit = z / norms
+
+    def back(grad_unit: Any) -> Any:
+        return (grad_unit - unit * xp.sum(unit * grad_unit, axis=1, keepdims=True)) / norms
+
+    return unit, back
+
+
+def supcon_loss(
+    features: Any,
+    labels: Any,
+    temperature: float = 0.1,
+    *,
+    columns: Optional[Any] = None,
+    column_labels: Optional[Any] = None,
+    normalize: bool = True,
+    weights: Optional[Any] = None,
+    reduction: str = "mean",
+    grad_output: Optional[Any] = None,
+    xp: Any = np,
+) -> SupConLossAndGrads:
+    """Supervised contrastive loss (``L_out``) from the full matrix, and its gradients.
+
+    ``ℓ_i = LSE_{j ≠ i} S_ij − mean_{p ∈ P(i)} S_ip`` with ``P(i)`` the same-class
+    columns (not ``i`` in the one-tower form); ``dℓ_i/dS_ij = softmax_ij −
+    [j ∈ P(i)]/|P(i)|``. Anchors without a positive have weight 0 (left out of
+    the mean).
+    """
+    z = xp.asarray(features, dtype=xp.float64)
+    y = xp.asarray(labels)
+    a, back_a = _unit_and_back(z, xp) if normalize else (z, lambda g: g)
+    if columns is None:
+        b, y_b, back_b = a, y, back_a
+    else:
+        zb = xp.asarray(columns, dtype=xp.float64)
+        y_b = xp.asarray(column_labels)
+        b, back_b = _unit_and_back(zb, xp) if normalize else (zb, lambda g: g)
+    logits = a @ b.T / temperature
+    positive = y[:, None] == y_b[None, :]
+    if columns is None:
+        eye = xp.eye(a.shape[0], dtype=bool)
+        logits = xp.where(eye, -xp.inf, logits)
+        positive = positive & ~eye
+    counts = positive.sum(axis=1)
+    has = counts > 0
+    mean_positive = xp.where(has, xp.where(positive, logits, 0.0).sum(axis=1) / xp.maximum(counts, 1), 0.0)
+    per_anchor = logsumexp(logits, 1, xp) - mean_positive
+    pair_weights = has.astype(xp.float64) * (
+        1.0 if weights is None else xp.asarray(weights, dtype=xp.float64)
+    )
+    c = _pair_weights(a.shape[0], reduction, grad_output, xp, pair_weights)
+    loss = _reduce(xp.where(has, per_anchor, 0.0), reduction, xp, pair_weights)
+    grad = c[:, None] * (_softmax(logits, 1, xp) - positive / xp.maximum(counts, 1)[:, None])
+    if columns is None:
+        return SupConLossAndGrads(loss, int(has.sum()), back_a((grad + grad.T) @ a / temperature))
+    return SupConLossAndGrads(
+        loss, int(has.sum()), back_a(grad @ b / temperature), back_b(grad.T @ a / temperature)
     )

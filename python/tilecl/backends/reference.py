@@ -53,7 +53,13 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats
     full = _full(scores)
     rows = _logsumexp(full, axis=1)
     cols = _logsumexp(full[:, :col_count], axis=0)
-    positive = full[np.arange(full.shape[0]), targets.cpu().numpy()]  # -inf where excluded
+    # -inf where excluded; a target outside [0, M) (decoupled positives with M < N) is not read
+    columns = targets.cpu().numpy()
+    inside = (columns >= 0) & (columns < full.shape[1])
+    picked = (
+        full[np.arange(full.shape[0]), np.clip(columns, 0, max(full.shape[1] - 1, 0))] if full.size else 0.0
+    )
+    positive = np.where(inside, picked, 0.0)
     return LseStats(*_on(scores.a, rows, cols, positive))
 
 

@@ -1,0 +1,238 @@
+"""False-negative masking, per-pair weights and SupCon on every backend of the matrix, against the oracle.
+
+Values and every gradient meet the error rule (``≤ 2×`` naive PyTorch's error
+in the same dtype, :mod:`utils`) against the float64 oracle
+(:mod:`tilecl.reference`): masked CLIP (both directions), masked InfoNCE with
+labels and hard-negative columns, weights under every reduction, masked
+NT-Xent, SupCon in its one- and two-tower forms, and the masked gamma
+surrogate. The group ids are chosen so that every tile of the torch backend
+(``~20 x 20`` in the matrix), every Triton block (16) and every CUDA tile has
+masked and unmasked entries.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import tilecl
+from tilecl import reference
+from tilecl.naive import naive_contrastive_loss, naive_nt_xent_loss, naive_supcon_loss
+from utils import (
+    Combo,
+    assert_all_close_by_rule,
+    assert_close_by_rule,
+    assert_rel,
+    host,
+    matrix,
+    oracle,
+    run,
+)
+
+ALL = matrix()
+
+
+def ids(count: int, groups: int, device: Any, seed: int) -> torch.Tensor:
+    """``count`` group ids in ``[0, groups)``, the same on every device."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, groups, (count,), generator=gen).to(device)
+
+
+def as_numpy(kw: dict) -> dict:
+    """The oracle's keyword arguments: tensors as NumPy arrays (integers stay integers)."""
+    return {k: x.cpu().numpy() if isinstance(x, torch.Tensor) else x for k, x in kw.items()}
+
+
+def check_contrastive(combo: Combo, n: int, m: int, d: int, scale: float, grad_output=None, **kw) -> None:
+    a, b = combo.inputs(n, m, d, seed=n + m + d)
+
+    def ours(a, b, s, **kw):
+        return tilecl.contrastive_loss(a, b, s, backend=combo.backend, **kw)
+
+    mine = run(ours, a, b, scale, grad_output, **kw)
+    naive = run(naive_contrastive_loss, a, b, scale, grad_output, **kw)
+    assert_all_close_by_rule(mine, naive, oracle(a, b, scale, grad_output, **as_numpy(kw)), combo.dtype)
+
+
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+@pytest.mark.parametrize("n,m,d", [(37, 37, 24), pytest.param(70, 70, 40, marks=pytest.mark.slow)])
+def test_masked_clip_both_directions(combo, n, m, d):
+    dev = combo.device
+    check_contrastive(combo, n, m, d, 8.0, row_groups=ids(n, 6, dev, 1), col_groups=ids(m, 6, dev, 2))
+
+
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+def test_masked_infonce_with_labels_and_hard_negative_columns(combo):
+    dev = combo.device
+    labels = ids(29, 29, dev, 3)
+    check_contrastive(
+        combo, 29, 45, 16, 6.0, labels=labels, symmetric=False, row_groups=ids(29, 5, dev, 4),
+        col_groups=ids(45, 5, dev, 5),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+def test_masked_clip_with_labels(combo):
+    dev = combo.device
+    labels = ids(23, 31, dev, 6)
+    check_contrastive(
+        combo, 23, 31, 12, 5.0, labels=labels, row_groups=ids(23, 4, dev, 7), col_groups=ids(31, 4, dev, 8)
+    )
+
+
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weights_are_row_multipliers(combo, reduction):
+    gen = torch.Generator().manual_seed(9)
+    weights = torch.rand(21, generator=gen, dtype=torch.float64)
+    weights[3] = 0.0
+    weights = weights.to(combo.device)
+    grad_output = torch.linspace(-1.0, 2.0, 21, dtype=torch.float64) if reduction == "none" else None
+    check_contrastive(combo, 21, 27, 10, 7.0, grad_output, weights=weights, reduction=reduction)
+
+
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+def test_masking_down_to_the_positive_is_finite(combo):
+    """Every entry of one group: each row keeps only its positive, loss 0, gradient 0 — never NaN."""
+    dev = combo.device
+    same = torch.zeros(19, dtype=torch.long, device=dev)
+    a, b = combo.inputs(19, 19, 8, seed=3)
+    s = torch.tensor(4.0, device=dev, requires_grad=True)
+    loss = tilecl.contrastive_loss(a, b, s, row_groups=same, col_groups=same, backend=combo.backend)
+    grads = torch.autograd.grad(loss, (a, b, s))
+    # 16-bit inputs: the softmax of 1 feeds the products rounded to the input type
+    tol = 1e-6 if combo.dtype in (torch.float32, torch.float64) else 1e-3
+    for x in (loss, *grads):
+        assert torch.isfinite(x).all()
+        assert float(x.abs().max()) <= tol
+
+
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+def test_masked_and_weighted_nt_xent(combo):
+    dev = combo.device
+    z1, z2 = combo.inputs(22, 22, 12, seed=10, normalize=False)
+    groups = ids(22, 7, dev, 11)
+    weights = torch.rand(22, generator=torch.Generator().manual_seed(12), dtype=torch.float64).to(dev)
+
+    def grads(fn, **kw):
+        loss = fn(z1, z2, 0.3, groups=groups, weights=weights, **kw)
+        return (loss, *torch.autograd.grad(loss, (z1, z2)))
+
+    mine = grads(tilecl.nt_xent_loss, backend=combo.backend)
+    naive = grads(naive_nt_xent_loss)
+    out = reference.nt_xent_loss(host(z1), host(z2), 0.3, groups=groups.cpu().numpy(), weights=host(weights))
+    assert_all_close_by_rule(
+        mine, naive, (out.loss, out.grad_z1, out.grad_z2), combo.dtype, ("loss", "z1", "z2")
+    )
+
+
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+@pytest.mark.parametrize("two_tower", [False, True], ids=["one-tower", "two-tower"])
+def test_supcon_against_the_oracle(combo, two_tower):
+    dev = combo.device
+    n, m = 41, 33
+    features, columns = combo.inputs(n, m, 16, seed=13, normalize=False)
+    labels = ids(n, 9, dev, 14)
+    labels[0] = 99  # an anchor without a positive: left out of the mean
+    column_labels = ids(m, 9, dev, 15) if two_tower else None
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(16), dtype=torch.float64).to(dev)
+    kw: dict = dict(columns=columns, column_labels=column_labels) if two_tower else {}
+    leaves = (features, columns) if two_tower else (features,)
+
+    def grads(fn, **extra):
+        loss = fn(features, labels, 0.2, weights=weights, **kw, **extra)
+        return (loss, *torch.autograd.grad(loss, leaves))
+
+    mine = grads(tilecl.supcon_loss, backend=combo.backend)
+    naive = grads(naive_supcon_loss)
+    out = reference.supcon_loss(
+        host(features), labels.cpu().numpy(), 0.2, weights=host(weights),
+        **({"columns": host(columns), "column_labels": column_labels.cpu().numpy()} if two_tower else {}),
+    )  # fmt: skip
+    want = (out.loss, out.grad_features, out.grad_columns)[: 1 + len(leaves)]
+    assert_all_close_by_rule(mine, naive, want, combo.dtype, ("loss", "features", "columns"))
+
+
+@pytest.mark.parametrize("combo", matrix([torch.float64, torch.float32]), indirect=True)
+def test_masked_gamma_surrogate(combo):
+    dev = combo.device
+    a, b = combo.inputs(26, 26, 10, seed=17)
+    log_u_rows = torch.linspace(-1.0, 1.0, 26, dtype=torch.float64)
+    log_u_cols = torch.linspace(0.5, -0.5, 26, dtype=torch.float64)
+    row_groups, col_groups = ids(26, 5, dev, 18), ids(26, 5, dev, 19)
+    loss = tilecl.gamma_contrastive_loss(
+        a, b, log_u_rows.to(dev), log_u_cols.to(dev), 4.0, row_groups=row_groups, col_groups=col_groups,
+        backend=combo.backend,
+    )  # fmt: skip
+    grad_a, grad_b = torch.autograd.grad(loss, (a, b))
+    out = reference.gamma_contrastive_loss(
+        host(a), host(b), log_u_rows.numpy(), log_u_cols.numpy(), 4.0,
+        row_groups=row_groups.cpu().numpy(), col_groups=col_groups.cpu().numpy(),
+    )  # fmt: skip
+    rel = 1e-12 if combo.dtype == torch.float64 else 1e-5
+    for what, x, ref in (
+        ("loss", loss, out.loss),
+        ("grad_a", grad_a, out.grad_a),
+        ("grad_b", grad_b, out.grad_b),
+    ):
+        assert_rel(x, ref, rel, what)
+
+
+def test_supcon_counts_anchors_without_positives():
+    features = torch.randn(6, 4, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 2, 2, 3])
+    out = tilecl.supcon_loss(features, labels, with_counts=True, backend="torch")
+    assert isinstance(out, tilecl.SupConOutput)
+    assert (int(out.anchors_with_positives), int(out.anchors_without_positives)) == (4, 2)
+    lonely = tilecl.supcon_loss(features, torch.arange(6), with_counts=True, backend="torch")
+    assert float(lonely.loss) == 0.0 and int(lonely.anchors_without_positives) == 6
+
+
+def test_class_sums_are_per_class_without_a_mask_matrix():
+    columns = torch.arange(12, dtype=torch.float64).view(6, 2)
+    col_labels = torch.tensor([5, -1, 5, 7, -1, 5])
+    sums, counts = tilecl.supervised.class_sums(torch.tensor([5, 7, 3, -1]), col_labels, columns)
+    assert counts.tolist() == [3, 1, 0, 2]
+    want = [
+        columns[[0, 2, 5]].sum(0),
+        columns[3],
+        torch.zeros(2, dtype=torch.float64),
+        columns[[1, 4]].sum(0),
+    ]
+    assert torch.equal(sums, torch.stack(want))
+
+
+def test_weighted_mean_is_the_weighted_average_of_per_pair_losses():
+    a, b = torch.randn(9, 5, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64)
+    w = torch.tensor([0.0, 1, 2, 3, 0, 1, 1, 0.5, 4], dtype=torch.float64)
+    per_pair = tilecl.contrastive_loss(a, b, 3.0, reduction="none", backend="torch")
+    weighted = tilecl.contrastive_loss(a, b, 3.0, weights=w, backend="torch")
+    assert math.isclose(float(weighted), float((per_pair * w).sum() / w.sum()), rel_tol=1e-14)
+    zero = tilecl.contrastive_loss(a, b, 3.0, weights=torch.zeros(9, dtype=torch.float64), backend="torch")
+    assert float(zero) == 0.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_group_masking_is_independent_of_the_tile_shape(tile_bytes, seed):
+    """The torch backend finds masked entries per tile by sorting: every tiling gives the same loss."""
+    a, b = torch.randn(45, 6, dtype=torch.float64), torch.randn(52, 6, dtype=torch.float64)
+    row_groups, col_groups = ids(45, 4, "cpu", seed), ids(52, 4, "cpu", seed + 10)
+    loss = tilecl.contrastive_loss(a, b, 2.0, row_groups=row_groups, col_groups=col_groups, backend="torch")
+    want = reference.contrastive_loss(
+        a.numpy(), b.numpy(), 2.0, row_groups=row_groups.numpy(), col_groups=col_groups.numpy()
+    )
+    assert abs(float(loss) - want.loss) <= 1e-12 * abs(want.loss)
+    assert np.isfinite(want.loss)
+
+
+def test_supcon_and_masked_losses_match_naive_on_one_tile():
+    """Sanity of the naive references themselves (they are the 2× rule's yardstick)."""
+    features = torch.randn(12, 5, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2, 3, 0, 1, 2, 3, 3])
+    got = naive_supcon_loss(features, labels, 0.5)
+    want = reference.supcon_loss(features.numpy(), labels.numpy(), 0.5).loss
+    assert_close_by_rule(got, got, want, torch.float64, "naive supcon")
