@@ -318,19 +318,37 @@ def test_opcheck_every_registered_op(combo):
     a, b = (torch.randn(k, 5, generator=gen).to(combo.device, combo.dtype) for k in (n, m))
     scale = torch.tensor(2.0, dtype=torch.float64, device=combo.device)
     targets = torch.randint(0, m, (n,), generator=gen).to(combo.device)
-    for exclude_diagonal in (False, True):
-        forward = (combo.backend, a, b, scale, exclude_diagonal, targets, n)
+    # the group mask (false negatives): row and column ids, each row's kept column
+    groups = (
+        torch.randint(0, 3, (n,), generator=gen).to(combo.device),
+        torch.randint(0, 3, (m,), generator=gen).to(combo.device),
+        targets,
+    )
+    for exclude_diagonal, mask in ((False, (None,) * 3), (True, (None,) * 3), (False, groups)):
+        scores = (combo.backend, a, b, scale, exclude_diagonal, *mask)
+        forward = (*scores, targets, n)
         torch.library.opcheck(lse_stats_op, forward)
         # realistic terms: the softmax's own offsets and 1/N weights (G ≤ 1 fits every dtype)
         row_lse, col_lse, _ = lse_stats_op(*forward)
         weights = torch.full_like(row_lse, 1 / n)
         terms = (row_lse, weights, col_lse, weights)
-        torch.library.opcheck(offset_backward_op, (combo.backend, a, b, scale, exclude_diagonal, *terms))
+        torch.library.opcheck(offset_backward_op, (*scores, *terms))
     if "sigmoid" not in BACKENDS[combo.backend].forms:
         return
     bias = torch.tensor(-3.0, dtype=torch.float64, device=combo.device)
     keys = torch.arange(n, device=combo.device), torch.arange(m, device=combo.device)
     weights = torch.ones(n, dtype=torch.float64 if combo.dtype == torch.float64 else torch.float32)
     for with_grads in (False, True):
-        sweep = (combo.backend, a, b, scale, False, bias, *keys, weights.to(combo.device), with_grads)
+        sweep = (
+            combo.backend,
+            a,
+            b,
+            scale,
+            False,
+            *(None,) * 3,
+            bias,
+            *keys,
+            weights.to(combo.device),
+            with_grads,
+        )
         torch.library.opcheck(sigmoid_sweep_op, sweep)
