@@ -1,0 +1,223 @@
+"""The adapters against the real libraries: pytorch-metric-learning's and sentence-transformers' losses.
+
+Random embeddings, no model download: values and gradients equal the real
+``pytorch_metric_learning.losses.SupConLoss`` / ``NTXentLoss`` and
+``sentence_transformers`` ``MultipleNegativesRankingLoss`` (and its symmetric
+form) in float64, and the masked forms equal a full-matrix masked cross
+entropy. Both packages come with the ``dev`` extra.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tilecl.integrations import pytorch_metric_learning as tilecl_pml
+from utils import assert_rel
+
+pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+st_util = pytest.importorskip("sentence_transformers.util")
+from tilecl.integrations import sentence_transformers as tilecl_st  # noqa: E402
+
+BACKENDS = ["torch", "triton"]
+
+
+def loss_and_grads(fn, leaves, *args):
+    loss = fn(*args)
+    return (loss, *torch.autograd.grad(loss, leaves))
+
+
+def assert_same(ours, theirs, rel=1e-12):
+    for i, (x, y) in enumerate(zip(ours, theirs)):
+        assert_rel(x, y, rel, f"output {i}")
+
+
+LABELINGS = {
+    "two-views": lambda n, g: torch.arange(n // 2).repeat(2),
+    "classes": lambda n, g: torch.randint(0, 7, (n,), generator=g),
+    "with-singletons": lambda n, g: torch.cat(
+        [torch.randint(0, 4, (n - 3,), generator=g), torch.tensor([10, 11, 12])]
+    ),
+}
+
+
+@pytest.mark.parametrize("labeling", LABELINGS)
+@pytest.mark.parametrize("name", ["SupConLoss", "NTXentLoss"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pml_losses_match_the_real_ones(name, labeling, backend):
+    g = torch.Generator().manual_seed(len(labeling) + len(name))
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    x = torch.randn(36, 12, generator=g, dtype=dtype).requires_grad_()
+    labels = LABELINGS[labeling](36, g)
+    ours = getattr(tilecl_pml, name)(temperature=0.2, backend=backend)
+    theirs = getattr(pml_losses, name)(temperature=0.2)
+    rel = 1e-12 if dtype == torch.float64 else 2e-5
+    assert_same(loss_and_grads(ours, (x,), x, labels), loss_and_grads(theirs, (x,), x, labels), rel)
+
+
+def test_pml_supcon_two_tower_matches_ref_emb():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 8, generator=g, dtype=torch.float64).requires_grad_()
+    ref = torch.randn(28, 8, generator=g, dtype=torch.float64).requires_grad_()
+    labels, ref_labels = torch.randint(0, 5, (20,), generator=g), torch.randint(0, 5, (28,), generator=g)
+    ours = tilecl_pml.SupConLoss(0.1, backend="torch")
+    theirs = pml_losses.SupConLoss(0.1)
+    assert_same(
+        loss_and_grads(lambda *a: ours(*a[:2], None, *a[2:]), (x, ref), x, labels, ref, ref_labels),
+        loss_and_grads(lambda *a: theirs(*a[:2], None, *a[2:]), (x, ref), x, labels, ref, ref_labels),
+    )
+
+
+def test_pml_no_positive_pair_is_a_zero_loss_in_the_graph():
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.arange(5)
+    for name in ("SupConLoss", "NTXentLoss"):
+        ours = getattr(tilecl_pml, name)(backend="torch")(x, labels)
+        assert float(ours.detach()) == float(getattr(pml_losses, name)()(x, labels).detach()) == 0.0
+        (grad,) = torch.autograd.grad(ours, x)
+        assert float(grad.abs().max()) == 0.0
+
+
+def test_pml_refuses_a_miner():
+    x = torch.randn(4, 3)
+    with pytest.raises(NotImplementedError, match="indices_tuple"):
+        tilecl_pml.SupConLoss()(x, torch.tensor([0, 0, 1, 1]), indices_tuple=(torch.tensor([0]),) * 4)
+
+
+def test_positive_pairs_are_every_ordered_same_label_pair():
+    labels = torch.tensor([3, 1, 3, 3, 2, 1])
+    anchors, partners = tilecl_pml.positive_pairs(labels)
+    want = {(i, j) for i in range(6) for j in range(6) if i != j and labels[i] == labels[j]}
+    assert set(zip(anchors.tolist(), partners.tolist())) == want and len(anchors) == len(want)
+
+
+# --------------------------------------------------------------------------- sentence-transformers
+
+
+class BagOfTokens(nn.Module):
+    """A stand-in SentenceTransformer: mean token embedding of the unpadded tokens (no download)."""
+
+    def __init__(self, vocab: int = 50, dim: int = 16) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim, dtype=torch.float64)
+
+    def forward(self, features: dict) -> dict:
+        mask = features["attention_mask"].to(torch.float64)[..., None]
+        pooled = (self.embedding(features["input_ids"]) * mask).sum(1) / mask.sum(1)
+        return {**features, "sentence_embedding": pooled}
+
+
+def tokenized(texts: list[list[int]]) -> dict:
+    width = max(len(t) for t in texts)
+    ids = torch.tensor([t + [0] * (width - len(t)) for t in texts])
+    mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in texts])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def columns_of_embeddings(n: int, k: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 10, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2 + k)]
+
+
+@pytest.mark.parametrize("negatives", [0, 1, 2])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+@pytest.mark.parametrize("similarity", ["cos_sim", "dot_score"])
+def test_mnrl_matches_sentence_transformers(negatives, symmetric, similarity):
+    columns = columns_of_embeddings(14, negatives, seed=negatives)
+    directions = ("query_to_doc", "doc_to_query") if symmetric else ("query_to_doc",)
+    options = dict(
+        scale=20.0 if similarity == "cos_sim" else 0.5,
+        similarity_fct=getattr(st_util, similarity),
+        directions=directions,
+        partition_mode="per_direction" if symmetric else "joint",
+    )
+    ours = tilecl_st.MultipleNegativesRankingLoss(nn.Identity(), **options, backend="torch")
+    theirs = st_losses.MultipleNegativesRankingLoss(nn.Identity(), **options)
+    assert_same(
+        loss_and_grads(ours.compute_loss_from_embeddings, columns, columns, None),
+        loss_and_grads(theirs.compute_loss_from_embeddings, columns, columns, None),
+    )
+
+
+def test_mnrl_forward_through_a_model_matches_sentence_transformers():
+    torch.manual_seed(0)
+    model = BagOfTokens()
+    g = torch.Generator().manual_seed(2)
+    features = [
+        tokenized(
+            [
+                torch.randint(1, 50, (int(torch.randint(2, 7, (), generator=g)),), generator=g).tolist()
+                for _ in range(9)
+            ]
+        )
+        for _ in range(3)
+    ]
+    ours = tilecl_st.MultipleNegativesRankingLoss(model, backend="torch")(features, None)
+    (ours_grad,) = torch.autograd.grad(ours, model.embedding.weight)
+    theirs = st_losses.MultipleNegativesRankingLoss(model)(features, None)
+    (theirs_grad,) = torch.autograd.grad(theirs, model.embedding.weight)
+    assert_same((ours, ours_grad), (theirs, theirs_grad))
+
+
+def masked_cross_entropy(anchors, candidates, scale, row_groups, col_groups, symmetric=False):
+    """The full-matrix masked MNRL: same-group candidates other than the positive leave the softmax."""
+    n = anchors.shape[0]
+    logits = scale * F.normalize(anchors, dim=1) @ F.normalize(candidates, dim=1).t()
+    same = row_groups[:, None] == col_groups[None, :]
+    logits = logits.masked_fill(same & ~torch.eye(n, candidates.shape[0], dtype=torch.bool), float("-inf"))
+    forward = F.cross_entropy(logits, torch.arange(n))
+    if not symmetric:
+        return forward
+    return (forward + F.cross_entropy(logits[:, :n].t(), torch.arange(n))) / 2
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
+def test_mnrl_masks_duplicate_texts(symmetric):
+    """Two anchors with one positive text, an anchor asked twice, a hard negative that is a positive."""
+    model = BagOfTokens()
+    anchors = [[1, 2], [3, 4], [1, 2], [5], [6, 7], [8]]
+    positives = [[10, 11], [12], [13], [14, 15], [12], [16]]
+    negatives = [[20], [14, 15], [21], [22], [23, 24], [25]]
+    features = [tokenized(anchors), tokenized(positives), tokenized(negatives)]
+    loss = tilecl_st.MultipleNegativesRankingLoss(
+        model, symmetric=symmetric, mask_false_negatives="text", backend="torch"
+    )
+    ours = loss(features, None)
+    # pairs 0 and 2 share an anchor text, 1 and 4 a positive; negative 1 is pair 3's positive
+    rows = torch.tensor([0, 1, 0, 3, 1, 5])
+    cols = torch.cat([rows, torch.tensor([100, 3, 101, 102, 103, 104])])
+    with torch.no_grad():
+        embedded = [model(f)["sentence_embedding"] for f in features]
+    want = masked_cross_entropy(embedded[0], torch.cat(embedded[1:]), 20.0, rows, cols, symmetric)
+    assert_rel(ours, want, 1e-12, "masked loss")
+    assert tilecl_st.pair_groups_from_keys(
+        [tuple(t) for t in anchors], [tuple(t) for t in positives], [[tuple(t) for t in negatives]]
+    ) == (rows.tolist(), [*rows.tolist(), 6, 3, 7, 8, 9, 10])
+
+
+def test_mnrl_masks_by_a_group_column():
+    columns = columns_of_embeddings(10, 1, seed=5)
+    groups = torch.tensor([0, 1, 0, 2, 3, 3, 4, 5, 6, 1])
+    loss = tilecl_st.MultipleNegativesRankingLoss(
+        nn.Identity(), mask_false_negatives="labels", backend="torch"
+    )
+    ours = loss.compute_loss_from_embeddings(columns, groups)
+    never = torch.full((10,), -1)  # hard negatives are never masked
+    want = masked_cross_entropy(columns[0], torch.cat(columns[1:]), 20.0, groups, torch.cat([groups, never]))
+    assert_rel(ours, want, 1e-12, "masked loss")
+    with pytest.raises(ValueError, match="label column"):
+        loss.compute_loss_from_embeddings(columns, None)
+
+
+def test_mnrl_refuses_what_it_cannot_tile():
+    with pytest.raises(NotImplementedError, match="similarity_fct"):
+        tilecl_st.MultipleNegativesRankingLoss(nn.Identity(), similarity_fct=lambda a, b: a @ b.t())
+    with pytest.raises(NotImplementedError, match="directions"):
+        tilecl_st.MultipleNegativesRankingLoss(nn.Identity(), directions=("query_to_doc", "query_to_query"))
+    with pytest.raises(NotImplementedError, match="per_direction"):
+        tilecl_st.MultipleNegativesRankingLoss(nn.Identity(), directions=("query_to_doc", "doc_to_query"))
+    with pytest.raises(ValueError, match="mask_false_negatives"):
+        tilecl_st.MultipleNegativesRankingLoss(nn.Identity(), mask_false_negatives="yes")
