@@ -69,6 +69,8 @@ def global_batch(world: int, seed: int = 0) -> dict[str, torch.Tensor]:
         # SigLIP group ids (global): several positives per row, across ranks
         "row_groups": torch.randint(0, 6, (n,), generator=gen),
         "col_groups": torch.randint(0, 6, (m,), generator=gen),
+        # per-pair weights, one of them 0
+        "weights": torch.rand(n, generator=gen, dtype=torch.float64).index_fill_(0, torch.tensor([1]), 0.0),
     }
 
 
@@ -168,7 +170,51 @@ def cases(inputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], **di
             **dist_kwargs,
         )
 
+    groups = {"row_groups": inputs.get("row_groups"), "col_groups": inputs.get("col_groups")}
+
+    def clip_masked_weighted(a, b):
+        # false negatives are global: a column of another rank in a row's group leaves its softmaxes
+        return tilecl.contrastive_loss(
+            a, b, s, labels=labels["pair"], weights=inputs.get("weights"), backend="torch", **groups,
+            **dist_kwargs,
+        )  # fmt: skip
+
+    def clip_default_labels_masked(a, b):
+        # the kept (positive) columns are rank-local; with column statistics on part of b the
+        # gathered layout moves the hard negatives, and the kept columns must follow
+        return tilecl.contrastive_loss(
+            a, b, s, labels=labels["default"], backend="torch", **groups, **dist_kwargs
+        )
+
+    def nt_xent_masked(z1, z2):
+        return tilecl.nt_xent_loss(
+            z1, z2, 0.5, groups=inputs.get("row_groups"), weights=inputs.get("weights"), backend="torch",
+            **dist_kwargs,
+        )  # fmt: skip
+
+    def supcon(z1):
+        # classes are global: every rank's samples of a class are positives
+        return tilecl.supcon_loss(z1, inputs.get("row_groups"), 0.3, backend="torch", **dist_kwargs)
+
+    def supcon_two_tower(a, b):
+        return tilecl.supcon_loss(
+            a, inputs.get("row_groups"), 0.3, columns=b, column_labels=inputs.get("col_groups"),
+            weights=inputs.get("weights"), backend="torch", **dist_kwargs,
+        )  # fmt: skip
+
+    def gamma_masked(a, b):
+        return tilecl.gamma_contrastive_loss(
+            a, b, inputs["log_u_rows"], inputs["log_u_cols"], s, labels=labels["pair"], backend="torch",
+            **groups, **dist_kwargs,
+        )  # fmt: skip
+
     return {
+        "clip masked weighted": (clip_masked_weighted, ("a", "b")),
+        "clip default labels masked": (clip_default_labels_masked, ("a", "b")),
+        "nt-xent masked weighted": (nt_xent_masked, ("z1", "z2")),
+        "supcon": (supcon, ("z1",)),
+        "supcon two-tower weighted": (supcon_two_tower, ("a", "b")),
+        "gamma masked": (gamma_masked, ("a", "b")),
         "clip": (clip, ("a", "b")),
         "clip default labels": (clip_default_labels, ("a", "b")),
         "infonce labels sum": (infonce_sum, ("a", "b", "scale")),
@@ -239,7 +285,7 @@ def _all_losses_worker(rank: int, world: int, store: str, out: str, impl: str) -
         k: shard(everything[k], rank, world) for k in ("a", "b", "positives", "log_u_rows", "log_u_cols")
     }
     inputs.update({k: shard(everything[k], rank, world) for k in ("z1", "z2", "u1", "u2")})
-    inputs.update({k: shard(everything[k], rank, world) for k in ("row_groups", "col_groups")})
+    inputs.update({k: shard(everything[k], rank, world) for k in ("row_groups", "col_groups", "weights")})
     inputs["scale"] = torch.tensor(SCALE, dtype=torch.float64)
     inputs["bias"] = torch.tensor(BIAS, dtype=torch.float64)
     labels = {
