@@ -384,6 +384,91 @@ CASES += [
 ]
 
 
+def ids(*values):
+    return torch.tensor(values, dtype=torch.long)
+
+
+def masked(**kw):
+    return lambda: tilecl.contrastive_loss(kw.pop("a", feats()), kw.pop("b", feats()), **kw)
+
+
+def supcon(**kw):
+    return lambda: tilecl.supcon_loss(kw.pop("features", feats()), kw.pop("labels", ids(0, 0, 1, 1)), **kw)
+
+
+CASES += [
+    ("groups one side", masked(row_groups=ids(0, 1, 2, 3)), ValueError, "both row_groups and col_groups"),
+    ("groups float", masked(row_groups=torch.zeros(4), col_groups=ids(0, 1, 2, 3)), TypeError, "integer"),
+    ("col_groups length", masked(row_groups=ids(0, 1, 2, 3), col_groups=ids(0, 1)), ValueError, r"\(4,\)"),
+    (
+        "groups with decoupled positives",
+        masked(row_groups=ids(0, 1, 2, 3), col_groups=ids(0, 1, 2, 3), positives=feats(), symmetric=False),
+        ValueError,
+        "positives",
+    ),
+    ("negative weight", masked(weights=torch.tensor([1.0, -1.0, 1.0, 1.0])), ValueError, "non-negative"),
+    ("NaN weight", masked(weights=torch.tensor([1.0, float("nan"), 1.0, 1.0])), ValueError, "finite"),
+    ("weights length", masked(weights=torch.ones(3)), ValueError, r"weights must have shape \(4,\)"),
+    ("integer weights", masked(weights=torch.ones(4, dtype=torch.long)), TypeError, "floating"),
+    (
+        "NT-Xent groups length",
+        lambda: tilecl.nt_xent_loss(feats(), feats(), groups=ids(0, 1)),
+        ValueError,
+        "row_groups must have shape",
+    ),
+    (
+        "NT-Xent negative weight",
+        lambda: tilecl.nt_xent_loss(feats(), feats(), weights=-torch.ones(4)),
+        ValueError,
+        "non-negative",
+    ),
+    (
+        "gamma groups one side",
+        lambda: tilecl.gamma_contrastive_loss(
+            feats(), feats(), torch.zeros(4), torch.zeros(4), col_groups=ids(0, 1, 2, 3)
+        ),
+        ValueError,
+        "both row_groups",
+    ),
+    ("SupCon labels length", supcon(labels=ids(0, 1, 2)), ValueError, r"labels must have shape \(4,\)"),
+    ("SupCon labels float", supcon(labels=torch.zeros(4)), TypeError, "labels must be an integer"),
+    ("SupCon labels not a tensor", supcon(labels=[0, 0, 1, 1]), TypeError, "labels must be a torch.Tensor"),
+    ("SupCon temperature", supcon(temperature=0.0), ValueError, "temperature"),
+    ("SupCon negative weight", supcon(weights=-torch.ones(4)), ValueError, "non-negative"),
+    (
+        "SupCon columns without labels",
+        supcon(columns=feats(5)),
+        TypeError,
+        "column_labels must be a torch.Tensor",
+    ),
+    ("SupCon column_labels alone", supcon(column_labels=ids(0, 1, 2, 3)), ValueError, "need columns"),
+    (
+        "SupCon column_labels length",
+        supcon(columns=feats(5), column_labels=ids(0, 1)),
+        ValueError,
+        r"column_labels must have shape \(5,\)",
+    ),
+    (
+        "SupCon mismatched D",
+        supcon(columns=feats(5, 2), column_labels=ids(0, 1, 2, 3, 4)),
+        ValueError,
+        "feature dimension",
+    ),
+    (
+        "SupConLoss ref_emb alone",
+        lambda: tilecl.SupConLoss()(feats(), ids(0, 0, 1, 1), feats()),
+        ValueError,
+        "ref_emb and ref_labels",
+    ),
+    (
+        "ClipLoss image_groups alone",
+        lambda: tilecl.ClipLoss()(feats(), feats(), 10.0, image_groups=ids(0, 1, 2, 3)),
+        ValueError,
+        "both row_groups",
+    ),
+]
+
+
 @pytest.mark.parametrize("call,error,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_raises_before_compute(call, error, message):
     with pytest.raises(error, match=message):
