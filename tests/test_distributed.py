@@ -511,6 +511,12 @@ def _bad_input_worker(rank: int, world: int, store: str, out: str) -> None:
         "sigmoid bias": lambda: tilecl.sigmoid_loss(
             a, a.clone(), 1.0, math.nan if odd else 0.0, process_group=group
         ),
+        # group ids or weights on one rank only: different tensors would travel, so both raise
+        "groups on one rank": clip(
+            row_groups=torch.arange(3) if odd else None, col_groups=torch.arange(3) if odd else None
+        ),
+        "weights on one rank": clip(weights=torch.ones(3, dtype=torch.float64) if odd else None),
+        "negative weight": clip(weights=torch.tensor([1.0, -1.0 if odd else 1.0, 1.0], dtype=torch.float64)),
     }
     messages = {}
     for name, call in calls.items():
@@ -558,8 +564,10 @@ def test_bad_input_on_one_rank_raises_everywhere_and_leaves_memory(tmp_path):
         "unavailable backend",
         "ClipLoss pair",
         "sigmoid bias",
+        "negative weight",
     ):
         assert "another rank" in m0[name], (name, m0[name])
+    assert "non-negative" in m1["negative weight"]
     # calls that are well-formed on each rank but differ between them: the same error on both
     for name, what in [
         ("reduction", "reduction"),
@@ -567,6 +575,8 @@ def test_bad_input_on_one_rank_raises_everywhere_and_leaves_memory(tmp_path):
         ("symmetric", "columns_with_statistics"),
         ("dist_impl", "dist_impl"),
         ("uniformity t", "t"),
+        ("groups on one rank", "masked"),
+        ("weights on one rank", "weighted"),
     ]:
         assert m0[name] == m1[name] and f"the same {what}" in m0[name], (name, m0[name], m1[name])
     assert unchanged0 and unchanged1
