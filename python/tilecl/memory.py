@@ -15,8 +15,9 @@ import subprocess
 import sys
 from typing import Optional
 
-#: CLIP (symmetric InfoNCE) tiled and full-matrix; SigLIP (sigmoid) tiled and open_clip's formula
-PROVIDERS = ("tilecl", "naive", "tilecl-sigmoid", "naive-sigmoid")
+#: CLIP (symmetric InfoNCE) tiled and full-matrix; SigLIP (sigmoid) tiled and open_clip's formula;
+#: SupCon tiled and pytorch-metric-learning's (100 classes)
+PROVIDERS = ("tilecl", "naive", "tilecl-sigmoid", "naive-sigmoid", "tilecl-supcon", "pml-supcon")
 
 _CHILD = r"""
 import json, sys, torch
@@ -27,6 +28,9 @@ if threads > 0:
 import tilecl
 from tilecl.naive import naive_contrastive_loss, naive_sigmoid_loss
 dtype = getattr(torch, dtype)
+if provider == "pml-supcon":
+    from pytorch_metric_learning.losses import SupConLoss
+    pml_supcon = SupConLoss(temperature=0.1)
 gen = torch.Generator().manual_seed(0)
 def features():
     x = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1)
@@ -39,6 +43,8 @@ fn = {
     "naive": naive_contrastive_loss,
     "tilecl-sigmoid": lambda a, b, s: tilecl.sigmoid_loss(a, b, s, bias),
     "naive-sigmoid": lambda a, b, s: naive_sigmoid_loss(a, b, s, bias),
+    "tilecl-supcon": lambda a, b, s: tilecl.supcon_loss(a, torch.arange(a.shape[0]) % 100, 0.1),
+    "pml-supcon": lambda a, b, s: pml_supcon(a, torch.arange(a.shape[0]) % 100),
 }[provider]
 def status_bytes(field):
     with open("/proc/self/status") as f:
