@@ -144,6 +144,25 @@ def _bridge(n, device, backend):
     return tilecl.brownian_bridge_loss, (*z, t)
 
 
+def _masked_weighted_clip(n, device, backend):
+    a, b = _features(n, device, n)
+    groups = (torch.arange(n) // 3).to(device)  # three of a kind: two false negatives per row
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(n)).to(device)
+
+    def loss(a, b, s, groups, weights):
+        return tilecl.contrastive_loss(
+            a, b, s, row_groups=groups, col_groups=groups, weights=weights, backend=backend
+        )
+
+    return loss, (a, b, _scale(device), groups, weights)
+
+
+def _supcon(n, device, backend):
+    labels = (torch.arange(n) % 7).to(device)
+    labels[0] = 100  # an anchor without a positive
+    return tilecl.SupConLoss(0.2, backend=backend), (*_features(n, device, n, 1), labels)
+
+
 CASES = [
     Case("clip", _clip, interpreted=True),
     Case("labels-hard-negatives", _labels_and_negatives),
@@ -154,6 +173,8 @@ CASES = [
     Case("GammaContrastiveLoss", _gamma_module, interpreted=True),
     Case("SigLipLoss", _siglip, interpreted=True),
     Case("sigmoid-groups-none", _siglip_groups_per_row),
+    Case("masked-weighted-clip", _masked_weighted_clip, interpreted=True),
+    Case("SupConLoss", _supcon),
     Case("uniformity", _uniformity, interpreted=True),
     Case("feature-separation", _separation),
     Case("geometric-consistency", _geometric, on_backends=False),
