@@ -2,7 +2,8 @@
 //
 // Tensors cross as integers (tensor.data_ptr()), with their shapes and row strides, a dtype code
 // (0 float32, 1 float16, 2 bfloat16) and the stream handle
-// (torch.cuda.current_stream().cuda_stream): one build works with any torch version. The Python
+// (torch.cuda.current_stream().cuda_stream): one build works with any torch version. The group
+// masking arrays (row_groups, col_groups, kept_cols) are addresses too, 0 for none. The Python
 // side (tilecl.backends.cuda) validates every argument before calling in here.
 //
 // Built twice from this one file: as tilecl._cuda against the nvcc-compiled kernels, and (with
@@ -46,11 +47,13 @@ int as_int(int64_t value, const char* name) {
 
 void lse_stats(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr_t targets, std::uintptr_t row_lse,
                std::uintptr_t col_lse, std::uintptr_t positive, float scale, int64_t n, int64_t m, int64_t d,
-               int64_t lda, int64_t ldb, int64_t col_count, bool exclude_diagonal, std::uintptr_t stream) {
+               int64_t lda, int64_t ldb, int64_t col_count, bool exclude_diagonal, std::uintptr_t row_groups,
+               std::uintptr_t col_groups, std::uintptr_t kept_cols, std::uintptr_t stream) {
   tilecl::LseArgs args{ptr<const void>(a), ptr<const void>(b), ptr<const int64_t>(targets), ptr<float>(row_lse),
                        ptr<float>(col_lse), ptr<float>(positive), scale, as_int(n, "n"), as_int(m, "m"),
                        as_int(d, "d"), as_int(col_count, "col_count"), lda, ldb, exclude_diagonal,
-                       ptr<void>(stream)};
+                       ptr<void>(stream), ptr<const int64_t>(row_groups), ptr<const int64_t>(col_groups),
+                       ptr<const int64_t>(kept_cols)};
   switch (dtype_of(dtype)) {
     case tilecl::kFloat32: return tilecl::lse_stats_float(args);
     case tilecl::kFloat16: return tilecl::lse_stats_half(args);
@@ -62,7 +65,8 @@ void offset_backward(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr
                      std::uintptr_t row_mult, std::uintptr_t col_offset, std::uintptr_t col_mult,
                      std::uintptr_t grad_a, std::uintptr_t grad_b, std::uintptr_t grad_scale,
                      std::uintptr_t workspace, float scale, int64_t n, int64_t m, int64_t d, int64_t k, int64_t lda,
-                     int64_t ldb, bool exclude_diagonal, std::uintptr_t stream) {
+                     int64_t ldb, bool exclude_diagonal, std::uintptr_t row_groups, std::uintptr_t col_groups,
+                     std::uintptr_t kept_cols, std::uintptr_t stream) {
   tilecl::BackwardArgs args{ptr<const void>(a),         ptr<const void>(b),         ptr<const float>(row_offset),
                             ptr<const float>(row_mult), ptr<const float>(col_offset), ptr<const float>(col_mult),
                             ptr<float>(grad_a),         ptr<float>(grad_b),         ptr<float>(grad_scale),
@@ -70,6 +74,9 @@ void offset_backward(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr
                             as_int(m, "m"),             as_int(d, "d"),             as_int(k, "k"),
                             lda,                        ldb,                        exclude_diagonal,
                             ptr<void>(stream)};
+  args.row_groups = ptr<const int64_t>(row_groups);
+  args.col_groups = ptr<const int64_t>(col_groups);
+  args.kept_cols = ptr<const int64_t>(kept_cols);
   switch (dtype_of(dtype)) {
     case tilecl::kFloat32: return tilecl::offset_backward_float(args);
     case tilecl::kFloat16: return tilecl::offset_backward_half(args);
@@ -83,7 +90,8 @@ void sigmoid_sweep(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr_t
                    std::uintptr_t row_keys, std::uintptr_t col_keys, std::uintptr_t row_loss, std::uintptr_t grad_a,
                    std::uintptr_t grad_b, std::uintptr_t grad_scale, std::uintptr_t grad_bias,
                    std::uintptr_t workspace, float scale, float bias, int64_t n, int64_t m, int64_t d, int64_t lda,
-                   int64_t ldb, bool with_grads, std::uintptr_t stream) {
+                   int64_t ldb, bool with_grads, bool exclude_diagonal, std::uintptr_t row_groups,
+                   std::uintptr_t col_groups, std::uintptr_t kept_cols, std::uintptr_t stream) {
   tilecl::BackwardArgs args{};
   args.a = ptr<const void>(a);
   args.b = ptr<const void>(b);
@@ -99,6 +107,7 @@ void sigmoid_sweep(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr_t
   args.k = 0;
   args.lda = lda;
   args.ldb = ldb;
+  args.exclude_diagonal = exclude_diagonal;
   args.stream = ptr<void>(stream);
   args.sigmoid = true;
   args.with_grads = with_grads;
@@ -107,6 +116,9 @@ void sigmoid_sweep(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr_t
   args.bias = bias;
   args.row_loss = ptr<float>(row_loss);
   args.grad_bias = ptr<float>(grad_bias);
+  args.row_groups = ptr<const int64_t>(row_groups);
+  args.col_groups = ptr<const int64_t>(col_groups);
+  args.kept_cols = ptr<const int64_t>(kept_cols);
   switch (dtype_of(dtype)) {
     case tilecl::kFloat32: return tilecl::offset_backward_float(args);
     case tilecl::kFloat16: return tilecl::offset_backward_half(args);
@@ -157,19 +169,22 @@ PYBIND11_MODULE(TILECL_MODULE_NAME, module) {
   module.def("lse_stats", &lse_stats, launch_guard(), py::arg("dtype"), py::arg("a"), py::arg("b"),
              py::arg("targets"), py::arg("row_lse"), py::arg("col_lse"), py::arg("positive"), py::arg("scale"),
              py::arg("n"), py::arg("m"), py::arg("d"), py::arg("lda"), py::arg("ldb"), py::arg("col_count"),
-             py::arg("exclude_diagonal"), py::arg("stream"),
+             py::arg("exclude_diagonal"), py::arg("row_groups"), py::arg("col_groups"), py::arg("kept_cols"),
+             py::arg("stream"),
              "Row LSE (n), column LSE (col_count), positive logits (n) of S = scale·a·bᵀ, float32 outputs.");
   module.def("offset_backward", &offset_backward, launch_guard(), py::arg("dtype"), py::arg("a"), py::arg("b"),
              py::arg("row_offset"), py::arg("row_mult"), py::arg("col_offset"), py::arg("col_mult"),
              py::arg("grad_a"), py::arg("grad_b"), py::arg("grad_scale"), py::arg("workspace"), py::arg("scale"),
              py::arg("n"), py::arg("m"), py::arg("d"), py::arg("k"), py::arg("lda"), py::arg("ldb"),
-             py::arg("exclude_diagonal"), py::arg("stream"),
+             py::arg("exclude_diagonal"), py::arg("row_groups"), py::arg("col_groups"), py::arg("kept_cols"),
+             py::arg("stream"),
              "grad_a = scale·G·b, grad_b = scale·Gᵀ·a, grad_scale = Σ G_ij a_i·b_j (float32 outputs).");
   module.def("sigmoid_sweep", &sigmoid_sweep, launch_guard(), py::arg("dtype"), py::arg("a"), py::arg("b"),
              py::arg("row_weights"), py::arg("row_keys"), py::arg("col_keys"), py::arg("row_loss"),
              py::arg("grad_a"), py::arg("grad_b"), py::arg("grad_scale"), py::arg("grad_bias"), py::arg("workspace"),
              py::arg("scale"), py::arg("bias"), py::arg("n"), py::arg("m"), py::arg("d"), py::arg("lda"),
-             py::arg("ldb"), py::arg("with_grads"), py::arg("stream"),
+             py::arg("ldb"), py::arg("with_grads"), py::arg("exclude_diagonal"), py::arg("row_groups"),
+             py::arg("col_groups"), py::arg("kept_cols"), py::arg("stream"),
              "The sigmoid form: row losses (n), and with_grads grad_a, grad_b, grad_scale, grad_bias (float32).");
   module.def("workspace_floats", &workspace_floats, py::arg("dtype"), py::arg("n"), py::arg("d"),
              "Floats of scratch offset_backward needs (its workspace argument).");

@@ -135,12 +135,23 @@ __device__ __forceinline__ void stage(T* dst, const T* src, int row0, int n_rows
   }
 }
 
-// S_s = scale·a[row0:row0+BM]·b[col0:col0+BN]ᵀ in fp32, -inf outside the matrix and (NT-Xent) on
-// the diagonal, by a block of NT threads. Starts with a barrier (callers may still be reading the
-// previous S_s) and ends with one (the tile is complete for every thread).
+// False-negative group masking (Scores.row_groups/col_groups/kept_cols): S_ij = -inf where
+// row_groups[i] == col_groups[j] and j != kept[i] (kept[i] = -1: no column kept). All nullptr: no
+// masking. Passed by value down to scores_tile, the one place a tile of S is formed, so the
+// statistics and the recomputing gradient kernels exclude the same entries.
+struct GroupMask {
+  const int64_t* row_groups;  // n
+  const int64_t* col_groups;  // m
+  const int64_t* kept;        // n
+};
+
+// S_s = scale·a[row0:row0+BM]·b[col0:col0+BN]ᵀ in fp32, -inf outside the matrix, (NT-Xent) on the
+// diagonal and where `mask` excludes the entry, by a block of NT threads. Starts with a barrier
+// (callers may still be reading the previous S_s) and ends with one (the tile is complete for
+// every thread).
 template <typename T, int NT>
 __device__ void scores_tile(const T* __restrict__ a, const T* __restrict__ b, int row0, int col0, int n, int m,
-                            int d, int64_t lda, int64_t ldb, float scale, bool exclude_diagonal,
+                            int d, int64_t lda, int64_t ldb, float scale, bool exclude_diagonal, GroupMask mask,
                             unsigned char* smem) {
   using C = Config<T>;
   using L = Layout<T>;
@@ -230,6 +241,21 @@ __device__ void scores_tile(const T* __restrict__ a, const T* __restrict__ b, in
       }
     __syncthreads();
   }
+  // The group mask: a pass of its own over the finished tile, one more barrier in masked launches
+  // only. The ids come straight from global memory (a warp reads one row's group and kept column,
+  // broadcast, and 32 consecutive column groups; all cached) and the loop is not unrolled: staging
+  // them in shared memory, testing them in the passes above, or unrolling this loop each cost the
+  // statistics kernels up to 30 registers, and spills on sm_90, where ptxas holds them at 64-80.
+  if (mask.row_groups != nullptr) {  // block-uniform
+#pragma unroll 1
+    for (int idx = threadIdx.x; idx < C::BM * C::BN; idx += NT) {
+      const int r = idx / C::BN, c = idx % C::BN;
+      const int row = row0 + r, col = col0 + c;
+      if (row < n && col < m && mask.row_groups[row] == mask.col_groups[col] && col != mask.kept[row])
+        s_s[r * L::LDS + c] = kNegInf;
+    }
+    __syncthreads();
+  }
 }
 
 // (max, sum of exp(x − shift)) of the 32 strided entries this thread owns, merged with its pair.
@@ -264,7 +290,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     row_stats_kernel(const T* __restrict__ a, const T* __restrict__ b, const int64_t* __restrict__ targets,
                      float* __restrict__ row_lse, float* __restrict__ positive, float scale, int n, int m, int d,
-                     int64_t lda, int64_t ldb, bool exclude_diagonal) {
+                     int64_t lda, int64_t ldb, bool exclude_diagonal, GroupMask mask) {
   using C = Config<T>;
   using L = Layout<T>;
   alignas(32) __shared__ unsigned char smem[L::kStatsBytes];
@@ -276,7 +302,7 @@ __global__ void __launch_bounds__(kThreads)
   const int target = row < n && targets[row] >= 0 && targets[row] < m ? static_cast<int>(targets[row]) : -1;
   float run_max = kNegInf, run_sum = 0.0f, pos = 0.0f;
   for (int col0 = 0; col0 < m; col0 += C::BN) {
-    scores_tile<T, kThreads>(a, b, row0, col0, n, m, d, lda, ldb, scale, exclude_diagonal, smem);
+    scores_tile<T, kThreads>(a, b, row0, col0, n, m, d, lda, ldb, scale, exclude_diagonal, mask, smem);
     merge_line(run_max, run_sum, s_s + r * L::LDS, 1, half);
     // the positive logit comes from the same tile as the LSE, so a saturated row cancels exactly
     if (target >= col0 && target < col0 + C::BN) pos = s_s[r * L::LDS + (target - col0)];
@@ -290,7 +316,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     col_stats_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __restrict__ col_lse, float scale,
-                     int n, int m, int col_count, int d, int64_t lda, int64_t ldb, bool exclude_diagonal) {
+                     int n, int m, int col_count, int d, int64_t lda, int64_t ldb, bool exclude_diagonal,
+                     GroupMask mask) {
   using C = Config<T>;
   using L = Layout<T>;
   alignas(32) __shared__ unsigned char smem[L::kStatsBytes];
@@ -299,7 +326,7 @@ __global__ void __launch_bounds__(kThreads)
   const int c = threadIdx.x / 2, half = threadIdx.x % 2;  // two threads per column
   float run_max = kNegInf, run_sum = 0.0f;
   for (int row0 = 0; row0 < n; row0 += C::BM) {
-    scores_tile<T, kThreads>(a, b, row0, col0, n, m, d, lda, ldb, scale, exclude_diagonal, smem);
+    scores_tile<T, kThreads>(a, b, row0, col0, n, m, d, lda, ldb, scale, exclude_diagonal, mask, smem);
     merge_line(run_max, run_sum, s_s + c, L::LDS, half);
   }
   const int col = col0 + c;
@@ -515,7 +542,7 @@ __global__ void __launch_bounds__(kGradThreads)
     grad_kernel(const T* __restrict__ a, const T* __restrict__ b, const float* __restrict__ c,
                 const float* __restrict__ g, const float* __restrict__ r, const float* __restrict__ h,
                 float* __restrict__ out, float* __restrict__ partials, float scale, int n, int m, int k, int d,
-                int64_t lda, int64_t ldb, bool exclude_diagonal, bool sigmoid, bool with_grads,
+                int64_t lda, int64_t ldb, bool exclude_diagonal, GroupMask mask, bool sigmoid, bool with_grads,
                 const int64_t* __restrict__ row_keys, const int64_t* __restrict__ col_keys, float bias,
                 float* __restrict__ row_loss, float* __restrict__ bias_partials) {
   using C = Config<T>;
@@ -569,7 +596,7 @@ __global__ void __launch_bounds__(kGradThreads)
       load_row_terms<NT>(c_s, g_s, c, g, row0, n, C::BM);
       if (sigmoid) load_keys<NT>(rk_s, row_keys, row0, n, C::BM);
     }
-    scores_tile<T, NT>(a, b, row0, col0, n, m, d, lda, ldb, scale, exclude_diagonal, smem);
+    scores_tile<T, NT>(a, b, row0, col0, n, m, d, lda, ldb, scale, exclude_diagonal, mask, smem);
     if (sigmoid) {
       sigmoid_tile<T, NT>(smem, g_s, rk_s, ck_s, bias, report, with_grads, loss, grad_sum);
       if (!with_grads) continue;  // a block-uniform flag: every thread skips the products
@@ -688,6 +715,13 @@ int64_t workspace_floats(int n, int d) {
   return 2 * partial_count<T>(n, d);
 }
 
+// The kernels test row_groups alone: masking needs all three arrays or none.
+inline GroupMask group_mask(const int64_t* row_groups, const int64_t* col_groups, const int64_t* kept) {
+  if ((row_groups == nullptr) != (col_groups == nullptr) || (row_groups == nullptr) != (kept == nullptr))
+    throw std::invalid_argument("tilecl: group masking needs row_groups, col_groups and kept_cols, or none");
+  return GroupMask{row_groups, col_groups, kept};
+}
+
 template <typename T>
 void launch_lse_stats(const LseArgs& p) {
   using C = Config<T>;
@@ -696,12 +730,13 @@ void launch_lse_stats(const LseArgs& p) {
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   const T* a = static_cast<const T*>(p.a);
   const T* b = static_cast<const T*>(p.b);
+  const GroupMask mask = group_mask(p.row_groups, p.col_groups, p.kept_cols);
   TILECL_LAUNCH(row_stats_kernel<T>, dim3(ceil_div(p.n, C::BM)), dim3(kThreads), stream, a, b, p.targets,
-                p.row_lse, p.positive, p.scale, p.n, p.m, p.d, p.lda, p.ldb, p.exclude_diagonal);
+                p.row_lse, p.positive, p.scale, p.n, p.m, p.d, p.lda, p.ldb, p.exclude_diagonal, mask);
   check_launch("tilecl row_stats_kernel");
   if (p.col_count > 0) {
     TILECL_LAUNCH(col_stats_kernel<T>, dim3(ceil_div(p.col_count, C::BN)), dim3(kThreads), stream, a, b,
-                  p.col_lse, p.scale, p.n, p.m, p.col_count, p.d, p.lda, p.ldb, p.exclude_diagonal);
+                  p.col_lse, p.scale, p.n, p.m, p.col_count, p.d, p.lda, p.ldb, p.exclude_diagonal, mask);
     check_launch("tilecl col_stats_kernel");
   }
 }
@@ -722,10 +757,11 @@ void launch_offset_backward(const BackwardArgs& p) {
   if (chunks > 65535) throw std::invalid_argument("tilecl: d above 65535 x " + std::to_string(C::DOUT) + " (grid.y limit)");
   const dim3 rows_grid(ceil_div(p.n, C::BM), chunks), cols_grid(ceil_div(p.m, C::BN), chunks);
   const int count = static_cast<int>(partial_count<T>(p.n, p.d));
+  const GroupMask mask = group_mask(p.row_groups, p.col_groups, p.kept_cols);
   float* bias_partials = p.workspace + count;
   TILECL_LAUNCH((grad_kernel<T, true>), rows_grid, dim3(kGradThreads), stream, a, b, p.row_offset, p.row_mult,
                 p.col_offset, p.col_mult, p.grad_a, p.workspace, p.scale, p.n, p.m, p.k, p.d, p.lda, p.ldb,
-                p.exclude_diagonal, p.sigmoid, grads, p.row_keys, p.col_keys, p.bias, p.row_loss, bias_partials);
+                p.exclude_diagonal, mask, p.sigmoid, grads, p.row_keys, p.col_keys, p.bias, p.row_loss, bias_partials);
   check_launch("tilecl grad_kernel<rows>");
   if (p.sigmoid) {
     const int used = static_cast<int>(rows_grid.x) * chunks;
@@ -735,7 +771,7 @@ void launch_offset_backward(const BackwardArgs& p) {
   if (!grads) return;
   TILECL_LAUNCH((grad_kernel<T, false>), cols_grid, dim3(kGradThreads), stream, a, b, p.row_offset, p.row_mult,
                 p.col_offset, p.col_mult, p.grad_b, p.workspace, p.scale, p.n, p.m, p.k, p.d, p.lda, p.ldb,
-                p.exclude_diagonal, p.sigmoid, grads, p.row_keys, p.col_keys, p.bias, p.row_loss, bias_partials);
+                p.exclude_diagonal, mask, p.sigmoid, grads, p.row_keys, p.col_keys, p.bias, p.row_loss, bias_partials);
   check_launch("tilecl grad_kernel<cols>");
   TILECL_LAUNCH(sum_partials_kernel<T>, dim3(1), dim3(kThreads), stream, p.workspace, count, p.grad_scale);
   check_launch("tilecl sum_partials_kernel");

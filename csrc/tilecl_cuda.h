@@ -24,6 +24,11 @@ struct LseArgs {
   int64_t lda, ldb;
   bool exclude_diagonal;
   void* stream;
+  // False-negative group masking, all three or none (nullptr): S_ij = -inf where
+  // row_groups[i] == col_groups[j] and j != kept_cols[i], as the diagonal with exclude_diagonal.
+  const int64_t* row_groups;  // n
+  const int64_t* col_groups;  // m
+  const int64_t* kept_cols;   // n: row i's kept (positive) column, or -1
 };
 
 // The offset-form backward: G_ij = g_i·exp(S_ij − c_i) + [j < k]·h_j·exp(S_ij − r_j);
@@ -53,6 +58,10 @@ struct BackwardArgs {
   float bias;
   float* row_loss;           // n: Σ_j g_i·softplus(−z_ij (S_ij + bias))
   float* grad_bias;          // 1: Σ G_ij
+  // Group masking, both forms, as in LseArgs: a masked entry has no term (G_ij = 0, no loss).
+  const int64_t* row_groups;  // n
+  const int64_t* col_groups;  // m
+  const int64_t* kept_cols;   // n
 };
 
 void lse_stats_float(const LseArgs& args);

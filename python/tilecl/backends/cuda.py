@@ -7,8 +7,9 @@
   the tests. Built on first use under ``build/cuda-emu/``.
 
 Both take float32, float16 or bfloat16 inputs and return float32 statistics and gradients, with
-the contract of :mod:`tilecl.backends.base`. Every argument is checked here, before a launch: the
-extension receives raw pointers and trusts them.
+the contract of :mod:`tilecl.backends.base` (group masking included: the kernels exclude the masked
+entries inside their tiles). Every argument is checked here, before a launch: the extension
+receives raw pointers and trusts them.
 
 The emulation's settings (:func:`emulation_settings`): the order in which the fibers of a block
 run between synchronization points (``"forward"``, ``"reverse"``, ``"shuffled"`` with a seed; the
@@ -133,6 +134,24 @@ def _vector(x: torch.Tensor, name: str, length: int, like: torch.Tensor, dtype: 
             f"{name} must be a 1-D tensor of length {length}, got {getattr(x, 'shape', type(x))}"
         )
     return x.to(device=like.device, dtype=dtype).contiguous()
+
+
+def _group_mask(scores: Scores, n: int, m: int, like: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    """``row_groups``, ``col_groups``, ``kept_cols`` as contiguous int64 on ``like``'s device (the
+    caller holds them across the launch), or three ``None`` when ``scores`` is not masked."""
+    if not scores.masked:
+        return None, None, None
+    lengths = {"row_groups": n, "col_groups": m, "kept_cols": n}
+    if any(getattr(scores, name) is None for name in lengths):
+        raise ValueError("group masking needs row_groups, col_groups and kept_cols together")
+    return tuple(
+        _vector(getattr(scores, name), name, size, like, torch.int64) for name, size in lengths.items()
+    )
+
+
+def _addresses(*tensors: Optional[torch.Tensor]) -> list[int]:
+    """``data_ptr()`` of each tensor, 0 (no array) for ``None``."""
+    return [0 if x is None else x.data_ptr() for x in tensors]
 
 
 def _scale(scale: Any, backend: str) -> float:
@@ -261,6 +280,7 @@ class CudaKernels:
             raise ValueError(f"col_count must be in [0, {m}], got {col_count}")
         # the callers validate labels; a target outside [0, M) is never read past (its positive is 0)
         targets = _vector(targets, "targets", n, a, torch.int64)
+        mask = _group_mask(scores, n, m, a)
         s = _scale(scores.scale, backend)
         module = self.module()
         _check_device(a.device, backend, module)
@@ -271,7 +291,7 @@ class CudaKernels:
             module.lse_stats(
                 DTYPE_CODES[a.dtype], a.data_ptr(), b.data_ptr(), targets.data_ptr(), row_lse.data_ptr(),
                 col_lse.data_ptr(), positive.data_ptr(), s, n, m, d, a.stride(0), b.stride(0), int(col_count),
-                scores.exclude_diagonal, _stream(a.device, backend),
+                scores.exclude_diagonal, *_addresses(*mask), _stream(a.device, backend),
             )  # fmt: skip
         return LseStats(row_lse, col_lse, positive)
 
@@ -292,6 +312,7 @@ class CudaKernels:
         weights = _vector(terms.row_weights, "row_weights", n, a, torch.float32)
         row_keys = terms.row_keys.to(device=a.device, dtype=torch.int64).contiguous()
         col_keys = terms.col_keys.to(device=a.device, dtype=torch.int64).contiguous()
+        mask = _group_mask(scores, n, m, a)
         s, bias = _scale(scores.scale, backend), float(terms.bias)
         module = self.module()
         _check_device(a.device, backend, module)
@@ -307,7 +328,7 @@ class CudaKernels:
                 col_keys.data_ptr(), row_loss.data_ptr(), grad_a.data_ptr(), grad_b.data_ptr(),
                 grad_scale.data_ptr(), grad_bias.data_ptr(), workspace.data_ptr(), s, bias, n, m, d,
                 a.stride(0), b.stride(0),
-                with_grads, _stream(a.device, backend),
+                with_grads, scores.exclude_diagonal, *_addresses(*mask), _stream(a.device, backend),
             )  # fmt: skip
         if not with_grads:
             return SigmoidSweep(row_loss, *(torch.empty(0, **f32) for _ in range(4)))
@@ -329,6 +350,7 @@ class CudaKernels:
         g = _vector(row_mult, "row_mult", n, a, torch.float32)
         r = _vector(col_offset, "col_offset", k, a, torch.float32)
         h = _vector(col_mult, "col_mult", k, a, torch.float32)
+        mask = _group_mask(scores, n, m, a)
         s = _scale(scores.scale, backend)
         module = self.module()
         _check_device(a.device, backend, module)
@@ -341,7 +363,8 @@ class CudaKernels:
             module.offset_backward(
                 code, a.data_ptr(), b.data_ptr(), c.data_ptr(), g.data_ptr(), r.data_ptr(), h.data_ptr(),
                 grad_a.data_ptr(), grad_b.data_ptr(), grad_scale.data_ptr(), workspace.data_ptr(), s,
-                n, m, d, k, a.stride(0), b.stride(0), scores.exclude_diagonal, _stream(a.device, backend),
+                n, m, d, k, a.stride(0), b.stride(0), scores.exclude_diagonal, *_addresses(*mask),
+                _stream(a.device, backend),
             )  # fmt: skip
         return Gradients(grad_a, grad_b, grad_scale)
 
