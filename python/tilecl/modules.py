@@ -277,16 +277,13 @@ class SigLipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
-class NTXentLoss(nn.Module):
-    """SimCLR's NT-Xent (normalized temperature-scaled cross entropy) over two views.
-
-    ``forward(z1, z2)`` with ``(N, D)`` views; see :func:`tilecl.nt_xent_loss`.
-    With ``world_size > 1``: the global loss on the default process group.
-    """
+class _TemperatureLoss(nn.Module):
+    """A loss of one fixed temperature ``τ > 0``; ``reduction``, ``backend`` and, with
+    ``world_size > 1``, the default process group (``dist_impl``) as the functional losses'."""
 
     def __init__(
         self,
-        temperature: float = 0.5,
+        temperature: float,
         *,
         reduction: str = "mean",
         backend: str = "auto",
@@ -301,6 +298,17 @@ class NTXentLoss(nn.Module):
         self.reduction = reduction
         self.backend = backend
         self.world_size, self.dist_impl = world_size, dist_impl
+
+
+class NTXentLoss(_TemperatureLoss):
+    """SimCLR's NT-Xent (normalized temperature-scaled cross entropy) over two views.
+
+    ``forward(z1, z2)`` with ``(N, D)`` views; see :func:`tilecl.nt_xent_loss`.
+    With ``world_size > 1``: the global loss on the default process group.
+    """
+
+    def __init__(self, temperature: float = 0.5, **options: Any) -> None:
+        super().__init__(temperature, **options)
 
     def forward(
         self,
@@ -325,7 +333,7 @@ class NTXentLoss(nn.Module):
         )
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(_TemperatureLoss):
     """Supervised contrastive loss (Khosla et al. 2020, ``L_out``) with pytorch-metric-learning's call.
 
     ``loss(embeddings, labels)`` equals ``pytorch_metric_learning.losses.SupConLoss(temperature)``'s
@@ -335,23 +343,8 @@ class SupConLoss(nn.Module):
     ``world_size > 1``: the global loss on the default process group.
     """
 
-    def __init__(
-        self,
-        temperature: float = 0.1,
-        *,
-        reduction: str = "mean",
-        backend: str = "auto",
-        world_size: int = 1,
-        dist_impl: str = "gather",
-    ) -> None:
-        super().__init__()
-        v.check_positive(temperature, "temperature")
-        v.check_reduction(reduction)
-        _check_world(world_size, dist_impl)
-        self.temperature = temperature
-        self.reduction = reduction
-        self.backend = backend
-        self.world_size, self.dist_impl = world_size, dist_impl
+    def __init__(self, temperature: float = 0.1, **options: Any) -> None:
+        super().__init__(temperature, **options)
 
     def forward(
         self,

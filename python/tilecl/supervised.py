@@ -67,17 +67,6 @@ def class_sums(
     return sums, torch.where(present, sizes[row_class], 0)
 
 
-def _check_class_labels(labels: object, name: str, n: int, like: torch.Tensor) -> torch.Tensor:
-    labels = v.check_tensor(labels, name)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor of class ids, got {labels.dtype}")
-    if labels.shape != (n,):
-        raise ValueError(f"{name} must have shape ({n},) (one per row), got {tuple(labels.shape)}")
-    if labels.device != like.device:
-        raise ValueError(f"{name} must be on {like.device}, got {labels.device}")
-    return labels
-
-
 def supcon_loss(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -132,11 +121,11 @@ def supcon_loss(
     def check() -> LossSpec:
         v.check_features(features, "features")
         n = features.shape[0]
-        _check_class_labels(labels, "labels", n, features)
+        v.check_ids(labels, "labels", n, features, "class ids")
         if two_tower:
             assert columns is not None
             v.check_pair(features, columns, ("features", "columns"))
-            _check_class_labels(column_labels, "column_labels", columns.shape[0], features)
+            v.check_ids(column_labels, "column_labels", columns.shape[0], features, "class ids")
         elif column_labels is not None:
             raise ValueError("column_labels need columns (the two-tower form)")
         v.check_positive(temperature, "temperature")

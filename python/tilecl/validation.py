@@ -288,15 +288,20 @@ def check_groups(
     if (row_groups is None) != (col_groups is None):
         raise ValueError(f"pass both row_groups and col_groups ({meaning}) or neither")
     for name, groups, size in (("row_groups", row_groups, n), ("col_groups", col_groups, m)):
-        if groups is None:
-            continue
-        groups = check_tensor(groups, name)
-        if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor of group ids, got {groups.dtype}")
-        if groups.shape != (size,):
-            raise ValueError(f"{name} must have shape ({size},), got {tuple(groups.shape)}")
-        if groups.device != like.device:
-            raise ValueError(f"{name} must be on {like.device}, got {groups.device}")
+        if groups is not None:
+            check_ids(groups, name, size, like, "group ids")
+
+
+def check_ids(ids: object, name: str, size: int, like: torch.Tensor, what: str) -> torch.Tensor:
+    """Integer ids of any values (groups, classes): an integer ``(size,)`` tensor on ``like``'s device."""
+    ids = check_tensor(ids, name)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of {what}, got {ids.dtype}")
+    if ids.shape != (size,):
+        raise ValueError(f"{name} must have shape ({size},) (one per row), got {tuple(ids.shape)}")
+    if ids.device != like.device:
+        raise ValueError(f"{name} must be on {like.device}, got {ids.device}")
+    return ids
 
 
 def check_weights(weights: Optional[torch.Tensor], n: int, like: torch.Tensor, name: str = "weights") -> None:

@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import modules
 from .. import validation as v
 from ..contrastive import contrastive_loss
-from ..modules import _check_world, _default_group
-from ..supervised import supcon_loss
 
 __all__ = ["NTXentLoss", "SupConLoss", "positive_pairs"]
 
@@ -84,10 +83,7 @@ class NTXentLoss(nn.Module):
         if ref_emb is not None or ref_labels is not None:
             raise NotImplementedError("ref_emb / ref_labels: use SupConLoss's two-tower form")
         v.check_features(embeddings, "embeddings")
-        if not isinstance(labels, torch.Tensor) or labels.shape != (embeddings.shape[0],):
-            raise ValueError(f"labels must be a tensor of shape ({embeddings.shape[0]},), one per embedding")
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        v.check_ids(labels, "labels", embeddings.shape[0], embeddings, "class ids")
         anchors, partners = positive_pairs(labels.long())
         unit = F.normalize(embeddings, dim=1)
         if anchors.numel() == 0:
@@ -106,26 +102,12 @@ class NTXentLoss(nn.Module):
         )
 
 
-class SupConLoss(nn.Module):
-    """PML's ``SupConLoss`` (:func:`tilecl.supcon_loss`): the mean over anchors that have a positive
-    (PML's ``AvgNonZeroReducer``); ``ref_emb`` / ``ref_labels`` give the two-tower form."""
+class SupConLoss(modules.SupConLoss):
+    """PML's ``SupConLoss`` (:class:`tilecl.SupConLoss`, :func:`tilecl.supcon_loss`): the mean over
+    anchors that have a positive (PML's ``AvgNonZeroReducer``), PML's argument order;
+    ``ref_emb`` / ``ref_labels`` give the two-tower form."""
 
-    def __init__(
-        self,
-        temperature: float = 0.1,
-        *,
-        backend: str = "auto",
-        world_size: int = 1,
-        dist_impl: str = "gather",
-    ) -> None:
-        super().__init__()
-        v.check_positive(temperature, "temperature")
-        _check_world(world_size, dist_impl)
-        self.temperature = temperature
-        self.backend = backend
-        self.world_size, self.dist_impl = world_size, dist_impl
-
-    def forward(
+    def forward(  # type: ignore[override]
         self,
         embeddings: torch.Tensor,
         labels: torch.Tensor,
@@ -134,17 +116,4 @@ class SupConLoss(nn.Module):
         ref_labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         _no_miner(indices_tuple)
-        if (ref_emb is None) != (ref_labels is None):
-            raise ValueError("pass both ref_emb and ref_labels (the two-tower form) or neither")
-        loss = supcon_loss(
-            embeddings,
-            labels,
-            self.temperature,
-            columns=ref_emb,
-            column_labels=ref_labels,
-            backend=self.backend,
-            process_group=_default_group(self.world_size, "SupConLoss"),
-            dist_impl=self.dist_impl,
-        )
-        assert isinstance(loss, torch.Tensor)
-        return loss
+        return super().forward(embeddings, labels, ref_emb, ref_labels)
