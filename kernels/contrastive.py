@@ -103,11 +103,12 @@ def _masked(
     if EXCLUDE_DIAGONAL:
         valid = valid & (rows[:, None] != cols[None, :])
     if MASKED:
+        # int32 ids (the launcher ranks the user's int64 ids): int64 ones spilled on sm_90
         row_group = tl.load(row_group_ptr + rows, mask=row_ok, other=0)
         kept = tl.load(kept_ptr + rows, mask=row_ok, other=-1)
         col_group = tl.load(col_group_ptr + cols, mask=col_ok, other=0)
         same = row_group[:, None] == col_group[None, :]
-        valid = valid & ~(same & (cols[None, :].to(tl.int64) != kept[:, None]))
+        valid = valid & ~(same & (cols[None, :] != kept[:, None]))
     return tl.where(valid, s, float("-inf"))
 
 

@@ -35,7 +35,7 @@ TYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 def _signature(kernel: str, dtype: str) -> dict:
     t = f"*{TYPE_NAMES[dtype]}"
     f32, i32 = "*fp32", "i32"
-    groups = {"row_group_ptr": "*i64", "col_group_ptr": "*i64", "kept_ptr": "*i64"}
+    groups = {"row_group_ptr": "*i32", "col_group_ptr": "*i32", "kept_ptr": "*i32"}
     shapes = {"n_rows": i32, "n_cols": i32}
     strides = {"dim": i32, "stride_a": i32, "stride_b": i32}
     if kernel == "row_stats_kernel":

@@ -88,9 +88,10 @@ GPU_CONFIGS = {
         KernelConfig(16, 16, 32, 512, 8),
     ],
     # float32: the 64-bit address products cost registers; these are the largest spill-free tiles
+    # (at D <= 256, 16 x 32: 16 x 16 spilled on sm_80 once the group mask was compiled in)
     "float32": [
         KernelConfig(32, 16, 16, 128, 8),
-        KernelConfig(16, 16, 16, 256, 8),
+        KernelConfig(16, 32, 16, 256, 8),
         KernelConfig(16, 16, 16, 512, 8),
     ],
 }
@@ -107,7 +108,7 @@ MAX_DIM = 2**31 - MAX_BLOCK
 
 #: the sigmoid form keeps more fp32 temporaries live per tile entry (the loss, σ's pieces), so the
 #: 16-bit tiles of the softmax configurations spill there: these are the largest spill-free ones
-#: for each feature width (python -m tilecl inspect); float32's are the softmax ones
+#: for each feature width (python -m tilecl inspect)
 _SIGMOID_16_BIT = [
     KernelConfig(32, 16, 32, 128, 4),
     KernelConfig(16, 32, 32, 256, 8),
@@ -116,7 +117,12 @@ _SIGMOID_16_BIT = [
 SIGMOID_GPU_CONFIGS = {
     "float16": _SIGMOID_16_BIT,
     "bfloat16": _SIGMOID_16_BIT,
-    "float32": GPU_CONFIGS["float32"],
+    # the softmax form's 16 x 32 tile at D <= 256 spills in the sigmoid form on sm_80
+    "float32": [
+        KernelConfig(32, 16, 16, 128, 8),
+        KernelConfig(16, 16, 16, 256, 8),
+        KernelConfig(16, 16, 16, 512, 8),
+    ],
 }
 
 
@@ -182,8 +188,19 @@ def _group_mask(scores: Scores, placeholder: torch.Tensor) -> dict:
     """
     if not scores.masked:
         return dict(row_group_ptr=placeholder, col_group_ptr=placeholder, kept_ptr=placeholder, MASKED=False)
-    row_groups, col_groups, kept_cols = (x.long().contiguous() for x in scores.group_mask())
-    return dict(row_group_ptr=row_groups, col_group_ptr=col_groups, kept_ptr=kept_cols, MASKED=True)
+    row_groups, col_groups, kept_cols = scores.group_mask()
+    # the kernels compare int32 ids (int64 ones cost registers the tiles need): each id becomes its
+    # rank among all ids, which keeps equality; a kept column index is < MAX_DIM already
+    every = torch.sort(torch.cat([row_groups.long(), col_groups.long()])).values
+    rank = (
+        torch.searchsorted(every, x.long()).to(torch.int32).contiguous() for x in (row_groups, col_groups)
+    )
+    return dict(
+        row_group_ptr=next(rank),
+        col_group_ptr=next(rank),
+        kept_ptr=kept_cols.clamp(-1, MAX_DIM).to(torch.int32).contiguous(),
+        MASKED=True,
+    )
 
 
 def _launch_options(cfg: KernelConfig) -> dict:
