@@ -81,6 +81,15 @@ def test_pml_no_positive_pair_is_a_zero_loss_in_the_graph():
         assert float(grad.abs().max()) == 0.0
 
 
+def test_pml_supcon_of_one_class_is_pmls_zero():
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.full((6,), 3)
+    ours = tilecl_pml.SupConLoss(backend="torch")(x, labels)
+    assert float(ours.detach()) == float(pml_losses.SupConLoss()(x, labels).detach()) == 0.0
+    (grad,) = torch.autograd.grad(ours, x)
+    assert float(grad.abs().max()) == 0.0
+
+
 def test_pml_refuses_a_miner():
     x = torch.randn(4, 3)
     with pytest.raises(NotImplementedError, match="indices_tuple"):

@@ -236,3 +236,22 @@ def test_supcon_and_masked_losses_match_naive_on_one_tile():
     got = naive_supcon_loss(features, labels, 0.5)
     want = reference.supcon_loss(features.numpy(), labels.numpy(), 0.5).loss
     assert_close_by_rule(got, got, want, torch.float64, "naive supcon")
+
+
+def test_gamma_module_masks_false_negatives_in_its_estimates_and_its_loss():
+    """The masked entries leave D̂: the memory holds the masked row LSE (minus log M), and the M-step
+    is the masked surrogate for the module's weights."""
+    module = tilecl.GammaContrastiveLoss(30, gamma=1.0, estimator="mean", backend="torch").double()
+    a, b = (torch.randn(8, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    groups = torch.tensor([0, 1, 0, 2, 2, 3, 1, 0])
+    loss = module(a, b, torch.arange(8), 3.0, row_groups=groups, col_groups=groups)
+    logits = 3.0 * a.detach().numpy() @ b.detach().numpy().T
+    same = (groups[:, None] == groups[None, :]).numpy() & ~np.eye(8, dtype=bool)
+    logits[same] = -np.inf
+    assert_rel(module.log_memory_rows[:8], reference.logsumexp(logits, 1) - np.log(8), 1e-12, "row memory")
+    log_u, log_uc = module.last_log_u
+    want = reference.gamma_contrastive_loss(
+        a.detach().numpy(), b.detach().numpy(), log_u.numpy(), log_uc.numpy(), 3.0,
+        row_groups=groups.numpy(), col_groups=groups.numpy(),
+    )  # fmt: skip
+    assert_rel(loss, want.loss, 1e-12, "loss")

@@ -105,7 +105,8 @@ class NTXentLoss(nn.Module):
 class SupConLoss(modules.SupConLoss):
     """PML's ``SupConLoss`` (:class:`tilecl.SupConLoss`, :func:`tilecl.supcon_loss`): the mean over
     anchors that have a positive (PML's ``AvgNonZeroReducer``), PML's argument order;
-    ``ref_emb`` / ``ref_labels`` give the two-tower form."""
+    ``ref_emb`` / ``ref_labels`` give the two-tower form. A batch without a negative pair (one
+    class) is PML's zero loss."""
 
     def forward(  # type: ignore[override]
         self,
@@ -116,4 +117,9 @@ class SupConLoss(modules.SupConLoss):
         ref_labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         _no_miner(indices_tuple)
-        return super().forward(embeddings, labels, ref_emb, ref_labels)
+        loss = super().forward(embeddings, labels, ref_emb, ref_labels)
+        classes = torch.cat([labels.reshape(-1), (labels if ref_labels is None else ref_labels).reshape(-1)])
+        if classes.numel() and bool(classes.min() == classes.max()):
+            # one class, no negative pair: PML returns its zero loss (tilecl's L_out would not be 0)
+            return loss * 0.0
+        return loss
