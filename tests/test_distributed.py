@@ -23,8 +23,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 import tilecl
+from tilecl.integrations.sentence_transformers import MultipleNegativesRankingLoss
 from tilecl.modality import (
     brownian_bridge_loss,
     feature_separation_loss,
@@ -208,7 +210,17 @@ def cases(inputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], **di
             **groups, **dist_kwargs,
         )  # fmt: skip
 
+    def mnrl_hard_negatives(a, positives, u1):
+        # sentence-transformers' MNRL with a hard-negative column: each rank's negatives stay in its
+        # gathered block, aligned with their anchors (the loss is the concatenated batch's)
+        loss = MultipleNegativesRankingLoss(
+            nn.Identity(), gather_across_devices="process_group" in dist_kwargs,
+            dist_impl=dist_kwargs.get("dist_impl", "gather"), backend="torch",
+        )  # fmt: skip
+        return loss.compute_loss_from_embeddings([a, positives, u1])
+
     return {
+        "MNRL hard negatives": (mnrl_hard_negatives, ("a", "positives", "u1")),
         "clip masked weighted": (clip_masked_weighted, ("a", "b")),
         "clip default labels masked": (clip_default_labels_masked, ("a", "b")),
         "nt-xent masked weighted": (nt_xent_masked, ("z1", "z2")),
