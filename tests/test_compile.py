@@ -345,14 +345,17 @@ def test_opcheck_every_registered_op(combo):
         torch.randint(0, 3, (m,), generator=gen).to(combo.device),
         targets,
     )
-    for exclude_diagonal, mask in ((False, (None,) * 3), (True, (None,) * 3), (False, groups)):
-        scores = (combo.backend, a, b, scale, exclude_diagonal, *mask)
-        forward = (*scores, targets, n)
+    unmasked = (None,) * 3
+    calls = [(a, b, False, unmasked, False), (a, b, True, unmasked, False), (a, b, False, groups, False)]
+    # one tensor on both sides (NT-Xent's), which a backend may compute from S's symmetry
+    calls.append((a, a, True, unmasked, True))
+    for left, right, exclude_diagonal, mask, shared in calls:
+        scores = (combo.backend, left, right, scale, exclude_diagonal, *mask, shared)
+        forward = (*scores, targets.remainder(right.shape[0]), 0 if shared else n)
         torch.library.opcheck(lse_stats_op, forward)
         # realistic terms: the softmax's own offsets and 1/N weights (G ≤ 1 fits every dtype)
         row_lse, col_lse, _ = lse_stats_op(*forward)
-        weights = torch.full_like(row_lse, 1 / n)
-        terms = (row_lse, weights, col_lse, weights)
+        terms = (row_lse, torch.full_like(row_lse, 1 / n), col_lse, torch.full_like(col_lse, 1 / n))
         torch.library.opcheck(offset_backward_op, (*scores, *terms))
     if "sigmoid" not in BACKENDS[combo.backend].forms:
         return
@@ -367,6 +370,7 @@ def test_opcheck_every_registered_op(combo):
             scale,
             False,
             *(None,) * 3,
+            False,
             bias,
             *keys,
             weights.to(combo.device),

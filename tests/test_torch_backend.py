@@ -152,3 +152,31 @@ def test_property_float64_matches_oracle(n, extra, d, log_scale, symmetric, redu
             assert_rel(x, r, 1e-9, name, atol=1e-13 * t * n)
     finally:
         torch_backend.TILE_BYTES = old
+
+
+@pytest.mark.parametrize("exclude_diagonal", [False, True])
+@pytest.mark.parametrize("n", [1, 29, 70])
+def test_one_tensor_on_both_sides_uses_the_mirrored_tiles(n, exclude_diagonal, tile_bytes):
+    """``a is b`` (NT-Xent, one-tower SupCon): the tiles on and above the diagonal give the general
+    sweep's statistics and the sum of its two gradients; rows without a term at huge logits stay 0."""
+    from tilecl.backends.base import OffsetTerms, Scores
+
+    gen = torch.Generator().manual_seed(n)
+    a = torch.randn(n, 6, generator=gen, dtype=torch.float64)
+    scale = torch.tensor(60.0, dtype=torch.float64)  # logits up to ~300: e^S overflows float64's exp(K − 0)
+    targets = torch.randint(0, n, (n,), generator=gen)
+    general = Scores(a, a.clone(), scale, exclude_diagonal)
+    mirrored = Scores(a, a, scale, exclude_diagonal, shared_operands=True)
+    want, got = torch_backend.lse_stats(general, targets, 0), torch_backend.lse_stats(mirrored, targets, 0)
+    # a target on an excluded diagonal (and n = 1's empty row) is -inf on both paths
+    torch.testing.assert_close(got.row_lse, want.row_lse, rtol=1e-13, atol=0)
+    torch.testing.assert_close(got.positive, want.positive, rtol=1e-13, atol=0)
+    weights = torch.rand(n, generator=gen, dtype=torch.float64)
+    weights[0] = 0.0  # a row without a term
+    empty = torch.zeros(0, dtype=torch.float64)
+    terms = OffsetTerms(want.row_lse, weights, empty, empty)
+    ref = torch_backend.offset_backward(general, terms)
+    out = torch_backend.offset_backward(mirrored, terms)
+    assert torch.isfinite(out.grad_a).all() and not out.grad_b.any()
+    assert_rel(out.grad_a, ref.grad_a + ref.grad_b, 1e-12, "grad of the shared tensor")
+    assert_rel(out.grad_scale, ref.grad_scale, 1e-12, "grad scale")

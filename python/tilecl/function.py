@@ -74,6 +74,8 @@ class LossSpec:
     primitives: Primitives
     #: ranks whose shards make the global batch (the primitives are then sharded)
     world: int = 1
+    #: ``a`` and ``b`` are one tensor: ``S`` is symmetric (:class:`~tilecl.backends.base.Scores`)
+    shared_operands: bool = False
 
 
 def distinct(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
@@ -124,8 +126,9 @@ def scores_of(
     """The :class:`Scores` of a call: with ``groups`` (row, column ids), same-group entries other
     than row ``i``'s positive ``targets[i]`` are excluded (false-negative masking)."""
     if groups is None:
-        return Scores(a, b, scale, spec.exclude_diagonal)
-    return Scores(a, b, scale, spec.exclude_diagonal, groups[0].long(), groups[1].long(), targets)
+        return Scores(a, b, scale, spec.exclude_diagonal, shared_operands=spec.shared_operands)
+    row_groups, col_groups = groups[0].long(), groups[1].long()
+    return Scores(a, b, scale, spec.exclude_diagonal, row_groups, col_groups, targets, spec.shared_operands)
 
 
 def batch_stats(
@@ -308,6 +311,9 @@ def apply_loss(
     ``weights``: ``(N,)`` per-pair weights (see :func:`reduce_pairs`), no gradient.
     """
     if stats is None:
+        # one tensor on both sides (NT-Xent, one-tower SupCon): a backend may use S's symmetry; the
+        # caller that computed the stats itself made them without the flag, so it stays off then
+        spec = dataclasses.replace(spec, shared_operands=b is a)
         stats = batch_stats(a, b, scale, labels, positives, spec, groups)
     row_groups, col_groups = (None, None) if groups is None else groups
     if weights is not None:

@@ -87,6 +87,12 @@ class Scores(NamedTuple):
     ``j != kept_cols[i]``: a same-group entry is not a negative, the pair's own
     positive stays. Every backend applies it inside its tiles, so the forward
     and the recomputing backward see the same ``S``.
+
+    ``shared_operands``: ``a`` and ``b`` are one tensor (NT-Xent, one-tower
+    SupCon), so ``S`` is symmetric. A backend may then compute each pair of
+    mirrored tiles once and return the whole gradient in ``grad_a`` with
+    ``grad_b`` zero: only their sum is defined, which is what the shared
+    tensor receives.
     """
 
     a: torch.Tensor
@@ -96,6 +102,7 @@ class Scores(NamedTuple):
     row_groups: Optional[torch.Tensor] = None
     col_groups: Optional[torch.Tensor] = None
     kept_cols: Optional[torch.Tensor] = None
+    shared_operands: bool = False
 
     @property
     def masked(self) -> bool:

@@ -12,19 +12,19 @@ backward, so there is still one Function over two primitives.
 The backend is the op's first argument, a string: one op per primitive serves
 every backend, and the compiled graph names the one it runs.
 
-``Tensor? row_groups, Tensor? col_groups, Tensor? kept_cols`` after
-``exclude_diagonal`` are :class:`~tilecl.backends.base.Scores`' group mask
-(``None``: no masking). Schemas::
+``Tensor? row_groups, Tensor? col_groups, Tensor? kept_cols, bool shared_operands``
+after ``exclude_diagonal`` are :class:`~tilecl.backends.base.Scores`' group mask
+(``None``: no masking) and its ``a is b`` flag. Schemas::
 
     tilecl::lse_stats(str backend, Tensor a, Tensor b, Tensor scale, bool exclude_diagonal,
-                      Tensor? row_groups, Tensor? col_groups, Tensor? kept_cols,
+                      Tensor? row_groups, Tensor? col_groups, Tensor? kept_cols, bool shared_operands,
                       Tensor targets, SymInt col_count) -> (Tensor row_lse, Tensor col_lse, Tensor positive)
     tilecl::offset_backward(str backend, Tensor a, Tensor b, Tensor scale, bool exclude_diagonal,
-                            Tensor? row_groups, Tensor? col_groups, Tensor? kept_cols,
+                            Tensor? row_groups, Tensor? col_groups, Tensor? kept_cols, bool shared_operands,
                             Tensor row_offset, Tensor row_mult, Tensor col_offset, Tensor col_mult)
                             -> (Tensor grad_a, Tensor grad_b, Tensor grad_scale)
     tilecl::sigmoid_sweep(str backend, Tensor a, Tensor b, Tensor scale, bool exclude_diagonal,
-                          Tensor? row_groups, Tensor? col_groups, Tensor? kept_cols,
+                          Tensor? row_groups, Tensor? col_groups, Tensor? kept_cols, bool shared_operands,
                           Tensor bias, Tensor row_keys, Tensor col_keys, Tensor row_weights,
                           bool with_grads)
                           -> (Tensor row_loss, Tensor grad_a, Tensor grad_b, Tensor grad_scale,
@@ -87,11 +87,12 @@ def lse_stats_op(
     row_groups: Optional[Tensor],
     col_groups: Optional[Tensor],
     kept_cols: Optional[Tensor],
+    shared_operands: bool,
     targets: Tensor,
     col_count: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``backend``'s ``lse_stats``: ``(row_lse (N,), col_lse (col_count,), positive (N,))``."""
-    scores = Scores(a, b, scale, exclude_diagonal, row_groups, col_groups, kept_cols)
+    scores = Scores(a, b, scale, exclude_diagonal, row_groups, col_groups, kept_cols, shared_operands)
     stats = _IMPLEMENTATIONS[backend]().lse_stats(scores, targets, col_count)
     row_lse, col_lse, positive = (_fresh(x, (a, b, scale, targets)) for x in stats)
     return row_lse, col_lse, positive
@@ -107,6 +108,7 @@ def _lse_stats_fake(
     row_groups: Optional[Tensor],
     col_groups: Optional[Tensor],
     kept_cols: Optional[Tensor],
+    shared_operands: bool,
     targets: Tensor,
     col_count: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -125,13 +127,14 @@ def offset_backward_op(
     row_groups: Optional[Tensor],
     col_groups: Optional[Tensor],
     kept_cols: Optional[Tensor],
+    shared_operands: bool,
     row_offset: Tensor,
     row_mult: Tensor,
     col_offset: Tensor,
     col_mult: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``backend``'s ``offset_backward``: ``(grad_a (N, D), grad_b (M, D), grad_scale ())``."""
-    scores = Scores(a, b, scale, exclude_diagonal, row_groups, col_groups, kept_cols)
+    scores = Scores(a, b, scale, exclude_diagonal, row_groups, col_groups, kept_cols, shared_operands)
     terms = OffsetTerms(row_offset, row_mult, col_offset, col_mult)
     grads = _IMPLEMENTATIONS[backend]().offset_backward(scores, terms)
     inputs = (a, b, scale, row_offset, row_mult, col_offset, col_mult)
@@ -149,6 +152,7 @@ def _offset_backward_fake(
     row_groups: Optional[Tensor],
     col_groups: Optional[Tensor],
     kept_cols: Optional[Tensor],
+    shared_operands: bool,
     row_offset: Tensor,
     row_mult: Tensor,
     col_offset: Tensor,
@@ -168,6 +172,7 @@ def sigmoid_sweep_op(
     row_groups: Optional[Tensor],
     col_groups: Optional[Tensor],
     kept_cols: Optional[Tensor],
+    shared_operands: bool,
     bias: Tensor,
     row_keys: Tensor,
     col_keys: Tensor,
@@ -175,7 +180,7 @@ def sigmoid_sweep_op(
     with_grads: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``backend``'s ``sigmoid_sweep``: ``(row_loss (N,), grad_a, grad_b, grad_scale, grad_bias)``."""
-    scores = Scores(a, b, scale, exclude_diagonal, row_groups, col_groups, kept_cols)
+    scores = Scores(a, b, scale, exclude_diagonal, row_groups, col_groups, kept_cols, shared_operands)
     terms = SigmoidTerms(bias, row_keys, col_keys, row_weights)
     sweep = _IMPLEMENTATIONS[backend]().sigmoid_sweep(scores, terms, with_grads)
     inputs = (a, b, scale, bias, row_keys, col_keys, row_weights)
@@ -193,6 +198,7 @@ def _sigmoid_sweep_fake(
     row_groups: Optional[Tensor],
     col_groups: Optional[Tensor],
     kept_cols: Optional[Tensor],
+    shared_operands: bool,
     bias: Tensor,
     row_keys: Tensor,
     col_keys: Tensor,

@@ -359,14 +359,16 @@ class ShardedPrimitives:
             raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
         self.local, self.shard, self.dist_impl = local, shard, dist_impl
 
+    # the local calls see this rank's rows against other columns: never one tensor on both sides
+
     def lse_stats(self, scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats:
         forward = _gather_lse_stats if self.dist_impl == "gather" else _ring_lse_stats
-        return forward(self.local, self.shard, scores, targets, col_count)
+        return forward(self.local, self.shard, scores._replace(shared_operands=False), targets, col_count)
 
     def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
         backward = _gather_offset_backward if self.dist_impl == "gather" else _ring_offset_backward
-        return backward(self.local, self.shard, scores, terms)
+        return backward(self.local, self.shard, scores._replace(shared_operands=False), terms)
 
     def sigmoid_sweep(self, scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
         sweep = _gather_sigmoid_sweep if self.dist_impl == "gather" else _ring_sigmoid_sweep
-        return sweep(self.local, self.shard, scores, terms, with_grads)
+        return sweep(self.local, self.shard, scores._replace(shared_operands=False), terms, with_grads)

@@ -111,6 +111,8 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats
         accumulation dtype. A row or column with every entry excluded gets
         ``-inf``, never NaN.
     """
+    if _mirrored(scores, col_count):
+        return _mirrored_lse_stats(scores, targets)
     a, b, scale = scores.a, scores.b, scores.scale
     n, m = a.shape[0], b.shape[0]
     acc = accumulation_dtype(a.dtype)
@@ -144,6 +146,67 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats
                 peak, shifted = _column_sums(tile[:, :width], exps[:, :width], row_shift)
                 _merge_(col_max[j0 : j0 + width], col_sum[j0 : j0 + width], peak, shifted)
     return LseStats(row_max + torch.log(row_sum), col_max + torch.log(col_sum), positive)
+
+
+def _mirrored(scores: Scores, col_count: int) -> bool:
+    """Whether ``S`` is symmetric and the call can visit each pair of mirrored tiles once.
+
+    ``a`` and ``b`` are one tensor and nothing breaks the symmetry: no column
+    statistics or terms (their own offsets) and no group mask (row ``i``'s kept
+    column is not column ``i``'s).
+    """
+    return scores.shared_operands and col_count == 0 and not scores.masked
+
+
+def _symmetric_(tile: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
+    """A diagonal tile made exactly symmetric, ``(S + Sᵀ)/2``: its row ``j`` and column ``j`` must be
+    the same numbers, and ``s·a_i·a_j`` and ``s·a_j·a_i`` can differ in the last bit."""
+    mirror = _tile(spare, tile.shape[0], tile.shape[1]).copy_(tile.t())
+    return tile.add_(mirror).mul_(0.5)
+
+
+def _mirrored_tiles(n: int, side: int):
+    """``(i0, i1, j0, j1)`` of every tile on or above the diagonal of an ``n x n`` grid of ``side``."""
+    for i0 in range(0, n, side):
+        for j0 in range(i0, n, side):
+            yield i0, min(n, i0 + side), j0, min(n, j0 + side)
+
+
+def _mirrored_lse_stats(scores: Scores, targets: torch.Tensor) -> LseStats:
+    """:func:`lse_stats` of a symmetric ``S`` from the tiles on and above the diagonal: half the work.
+
+    Tile ``(I, J)`` gives rows ``I`` their statistics over columns ``J`` and,
+    read by columns (:func:`_column_sums`), rows ``J`` theirs over columns
+    ``I``. The backward (:func:`_mirrored_offset_backward`) recomputes the
+    same tiles, so ``S`` is bit-identical between the passes.
+    """
+    a, scale = scores.a, scores.scale
+    n = a.shape[0]
+    acc = accumulation_dtype(a.dtype)
+    s = scale.to(acc)
+    side, _ = tile_shape(n, n, acc)
+    score_buffer = torch.empty(side * side, dtype=acc, device=a.device)
+    exp_buffer = torch.empty(side * side, dtype=acc, device=a.device)
+    row_max = torch.full((n,), -math.inf, dtype=acc, device=a.device)
+    row_sum = torch.zeros(n, dtype=acc, device=a.device)
+    positive = torch.zeros(n, dtype=acc, device=a.device)
+    for i0, i1, j0, j1 in _mirrored_tiles(n, side):
+        tile = _tile(score_buffer, i1 - i0, j1 - j0)
+        _scores_(tile, a[i0:i1].to(acc) * s, a[j0:j1].to(acc), scores, slice(i0, i1), slice(j0, j1))
+        if j0 == i0:
+            _symmetric_(tile, exp_buffer)
+        _gather_positive_(positive[i0:i1], tile, targets[i0:i1] - j0)
+        run_max, run_sum = row_max[i0:i1], row_sum[i0:i1]
+        new_max = torch.maximum(run_max, tile.amax(dim=1))
+        row_shift = _finite_or_zero(new_max)
+        exps = torch.sub(tile, row_shift[:, None], out=_tile(exp_buffer, i1 - i0, j1 - j0)).exp_()
+        run_sum.mul_(torch.exp(run_max - row_shift)).add_(exps.sum(dim=1))
+        run_max.copy_(new_max)
+        if j0 != i0:
+            _gather_positive_(positive[j0:j1], tile.t(), targets[j0:j1] - i0)
+            peak, shifted = _column_sums(tile, exps, row_shift)
+            _merge_(row_max[j0:j1], row_sum[j0:j1], peak, shifted)
+    return LseStats(row_max + torch.log(row_sum), row_max.new_empty(0), positive)
 
 
 def _column_sums(
@@ -207,6 +270,8 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     h = torch.where(live, col_mult, 0.0).to(acc)
     r = torch.where(live, col_offset, math.inf).to(acc)
     window = _SAFE_WINDOW[acc]
+    if _mirrored(scores, col_count):
+        return _mirrored_offset_backward(scores, c, g, window)
 
     def to_gradient(tile: torch.Tensor, spare: torch.Tensor, rows: slice, cols: slice) -> None:
         c1 = min(col_count, cols.stop)
@@ -216,6 +281,44 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
             tile.sub_(c[rows, None]).exp_().mul_(g[rows, None])
 
     return _gradient_sweep(scores, to_gradient)
+
+
+def _mirrored_offset_backward(scores: Scores, c: torch.Tensor, g: torch.Tensor, window: float) -> Gradients:
+    """:func:`offset_backward` of a symmetric ``S`` with row terms only, from the tiles on and above
+    the diagonal: the whole gradient of the shared tensor in ``grad_a``, ``grad_b`` zero.
+
+    With ``G_ij = g_i·exp(S_ij − c_i)`` the shared tensor's gradient is
+    ``s·(G + Gᵀ)·a``. Tile ``(I, J)`` of ``H = G + Gᵀ`` is
+    ``g_i·exp(S_ij − c_i) + g_j·exp(S_ij − c_j)`` — the offset form with column
+    terms ``(c_J, g_J)`` on the tile of ``S`` itself — and gives rows ``I``
+    ``H·a_J`` and rows ``J`` ``Hᵀ·a_I``: one recompute and two products per
+    pair of mirrored tiles, where the general sweep has two and four. A
+    diagonal tile's ``H`` already holds both halves (one product).
+    ``Σ G_ij a_i·a_j`` is half of ``Σ_i a_i·(H·a)_i``.
+    """
+    a, scale = scores.a, scores.scale
+    n = a.shape[0]
+    acc = accumulation_dtype(a.dtype)
+    s = scale.to(acc)
+    side, _ = tile_shape(n, n, acc)
+    buffer = torch.empty(side * side, dtype=acc, device=a.device)
+    spare = torch.empty(side * side, dtype=acc, device=a.device)
+    grad = torch.zeros(n, a.shape[1], dtype=acc, device=a.device)
+    # a row without a term contributes no column term either: offset +inf, whose exp is exactly 0
+    # (its placeholder offset 0 could overflow exp(K − 0) and meet g = 0 as 0·inf)
+    r = torch.where(g != 0, c, math.inf)
+    for i0, i1, j0, j1 in _mirrored_tiles(n, side):
+        a_rows, a_cols = a[i0:i1].to(acc), a[j0:j1].to(acc)
+        tile = _tile(buffer, i1 - i0, j1 - j0)
+        _scores_(tile, a_rows * s, a_cols, scores, slice(i0, i1), slice(j0, j1))
+        if j0 == i0:
+            _symmetric_(tile, spare)
+        _column_term_(tile, spare, c[i0:i1], g[i0:i1], r[j0:j1], g[j0:j1], window)
+        grad[i0:i1].addmm_(tile, a_cols)
+        if j0 != i0:
+            grad[j0:j1].addmm_(tile.t(), a_rows)
+    grad_scale = torch.sum(grad * a.to(acc)) / 2
+    return Gradients(grad.mul_(s), torch.zeros_like(grad), grad_scale)
 
 
 def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
