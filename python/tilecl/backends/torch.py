@@ -136,11 +136,7 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats
             tile = _tile(score_buffer, i1 - i0, j1 - j0)
             _scores_(tile, a_scaled, b[j0:j1].to(acc), scores, slice(i0, i1), slice(j0, j1))
             _gather_positive_(positive[i0:i1], tile, block_targets - j0)
-            new_max = torch.maximum(run_max, tile.amax(dim=1))
-            row_shift = _finite_or_zero(new_max)
-            exps = torch.sub(tile, row_shift[:, None], out=_tile(exp_buffer, i1 - i0, j1 - j0)).exp_()
-            run_sum.mul_(torch.exp(run_max - row_shift)).add_(exps.sum(dim=1))
-            run_max.copy_(new_max)
+            exps, row_shift = _merge_rows_(run_max, run_sum, tile, exp_buffer)
             if j0 < col_count:
                 width = min(col_count, j1) - j0
                 peak, shifted = _column_sums(tile[:, :width], exps[:, :width], row_shift)
@@ -196,17 +192,25 @@ def _mirrored_lse_stats(scores: Scores, targets: torch.Tensor) -> LseStats:
         if j0 == i0:
             _symmetric_(tile, exp_buffer)
         _gather_positive_(positive[i0:i1], tile, targets[i0:i1] - j0)
-        run_max, run_sum = row_max[i0:i1], row_sum[i0:i1]
-        new_max = torch.maximum(run_max, tile.amax(dim=1))
-        row_shift = _finite_or_zero(new_max)
-        exps = torch.sub(tile, row_shift[:, None], out=_tile(exp_buffer, i1 - i0, j1 - j0)).exp_()
-        run_sum.mul_(torch.exp(run_max - row_shift)).add_(exps.sum(dim=1))
-        run_max.copy_(new_max)
+        exps, row_shift = _merge_rows_(row_max[i0:i1], row_sum[i0:i1], tile, exp_buffer)
         if j0 != i0:
             _gather_positive_(positive[j0:j1], tile.t(), targets[j0:j1] - i0)
             peak, shifted = _column_sums(tile, exps, row_shift)
             _merge_(row_max[j0:j1], row_sum[j0:j1], peak, shifted)
     return LseStats(row_max + torch.log(row_sum), row_max.new_empty(0), positive)
+
+
+def _merge_rows_(
+    run_max: torch.Tensor, run_sum: torch.Tensor, tile: torch.Tensor, exp_buffer: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a tile's rows into the running ``(max, sum)`` in place; returns the tile's
+    ``exp(S − shift)`` (in ``exp_buffer``) and the rows' shifts, for the column statistics."""
+    new_max = torch.maximum(run_max, tile.amax(dim=1))
+    row_shift = _finite_or_zero(new_max)
+    exps = torch.sub(tile, row_shift[:, None], out=_tile(exp_buffer, tile.shape[0], tile.shape[1])).exp_()
+    run_sum.mul_(torch.exp(run_max - row_shift)).add_(exps.sum(dim=1))
+    run_max.copy_(new_max)
+    return exps, row_shift
 
 
 def _column_sums(
