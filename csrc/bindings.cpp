@@ -45,6 +45,23 @@ int as_int(int64_t value, const char* name) {
   return static_cast<int>(value);
 }
 
+// The group mask's three pointers (0: no masking), in the arguments of any launch.
+template <class Args>
+void set_group_mask(Args& args, std::uintptr_t row_groups, std::uintptr_t col_groups, std::uintptr_t kept_cols) {
+  args.row_groups = ptr<const int64_t>(row_groups);
+  args.col_groups = ptr<const int64_t>(col_groups);
+  args.kept_cols = ptr<const int64_t>(kept_cols);
+}
+
+// Both forms of the gradient sweep launch the same kernels.
+void run_backward(int dtype, const tilecl::BackwardArgs& args) {
+  switch (dtype_of(dtype)) {
+    case tilecl::kFloat32: return tilecl::offset_backward_float(args);
+    case tilecl::kFloat16: return tilecl::offset_backward_half(args);
+    case tilecl::kBFloat16: return tilecl::offset_backward_bf16(args);
+  }
+}
+
 void lse_stats(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr_t targets, std::uintptr_t row_lse,
                std::uintptr_t col_lse, std::uintptr_t positive, float scale, int64_t n, int64_t m, int64_t d,
                int64_t lda, int64_t ldb, int64_t col_count, bool exclude_diagonal, std::uintptr_t row_groups,
@@ -52,8 +69,8 @@ void lse_stats(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr_t tar
   tilecl::LseArgs args{ptr<const void>(a), ptr<const void>(b), ptr<const int64_t>(targets), ptr<float>(row_lse),
                        ptr<float>(col_lse), ptr<float>(positive), scale, as_int(n, "n"), as_int(m, "m"),
                        as_int(d, "d"), as_int(col_count, "col_count"), lda, ldb, exclude_diagonal,
-                       ptr<void>(stream), ptr<const int64_t>(row_groups), ptr<const int64_t>(col_groups),
-                       ptr<const int64_t>(kept_cols)};
+                       ptr<void>(stream)};
+  set_group_mask(args, row_groups, col_groups, kept_cols);
   switch (dtype_of(dtype)) {
     case tilecl::kFloat32: return tilecl::lse_stats_float(args);
     case tilecl::kFloat16: return tilecl::lse_stats_half(args);
@@ -74,14 +91,8 @@ void offset_backward(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr
                             as_int(m, "m"),             as_int(d, "d"),             as_int(k, "k"),
                             lda,                        ldb,                        exclude_diagonal,
                             ptr<void>(stream)};
-  args.row_groups = ptr<const int64_t>(row_groups);
-  args.col_groups = ptr<const int64_t>(col_groups);
-  args.kept_cols = ptr<const int64_t>(kept_cols);
-  switch (dtype_of(dtype)) {
-    case tilecl::kFloat32: return tilecl::offset_backward_float(args);
-    case tilecl::kFloat16: return tilecl::offset_backward_half(args);
-    case tilecl::kBFloat16: return tilecl::offset_backward_bf16(args);
-  }
+  set_group_mask(args, row_groups, col_groups, kept_cols);
+  run_backward(dtype, args);
 }
 
 // The sigmoid form of the same kernels: the row weights stand in for the offsets c (never -inf),
@@ -116,14 +127,8 @@ void sigmoid_sweep(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr_t
   args.bias = bias;
   args.row_loss = ptr<float>(row_loss);
   args.grad_bias = ptr<float>(grad_bias);
-  args.row_groups = ptr<const int64_t>(row_groups);
-  args.col_groups = ptr<const int64_t>(col_groups);
-  args.kept_cols = ptr<const int64_t>(kept_cols);
-  switch (dtype_of(dtype)) {
-    case tilecl::kFloat32: return tilecl::offset_backward_float(args);
-    case tilecl::kFloat16: return tilecl::offset_backward_half(args);
-    case tilecl::kBFloat16: return tilecl::offset_backward_bf16(args);
-  }
+  set_group_mask(args, row_groups, col_groups, kept_cols);
+  run_backward(dtype, args);
 }
 
 int64_t workspace_floats(int dtype, int64_t n, int64_t d) {

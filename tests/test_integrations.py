@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tilecl.integrations import pytorch_metric_learning as tilecl_pml
-from utils import assert_rel
+from utils import DEVICE, assert_rel
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
@@ -50,8 +50,8 @@ LABELINGS = {
 def test_pml_losses_match_the_real_ones(name, labeling, backend):
     g = torch.Generator().manual_seed(len(labeling) + len(name))
     dtype = torch.float64 if backend == "torch" else torch.float32
-    x = torch.randn(36, 12, generator=g, dtype=dtype).requires_grad_()
-    labels = LABELINGS[labeling](36, g)
+    x = torch.randn(36, 12, generator=g, dtype=dtype).to(DEVICE).requires_grad_()
+    labels = LABELINGS[labeling](36, g).to(DEVICE)
     ours = getattr(tilecl_pml, name)(temperature=0.2, backend=backend)
     theirs = getattr(pml_losses, name)(temperature=0.2)
     rel = 1e-12 if dtype == torch.float64 else 2e-5
@@ -60,9 +60,10 @@ def test_pml_losses_match_the_real_ones(name, labeling, backend):
 
 def test_pml_supcon_two_tower_matches_ref_emb():
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(20, 8, generator=g, dtype=torch.float64).requires_grad_()
-    ref = torch.randn(28, 8, generator=g, dtype=torch.float64).requires_grad_()
-    labels, ref_labels = torch.randint(0, 5, (20,), generator=g), torch.randint(0, 5, (28,), generator=g)
+    x = torch.randn(20, 8, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    ref = torch.randn(28, 8, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    labels = torch.randint(0, 5, (20,), generator=g).to(DEVICE)
+    ref_labels = torch.randint(0, 5, (28,), generator=g).to(DEVICE)
     ours = tilecl_pml.SupConLoss(0.1, backend="torch")
     theirs = pml_losses.SupConLoss(0.1)
     assert_same(
@@ -72,8 +73,8 @@ def test_pml_supcon_two_tower_matches_ref_emb():
 
 
 def test_pml_no_positive_pair_is_a_zero_loss_in_the_graph():
-    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    labels = torch.arange(5)
+    x = torch.randn(5, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    labels = torch.arange(5, device=DEVICE)
     for name in ("SupConLoss", "NTXentLoss"):
         ours = getattr(tilecl_pml, name)(backend="torch")(x, labels)
         assert float(ours.detach()) == float(getattr(pml_losses, name)()(x, labels).detach()) == 0.0
@@ -82,8 +83,8 @@ def test_pml_no_positive_pair_is_a_zero_loss_in_the_graph():
 
 
 def test_pml_supcon_of_one_class_is_pmls_zero():
-    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    labels = torch.full((6,), 3)
+    x = torch.randn(6, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    labels = torch.full((6,), 3, device=DEVICE)
     ours = tilecl_pml.SupConLoss(backend="torch")(x, labels)
     assert float(ours.detach()) == float(pml_losses.SupConLoss()(x, labels).detach()) == 0.0
     (grad,) = torch.autograd.grad(ours, x)
@@ -128,7 +129,9 @@ def tokenized(texts: list[list[int]]) -> dict:
 
 def columns_of_embeddings(n: int, k: int, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, 10, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2 + k)]
+    return [
+        torch.randn(n, 10, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_() for _ in range(2 + k)
+    ]
 
 
 @pytest.mark.parametrize("negatives", [0, 1, 2])
@@ -173,14 +176,15 @@ def test_mnrl_forward_through_a_model_matches_sentence_transformers():
 
 def masked_cross_entropy(anchors, candidates, scale, row_groups, col_groups, symmetric=False):
     """The full-matrix masked MNRL: same-group candidates other than the positive leave the softmax."""
-    n = anchors.shape[0]
+    n, device = anchors.shape[0], anchors.device
     logits = scale * F.normalize(anchors, dim=1) @ F.normalize(candidates, dim=1).t()
     same = row_groups[:, None] == col_groups[None, :]
-    logits = logits.masked_fill(same & ~torch.eye(n, candidates.shape[0], dtype=torch.bool), float("-inf"))
-    forward = F.cross_entropy(logits, torch.arange(n))
+    pairs = torch.eye(n, candidates.shape[0], dtype=torch.bool, device=device)
+    logits = logits.masked_fill(same & ~pairs, float("-inf"))
+    forward = F.cross_entropy(logits, torch.arange(n, device=device))
     if not symmetric:
         return forward
-    return (forward + F.cross_entropy(logits[:, :n].t(), torch.arange(n))) / 2
+    return (forward + F.cross_entropy(logits[:, :n].t(), torch.arange(n, device=device))) / 2
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
@@ -209,12 +213,12 @@ def test_mnrl_masks_duplicate_texts(symmetric):
 
 def test_mnrl_masks_by_a_group_column():
     columns = columns_of_embeddings(10, 1, seed=5)
-    groups = torch.tensor([0, 1, 0, 2, 3, 3, 4, 5, 6, 1])
+    groups = torch.tensor([0, 1, 0, 2, 3, 3, 4, 5, 6, 1], device=DEVICE)
     loss = tilecl_st.MultipleNegativesRankingLoss(
         nn.Identity(), mask_false_negatives="labels", backend="torch"
     )
     ours = loss.compute_loss_from_embeddings(columns, groups)
-    never = torch.full((10,), -1)  # hard negatives are never masked
+    never = torch.full((10,), -1, device=DEVICE)  # hard negatives are never masked
     want = masked_cross_entropy(columns[0], torch.cat(columns[1:]), 20.0, groups, torch.cat([groups, never]))
     assert_rel(ours, want, 1e-12, "masked loss")
     with pytest.raises(ValueError, match="label column"):

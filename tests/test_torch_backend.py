@@ -162,18 +162,19 @@ def test_one_tensor_on_both_sides_uses_the_mirrored_tiles(n, exclude_diagonal, t
     from tilecl.backends.base import OffsetTerms, Scores
 
     gen = torch.Generator().manual_seed(n)
-    a = torch.randn(n, 6, generator=gen, dtype=torch.float64)
-    scale = torch.tensor(60.0, dtype=torch.float64)  # logits up to ~300: e^S overflows float64's exp(K − 0)
-    targets = torch.randint(0, n, (n,), generator=gen)
+    a = torch.randn(n, 6, generator=gen, dtype=torch.float64).to(DEVICE)
+    # logits up to ~300: e^S overflows float64's exp(K − 0)
+    scale = torch.tensor(60.0, dtype=torch.float64, device=DEVICE)
+    targets = torch.randint(0, n, (n,), generator=gen).to(DEVICE)
     general = Scores(a, a.clone(), scale, exclude_diagonal)
     mirrored = Scores(a, a, scale, exclude_diagonal, shared_operands=True)
     want, got = torch_backend.lse_stats(general, targets, 0), torch_backend.lse_stats(mirrored, targets, 0)
     # a target on an excluded diagonal (and n = 1's empty row) is -inf on both paths
     torch.testing.assert_close(got.row_lse, want.row_lse, rtol=1e-13, atol=0)
     torch.testing.assert_close(got.positive, want.positive, rtol=1e-13, atol=0)
-    weights = torch.rand(n, generator=gen, dtype=torch.float64)
+    weights = torch.rand(n, generator=gen, dtype=torch.float64).to(DEVICE)
     weights[0] = 0.0  # a row without a term
-    empty = torch.zeros(0, dtype=torch.float64)
+    empty = torch.zeros(0, dtype=torch.float64, device=DEVICE)
     terms = OffsetTerms(want.row_lse, weights, empty, empty)
     ref = torch_backend.offset_backward(general, terms)
     out = torch_backend.offset_backward(mirrored, terms)

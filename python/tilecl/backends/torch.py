@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -161,11 +161,31 @@ def _symmetric_(tile: torch.Tensor, spare: torch.Tensor) -> torch.Tensor:
     return tile.add_(mirror).mul_(0.5)
 
 
-def _mirrored_tiles(n: int, side: int):
-    """``(i0, i1, j0, j1)`` of every tile on or above the diagonal of an ``n x n`` grid of ``side``."""
+def _mirrored_scores(scores: Scores) -> Iterator[tuple[torch.Tensor, torch.Tensor, slice, slice]]:
+    """Every tile of a symmetric ``S`` on or above the diagonal, ``(tile, spare, rows, cols)``.
+
+    The one place both mirrored passes form their tiles, so the backward's
+    ``S`` is bit-identical to the forward's; a diagonal tile is made exactly
+    symmetric (:func:`_symmetric_`). ``spare`` is a second (flat) tile
+    buffer, free for the caller.
+    """
+    a = scores.a
+    n = a.shape[0]
+    acc = accumulation_dtype(a.dtype)
+    s = scores.scale.to(acc)
+    side, _ = tile_shape(n, n, acc)
+    buffer = torch.empty(side * side, dtype=acc, device=a.device)
+    second = torch.empty(side * side, dtype=acc, device=a.device)
     for i0 in range(0, n, side):
+        rows = slice(i0, min(n, i0 + side))
+        a_scaled = a[rows].to(acc) * s
         for j0 in range(i0, n, side):
-            yield i0, min(n, i0 + side), j0, min(n, j0 + side)
+            cols = slice(j0, min(n, j0 + side))
+            tile = _tile(buffer, rows.stop - rows.start, cols.stop - cols.start)
+            _scores_(tile, a_scaled, a[cols].to(acc), scores, rows, cols)
+            if j0 == i0:
+                _symmetric_(tile, second)
+            yield tile, second, rows, cols
 
 
 def _mirrored_lse_stats(scores: Scores, targets: torch.Tensor) -> LseStats:
@@ -174,29 +194,21 @@ def _mirrored_lse_stats(scores: Scores, targets: torch.Tensor) -> LseStats:
     Tile ``(I, J)`` gives rows ``I`` their statistics over columns ``J`` and,
     read by columns (:func:`_column_sums`), rows ``J`` theirs over columns
     ``I``. The backward (:func:`_mirrored_offset_backward`) recomputes the
-    same tiles, so ``S`` is bit-identical between the passes.
+    same tiles (:func:`_mirrored_scores`).
     """
-    a, scale = scores.a, scores.scale
+    a = scores.a
     n = a.shape[0]
     acc = accumulation_dtype(a.dtype)
-    s = scale.to(acc)
-    side, _ = tile_shape(n, n, acc)
-    score_buffer = torch.empty(side * side, dtype=acc, device=a.device)
-    exp_buffer = torch.empty(side * side, dtype=acc, device=a.device)
     row_max = torch.full((n,), -math.inf, dtype=acc, device=a.device)
     row_sum = torch.zeros(n, dtype=acc, device=a.device)
     positive = torch.zeros(n, dtype=acc, device=a.device)
-    for i0, i1, j0, j1 in _mirrored_tiles(n, side):
-        tile = _tile(score_buffer, i1 - i0, j1 - j0)
-        _scores_(tile, a[i0:i1].to(acc) * s, a[j0:j1].to(acc), scores, slice(i0, i1), slice(j0, j1))
-        if j0 == i0:
-            _symmetric_(tile, exp_buffer)
-        _gather_positive_(positive[i0:i1], tile, targets[i0:i1] - j0)
-        exps, row_shift = _merge_rows_(row_max[i0:i1], row_sum[i0:i1], tile, exp_buffer)
-        if j0 != i0:
-            _gather_positive_(positive[j0:j1], tile.t(), targets[j0:j1] - i0)
+    for tile, spare, rows, cols in _mirrored_scores(scores):
+        _gather_positive_(positive[rows], tile, targets[rows] - cols.start)
+        exps, row_shift = _merge_rows_(row_max[rows], row_sum[rows], tile, spare)
+        if cols != rows:
+            _gather_positive_(positive[cols], tile.t(), targets[cols] - rows.start)
             peak, shifted = _column_sums(tile, exps, row_shift)
-            _merge_(row_max[j0:j1], row_sum[j0:j1], peak, shifted)
+            _merge_(row_max[cols], row_sum[cols], peak, shifted)
     return LseStats(row_max + torch.log(row_sum), row_max.new_empty(0), positive)
 
 
@@ -300,29 +312,19 @@ def _mirrored_offset_backward(scores: Scores, c: torch.Tensor, g: torch.Tensor, 
     diagonal tile's ``H`` already holds both halves (one product).
     ``Σ G_ij a_i·a_j`` is half of ``Σ_i a_i·(H·a)_i``.
     """
-    a, scale = scores.a, scores.scale
-    n = a.shape[0]
+    a = scores.a
     acc = accumulation_dtype(a.dtype)
-    s = scale.to(acc)
-    side, _ = tile_shape(n, n, acc)
-    buffer = torch.empty(side * side, dtype=acc, device=a.device)
-    spare = torch.empty(side * side, dtype=acc, device=a.device)
-    grad = torch.zeros(n, a.shape[1], dtype=acc, device=a.device)
+    grad = torch.zeros(a.shape[0], a.shape[1], dtype=acc, device=a.device)
     # a row without a term contributes no column term either: offset +inf, whose exp is exactly 0
     # (its placeholder offset 0 could overflow exp(K − 0) and meet g = 0 as 0·inf)
     r = torch.where(g != 0, c, math.inf)
-    for i0, i1, j0, j1 in _mirrored_tiles(n, side):
-        a_rows, a_cols = a[i0:i1].to(acc), a[j0:j1].to(acc)
-        tile = _tile(buffer, i1 - i0, j1 - j0)
-        _scores_(tile, a_rows * s, a_cols, scores, slice(i0, i1), slice(j0, j1))
-        if j0 == i0:
-            _symmetric_(tile, spare)
-        _column_term_(tile, spare, c[i0:i1], g[i0:i1], r[j0:j1], g[j0:j1], window)
-        grad[i0:i1].addmm_(tile, a_cols)
-        if j0 != i0:
-            grad[j0:j1].addmm_(tile.t(), a_rows)
+    for tile, spare, rows, cols in _mirrored_scores(scores):
+        _column_term_(tile, spare, c[rows], g[rows], r[cols], g[cols], window)
+        grad[rows].addmm_(tile, a[cols].to(acc))
+        if cols != rows:
+            grad[cols].addmm_(tile.t(), a[rows].to(acc))
     grad_scale = torch.sum(grad * a.to(acc)) / 2
-    return Gradients(grad.mul_(s), torch.zeros_like(grad), grad_scale)
+    return Gradients(grad.mul_(scores.scale.to(acc)), torch.zeros_like(grad), grad_scale)
 
 
 def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
