@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from . import validation as v
 from .backends import resolve_backend
+from .backends.base import accumulation_dtype
 from .distributed import Ranks
 from .function import LossSpec, apply_loss
 
@@ -143,7 +144,7 @@ def supcon_loss(
         assert column_labels is not None  # checked
         b = F.normalize(columns, dim=1) if normalize else columns
         b_labels = column_labels
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(a.dtype)
     every_b = ranks.gather_with_grad(b).to(acc)
     sums, counts = class_sums(labels, ranks.gather(b_labels), every_b)
     if not two_tower:
