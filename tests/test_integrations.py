@@ -10,17 +10,18 @@ entropy. Both packages come with the ``dev`` extra.
 from __future__ import annotations
 
 import pytest
+
+# the dev extra installs both libraries: a missing one is a failure, not a skip
+import pytorch_metric_learning.losses as pml_losses
+import sentence_transformers.sentence_transformer.losses as st_losses
+import sentence_transformers.util as st_util
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tilecl.integrations import pytorch_metric_learning as tilecl_pml
+from tilecl.integrations import sentence_transformers as tilecl_st
 from utils import DEVICE, assert_rel
-
-pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
-st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
-st_util = pytest.importorskip("sentence_transformers.util")
-from tilecl.integrations import sentence_transformers as tilecl_st  # noqa: E402
 
 BACKENDS = ["torch", "triton"]
 
