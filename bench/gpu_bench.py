@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import tilecl  # noqa: E402
 from tilecl.backends import BACKENDS  # noqa: E402
 from tilecl.backends.triton import MAX_BLOCK_DOUT, pass_count, sigmoid_pass_count  # noqa: E402
-from tilecl.naive import naive_contrastive_loss, naive_sigmoid_loss  # noqa: E402
+from tilecl.testing.naive import naive_contrastive_loss, naive_sigmoid_loss  # noqa: E402
 
 COLUMNS = [
     "kernel_name", "kernel_provider", "kernel_operation_mode", "metric_name", "metric_unit", "x_name",

@@ -117,7 +117,7 @@ def step_tests(out: Path, dry: bool, budget: float) -> tuple[str, str]:
 def step_oracle(out: Path, dry: bool, budget: float) -> tuple[str, str]:
     code = (
         "import numpy as np\n"
-        "from tilecl import reference\n"
+        "from tilecl.testing import oracle as reference\n"
         "try:\n    import cupy as xp\nexcept ImportError:\n    xp = None\n"
         f"if xp is None or {dry!r}:\n    xp, note = np, 'numpy standing in for cupy'\n"
         "else:\n    note = 'cupy'\n"

@@ -18,7 +18,7 @@ import torch
 
 import tilecl
 from tilecl.memory import peak_extra_memory_cpu
-from tilecl.naive import naive_contrastive_loss
+from tilecl.testing.naive import naive_contrastive_loss
 
 from .conftest import matmul_flops
 

@@ -2,7 +2,7 @@
 
 Providers: ``tilecl`` (:func:`tilecl.sigmoid_loss`, the fused sweep) and
 ``open_clip`` (``SigLipLoss``'s single-process formula, ``−logsigmoid(z ∘ ℓ)``
-over the stored ``N x N`` logits, as :func:`tilecl.naive.naive_sigmoid_loss`).
+over the stored ``N x N`` logits, as :func:`tilecl.testing.naive.naive_sigmoid_loss`).
 open_clip's chunked variant is not a provider: open_clip is not installed
 with this project (it pulls its own torch). Per configuration: time (fastest of a few
 warm runs; one cold run inside the memory probe from ``N = 65,536`` on), the
@@ -24,7 +24,7 @@ import torch
 
 import tilecl
 from tilecl.memory import peak_extra_memory_cpu
-from tilecl.naive import naive_sigmoid_loss
+from tilecl.testing.naive import naive_sigmoid_loss
 
 from .conftest import fastest_time, matmul_flops, merge_rows
 

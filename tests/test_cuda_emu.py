@@ -27,7 +27,7 @@ import tilecl
 from tilecl import _cuda_build
 from tilecl.backends import OffsetTerms, Scores, resolve_backend
 from tilecl.backends.cuda import MAX_DIM, cuda_built, emulation_settings, runs_on
-from tilecl.naive import naive_contrastive_loss, naive_sigmoid_loss
+from tilecl.testing.naive import naive_contrastive_loss, naive_sigmoid_loss
 from utils import (
     NAMES,
     SIGMOID_NAMES,

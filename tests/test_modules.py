@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import tilecl
 from tilecl.backends import AUTO_ON_CUDA, BACKENDS, resolve_backend
-from tilecl.naive import naive_contrastive_loss, naive_nt_xent_loss
+from tilecl.testing.naive import naive_contrastive_loss, naive_nt_xent_loss
 
 
 def open_clip_loss(image_features, text_features, logit_scale, logit_bias=None):

@@ -16,7 +16,7 @@ import torch
 
 import tilecl
 from tilecl.backends import BACKENDS
-from tilecl.naive import naive_sigmoid_loss
+from tilecl.testing.naive import naive_sigmoid_loss
 from utils import (
     SIGMOID_NAMES,
     Combo,

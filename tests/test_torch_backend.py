@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tilecl
-from tilecl import reference
 from tilecl.backends import torch as torch_backend
+from tilecl.testing import oracle as reference
 from utils import DEVICE, assert_rel, host, make_inputs, oracle, run
 
 SHAPES = [

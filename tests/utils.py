@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from tilecl import reference
 from tilecl.backends import BACKENDS
+from tilecl.testing import oracle as reference
 
 #: the device a backend-independent test runs on: the GPU where there is one
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -43,7 +43,7 @@ __all__ = [
 
 DOUBLE_BACKWARD_MESSAGE = (
     "tilecl losses are differentiable once: double backward (differentiating a gradient "
-    "of a tilecl loss, e.g. a gradient penalty) is not supported; use tilecl.naive for that"
+    "of a tilecl loss, e.g. a gradient penalty) is not supported; use tilecl.testing.naive for that"
 )
 
 

@@ -26,7 +26,7 @@ n, d, threads = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[5])
 if threads > 0:
     torch.set_num_threads(threads)
 import tilecl
-from tilecl.naive import naive_contrastive_loss, naive_sigmoid_loss
+from tilecl.testing.naive import naive_contrastive_loss, naive_sigmoid_loss
 dtype = getattr(torch, dtype)
 if provider == "pml-supcon":
     from pytorch_metric_learning.losses import SupConLoss

@@ -37,7 +37,6 @@ from typing import Optional
 from torch import device as Device
 from torch import dtype as DType
 
-from . import reference as reference_primitives
 from . import torch as torch_primitives
 from .base import (
     FLOAT_DTYPES,
@@ -141,7 +140,7 @@ BACKENDS: dict[str, Backend] = {
         FLOAT_DTYPES,
         {"cpu": anywhere, "cuda": cuda_visible, "meta": anywhere},
         lambda: None,
-        lambda: reference_primitives,
+        lambda: importlib.import_module(".reference", __name__),
     ),
 }
 
