@@ -12,7 +12,9 @@ from __future__ import annotations
 import pytest
 
 # the dev extra installs both libraries: a missing one is a failure, not a skip
+import pytorch_metric_learning.distances as pml_distances
 import pytorch_metric_learning.losses as pml_losses
+import pytorch_metric_learning.reducers as pml_reducers
 import sentence_transformers.sentence_transformer.losses as st_losses
 import sentence_transformers.util as st_util
 import torch
@@ -96,6 +98,63 @@ def test_pml_refuses_a_miner():
     x = torch.randn(4, 3)
     with pytest.raises(NotImplementedError, match="indices_tuple"):
         tilecl_pml.SupConLoss()(x, torch.tensor([0, 0, 1, 1]), indices_tuple=(torch.tensor([0]),) * 4)
+
+
+#: PML's own default reducer of each loss (its get_default_reducer), which a user may pass explicitly
+PML_DEFAULT_REDUCER = {"SupConLoss": "AvgNonZeroReducer", "NTXentLoss": "MeanReducer"}
+
+
+@pytest.mark.parametrize("name", ["SupConLoss", "NTXentLoss"])
+def test_pml_takes_its_defaults_passed_explicitly(name):
+    assert type(getattr(pml_losses, name)().reducer).__name__ == PML_DEFAULT_REDUCER[name]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 6, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    labels = torch.randint(0, 5, (24,), generator=g).to(DEVICE)
+    options = {
+        "distance": pml_distances.CosineSimilarity(),
+        "reducer": getattr(pml_reducers, PML_DEFAULT_REDUCER[name])(),
+    }
+    ours = getattr(tilecl_pml, name)(temperature=0.2, backend="torch", **options)
+    theirs = getattr(pml_losses, name)(temperature=0.2, **options)
+    assert_same(loss_and_grads(ours, (x,), x, labels), loss_and_grads(theirs, (x,), x, labels))
+
+
+def _changed_cosine():
+    distance = pml_distances.CosineSimilarity()
+    distance.normalize_embeddings = False
+    return distance
+
+
+@pytest.mark.parametrize("name", ["SupConLoss", "NTXentLoss"])
+@pytest.mark.parametrize(
+    "argument,value",
+    [
+        ("distance", pml_distances.LpDistance()),
+        ("distance", pml_distances.DotProductSimilarity()),
+        ("distance", _changed_cosine()),
+        ("reducer", pml_reducers.SumReducer()),
+        ("reducer", "mean"),
+    ],
+    ids=["lp", "dot-product", "unnormalized-cosine", "sum", "a-string"],
+)
+def test_pml_refuses_another_distance_or_reducer_by_its_name(name, argument, value):
+    with pytest.raises(ValueError, match=rf"^{name}\({argument}=") as error:
+        getattr(tilecl_pml, name)(**{argument: value})
+    assert "_TemperatureLoss" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["SupConLoss", "NTXentLoss"])
+def test_pml_refuses_the_default_reducer_of_the_other_loss(name):
+    other = next(r for n, r in PML_DEFAULT_REDUCER.items() if n != name)
+    with pytest.raises(ValueError, match=rf"{name}\(reducer=.*{PML_DEFAULT_REDUCER[name]}"):
+        getattr(tilecl_pml, name)(reducer=getattr(pml_reducers, other)())
+
+
+@pytest.mark.parametrize("name", ["SupConLoss", "NTXentLoss"])
+def test_pml_an_unknown_keyword_names_the_class_called(name):
+    with pytest.raises(TypeError, match=name) as error:
+        getattr(tilecl_pml, name)(embedding_regularizer=None)
+    assert "_TemperatureLoss" not in str(error.value)
 
 
 def test_positive_pairs_are_every_ordered_same_label_pair():

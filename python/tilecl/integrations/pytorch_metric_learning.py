@@ -9,11 +9,14 @@ similarity) and reducer, so a training script swaps the import::
 
 PML forms the ``N x N`` similarity and its pair masks; these never do, forward
 or backward. ``indices_tuple`` (a miner's pairs) is not supported: the pairs are
-all the pairs the labels define.
+all the pairs the labels define. ``distance=`` and ``reducer=`` take what PML
+uses by default, passed explicitly (``CosineSimilarity()``; ``AvgNonZeroReducer()``
+for ``SupConLoss``, ``MeanReducer()`` for ``NTXentLoss``), and refuse any other.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -32,6 +35,34 @@ def _no_miner(indices_tuple: Optional[Any]) -> None:
         raise NotImplementedError(
             "indices_tuple (a miner's pairs) is not supported: every pair the labels define is used"
         )
+
+
+def _pml_defaults(cls: str, distance: Any, reducer: Any, default_reducer: str) -> None:
+    """Refuse a ``distance`` / ``reducer`` other than PML's default for ``cls`` (these compute that one).
+
+    Compared by class name and module, so that a default never needs PML imported to be checked.
+    """
+    if distance is not None:
+        default = (
+            _is_pml(distance, "distances", "CosineSimilarity")
+            and getattr(distance, "normalize_embeddings", None) is True
+            and getattr(distance, "p", None) == 2
+            and getattr(distance, "power", None) == 1
+        )
+        if not default:
+            raise ValueError(
+                f"{cls}(distance={distance!r}): only PML's default, a default-constructed "
+                "CosineSimilarity(), is supported (the loss is computed on cosine similarities)"
+            )
+    if reducer is not None and not _is_pml(reducer, "reducers", default_reducer):
+        raise ValueError(
+            f"{cls}(reducer={reducer!r}): only PML's default for {cls}, {default_reducer}(), is supported"
+        )
+
+
+def _is_pml(value: Any, package: str, name: str) -> bool:
+    kind = type(value)
+    return kind.__name__ == name and kind.__module__.startswith(f"pytorch_metric_learning.{package}")
 
 
 def positive_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,8 +96,16 @@ class NTXentLoss(nn.Module):
     :func:`tilecl.nt_xent_loss` or :class:`SupConLoss`.
     """
 
-    def __init__(self, temperature: float = 0.07, *, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        *,
+        distance: Optional[Any] = None,
+        reducer: Optional[Any] = None,
+        backend: str = "auto",
+    ) -> None:
         super().__init__()
+        _pml_defaults("NTXentLoss", distance, reducer, "MeanReducer")
         v.check_positive(temperature, "temperature")
         self.temperature = temperature
         self.backend = backend
@@ -102,11 +141,40 @@ class NTXentLoss(nn.Module):
         )
 
 
+#: the keywords tilecl's own SupConLoss takes besides the temperature
+_SUPCON_OPTIONS = frozenset(
+    name
+    for name, parameter in inspect.signature(modules._TemperatureLoss.__init__).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+)
+
+
 class SupConLoss(modules.SupConLoss):
     """PML's ``SupConLoss`` (:class:`tilecl.SupConLoss`, :func:`tilecl.supcon_loss`): the mean over
     anchors that have a positive (PML's ``AvgNonZeroReducer``), PML's argument order;
     ``ref_emb`` / ``ref_labels`` give the two-tower form. A batch without a negative pair (one
-    class) is PML's zero loss."""
+    class) is PML's zero loss.
+
+    ``distance=CosineSimilarity()`` and ``reducer=AvgNonZeroReducer()`` (PML's defaults) are
+    accepted; the other keywords are :class:`tilecl.SupConLoss`'s (``backend``, ``world_size``, ...).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        *,
+        distance: Optional[Any] = None,
+        reducer: Optional[Any] = None,
+        **options: Any,
+    ) -> None:
+        _pml_defaults("SupConLoss", distance, reducer, "AvgNonZeroReducer")
+        unknown = sorted(set(options) - _SUPCON_OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"SupConLoss() got unexpected keyword arguments {unknown}; it takes temperature, distance, "
+                f"reducer and {sorted(_SUPCON_OPTIONS)}"
+            )
+        super().__init__(temperature, **options)
 
     def forward(  # type: ignore[override]
         self,
