@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from pathlib import Path
 
 import torch
 
+# `python -m pytest` puts the repository root first on sys.path, where the product's Triton sources
+# (`kernels/`, installed as tilecl.kernels) would shadow the index's `kernels` package, which
+# transformers (so sentence-transformers) imports. Last on the path, the root still serves
+# `bench` and `experiments`; spawned ranks inherit this order.
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_the_installed_kernels_package() -> None:
-    """Import the index's ``kernels`` package (Hugging Face's, which transformers imports) first.
-
-    The product's Triton sources sit in the repository's top-level ``kernels/`` (installed as
-    ``tilecl.kernels``). ``python -m pytest`` puts the root on ``sys.path``, so that folder would
-    shadow the installed package and sentence-transformers would fail to import.
-    """
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
-    try:
-        importlib.import_module("kernels")
-    except ImportError:
-        pass  # not installed: nothing to shadow
-    finally:
-        sys.path[:] = saved
-
-
-_import_the_installed_kernels_package()
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT] + [str(ROOT)]
 
 # No GPU: the Triton kernels run under Triton's CPU interpreter (read when triton is first imported).
 if not torch.cuda.is_available():
