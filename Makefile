@@ -6,18 +6,32 @@ PIP    := $(PY) -m pip
 # A CPU build of torch; pinned so pip never resolves an unpinned `torch` to a multi-GB CUDA wheel.
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# `make demo` installs only the demo extra (not dev's triton, ~1 GB): its own stamp, same .venv
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: venv test test-fast typecheck demo bench lint format clean cuda gpu-check
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py Makefile
+	@echo "make venv: setting up $(VENV): pip, $(TORCH_SPEC) (CPU) unless torch is there, then tilecl"
+	@echo "  editable with the dev extra (pytest, ruff, mypy, triton ~1 GB, scikit-learn, matplotlib,"
+	@echo "  sentence-transformers, pytorch-metric-learning, ...); several minutes on a fresh clone"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch first and pinned: with it present, the ">=2.3" range in pyproject installs nothing more.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
 	TILECL_SKIP_CUDA_BUILD=1 $(PIP) install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+$(DEMO_STAMP): pyproject.toml setup.py Makefile
+	@echo "make demo: setting up $(VENV) for the demo: pip, $(TORCH_SPEC) (CPU) unless torch is there,"
+	@echo "  then tilecl editable with the demo extra only (scikit-learn, tqdm, matplotlib)"
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
+	TILECL_SKIP_CUDA_BUILD=1 $(PIP) install --quiet -e ".[demo]"
+	touch $(DEMO_STAMP)
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -34,8 +48,9 @@ test: venv lint typecheck
 test-fast: venv lint typecheck
 	$(PY) -m pytest tests -q -m "not slow"
 
-demo: venv
-	$(PY) -m tilecl demo
+# the lab lives in experiments/ (not installed): run from the checkout's root
+demo: $(DEMO_STAMP)
+	$(PY) -m experiments demo
 
 bench: venv
 	$(PY) -m pytest bench -q -p no:cacheprovider --benchmark-json=bench/results/pytest-benchmark.json

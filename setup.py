@@ -16,13 +16,19 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 SKIP_CUDA_BUILD = os.environ.get("TILECL_SKIP_CUDA_BUILD", "0") == "1"
 FORCE_CUDA_BUILD = os.environ.get("TILECL_FORCE_CUDA_BUILD", "0") == "1"
 HERE = Path(__file__).resolve().parent
+
+# `python setup.py ...` puts this folder first on sys.path, where kernels/ (installed as
+# tilecl.kernels) would shadow an installed top-level `kernels` package: Hugging Face's, which
+# transformers brings, registers setuptools entry points that egg_info imports. Nothing here is
+# imported by name (_cuda_build is loaded by path), so the folder can leave sys.path.
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != HERE]
 
 
 def _cuda_build():
@@ -89,9 +95,18 @@ def cuda_extensions() -> list:
     return [Extension("tilecl._cuda", sources=[*sources, "csrc/bindings.cpp"])]
 
 
+def packages() -> list:
+    """Every package under python/ (found, not listed: a new subpackage cannot be left out of a
+    wheel), plus kernels/ installed as tilecl.kernels."""
+    found = find_packages(str(HERE / "python"), include=["tilecl", "tilecl.*"])
+    if "tilecl.kernels" in found:
+        raise RuntimeError("python/tilecl/kernels would shadow kernels/, which installs as tilecl.kernels")
+    return [*found, "tilecl.kernels"]
+
+
 setup(
-    package_dir={"tilecl": "python/tilecl", "tilecl.kernels": "kernels"},
-    packages=["tilecl", "tilecl.backends", "tilecl.kernels"],
+    package_dir={"": "python", "tilecl.kernels": "kernels"},
+    packages=packages(),
     package_data={"tilecl": ["py.typed"]},
     ext_modules=cuda_extensions(),
     cmdclass={"build_ext": NinjaBuildExt, "build_py": BuildPyThatSaysWhatItSkips},

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import tilecl
-from tilecl.memory import peak_extra_memory_cpu
+from experiments.memory import peak_extra_memory_cpu
 from tilecl.testing.naive import naive_contrastive_loss
 
 from .conftest import matmul_flops

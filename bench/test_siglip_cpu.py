@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import tilecl
-from tilecl.memory import peak_extra_memory_cpu
+from experiments.memory import peak_extra_memory_cpu
 from tilecl.testing.naive import naive_sigmoid_loss
 
 from .conftest import fastest_time, matmul_flops, merge_rows

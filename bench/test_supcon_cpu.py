@@ -3,7 +3,7 @@
 * SupCon (:func:`tilecl.supcon_loss`, 100 classes, one tower) against
   pytorch-metric-learning's ``SupConLoss`` at ``D = 128``: time (fastest of a
   few warm runs, the two providers interleaved in one process) and peak extra
-  memory (a fresh subprocess each, :mod:`tilecl.memory`); from
+  memory (a fresh subprocess each, :mod:`experiments.memory`); from
   ``N = 65,536`` on tilecl only (PML's ``N x N`` float32 matrices need tens of
   GiB), one cold run in the memory probe.
 * Masking: :func:`tilecl.contrastive_loss` (CLIP) with group ids in which every
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import tilecl
-from tilecl.memory import peak_extra_memory_cpu
+from experiments.memory import peak_extra_memory_cpu
 
 from .conftest import fastest_time, merge_rows
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tilecl.demo import run_demo
-from tilecl.memory import peak_extra_memory_cpu
+from experiments.demo import run_demo
+from experiments.memory import peak_extra_memory_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,6 @@ def test_bench_table_and_plot(tmp_path):
 @pytest.mark.parametrize("impl", ["gather", "ring"])
 def test_distributed_bench_measures_its_traffic(impl):
     """A tiny run of the distributed bench: the loopback carries at least the designed payload."""
-    sys.path.insert(0, str(ROOT))
     from bench.test_distributed_cpu import run_ranks
 
     row = run_ranks(impl, 2, 256, 32)

@@ -1,4 +1,5 @@
-"""Static checks of the GPU kernels, compiled ahead of time for sm_80 and sm_90 (no GPU needed).
+"""Static checks of the GPU kernels, compiled ahead of time for sm_80 and sm_90 (no GPU needed), by
+``python -m tools.inspect_kernels``.
 
 The compilation runs in a child process: this test process runs Triton's
 interpreter (TRITON_INTERPRET=1), whose kernels cannot be compiled.
@@ -10,24 +11,30 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from tilecl import _cuda_build
 from tilecl.backends.triton import pass_count, sigmoid_pass_count
-from tilecl.inspect_kernels import SHARED_LIMIT
+from tools import inspect_kernels
+from tools.inspect_kernels import SHARED_LIMIT
 
-# compiling every kernel for sm_80 and sm_90 (nvcc included) takes minutes cold
-pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+#: compiling every kernel for sm_80 and sm_90 (nvcc included) takes minutes cold
+slow = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     path = tmp_path_factory.mktemp("inspect") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-m", "tilecl", "inspect", "--json", str(path)], env=env, check=True)
+    command = [sys.executable, "-m", "tools.inspect_kernels", "--json", str(path)]
+    subprocess.run(command, env=env, check=True, cwd=ROOT)
     return json.loads(path.read_text())
 
 
+@slow
 def test_every_kernel_config_and_arch_compiles(report):
     combos = {
         (k["name"], k["arch"], k["dtype"], json.dumps(k["config"], sort_keys=True)) for k in report["kernels"]
@@ -40,6 +47,7 @@ def test_every_kernel_config_and_arch_compiles(report):
     assert sigmoid["512"]["passes"] == 3 and sigmoid["512"]["speedup_vs_reported"] >= 2
 
 
+@slow
 def test_tensor_cores_for_half_types_on_both_archs(report):
     half = [k for k in report["kernels"] if k["dtype"] in ("float16", "bfloat16")]
     assert {k["arch"] for k in half} == {"sm_80", "sm_90"}
@@ -47,6 +55,7 @@ def test_tensor_cores_for_half_types_on_both_archs(report):
     assert not missing, f"no mma/wgmma in {missing}"
 
 
+@slow
 def test_zero_spills_and_shared_memory_within_limits(report):
     spills = [
         (k["name"], k["arch"], k["dtype"], k["spill_bytes"]) for k in report["kernels"] if k["spill_bytes"]
@@ -57,6 +66,7 @@ def test_zero_spills_and_shared_memory_within_limits(report):
         assert 0 < k["registers"] <= 255
 
 
+@slow
 def test_every_address_product_is_64_bit(report):
     """index × stride over a tile is formed in int64: an int32 product wraps at N·D = 2^31
     (N = 4,194,304 rows at D = 512) and reads or stores gradients at wrong addresses."""
@@ -66,6 +76,7 @@ def test_every_address_product_is_64_bit(report):
         assert k["address_products_i64"] == k["address_products"], where
 
 
+@slow
 def test_cuda_section_reports_every_kernel_without_spills(report):
     cuda = report["cuda"]
     if "skipped" in cuda:
@@ -83,14 +94,45 @@ def test_cuda_section_reports_every_kernel_without_spills(report):
     assert all(k["tensor_core_instructions"] > 0 for k in half)
 
 
+@slow
 def test_cuda_only_cli(tmp_path):
     path = tmp_path / "cuda.json"
-    subprocess.run(
-        [sys.executable, "-m", "tilecl", "inspect", "--only", "cuda", "--json", str(path)], check=True
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.inspect_kernels", "--only", "cuda", "--json", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     report = json.loads(path.read_text())
     assert set(report) == {"cuda"}
-    assert "skipped" in report["cuda"] or len(report["cuda"]["kernels"]) == 30
+    if "skipped" in report["cuda"]:
+        assert done.returncode == 1 and report["cuda"]["skipped"] in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr
+        assert len(report["cuda"]["kernels"]) == 30
+
+
+@pytest.mark.parametrize(
+    "missing,reason",
+    [("find_nvcc", "nvcc not found"), ("sources", "the csrc/ sources are not here")],
+)
+def test_cuda_only_without_nvcc_or_sources_says_why_and_fails(missing, reason, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(_cuda_build, missing, lambda: None if missing == "find_nvcc" else [])
+    with pytest.raises(SystemExit) as exit_:
+        inspect_kernels.main(["--only", "cuda", "--json", str(tmp_path / "cuda.json")])
+    assert exit_.value.code == 1
+    assert reason in capsys.readouterr().err
+    assert reason in json.loads((tmp_path / "cuda.json").read_text())["cuda"]["skipped"]
+
+
+def test_the_cli_help_shows_every_option_with_its_default():
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.inspect_kernels", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "--only {triton,cuda} one section only (default: both sections)" in text
+    assert "(default: no file)" in text
 
 
 def test_sigmoid_pass_counts():

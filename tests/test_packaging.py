@@ -1,11 +1,20 @@
-"""What a user installs: the sdist builds the CUDA extension, a build without it says so, the CLI
-names the extra a command needs."""
+"""What a user installs: the wheel and the sdist carry every module of the tree, the sdist builds the
+CUDA extension, a build without it says so.
+
+The install checks build from a copy of the checkout (so nothing is written into it and no stale
+``build/`` can fill a gap), install with ``pip --target`` and import from a ``python -S`` child:
+without ``site`` the editable install's finder is never loaded, so every ``tilecl`` module it
+imports comes from the install or not at all.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 from pathlib import Path
 
@@ -15,32 +24,187 @@ from tilecl import _cuda_build
 from utils import extension_in_a_fresh_process
 
 ROOT = Path(__file__).resolve().parents[1]
+#: top-level entries of the checkout that are tools' state or build output, never sources
+_NOT_SOURCE_AT_ROOT = {"build", "dist", "results", "gpu-check"}
+_NOT_SOURCE = shutil.ignore_patterns("__pycache__", "*.py[cod]", "*.so", "*.egg-info")
 
 
-def _sdist(tmp_path: Path) -> Path:
-    subprocess.run(
-        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        env={**os.environ, "TILECL_SKIP_CUDA_BUILD": "1"},
-    )
-    (archive,) = (tmp_path / "dist").glob("tilecl-*.tar.gz")
+def _ignore(directory: str, names: list[str]) -> set[str]:
+    ignored = set(_NOT_SOURCE(directory, names))
+    if Path(directory) == ROOT:
+        ignored |= {n for n in names if n.startswith(".") or n in _NOT_SOURCE_AT_ROOT}
+    return ignored
+
+
+def expected_modules(root: Path = ROOT) -> list[str]:
+    """Every module of the source tree at ``root``, by the name it is installed under."""
+    names = []
+    for path in sorted((root / "python").glob("tilecl/**/*.py")):
+        parts = path.relative_to(root / "python").with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    for path in sorted((root / "kernels").glob("*.py")):
+        names.append("tilecl.kernels" + ("" if path.stem == "__init__" else f".{path.stem}"))
+    return names
+
+
+def _run(command: list, **kwargs) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
+#: no network (the build needs only setuptools and wheel, which the dev extra installs), no CUDA build
+BUILD_ENV = {**os.environ, "TILECL_SKIP_CUDA_BUILD": "1"}
+PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+
+
+def _wheel(source: Path, out: Path) -> Path:
+    _run([*PIP, "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)], env=BUILD_ENV)
+    (wheel,) = out.glob("tilecl-*.whl")
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def source_tree(tmp_path_factory) -> Path:
+    """A copy of the checkout's sources (untracked new files included: they are what gets forgotten)."""
+    tree = tmp_path_factory.mktemp("checkout") / "tilecl"
+    shutil.copytree(ROOT, tree, ignore=_ignore)
+    return tree
+
+
+@pytest.fixture(scope="module")
+def sdist(source_tree, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sdist")
+    _run([sys.executable, "setup.py", "-q", "sdist", "-d", str(out)], cwd=source_tree, env=BUILD_ENV)
+    (archive,) = out.glob("tilecl-*.tar.gz")
     return archive
 
 
-def test_the_sdist_carries_the_cuda_sources_and_the_test_fixtures(tmp_path):
-    with tarfile.open(_sdist(tmp_path)) as archive:
-        names = {Path(name).relative_to(Path(name).parts[0]).as_posix() for name in archive.getnames()}
-    assert {"csrc/kernels.cuh", "csrc/bindings.cpp", "csrc/instantiate_half.cu", "csrc/cuda_emu.h"} <= names
+def _sdist_names(sdist: Path) -> set[str]:
+    with tarfile.open(sdist) as archive:
+        return {Path(name).relative_to(Path(name).parts[0]).as_posix() for name in archive.getnames()}
+
+
+def test_the_sdist_carries_the_cuda_sources_and_the_test_fixtures(sdist):
+    names = _sdist_names(sdist)
+    csrc = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").iterdir() if p.is_file()}
+    assert csrc and csrc <= names, sorted(csrc - names)
+    assert {"csrc/bindings.cpp", "csrc/cuda_emu.h"} <= names
     assert {"tests/conftest.py", "tests/utils.py", "kernels/contrastive.py", "LICENSE"} <= names
 
 
+def test_the_sdist_carries_what_its_tests_and_its_readme_need(sdist):
+    names = _sdist_names(sdist)
+    # the tests it ships import bench/, experiments/ and tools/; the README shows docs/figures/
+    for folder in ("bench", "experiments", "tools", "docs/figures"):
+        files = {
+            p.relative_to(ROOT).as_posix()
+            for p in (ROOT / folder).rglob("*")
+            if p.is_file() and not _ignore(str(p.parent), [p.name])
+        }
+        assert files and files <= names, (folder, sorted(files - names))
+    assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".so"))]
+
+
+#: run by ``python -S`` in a fresh environment: import every module, one loss, one adapter
+_CHECK = r"""
+import importlib, json, sys, traceback
+failed = {}
+for name in json.loads(sys.argv[1]):
+    try:
+        importlib.import_module(name)
+    except Exception:
+        failed[name] = traceback.format_exc(limit=-3)
+import torch
+import tilecl
+from tilecl.integrations.pytorch_metric_learning import SupConLoss
+from pytorch_metric_learning.losses import SupConLoss as PmlSupConLoss
+
+gen = torch.Generator().manual_seed(0)
+a = torch.randn(12, 8, generator=gen, requires_grad=True)
+b = torch.randn(12, 8, generator=gen, requires_grad=True)
+loss = tilecl.contrastive_loss(a, b, 10.0)
+loss.backward()
+x = torch.randn(16, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+labels = torch.arange(16) % 4
+ours = SupConLoss(0.1, backend="torch")(x, labels)
+ours.backward()
+files = {n: getattr(m, "__file__", None) for n, m in sys.modules.items() if n.split(".")[0] == "tilecl"}
+print(json.dumps({
+    "tilecl": tilecl.__file__,
+    "files": files,
+    "failed": failed,
+    "loss": float(loss),
+    "grads_finite": all(bool(torch.isfinite(t.grad).all()) for t in (a, b, x)),
+    "adapter": float(ours),
+    "pml": float(PmlSupConLoss(0.1)(x, labels)),
+}))
+"""
+
+
+def _check_in_a_fresh_environment(site: Path, cwd: Path, modules: list[str]) -> subprocess.Popen:
+    """The import check on ``site`` (tilecl from there only; torch and the adapters' libraries from
+    this venv, which carries no ``tilecl`` when ``site`` is not loaded)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["PYTHONPATH"] = os.pathsep.join([str(site), sysconfig.get_paths()["purelib"]])
+    return subprocess.Popen(
+        [sys.executable, "-S", "-c", _CHECK, json.dumps(modules)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _assert_complete(site: Path, check: subprocess.Popen, modules: list[str]) -> None:
+    out, err = check.communicate(timeout=300)
+    assert check.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert not result["failed"], "\n".join(f"{n}:\n{tb}" for n, tb in result["failed"].items())
+    assert Path(result["tilecl"]).is_relative_to(site)
+    outside = {n: f for n, f in result["files"].items() if f and not Path(f).is_relative_to(site)}
+    assert not outside, outside
+    assert set(modules) <= set(result["files"])
+    assert (site / "tilecl" / "py.typed").is_file()
+    assert result["grads_finite"] and result["loss"] > 0
+    assert abs(result["adapter"] - result["pml"]) < 1e-9 * abs(result["pml"])
+
+
 @pytest.mark.slow
-def test_the_sdist_builds_the_cuda_extension_where_nvcc_is(tmp_path):
+def test_the_wheel_and_the_sdist_install_every_module(source_tree, sdist, tmp_path):
+    wheel = _wheel(source_tree, tmp_path / "wheel")
+    with tarfile.open(sdist) as archive:
+        archive.extractall(tmp_path / "unpacked", filter="data")
+    (unpacked,) = (tmp_path / "unpacked").iterdir()
+    from_sdist = _wheel(unpacked, tmp_path / "wheel-from-sdist")
+    sites = {"wheel": tmp_path / "site-wheel", "sdist": tmp_path / "site-sdist"}
+    # the tree the wheel was built from: the checkout may gain files while this runs
+    modules = expected_modules(source_tree)
+    checks = {}
+    for (kind, site), built in zip(sites.items(), (wheel, from_sdist)):
+        _run([*PIP, "install", "--no-deps", "--no-index", "--target", str(site), str(built)])
+        # cwd: a folder with nothing importable, outside the checkout
+        (tmp_path / f"run-{kind}").mkdir()
+        # both at once: most of the time is importing torch and the adapters' libraries
+        checks[kind] = _check_in_a_fresh_environment(site, tmp_path / f"run-{kind}", modules)
+    for kind, check in checks.items():
+        _assert_complete(sites[kind], check, modules)
+
+
+def test_the_expected_modules_are_the_trees():
+    modules = expected_modules()
+    assert {"tilecl", "tilecl.integrations.sentence_transformers", "tilecl.kernels.contrastive"} <= set(
+        modules
+    )
+    assert "tilecl.testing" in modules and "tilecl.backends" in modules
+    assert not [m for m in modules if m.split(".")[-1] in ("demo", "reproduce", "memory", "inspect_kernels")]
+
+
+@pytest.mark.slow
+def test_the_sdist_builds_the_cuda_extension_where_nvcc_is(sdist, tmp_path):
     if _cuda_build.find_nvcc() is None:
         pytest.skip("nvcc not found")
-    with tarfile.open(_sdist(tmp_path)) as archive:
+    with tarfile.open(sdist) as archive:
         archive.extractall(tmp_path / "src", filter="data")
     (source,) = (tmp_path / "src").iterdir()
     env = {**os.environ, "TILECL_FORCE_CUDA_BUILD": "1", "TILECL_CUDA_ARCHS": "80"}
@@ -56,29 +220,13 @@ def test_the_sdist_builds_the_cuda_extension_where_nvcc_is(tmp_path):
     assert "lse_stats" in info["names"] and info["emulated"] is False and info["archs"] == "80"
 
 
-def test_a_build_without_the_extension_says_so_once(tmp_path):
+def test_a_build_without_the_extension_says_so_once(source_tree, tmp_path):
     done = subprocess.run(
         [sys.executable, "setup.py", "build_py", "--build-lib", str(tmp_path / "lib")],
-        cwd=ROOT,
+        cwd=source_tree,
         capture_output=True,
         text=True,
-        env={**os.environ, "TILECL_SKIP_CUDA_BUILD": "1"},
+        env=BUILD_ENV,
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("building without the CUDA C++ extension tilecl._cuda") == 1
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "command,module,extra",
-    [(["demo"], "sklearn", "demo"), (["reproduce", "synthetic", "--fast"], "tqdm", "demo")],
-)
-def test_the_cli_names_the_extra_a_command_needs(command, module, extra):
-    # the package made unimportable, as on an install without the extra
-    script = (
-        f"import sys; sys.modules[{module!r}] = None; from tilecl.__main__ import main; main({command!r})"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert done.returncode == 1
-    assert f"pip install 'tilecl[{extra}]'" in done.stderr
-    assert "Traceback" not in done.stderr

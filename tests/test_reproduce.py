@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from tilecl.__main__ import main
-from tilecl.reproduce import SyntheticConfig, final_theta, finite_sample_mle, make_data, train_theta
+from experiments.__main__ import main, parser
+from experiments.reproduce import SyntheticConfig, final_theta, finite_sample_mle, make_data, train_theta
 
 
 @pytest.mark.slow
@@ -75,3 +78,55 @@ def test_real_data_cli_writes_json_and_plot(experiment, methods, tmp_path):
     if experiment == "digits":
         assert 0 <= data["methods"]["gamma-B"]["probe_mean"] <= 1
     assert out_png.stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command,module,extra",
+    [(["demo"], "sklearn", "demo"), (["reproduce", "synthetic", "--fast"], "tqdm", "demo")],
+)
+def test_the_cli_names_the_extra_a_command_needs(command, module, extra):
+    # the package made unimportable, as on an install without the extra
+    script = (
+        f"import sys; sys.modules[{module!r}] = None\n"
+        f"from experiments.__main__ import main\nmain({command!r})"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root)
+    assert done.returncode == 1
+    assert f"pip install 'tilecl[{extra}]'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _parsers(top):
+    """The command line's parser and every parser under it."""
+    found = [top]
+    for action in top._actions:
+        if isinstance(action.choices, dict):  # the subcommands
+            for sub in action.choices.values():
+                found.extend(_parsers(sub))
+    return found
+
+
+def test_the_cli_help_shows_every_default_in_plain_text():
+    parsers = _parsers(parser())
+    assert {p.prog.split()[-1] for p in parsers} >= {"demo", "synthetic", "digits", "modality"}
+    for p in parsers:
+        text = " ".join(p.format_help().split())
+        assert "``" not in text and ":func:" not in text, p.prog
+        for action in p._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, (p.prog, action.dest)
+            assert f"(default: {action.default})" in text, (p.prog, action.dest)
+
+
+def test_the_cli_lists_every_experiment():
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments", "reproduce", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 0, done.stderr
+    assert all(name in done.stdout for name in ("synthetic", "digits", "modality"))

@@ -1,4 +1,6 @@
-"""``python -m tilecl inspect``: compile every GPU kernel ahead of time for sm_80 and sm_90, no GPU needed.
+"""``python -m tools.inspect_kernels``: every GPU kernel compiled ahead of time for sm_80 and sm_90.
+
+No GPU needed.
 
 Triton section:
 
@@ -12,11 +14,16 @@ the kernel structure (``tilecl.backends.triton.pass_count``).
 CUDA section (``report["cuda"]``): the ``csrc/`` kernels compiled by nvcc for sm_80 and sm_90
 with warnings as errors; per kernel x dtype x architecture, ptxas's registers, spill and stack
 bytes and static shared memory, and the tensor-core (``wmma.mma``/``mma``) instructions in its PTX
-(see ``tilecl._cuda_build.nvcc_report``). Skipped, with the reason, where nvcc is absent.
+(see ``tilecl._cuda_build.nvcc_report``). Where nvcc or the ``csrc/`` sources are absent the
+section is skipped and the reason goes to stderr; with ``--only cuda`` that is a failure (exit 1).
+
+Run from a source checkout (``python -m tools.inspect_kernels --help``); it needs triton
+(the ``gpu`` extra) for the Triton section and nvcc for the CUDA one.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -25,14 +32,14 @@ import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 #: per-SM shared memory a block may use, bytes (opt-in maximum)
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 TYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
-def _signature(kernel: str, dtype: str) -> dict:
+def _signature(kernel: str, dtype: str, form: str) -> dict:
     t = f"*{TYPE_NAMES[dtype]}"
     f32, i32 = "*fp32", "i32"
     groups = {"row_group_ptr": "*i32", "col_group_ptr": "*i32", "kept_ptr": "*i32"}
@@ -44,23 +51,21 @@ def _signature(kernel: str, dtype: str) -> dict:
     if kernel == "col_stats_kernel":
         ptrs = {"a_ptr": t, "b_ptr": t, "col_lse_ptr": f32}
         return {**ptrs, "scale": "fp32", **shapes, "col_count": i32, **strides, **groups}
-    offsets = {"c_ptr": f32, "g_ptr": f32, "r_ptr": f32, "h_ptr": f32}
-    scales = {"scale": "fp32"}
-    sigmoid = {"row_key_ptr": "*i64", "col_key_ptr": "*i64", "bias": "fp32"}
+    # the sweep kernels take the form's own arguments as one tuple (tilecl.kernels.forms)
+    forms = {
+        "offset": (f32, f32, f32, f32, i32),  # c, g, r, h, col_count
+        "sigmoid": (f32, "*i64", "*i64", "fp32", f32, f32),  # w, keys, bias, row_loss, bias_partial
+    }
     if kernel == "backward_kernel":
         outs = {"grad_a_ptr": f32, "grad_b_ptr": f32, "scale_partial_ptr": f32}
-        scales["inv_scale"] = "fp32"
-        sigmoid.update({"row_loss_ptr": f32, "bias_partial_ptr": f32})
+        scales = {"scale": "fp32", "inv_scale": "fp32"}
     else:
-        outs = {"grad_b_ptr": f32}
-    return {
-        "a_ptr": t, "b_ptr": t, **offsets, **outs, **scales, **shapes, "col_count": i32, **strides, **sigmoid,
-        **groups,
-    }  # fmt: skip
+        outs, scales = {"grad_b_ptr": f32}, {"scale": "fp32"}
+    return {"a_ptr": t, "b_ptr": t, **outs, **scales, **shapes, **strides, "form": forms[form], **groups}
 
 
 def _variants() -> list[tuple[str, str, dict]]:
-    """(report name, kernel function name, extra constexprs)."""
+    """(report name, kernel function name, extra constexprs; ``FORM``: the sweep's form, default offset)."""
     return [
         ("row_stats", "row_stats_kernel", {}),
         ("col_stats", "col_stats_kernel", {}),
@@ -71,13 +76,13 @@ def _variants() -> list[tuple[str, str, dict]]:
         ("row_stats_masked", "row_stats_kernel", {"MASKED": True}),
         ("backward_atomic_masked", "backward_kernel", {"ATOMIC_GRAD_B": True, "MASKED": True}),
         # the same two kernels in their sigmoid (SigLIP) form: the loss and its gradients in one sweep
-        ("sigmoid_atomic", "backward_kernel", {"ATOMIC_GRAD_B": True, "SIGMOID": True}),
-        ("sigmoid_rows_deterministic", "backward_kernel", {"ATOMIC_GRAD_B": False, "SIGMOID": True}),
-        ("sigmoid_cols_deterministic", "backward_cols_kernel", {"SIGMOID": True}),
+        ("sigmoid_atomic", "backward_kernel", {"ATOMIC_GRAD_B": True, "FORM": "sigmoid"}),
+        ("sigmoid_rows_deterministic", "backward_kernel", {"ATOMIC_GRAD_B": False, "FORM": "sigmoid"}),
+        ("sigmoid_cols_deterministic", "backward_cols_kernel", {"FORM": "sigmoid"}),
         (
             "sigmoid_loss_only",
             "backward_kernel",
-            {"ATOMIC_GRAD_B": True, "SIGMOID": True, "WITH_GRADS": False},
+            {"ATOMIC_GRAD_B": True, "FORM": "sigmoid", "WITH_GRADS": False},
         ),
     ]
 
@@ -110,12 +115,18 @@ def compile_kernel(name: str, dtype: str, config, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from tilecl.kernels import contrastive
+    from tilecl.kernels import contrastive, forms
 
     _, fn_name, extra = next(v for v in _variants() if v[0] == name)
     fn = getattr(contrastive, fn_name)
     blocks = asdict(config)
-    defaults = {"SIGMOID": False, "SCALE_FROM_FP32_G": dtype != "float32", "WITH_GRADS": True}
+    extra = dict(extra)
+    form = extra.pop("FORM", "offset")
+    defaults = {
+        **{"offset": forms.OFFSET, "sigmoid": forms.SIGMOID}[form],
+        "SCALE_FROM_FP32_G": dtype != "float32",
+        "WITH_GRADS": True,
+    }
     constexprs = {
         "EXCLUDE_DIAGONAL": False,
         "MASKED": False,
@@ -125,7 +136,7 @@ def compile_kernel(name: str, dtype: str, config, arch: int) -> dict:
         **extra,
         **{k: v for k, v in blocks.items() if k.startswith("BLOCK") and k in fn.arg_names},
     }
-    signature = {**_signature(fn_name, dtype), **{k: "constexpr" for k in constexprs}}
+    signature = {**_signature(fn_name, dtype, form), **{k: "constexpr" for k in constexprs}}
     compiled = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constexprs),
         target=GPUTarget("cuda", arch, 32),
@@ -255,7 +266,7 @@ def siglip_model(n: int = 65536, dims: tuple[int, ...] = (512, 768, 1152)) -> di
 
 def cuda_inspect(progress: bool = True) -> dict:
     """The CUDA C++ kernels compiled by nvcc (cached under build/cuda-inspect/), or why not."""
-    from . import _cuda_build
+    from tilecl import _cuda_build
 
     if _cuda_build.find_nvcc() is None:
         return {"skipped": "nvcc not found (set CUDA_HOME or put nvcc on PATH)"}
@@ -273,15 +284,15 @@ def cuda_inspect(progress: bool = True) -> dict:
     return report
 
 
-def main(json_path: Optional[str] = None, only: Optional[str] = None) -> Optional[dict]:
-    """Both sections (``only``: ``"triton"`` or ``"cuda"`` for one), printed and optionally saved as JSON."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" and only != "cuda":
-        # interpreted kernels cannot be compiled: redo this in a process without the interpreter
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        command = [sys.executable, "-m", "tilecl", "inspect"] + (["--json", json_path] if json_path else [])
-        command += ["--only", only] if only else []
-        subprocess.run(command, env=env, check=True)
-        return None
+#: the folder that holds the ``tools`` package: a child process imports it from there, whatever its cwd
+_SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(json_path: Optional[str] = None, only: Optional[str] = None) -> dict:
+    """Both sections (``only``: ``"triton"`` or ``"cuda"`` for one), printed and optionally saved as JSON.
+
+    A CUDA section that could not run holds ``{"skipped": reason}``.
+    """
     if only == "cuda":
         report = {"cuda": cuda_inspect()}
         return _write(report, json_path)
@@ -308,9 +319,61 @@ def main(json_path: Optional[str] = None, only: Optional[str] = None) -> Optiona
     return _write(report, json_path)
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default shown; a ``None`` default is said in the option's own words instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.inspect_kernels",
+        description="Compile the Triton and CUDA C++ kernels for sm_80 and sm_90 (no GPU needed) and "
+        "report shared memory, registers, spills and tensor-core instructions per kernel.",
+        formatter_class=_HelpWithDefaults,
+    )
+    parser.add_argument(
+        "--json", default=None, help="also write the report to this JSON file (default: no file)"
+    )
+    parser.add_argument(
+        "--only", choices=("triton", "cuda"), default=None, help="one section only (default: both sections)"
+    )
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" and args.only != "cuda":
+        # interpreted kernels cannot be compiled: redo this in a process without the interpreter
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_SOURCE_ROOT), env.get("PYTHONPATH")) if p)
+        command = [
+            sys.executable,
+            "-m",
+            "tools.inspect_kernels",
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
+        raise SystemExit(subprocess.run(command, env=env).returncode)
+    try:
+        report = run(args.json, args.only)
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] != "triton":
+            raise
+        raise SystemExit(
+            "python -m tools.inspect_kernels: the Triton section needs triton, which is not installed; "
+            "install it with: pip install 'tilecl[gpu]' (or run --only cuda)"
+        ) from None
+    skipped = report.get("cuda", {}).get("skipped")
+    if skipped is not None:
+        print(f"python -m tools.inspect_kernels: CUDA section skipped: {skipped}", file=sys.stderr)
+        if args.only == "cuda":
+            raise SystemExit(1)
+
+
 def _write(report: dict, json_path: Optional[str]) -> dict:
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
         print(f"JSON: {json_path}")
     return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""``python -m tilecl reproduce synthetic``: the article's headline experiment, reconstructed.
+"""``python -m experiments reproduce synthetic``: the article's headline experiment, reconstructed.
 
 Setting (docs/design.md, **[reconstructed]** — the paper's exact setup is not
 public). Anchors ``x_i`` (2,000) and a pool of items ``v_k`` (1,000) in R⁸,
@@ -36,6 +36,8 @@ import numpy as np
 import torch
 
 import tilecl
+
+from .demo import one_thread
 
 METHODS = ("infonce", "gamma-sample", "gamma-mean")
 COLORS = {"infonce": "tab:red", "gamma-sample": "tab:blue", "gamma-mean": "tab:green"}
@@ -139,6 +141,7 @@ def final_theta(cfg: SyntheticConfig, trace: list[float]) -> float:
     return float(np.mean(trace[-keep:]))
 
 
+@one_thread()
 def run_synthetic(
     cfg: SyntheticConfig,
     seeds: int,
@@ -239,6 +242,7 @@ __all__ = ["SyntheticConfig", "final_theta", "finite_sample_mle", "make_data", "
 DIGITS_METHODS = ("infonce-B", "infonce-4B", "gamma-B")
 
 
+@one_thread()
 def run_digits(
     seeds: int = 3,
     batch: int = 32,
@@ -342,6 +346,7 @@ def _degrade(x: torch.Tensor, seed: int, noise: float = 0.2, drop: float = 0.2) 
     return x * keep + noise * torch.randn(x.shape, generator=gen)
 
 
+@one_thread()
 def run_modality(
     seeds: int = 3,
     epochs: int = 100,

@@ -1,4 +1,4 @@
-"""``python -m tilecl demo``: a two-tower model on the two halves of digits images, with ClipLoss.
+"""``python -m experiments demo``: a two-tower model on the two halves of digits images, with ClipLoss.
 
 Each 8x8 scikit-learn digit is cut into its left and right halves (32 pixels
 each): the two "modalities". Two small towers embed the halves; tilecl.ClipLoss
@@ -10,7 +10,9 @@ full-matrix loss at a large batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,6 +23,22 @@ from torch import nn
 import tilecl
 
 from .memory import peak_extra_memory_cpu
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the block (or the decorated function).
+
+    The experiments run tens of thousands of tiny steps: a second thread buys nothing there, and
+    its OpenMP workers spin, waiting for work, on the cores the first one needs (10-13x slower on
+    two shared cores). The memory probe's child processes keep torch's default.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -153,6 +171,7 @@ def _mib(x: float) -> str:
     return f"{x / 2**20:,.0f} MiB"
 
 
+@one_thread()
 def run_demo(epochs: int = 150, batch_size: int = 256, memory_n: int = 16384, memory_d: int = 128) -> dict:
     views = load_digit_views()
     model = TwoTower()

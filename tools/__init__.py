@@ -1,0 +1,1 @@
+"""Maintainer tools run from a source checkout (``python -m tools.<name>``); not installed with tilecl."""
