@@ -4,7 +4,9 @@
 // (0 float32, 1 float16, 2 bfloat16) and the stream handle
 // (torch.cuda.current_stream().cuda_stream): one build works with any torch version. The group
 // masking arrays (row_groups, col_groups, kept_cols) are addresses too, 0 for none. The Python
-// side (tilecl.backends.cuda) validates every argument before calling in here.
+// side (tilecl.backends.cuda) validates every argument before calling in here. A gradient sweep
+// takes a SweepArgs (the operands, masking, outputs and stream, the same for every form) and its
+// form's own arguments: one binding per form.
 //
 // Built twice from this one file: as tilecl._cuda against the nvcc-compiled kernels, and (with
 // TILECL_EMU) as the CPU emulation module, whose launches must keep the GIL (the emulated
@@ -53,12 +55,13 @@ void set_group_mask(Args& args, std::uintptr_t row_groups, std::uintptr_t col_gr
   args.kept_cols = ptr<const int64_t>(kept_cols);
 }
 
-// Both forms of the gradient sweep launch the same kernels.
-void run_backward(int dtype, const tilecl::BackwardArgs& args) {
+// The sweep of any form on the dtype's kernels.
+template <class Form>
+void run_sweep(int dtype, const tilecl::SweepArgs& args, const Form& form) {
   switch (dtype_of(dtype)) {
-    case tilecl::kFloat32: return tilecl::offset_backward_float(args);
-    case tilecl::kFloat16: return tilecl::offset_backward_half(args);
-    case tilecl::kBFloat16: return tilecl::offset_backward_bf16(args);
+    case tilecl::kFloat32: return tilecl::gradient_sweep<tilecl::kFloat32>(args, form);
+    case tilecl::kFloat16: return tilecl::gradient_sweep<tilecl::kFloat16>(args, form);
+    case tilecl::kBFloat16: return tilecl::gradient_sweep<tilecl::kBFloat16>(args, form);
   }
 }
 
@@ -78,57 +81,38 @@ void lse_stats(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr_t tar
   }
 }
 
-void offset_backward(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr_t row_offset,
-                     std::uintptr_t row_mult, std::uintptr_t col_offset, std::uintptr_t col_mult,
-                     std::uintptr_t grad_a, std::uintptr_t grad_b, std::uintptr_t grad_scale,
-                     std::uintptr_t workspace, float scale, int64_t n, int64_t m, int64_t d, int64_t k, int64_t lda,
-                     int64_t ldb, bool exclude_diagonal, std::uintptr_t row_groups, std::uintptr_t col_groups,
-                     std::uintptr_t kept_cols, std::uintptr_t stream) {
-  tilecl::BackwardArgs args{ptr<const void>(a),         ptr<const void>(b),         ptr<const float>(row_offset),
-                            ptr<const float>(row_mult), ptr<const float>(col_offset), ptr<const float>(col_mult),
-                            ptr<float>(grad_a),         ptr<float>(grad_b),         ptr<float>(grad_scale),
-                            ptr<float>(workspace),      scale,                      as_int(n, "n"),
-                            as_int(m, "m"),             as_int(d, "d"),             as_int(k, "k"),
-                            lda,                        ldb,                        exclude_diagonal,
-                            ptr<void>(stream)};
+// The arguments every sweep takes (tilecl.SweepArgs on the Python side); each form's binding adds its own.
+tilecl::SweepArgs sweep_args(std::uintptr_t a, std::uintptr_t b, float scale, int64_t n, int64_t m, int64_t d,
+                             int64_t lda, int64_t ldb, bool exclude_diagonal, std::uintptr_t row_groups,
+                             std::uintptr_t col_groups, std::uintptr_t kept_cols, std::uintptr_t grad_a,
+                             std::uintptr_t grad_b, std::uintptr_t grad_scale, std::uintptr_t workspace,
+                             std::uintptr_t stream) {
+  tilecl::SweepArgs args{ptr<const void>(a), ptr<const void>(b), ptr<float>(grad_a), ptr<float>(grad_b),
+                         ptr<float>(grad_scale), ptr<float>(workspace), scale, as_int(n, "n"), as_int(m, "m"),
+                         as_int(d, "d"), lda, ldb, exclude_diagonal, ptr<void>(stream)};
   set_group_mask(args, row_groups, col_groups, kept_cols);
-  run_backward(dtype, args);
+  return args;
 }
 
-// The sigmoid form of the same kernels: the row weights stand in for the offsets c (never -inf),
-// there are no column terms (k = 0).
-void sigmoid_sweep(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr_t row_weights,
-                   std::uintptr_t row_keys, std::uintptr_t col_keys, std::uintptr_t row_loss, std::uintptr_t grad_a,
-                   std::uintptr_t grad_b, std::uintptr_t grad_scale, std::uintptr_t grad_bias,
-                   std::uintptr_t workspace, float scale, float bias, int64_t n, int64_t m, int64_t d, int64_t lda,
-                   int64_t ldb, bool with_grads, bool exclude_diagonal, std::uintptr_t row_groups,
-                   std::uintptr_t col_groups, std::uintptr_t kept_cols, std::uintptr_t stream) {
-  tilecl::BackwardArgs args{};
-  args.a = ptr<const void>(a);
-  args.b = ptr<const void>(b);
-  args.row_offset = args.row_mult = ptr<const float>(row_weights);
-  args.grad_a = ptr<float>(grad_a);
-  args.grad_b = ptr<float>(grad_b);
-  args.grad_scale = ptr<float>(grad_scale);
-  args.workspace = ptr<float>(workspace);
-  args.scale = scale;
-  args.n = as_int(n, "n");
-  args.m = as_int(m, "m");
-  args.d = as_int(d, "d");
-  args.k = 0;
-  args.lda = lda;
-  args.ldb = ldb;
-  args.exclude_diagonal = exclude_diagonal;
-  args.stream = ptr<void>(stream);
-  args.sigmoid = true;
-  args.with_grads = with_grads;
-  args.row_keys = ptr<const int64_t>(row_keys);
-  args.col_keys = ptr<const int64_t>(col_keys);
-  args.bias = bias;
-  args.row_loss = ptr<float>(row_loss);
-  args.grad_bias = ptr<float>(grad_bias);
-  set_group_mask(args, row_groups, col_groups, kept_cols);
-  run_backward(dtype, args);
+void offset_backward(int dtype, const tilecl::SweepArgs& sweep, std::uintptr_t row_offset, std::uintptr_t row_mult,
+                     std::uintptr_t col_offset, std::uintptr_t col_mult, int64_t col_count) {
+  const tilecl::OffsetForm form{ptr<const float>(row_offset), ptr<const float>(row_mult),
+                                ptr<const float>(col_offset), ptr<const float>(col_mult),
+                                as_int(col_count, "col_count")};
+  run_sweep(dtype, sweep, form);
+}
+
+void sigmoid_sweep(int dtype, const tilecl::SweepArgs& sweep, float bias, std::uintptr_t row_keys,
+                   std::uintptr_t col_keys, std::uintptr_t row_weights, std::uintptr_t row_loss,
+                   std::uintptr_t grad_bias, bool with_grads) {
+  const tilecl::SigmoidForm form{bias,
+                                 ptr<const int64_t>(row_keys),
+                                 ptr<const int64_t>(col_keys),
+                                 ptr<const float>(row_weights),
+                                 ptr<float>(row_loss),
+                                 ptr<float>(grad_bias),
+                                 with_grads};
+  run_sweep(dtype, sweep, form);
 }
 
 int64_t workspace_floats(int dtype, int64_t n, int64_t d) {
@@ -177,20 +161,21 @@ PYBIND11_MODULE(TILECL_MODULE_NAME, module) {
              py::arg("exclude_diagonal"), py::arg("row_groups"), py::arg("col_groups"), py::arg("kept_cols"),
              py::arg("stream"),
              "Row LSE (n), column LSE (col_count), positive logits (n) of S = scale·a·bᵀ, float32 outputs.");
-  module.def("offset_backward", &offset_backward, launch_guard(), py::arg("dtype"), py::arg("a"), py::arg("b"),
+  // module-local: the emulation's two modules (tensor cores, FMA) live in one process
+  py::class_<tilecl::SweepArgs>(module, "SweepArgs", py::module_local(),
+                                "What every gradient sweep takes: the operands of S, its masking, outputs and stream.")
+      .def(py::init(&sweep_args), py::arg("a"), py::arg("b"), py::arg("scale"), py::arg("n"), py::arg("m"),
+           py::arg("d"), py::arg("lda"), py::arg("ldb"), py::arg("exclude_diagonal"), py::arg("row_groups"),
+           py::arg("col_groups"), py::arg("kept_cols"), py::arg("grad_a"), py::arg("grad_b"), py::arg("grad_scale"),
+           py::arg("workspace"), py::arg("stream"));
+  module.def("offset_backward", &offset_backward, launch_guard(), py::arg("dtype"), py::arg("sweep"),
              py::arg("row_offset"), py::arg("row_mult"), py::arg("col_offset"), py::arg("col_mult"),
-             py::arg("grad_a"), py::arg("grad_b"), py::arg("grad_scale"), py::arg("workspace"), py::arg("scale"),
-             py::arg("n"), py::arg("m"), py::arg("d"), py::arg("k"), py::arg("lda"), py::arg("ldb"),
-             py::arg("exclude_diagonal"), py::arg("row_groups"), py::arg("col_groups"), py::arg("kept_cols"),
-             py::arg("stream"),
-             "grad_a = scale·G·b, grad_b = scale·Gᵀ·a, grad_scale = Σ G_ij a_i·b_j (float32 outputs).");
-  module.def("sigmoid_sweep", &sigmoid_sweep, launch_guard(), py::arg("dtype"), py::arg("a"), py::arg("b"),
-             py::arg("row_weights"), py::arg("row_keys"), py::arg("col_keys"), py::arg("row_loss"),
-             py::arg("grad_a"), py::arg("grad_b"), py::arg("grad_scale"), py::arg("grad_bias"), py::arg("workspace"),
-             py::arg("scale"), py::arg("bias"), py::arg("n"), py::arg("m"), py::arg("d"), py::arg("lda"),
-             py::arg("ldb"), py::arg("with_grads"), py::arg("exclude_diagonal"), py::arg("row_groups"),
-             py::arg("col_groups"), py::arg("kept_cols"), py::arg("stream"),
-             "The sigmoid form: row losses (n), and with_grads grad_a, grad_b, grad_scale, grad_bias (float32).");
+             py::arg("col_count"),
+             "The offset form: grad_a = scale·G·b, grad_b = scale·Gᵀ·a, grad_scale = Σ G_ij a_i·b_j.");
+  module.def("sigmoid_sweep", &sigmoid_sweep, launch_guard(), py::arg("dtype"), py::arg("sweep"), py::arg("bias"),
+             py::arg("row_keys"), py::arg("col_keys"), py::arg("row_weights"), py::arg("row_loss"),
+             py::arg("grad_bias"), py::arg("with_grads"),
+             "The sigmoid form: row losses (n), grad_bias and, with_grads, grad_a, grad_b, grad_scale (float32).");
   module.def("workspace_floats", &workspace_floats, py::arg("dtype"), py::arg("n"), py::arg("d"),
-             "Floats of scratch offset_backward needs (its workspace argument).");
+             "Floats of scratch a gradient sweep needs (SweepArgs.workspace).");
 }

@@ -1,5 +1,5 @@
-// The __nv_bfloat16 kernels and their host entry points (one translation unit per input type so the
-// build compiles them in parallel).
-#include "kernels.cuh"
+// The __nv_bfloat16 kernels and their host entry points: its statistics and every form's gradient sweep (one
+// translation unit per input type so the build compiles them in parallel).
+#include "launch.cuh"
 
-TILECL_INSTANTIATE(__nv_bfloat16, bf16)
+TILECL_INSTANTIATE(__nv_bfloat16, bf16, kBFloat16)

@@ -1,5 +1,5 @@
-// The float kernels and their host entry points (one translation unit per input type so the
-// build compiles them in parallel).
-#include "kernels.cuh"
+// The float kernels and their host entry points: its statistics and every form's gradient sweep (one
+// translation unit per input type so the build compiles them in parallel).
+#include "launch.cuh"
 
-TILECL_INSTANTIATE(float, float)
+TILECL_INSTANTIATE(float, float, kFloat32)

@@ -1,5 +1,5 @@
-// The __half kernels and their host entry points (one translation unit per input type so the
-// build compiles them in parallel).
-#include "kernels.cuh"
+// The __half kernels and their host entry points: its statistics and every form's gradient sweep (one
+// translation unit per input type so the build compiles them in parallel).
+#include "launch.cuh"
 
-TILECL_INSTANTIATE(__half, half)
+TILECL_INSTANTIATE(__half, half, kFloat16)

@@ -31,47 +31,61 @@ struct LseArgs {
   const int64_t* kept_cols;   // n: row i's kept (positive) column, or -1
 };
 
-// The offset-form backward: G_ij = g_i·exp(S_ij − c_i) + [j < k]·h_j·exp(S_ij − r_j);
-// grad_a = scale·G·b (n x d), grad_b = scale·Gᵀ·a (m x d), grad_scale = Σ G_ij (a_i·b_j) (1).
-struct BackwardArgs {
+// What every gradient sweep takes, whatever its form: the operands of S = scale·a·bᵀ, its masking,
+// the gradient outputs and the stream. grad_a = scale·G·b (n x d), grad_b = scale·Gᵀ·a (m x d),
+// grad_scale = Σ G_ij (a_i·b_j) (1), with G_ij the form's elementwise step (below).
+struct SweepArgs {
   const void* a;
   const void* b;
-  const float* row_offset;   // c, n (a non-finite c_i counts as 0, as in the reference)
-  const float* row_mult;     // g, n
-  const float* col_offset;   // r, k (a non-finite r_j: column j has no term)
-  const float* col_mult;     // h, k
-  float* grad_a;             // n x d, contiguous
-  float* grad_b;             // m x d, contiguous
-  float* grad_scale;         // 1
+  float* grad_a;             // n x d, contiguous (nullptr when the form asks for no gradients)
+  float* grad_b;             // m x d, contiguous (idem)
+  float* grad_scale;         // 1 (idem)
   float* workspace;          // backward_workspace_floats(dtype, n, d) floats
   float scale;
-  int n, m, d, k;
+  int n, m, d;
   int64_t lda, ldb;
   bool exclude_diagonal;
   void* stream;
-  // The sigmoid (SigLIP) form, same kernels (sigmoid = true): G_ij = g_i·(σ(S_ij + bias) − [z_ij = +1])
-  // with z_ij = +1 where row_keys[i] == col_keys[j]; c, r and h are not read (k = 0).
-  bool sigmoid;
-  bool with_grads;           // false: only row_loss and grad_bias (one S pass, grad_a/grad_b untouched)
-  const int64_t* row_keys;   // n
-  const int64_t* col_keys;   // m
-  float bias;
-  float* row_loss;           // n: Σ_j g_i·softplus(−z_ij (S_ij + bias))
-  float* grad_bias;          // 1: Σ G_ij
-  // Group masking, both forms, as in LseArgs: a masked entry has no term (G_ij = 0, no loss).
+  // Group masking as in LseArgs: a masked entry has no term (G_ij = 0, and no loss in a form that has one).
   const int64_t* row_groups;  // n
   const int64_t* col_groups;  // m
   const int64_t* kept_cols;   // n
 };
 
+// The forms of G. Each is one argument type here and one epilogue in forms.cuh; gradient_sweep
+// (below) is instantiated for each in instantiate_*.cu (forms.cuh's TILECL_FORMS lists them).
+
+// The softmax losses' offset form: G_ij = g_i·exp(S_ij − c_i) + [j < col_count]·h_j·exp(S_ij − r_j).
+struct OffsetForm {
+  const float* row_offset;   // c, n (c_i = -inf: row i has no term)
+  const float* row_mult;     // g, n
+  const float* col_offset;   // r, col_count (r_j = -inf: column j has no term)
+  const float* col_mult;     // h, col_count
+  int col_count;             // in [0, m]
+};
+
+// The sigmoid (SigLIP) form: G_ij = w_i·(σ(S_ij + bias) − [z_ij = +1]), z_ij = +1 where
+// row_keys[i] == col_keys[j]; the sweep also yields the per-row losses and Σ G (grad_bias).
+struct SigmoidForm {
+  float bias;
+  const int64_t* row_keys;   // n
+  const int64_t* col_keys;   // m
+  const float* row_weights;  // w, n
+  float* row_loss;           // n: Σ_j w_i·softplus(−z_ij (S_ij + bias))
+  float* grad_bias;          // 1: Σ G_ij
+  bool with_grads;           // false: row_loss and grad_bias only (one S pass; SweepArgs' outputs unused)
+};
+
 void lse_stats_float(const LseArgs& args);
 void lse_stats_half(const LseArgs& args);
 void lse_stats_bf16(const LseArgs& args);
-void offset_backward_float(const BackwardArgs& args);
-void offset_backward_half(const BackwardArgs& args);
-void offset_backward_bf16(const BackwardArgs& args);
 
-// Floats of scratch the backward needs: a grad_scale and a grad_bias partial per (row tile, feature chunk).
+// The gradient sweep of `form` on inputs of dtype D (defined for every dtype and form).
+template <DType D, class Form>
+void gradient_sweep(const SweepArgs& args, const Form& form);
+
+// Floats of scratch a sweep needs: a grad_scale partial per (row tile, feature chunk), a form total
+// (grad_bias) per row tile.
 int64_t backward_workspace_floats_float(int n, int d);
 int64_t backward_workspace_floats_half(int n, int d);
 int64_t backward_workspace_floats_bf16(int n, int d);

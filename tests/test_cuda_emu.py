@@ -290,6 +290,15 @@ def test_nvcc_builds_every_kernel_for_sm80_and_sm90_without_warnings(nvcc_report
         for arch in ("sm_80", "sm_90")
     }
     assert "-Werror" in nvcc_report["flags"]
+    # each form has its own pair of gradient kernels (a template parameter, not a runtime flag)
+    grads = {(k["name"], k["form"], k["dtype"], k["arch"]) for k in nvcc_report["kernels"] if "form" in k}
+    assert grads == {
+        (name, form, dtype, arch)
+        for name in ("grad_rows", "grad_cols")
+        for form in ("softmax", "sigmoid")
+        for dtype in ("float32", "float16", "bfloat16")
+        for arch in ("sm_80", "sm_90")
+    }
 
 
 @pytest.mark.slow
@@ -319,6 +328,7 @@ def test_real_extension_builds_links_and_imports():
         pytest.skip("nvcc not found")
     info = extension_in_a_fresh_process(_cuda_build.build_extension_cached())
     assert {"lse_stats", "offset_backward", "workspace_floats"} <= set(info["names"])
+    assert {"SweepArgs", "sigmoid_sweep"} <= set(info["names"])
     assert info["emulated"] is False and info["archs"] == "80,90"
 
 

@@ -326,7 +326,7 @@ def build_extension_cached(archs: Optional[list[int]] = None) -> Path:
 _KERNEL_NAMES = [
     ("row_stats_kernel", "row_stats"),
     ("col_stats_kernel", "col_stats"),
-    ("grad_kernel<", "grad_rows"),  # refined below by the template flag
+    ("grad_kernel<", "grad_rows"),  # refined below by the template flag, one per form
     ("sum_partials_kernel", "sum_partials"),
 ]
 
@@ -346,6 +346,16 @@ def _short_name(demangled: str) -> str:
         if needle in demangled:
             return name
     return demangled
+
+
+#: the C++ form types (``csrc/tilecl_cuda.h``) by the names of ``tilecl.backends.base.FORMS``
+_FORMS = {"OffsetForm": "softmax", "SigmoidForm": "sigmoid"}
+
+
+def _form(demangled: str) -> Optional[str]:
+    """The form a gradient kernel is instantiated for (``grad_kernel<T, Form, ROWS>``), else ``None``."""
+    found = re.search(r"grad_kernel<[^,>]*, (?:tilecl::)?(\w+),", demangled)
+    return _FORMS.get(found.group(1), found.group(1)) if found else None
 
 
 def parse_ptxas(log: str) -> list[dict]:
@@ -373,6 +383,9 @@ def parse_ptxas(log: str) -> list[dict]:
     names = _demangle([r["symbol"] for r in rows])
     for row in rows:
         row["name"] = _short_name(names[row["symbol"]])
+        form = _form(names[row["symbol"]])
+        if form is not None:
+            row["form"] = form
     return rows
 
 

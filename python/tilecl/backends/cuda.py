@@ -23,7 +23,7 @@ import contextlib
 import functools
 import importlib.util
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -295,6 +295,31 @@ class CudaKernels:
             )  # fmt: skip
         return LseStats(row_lse, col_lse, positive)
 
+    def _sweep(self, scores: Scores, a: torch.Tensor, b: torch.Tensor, with_grads: bool) -> _Sweep:
+        """What every form's sweep takes (the module's ``SweepArgs``) and the outputs it fills.
+
+        ``a`` and ``b``: ``scores``' operands as :func:`_check_inputs` returned them; without
+        gradients no gradient outputs are allocated (their addresses are 0).
+        """
+        backend = self.backend
+        n, m, d = a.shape[0], b.shape[0], a.shape[1]
+        mask = _group_mask(scores, n, m, a)
+        s = _scale(scores.scale, backend)
+        module = self.module()
+        _check_device(a.device, backend, module)
+        code = DTYPE_CODES[a.dtype]
+        f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
+        grads: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        if with_grads:
+            grads = (torch.empty(n, d, **f32), torch.empty(m, d, **f32), torch.empty((), **f32))
+        workspace = torch.empty(module.workspace_floats(code, n, d), **f32)
+        args = module.SweepArgs(
+            a.data_ptr(), b.data_ptr(), s, n, m, d, a.stride(0), b.stride(0), scores.exclude_diagonal,
+            *_addresses(*mask), *_addresses(*(grads or (None, None, None))), workspace.data_ptr(),
+            _stream(a.device, backend),
+        )  # fmt: skip
+        return _Sweep(module, code, args, grads, (a, b, *mask, workspace))
+
     def sigmoid_sweep(self, scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
         """:class:`~tilecl.backends.base.SigmoidSweep` in float32: the gradient kernels in their sigmoid form.
 
@@ -305,43 +330,31 @@ class CudaKernels:
         return with_unit_weights(self._launch_sigmoid)(scores, terms, with_grads)
 
     def _launch_sigmoid(self, scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
-        backend = self.backend
-        a, b = _check_inputs(scores.a, scores.b, backend)
-        n, m, d = a.shape[0], b.shape[0], a.shape[1]
-        f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
+        a, b = _check_inputs(scores.a, scores.b, self.backend)
+        n, m = a.shape[0], b.shape[0]
         weights = _vector(terms.row_weights, "row_weights", n, a, torch.float32)
-        row_keys = terms.row_keys.to(device=a.device, dtype=torch.int64).contiguous()
-        col_keys = terms.col_keys.to(device=a.device, dtype=torch.int64).contiguous()
-        mask = _group_mask(scores, n, m, a)
-        s, bias = _scale(scores.scale, backend), float(terms.bias)
-        module = self.module()
-        _check_device(a.device, backend, module)
-        code = DTYPE_CODES[a.dtype]
-        row_loss = torch.empty(n, **f32)
-        grad_a = torch.empty(n, d, **f32) if with_grads else torch.empty(0, **f32)
-        grad_b = torch.empty(m, d, **f32) if with_grads else torch.empty(0, **f32)
-        grad_scale, grad_bias = torch.empty((), **f32), torch.empty((), **f32)
-        workspace = torch.empty(module.workspace_floats(code, n, d), **f32)
-        with _device_guard(a.device, backend):
-            module.sigmoid_sweep(
-                code, a.data_ptr(), b.data_ptr(), weights.data_ptr(), row_keys.data_ptr(),
-                col_keys.data_ptr(), row_loss.data_ptr(), grad_a.data_ptr(), grad_b.data_ptr(),
-                grad_scale.data_ptr(), grad_bias.data_ptr(), workspace.data_ptr(), s, bias, n, m, d,
-                a.stride(0), b.stride(0),
-                with_grads, scores.exclude_diagonal, *_addresses(*mask), _stream(a.device, backend),
+        row_keys = _vector(terms.row_keys, "row_keys", n, a, torch.int64)
+        col_keys = _vector(terms.col_keys, "col_keys", m, a, torch.int64)
+        bias = float(terms.bias)
+        sweep = self._sweep(scores, a, b, with_grads)
+        f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
+        row_loss, grad_bias = torch.empty(n, **f32), torch.empty((), **f32)
+        with _device_guard(a.device, self.backend):
+            sweep.module.sigmoid_sweep(
+                sweep.code, sweep.args, bias, row_keys.data_ptr(), col_keys.data_ptr(), weights.data_ptr(),
+                row_loss.data_ptr(), grad_bias.data_ptr(), with_grads,
             )  # fmt: skip
-        if not with_grads:
+        if sweep.grads is None:
             return SigmoidSweep(row_loss, *(torch.empty(0, **f32) for _ in range(4)))
-        return SigmoidSweep(row_loss, grad_a, grad_b, grad_scale, grad_bias)
+        return SigmoidSweep(row_loss, *sweep.grads, grad_bias)
 
     def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
         """:class:`~tilecl.backends.base.Gradients` in float32 (float16 multipliers rescaled first)."""
         return with_unit_multipliers(self._launch_backward)(scores, terms)
 
     def _launch_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
-        backend = self.backend
-        a, b = _check_inputs(scores.a, scores.b, backend)
-        n, m, d = a.shape[0], b.shape[0], a.shape[1]
+        a, b = _check_inputs(scores.a, scores.b, self.backend)
+        n, m = a.shape[0], b.shape[0]
         row_offset, row_mult, col_offset, col_mult = terms
         k = col_offset.shape[0] if isinstance(col_offset, torch.Tensor) and col_offset.dim() == 1 else -1
         if not 0 <= k <= m:
@@ -350,23 +363,25 @@ class CudaKernels:
         g = _vector(row_mult, "row_mult", n, a, torch.float32)
         r = _vector(col_offset, "col_offset", k, a, torch.float32)
         h = _vector(col_mult, "col_mult", k, a, torch.float32)
-        mask = _group_mask(scores, n, m, a)
-        s = _scale(scores.scale, backend)
-        module = self.module()
-        _check_device(a.device, backend, module)
-        code = DTYPE_CODES[a.dtype]
-        f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
-        grad_a, grad_b = torch.empty(n, d, **f32), torch.empty(m, d, **f32)
-        grad_scale = torch.empty((), **f32)
-        workspace = torch.empty(module.workspace_floats(code, n, d), **f32)
-        with _device_guard(a.device, backend):
-            module.offset_backward(
-                code, a.data_ptr(), b.data_ptr(), c.data_ptr(), g.data_ptr(), r.data_ptr(), h.data_ptr(),
-                grad_a.data_ptr(), grad_b.data_ptr(), grad_scale.data_ptr(), workspace.data_ptr(), s,
-                n, m, d, k, a.stride(0), b.stride(0), scores.exclude_diagonal, *_addresses(*mask),
-                _stream(a.device, backend),
-            )  # fmt: skip
-        return Gradients(grad_a, grad_b, grad_scale)
+        sweep = self._sweep(scores, a, b, with_grads=True)
+        with _device_guard(a.device, self.backend):
+            sweep.module.offset_backward(
+                sweep.code, sweep.args, c.data_ptr(), g.data_ptr(), r.data_ptr(), h.data_ptr(), k
+            )
+        assert sweep.grads is not None
+        return Gradients(*sweep.grads)
+
+
+class _Sweep(NamedTuple):
+    """One gradient sweep's common part: the module, dtype code and ``SweepArgs`` to launch with,
+    the gradient outputs (``None`` without gradients) and the tensors the addresses point into,
+    held until the launch is done."""
+
+    module: Any
+    code: int
+    args: Any
+    grads: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    held: tuple[Optional[torch.Tensor], ...]
 
 
 def _device_guard(device: torch.device, backend: str):
