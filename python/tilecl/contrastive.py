@@ -1,8 +1,9 @@
 """The contrastive losses: InfoNCE / CLIP, the gamma surrogate and NT-Xent, each written once.
 
-Each loss checks its arguments (on every rank, :class:`tilecl.distributed.Ranks`),
-builds a :class:`~tilecl.function.LossSpec` over the backend's primitives and
-runs the shared autograd Function of :mod:`tilecl.function`.
+Each loss hands its argument check to :func:`tilecl.driver.begin` (check,
+backend, agreement across ranks, sharding), runs the shared autograd Function
+of :mod:`tilecl.function` on the primitives it gets back, and takes the global
+value from the same run.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from typing import Any, Optional
 import torch
 
 from . import validation as v
-from .backends import resolve_backend
-from .distributed import Ranks
-from .function import LossSpec, apply_loss
+from .driver import Signature, begin
+from .function import apply_loss, col_count
 
 __all__ = [
     "check_call",
@@ -32,12 +32,15 @@ def check_call(
     positives: Optional[torch.Tensor],
     symmetric: bool,
     reduction: str,
-    backend: str,
     names: tuple[str, str] = ("a", "b"),
     groups: tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None),
     weights: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, LossSpec]:
-    """Every check of a contrastive call, before any compute; returns the scale tensor and the spec."""
+) -> tuple[torch.Tensor, Signature]:
+    """Every check of a contrastive call, before any compute.
+
+    Returns the scale as a tensor and the call's signature: what every rank
+    must agree on (sizes, dtype and the options that change what travels).
+    """
     v.check_pair(a, b, names)
     n, m = a.shape[0], b.shape[0]
     v.check_reduction(reduction)
@@ -59,8 +62,16 @@ def check_call(
     else:
         v.check_symmetric(symmetric, n, m)
     scale = v.check_scale(logit_scale, "logit_scale", a)
-    primitives = resolve_backend(backend, a.device, a.dtype)
-    return scale, LossSpec(bool(symmetric), reduction, False, primitives)
+    signature = dict(
+        N=n,
+        M=m,
+        D=a.shape[1],
+        dtype=a.dtype,
+        columns_with_statistics=col_count(labels, n, m, bool(symmetric)),
+        masked=groups[0] is not None,
+        weighted=weights is not None,
+    )
+    return scale, signature
 
 
 def contrastive_loss(
@@ -135,26 +146,27 @@ def contrastive_loss(
         The loss; float32 for float16/bfloat16 inputs, otherwise the input dtype.
         Double backward is not supported.
     """
-    ranks = Ranks(process_group, dist_impl)
 
-    def check() -> tuple[torch.Tensor, LossSpec]:
+    def check() -> tuple[torch.Tensor, Signature]:
         if negatives is not None:
             v.check_pair(b, negatives, (argument_names[1], "negatives"))
         columns = b if negatives is None else torch.cat([b, negatives])
         return check_call(
-            a, columns, logit_scale, labels, positives, symmetric, reduction, backend, argument_names,
+            a, columns, logit_scale, labels, positives, symmetric, reduction, argument_names,
             (row_groups, col_groups), weights,
         )  # fmt: skip
 
-    scale, spec = ranks.checked(check, reduction)
+    run = begin(
+        check, like=a, backend=backend, reduction=reduction, process_group=process_group, dist_impl=dist_impl
+    )
     if negatives is not None:
         b = torch.cat([b, negatives])
     groups = None if row_groups is None or col_groups is None else (row_groups, col_groups)
-    sharded = ranks.sharded(spec, a, b, labels, masked=groups is not None, weighted=weights is not None)
+    spec = run.spec(symmetric=bool(symmetric), exclude_diagonal=False)
     loss = apply_loss(
-        a, b, scale, sharded, labels=labels, positives=positives, groups=groups, weights=weights
+        a, b, run.checked, spec, labels=labels, positives=positives, groups=groups, weights=weights
     )
-    return ranks.global_loss(loss, a.shape[0], reduction, weights)
+    return run.global_loss(loss, a.shape[0], weights)
 
 
 def gamma_contrastive_loss(
@@ -198,11 +210,9 @@ def gamma_contrastive_loss(
             normalizer stays ``M`` (``N``).
     """
 
-    ranks = Ranks(process_group, dist_impl)
-
-    def check() -> tuple[torch.Tensor, LossSpec]:
+    def check() -> tuple[torch.Tensor, Signature]:
         checked = check_call(
-            a, b, logit_scale, labels, positives, symmetric, reduction, backend, ("a", "b"),
+            a, b, logit_scale, labels, positives, symmetric, reduction, ("a", "b"),
             (row_groups, col_groups), weights,
         )  # fmt: skip
         v.check_log_weights(log_u_rows, "log_u_rows", a.shape[0], a)
@@ -210,13 +220,15 @@ def gamma_contrastive_loss(
             v.check_log_weights(log_u_cols, "log_u_cols", a.shape[0], a)
         return checked
 
-    scale, spec = ranks.checked(check, reduction)
+    run = begin(
+        check, like=a, backend=backend, reduction=reduction, process_group=process_group, dist_impl=dist_impl
+    )
     groups = None if row_groups is None or col_groups is None else (row_groups, col_groups)
     loss = apply_loss(
         a,
         b,
-        scale,
-        ranks.sharded(spec, a, b, labels, masked=groups is not None, weighted=weights is not None),
+        run.checked,
+        run.spec(symmetric=bool(symmetric), exclude_diagonal=False),
         labels=labels,
         positives=positives,
         log_u_rows=log_u_rows.detach(),
@@ -224,7 +236,7 @@ def gamma_contrastive_loss(
         groups=groups,
         weights=weights,
     )
-    return ranks.global_loss(loss, a.shape[0], reduction, weights)
+    return run.global_loss(loss, a.shape[0], weights)
 
 
 def nt_xent_loss(
@@ -261,9 +273,7 @@ def nt_xent_loss(
             negatives are then all other views of all ranks.
     """
 
-    ranks = Ranks(process_group, dist_impl)
-
-    def check() -> LossSpec:
+    def check() -> tuple[None, Signature]:
         v.check_pair(z1, z2, ("z1", "z2"))
         if z1.shape[0] != z2.shape[0]:
             raise ValueError(
@@ -274,25 +284,28 @@ def nt_xent_loss(
         if groups is not None:
             v.check_groups(groups, groups, z1.shape[0], z1.shape[0], z1)
         v.check_weights(weights, z1.shape[0], z1)
-        return LossSpec(False, reduction, True, resolve_backend(backend, z1.device, z1.dtype))
+        signature = dict(
+            N=z1.shape[0], M=z2.shape[0], D=z1.shape[1], dtype=z1.dtype, masked=groups is not None,
+            weighted=weights is not None,
+        )  # fmt: skip
+        return None, signature
 
-    spec = ranks.checked(check, reduction)
+    run = begin(
+        check, like=z1, backend=backend, reduction=reduction, process_group=process_group, dist_impl=dist_impl
+    )
     views = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
     n = z1.shape[0]
     partners = torch.arange(2 * n, device=z1.device).roll(n)
     scale = torch.tensor(1.0 / temperature, dtype=torch.float64, device=z1.device)
     view_groups = None if groups is None else torch.cat([groups, groups]).long()
     view_weights = None if weights is None else torch.cat([weights, weights])
-    sharded = ranks.sharded(
-        spec, views, views, partners, masked=view_groups is not None, weighted=view_weights is not None
-    )
     loss = apply_loss(
         views,
         views,
         scale,
-        sharded,
+        run.spec(symmetric=False, exclude_diagonal=True),
         labels=partners,
         groups=None if view_groups is None else (view_groups, view_groups),
         weights=view_weights,
     )
-    return ranks.global_loss(loss, 2 * n, reduction, view_weights)
+    return run.global_loss(loss, 2 * n, view_weights)

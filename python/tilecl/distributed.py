@@ -1,22 +1,18 @@
 """The global losses across ranks (torch.distributed), without any rank holding N×N.
 
-Every loss takes ``process_group`` and ``dist_impl`` and hands them to one
-:class:`Ranks`, which is all a loss needs to know about ranks, local or global:
+Every loss takes ``process_group`` and ``dist_impl``; :mod:`tilecl.driver`
+checks the call on every rank and makes the ranks agree on it (:func:`agree`,
+:func:`agree_on_call`) before anything is exchanged, then hands the loss a
+:class:`Ranks`: the collectives, with the gradient convention below.
 
-* :meth:`Ranks.checked` — the loss's own checks, and agreement: if any rank's
-  checks fail, every rank raises (the failing rank its own error, the others
-  a ValueError saying so), before any exchange, so none is left waiting;
-* :meth:`Ranks.sharded` — every rank must make the same call (sizes, dtype,
-  options; else the same ValueError on every rank), then the spec runs on the
-  sharded primitives of :mod:`tilecl.backends.sharded` (``dist_impl``
-  ``"gather"`` or ``"ring"``) with per-rank sums;
-* :meth:`Ranks.global_loss` — the global value from the per-rank sums, with the
-  gradient convention below; :meth:`Ranks.mean`, :meth:`Ranks.gather`,
-  :meth:`Ranks.logsumexp` and :meth:`Ranks.sum_` for losses built from
-  per-sample terms, row statistics or Gram matrices.
+* :meth:`Ranks.global_loss` — the global value from the per-rank sums;
+* :meth:`Ranks.mean`, :meth:`Ranks.global_sum`, :meth:`Ranks.global_logsumexp`
+  — differentiable global reductions, for losses built from per-sample
+  terms, row statistics or Gram matrices;
+* :meth:`Ranks.gather`, :meth:`Ranks.gather_with_grad`, :meth:`Ranks.sum_`.
 
-With ``process_group=None`` every method is the identity (no collective), so a
-loss has one code path.
+With ``group=None`` every method is the identity (no collective), so a loss
+has one code path.
 
 Gradient convention (documented because open_clip's users were confused by
 world-size factors): the returned value is the **global** loss on every rank
@@ -36,22 +32,13 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from . import validation as v
-from .backends import Primitives
-from .backends.sharded import (
-    DIST_IMPLS,
-    Shard,
-    ShardedPrimitives,
-    control_tensor,
-    gather_plain,
-    logsumexp_across,
-)
-from .function import LossSpec, col_count, weight_total
+from .backends.sharded import DIST_IMPLS, control_tensor, gather_plain, logsumexp_across
+from .function import weight_total
 
 __all__ = ["DIST_IMPLS", "Ranks", "agree", "agree_on_call", "global_value"]
 
@@ -87,9 +74,11 @@ def agree_on_call(group: Any, **values: object) -> int:
     gathered = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
     rows = torch.stack(gathered).cpu()
-    differing = [name for i, name in enumerate(values) if not bool((rows[:, i] == rows[0, i]).all())]
+    names = list(values)
+    differing = [name for i, name in enumerate(names) if not bool((rows[:, i] == rows[0, i]).all())]
     if {"N", "M"} & set(differing):
-        shapes = [tuple(r[:2].tolist()) for r in rows]
+        sizes = [names.index("N"), names.index("M")]
+        shapes = [tuple(r[sizes].tolist()) for r in rows]
         raise ValueError(f"the distributed loss needs equal (N, M) batch sizes on every rank, got {shapes}")
     if differing:
         raise ValueError(f"the distributed loss needs the same {', '.join(differing)} on every rank")
@@ -109,80 +98,18 @@ def global_value(share: torch.Tensor, world: int, group: Any) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class Ranks:
-    """Where a loss runs: this process alone (``group=None``) or every rank of a process group."""
+    """The collectives a loss needs, over a process group or (``group=None``) as identities.
+
+    Built by :func:`tilecl.driver.begin` once every rank has agreed on the call:
+    ``world`` is the group's size.
+    """
 
     group: Optional[Any] = None
-    dist_impl: str = "gather"
-
-    @property
-    def world(self) -> int:
-        return 1 if self.group is None else dist.get_world_size(self.group)
+    world: int = 1
 
     @property
     def rank(self) -> int:
         return 0 if self.group is None else dist.get_rank(self.group)
-
-    def checked(self, check: Callable[[], _T], reduction: Optional[str] = None) -> _T:
-        """Run ``check``; with a group, every rank raises if any rank's check failed (nobody hangs).
-
-        ``reduction`` is the loss's: a global loss is ``"mean"`` or ``"sum"``.
-        """
-        if self.group is None:
-            return check()
-        failure: Optional[Exception] = None
-        result: Optional[_T] = None
-        try:
-            v.check_choice(self.dist_impl, "dist_impl", DIST_IMPLS)
-            if reduction == "none":
-                raise ValueError("with process_group, reduction must be 'mean' or 'sum'")
-            result = check()
-        except Exception as error:  # whatever it is, the other ranks must not wait for this one
-            failure = error
-        try:
-            agree(failure, self.group, "the loss's input")
-        finally:
-            failure = None  # see agree: no frame ↔ exception cycle
-        return result  # type: ignore[return-value]
-
-    def agree_on_call(self, **values: object) -> int:
-        """The world size, once every rank made the same call (:func:`agree_on_call`); 1 locally."""
-        return 1 if self.group is None else agree_on_call(self.group, **values)
-
-    def sharded(
-        self,
-        spec: LossSpec,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        labels: Optional[torch.Tensor],
-        **options: object,
-    ) -> LossSpec:
-        """``spec`` over the global batch: sharded primitives, per-rank sums. Locally: ``spec``.
-
-        ``options``: more of the call every rank must agree on (e.g. whether
-        group ids or weights were given: they change what travels).
-        """
-        if self.group is None:
-            return spec
-        n, m = a.shape[0], b.shape[0]
-        world = self.agree_on_call(
-            **options,
-            N=n,
-            M=m,
-            D=a.shape[1],
-            dtype=a.dtype,
-            columns_with_statistics=col_count(labels, n, m, spec.symmetric),
-            exclude_diagonal=spec.exclude_diagonal,
-            reduction=spec.reduction,
-            dist_impl=self.dist_impl,
-        )
-        primitives = self.sharded_primitives(spec.primitives)
-        return dataclasses.replace(spec, primitives=primitives, reduction="sum", world=world)
-
-    def sharded_primitives(self, local: Primitives) -> Primitives:
-        """``local`` over the global batch (call :meth:`agree_on_call` first). Locally: ``local``."""
-        if self.group is None:
-            return local
-        return ShardedPrimitives(local, Shard.of(self.group), self.dist_impl)
 
     def global_loss(
         self, value: torch.Tensor, count: int, reduction: str, weights: Optional[torch.Tensor] = None
@@ -226,9 +153,21 @@ class Ranks:
         """This rank's rows in :meth:`gather`'s concatenation of ``n``-row parts."""
         return slice(self.rank * n, (self.rank + 1) * n)
 
-    def logsumexp(self, x: torch.Tensor) -> torch.Tensor:
-        """Elementwise ``log Σ_ranks exp(x)``. Locally: ``x``."""
-        return x if self.group is None else logsumexp_across(x, self.group)
+    def global_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Value: ``Σ_ranks x``; gradient: ``world ×`` this rank's (the convention above). Locally: ``x``."""
+        return x if self.group is None else global_value(x, self.world, self.group)
+
+    def global_logsumexp(self, x: torch.Tensor) -> torch.Tensor:
+        """Value: ``log Σ_ranks exp(x)`` of a 0-d ``x``; gradient: ``world × exp(x − value)``, this
+        rank's part of the global one (the convention above). Locally: ``x``."""
+        if self.group is None:
+            return x
+        total = logsumexp_across(x.detach(), self.group)
+        # a rank whose every term is excluded (x = −inf) adds nothing: no inf − inf, no 0·inf
+        finite = torch.isfinite(x.detach())
+        weight = torch.where(finite, self.world * torch.exp(x.detach() - total), 0.0)
+        change = torch.where(finite, x - x.detach(), torch.zeros_like(total))
+        return total + weight * change
 
     def sum_(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` summed over every rank, in place. Locally: ``x``."""

@@ -35,8 +35,9 @@ from . import validation as v
 from ._compat import standard_gamma
 from .backends import LseStats
 from .contrastive import check_call
-from .distributed import DIST_IMPLS, Ranks
-from .function import LossSpec, apply_loss, batch_stats, log_count, targets_of
+from .distributed import DIST_IMPLS
+from .driver import Signature, begin
+from .function import apply_loss, batch_stats, log_count, targets_of
 
 __all__ = ["GammaContrastiveLoss", "em_update", "gamma_log_weights"]
 
@@ -271,11 +272,10 @@ class GammaContrastiveLoss(nn.Module):
         leave ``D̂``'s sum and so the memory's estimates too).
         """
         n, m = a.shape[0], b.shape[0]
-        ranks = Ranks(self.process_group, self.dist_impl)
 
-        def check() -> tuple[torch.Tensor, LossSpec]:
-            checked = check_call(
-                a, b, logit_scale, labels, positives, self.symmetric, "mean", self.backend, ("a", "b"),
+        def check() -> tuple[torch.Tensor, Signature]:
+            scale, signature = check_call(
+                a, b, logit_scale, labels, positives, self.symmetric, "mean", ("a", "b"),
                 (row_groups, col_groups),
             )  # fmt: skip
             if self.process_group is not None and (labels is not None or positives is not None):
@@ -285,11 +285,15 @@ class GammaContrastiveLoss(nn.Module):
                 raise ValueError(
                     f"the module's memory is on {self.log_memory_rows.device}; move it with .to()"
                 )
-            return checked
+            # the dataset indices are gathered: their dtype must match too
+            return scale, {**signature, "index_dtype": index.dtype}
 
-        scale, spec = ranks.checked(check)
+        run = begin(
+            check, like=a, backend=self.backend, process_group=self.process_group, dist_impl=self.dist_impl
+        )
+        scale, ranks = run.checked, run.ranks
         groups = None if row_groups is None or col_groups is None else (row_groups, col_groups)
-        spec = ranks.sharded(spec, a, b, labels, masked=groups is not None)
+        spec = run.spec(symmetric=self.symmetric, exclude_diagonal=False)
         # the E-step runs on every rank's per-sample statistics (O(N) scalars), so every rank
         # updates the same samples the same way and the memories stay identical
         every_index, mine = ranks.gather(index), ranks.own(n)
@@ -329,7 +333,7 @@ class GammaContrastiveLoss(nn.Module):
             groups=groups,
             stats=stats,
         )
-        loss = ranks.global_loss(loss, n, "mean")
+        loss = run.global_loss(loss, n)
         if self.training:
             self._commit_finite(updates, finite, every_index)
         self.last_infonce = ranks.sum_(_infonce_from_stats(stats, labels, self.symmetric) / ranks.world)

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from . import validation as v
-from .backends import OffsetTerms, Primitives, Scores, resolve_backend
+from .backends import OffsetTerms, Primitives, Scores
 from .contrastive import contrastive_loss
 from .distributed import Ranks
+from .driver import Signature, begin
 from .function import log_count, refuse_second_derivative
 
 __all__ = [
@@ -44,42 +45,38 @@ GRAM_CHUNK_ROWS = 8192
 # --------------------------------------------------------------------------- uniformity
 
 
-class _PairLogMeanExp(torch.autograd.Function):
-    """``log mean_{j≠k} exp(a'_j·b'_k + β_j)`` over the tiles (a scalar).
+class _RowLogSumExp(torch.autograd.Function):
+    """Per row ``j``: ``LSE_{k≠j}(a'_j·b'_k) + β_j`` over the tiles, an ``(N,)`` vector.
 
-    Over a process group (sharded primitives) the rows are this rank's, the
-    columns every rank's, and the total is merged across ranks; the backward
-    then follows the gradient convention of :mod:`tilecl.distributed`.
+    Over a process group (sharded primitives) the rows are this rank's and the
+    columns every rank's. Backward: an upstream ``g_j`` gives
+    ``∂/∂S'_jk = g_j·exp(S'_jk − LSE_j)``, the offset backward with the row
+    LSE as offset, and ``∂/∂β_j = g_j``.
 
-    Not the shared Function of :mod:`tilecl.function`: the loss is one scalar
-    of all row statistics, not a sum of per-pair terms, so it needs its own
-    (ten-line) backward over the same offset-backward primitive.
+    Not the shared Function of :mod:`tilecl.function`: uniformity is one
+    log-sum-exp of all row statistics, not a sum of per-pair terms; the
+    reduction over rows (and ranks) is autograd's, after this Function.
     """
 
     @staticmethod
-    def forward(ctx, a_aug, b_aug, row_bias, primitives: Primitives, ranks: Ranks):
+    def forward(ctx, a_aug, b_aug, row_bias, primitives: Primitives):
         one = torch.ones((), dtype=torch.float64, device=a_aug.device)
         targets = torch.zeros(a_aug.shape[0], dtype=torch.long, device=a_aug.device)
         row_lse, _, _ = primitives.lse_stats(Scores(a_aug, b_aug, one, True), targets, 0)
-        bias = row_bias.to(row_lse.dtype)
-        total = ranks.logsumexp(torch.logsumexp(row_lse + bias, dim=0))
-        n = a_aug.shape[0] * ranks.world
-        ctx.save_for_backward(a_aug, b_aug, bias, row_lse, total)
-        ctx.primitives, ctx.world = primitives, ranks.world
-        return (total - log_count(n * (n - 1), total)).to(row_bias.dtype)
+        ctx.save_for_backward(a_aug, b_aug, row_lse)
+        ctx.primitives, ctx.bias_dtype = primitives, row_bias.dtype
+        return row_lse + row_bias.to(row_lse.dtype)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_rows):
         with torch.no_grad():
-            a_aug, b_aug, bias, row_lse, total = ctx.saved_tensors
-            g = grad_output.to(bias.dtype) * ctx.world
+            a_aug, b_aug, row_lse = ctx.saved_tensors
+            g = grad_rows.to(row_lse.dtype)
             one = torch.ones((), dtype=torch.float64, device=a_aug.device)
-            empty = torch.empty(0, dtype=bias.dtype, device=bias.device)
-            # d/dS'_jk = g·exp(S'_jk + β_j − total): the offset backward with c_j = total − β_j
-            terms = OffsetTerms(total - bias, g.expand_as(bias), empty, empty)
+            empty = torch.empty(0, dtype=g.dtype, device=g.device)
+            terms = OffsetTerms(row_lse, g.contiguous(), empty, empty)
             grad_a, grad_b, _ = ctx.primitives.offset_backward(Scores(a_aug, b_aug, one, True), terms)
-            grad_bias = g * torch.exp(row_lse + bias - total)
-            grads = (grad_a.to(a_aug.dtype), grad_b.to(b_aug.dtype), grad_bias, None, None)
+            grads = (grad_a.to(a_aug.dtype), grad_b.to(b_aug.dtype), g.to(ctx.bias_dtype), None)
         return refuse_second_derivative(grads)
 
 
@@ -104,26 +101,25 @@ def uniformity_loss(
     ``torch.pdist(z).pow(2).mul(-t).exp().mean().log()``.
     """
 
-    ranks = Ranks(process_group, dist_impl)
-
-    def check() -> Primitives:
+    def check() -> tuple[None, Signature]:
         v.check_features(z, "z")
         if z.shape[0] < 2 and process_group is None:
             raise ValueError(f"uniformity_loss needs at least 2 samples, got N={z.shape[0]}")
         v.check_positive(t, "t")
-        return resolve_backend(backend, z.device, z.dtype)
+        return None, dict(N=z.shape[0], D=z.shape[1], dtype=z.dtype, t=float(t))
 
-    local = ranks.checked(check)
-    n = z.shape[0]
-    world = ranks.agree_on_call(N=n, M=n, D=z.shape[1], dtype=z.dtype, t=float(t), dist_impl=dist_impl)
-    if n * world < 2:
-        raise ValueError(f"uniformity_loss needs at least 2 samples over all ranks, got {n * world}")
-    primitives = ranks.sharded_primitives(local)
+    run = begin(check, like=z, backend=backend, process_group=process_group, dist_impl=dist_impl)
+    n = z.shape[0] * run.ranks.world
+    if n < 2:
+        raise ValueError(f"uniformity_loss needs at least 2 samples over all ranks, got {n}")
+    assert run.primitives is not None  # a backend was resolved
     sq_norm = (z * z).sum(dim=1, keepdim=True)
     root = math.sqrt(2 * t)
     a_aug = torch.cat([root * z, torch.ones_like(sq_norm)], dim=1)
     b_aug = torch.cat([root * z, -t * sq_norm], dim=1)
-    return _PairLogMeanExp.apply(a_aug, b_aug, -t * sq_norm.squeeze(1), primitives, ranks)
+    rows = _RowLogSumExp.apply(a_aug, b_aug, -t * sq_norm.squeeze(1), run.primitives)
+    total = run.ranks.global_logsumexp(torch.logsumexp(rows, dim=0))
+    return (total - log_count(n * (n - 1), total)).to(z.dtype)
 
 
 # --------------------------------------------------------------------------- Gram-matrix losses
@@ -152,18 +148,18 @@ def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class _Grams(torch.autograd.Function):
     """The Grams ``G_p = Z_iᵀ Z_j`` (float64, ``d x d``) for index pairs ``p = (i, j)``.
 
-    Forward accumulates each Gram in float64 over row chunks (all-reduced over
-    a process group); a loss is then any function of the Grams, differentiated
+    Forward accumulates each Gram of this rank's rows in float64 over row
+    chunks (the sum over ranks is :meth:`Ranks.global_sum`'s, after this
+    Function); a loss is then any function of the Grams, differentiated
     by autograd on the d×d matrices. Backward maps ``∂f/∂G_p`` back with
     ``∂f/∂Z_i = Z_j·(∂f/∂G)ᵀ`` and ``∂f/∂Z_j = Z_i·∂f/∂G``, chunk by chunk.
     """
 
     @staticmethod
-    def forward(ctx, pairs: Sequence[tuple[int, int]], ranks: Ranks, *mats: torch.Tensor):
-        ctx.world = ranks.world
+    def forward(ctx, pairs: Sequence[tuple[int, int]], *mats: torch.Tensor):
         ctx.pairs = pairs
         ctx.save_for_backward(*mats)
-        return tuple(ranks.sum_(_gram(mats[i], mats[j])) for i, j in pairs)
+        return tuple(_gram(mats[i], mats[j]) for i, j in pairs)
 
     @staticmethod
     def backward(ctx, *dgrams: torch.Tensor):
@@ -179,27 +175,26 @@ class _Grams(torch.autograd.Function):
                             acc.addmm_(mats[j][rows].double(), d.t())
                         if j == k:
                             acc.addmm_(mats[i][rows].double(), d)
-                    # the gradient convention of tilecl.distributed
-                    out[rows] = (ctx.world * acc).to(z.dtype)
-                grads.append(out if ctx.needs_input_grad[2 + k] else None)
-        return refuse_second_derivative((None, None, *grads))
+                    out[rows] = acc.to(z.dtype)
+                grads.append(out if ctx.needs_input_grad[1 + k] else None)
+        return refuse_second_derivative((None, *grads))
 
 
 def _of_grams(
     fn: Callable[..., torch.Tensor], pairs: Sequence[tuple[int, int]], ranks: Ranks, *mats: torch.Tensor
 ) -> torch.Tensor:
-    """``fn`` of the Grams of ``pairs`` of ``mats``, in the features' dtype."""
-    grams: tuple[torch.Tensor, ...] = _Grams.apply(pairs, ranks, *mats)
-    return fn(*grams).to(mats[0].dtype)
+    """``fn`` of the Grams of ``pairs`` of ``mats`` over every rank's rows, in the features' dtype."""
+    grams: tuple[torch.Tensor, ...] = _Grams.apply(pairs, *mats)
+    return fn(*(ranks.global_sum(gram) for gram in grams)).to(mats[0].dtype)
 
 
 def _sq(x: torch.Tensor) -> torch.Tensor:
     return (x * x).sum()
 
 
-def _global_count(z: torch.Tensor, ranks: Ranks) -> int:
-    """The number of samples over all ranks (which must hold equal shapes, else the same error on all)."""
-    return z.shape[0] * ranks.agree_on_call(N=z.shape[0], D=z.shape[1], dtype=z.dtype)
+def _shapes(z: torch.Tensor) -> Signature:
+    """What the ranks of a per-sample or Gram loss must agree on: equal shapes and dtype."""
+    return dict(N=z.shape[0], D=z.shape[1], dtype=z.dtype)
 
 
 def geometric_consistency_loss(
@@ -225,9 +220,7 @@ def geometric_consistency_loss(
     the loss of the concatenation of all ranks' features.
     """
 
-    ranks = Ranks(process_group)
-
-    def check() -> None:
+    def check() -> tuple[None, Signature]:
         v.check_features(z_v, "z_v")
         v.check_like(z_t, "z_t", z_v, "z_v")
         if (z_v_aug is None) != (z_t_aug is None):
@@ -235,9 +228,10 @@ def geometric_consistency_loss(
         if z_v_aug is not None:
             v.check_like(z_v_aug, "z_v_aug", z_v, "z_v")
             v.check_like(z_t_aug, "z_t_aug", z_v, "z_v")
+        return None, {**_shapes(z_v), "augmented": z_v_aug is not None}
 
-    ranks.checked(check)
-    n = _global_count(z_v, ranks)
+    ranks = begin(check, like=z_v, process_group=process_group).ranks
+    n = z_v.shape[0] * ranks.world
 
     def l_gc(g_vv, g_tt, g_tv):
         # ‖S_VT − S_VTᵀ‖² = 2⟨G_V, G_T⟩ − 2 tr(C·C), C = Z_TᵀZ_V; ‖S_VV − S_TT‖² as above
@@ -279,9 +273,7 @@ def brownian_bridge_loss(
     ``process_group``: the mean over all ranks' samples.
     """
 
-    ranks = Ranks(process_group)
-
-    def check() -> Union[float, torch.Tensor]:
+    def check() -> tuple[Union[float, torch.Tensor], Signature]:
         v.check_features(z_v, "z_v")
         v.check_like(z_t, "z_t", z_v, "z_v")
         v.check_like(z_v_aug, "z_v_aug", z_v, "z_v")
@@ -295,11 +287,11 @@ def brownian_bridge_loss(
                 v.check_values(inside, "bridge times t must lie in [0, 1]")
             elif not bool(inside.all()):
                 raise ValueError("bridge times t must lie in [0, 1]")
-            return t.to(z_v.dtype).reshape(-1, 1) if t.dim() else t.to(z_v.dtype)
-        return v.check_in_interval(t, "t", 0.0, 1.0)
+            return (t.to(z_v.dtype).reshape(-1, 1) if t.dim() else t.to(z_v.dtype)), _shapes(z_v)
+        return v.check_in_interval(t, "t", 0.0, 1.0), _shapes(z_v)
 
-    times = ranks.checked(check)
-    _global_count(z_v, ranks)  # equal shapes on every rank, else the same error everywhere
+    run = begin(check, like=z_v, process_group=process_group)
+    times, ranks = run.checked, run.ranks
     mid = F.normalize(times * z_v + (1 - times) * z_t, dim=1)
     return ranks.mean(((z_v_aug - mid) ** 2).sum(dim=1))
 
@@ -332,9 +324,7 @@ def feature_separation_loss(
     With ``process_group`` (and ``dist_impl``): every term over all ranks' samples.
     """
 
-    ranks = Ranks(process_group, dist_impl)
-
-    def check() -> None:
+    def check() -> tuple[None, Signature]:
         v.check_features(z_v, "z_v")
         for name, z in (
             ("z_t", z_t),
@@ -345,9 +335,9 @@ def feature_separation_loss(
         ):
             v.check_like(z, name, z_v, "z_v")
         v.check_positive(temperature, "temperature")
+        return None, _shapes(z_v)
 
-    ranks.checked(check)
-    _global_count(z_v, ranks)
+    ranks = begin(check, like=z_v, process_group=process_group, dist_impl=dist_impl).ranks
     ortho = ranks.mean((z_v * zi_v).sum(dim=1) ** 2 + (z_t * zi_t).sum(dim=1) ** 2)
     shared: dict[str, Any] = dict(backend=backend, process_group=process_group, dist_impl=dist_impl)
     scale = 1.0 / temperature

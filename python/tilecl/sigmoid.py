@@ -30,9 +30,9 @@ from typing import Any, Optional
 import torch
 
 from . import validation as v
-from .backends import Primitives, Scores, SigmoidTerms, resolve_backend
+from .backends import Primitives, Scores, SigmoidTerms
 from .backends.base import accumulation_dtype
-from .distributed import Ranks
+from .driver import Signature, begin
 from .function import distinct, refuse_second_derivative
 
 __all__ = ["OPEN_CLIP_DIST_IMPLS", "sigmoid_loss"]
@@ -140,9 +140,8 @@ def sigmoid_loss(
         The loss, float32 for 16-bit inputs, else the input dtype. Double
         backward is not supported.
     """
-    ranks = Ranks(process_group, dist_impl)
 
-    def check() -> tuple[torch.Tensor, torch.Tensor, Primitives]:
+    def check() -> tuple[tuple[torch.Tensor, torch.Tensor], Signature]:
         v.check_pair(a, b, argument_names)
         n, m = a.shape[0], b.shape[0]
         v.check_reduction(reduction)
@@ -157,29 +156,34 @@ def sigmoid_loss(
             )
         scale = v.check_scale(logit_scale, "logit_scale", a)
         bias = v.check_bias(logit_bias, "logit_bias", a)
-        return scale, bias, resolve_backend(backend, a.device, a.dtype, form="sigmoid")
+        kind = "groups" if row_groups is not None else ("labels" if labels is not None else "diagonal")
+        # the fused sweep exchanges ∂b in the forward: every rank must take the same path
+        fused = torch.is_grad_enabled() and any(x.requires_grad for x in (a, b, scale, bias))
+        signature = dict(N=n, M=m, D=a.shape[1], dtype=a.dtype, positives=kind, gradients=fused)
+        return (scale, bias), signature
 
-    scale, bias, local = ranks.checked(check, reduction)
-    n, m = a.shape[0], b.shape[0]
-    kind = "groups" if row_groups is not None else ("labels" if labels is not None else "diagonal")
-    # the fused sweep exchanges ∂b in the forward: every rank must take the same path
-    fused = torch.is_grad_enabled() and any(x.requires_grad for x in (a, b, scale, bias))
-    ranks.agree_on_call(
-        N=n, M=m, D=a.shape[1], dtype=a.dtype, positives=kind, dist_impl=dist_impl, gradients=fused
+    run = begin(
+        check,
+        like=a,
+        backend=backend,
+        form="sigmoid",
+        reduction=reduction,
+        process_group=process_group,
+        dist_impl=dist_impl,
     )
+    scale, bias = run.checked
+    n, m = a.shape[0], b.shape[0]
+    fused = torch.is_grad_enabled() and any(x.requires_grad for x in (a, b, scale, bias))
     if row_groups is not None and col_groups is not None:
         row_keys, col_keys = row_groups.long(), col_groups.long()
     else:
         # global column indices: keys stay unique across ranks and travel with their columns
-        offset = ranks.rank * m
+        offset = run.ranks.rank * m
         col_keys = offset + torch.arange(m, device=a.device)
         row_keys = offset + (torch.arange(n, device=a.device) if labels is None else labels.long())
-    local_reduction = reduction if process_group is None else "sum"
+    assert run.primitives is not None  # the sigmoid form was resolved
     inputs = distinct(a, b, scale, bias, row_keys, col_keys)
     loss: torch.Tensor = SigmoidFunction.apply(
-        *inputs,
-        ranks.sharded_primitives(local),
-        local_reduction,
-        fused and local_reduction != "none",
+        *inputs, run.primitives, run.local_reduction, fused and run.local_reduction != "none"
     )
-    return ranks.global_loss(loss, n, reduction)
+    return run.global_loss(loss, n)

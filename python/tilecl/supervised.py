@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from . import validation as v
-from .backends import resolve_backend
 from .backends.base import accumulation_dtype
-from .distributed import Ranks
-from .function import LossSpec, apply_loss
+from .driver import Signature, begin
+from .function import apply_loss
 
 __all__ = ["SupConOutput", "class_sums", "supcon_loss"]
 
@@ -116,10 +115,9 @@ def supcon_loss(
     Returns:
         The loss (float32 for 16-bit inputs), or a :class:`SupConOutput`.
     """
-    ranks = Ranks(process_group, dist_impl)
     two_tower = columns is not None
 
-    def check() -> LossSpec:
+    def check() -> tuple[None, Signature]:
         v.check_features(features, "features")
         n = features.shape[0]
         v.check_ids(labels, "labels", n, features, "class ids")
@@ -132,11 +130,24 @@ def supcon_loss(
         v.check_positive(temperature, "temperature")
         v.check_reduction(reduction)
         v.check_weights(weights, n, features)
-        return LossSpec(
-            False, reduction, not two_tower, resolve_backend(backend, features.device, features.dtype)
-        )
+        m = n if columns is None else columns.shape[0]
+        signature = dict(
+            N=n, M=m, D=features.shape[1], dtype=features.dtype, two_tower=two_tower,
+            normalize=bool(normalize), weighted=weights is not None,
+            # the class ids are gathered: their dtypes must match too
+            label_dtype=labels.dtype, column_label_dtype=getattr(column_labels, "dtype", None),
+        )  # fmt: skip
+        return None, signature
 
-    spec = ranks.checked(check, reduction)
+    run = begin(
+        check,
+        like=features,
+        backend=backend,
+        reduction=reduction,
+        process_group=process_group,
+        dist_impl=dist_impl,
+    )
+    ranks = run.ranks
     a = F.normalize(features, dim=1) if normalize else features
     if columns is None:
         b, b_labels = a, labels
@@ -156,9 +167,9 @@ def supcon_loss(
     if weights is not None:
         pair_weights = pair_weights * weights.detach().to(acc)
     scale = torch.tensor(1.0 / temperature, dtype=torch.float64, device=a.device)
-    sharded = ranks.sharded(spec, a, b, None, supcon=True, weighted=weights is not None)
-    loss = apply_loss(a, b, scale, sharded, positives=positives, weights=pair_weights)
-    loss = ranks.global_loss(loss, a.shape[0], reduction, pair_weights)
+    spec = run.spec(symmetric=False, exclude_diagonal=not two_tower)
+    loss = apply_loss(a, b, scale, spec, positives=positives, weights=pair_weights)
+    loss = run.global_loss(loss, a.shape[0], pair_weights)
     if not with_counts:
         return loss
     with_positive = ranks.sum_(has_positive.sum().reshape(1))[0]

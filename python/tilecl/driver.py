@@ -1,0 +1,147 @@
+"""How every tilecl loss is run, locally or across ranks — the sequence written once.
+
+A loss calls :func:`begin` with its own argument check, then runs its autograd
+Function on the primitives it gets back, then asks the same :class:`Run` for the
+global value::
+
+    run = begin(check, like=a, backend=backend, reduction=reduction, process_group=..., dist_impl=...)
+    spec = run.spec(symmetric=True, exclude_diagonal=False)
+    loss = apply_loss(a, b, scale, spec, ...)          # tilecl.function
+    return run.global_loss(loss, count)
+
+:func:`begin` is, in order:
+
+1. **check** — the loss's checks (``check()`` raises before any kernel, one
+   exception type per kind of mistake) and, with a process group, the group's
+   own rules (``dist_impl``, no ``reduction="none"``);
+2. **resolve** — the backend for the inputs' device and dtype and the loss's
+   form (:func:`tilecl.backends.resolve_backend`), apart from the check;
+3. **agree** — with a process group, every rank raises if any rank's check or
+   resolution failed, then every rank compares the call's signature (what
+   ``check`` returned: sizes, dtype, options) and raises the same error where
+   they differ. Nothing is exchanged before this step, so a mismatch is an
+   error on every rank, never a hang or a transport abort;
+4. **shard** — the local primitives lifted to the group
+   (:mod:`tilecl.backends.sharded`, ``dist_impl`` ``"gather"`` or ``"ring"``).
+
+What the loss does next only goes down: its Function (:mod:`tilecl.function`,
+:mod:`tilecl.sigmoid`, :mod:`tilecl.modality`) over the primitives, and the
+collectives of :class:`~tilecl.distributed.Ranks`. No Function sees a process
+group: a Function's values are this rank's, and the cross-rank reduction is
+:meth:`Run.global_loss` (or a collective of :class:`~tilecl.distributed.Ranks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, TypeVar
+
+import torch
+
+from . import validation as v
+from .backends import Primitives, resolve_backend
+from .backends.sharded import DIST_IMPLS, Shard, ShardedPrimitives
+from .distributed import Ranks, agree, agree_on_call
+from .function import LossSpec
+
+__all__ = ["Run", "Signature", "begin"]
+
+_T = TypeVar("_T")
+
+#: what every rank must agree on before any exchange: name → value (sizes, dtype, options)
+Signature = Mapping[str, object]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A checked and agreed call: what the loss runs on, and how its value becomes the global one.
+
+    Attributes:
+        checked: what the loss's ``check`` returned besides the signature
+            (e.g. the scale as a tensor).
+        primitives: the backend's primitives, sharded over the group
+            (``None`` for a loss without a tile loop).
+        ranks: the collectives (identity without a group).
+        reduction: the user's reduction.
+    """
+
+    checked: Any
+    primitives: Optional[Primitives]
+    ranks: Ranks
+    reduction: str
+
+    @property
+    def local_reduction(self) -> str:
+        """What the Function reduces to: per-rank sums across ranks, the user's reduction locally."""
+        return self.reduction if self.ranks.group is None else "sum"
+
+    def spec(self, *, symmetric: bool, exclude_diagonal: bool) -> LossSpec:
+        """The shared Function's :class:`~tilecl.function.LossSpec` for this call."""
+        assert self.primitives is not None, "this loss resolved no backend"
+        return LossSpec(symmetric, self.local_reduction, exclude_diagonal, self.primitives, self.ranks.world)
+
+    def global_loss(
+        self, value: torch.Tensor, count: int, weights: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The global loss from the Function's per-rank value over ``count`` terms (locally: ``value``)."""
+        return self.ranks.global_loss(value, count, self.reduction, weights)
+
+
+def begin(
+    check: Callable[[], tuple[_T, Signature]],
+    *,
+    like: object,
+    backend: object = None,
+    form: str = "softmax",
+    reduction: str = "mean",
+    process_group: Optional[Any] = None,
+    dist_impl: str = "gather",
+) -> Run:
+    """Check, resolve the backend, agree across ranks and shard: see the module docstring.
+
+    Args:
+        check: the loss's checks; returns ``(checked, signature)``, raises on a
+            bad input (before any kernel, on every rank).
+        like: the tensor whose device and dtype choose the backend (read
+            after ``check`` has passed).
+        backend: the ``backend=`` argument; ``None`` for a loss that runs no
+            tile loop (the Gram and per-sample regularizers).
+        form: the elementwise form the loss needs of its backend.
+        reduction: the loss's reduction.
+        process_group, dist_impl: where the loss runs.
+    """
+    group = process_group
+
+    def checked_and_resolved() -> tuple[_T, Signature, Optional[Primitives]]:
+        if group is not None:
+            v.check_choice(dist_impl, "dist_impl", DIST_IMPLS)
+            if reduction == "none":
+                raise ValueError("with process_group, reduction must be 'mean' or 'sum'")
+        value, signature = check()
+        if backend is None:
+            return value, signature, None
+        assert isinstance(like, torch.Tensor)  # the loss's check has checked it
+        return value, signature, resolve_backend(backend, like.device, like.dtype, form)
+
+    if group is None:
+        value, _, local = checked_and_resolved()
+        return Run(value, local, Ranks(), reduction)
+    value, signature, local = _on_every_rank(checked_and_resolved, group)
+    world = agree_on_call(group, **signature, form=form, reduction=reduction, dist_impl=dist_impl)
+    primitives = None if local is None else ShardedPrimitives(local, Shard.of(group), dist_impl)
+    return Run(value, primitives, Ranks(group, world), reduction)
+
+
+def _on_every_rank(step: Callable[[], _T], group: Any) -> _T:
+    """``step()``; if it raised on any rank, every rank raises (the failing one its own error)."""
+    failure: Optional[Exception] = None
+    result: Optional[_T] = None
+    try:
+        result = step()
+    except Exception as error:  # whatever it is, the other ranks must not wait for this one
+        failure = error
+    try:
+        agree(failure, group, "the loss's input")
+    finally:
+        failure = None  # see distributed.agree: no frame ↔ exception cycle
+    return result  # type: ignore[return-value]
