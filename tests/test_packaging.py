@@ -19,6 +19,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from tilecl import _cuda_build
 from utils import extension_in_a_fresh_process
@@ -230,3 +231,27 @@ def test_a_build_without_the_extension_says_so_once(source_tree, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("building without the CUDA C++ extension tilecl._cuda") == 1
+
+
+def test_the_entry_point_says_which_backends_run_here_and_why_not(capsys):
+    from tilecl.__main__ import main
+    from tilecl.backends import BACKENDS
+
+    main([])
+    out = capsys.readouterr().out
+    assert out.startswith("tilecl ")
+    for name, backend in BACKENDS.items():
+        (line,) = [line for line in out.splitlines() if line.split()[:1] == [name]]
+        reasons = backend.not_supported_reasons(torch.device("cpu"), torch.float32)
+        assert line.endswith(": yes") if not reasons else all(reason in line for reason in reasons)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: tilecl ")
+
+
+def test_python_m_tilecl_runs_outside_the_checkout(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "tilecl", "--help"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m tilecl ")
