@@ -1,18 +1,29 @@
-"""Triton kernels for the two primitives every tilecl loss is built from.
+"""Triton kernels for the primitives every tilecl loss is built from.
 
 * ``row_stats_kernel`` / ``col_stats_kernel`` — the streaming-LSE forward:
   one program per block of rows (columns) walks all column (row) tiles of
   ``S = s·a bᵀ``, keeping an online max and sum in fp32, and reads the positive
   logit from the same tile. Any input, any scale: no fixed maximum.
-* ``backward_kernel`` — the gradient sweep, in the offset form
-  ``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j)`` or (``SIGMOID``) the
-  SigLIP form ``G_ij = g_i·(σ(S_ij + β) − [k_i = κ_j])`` whose per-row losses
-  come out of the same tiles: one program per block
-  of rows recomputes its tiles of ``S`` and accumulates ``dA = s·G·b`` in
-  registers; ``dB = s·Gᵀ·a`` is either added with fp32 atomics from the same
-  program (default: 3 N·M·D passes) or computed by ``backward_cols_kernel``,
-  one program per block of columns (``deterministic=True``: 4 passes, no
-  floating-point atomics, bitwise reproducible).
+* ``backward_kernel`` — the gradient sweep, one tile loop for every
+  elementwise form: one program per block of rows recomputes its tiles of
+  ``S``, turns each into ``G`` through the form's epilogue and accumulates
+  ``dA = s·G·b`` in registers; ``dB = s·Gᵀ·a`` is either added with fp32
+  atomics from the same program (default: 3 N·M·D passes) or computed by
+  ``backward_cols_kernel``, one program per block of columns
+  (``deterministic=True``: 4 passes, no floating-point atomics, bitwise
+  reproducible).
+
+The forms (:mod:`tilecl.kernels.forms`): the softmax losses' offset form
+``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j)`` and SigLIP's sigmoid form
+``G_ij = w_i·(σ(S_ij + β) − [k_i = κ_j])``, whose per-row losses come out of the
+same tiles. A form enters the sweep kernels as two things: ``form``, one tuple
+argument holding its own pointers and scalars (Triton flattens it into plain
+kernel parameters, so it costs no registers and a launch of one form passes
+nothing of another's), and its epilogue's ``@triton.jit`` functions as
+constexprs (``EPILOGUE``, ``REPORT``, ``TOTALS``), inlined at compile time as
+a ``constexpr``-selected branch would be. One entry point per form sharing a
+tile-loop helper was the alternative; it would make every new form restate
+both kernels' signatures and the launcher's and inspect's lists of them.
 
 ``D`` is looped over in ``BLOCK_D`` chunks for ``S``; the gradient
 accumulators hold ``BLOCK_DOUT`` feature columns, and a second program along
@@ -241,76 +252,33 @@ def col_stats_kernel(
 
 
 @triton.jit
-def _gradient_tile(s, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, n_rows, col_count):
-    """``G = g_i·exp(S − c_i) + h_j·exp(S − r_j)`` on one tile (``S`` already masked to ``-inf``)."""
-    row_ok = rows < n_rows
-    c = tl.load(c_ptr + rows, mask=row_ok, other=0.0)
-    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-    col_ok = cols < col_count
-    r = tl.load(r_ptr + cols, mask=col_ok, other=0.0)
-    h = tl.load(h_ptr + cols, mask=col_ok, other=0.0)
-    # a zero multiplier stands for "no term" and its offset is a placeholder: select, don't multiply,
-    # or exp(S − 0) overflows to inf and 0·inf poisons the tile
-    grad = tl.where(g[:, None] != 0, g[:, None] * tl.exp(s - c[:, None]), 0.0)
-    grad += tl.where(h[None, :] != 0, h[None, :] * tl.exp(s - r[None, :]), 0.0)
-    # G·S elementwise, for Σ G_ij S_ij from the fp32 G (the 16-bit G that feeds the products keeps
-    # 3 digits); G is 0 wherever S is masked to -inf
-    return grad, grad * tl.where(grad != 0, s, 0.0)
+def _zero_totals(TOTALS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The form's per-row reductions before the first tile: ``TOTALS`` zero vectors."""
+    totals = ()
+    for _ in tl.static_range(TOTALS):
+        totals = totals + (tl.zeros((BLOCK_M,), dtype=tl.float32),)
+    return totals
 
 
 @triton.jit
-def _sigmoid_tile(s, rows, cols, g_ptr, row_key_ptr, col_key_ptr, bias, n_rows, n_cols):
-    """The sigmoid form on one tile: ``G = g_i·(σ(ℓ) − [k_i = κ_j])``, ``g_i·softplus(−z·ℓ)``; ``ℓ = S + β``.
-
-    ``S = -inf`` marks an entry outside the matrix or excluded: no loss, no gradient.
-    """
-    row_ok = rows < n_rows
-    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-    row_key = tl.load(row_key_ptr + rows, mask=row_ok, other=0)
-    col_key = tl.load(col_key_ptr + cols, mask=cols < n_cols, other=0)
-    valid = s != float("-inf")
-    positive = (row_key[:, None] == col_key[None, :]) & valid
-    logit = s + bias
-    small = tl.exp(-tl.abs(logit))  # e^-|ℓ| ≤ 1: both σ and softplus from one exp, never overflowing
-    # |G| is σ(−|ℓ|) = e/(1+e) when the pair leans its own way (z·ℓ ≥ 0), else σ(|ℓ|) = 1/(1+e):
-    # the positive's σ(ℓ) − 1 = −σ(−ℓ) is taken directly, not by cancelling against 1
-    leans = positive == (logit >= 0)
-    size = tl.where(leans, small, 1.0) / (1.0 + small)
-    grad = tl.where(valid, g[:, None] * tl.where(positive, -size, size), 0.0)
-    # softplus(−z·ℓ) = max(−z·ℓ, 0) + log(1 + e); log(1 + e) loses e below fp32's epsilon, and a
-    # confident pair's whole loss is e: the series there
-    log_one_plus = tl.where(small < 1e-4, small * (1.0 - 0.5 * small), tl.log(1.0 + small))
-    loss = tl.where(valid, g[:, None] * (tl.where(leans, 0.0, tl.abs(logit)) + log_one_plus), 0.0)
-    return grad, grad * tl.where(valid, s, 0.0), loss
-
-
-@triton.jit
-def _recomputed_gradient(
-    a_ptr, b_ptr, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, scale, n_rows, n_cols, col_count, dim,
-    stride_a, stride_b, row_key_ptr, col_key_ptr, bias, row_group_ptr, col_group_ptr, kept_ptr,
-    EXCLUDE_DIAGONAL: tl.constexpr, MASKED: tl.constexpr, SIGMOID: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+def _gradient_tile(
+    a_ptr, b_ptr, rows, cols, scale, n_rows, n_cols, dim, stride_a, stride_b, form, totals, row_group_ptr,
+    col_group_ptr, kept_ptr, EPILOGUE: tl.constexpr, EXCLUDE_DIAGONAL: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """The fp32 tiles of ``G`` at (rows, cols), ``S`` recomputed exactly as in the forward, ``G∘S``
-    and (sigmoid form) the losses; the form is chosen at compile time."""
+    """The fp32 tiles of ``G`` and ``G∘S`` at (rows, cols), ``S`` recomputed exactly as in the
+    forward, and the form's updated totals (:mod:`tilecl.kernels.forms`)."""
     s = _scores(
         a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_a, stride_b, scale, row_group_ptr,
         col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL, MASKED, BLOCK_D, PRECISION, UPCAST,
     )  # fmt: skip
-    if SIGMOID:
-        return _sigmoid_tile(s, rows, cols, g_ptr, row_key_ptr, col_key_ptr, bias, n_rows, n_cols)
-    grad, grad_times_s = _gradient_tile(s, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, n_rows, col_count)
-    return grad, grad_times_s, grad
+    return EPILOGUE(s, rows, cols, n_rows, n_cols, form, totals)
 
 
 @triton.jit
 def backward_kernel(
     a_ptr,
     b_ptr,
-    c_ptr,
-    g_ptr,
-    r_ptr,
-    h_ptr,
     grad_a_ptr,
     grad_b_ptr,
     scale_partial_ptr,
@@ -318,23 +286,20 @@ def backward_kernel(
     inv_scale,
     n_rows,
     n_cols,
-    col_count,
     dim,
     stride_a,
     stride_b,
-    row_key_ptr,
-    col_key_ptr,
-    bias,
-    row_loss_ptr,
-    bias_partial_ptr,
+    form,
     row_group_ptr,
     col_group_ptr,
     kept_ptr,
+    EPILOGUE: tl.constexpr,
+    REPORT: tl.constexpr,
+    TOTALS: tl.constexpr,
     EXCLUDE_DIAGONAL: tl.constexpr,
     MASKED: tl.constexpr,
     ATOMIC_GRAD_B: tl.constexpr,
     SCALE_FROM_FP32_G: tl.constexpr,
-    SIGMOID: tl.constexpr,
     WITH_GRADS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -345,7 +310,8 @@ def backward_kernel(
 ):
     """One block of rows × one chunk of output features: ``dA = s·G·b`` (and ``dB`` by atomics).
 
-    Sigmoid form: also the rows' losses and this program's ``Σ G`` (feature chunk 0 reports them);
+    The form (``form``: its arguments; ``EPILOGUE``, ``REPORT``, ``TOTALS``:
+    :mod:`tilecl.kernels.forms`) reports its own results after the tile loop;
     ``WITH_GRADS=False`` computes only those (one pass, no products with ``G``).
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -354,18 +320,14 @@ def backward_kernel(
     a_out = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
     grad_a = tl.zeros((BLOCK_M, BLOCK_DOUT), dtype=tl.float32)
     grad_times_s_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused without SCALE_FROM_FP32_G
-    loss_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sigmoid form only
-    grad_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sigmoid form only
+    totals = _zero_totals(TOTALS, BLOCK_M)
     for c0 in range(0, n_cols, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        grad, grad_times_s, loss = _recomputed_gradient(
-            a_ptr, b_ptr, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, scale, n_rows, n_cols, col_count, dim,
-            stride_a, stride_b, row_key_ptr, col_key_ptr, bias, row_group_ptr, col_group_ptr, kept_ptr,
-            EXCLUDE_DIAGONAL, MASKED, SIGMOID, BLOCK_D, PRECISION, UPCAST,
+        grad, grad_times_s, totals = _gradient_tile(
+            a_ptr, b_ptr, rows, cols, scale, n_rows, n_cols, dim, stride_a, stride_b, form, totals,
+            row_group_ptr, col_group_ptr, kept_ptr, EPILOGUE, EXCLUDE_DIAGONAL, MASKED, BLOCK_D, PRECISION,
+            UPCAST,
         )  # fmt: skip
-        if SIGMOID:
-            loss_rows += tl.sum(loss, axis=1)
-            grad_rows += tl.sum(grad, axis=1)
         if WITH_GRADS:
             if SCALE_FROM_FP32_G:
                 grad_times_s_sum += grad_times_s
@@ -379,13 +341,9 @@ def backward_kernel(
                     grad_b * scale,
                     mask=(cols[:, None] < n_cols) & feat_ok[None, :],
                 )
-    program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    if SIGMOID:
-        # every feature chunk recomputes the same tiles: the first one reports
-        first = tl.program_id(1) == 0
-        tl.store(row_loss_ptr + rows, loss_rows, mask=rows < tl.where(first, n_rows, 0))
-        tl.store(bias_partial_ptr + program, tl.where(first, tl.sum(grad_rows, axis=0), 0.0))
+    REPORT(totals, rows, n_rows, form)
     if WITH_GRADS:
+        program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
         if SCALE_FROM_FP32_G:
             # Σ_ij G_ij (a_i·b_j) = Σ_ij G_ij S_ij / scale (the launcher takes scale = 0 apart), from
             # the fp32 G; every feature chunk recomputes the same G, the first one reports the sum
@@ -406,27 +364,21 @@ def backward_kernel(
 def backward_cols_kernel(
     a_ptr,
     b_ptr,
-    c_ptr,
-    g_ptr,
-    r_ptr,
-    h_ptr,
     grad_b_ptr,
     scale,
     n_rows,
     n_cols,
-    col_count,
     dim,
     stride_a,
     stride_b,
-    row_key_ptr,
-    col_key_ptr,
-    bias,
+    form,
     row_group_ptr,
     col_group_ptr,
     kept_ptr,
+    EPILOGUE: tl.constexpr,
+    TOTALS: tl.constexpr,
     EXCLUDE_DIAGONAL: tl.constexpr,
     MASKED: tl.constexpr,
-    SIGMOID: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -434,17 +386,20 @@ def backward_cols_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """One block of columns × one chunk of features: ``dB = s·Gᵀ·a`` without atomics."""
+    """One block of columns × one chunk of features: ``dB = s·Gᵀ·a`` without atomics.
+
+    The form's totals are the row kernel's to report: here they are discarded.
+    """
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     feats = tl.program_id(1) * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
     feat_ok = feats < dim
     grad_b = tl.zeros((BLOCK_N, BLOCK_DOUT), dtype=tl.float32)
     for r0 in range(0, n_rows, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
-        grad, _, _ = _recomputed_gradient(
-            a_ptr, b_ptr, rows, cols, c_ptr, g_ptr, r_ptr, h_ptr, scale, n_rows, n_cols, col_count, dim,
-            stride_a, stride_b, row_key_ptr, col_key_ptr, bias, row_group_ptr, col_group_ptr, kept_ptr,
-            EXCLUDE_DIAGONAL, MASKED, SIGMOID, BLOCK_D, PRECISION, UPCAST,
+        grad, _, _ = _gradient_tile(
+            a_ptr, b_ptr, rows, cols, scale, n_rows, n_cols, dim, stride_a, stride_b, form,
+            _zero_totals(TOTALS, BLOCK_M), row_group_ptr, col_group_ptr, kept_ptr, EPILOGUE, EXCLUDE_DIAGONAL,
+            MASKED, BLOCK_D, PRECISION, UPCAST,
         )  # fmt: skip
         a_out = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
         grad_b = _dot(tl.trans(grad.to(a_out.dtype)), a_out, grad_b, PRECISION, UPCAST)

@@ -1,11 +1,17 @@
-"""The ``triton`` backend: the two primitives as launches of the ``@triton.jit`` kernels of ``kernels/``.
+"""The ``triton`` backend: the primitives as launches of the ``@triton.jit`` kernels of ``kernels/``.
 
 Argument preparation, block configurations and grids live here; the kernel
 source is ``tilecl.kernels`` (the top-level ``kernels/`` folder). They run on
 CUDA tensors, and on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported) — which is how the test
-suite executes every kernel line without a GPU. Importing this module imports
-triton (about a second), so the registry loads it on first use.
+suite executes every kernel line without a GPU. Importing this module does
+not import triton (about a second, and absent on a machine without the
+``gpu`` extra): :func:`_kernels` does, on the first launch.
+
+Both gradient primitives run one sweep (:func:`_sweep`); what tells them
+apart is the elementwise form, which is an argument type here
+(:class:`OffsetFormArgs`, :class:`SigmoidFormArgs`: the form's kernel
+arguments and which epilogue of :mod:`tilecl.kernels.forms` reads them).
 
 ``torch.use_deterministic_algorithms(True)`` selects the backward without
 floating-point atomics (bitwise reproducible, one more N·M·D pass).
@@ -13,19 +19,13 @@ floating-point atomics (bitwise reproducible, one more N·M·D pass).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, NamedTuple, Protocol
 
 import torch
-import triton
-
-from tilecl.kernels.contrastive import (
-    backward_cols_kernel,
-    backward_kernel,
-    col_stats_kernel,
-    row_stats_kernel,
-)
 
 from . import torch as torch_primitives
 from .base import (
@@ -45,6 +45,8 @@ __all__ = [
     "SIGMOID_GPU_CONFIGS",
     "KernelConfig",
     "MAX_BLOCK_DOUT",
+    "OffsetFormArgs",
+    "SigmoidFormArgs",
     "lse_stats",
     "offset_backward",
     "pass_count",
@@ -211,8 +213,21 @@ def _launch_options(cfg: KernelConfig) -> dict:
     return opts
 
 
+@functools.cache
+def _kernels() -> SimpleNamespace:
+    """The kernel modules, imported on the first launch (importing triton costs about a second)."""
+    from tilecl.kernels import contrastive, forms
+
+    return SimpleNamespace(contrastive=contrastive, forms=forms)
+
+
+def _cdiv(x: int, y: int) -> int:
+    return -(-x // y)
+
+
 def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats:
     """:class:`~tilecl.backends.base.LseStats` in float32."""
+    kernels = _kernels().contrastive
     a, b = _check(scores.a, scores.b)
     scale, exclude_diagonal = scores.scale, scores.exclude_diagonal
     n, m, dim = a.shape[0], b.shape[0], a.shape[1]
@@ -223,60 +238,152 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats
     row_lse = torch.empty(n, dtype=torch.float32, device=a.device)
     positive = torch.empty(n, dtype=torch.float32, device=a.device)
     groups = _group_mask(scores, targets)
-    row_stats_kernel[(triton.cdiv(n, cfg.BLOCK_M),)](
+    kernels.row_stats_kernel[(_cdiv(n, cfg.BLOCK_M),)](
         a, b, targets.contiguous(), row_lse, positive, s, n, m, dim, a.stride(0), b.stride(0),
         EXCLUDE_DIAGONAL=exclude_diagonal, **groups, **_dot_options(a.dtype), **opts,
     )  # fmt: skip
     col_lse = torch.empty(col_count, dtype=torch.float32, device=a.device)
     if col_count:
-        col_stats_kernel[(triton.cdiv(col_count, cfg.BLOCK_N),)](
+        kernels.col_stats_kernel[(_cdiv(col_count, cfg.BLOCK_N),)](
             a, b, col_lse, s, n, m, col_count, dim, a.stride(0), b.stride(0),
             EXCLUDE_DIAGONAL=exclude_diagonal, **groups, **_dot_options(a.dtype), **opts,
         )  # fmt: skip
     return LseStats(row_lse, col_lse, positive)
 
 
+class FormArgs(Protocol):
+    """An elementwise form's kernel arguments: what :func:`_sweep` needs of a form.
+
+    A new form is one such type here and one epilogue in :mod:`tilecl.kernels.forms`.
+    """
+
+    def __iter__(self) -> Any:
+        """The ``form`` tuple its epilogue unpacks, in that order."""
+        ...
+
+    def epilogue(self) -> dict:
+        """Its epilogue's constexprs (``EPILOGUE``, ``REPORT``, ``TOTALS``)."""
+        ...
+
+
+class OffsetFormArgs(NamedTuple):
+    """The offset form's kernel arguments: contiguous float32 terms and the column-term count.
+
+    An offset of ``-inf`` (a fully excluded row or column) carries no term: its
+    multiplier becomes 0 and the offset 0. ``+inf`` and NaN stay, so NaN or inf
+    inputs reach the gradients as in the full-matrix loss.
+    """
+
+    row_offset: torch.Tensor
+    row_mult: torch.Tensor
+    col_offset: torch.Tensor
+    col_mult: torch.Tensor
+    col_count: int
+
+    @classmethod
+    def of(cls, terms: OffsetTerms, device: torch.device) -> OffsetFormArgs:
+        f32: dict[str, Any] = dict(dtype=torch.float32, device=device)
+        row_live, col_live = ~torch.isneginf(terms.row_offset), ~torch.isneginf(terms.col_offset)
+        return cls(
+            torch.where(row_live, terms.row_offset, 0.0).to(**f32).contiguous(),
+            torch.where(row_live, terms.row_mult, 0.0).to(**f32).contiguous(),
+            torch.where(col_live, terms.col_offset, 0.0).to(**f32).contiguous(),
+            torch.where(col_live, terms.col_mult, 0.0).to(**f32).contiguous(),
+            terms.col_offset.shape[0],
+        )
+
+    def epilogue(self) -> dict:
+        return _kernels().forms.OFFSET
+
+
+class SigmoidFormArgs(NamedTuple):
+    """The sigmoid form's kernel arguments, its two outputs among them.
+
+    ``row_loss``: ``(N,)``; ``bias_partials``: one ``Σ G`` per row-kernel program.
+    """
+
+    row_weights: torch.Tensor
+    row_keys: torch.Tensor
+    col_keys: torch.Tensor
+    bias: float
+    row_loss: torch.Tensor
+    bias_partials: torch.Tensor
+
+    @classmethod
+    def of(cls, terms: SigmoidTerms, n: int, programs: int, device: torch.device) -> SigmoidFormArgs:
+        f32: dict[str, Any] = dict(dtype=torch.float32, device=device)
+        return cls(
+            terms.row_weights.to(**f32).contiguous(),
+            terms.row_keys.contiguous(),
+            terms.col_keys.contiguous(),
+            float(terms.bias),
+            torch.empty(n, **f32),
+            torch.empty(programs, **f32),
+        )
+
+    def epilogue(self) -> dict:
+        return _kernels().forms.SIGMOID
+
+
+def _sweep_grid(a: torch.Tensor, cfg: KernelConfig, with_grads: bool) -> tuple[int, int]:
+    """The row kernel's programs: row blocks × feature chunks (one chunk when only the form's results
+    are wanted: they come from the first)."""
+    return _cdiv(a.shape[0], cfg.BLOCK_M), _cdiv(a.shape[1], cfg.BLOCK_DOUT) if with_grads else 1
+
+
+def _sweep(
+    scores: Scores,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    cfg: KernelConfig,
+    form: FormArgs,
+    with_grads: bool = True,
+) -> Gradients:
+    """One gradient sweep in the ``form``: float32 ``s·G·b``, ``s·Gᵀ·a`` and ``Σ G_ij a_i·b_j``.
+
+    The form's own results land in its outputs. Without gradients only the
+    row kernel's first feature chunk runs, and the returned tensors are empty.
+    """
+    kernels = _kernels().contrastive
+    n, m, dim = a.shape[0], b.shape[0], a.shape[1]
+    f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    s = float(scores.scale)
+    grid = _sweep_grid(a, cfg, with_grads)
+    grad_a = torch.empty(n, dim, **f32) if with_grads else torch.empty(0, **f32)
+    grad_b = (
+        (torch.empty(m, dim, **f32) if deterministic else torch.zeros(m, dim, **f32))
+        if with_grads
+        else torch.empty(0, **f32)
+    )
+    scale_partials = torch.empty(grid[0] * grid[1], **f32)
+    args = tuple(form)
+    epilogue = form.epilogue()
+    common = dict(
+        EPILOGUE=epilogue["EPILOGUE"], TOTALS=epilogue["TOTALS"], EXCLUDE_DIAGONAL=scores.exclude_diagonal,
+        **_group_mask(scores, scale_partials), **_dot_options(a.dtype), **_launch_options(cfg),
+    )  # fmt: skip
+    inv_s = 1.0 / s if abs(s) >= TINY_SCALE else 0.0
+    kernels.backward_kernel[grid](
+        a, b, grad_a, grad_b, scale_partials, s, inv_s, n, m, dim, a.stride(0), b.stride(0), args,
+        REPORT=epilogue["REPORT"], ATOMIC_GRAD_B=not deterministic,
+        SCALE_FROM_FP32_G=a.dtype != torch.float32, WITH_GRADS=with_grads, **common,
+    )  # fmt: skip
+    if not with_grads:
+        return Gradients(grad_a, grad_b, torch.empty(0, **f32))
+    if deterministic:
+        kernels.backward_cols_kernel[(_cdiv(m, cfg.BLOCK_N), grid[1])](
+            a, b, grad_b, s, n, m, dim, a.stride(0), b.stride(0), args, **common,
+        )  # fmt: skip
+    return Gradients(grad_a, grad_b, scale_partials.sum())
+
+
 @with_unit_multipliers
 def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
-    """:class:`~tilecl.backends.base.Gradients` in float32."""
+    """:class:`~tilecl.backends.base.Gradients` in float32: the sweep in the offset form."""
     a, b = _check(scores.a, scores.b)
-    scale, exclude_diagonal = scores.scale, scores.exclude_diagonal
-    row_offset, row_mult, col_offset, col_mult = terms
-    n, m, dim = a.shape[0], b.shape[0], a.shape[1]
-    col_count = col_offset.shape[0]
-    cfg = config_for(a)
-    opts = _launch_options(cfg)
-    f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
-    # an offset of -inf (a fully excluded row or column) carries no term; +inf and NaN stay, so
-    # NaN or inf inputs reach the gradients as in the full-matrix loss
-    row_live, col_live = ~torch.isneginf(row_offset), ~torch.isneginf(col_offset)
-    c = torch.where(row_live, row_offset, 0.0).to(**f32).contiguous()
-    g = torch.where(row_live, row_mult, 0.0).to(**f32).contiguous()
-    r = torch.where(col_live, col_offset, 0.0).to(**f32).contiguous()
-    h = torch.where(col_live, col_mult, 0.0).to(**f32).contiguous()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    s = float(scale)
-    grid = (triton.cdiv(n, cfg.BLOCK_M), triton.cdiv(dim, cfg.BLOCK_DOUT))
-    grad_a = torch.empty(n, dim, **f32)
-    grad_b = torch.empty(m, dim, **f32) if deterministic else torch.zeros(m, dim, **f32)
-    scale_partials = torch.empty(grid[0] * grid[1], **f32)
-    groups = _group_mask(scores, c)
-    common = dict(EXCLUDE_DIAGONAL=exclude_diagonal, **groups, **_dot_options(a.dtype), **opts)
-    inv_s = 1.0 / s if abs(s) >= TINY_SCALE else 0.0
-    unused = dict(row_key_ptr=c, col_key_ptr=c, bias=0.0)  # the sigmoid form's arguments
-    backward_kernel[grid](
-        a, b, c, g, r, h, grad_a, grad_b, scale_partials, s, inv_s, n, m, col_count, dim,
-        a.stride(0), b.stride(0), **unused, row_loss_ptr=c, bias_partial_ptr=c,
-        ATOMIC_GRAD_B=not deterministic, SCALE_FROM_FP32_G=a.dtype != torch.float32, SIGMOID=False,
-        WITH_GRADS=True, **common,
-    )  # fmt: skip
-    if deterministic:
-        backward_cols_kernel[(triton.cdiv(m, cfg.BLOCK_N), grid[1])](
-            a, b, c, g, r, h, grad_b, s, n, m, col_count, dim, a.stride(0), b.stride(0), **unused,
-            SIGMOID=False, **common,
-        )  # fmt: skip
-    grad_scale = scale_partials.sum()
-    if abs(s) < TINY_SCALE and a.dtype != torch.float32:
+    grad_a, grad_b, grad_scale = _sweep(scores, a, b, config_for(a), OffsetFormArgs.of(terms, a.device))
+    if abs(float(scores.scale)) < TINY_SCALE and a.dtype != torch.float32:
         # 16-bit inputs: the kernel sums G·S / scale, and at scale ~0 (an infinite temperature) S
         # holds no a·b to divide (1/scale would overflow float32)
         grad_scale = torch_primitives.offset_backward(scores, terms).grad_scale.float()
@@ -285,53 +392,19 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
 
 @with_unit_weights
 def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
-    """:class:`~tilecl.backends.base.SigmoidSweep` in float32: ``backward_kernel`` in its sigmoid form.
+    """:class:`~tilecl.backends.base.SigmoidSweep` in float32: the sweep in the sigmoid form.
 
     One sweep: without gradients one ``S`` pass; with them 3 passes (4 under
     ``torch.use_deterministic_algorithms``, no float atomics).
     """
     a, b = _check(scores.a, scores.b)
-    scale, exclude_diagonal = scores.scale, scores.exclude_diagonal
-    n, m, dim = a.shape[0], b.shape[0], a.shape[1]
     cfg = config_for(a, "sigmoid")
-    opts = _launch_options(cfg)
-    f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
-    weights = terms.row_weights.to(**f32).contiguous()
-    row_keys, col_keys = terms.row_keys.contiguous(), terms.col_keys.contiguous()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    s, bias = float(scale), float(terms.bias)
-    grid = (triton.cdiv(n, cfg.BLOCK_M), triton.cdiv(dim, cfg.BLOCK_DOUT) if with_grads else 1)
-    row_loss = torch.empty(n, **f32)
-    bias_partials = torch.empty(grid[0] * grid[1], **f32)
-    grad_a = torch.empty(n, dim, **f32) if with_grads else row_loss
-    grad_b = (
-        (torch.empty(m, dim, **f32) if deterministic else torch.zeros(m, dim, **f32))
-        if with_grads
-        else row_loss
-    )
-    scale_partials = torch.empty(grid[0] * grid[1], **f32)
-    common = dict(
-        EXCLUDE_DIAGONAL=exclude_diagonal, SIGMOID=True, **_group_mask(scores, row_keys),
-        **_dot_options(a.dtype), **opts,
-    )  # fmt: skip
-    keys = dict(row_key_ptr=row_keys, col_key_ptr=col_keys, bias=bias)
-    inv_s = 1.0 / s if abs(s) >= TINY_SCALE else 0.0
-    # the offset form's c, r and h are not read: the row weights stand in for their pointers
-    backward_kernel[grid](
-        a, b, weights, weights, weights, weights, grad_a, grad_b, scale_partials, s, inv_s, n, m, 0,
-        dim, a.stride(0), b.stride(0), **keys, row_loss_ptr=row_loss, bias_partial_ptr=bias_partials,
-        ATOMIC_GRAD_B=not deterministic, SCALE_FROM_FP32_G=a.dtype != torch.float32,
-        WITH_GRADS=with_grads, **common,
-    )  # fmt: skip
+    programs = _sweep_grid(a, cfg, with_grads)
+    form = SigmoidFormArgs.of(terms, a.shape[0], programs[0] * programs[1], a.device)
+    grad_a, grad_b, grad_scale = _sweep(scores, a, b, cfg, form, with_grads)
     if not with_grads:
-        return SigmoidSweep(row_loss, *(torch.empty(0, **f32) for _ in range(4)))
-    if deterministic:
-        backward_cols_kernel[(triton.cdiv(m, cfg.BLOCK_N), grid[1])](
-            a, b, weights, weights, weights, weights, grad_b, s, n, m, 0, dim, a.stride(0), b.stride(0),
-            **keys, **common,
-        )  # fmt: skip
-    grad_scale = scale_partials.sum()
-    if abs(s) < TINY_SCALE and a.dtype != torch.float32:
+        return SigmoidSweep(form.row_loss, grad_a, grad_b, grad_scale, torch.empty_like(grad_scale))
+    if abs(float(scores.scale)) < TINY_SCALE and a.dtype != torch.float32:
         # as in offset_backward: S / scale holds no a·b at scale ~0
         grad_scale = torch_primitives.sigmoid_sweep(scores, terms, True).grad_scale.float()
-    return SigmoidSweep(row_loss, grad_a, grad_b, grad_scale, bias_partials.sum())
+    return SigmoidSweep(form.row_loss, grad_a, grad_b, grad_scale, form.bias_partials.sum())
