@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import tilecl
-from tilecl.backends import AUTO_ON_CUDA, BACKENDS, resolve_backend
+from tilecl.backends import BACKENDS, resolve_backend
 from tilecl.testing.naive import naive_contrastive_loss, naive_nt_xent_loss
 
 
@@ -126,9 +126,10 @@ def test_available_backends_and_auto():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_backend("auto", cpu, torch.float32).name == "torch"
     on_cuda = resolve_backend("auto", cuda, torch.float32)
-    runnable = [
-        name for name in AUTO_ON_CUDA if not BACKENDS[name].not_supported_reasons(cuda, torch.float32)
-    ]
+    on_cuda_by_preference = sorted(
+        (b for b in BACKENDS.values() if "cuda" in b.auto_devices), key=lambda b: b.preference
+    )
+    runnable = [b.name for b in on_cuda_by_preference if not b.not_supported_reasons(cuda, torch.float32)]
     assert on_cuda.name == (runnable or ["torch"])[0]
     # float64 on CUDA tensors: the kernels do not take it, so auto dispatches to torch
     assert resolve_backend("auto", cuda, torch.float64).name == "torch"

@@ -15,6 +15,7 @@ Public API::
     tilecl.uniformity_loss, tilecl.geometric_consistency_loss, tilecl.brownian_bridge_loss,
     tilecl.feature_separation_loss, tilecl.ModalityStructureLoss
     tilecl.available_backends()
+    tilecl.explain_backend(a, b, backend="auto")   # which backend a call takes, and why not the others
 
 The oracles the tests check against (a NumPy float64 oracle, the full-matrix
 PyTorch losses) live in :mod:`tilecl.testing`, imported on demand.
@@ -22,7 +23,7 @@ PyTorch losses) live in :mod:`tilecl.testing`, imported on demand.
 
 __version__ = "0.1.0"
 
-from .backends import available_backends
+from .backends import BackendChoice, available_backends, explain_backend
 from .contrastive import contrastive_loss, gamma_contrastive_loss, nt_xent_loss
 from .gamma import GammaContrastiveLoss
 from .modality import (
@@ -43,10 +44,12 @@ __all__ = [
     "NTXentLoss",
     "SigLipLoss",
     "SupConLoss",
+    "BackendChoice",
     "SupConOutput",
     "available_backends",
     "brownian_bridge_loss",
     "contrastive_loss",
+    "explain_backend",
     "feature_separation_loss",
     "gamma_contrastive_loss",
     "geometric_consistency_loss",

@@ -91,8 +91,8 @@ def begin(
     check: Callable[[], tuple[_T, Signature]],
     *,
     like: object,
-    backend: object = None,
-    form: str = "softmax",
+    backend: object = "auto",
+    form: Optional[str] = "softmax",
     reduction: str = "mean",
     process_group: Optional[Any] = None,
     dist_impl: str = "gather",
@@ -104,9 +104,10 @@ def begin(
             bad input (before any kernel, on every rank).
         like: the tensor whose device and dtype choose the backend (read
             after ``check`` has passed).
-        backend: the ``backend=`` argument; ``None`` for a loss that runs no
-            tile loop (the Gram and per-sample regularizers).
-        form: the elementwise form the loss needs of its backend.
+        backend: the ``backend=`` argument.
+        form: the elementwise form the loss needs of its backend; ``None`` for
+            a loss that runs no tile loop (the Gram and per-sample
+            regularizers), which resolves no backend.
         reduction: the loss's reduction.
         process_group, dist_impl: where the loss runs.
     """
@@ -118,10 +119,12 @@ def begin(
             if reduction == "none":
                 raise ValueError("with process_group, reduction must be 'mean' or 'sum'")
         value, signature = check()
-        if backend is None:
+        if form is None:
             return value, signature, None
         assert isinstance(like, torch.Tensor)  # the loss's check has checked it
-        return value, signature, resolve_backend(backend, like.device, like.dtype, form)
+        sizes = [size for key, size in signature.items() if key in ("N", "M", "D") and isinstance(size, int)]
+        extent = max(sizes) if sizes else None
+        return value, signature, resolve_backend(backend, like.device, like.dtype, form, extent)
 
     if group is None:
         value, _, local = checked_and_resolved()

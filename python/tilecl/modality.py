@@ -230,7 +230,7 @@ def geometric_consistency_loss(
             v.check_like(z_t_aug, "z_t_aug", z_v, "z_v")
         return None, {**_shapes(z_v), "augmented": z_v_aug is not None}
 
-    ranks = begin(check, like=z_v, process_group=process_group).ranks
+    ranks = begin(check, like=z_v, form=None, process_group=process_group).ranks
     n = z_v.shape[0] * ranks.world
 
     def l_gc(g_vv, g_tt, g_tv):
@@ -290,7 +290,7 @@ def brownian_bridge_loss(
             return (t.to(z_v.dtype).reshape(-1, 1) if t.dim() else t.to(z_v.dtype)), _shapes(z_v)
         return v.check_in_interval(t, "t", 0.0, 1.0), _shapes(z_v)
 
-    run = begin(check, like=z_v, process_group=process_group)
+    run = begin(check, like=z_v, form=None, process_group=process_group)
     times, ranks = run.checked, run.ranks
     mid = F.normalize(times * z_v + (1 - times) * z_t, dim=1)
     return ranks.mean(((z_v_aug - mid) ** 2).sum(dim=1))
@@ -337,7 +337,7 @@ def feature_separation_loss(
         v.check_positive(temperature, "temperature")
         return None, _shapes(z_v)
 
-    ranks = begin(check, like=z_v, process_group=process_group, dist_impl=dist_impl).ranks
+    ranks = begin(check, like=z_v, form=None, process_group=process_group, dist_impl=dist_impl).ranks
     ortho = ranks.mean((z_v * zi_v).sum(dim=1) ** 2 + (z_t * zi_t).sum(dim=1) ** 2)
     shared: dict[str, Any] = dict(backend=backend, process_group=process_group, dist_impl=dist_impl)
     scale = 1.0 / temperature

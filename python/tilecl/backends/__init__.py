@@ -1,43 +1,44 @@
 """Backend registry and dispatch.
 
-A backend implements the two primitives of :mod:`tilecl.backends.base`
-(``lse_stats`` and ``offset_backward``); every loss in tilecl is written once
-on top of them. One module per backend:
+A backend implements the primitives of :mod:`tilecl.backends.base`
+(``lse_stats``, ``offset_backward``, ``sigmoid_sweep``); every loss in tilecl
+is written once on top of them. One module per backend, each declaring itself
+next to its code (:class:`~tilecl.backends.base.Backend`, registered in
+:mod:`tilecl.backends.registry`):
 
 ==============  =============================================================
-``torch``       tiled PyTorch (:mod:`tilecl.backends.torch`), any device
-``reference``   the full ``S`` in NumPy float64 (:mod:`tilecl.backends.reference`)
 ``triton``      the ``@triton.jit`` kernels of ``kernels/`` (:mod:`tilecl.backends.triton`)
 ``cuda``        the CUDA C++ kernels of ``csrc/``, nvcc-built (:mod:`tilecl.backends.cuda`)
 ``cuda-emu``    the same CUDA C++ source on the CPU through the emulation layer
+``torch``       tiled PyTorch (:mod:`tilecl.backends.torch`), any device
+``reference``   the full ``S`` in NumPy float64 (:mod:`tilecl.backends.reference`)
 ==============  =============================================================
 
 :mod:`tilecl.backends.sharded` lifts any of them to a process group.
 
-Each entry of :data:`BACKENDS` declares the devices and dtypes it takes and
-answers :meth:`~tilecl.backends.base.Backend.not_supported_reasons`; dispatch
-and every error message come from those declarations.
-
-On ``meta`` tensors (shapes, no data) the ops of :mod:`tilecl.backends.ops`
-answer with their fake implementations; ``torch`` and ``reference`` take them.
-
-``backend="auto"``: CUDA tensors → the first of ``triton``, ``cuda`` that
-supports the call, else ``torch``; anything else → ``torch``. An explicitly
-requested backend that cannot run raises; it never silently falls back.
+Dispatch and every message come from the declarations: :func:`resolve_backend`
+returns the primitives a call runs (through the registered ops of
+:mod:`tilecl.backends.ops`), :func:`explain_backend` says which backend a call
+takes and why not each of the others. ``backend="auto"`` takes, in order of
+declared ``preference``, the first backend that declares the tensors' device
+type among its ``auto_devices`` and supports the call (else the last of
+those, the most general): on CUDA tensors ``triton``, then ``cuda``, then
+``torch``; anything else ``torch``. An explicitly requested
+backend that cannot run raises, listing its reasons; it never silently falls
+back.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
-import os
+import dataclasses
 from typing import Optional
 
+import torch as _torch
 from torch import device as Device
 from torch import dtype as DType
 
-from . import torch as torch_primitives
+# importing a backend's module registers its declaration
+from . import cuda, reference, torch, triton  # noqa: F401
 from .base import (
     FLOAT_DTYPES,
     KERNEL_DTYPES,
@@ -49,17 +50,17 @@ from .base import (
     Scores,
     SigmoidSweep,
     SigmoidTerms,
-    anywhere,
-    cuda_visible,
+    Unsupported,
 )
-from .cuda import BUILD_HINT, CudaKernels, cuda_built, emulation_buildable
-from .ops import RegisteredPrimitives, register_implementation
+from .ops import RegisteredPrimitives
+from .registry import BACKENDS, register_backend
 
 __all__ = [
     "BACKENDS",
     "FLOAT_DTYPES",
     "KERNEL_DTYPES",
     "Backend",
+    "BackendChoice",
     "Gradients",
     "LseStats",
     "OffsetTerms",
@@ -68,128 +69,133 @@ __all__ = [
     "SigmoidSweep",
     "SigmoidTerms",
     "available_backends",
+    "explain_backend",
+    "register_backend",
     "resolve_backend",
 ]
 
-#: the order ``backend="auto"`` tries on CUDA tensors
-AUTO_ON_CUDA = ("triton", "cuda")
-
-
-def _triton_missing() -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
-        return "needs triton (pip install triton)"
-    return None
-
-
-def _triton_interpreter() -> Optional[str]:
-    # read when triton is first imported, so it must be set before that
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return (
-            "runs on CPU tensors only under Triton's interpreter "
-            "(set TRITON_INTERPRET=1 before importing triton)"
-        )
-    return None
-
-
-def _cuda_missing() -> Optional[str]:
-    if not cuda_built():
-        return f"the CUDA C++ extension tilecl._cuda is not built; {BUILD_HINT}"
-    return None
-
-
-def _emulation_missing() -> Optional[str]:
-    missing = emulation_buildable()
-    if missing is not None:
-        return f"the CUDA emulation module cannot be built here: {missing}"
-    return None
-
-
-@functools.cache
-def _load_triton() -> Primitives:
-    # importing triton costs about a second: only when the backend is first used
-    module: Primitives = importlib.import_module(".triton", __name__)
-    return module
-
-
-@functools.cache
-def _load_cuda(name: str) -> Primitives:
-    return CudaKernels(name)
-
-
-BACKENDS: dict[str, Backend] = {
-    "triton": Backend(
-        "triton",
-        KERNEL_DTYPES,
-        {"cuda": cuda_visible, "cpu": _triton_interpreter},
-        _triton_missing,
-        _load_triton,
-    ),
-    "cuda": Backend("cuda", KERNEL_DTYPES, {"cuda": cuda_visible}, _cuda_missing, lambda: _load_cuda("cuda")),
-    "cuda-emu": Backend(
-        "cuda-emu", KERNEL_DTYPES, {"cpu": anywhere}, _emulation_missing, lambda: _load_cuda("cuda-emu")
-    ),
-    "torch": Backend(
-        "torch",
-        FLOAT_DTYPES,
-        {"cpu": anywhere, "cuda": cuda_visible, "meta": anywhere},
-        lambda: None,
-        lambda: torch_primitives,
-    ),
-    "reference": Backend(
-        "reference",
-        FLOAT_DTYPES,
-        {"cpu": anywhere, "cuda": cuda_visible, "meta": anywhere},
-        lambda: None,
-        lambda: importlib.import_module(".reference", __name__),
-    ),
-}
-
-
-def _load(name: str) -> Primitives:
-    # looked up at each call, so that a backend swapped in the registry (a test's stand-in) is the
-    # one the ops run
-    return BACKENDS[name].load()
-
-
-for _name in BACKENDS:
-    register_implementation(_name, functools.partial(_load, _name))
-
 
 def available_backends() -> list[str]:
-    """Names of the backends that can run on this machine (on some device), in dispatch-preference order."""
+    """The backends that can run on this machine (on some device), in ``auto``'s preference order."""
     return [
         name
-        for name, backend in BACKENDS.items()
+        for name, backend in _by_preference()
         if backend.missing() is None and any(check() is None for check in backend.devices.values())
     ]
 
 
-def resolve_backend(name: object, device: Device, dtype: DType, form: str = "softmax") -> Primitives:
+def _by_preference() -> list[tuple[str, Backend]]:
+    return sorted(BACKENDS.items(), key=lambda item: item[1].preference)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendChoice:
+    """Which backend a call takes, and why not each of the others.
+
+    Attributes:
+        requested: the ``backend=`` argument.
+        device, dtype, form, extent: what the call is (``extent``: its
+            largest ``N``, ``M`` or ``D``, when known).
+        chosen: the backend it runs on (``None``: it raises).
+        reasons: every registered backend → why it cannot take this call
+            (empty: it can).
+    """
+
+    requested: str
+    device: Device
+    dtype: DType
+    form: str
+    extent: Optional[int]
+    chosen: Optional[str]
+    reasons: dict[str, list[Unsupported]]
+
+    def __str__(self) -> str:
+        kind = str(self.dtype).removeprefix("torch.")
+        head = f"backend={self.requested!r} for {kind} tensors on {self.device} ({self.form} form)"
+        lines = [f"{head}: {'runs on ' + repr(self.chosen) if self.chosen else 'cannot run'}"]
+        for name, found in self.reasons.items():
+            if name == self.chosen:
+                continue
+            if found:
+                lines.append(f"  {name}: " + "; ".join(u.reason for u in found))
+            elif self.requested == "auto":
+                lines.append(f"  {name}: could run, but auto does not pick it on {self.device.type}")
+            else:
+                lines.append(f"  {name}: could run")
+        return "\n".join(lines)
+
+
+def explain_backend(
+    a: _torch.Tensor,
+    b: Optional[_torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+    form: str = "softmax",
+) -> BackendChoice:
+    """Which backend a loss on ``a`` (and ``b``) takes, and why not the others; ``print`` it.
+
+    ``form``: ``"softmax"`` for every softmax loss, ``"sigmoid"`` for SigLIP.
+    Never raises for a backend that cannot run: :attr:`BackendChoice.chosen`
+    is then ``None`` and the reasons say why.
+    """
+    extent = max((*a.shape, *(() if b is None else b.shape)), default=0)
+    return _choose(backend, a.device, a.dtype, form, extent)
+
+
+def _choose(
+    name: str, device: Device, dtype: DType, form: str, extent: Optional[int], every: bool = True
+) -> BackendChoice:
+    """The choice; ``every=False`` probes only what the choice needs (a call's hot path: probes may
+    look for files, which a compiled graph must not do)."""
+    reasons: dict[str, list[Unsupported]] = {}
+
+    def why_not(other: str) -> list[Unsupported]:
+        if other not in reasons:
+            reasons[other] = BACKENDS[other].unsupported(device, dtype, form, extent)
+        return reasons[other]
+
+    if name == "auto":
+        candidates = [n for n, b in _by_preference() if device.type in b.auto_devices]
+        # none can run it: the most general candidate (the last), whose own checks then say why
+        fallback = candidates[-1] if candidates else None
+        chosen = next((n for n in candidates if not why_not(n)), fallback)
+    else:
+        chosen = None if why_not(name) else name
+    if every:
+        for other, _ in _by_preference():
+            why_not(other)
+    return BackendChoice(name, device, dtype, form, extent, chosen, reasons)
+
+
+def resolve_backend(
+    name: object, device: Device, dtype: DType, form: str = "softmax", extent: Optional[int] = None
+) -> Primitives:
     """The primitives to run the ``form`` on ``device`` tensors of ``dtype``; raises if ``name`` cannot.
 
     They call the backend through the registered ops of :mod:`tilecl.backends.ops`.
 
     Raises:
         TypeError: ``name`` is not a string, or the backend does not take ``dtype``.
-        ValueError: ``name`` is not a known backend.
+        ValueError: ``name`` is not a known backend, or the call is larger than it takes.
         RuntimeError: the backend cannot run here (not installed or built, wrong device).
     """
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
-    if name == "auto":
-        candidates = AUTO_ON_CUDA if device.type == "cuda" else ()
-        chosen = next((c for c in candidates if not BACKENDS[c].unsupported(device, dtype, form)), "torch")
-        return RegisteredPrimitives(chosen)
-    if name not in BACKENDS:
+    if name != "auto" and name not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {tuple(BACKENDS)}, got {name!r}")
-    found = BACKENDS[name].unsupported(device, dtype, form)
-    if found:
-        # a backend that cannot run here outranks a dtype mistake: fixing the dtype would not help
-        error = RuntimeError if any(u.error is RuntimeError for u in found) else TypeError
-        takers = [other for other, b in BACKENDS.items() if not b.unsupported(device, dtype, form)]
-        reasons = "; ".join(u.reason for u in found)
-        raise error(
-            f"backend={name!r} cannot run {dtype} tensors on {device} here: {reasons} "
-            f"(backends that can: {', '.join(takers) or 'none'})"
-        )
-    return RegisteredPrimitives(name)
+    choice = _choose(name, device, dtype, form, extent, every=False)
+    if choice.chosen is not None:
+        return RegisteredPrimitives(choice.chosen)
+    choice = _choose(name, device, dtype, form, extent)
+    if name == "auto":
+        raise RuntimeError(f"no backend can run this call:\n{choice}")
+    found = choice.reasons[name]
+    # a backend that cannot run here outranks a dtype mistake: fixing the dtype would not help
+    kinds = {u.error for u in found}
+    error = next(kind for kind in (RuntimeError, TypeError, ValueError) if kind in kinds)
+    takers = [other for other, reasons in choice.reasons.items() if not reasons]
+    reasons = "; ".join(u.reason for u in found)
+    raise error(
+        f"backend={name!r} cannot run {dtype} tensors on {device} here: {reasons} "
+        f"(backends that can: {', '.join(takers) or 'none'}; tilecl.explain_backend(a, b) says more)"
+    )

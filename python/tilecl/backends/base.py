@@ -47,6 +47,8 @@ __all__ = [
     "Scores",
     "SigmoidSweep",
     "SigmoidTerms",
+    "TOLERANCES",
+    "Tolerance",
     "Unsupported",
     "accumulation_dtype",
     "anywhere",
@@ -217,20 +219,64 @@ class Unsupported(NamedTuple):
     reason: str
 
 
+class Tolerance(NamedTuple):
+    """How close a backend's results must be to the float64 oracle, for one input dtype.
+
+    The error rule of the test matrix (flash-attention's): ``|ours − oracle| ≤
+    factor · |naive − oracle| + slack · max|oracle|``, with ``naive`` the
+    full-matrix PyTorch loss computed in the same dtype on the same device.
+    """
+
+    factor: float
+    slack: float
+
+
+#: the error rule every backend here meets, per input dtype
+TOLERANCES: Mapping[torch.dtype, Tolerance] = {
+    torch.float64: Tolerance(2.0, 1e-12),
+    torch.float32: Tolerance(2.0, 1e-6),
+    torch.bfloat16: Tolerance(2.0, 1e-3),
+    torch.float16: Tolerance(2.0, 1e-4),
+}
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (so gradcheck works); everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """A registered backend: its declarations and how its primitives are loaded.
+    """A backend's declaration: what it takes, where it runs, what it returns, how it is loaded.
+
+    Written next to the backend's code and registered there
+    (:func:`tilecl.backends.registry.register_backend`); dispatch, error
+    messages, :func:`tilecl.explain_backend` and the test matrix read only this.
 
     Attributes:
         name: the ``backend=`` string.
         dtypes: the input dtypes it takes.
-        devices: device type → a check that this machine can run it there
-            (``None`` when it can, else why not).
+        devices: device type → a probe: ``None`` when this machine can run it
+            there, else why not.
         missing: why it cannot run on this machine at all (a package or a
             build is missing), else ``None``.
-        load: returns the :class:`Primitives` (called once, on first use).
-        forms: the gradient forms its kernels have: ``"softmax"`` (the
+        load: returns the :class:`Primitives` (called on first use; may import
+            heavy packages).
+        forms: the elementwise forms its kernels have: ``"softmax"`` (the
             offset form, every softmax loss) and ``"sigmoid"`` (SigLIP).
+        result_dtype: the dtype of its statistics and gradients for an input
+            dtype.
+        max_extent: the largest ``N``, ``M`` or ``D`` it takes (``None``: no
+            limit of its own).
+        auto_devices: the device types on which ``backend="auto"`` may pick it.
+        preference: ``auto`` tries the backends in ascending preference (the
+            first that supports a call wins); listings follow it too.
+        tiles: device type → the tile of ``S`` one step covers, ``(rows,
+            columns, features)``: the test matrix sizes its shapes from it.
+        emulated_on: device types where it runs through an interpreter or an
+            emulator (correct but slow: the test matrix gives those cells the
+            smallest shapes that still cross several tiles and a remainder).
+        tolerances: the error rule it meets against the oracle, per dtype.
     """
 
     name: str
@@ -239,11 +285,19 @@ class Backend:
     missing: Callable[[], Optional[str]]
     load: Callable[[], Primitives]
     forms: tuple[str, ...] = FORMS
+    result_dtype: Callable[[torch.dtype], torch.dtype] = accumulation_dtype
+    max_extent: Optional[int] = None
+    auto_devices: tuple[str, ...] = ()
+    preference: int = 100
+    tiles: Mapping[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
+    emulated_on: tuple[str, ...] = ()
+    tolerances: Mapping[torch.dtype, Tolerance] = dataclasses.field(default_factory=lambda: TOLERANCES)
 
     def unsupported(
-        self, device: torch.device, dtype: torch.dtype, form: str = "softmax"
+        self, device: torch.device, dtype: torch.dtype, form: str = "softmax", extent: Optional[int] = None
     ) -> list[Unsupported]:
-        """Every reason this backend cannot run the ``form`` on ``device`` tensors of ``dtype`` here."""
+        """Every reason this backend cannot run the ``form`` on ``device`` tensors of ``dtype`` here
+        (and, given ``extent``, the largest of ``N``, ``M`` and ``D``, at that size)."""
         found = []
         if form not in self.forms:
             found.append(Unsupported(RuntimeError, f"its kernels have no {form} form yet"))
@@ -260,18 +314,15 @@ class Backend:
         if dtype not in self.dtypes:
             names = ", ".join(str(t).removeprefix("torch.") for t in self.dtypes)
             found.append(Unsupported(TypeError, f"takes {names} inputs, got {dtype}"))
+        if extent is not None and self.max_extent is not None and extent > self.max_extent:
+            found.append(Unsupported(ValueError, f"takes N, M and D up to {self.max_extent}, got {extent}"))
         return found
 
     def not_supported_reasons(
-        self, device: torch.device, dtype: torch.dtype, form: str = "softmax"
+        self, device: torch.device, dtype: torch.dtype, form: str = "softmax", extent: Optional[int] = None
     ) -> list[str]:
         """Why not, as sentences (empty: it can run); xformers' convention."""
-        return [u.reason for u in self.unsupported(device, dtype, form)]
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64 (so gradcheck works); everything else accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+        return [u.reason for u in self.unsupported(device, dtype, form, extent)]
 
 
 def _unit(*mults: torch.Tensor) -> torch.Tensor:

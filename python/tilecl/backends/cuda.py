@@ -29,15 +29,20 @@ import torch
 
 from .. import _cuda_build
 from .base import (
+    KERNEL_DTYPES,
+    Backend,
     Gradients,
     LseStats,
     OffsetTerms,
     Scores,
     SigmoidSweep,
     SigmoidTerms,
+    anywhere,
+    cuda_visible,
     with_unit_multipliers,
     with_unit_weights,
 )
+from .registry import register_backend
 
 __all__ = [
     "DTYPE_CODES",
@@ -386,3 +391,52 @@ class _Sweep(NamedTuple):
 
 def _device_guard(device: torch.device, backend: str):
     return torch.cuda.device(device) if backend == "cuda" else contextlib.nullcontext()
+
+
+def _cuda_missing() -> Optional[str]:
+    if not cuda_built():
+        return f"the CUDA C++ extension tilecl._cuda is not built; {BUILD_HINT}"
+    return None
+
+
+def _emulation_missing() -> Optional[str]:
+    missing = emulation_buildable()
+    if missing is not None:
+        return f"the CUDA emulation module cannot be built here: {missing}"
+    return None
+
+
+@functools.cache
+def _kernels(backend: str) -> CudaKernels:
+    return CudaKernels(backend)
+
+
+#: the kernels' tile of S (rows, columns, features): csrc/kernel_traits.h
+KERNEL_TILE = (64, 64, 32)
+
+CUDA = register_backend(
+    Backend(
+        "cuda",
+        KERNEL_DTYPES,
+        {"cuda": cuda_visible},
+        _cuda_missing,
+        lambda: _kernels("cuda"),
+        max_extent=MAX_DIM,
+        auto_devices=("cuda",),
+        preference=20,
+        tiles={"cuda": KERNEL_TILE},
+    )
+)
+CUDA_EMULATION = register_backend(
+    Backend(
+        "cuda-emu",
+        KERNEL_DTYPES,
+        {"cpu": anywhere},
+        _emulation_missing,
+        lambda: _kernels("cuda-emu"),
+        max_extent=MAX_DIM,
+        preference=30,
+        tiles={"cpu": KERNEL_TILE},
+        emulated_on=("cpu",),
+    )
+)

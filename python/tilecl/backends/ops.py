@@ -1,40 +1,39 @@
-"""The two primitives as registered custom ops, ``tilecl::lse_stats`` and ``tilecl::offset_backward``.
+"""The primitives as registered custom ops ``tilecl::<primitive>``, generated from one schema table.
 
 ``torch.compile`` sees each primitive as one opaque op with an exact fake
 (meta) implementation, so a loss traces without graph breaks however
 data-dependent the kernel behind it is (the torch backend's tile loop, the
 Triton launch, the CUDA extension), and a loss runs on ``meta`` / fake
-tensors (the shapes and dtypes below, no data). Autograd is not registered on
-the ops: the losses' autograd Functions (:mod:`tilecl.function`,
+tensors (shapes and dtypes, no data). Autograd is not registered on the ops:
+the losses' autograd Functions (:mod:`tilecl.function`, :mod:`tilecl.sigmoid`,
 :mod:`tilecl.modality`) call them under ``no_grad`` in their forward and
-backward, so there is still one Function over two primitives.
+backward.
 
-The backend is the op's first argument, a string: one op per primitive serves
-every backend, and the compiled graph names the one it runs.
+Every op takes the backend's name, then :class:`~tilecl.backends.base.Scores`
+field by field, then the primitive's own arguments (a form's terms type, field
+by field, and its options), and returns the primitive's result type field by
+field. :data:`SCHEMAS` holds one row per primitive; the ops, their fakes and
+:class:`RegisteredPrimitives` are made from it, so a new form adds one row
+(its terms type, result type and output shapes) and nothing else here. The
+schemas, as :func:`schema` writes them::
 
-``Tensor? row_groups, Tensor? col_groups, Tensor? kept_cols, bool shared_operands``
-after ``exclude_diagonal`` are :class:`~tilecl.backends.base.Scores`' group mask
-(``None``: no masking) and its ``a is b`` flag. Schemas::
+    tilecl::lse_stats(str backend, <Scores>, Tensor targets, SymInt col_count)
+        -> (Tensor row_lse, Tensor col_lse, Tensor positive)
+    tilecl::offset_backward(str backend, <Scores>, Tensor row_offset, Tensor row_mult,
+                            Tensor col_offset, Tensor col_mult)
+        -> (Tensor grad_a, Tensor grad_b, Tensor grad_scale)
+    tilecl::sigmoid_sweep(str backend, <Scores>, Tensor bias, Tensor row_keys, Tensor col_keys,
+                          Tensor row_weights, bool with_grads)
+        -> (Tensor row_loss, Tensor grad_a, Tensor grad_b, Tensor grad_scale, Tensor grad_bias)
 
-    tilecl::lse_stats(str backend, Tensor a, Tensor b, Tensor scale, bool exclude_diagonal,
-                      Tensor? row_groups, Tensor? col_groups, Tensor? kept_cols, bool shared_operands,
-                      Tensor targets, SymInt col_count) -> (Tensor row_lse, Tensor col_lse, Tensor positive)
-    tilecl::offset_backward(str backend, Tensor a, Tensor b, Tensor scale, bool exclude_diagonal,
-                            Tensor? row_groups, Tensor? col_groups, Tensor? kept_cols, bool shared_operands,
-                            Tensor row_offset, Tensor row_mult, Tensor col_offset, Tensor col_mult)
-                            -> (Tensor grad_a, Tensor grad_b, Tensor grad_scale)
-    tilecl::sigmoid_sweep(str backend, Tensor a, Tensor b, Tensor scale, bool exclude_diagonal,
-                          Tensor? row_groups, Tensor? col_groups, Tensor? kept_cols, bool shared_operands,
-                          Tensor bias, Tensor row_keys, Tensor col_keys, Tensor row_weights,
-                          bool with_grads)
-                          -> (Tensor row_loss, Tensor grad_a, Tensor grad_b, Tensor grad_scale,
-                              Tensor grad_bias)
+with ``<Scores>`` = ``Tensor a, Tensor b, Tensor scale, bool exclude_diagonal,
+Tensor? row_groups, Tensor? col_groups, Tensor? kept_cols, bool shared_operands``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -43,191 +42,166 @@ from .base import (
     Gradients,
     LseStats,
     OffsetTerms,
-    Primitives,
     Scores,
     SigmoidSweep,
     SigmoidTerms,
-    accumulation_dtype,
 )
+from .registry import BACKENDS
 
-__all__ = ["NAMESPACE", "OPS", "RegisteredPrimitives", "result_dtype", "sigmoid_sweep_op"]
+__all__ = [
+    "NAMESPACE",
+    "OPS",
+    "SCHEMAS",
+    "OpSchema",
+    "RegisteredPrimitives",
+    "lse_stats_op",
+    "offset_backward_op",
+    "schema",
+    "sigmoid_sweep_op",
+]
 
 NAMESPACE = "tilecl"
 
-#: the backend implementations behind the ops, by name (filled by the registry)
-_IMPLEMENTATIONS: dict[str, Callable[[], Primitives]] = {}
+#: Scores' fields as op arguments
+_SCORES = (
+    "Tensor a, Tensor b, Tensor scale, bool exclude_diagonal, "
+    "Tensor? row_groups, Tensor? col_groups, Tensor? kept_cols, bool shared_operands"
+)
+_SCORES_FIELDS = len(Scores._fields)
 
 
-def register_implementation(name: str, load: Callable[[], Primitives]) -> None:
-    """Make ``backend=name`` of the ops run the primitives ``load()`` returns."""
-    _IMPLEMENTATIONS[name] = load
+@dataclasses.dataclass(frozen=True)
+class OpSchema:
+    """One primitive as an op.
 
-
-def result_dtype(backend: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype of a backend's statistics and gradients for inputs of ``dtype``.
-
-    The reference oracle answers in float64 whatever the input; every other
-    backend accumulates float64 in float64 and anything else in float32.
+    Attributes:
+        name: the :class:`~tilecl.backends.base.Primitives` method and the op's name.
+        terms: the form's argument type (a NamedTuple of tensors), passed to the
+            method as one argument; ``None`` when the method takes its tensors
+            directly (``lse_stats``).
+        arguments: the op schema of the method's arguments after the scores
+            (the terms' fields first).
+        result: the method's result type (a NamedTuple of tensors).
+        fake: ``(accumulation dtype, scores, *arguments) -> result``, the
+            output shapes without data.
     """
-    return torch.float64 if backend == "reference" else accumulation_dtype(dtype)
+
+    name: str
+    terms: Optional[type]
+    arguments: str
+    result: type
+    fake: Callable[..., tuple]
+
+    @property
+    def term_count(self) -> int:
+        return 0 if self.terms is None else len(self.terms._fields)  # type: ignore[attr-defined]
 
 
-def _fresh(x: Tensor, inputs: tuple[Tensor, ...]) -> Tensor:
-    # a custom op's outputs may not alias its inputs (an oracle's float64 result can be its float64 input)
-    return x.clone() if any(x.data_ptr() == t.data_ptr() for t in inputs if t.numel()) else x
+def _empty(like: Tensor, shape: Any, dtype: torch.dtype) -> Tensor:
+    return like.new_empty(shape, dtype=dtype)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::lse_stats", mutates_args=())
-def lse_stats_op(
-    backend: str,
-    a: Tensor,
-    b: Tensor,
-    scale: Tensor,
-    exclude_diagonal: bool,
-    row_groups: Optional[Tensor],
-    col_groups: Optional[Tensor],
-    kept_cols: Optional[Tensor],
-    shared_operands: bool,
-    targets: Tensor,
-    col_count: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``backend``'s ``lse_stats``: ``(row_lse (N,), col_lse (col_count,), positive (N,))``."""
-    scores = Scores(a, b, scale, exclude_diagonal, row_groups, col_groups, kept_cols, shared_operands)
-    stats = _IMPLEMENTATIONS[backend]().lse_stats(scores, targets, col_count)
-    row_lse, col_lse, positive = (_fresh(x, (a, b, scale, targets)) for x in stats)
-    return row_lse, col_lse, positive
+def _lse_stats_fake(acc: torch.dtype, scores: Scores, targets: Tensor, col_count: int) -> tuple:
+    n = scores.a.shape[0]
+    return _empty(scores.a, n, acc), _empty(scores.a, col_count, acc), _empty(scores.a, n, acc)
 
 
-@lse_stats_op.register_fake
-def _lse_stats_fake(
-    backend: str,
-    a: Tensor,
-    b: Tensor,
-    scale: Tensor,
-    exclude_diagonal: bool,
-    row_groups: Optional[Tensor],
-    col_groups: Optional[Tensor],
-    kept_cols: Optional[Tensor],
-    shared_operands: bool,
-    targets: Tensor,
-    col_count: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    acc = result_dtype(backend, a.dtype)
-    n = a.shape[0]
-    return a.new_empty(n, dtype=acc), a.new_empty(col_count, dtype=acc), a.new_empty(n, dtype=acc)
+def _offset_backward_fake(acc: torch.dtype, scores: Scores, *terms: Tensor) -> tuple:
+    a, b = scores.a, scores.b
+    return _empty(a, a.shape, acc), _empty(b, b.shape, acc), _empty(a, (), acc)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::offset_backward", mutates_args=())
-def offset_backward_op(
-    backend: str,
-    a: Tensor,
-    b: Tensor,
-    scale: Tensor,
-    exclude_diagonal: bool,
-    row_groups: Optional[Tensor],
-    col_groups: Optional[Tensor],
-    kept_cols: Optional[Tensor],
-    shared_operands: bool,
-    row_offset: Tensor,
-    row_mult: Tensor,
-    col_offset: Tensor,
-    col_mult: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``backend``'s ``offset_backward``: ``(grad_a (N, D), grad_b (M, D), grad_scale ())``."""
-    scores = Scores(a, b, scale, exclude_diagonal, row_groups, col_groups, kept_cols, shared_operands)
-    terms = OffsetTerms(row_offset, row_mult, col_offset, col_mult)
-    grads = _IMPLEMENTATIONS[backend]().offset_backward(scores, terms)
-    inputs = (a, b, scale, row_offset, row_mult, col_offset, col_mult)
-    grad_a, grad_b, grad_scale = (_fresh(x, inputs) for x in grads)
-    return grad_a, grad_b, grad_scale
-
-
-@offset_backward_op.register_fake
-def _offset_backward_fake(
-    backend: str,
-    a: Tensor,
-    b: Tensor,
-    scale: Tensor,
-    exclude_diagonal: bool,
-    row_groups: Optional[Tensor],
-    col_groups: Optional[Tensor],
-    kept_cols: Optional[Tensor],
-    shared_operands: bool,
-    row_offset: Tensor,
-    row_mult: Tensor,
-    col_offset: Tensor,
-    col_mult: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    acc = result_dtype(backend, a.dtype)
-    return a.new_empty(a.shape, dtype=acc), b.new_empty(b.shape, dtype=acc), a.new_empty((), dtype=acc)
-
-
-@torch.library.custom_op(f"{NAMESPACE}::sigmoid_sweep", mutates_args=())
-def sigmoid_sweep_op(
-    backend: str,
-    a: Tensor,
-    b: Tensor,
-    scale: Tensor,
-    exclude_diagonal: bool,
-    row_groups: Optional[Tensor],
-    col_groups: Optional[Tensor],
-    kept_cols: Optional[Tensor],
-    shared_operands: bool,
-    bias: Tensor,
-    row_keys: Tensor,
-    col_keys: Tensor,
-    row_weights: Tensor,
-    with_grads: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``backend``'s ``sigmoid_sweep``: ``(row_loss (N,), grad_a, grad_b, grad_scale, grad_bias)``."""
-    scores = Scores(a, b, scale, exclude_diagonal, row_groups, col_groups, kept_cols, shared_operands)
-    terms = SigmoidTerms(bias, row_keys, col_keys, row_weights)
-    sweep = _IMPLEMENTATIONS[backend]().sigmoid_sweep(scores, terms, with_grads)
-    inputs = (a, b, scale, bias, row_keys, col_keys, row_weights)
-    row_loss, grad_a, grad_b, grad_scale, grad_bias = (_fresh(x, inputs) for x in sweep)
-    return row_loss, grad_a, grad_b, grad_scale, grad_bias
-
-
-@sigmoid_sweep_op.register_fake
-def _sigmoid_sweep_fake(
-    backend: str,
-    a: Tensor,
-    b: Tensor,
-    scale: Tensor,
-    exclude_diagonal: bool,
-    row_groups: Optional[Tensor],
-    col_groups: Optional[Tensor],
-    kept_cols: Optional[Tensor],
-    shared_operands: bool,
-    bias: Tensor,
-    row_keys: Tensor,
-    col_keys: Tensor,
-    row_weights: Tensor,
-    with_grads: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    acc = result_dtype(backend, a.dtype)
-    row_loss = a.new_empty(a.shape[0], dtype=acc)
+def _sigmoid_sweep_fake(acc: torch.dtype, scores: Scores, *terms_and_options: Any) -> tuple:
+    a, b, with_grads = scores.a, scores.b, terms_and_options[-1]
+    row_loss = _empty(a, a.shape[0], acc)
     if not with_grads:
-        return row_loss, *(a.new_empty(0, dtype=acc) for _ in range(4))  # type: ignore[return-value]
-    grads = a.new_empty(a.shape, dtype=acc), b.new_empty(b.shape, dtype=acc)
-    return row_loss, *grads, a.new_empty((), dtype=acc), a.new_empty((), dtype=acc)
+        return (row_loss, *(_empty(a, 0, acc) for _ in range(4)))
+    return row_loss, _empty(a, a.shape, acc), _empty(b, b.shape, acc), _empty(a, (), acc), _empty(a, (), acc)
 
 
-#: every registered op, for ``torch.library.opcheck`` and the docs
-OPS = (lse_stats_op, offset_backward_op, sigmoid_sweep_op)
+#: one row per primitive: the ops below are generated from it
+SCHEMAS = (
+    OpSchema("lse_stats", None, "Tensor targets, SymInt col_count", LseStats, _lse_stats_fake),
+    OpSchema(
+        "offset_backward",
+        OffsetTerms,
+        "Tensor row_offset, Tensor row_mult, Tensor col_offset, Tensor col_mult",
+        Gradients,
+        _offset_backward_fake,
+    ),
+    OpSchema(
+        "sigmoid_sweep",
+        SigmoidTerms,
+        "Tensor bias, Tensor row_keys, Tensor col_keys, Tensor row_weights, bool with_grads",
+        SigmoidSweep,
+        _sigmoid_sweep_fake,
+    ),
+)
+
+
+def schema(entry: OpSchema) -> str:
+    """The op's schema string (without the namespace and name)."""
+    returns = ", ".join(f"Tensor {field}" for field in entry.result._fields)  # type: ignore[attr-defined]
+    return f"(str backend, {_SCORES}, {entry.arguments}) -> ({returns})"
+
+
+def _method_arguments(entry: OpSchema, rest: tuple) -> tuple:
+    """The op's arguments after the scores, as the primitive method takes them."""
+    if entry.terms is None:
+        return rest
+    return (entry.terms(*rest[: entry.term_count]), *rest[entry.term_count :])
+
+
+def _fresh(x: Tensor, inputs: tuple) -> Tensor:
+    # a custom op's outputs may not alias its inputs (an oracle's float64 result can be its float64 input)
+    tensors = [t for t in inputs if isinstance(t, Tensor) and t.numel()]
+    return x.clone() if any(x.data_ptr() == t.data_ptr() for t in tensors) else x
+
+
+def _make_op(entry: OpSchema) -> Any:
+    def run(backend: str, *args: Any) -> tuple:
+        scores, rest = Scores(*args[:_SCORES_FIELDS]), args[_SCORES_FIELDS:]
+        primitive = getattr(BACKENDS[backend].load(), entry.name)
+        result = primitive(scores, *_method_arguments(entry, rest))
+        return tuple(_fresh(x, args) for x in result)
+
+    def fake(backend: str, *args: Any) -> tuple:
+        scores, rest = Scores(*args[:_SCORES_FIELDS]), args[_SCORES_FIELDS:]
+        return entry.fake(BACKENDS[backend].result_dtype(scores.a.dtype), scores, *rest)
+
+    run.__name__ = fake.__name__ = entry.name
+    run.__doc__ = f"``backend``'s ``{entry.name}``: the fields of :class:`{entry.result.__name__}`."
+    op = torch.library.custom_op(f"{NAMESPACE}::{entry.name}", run, mutates_args=(), schema=schema(entry))
+    op.register_fake(fake)
+    return op
+
+
+#: every registered op, in :data:`SCHEMAS` order (for ``torch.library.opcheck`` and the docs)
+OPS = tuple(_make_op(entry) for entry in SCHEMAS)
+lse_stats_op, offset_backward_op, sigmoid_sweep_op = OPS
+
+
+def _call(op: Any, result: type, backend: str, scores: Scores, *arguments: Any) -> Any:
+    flat: list[Any] = []
+    for argument in arguments:
+        flat.extend(argument if isinstance(argument, tuple) else (argument,))
+    return result(*op(backend, *scores, *flat))
 
 
 @dataclasses.dataclass(frozen=True)
 class RegisteredPrimitives:
-    """The :class:`Primitives` of backend ``name``, called through the registered ops."""
+    """The :class:`~tilecl.backends.base.Primitives` of backend ``name``, through the registered ops."""
 
     name: str
 
     def lse_stats(self, scores: Scores, targets: Tensor, col_count: int) -> LseStats:
-        return LseStats(*lse_stats_op(self.name, *scores, targets, col_count))
+        result: LseStats = _call(lse_stats_op, LseStats, self.name, scores, targets, col_count)
+        return result
 
     def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
-        return Gradients(*offset_backward_op(self.name, *scores, *terms))
+        result: Gradients = _call(offset_backward_op, Gradients, self.name, scores, terms)
+        return result
 
     def sigmoid_sweep(self, scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
-        return SigmoidSweep(*sigmoid_sweep_op(self.name, *scores, *terms, with_grads))
+        result: SigmoidSweep = _call(sigmoid_sweep_op, SigmoidSweep, self.name, scores, terms, with_grads)
+        return result

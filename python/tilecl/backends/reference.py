@@ -7,12 +7,27 @@ whatever the input dtype, on the inputs' device.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
-from .base import Gradients, LseStats, OffsetTerms, Scores, SigmoidSweep, SigmoidTerms
+from .base import (
+    FLOAT_DTYPES,
+    Backend,
+    Gradients,
+    LseStats,
+    OffsetTerms,
+    Primitives,
+    Scores,
+    SigmoidSweep,
+    SigmoidTerms,
+    anywhere,
+    cuda_visible,
+)
+from .registry import register_backend
 
-__all__ = ["lse_stats", "offset_backward", "sigmoid_sweep"]
+__all__ = ["BACKEND", "lse_stats", "offset_backward", "sigmoid_sweep"]
 
 
 def _host(x: torch.Tensor) -> np.ndarray:
@@ -105,3 +120,22 @@ def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> Sigm
     grad_a = np.einsum("ij,jd->id", grad, b64, optimize=False)
     grad_b = np.einsum("ij,id->jd", grad, a64, optimize=False)
     return SigmoidSweep(*_on(scores.a, row_loss, s * grad_a, s * grad_b, np.sum(grad_a * a64), np.sum(grad)))
+
+
+def _this_module() -> Primitives:
+    module: Primitives = sys.modules[__name__]
+    return module
+
+
+#: float64 results whatever the inputs; never chosen by ``auto`` (it materializes S)
+BACKEND = register_backend(
+    Backend(
+        "reference",
+        FLOAT_DTYPES,
+        {"cpu": anywhere, "cuda": cuda_visible, "meta": anywhere},
+        lambda: None,
+        _this_module,
+        result_dtype=lambda dtype: torch.float64,
+        preference=100,
+    )
+)

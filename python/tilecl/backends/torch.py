@@ -21,14 +21,37 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Callable, Iterator, Optional
 
 import torch
 
 from .._compat import softplus_into
-from .base import Gradients, LseStats, OffsetTerms, Scores, SigmoidSweep, SigmoidTerms, accumulation_dtype
+from .base import (
+    FLOAT_DTYPES,
+    Backend,
+    Gradients,
+    LseStats,
+    OffsetTerms,
+    Primitives,
+    Scores,
+    SigmoidSweep,
+    SigmoidTerms,
+    accumulation_dtype,
+    anywhere,
+    cuda_visible,
+)
+from .registry import register_backend
 
-__all__ = ["TILE_BYTES", "accumulation_dtype", "lse_stats", "offset_backward", "sigmoid_sweep", "tile_shape"]
+__all__ = [
+    "BACKEND",
+    "TILE_BYTES",
+    "accumulation_dtype",
+    "lse_stats",
+    "offset_backward",
+    "sigmoid_sweep",
+    "tile_shape",
+]
 
 #: Bytes of float tile buffers a call may hold (the "extra memory" knob).
 TILE_BYTES: int = int(os.environ.get("TILECL_TILE_BYTES", str(16 << 20)))
@@ -472,3 +495,22 @@ def _column_term_(
     torch.sub(tile[:, :width], r[None, :], out=column_part).exp_().mul_(h[None, :])
     tile.sub_(c[:, None]).exp_().mul_(g[:, None])
     tile[:, :width].add_(column_part)
+
+
+def _this_module() -> Primitives:
+    module: Primitives = sys.modules[__name__]
+    return module
+
+
+#: any device, any float dtype; what ``auto`` falls back to
+BACKEND = register_backend(
+    Backend(
+        "torch",
+        FLOAT_DTYPES,
+        {"cpu": anywhere, "cuda": cuda_visible, "meta": anywhere},
+        lambda: None,
+        _this_module,
+        auto_devices=("cpu", "cuda", "meta"),
+        preference=90,
+    )
+)

@@ -20,27 +20,34 @@ floating-point atomics (bitwise reproducible, one more N·M·D pass).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+import sys
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Optional, Protocol
 
 import torch
 
 from . import torch as torch_primitives
 from .base import (
     KERNEL_DTYPES,
+    Backend,
     Gradients,
     LseStats,
     OffsetTerms,
+    Primitives,
     Scores,
     SigmoidSweep,
     SigmoidTerms,
+    cuda_visible,
     with_unit_multipliers,
     with_unit_weights,
 )
+from .registry import register_backend
 
 __all__ = [
+    "BACKEND",
     "GPU_CONFIGS",
     "SIGMOID_GPU_CONFIGS",
     "KernelConfig",
@@ -408,3 +415,43 @@ def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> Sigm
         # as in offset_backward: S / scale holds no a·b at scale ~0
         grad_scale = torch_primitives.sigmoid_sweep(scores, terms, True).grad_scale.float()
     return SigmoidSweep(form.row_loss, grad_a, grad_b, grad_scale, form.bias_partials.sum())
+
+
+# --------------------------------------------------------------------------- declaration
+
+
+def _triton_missing() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "needs triton (pip install triton)"
+    return None
+
+
+def _triton_interpreter() -> Optional[str]:
+    # read when triton is first imported, so it must be set before that
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return (
+            "runs on CPU tensors only under Triton's interpreter "
+            "(set TRITON_INTERPRET=1 before importing triton)"
+        )
+    return None
+
+
+def _this_module() -> Primitives:
+    module: Primitives = sys.modules[__name__]
+    return module
+
+
+BACKEND = register_backend(
+    Backend(
+        "triton",
+        KERNEL_DTYPES,
+        {"cuda": cuda_visible, "cpu": _triton_interpreter},
+        _triton_missing,
+        _this_module,
+        max_extent=MAX_DIM,
+        auto_devices=("cuda",),
+        preference=10,
+        tiles={"cpu": (INTERPRETER_CONFIG.BLOCK_M, INTERPRETER_CONFIG.BLOCK_N, INTERPRETER_CONFIG.BLOCK_D)},
+        emulated_on=("cpu",),
+    )
+)

@@ -1,0 +1,93 @@
+"""Backends declare themselves; dispatch, errors and ``explain_backend`` come from the declarations."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tilecl
+from tilecl.backends import BACKENDS, Backend, explain_backend, resolve_backend
+
+PACKAGE = Path(tilecl.__file__).resolve().parent
+
+
+def test_every_backend_is_declared_in_its_own_module():
+    for name, backend in BACKENDS.items():
+        module = sys.modules[backend.load.__module__]
+        assert module.__name__.startswith("tilecl.backends."), (name, module.__name__)
+        assert backend.dtypes and backend.devices and backend.tolerances
+        assert set(backend.tolerances) >= set(backend.dtypes), name
+        assert set(backend.tiles) <= set(backend.devices) and set(backend.emulated_on) <= set(backend.devices)
+
+
+def test_no_module_outside_a_backend_names_one():
+    """Dispatch reads declarations: no `== "reference"`-style test of a backend's name elsewhere."""
+    names = set(BACKENDS)
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "backends" and path.stem in {"triton", "cuda", "torch", "reference"}:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                for side in (node.left, *node.comparators):
+                    if isinstance(side, ast.Constant) and side.value in names:
+                        pytest.fail(f"{path.relative_to(PACKAGE)}:{node.lineno} compares with {side.value!r}")
+
+
+def test_explain_backend_names_the_choice_and_every_reason():
+    a, b = torch.randn(5, 3), torch.randn(7, 3)
+    choice = explain_backend(a, b)
+    assert choice.chosen == "torch" and choice.extent == 7
+    text = str(choice)
+    assert "runs on 'torch'" in text
+    for name, reasons in choice.reasons.items():
+        if name != "torch":
+            assert f"  {name}: " in text
+            for reason in reasons:
+                assert reason.reason in text
+    assert explain_backend(a.double(), backend="reference").chosen == "reference"
+    assert tilecl.explain_backend is explain_backend
+
+
+def test_a_refused_explicit_backend_lists_its_reasons(monkeypatch):
+    small = dataclasses.replace(BACKENDS["torch"], max_extent=4)
+    monkeypatch.setitem(BACKENDS, "torch", small)
+    with pytest.raises(ValueError, match=r"backend='torch' cannot run .* up to 4, got 7 .*explain_backend"):
+        resolve_backend("torch", torch.device("cpu"), torch.float32, extent=7)
+    choice = explain_backend(torch.randn(7, 3), backend="torch")
+    assert choice.chosen is None and "cannot run" in str(choice) and "up to 4, got 7" in str(choice)
+    # a loss reaches the size limit through the driver, before any kernel
+    with pytest.raises(ValueError, match="up to 4, got 7"):
+        tilecl.contrastive_loss(torch.randn(7, 3), torch.randn(7, 3), backend="torch")
+
+
+def test_auto_passes_over_what_cannot_run_and_says_so(monkeypatch):
+    unusable = Backend(
+        "unusable-first",
+        (torch.float32,),
+        {"cpu": lambda: "this machine lacks it"},
+        lambda: None,
+        lambda: BACKENDS["torch"].load(),
+        auto_devices=("cpu",),
+        preference=0,
+    )
+    monkeypatch.setitem(BACKENDS, unusable.name, unusable)
+    choice = explain_backend(torch.randn(3, 2))
+    assert choice.chosen == "torch"
+    assert "unusable-first: this machine lacks it" in str(choice)
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32).name == "torch"
+
+
+def test_import_tilecl_imports_no_oracle_demo_or_tool():
+    code = "import sys, tilecl\nprint(' '.join(sorted(m for m in sys.modules if m.startswith('tilecl'))))"
+    loaded = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    modules = set(loaded.stdout.split())
+    assert not {m for m in modules if m.startswith("tilecl.testing")}, modules
+    for lab in ("demo", "reproduce", "memory", "inspect_kernels", "integrations"):
+        assert f"tilecl.{lab}" not in modules
+    assert not {m for m in modules if m.startswith("tilecl.kernels")}  # the triton backend's first use
