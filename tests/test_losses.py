@@ -26,6 +26,7 @@ from utils import (
     NAMES,
     Combo,
     assert_all_close_by_rule,
+    assert_close_by_rule,
     assert_rel,
     host,
     make_inputs,
@@ -36,6 +37,8 @@ from utils import (
 )
 
 ALL = matrix()
+#: with the reference backend: what the primitive-level property tests and the listing check take
+EVERY = matrix(with_oracle=True)
 LOW = matrix(dtypes=(torch.float32, torch.bfloat16, torch.float16))
 # (1, 1, 1): one element; (13, 17, 5): hard-negative columns, primes; (37, 45, 40): two
 # 32-wide feature chunks; (70, 130, 24): 2 x 3 CUDA tiles, 5 x 9 interpreter tiles, ragged everywhere
@@ -56,11 +59,10 @@ def test_values_and_gradients(combo, n, m, d, symmetric):
     a, b = combo.inputs(n, m, d, seed=n + d)
     ours = run(loss_fn(combo), a, b, 12.0, symmetric=symmetric)
     naive = run(naive_contrastive_loss, a, b, 12.0, symmetric=symmetric)
-    if combo.backend != "reference":  # the oracle's statistics stay float64
-        assert ours[0].dtype == (torch.float64 if combo.dtype == torch.float64 else torch.float32)
+    assert ours[0].dtype == combo.result_dtype  # the reference backend's statistics stay float64
     assert ours[1].dtype == ours[2].dtype == combo.dtype
     assert ours[1].device == a.device
-    assert_all_close_by_rule(ours, naive, oracle(a, b, 12.0, symmetric=symmetric), combo.dtype)
+    assert_all_close_by_rule(ours, naive, oracle(a, b, 12.0, symmetric=symmetric), combo)
 
 
 @pytest.mark.parametrize("combo", matrix(dtypes=(torch.float64, torch.float32)), indirect=True)
@@ -116,7 +118,7 @@ def test_labels_hard_negatives_reductions(combo, symmetric, reduction):
     ref = oracle(
         a, b, 5.0, upstream, labels=host(labels).astype(int), symmetric=symmetric, reduction=reduction
     )
-    assert_all_close_by_rule(ours, naive, ref, combo.dtype)
+    assert_all_close_by_rule(ours, naive, ref, combo)
 
 
 @pytest.mark.parametrize("combo", matrix(dtypes=(torch.float64, torch.float32)), indirect=True)
@@ -128,7 +130,7 @@ def test_extreme_logits_unnormalized(combo, symmetric):
     ours = run(loss_fn(combo), a, b, 100.0, symmetric=symmetric)
     assert all(torch.isfinite(x).all() for x in ours)
     naive = run(naive_contrastive_loss, a, b, 100.0, symmetric=symmetric)
-    assert_all_close_by_rule(ours, naive, oracle(a, b, 100.0, symmetric=symmetric), combo.dtype)
+    assert_all_close_by_rule(ours, naive, oracle(a, b, 100.0, symmetric=symmetric), combo)
 
 
 @pytest.mark.parametrize("combo", matrix(dtypes=(torch.float64, torch.float32)), indirect=True)
@@ -141,7 +143,7 @@ def test_extreme_logits_with_columns_nobody_points_to(combo):
     assert all(torch.isfinite(x).all() for x in ours)
     naive = run(naive_contrastive_loss, a, b, 100.0, **kw)
     ref = oracle(a, b, 100.0, labels=host(labels).astype(int), symmetric=True)
-    assert_all_close_by_rule(ours, naive, ref, combo.dtype)
+    assert_all_close_by_rule(ours, naive, ref, combo)
 
 
 @pytest.mark.parametrize("combo", ALL, indirect=True)
@@ -154,7 +156,7 @@ def test_nt_xent(combo, n):
     naive = naive_nt_xent_loss(z1, z2, temperature)
     ref = reference.nt_xent_loss(host(z1), host(z2), temperature)
     grads, naive_grads = torch.autograd.grad(ours, (z1, z2)), torch.autograd.grad(naive, (z1, z2))
-    assert_all_close_by_rule((ours, *grads), (naive, *naive_grads), ref, combo.dtype, ("loss", "z1", "z2"))
+    assert_all_close_by_rule((ours, *grads), (naive, *naive_grads), ref, combo, ("loss", "z1", "z2"))
 
 
 def naive_gamma_loss(a, b, log_u, log_uc, scale, symmetric):
@@ -188,7 +190,7 @@ def test_gamma_surrogate_weights(combo, symmetric):
     ref = reference.gamma_contrastive_loss(
         host(a), host(b), host(log_u), host(log_uc) if symmetric else None, 6.0, **kw
     )
-    assert_all_close_by_rule(ours, naive, ref[:4], combo.dtype)
+    assert_all_close_by_rule(ours, naive, ref[:4], combo)
 
 
 def naive_uniformity(z, t):
@@ -212,7 +214,7 @@ def test_uniformity(combo, n, d):
     naive = naive_uniformity(z, 2.0)
     ref = reference.uniformity_loss(host(z), t=2.0)
     grads, naive_grads = torch.autograd.grad(loss, z), torch.autograd.grad(naive, z)
-    assert_all_close_by_rule((loss, *grads), (naive, *naive_grads), (ref.loss, *ref.grads), combo.dtype)
+    assert_all_close_by_rule((loss, *grads), (naive, *naive_grads), (ref.loss, *ref.grads), combo)
 
 
 #: error of the primitives themselves against the float64 reference on the same rounded inputs:
@@ -277,7 +279,7 @@ def test_offset_backward_at_scale_zero(combo):
         assert_rel(x, y, PRIMITIVE_REL[combo.dtype], name, atol=1e-6)
 
 
-@pytest.mark.parametrize("combo", ALL, indirect=True)
+@pytest.mark.parametrize("combo", EVERY, indirect=True)
 def test_fully_masked_rows_and_columns_are_minus_inf_not_nan(combo):
     device = torch.device(combo.device)
     primitives = resolve_backend(combo.backend, device, combo.dtype)
@@ -350,7 +352,7 @@ def test_undeclared_dtypes_are_refused_with_the_backends_reason(name):
 
 
 def test_the_matrix_lists_every_declared_combination():
-    cells = {p.values[0].id for p in ALL}
+    cells = {p.values[0].id for p in EVERY}
     for name, backend in BACKENDS.items():
         for device in backend.devices:
             for dtype in backend.dtypes:
@@ -361,4 +363,47 @@ def test_the_matrix_lists_every_declared_combination():
         "torch/cuda/float64",
         "cuda-emu/cpu/float16",
     } <= cells
-    assert np.all([p.values[0].dtype in BACKENDS[p.values[0].backend].dtypes for p in ALL])
+    assert np.all([p.values[0].dtype in BACKENDS[p.values[0].backend].dtypes for p in EVERY])
+
+
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+def test_gamma_module_step(combo):
+    """GammaContrastiveLoss on every backend: the E-step memory holds the batch's ``log D̂`` and the
+    M-step is the surrogate for the module's weights (the ``mean`` estimator: no draw)."""
+    n, scale = 21, 4.0
+    module = tilecl.GammaContrastiveLoss(40, gamma=1.0, estimator="mean", backend=combo.backend)
+    module = module.to(combo.device)
+    a, b = combo.inputs(n, n, 8, seed=11)
+    index = torch.arange(n, device=a.device) + 5
+    ours = run(lambda a_, b_, s: module(a_, b_, index, s), a, b, scale)
+    log_u, log_uc = module.last_log_u
+    ref = reference.gamma_contrastive_loss(host(a), host(b), host(log_u), host(log_uc), scale)
+    naive = run(lambda a_, b_, s: naive_gamma_loss(a_, b_, log_u, log_uc, s, True), a, b, scale)
+    assert_all_close_by_rule(ours, naive, ref[:4], combo)
+    logits = scale * host(a) @ host(b).T
+    want_rows = reference.logsumexp(logits, 1) - np.log(n)
+    naive_rows = torch.logsumexp(scale * a.detach() @ b.detach().t(), 1) - math.log(n)
+    assert_close_by_rule(module.log_memory_rows[index], naive_rows, want_rows, combo, "row memory")
+
+
+def naive_feature_separation(z_v, z_t, zi_v, zi_t, zi_va, zi_ta, temperature, t):
+    """``L_ortho + L^i_con + L^i_uni`` from full matrices, in the inputs' dtype."""
+    ortho = ((z_v * zi_v).sum(1) ** 2 + (z_t * zi_t).sum(1) ** 2).mean()
+    scale = 1.0 / temperature
+    con = (naive_contrastive_loss(zi_v, zi_va, scale) + naive_contrastive_loss(zi_t, zi_ta, scale)) / 2
+    return ortho + con + naive_uniformity(zi_v, t) + naive_uniformity(zi_t, t)
+
+
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+def test_feature_separation(combo):
+    """The regularizer whose parts run on a backend (in-modal InfoNCE, uniformity), against float64."""
+    views = [combo.inputs(19, 1, 6, seed=k)[0] for k in range(6)]
+    exact = [x.detach().double().cpu().requires_grad_() for x in views]
+    loss = tilecl.feature_separation_loss(*views, 0.1, 2.0, backend=combo.backend)
+    naive = naive_feature_separation(*views, 0.1, 2.0)
+    want = naive_feature_separation(*exact, 0.1, 2.0)
+    names = ("loss", "z_v", "zi_v", "zi_va")
+    ours = (loss, *torch.autograd.grad(loss, (views[0], views[2], views[4])))
+    theirs = (naive, *torch.autograd.grad(naive, (views[0], views[2], views[4])))
+    exact_out = (want, *torch.autograd.grad(want, (exact[0], exact[2], exact[4])))
+    assert_all_close_by_rule(ours, theirs, exact_out, combo, names)

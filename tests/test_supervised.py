@@ -2,7 +2,7 @@
 
 Values and every gradient meet the error rule (``≤ 2×`` naive PyTorch's error
 in the same dtype, :mod:`utils`) against the float64 oracle
-(:mod:`tilecl.reference`): masked CLIP (both directions), masked InfoNCE with
+(:mod:`tilecl.testing.oracle`): masked CLIP (both directions), masked InfoNCE with
 labels and hard-negative columns, weights under every reduction, masked
 NT-Xent, SupCon in its one- and two-tower forms, and the masked gamma
 surrogate. The group ids are chosen so that every tile of the torch backend
@@ -55,7 +55,7 @@ def check_contrastive(combo: Combo, n: int, m: int, d: int, scale: float, grad_o
 
     mine = run(ours, a, b, scale, grad_output, **kw)
     naive = run(naive_contrastive_loss, a, b, scale, grad_output, **kw)
-    assert_all_close_by_rule(mine, naive, oracle(a, b, scale, grad_output, **as_numpy(kw)), combo.dtype)
+    assert_all_close_by_rule(mine, naive, oracle(a, b, scale, grad_output, **as_numpy(kw)), combo)
 
 
 @pytest.mark.parametrize("combo", ALL, indirect=True)
@@ -125,9 +125,7 @@ def test_masked_and_weighted_nt_xent(combo):
     mine = grads(tilecl.nt_xent_loss, backend=combo.backend)
     naive = grads(naive_nt_xent_loss)
     out = reference.nt_xent_loss(host(z1), host(z2), 0.3, groups=groups.cpu().numpy(), weights=host(weights))
-    assert_all_close_by_rule(
-        mine, naive, (out.loss, out.grad_z1, out.grad_z2), combo.dtype, ("loss", "z1", "z2")
-    )
+    assert_all_close_by_rule(mine, naive, (out.loss, out.grad_z1, out.grad_z2), combo, ("loss", "z1", "z2"))
 
 
 @pytest.mark.parametrize("combo", ALL, indirect=True)
@@ -154,7 +152,7 @@ def test_supcon_against_the_oracle(combo, two_tower):
         **({"columns": host(columns), "column_labels": column_labels.cpu().numpy()} if two_tower else {}),
     )  # fmt: skip
     want = (out.loss, out.grad_features, out.grad_columns)[: 1 + len(leaves)]
-    assert_all_close_by_rule(mine, naive, want, combo.dtype, ("loss", "features", "columns"))
+    assert_all_close_by_rule(mine, naive, want, combo, ("loss", "features", "columns"))
 
 
 @pytest.mark.parametrize("combo", matrix([torch.float64, torch.float32]), indirect=True)
@@ -212,8 +210,18 @@ def test_weighted_mean_is_the_weighted_average_of_per_pair_losses():
     per_pair = tilecl.contrastive_loss(a, b, 3.0, reduction="none", backend="torch")
     weighted = tilecl.contrastive_loss(a, b, 3.0, weights=w, backend="torch")
     assert math.isclose(float(weighted), float((per_pair * w).sum() / w.sum()), rel_tol=1e-14)
-    zero = tilecl.contrastive_loss(a, b, 3.0, weights=torch.zeros(9, dtype=torch.float64), backend="torch")
+    with pytest.warns(RuntimeWarning, match="weights are all zero") as caught:
+        zero = tilecl.contrastive_loss(
+            a, b, 3.0, weights=torch.zeros(9, dtype=torch.float64), backend="torch"
+        )
     assert float(zero) == 0.0
+    assert caught[0].filename == __file__  # it points at the call
+    for loss in (
+        lambda: tilecl.nt_xent_loss(a, b, 0.5, weights=torch.zeros(9, dtype=torch.float64)),
+        lambda: tilecl.supcon_loss(a, torch.arange(9) % 3, weights=torch.zeros(9, dtype=torch.float64)),
+    ):
+        with pytest.warns(RuntimeWarning, match="weights are all zero"):
+            assert float(loss()) == 0.0
 
 
 @pytest.mark.parametrize("seed", range(3))

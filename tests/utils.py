@@ -24,14 +24,13 @@ import numpy as np
 import pytest
 import torch
 
-from tilecl.backends import BACKENDS
+from tilecl.backends import BACKENDS, Backend
+from tilecl.backends.base import TOLERANCES, Tolerance
 from tilecl.testing import oracle as reference
 
 #: the device a backend-independent test runs on: the GPU where there is one
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-#: absolute slack, as a fraction of the largest reference value, per input dtype
-ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 NAMES = ("loss", "grad_a", "grad_b", "grad_scale")
 SIGMOID_NAMES = (*NAMES, "grad_bias")
@@ -49,21 +48,51 @@ class Combo:
     def id(self) -> str:
         return f"{self.backend}/{self.device}/{str(self.dtype).removeprefix('torch.')}"
 
+    @property
+    def declaration(self) -> Backend:
+        return BACKENDS[self.backend]
+
+    @property
+    def result_dtype(self) -> torch.dtype:
+        """The dtype of the loss and statistics this cell returns (its backend's declaration)."""
+        return self.declaration.result_dtype(self.dtype)
+
+    @property
+    def tolerance(self) -> Tolerance:
+        return self.declaration.tolerances[self.dtype]
+
+    @property
+    def emulated(self) -> bool:
+        """Whether the cell runs interpreted or emulated (slow: it gets the smallest shapes)."""
+        return self.device in self.declaration.emulated_on
+
     def reasons(self) -> list[str]:
-        return BACKENDS[self.backend].not_supported_reasons(torch.device(self.device), self.dtype)
+        return self.declaration.not_supported_reasons(torch.device(self.device), self.dtype)
 
     def inputs(self, n: int, m: int, d: int, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return make_inputs(n, m, d, dtype=self.dtype, device=self.device, **kw)
 
 
+#: the primitive-level oracle: the primitive tests compare every backend with it; a whole loss run
+#: on it would compare the float64 oracle with the float64 oracle, so loss tests leave it out
+ORACLE_BACKEND = "reference"
+
+
 def matrix(
-    dtypes: Iterable[torch.dtype] = (torch.float64, *LOW_PRECISION), backends: Optional[Iterable[str]] = None
+    dtypes: Iterable[torch.dtype] = (torch.float64, *LOW_PRECISION),
+    backends: Optional[Iterable[str]] = None,
+    with_oracle: bool = False,
 ) -> list[Any]:
-    """Every declared ``(backend, device, dtype)`` among ``dtypes`` (and ``backends``), as pytest params."""
+    """Every declared ``(backend, device, dtype)`` among ``dtypes`` (and ``backends``), as pytest params.
+
+    ``with_oracle``: include the :data:`ORACLE_BACKEND`'s cells (the primitive-level tests do).
+    """
     wanted = tuple(dtypes)
     params = []
     for name, backend in BACKENDS.items():
         if backends is not None and name not in backends:
+            continue
+        if name == ORACLE_BACKEND and not with_oracle and backends is None:
             continue
         # meta tensors carry no values to compare: tests/test_compile.py checks their shapes
         for device in (d for d in backend.devices if d != "meta"):
@@ -179,24 +208,34 @@ def max_error(x: Any, ref: Any) -> float:
     return float(np.max(np.abs(host(x) - host(ref))))
 
 
-def assert_close_by_rule(ours: Any, naive: Any, ref: Any, dtype: torch.dtype, what: str) -> None:
-    """``|ours − ref| ≤ 2·|naive − ref| + atol·max|ref|`` (elementwise maxima)."""
+def tolerance(cell: Combo | torch.dtype) -> Tolerance:
+    """The error rule of a matrix cell (its backend's declaration), or the default one of a dtype."""
+    return cell.tolerance if isinstance(cell, Combo) else TOLERANCES[cell]
+
+
+def assert_close_by_rule(ours: Any, naive: Any, ref: Any, cell: Combo | torch.dtype, what: str) -> None:
+    """``|ours − ref| ≤ factor·|naive − ref| + slack·max|ref|`` (elementwise maxima; the factor and
+    slack of the cell's backend for its dtype, ``2`` and the dtype's slack by default)."""
+    rule = tolerance(cell)
     scale = float(np.max(np.abs(host(ref)))) + 1e-30
     ours_err = max_error(ours, ref)
     naive_err = max_error(naive, ref)
-    bound = 2 * naive_err + ATOL[dtype] * scale
-    assert ours_err <= bound, f"{what}: error {ours_err:.3e} > 2 x naive {naive_err:.3e} + atol ({dtype})"
+    bound = rule.factor * naive_err + rule.slack * scale
+    assert ours_err <= bound, (
+        f"{what}: error {ours_err:.3e} > {rule.factor:g} x naive {naive_err:.3e} "
+        f"+ slack {rule.slack:g} ({cell})"
+    )
 
 
 def assert_all_close_by_rule(
     ours: Iterable[Any],
     naive: Iterable[Any],
     ref: Iterable[Any],
-    dtype: torch.dtype,
+    cell: Combo | torch.dtype,
     names: Iterable[str] = NAMES,
 ) -> None:
     for name, x, y, r in zip(names, ours, naive, ref):
-        assert_close_by_rule(x, y, r, dtype, name)
+        assert_close_by_rule(x, y, r, cell, name)
 
 
 def assert_rel(ours: Any, ref: Any, rel: float, what: str, atol: float = 1e-15) -> None:

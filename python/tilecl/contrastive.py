@@ -151,10 +151,12 @@ def contrastive_loss(
         if negatives is not None:
             v.check_pair(b, negatives, (argument_names[1], "negatives"))
         columns = b if negatives is None else torch.cat([b, negatives])
-        return check_call(
+        checked = check_call(
             a, columns, logit_scale, labels, positives, symmetric, reduction, argument_names,
             (row_groups, col_groups), weights,
         )  # fmt: skip
+        v.warn_if_all_zero(weights, reduction, process_group)
+        return checked
 
     run = begin(
         check, like=a, backend=backend, reduction=reduction, process_group=process_group, dist_impl=dist_impl
@@ -218,6 +220,7 @@ def gamma_contrastive_loss(
         v.check_log_weights(log_u_rows, "log_u_rows", a.shape[0], a)
         if symmetric:
             v.check_log_weights(log_u_cols, "log_u_cols", a.shape[0], a)
+        v.warn_if_all_zero(weights, reduction, process_group)
         return checked
 
     run = begin(
@@ -284,6 +287,7 @@ def nt_xent_loss(
         if groups is not None:
             v.check_groups(groups, groups, z1.shape[0], z1.shape[0], z1)
         v.check_weights(weights, z1.shape[0], z1)
+        v.warn_if_all_zero(weights, reduction, process_group)
         signature = dict(
             N=z1.shape[0], M=z2.shape[0], D=z1.shape[1], dtype=z1.dtype, masked=groups is not None,
             weighted=weights is not None,

@@ -130,6 +130,7 @@ def supcon_loss(
         v.check_positive(temperature, "temperature")
         v.check_reduction(reduction)
         v.check_weights(weights, n, features)
+        v.warn_if_all_zero(weights, reduction, process_group)
         m = n if columns is None else columns.shape[0]
         signature = dict(
             N=n, M=m, D=features.shape[1], dtype=features.dtype, two_tower=two_tower,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Optional, Union
 
 import numpy as np
@@ -302,6 +303,23 @@ def check_ids(ids: object, name: str, size: int, like: torch.Tensor, what: str) 
     if ids.device != like.device:
         raise ValueError(f"{name} must be on {like.device}, got {ids.device}")
     return ids
+
+
+def warn_if_all_zero(weights: Optional[torch.Tensor], reduction: str, process_group: object) -> None:
+    """A weighted mean over weights that are all zero is ``0/0``: the loss returns 0, and says so.
+
+    Eager and local only: across ranks the mean's ``Σ w`` is global (one rank's zeros are fine), and
+    reading values under compilation would break the graph.
+    """
+    if weights is None or reduction != "mean" or process_group is not None or not reads_values(weights):
+        return
+    if weights.numel() and not bool(weights.any()):
+        warnings.warn(
+            "weights are all zero: the weighted mean Σ w·ℓ / Σ w is undefined, and the loss is 0 "
+            "with zero gradients",
+            RuntimeWarning,
+            stacklevel=6,  # the caller of the loss function
+        )
 
 
 def check_weights(weights: Optional[torch.Tensor], n: int, like: torch.Tensor, name: str = "weights") -> None:
