@@ -1,4 +1,4 @@
-"""The one autograd Function every contrastive loss runs: per-pair losses over a backend's two primitives.
+"""The autograd Function every softmax loss runs: per-pair losses over a backend's primitives.
 
 Forward: the backend's streaming LSE gives the row and column statistics and
 the positive logits. Backward: every loss's ``dL/dS`` is
@@ -10,10 +10,12 @@ column offsets ``r``, so the backend's offset backward handles the
 exponential part and the sparse positive part is applied here with gathers.
 Only the inputs and ``O(N + M)`` statistics are saved between the passes.
 
-Layers: the losses (:mod:`tilecl.contrastive`, :mod:`tilecl.gamma`,
-:mod:`tilecl.modality`) → this Function → a backend's primitives
-(:mod:`tilecl.backends`); :mod:`tilecl.distributed` swaps in the sharded
-primitives and makes the reduction global.
+Layers: the losses (:mod:`tilecl.contrastive`, :mod:`tilecl.supervised`,
+:mod:`tilecl.gamma`) → :mod:`tilecl.driver` (checks, backend, agreement,
+sharded primitives) → this Function → a backend's primitives
+(:mod:`tilecl.backends`); the loss then takes the global value from the
+driver's run. The Function sees primitives and a :class:`LossSpec`, never a
+process group.
 """
 
 from __future__ import annotations

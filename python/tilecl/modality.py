@@ -7,7 +7,7 @@ Features are ``(N, d)`` tensors (L2-normalized by the caller, as in the paper);
   as a streaming LSE over pairs on the tiled backends. Since
   ``−t‖z_j − z_k‖² = 2t·z_j·z_k − t‖z_k‖² − t‖z_j‖²``, the column term rides
   in one extra feature (``a'_j = [√(2t)·z_j, 1]``, ``b'_k = [√(2t)·z_k, −t‖z_k‖²]``)
-  and the row term is a per-row bias: the same two primitives as the
+  and the row term is a per-row bias: the same primitives as the
   contrastive losses compute it, forward and backward.
 * :func:`geometric_consistency_loss` — ``L_gc`` (and ``L^a_gc``) from d×d Gram
   matrices accumulated in float64 over row chunks: O(N·d²) time, O(d²) memory,

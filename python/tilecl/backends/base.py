@@ -1,9 +1,8 @@
-"""The backend contract: two primitives, their result types, and what a backend declares it supports.
+"""The backend contract: three primitives, their result types, and what a backend declares it supports.
 
-Every loss in tilecl is written once over two primitives of ``S = scale · a bᵀ``
-(``a``: ``N x D``, ``b``: ``M x D``; ``S`` is never stored):
-
-Both take the operands of ``S`` as one :class:`Scores`.
+Every loss in tilecl is written once over three primitives of ``S = scale · a bᵀ``
+(``a``: ``N x D``, ``b``: ``M x D``; ``S`` is never stored), each taking the
+operands of ``S`` as one :class:`Scores`:
 
 Masked entries (the diagonal, or same-group false negatives: :class:`Scores`)
 are ``-inf`` in ``S`` and so drop out of every sum and gradient.
@@ -19,12 +18,13 @@ are ``-inf`` in ``S`` and so drop out of every sum and gradient.
   form ``G_ij = w_i·(σ(S_ij + β) − [k_i = κ_j])`` (:class:`SigmoidTerms`),
   which needs no statistics from other tiles: one pass yields the per-row
   losses ``Σ_j w_i·softplus(−z_ij(S_ij + β))`` and, when asked, the gradients
-  (:class:`SigmoidSweep`). A backend runs it through its offset backward's
-  tile loop with the other elementwise step, never a second loop.
+  (:class:`SigmoidSweep`). The offset and sigmoid steps are two *forms* of
+  one gradient sweep: a backend runs both through one tile loop, each form
+  one argument type and one epilogue (``docs/adding-a-form.md``).
 
-A backend module implements :class:`Primitives`; the registry
-(:mod:`tilecl.backends`) holds a :class:`Backend` per name, which declares
-the devices and dtypes it takes and answers :meth:`Backend.not_supported_reasons`.
+A backend module implements :class:`Primitives` and ends with its
+:class:`Backend` declaration (devices and probes, dtypes, forms, result dtype,
+size limit, tiles, tolerances), registered in :mod:`tilecl.backends.registry`.
 See ``docs/adding-a-backend.md``.
 """
 

@@ -1,4 +1,4 @@
-"""The ``cuda`` and ``cuda-emu`` backends: the CUDA C++ kernels of ``csrc/`` behind the two primitives.
+"""The ``cuda`` and ``cuda-emu`` backends: the CUDA C++ kernels of ``csrc/`` behind the primitives.
 
 * ``cuda`` — the nvcc-built extension ``tilecl._cuda`` on CUDA tensors (``make cuda``, or
   ``pip install -e .`` with nvcc on PATH). Launches go on the current stream.
@@ -263,7 +263,7 @@ def _stream(device: torch.device, backend: str) -> int:
 
 
 class CudaKernels:
-    """The two primitives over the kernels of ``csrc/``: ``"cuda"`` (the nvcc extension on CUDA
+    """The primitives over the kernels of ``csrc/``: ``"cuda"`` (the nvcc extension on CUDA
     tensors) or ``"cuda-emu"`` (the g++ emulation on CPU tensors). Float32 statistics and gradients."""
 
     def __init__(self, backend: str) -> None:

@@ -1,4 +1,4 @@
-"""The ``reference`` backend: the two primitives from the full ``S`` in NumPy float64.
+"""The ``reference`` backend: the primitives from the full ``S`` in NumPy float64.
 
 The oracle of the test matrix at the primitive level: it materializes
 ``S = scale · a bᵀ`` (so it is for small shapes only) and returns float64

@@ -1,4 +1,4 @@
-"""The ``sharded`` backends: a local backend's two primitives over the global batch of a process group.
+"""The ``sharded`` backends: a local backend's primitives over the global batch of a process group.
 
 ``a`` and ``b`` are this rank's shards of the global ``A = [a_0; a_1; …]`` and
 ``B = [b_0; b_1; …]``, and
@@ -352,7 +352,7 @@ def _ring_sigmoid_sweep(
 
 
 class ShardedPrimitives:
-    """``local``'s two primitives over the global batch of ``shard.group`` (see the module docstring)."""
+    """``local``'s primitives over the global batch of ``shard.group`` (see the module docstring)."""
 
     def __init__(self, local: Primitives, shard: Shard, dist_impl: str) -> None:
         if dist_impl not in DIST_IMPLS:

@@ -1,4 +1,4 @@
-"""The ``torch`` backend: the two primitives (:mod:`tilecl.backends.base`) as tiled PyTorch.
+"""The ``torch`` backend: the primitives (:mod:`tilecl.backends.base`) as tiled PyTorch.
 
 * :func:`lse_stats` — one pass over the tiles of ``S = s·a bᵀ`` that yields the
   row log-sum-exp (all ``M`` columns) and the column log-sum-exp of the first

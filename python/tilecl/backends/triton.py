@@ -82,7 +82,7 @@ class KernelConfig:
 INTERPRETER_CONFIG = KernelConfig(16, 16, 16, 16, num_warps=1, num_stages=1)
 
 
-#: the configurations compiled and checked by ``python -m tilecl inspect`` (per input dtype);
+#: the configurations compiled and checked by ``python -m tools.inspect_kernels`` (per input dtype);
 #: :func:`gpu_config` picks among them by the feature dimension
 GPU_CONFIGS = {
     # 16-bit D <= 128: 32 columns, not 64, since the backward also sums G∘S in fp32 (sm_80 spilled)
@@ -112,12 +112,12 @@ TINY_SCALE = 2.0**-100
 MAX_BLOCK = 512
 #: largest N, M or D the kernels take (address products are int64; the indices themselves int32)
 MAX_DIM = 2**31 - MAX_BLOCK
-# chosen by `python -m tilecl inspect`: the largest tiles with zero register spills on sm_80 and sm_90
+# chosen by `python -m tools.inspect_kernels`: the largest tiles with zero register spills on sm_80 and sm_90
 
 
 #: the sigmoid form keeps more fp32 temporaries live per tile entry (the loss, σ's pieces), so the
 #: 16-bit tiles of the softmax configurations spill there: these are the largest spill-free ones
-#: for each feature width (python -m tilecl inspect)
+#: for each feature width (python -m tools.inspect_kernels)
 _SIGMOID_16_BIT = [
     KernelConfig(32, 16, 32, 128, 4),
     KernelConfig(16, 32, 32, 256, 8),
