@@ -24,12 +24,6 @@ SKIP_CUDA_BUILD = os.environ.get("TILECL_SKIP_CUDA_BUILD", "0") == "1"
 FORCE_CUDA_BUILD = os.environ.get("TILECL_FORCE_CUDA_BUILD", "0") == "1"
 HERE = Path(__file__).resolve().parent
 
-# `python setup.py ...` puts this folder first on sys.path, where kernels/ (installed as
-# tilecl.kernels) would shadow an installed top-level `kernels` package: Hugging Face's, which
-# transformers brings, registers setuptools entry points that egg_info imports. Nothing here is
-# imported by name (_cuda_build is loaded by path), so the folder can leave sys.path.
-sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != HERE]
-
 
 def _cuda_build():
     """python/tilecl/_cuda_build.py, loaded by path: tilecl itself is not importable yet."""

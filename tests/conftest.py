@@ -3,17 +3,8 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import torch
-
-# `python -m pytest` puts the repository root first on sys.path, where the product's Triton sources
-# (`kernels/`, installed as tilecl.kernels) would shadow the index's `kernels` package, which
-# transformers (so sentence-transformers) imports. Last on the path, the root still serves
-# `bench` and `experiments`; spawned ranks inherit this order.
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT] + [str(ROOT)]
 
 # No GPU: the Triton kernels run under Triton's CPU interpreter (read when triton is first imported).
 if not torch.cuda.is_available():

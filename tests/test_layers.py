@@ -1,0 +1,125 @@
+"""The package's layers: imports go down only, and no autograd Function sees a process group.
+
+A call from a public loss to a kernel walks: the loss → ``tilecl.driver`` (checks, backend,
+agreement, sharded primitives) → a Function → the primitives of ``tilecl.backends``; the loss then
+takes the global value from the driver's run. These tests hold the code to that picture.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import torch
+
+import tilecl
+import tilecl.integrations.pytorch_metric_learning
+import tilecl.integrations.sentence_transformers  # noqa: F401  (their Functions, if any, are checked too)
+
+PACKAGE = Path(tilecl.__file__).resolve().parent
+
+#: module → layer; a module may import only from its own layer or below
+LAYERS = {
+    "tilecl._compat": 0,
+    "tilecl._cuda_build": 0,
+    "tilecl.validation": 0,
+    "tilecl.backends.base": 1,
+    "tilecl.backends.registry": 1,
+    "tilecl.backends.torch": 2,
+    "tilecl.backends.reference": 2,
+    "tilecl.backends.triton": 2,
+    "tilecl.backends.cuda": 2,
+    "tilecl.backends.ops": 2,
+    "tilecl.backends.sharded": 2,
+    "tilecl.backends": 3,
+    "tilecl.function": 4,
+    "tilecl.distributed": 5,
+    "tilecl.driver": 6,
+    "tilecl.contrastive": 7,
+    "tilecl.sigmoid": 7,
+    "tilecl.supervised": 7,
+    "tilecl.gamma": 8,
+    "tilecl.modality": 8,
+    "tilecl.modules": 9,
+    "tilecl.integrations": 10,
+    "tilecl.integrations.pytorch_metric_learning": 10,
+    "tilecl.integrations.sentence_transformers": 10,
+    "tilecl": 11,
+    "tilecl.__main__": 12,
+}
+#: compiled, not a source file: the CUDA C++ extension sits below everything that loads it
+EXTENSIONS = {"tilecl._cuda": 0}
+
+
+def _module_name(path: Path) -> str:
+    parts = ["tilecl", *path.relative_to(PACKAGE).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, name: str) -> set[str]:
+    """Every tilecl module ``path`` imports, anywhere in it (lazy imports included)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("tilecl")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            if not base.startswith("tilecl"):
+                continue
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                found.add(full if full in LAYERS or full in EXTENSIONS else base)
+    return found
+
+
+def test_every_module_of_the_package_has_a_layer():
+    modules = {_module_name(p) for p in PACKAGE.rglob("*.py") if "testing" not in p.parts}
+    assert modules == set(LAYERS), modules ^ set(LAYERS)
+
+
+def test_imports_go_down_the_layers_only():
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        if name.startswith("tilecl.testing"):
+            continue
+        for target in _imports(path, name):
+            assert not target.startswith("tilecl.testing"), f"{name} imports the oracles ({target})"
+            if target.startswith("tilecl.kernels"):
+                assert name == "tilecl.backends.triton", f"{name} imports the Triton source"
+                continue
+            layer = {**LAYERS, **EXTENSIONS}[target]
+            assert layer <= LAYERS[name], f"{name} (layer {LAYERS[name]}) imports {target} (layer {layer})"
+
+
+def _autograd_functions() -> list[type]:
+    found = []
+    for name in LAYERS:
+        module = __import__(name, fromlist=["_"])
+        for _, value in inspect.getmembers(module, inspect.isclass):
+            if issubclass(value, torch.autograd.Function) and value.__module__ == name:
+                found.append(value)
+    return found
+
+
+def test_no_autograd_function_takes_ranks_or_a_process_group():
+    functions = _autograd_functions()
+    assert {f.__name__ for f in functions} >= {
+        "ContrastiveFunction",
+        "SigmoidFunction",
+        "_RowLogSumExp",
+        "_Grams",
+    }
+    for function in functions:
+        source = inspect.getsource(function.forward)
+        parameters = inspect.signature(function.forward).parameters
+        for parameter in parameters.values():
+            assert parameter.name not in {"ranks", "group", "process_group"}, (function, parameter)
+            assert "Ranks" not in str(parameter.annotation) and "ProcessGroup" not in str(
+                parameter.annotation
+            )
+        assert "dist." not in source and "process_group" not in source, function
