@@ -60,6 +60,35 @@ def test_bench_table_and_plot(tmp_path):
     assert plot.returncode == 0 and png.stat().st_size > 0
 
 
+def test_bench_plot_draws_every_committed_result_file(tmp_path):
+    """python -m bench.plot --out DIR: one PNG per result file in bench/results/ that has a figure."""
+    from bench.plot import NOT_PLOTTED, RESULTS, main
+
+    main(["--out", str(tmp_path)])
+    expected = {p.stem + ".png" for p in RESULTS.glob("*.json") if p.name not in NOT_PLOTTED}
+    assert len(expected) >= 8
+    assert {p.name for p in tmp_path.iterdir()} == expected
+    for name in expected:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_reproduction_figures_redraw_from_json_with_zoomed_accuracy_axes(tmp_path):
+    """The digits and modality figures come back from docs/results/*.json, their y axes not from 0."""
+    from experiments.reproduce import REPLOTTABLE, replot
+
+    for name in REPLOTTABLE:
+        data = json.loads((ROOT / "docs" / "results" / f"{name}.json").read_text())
+        png = tmp_path / f"{name}.png"
+        (r1_low, r1_high), (probe_low, probe_high) = replot(
+            str(ROOT / "docs" / "results" / f"{name}.json"), str(png)
+        )
+        assert png.stat().st_size > 0
+        probes = [v for m in data["methods"].values() for v in m["probe"]]
+        assert 0 < probe_low < min(probes) and max(probes) < probe_high < 1
+        assert probe_high - probe_low < 0.1, "close accuracies must be told apart"
+        assert r1_low > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", ["gather", "ring"])
 def test_distributed_bench_measures_its_traffic(impl):
