@@ -1,1 +1,1 @@
-"""Benchmark sweeps (pytest-benchmark); see bench/README section of the top-level README."""
+"""Benchmark sweeps (pytest-benchmark); their results and the commands behind them: docs/results.md."""

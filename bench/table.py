@@ -1,4 +1,4 @@
-"""Print bench results as the README's markdown tables.
+"""Print bench results as docs/results.md's markdown tables.
 
 Usage: ``python -m bench.table [--json PATH]`` (the CLIP sweep) or
 ``python -m bench.table --distributed`` (``distributed_cpu.json``).

@@ -11,7 +11,7 @@ features, the symmetric loss forward + backward.
   during one step (``/proc/net/dev``, all ranks' traffic incl. TCP headers and
   the barrier), divided by W — measured, not modelled;
 * ``model_bytes_per_rank`` — the payload per rank the implementation is
-  designed to send (README's table) for comparison;
+  designed to send (docs/results.md's table) for comparison;
 * ``peak_extra_bytes`` — the largest per-rank growth of the resident set
   during one step (``/proc/self/clear_refs`` + ``VmHWM``).
 

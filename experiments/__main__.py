@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     reproduce = commands.add_parser(
         "reproduce",
         help="the article's experiments: synthetic, digits, modality",
-        description="The article's experiments, as the README's Reproduction sections run them.",
+        description="The article's experiments, as docs/results.md's reproduction sections run them.",
         formatter_class=_FORMAT,
     )
     experiments = reproduce.add_subparsers(

@@ -326,7 +326,7 @@ def test_meta_tensors_give_shapes(case):
     assert [g.shape for g in grads] == [x.shape for x in _leaves(fn, meta)]
 
 
-@pytest.mark.parametrize("combo", matrix(), indirect=True)
+@pytest.mark.parametrize("combo", matrix(with_oracle=True), indirect=True)
 def test_opcheck_every_registered_op(combo):
     """``torch.library.opcheck``: schema, fake implementation, autograd registration, AOT tracing."""
     assert {op._qualname for op in OPS} == {

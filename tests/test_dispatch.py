@@ -12,15 +12,21 @@ import pytest
 import torch
 
 import tilecl
+from tilecl import backends
 from tilecl.backends import BACKENDS, Backend, explain_backend, resolve_backend
 
 PACKAGE = Path(tilecl.__file__).resolve().parent
 
 
 def test_every_backend_is_declared_in_its_own_module():
+    declared = {}
+    for module in (backends.triton, backends.cuda, backends.torch, backends.reference):
+        for value in vars(module).values():
+            if isinstance(value, Backend):
+                declared[value.name] = module.__name__
+    assert set(declared) == set(BACKENDS), declared
+    assert declared["cuda"] == declared["cuda-emu"] == "tilecl.backends.cuda"
     for name, backend in BACKENDS.items():
-        module = sys.modules[backend.load.__module__]
-        assert module.__name__.startswith("tilecl.backends."), (name, module.__name__)
         assert backend.dtypes and backend.devices and backend.tolerances
         assert set(backend.tolerances) >= set(backend.dtypes), name
         assert set(backend.tiles) <= set(backend.devices) and set(backend.emulated_on) <= set(backend.devices)
@@ -61,9 +67,29 @@ def test_a_refused_explicit_backend_lists_its_reasons(monkeypatch):
         resolve_backend("torch", torch.device("cpu"), torch.float32, extent=7)
     choice = explain_backend(torch.randn(7, 3), backend="torch")
     assert choice.chosen is None and "cannot run" in str(choice) and "up to 4, got 7" in str(choice)
-    # a loss reaches the size limit through the driver, before any kernel
-    with pytest.raises(ValueError, match="up to 4, got 7"):
-        tilecl.contrastive_loss(torch.randn(7, 3), torch.randn(7, 3), backend="torch")
+
+
+def test_explain_refuses_a_name_that_is_no_backend():
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        explain_backend(torch.randn(2, 2), backend="nope")
+
+
+def test_auto_takes_torch_on_a_device_no_backend_declares():
+    """As before the declarations: auto on another device type (mps, xpu...) is torch, whose own
+    checks then apply."""
+    choice = explain_backend(torch.empty(2, 2, device="meta"), backend="auto")
+    assert choice.chosen == "torch"
+    for device in ("mps", "xpu"):
+        assert resolve_backend("auto", torch.device(device), torch.float32).name == "torch"
+
+
+def test_backends_are_listed_in_autos_order():
+    preferences = [b.preference for b in BACKENDS.values()]
+    assert preferences == sorted(preferences)
+    assert list(BACKENDS)[:2] == ["triton", "cuda"] and tilecl.available_backends()[-2:] == [
+        "torch",
+        "reference",
+    ]
 
 
 def test_auto_passes_over_what_cannot_run_and_says_so(monkeypatch):

@@ -479,21 +479,34 @@ def test_ddp_step_gradients_equal_single_process(tmp_path):
 def _unequal_worker(rank: int, world: int, store: str, out: str) -> None:
     _init(rank, world, store)
     a = torch.randn(3 + rank, D, dtype=torch.float64)
+    group = dist.group.WORLD
+    labels = torch.arange(3 + rank) % 2
     messages = []
     for impl in IMPLS:
-        try:
-            tilecl.contrastive_loss(a, a.clone(), 1.0, process_group=dist.group.WORLD, dist_impl=impl)
-            messages.append("no error")
-        except ValueError as error:
-            messages.append(str(error))
+        for call in (
+            lambda impl=impl: tilecl.contrastive_loss(a, a.clone(), 1.0, process_group=group, dist_impl=impl),
+            lambda impl=impl: tilecl.sigmoid_loss(a, a.clone(), 1.0, process_group=group, dist_impl=impl),
+            lambda impl=impl: tilecl.nt_xent_loss(a, a.clone(), process_group=group, dist_impl=impl),
+            lambda impl=impl: tilecl.supcon_loss(a, labels, process_group=group, dist_impl=impl),
+            lambda impl=impl: uniformity_loss(a, process_group=group, dist_impl=impl),
+            lambda: geometric_consistency_loss(a, a.clone(), process_group=group),
+        ):
+            try:
+                call()
+                messages.append("no error")
+            except ValueError as error:
+                messages.append(str(error))
     torch.save(messages, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
 def test_unequal_batches_raise_the_same_error_on_every_rank(tmp_path):
+    """Every loss, both exchanges: the same error, naming the sizes, before anything is exchanged."""
     messages = spawn(_unequal_worker, 2, tmp_path)
     assert messages[0] == messages[1]
-    assert all("equal (N, M) batch sizes" in m for m in messages[0])
+    assert all("equal (N, M) batch sizes" in m for m in messages[0][:4])
+    assert all("equal (N" in m and "batch sizes" in m for m in messages[0])
+    assert "got [(3, 3), (4, 4)]" in messages[0][0] and "got [3, 4]" in messages[0][4]
 
 
 def _bad_input_worker(rank: int, world: int, store: str, out: str) -> None:

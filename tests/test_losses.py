@@ -407,3 +407,27 @@ def test_feature_separation(combo):
     theirs = (naive, *torch.autograd.grad(naive, (views[0], views[2], views[4])))
     exact_out = (want, *torch.autograd.grad(want, (exact[0], exact[2], exact[4])))
     assert_all_close_by_rule(ours, theirs, exact_out, combo, names)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_reference_backend_runs_every_loss(dtype):
+    """The oracle at the primitive level is also a backend a user may pick: every loss runs on it,
+    with float64 statistics whatever the inputs (so the value is that of the inputs cast to float64,
+    up to what a loss computes in the inputs' dtype first, e.g. NT-Xent's normalization), and
+    lands on the full-matrix loss."""
+    a, b = make_inputs(9, 11, 6, dtype=dtype, device="cpu", seed=2)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2, 1])
+    cases = [
+        (lambda x, y: tilecl.contrastive_loss(x, y, 5.0, backend="reference"), naive_contrastive_loss),
+        (lambda x, y: tilecl.nt_xent_loss(x, y[:9], 0.5, backend="reference"), None),
+        (lambda x, y: tilecl.sigmoid_loss(x, y, 5.0, -2.0, backend="reference"), None),
+        (lambda x, y: tilecl.supcon_loss(x, labels, 0.2, backend="reference"), None),
+        (lambda x, y: tilecl.uniformity_loss(x, 2.0, backend="reference"), None),
+    ]
+    for ours, _ in cases:
+        value = ours(a, b)
+        exact = ours(a.double(), b.double())
+        assert torch.isfinite(value)
+        assert_rel(value, exact, 10 * torch.finfo(dtype).eps, "loss")
+    naive = naive_contrastive_loss(a.double(), b.double(), 5.0)
+    assert_rel(cases[0][0](a, b), naive, 1e-12, "contrastive against the full matrix")

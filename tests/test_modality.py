@@ -81,8 +81,8 @@ def test_geometric_consistency_near_consistent_geometry_float32():
 
 @pytest.mark.slow
 def test_geometric_consistency_large_n_bounded_memory():
-    """N = 262,144, d = 512: O(d²) Grams, never N×N (which would need 256 GiB per matrix)."""
-    n, d = 262_144, 512
+    """N = 131,072, d = 128: O(d²) Grams, never N×N (64 GiB per float32 matrix)."""
+    n, d = 131_072, 128
     gen = torch.Generator().manual_seed(0)
     z_v = F.normalize(torch.randn(n, d, generator=gen), dim=1).requires_grad_()
     z_t = F.normalize(torch.randn(n, d, generator=gen), dim=1).requires_grad_()

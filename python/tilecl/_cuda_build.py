@@ -1,4 +1,4 @@
-"""Builds of the ``csrc/`` kernels, shared by ``setup.py``, the ``cuda-emu`` backend and ``tilecl inspect``.
+"""Builds of the ``csrc/`` kernels: for ``setup.py``, the ``cuda-emu`` backend and the kernel report.
 
 * :func:`build_extension` — the real ``tilecl._cuda``: each ``instantiate_*.cu`` compiled by nvcc
   for every architecture in ``TILECL_CUDA_ARCHS`` (default ``80;90``), ``bindings.cpp`` by the host

@@ -35,8 +35,9 @@ def check_call(
     names: tuple[str, str] = ("a", "b"),
     groups: tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None),
     weights: Optional[torch.Tensor] = None,
+    local: bool = True,
 ) -> tuple[torch.Tensor, Signature]:
-    """Every check of a contrastive call, before any compute.
+    """Every check of a contrastive call, before any compute (``local``: no process group).
 
     Returns the scale as a tensor and the call's signature: what every rank
     must agree on (sizes, dtype and the options that change what travels).
@@ -46,7 +47,7 @@ def check_call(
     v.check_reduction(reduction)
     v.check_labels(labels, n, m, a)
     v.check_groups(*groups, n, m, a)
-    v.check_weights(weights, n, a)
+    v.check_weights(weights, n, a, warn_all_zero=local and reduction == "mean")
     if positives is not None and groups[0] is not None:
         raise ValueError("row_groups/col_groups mask columns of b; with positives the positive is not one")
     if positives is not None:
@@ -151,12 +152,10 @@ def contrastive_loss(
         if negatives is not None:
             v.check_pair(b, negatives, (argument_names[1], "negatives"))
         columns = b if negatives is None else torch.cat([b, negatives])
-        checked = check_call(
+        return check_call(
             a, columns, logit_scale, labels, positives, symmetric, reduction, argument_names,
-            (row_groups, col_groups), weights,
+            (row_groups, col_groups), weights, local=process_group is None,
         )  # fmt: skip
-        v.warn_if_all_zero(weights, reduction, process_group)
-        return checked
 
     run = begin(
         check, like=a, backend=backend, reduction=reduction, process_group=process_group, dist_impl=dist_impl
@@ -215,12 +214,11 @@ def gamma_contrastive_loss(
     def check() -> tuple[torch.Tensor, Signature]:
         checked = check_call(
             a, b, logit_scale, labels, positives, symmetric, reduction, ("a", "b"),
-            (row_groups, col_groups), weights,
+            (row_groups, col_groups), weights, local=process_group is None,
         )  # fmt: skip
         v.check_log_weights(log_u_rows, "log_u_rows", a.shape[0], a)
         if symmetric:
             v.check_log_weights(log_u_cols, "log_u_cols", a.shape[0], a)
-        v.warn_if_all_zero(weights, reduction, process_group)
         return checked
 
     run = begin(
@@ -286,8 +284,7 @@ def nt_xent_loss(
         v.check_reduction(reduction)
         if groups is not None:
             v.check_groups(groups, groups, z1.shape[0], z1.shape[0], z1)
-        v.check_weights(weights, z1.shape[0], z1)
-        v.warn_if_all_zero(weights, reduction, process_group)
+        v.check_weights(weights, z1.shape[0], z1, warn_all_zero=reduction == "mean" and process_group is None)
         signature = dict(
             N=z1.shape[0], M=z2.shape[0], D=z1.shape[1], dtype=z1.dtype, masked=groups is not None,
             weighted=weights is not None,

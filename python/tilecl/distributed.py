@@ -76,10 +76,14 @@ def agree_on_call(group: Any, **values: object) -> int:
     rows = torch.stack(gathered).cpu()
     names = list(values)
     differing = [name for i, name in enumerate(names) if not bool((rows[:, i] == rows[0, i]).all())]
-    if {"N", "M"} & set(differing):
-        sizes = [names.index("N"), names.index("M")]
-        shapes = [tuple(r[sizes].tolist()) for r in rows]
-        raise ValueError(f"the distributed loss needs equal (N, M) batch sizes on every rank, got {shapes}")
+    sizes = [name for name in ("N", "M") if name in names]
+    if set(sizes) & set(differing):
+        columns = [names.index(name) for name in sizes]
+        shapes = [tuple(r[columns].tolist()) for r in rows]
+        got = shapes if len(sizes) > 1 else [shape[0] for shape in shapes]
+        raise ValueError(
+            f"the distributed loss needs equal ({', '.join(sizes)}) batch sizes on every rank, got {got}"
+        )
     if differing:
         raise ValueError(f"the distributed loss needs the same {', '.join(differing)} on every rank")
     return world
@@ -96,6 +100,19 @@ def global_value(share: torch.Tensor, world: int, group: Any) -> torch.Tensor:
     return world * share + (total - world * share).detach()
 
 
+class _ValueWithScaledGradient(torch.autograd.Function):
+    """Forward: ``value`` (computed elsewhere); backward: ``factor ×`` the gradient, to ``source``."""
+
+    @staticmethod
+    def forward(ctx: Any, source: torch.Tensor, value: torch.Tensor, factor: int) -> torch.Tensor:
+        ctx.factor = factor
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return grad * ctx.factor, None, None
+
+
 @dataclasses.dataclass(frozen=True)
 class Ranks:
     """The collectives a loss needs, over a process group or (``group=None``) as identities.
@@ -105,7 +122,15 @@ class Ranks:
     """
 
     group: Optional[Any] = None
-    world: int = 1
+    #: the group's size (derived from ``group`` when not given: the default ``-1``)
+    world: int = -1
+
+    def __post_init__(self) -> None:
+        size = 1 if self.group is None else dist.get_world_size(self.group)
+        if self.world == -1:
+            object.__setattr__(self, "world", size)
+        elif self.world != size:
+            raise ValueError(f"Ranks: world={self.world} but the group has {size} ranks")
 
     @property
     def rank(self) -> int:
@@ -114,7 +139,7 @@ class Ranks:
     def global_loss(
         self, value: torch.Tensor, count: int, reduction: str, weights: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        """The global loss from :meth:`sharded`'s per-rank sum over ``count`` terms. Locally: ``value``.
+        """The global loss from a Function's per-rank sum over ``count`` terms. Locally: ``value``.
 
         With per-pair ``weights`` a ``"mean"`` is the weighted mean over every rank's pairs.
         """
@@ -154,8 +179,13 @@ class Ranks:
         return slice(self.rank * n, (self.rank + 1) * n)
 
     def global_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Value: ``Σ_ranks x``; gradient: ``world ×`` this rank's (the convention above). Locally: ``x``."""
-        return x if self.group is None else global_value(x, self.world, self.group)
+        """Value: ``Σ_ranks x`` (exactly the all-reduced sum); gradient: ``world ×`` this rank's (the
+        convention above). Locally: ``x``."""
+        if self.group is None:
+            return x
+        total = x.detach().clone()
+        dist.all_reduce(total, group=self.group)
+        return _ValueWithScaledGradient.apply(x, total, self.world)
 
     def global_logsumexp(self, x: torch.Tensor) -> torch.Tensor:
         """Value: ``log Σ_ranks exp(x)`` of a 0-d ``x``; gradient: ``world × exp(x − value)``, this

@@ -122,9 +122,7 @@ def begin(
         if form is None:
             return value, signature, None
         assert isinstance(like, torch.Tensor)  # the loss's check has checked it
-        sizes = [size for key, size in signature.items() if key in ("N", "M", "D") and isinstance(size, int)]
-        extent = max(sizes) if sizes else None
-        return value, signature, resolve_backend(backend, like.device, like.dtype, form, extent)
+        return value, signature, resolve_backend(backend, like.device, like.dtype, form)
 
     if group is None:
         value, _, local = checked_and_resolved()

@@ -141,7 +141,7 @@ def sigmoid_loss(
         backward is not supported.
     """
 
-    def check() -> tuple[tuple[torch.Tensor, torch.Tensor], Signature]:
+    def check() -> tuple[tuple[torch.Tensor, torch.Tensor, bool], Signature]:
         v.check_pair(a, b, argument_names)
         n, m = a.shape[0], b.shape[0]
         v.check_reduction(reduction)
@@ -160,7 +160,7 @@ def sigmoid_loss(
         # the fused sweep exchanges ∂b in the forward: every rank must take the same path
         fused = torch.is_grad_enabled() and any(x.requires_grad for x in (a, b, scale, bias))
         signature = dict(N=n, M=m, D=a.shape[1], dtype=a.dtype, positives=kind, gradients=fused)
-        return (scale, bias), signature
+        return (scale, bias, fused), signature
 
     run = begin(
         check,
@@ -171,9 +171,8 @@ def sigmoid_loss(
         process_group=process_group,
         dist_impl=dist_impl,
     )
-    scale, bias = run.checked
+    scale, bias, fused = run.checked
     n, m = a.shape[0], b.shape[0]
-    fused = torch.is_grad_enabled() and any(x.requires_grad for x in (a, b, scale, bias))
     if row_groups is not None and col_groups is not None:
         row_keys, col_keys = row_groups.long(), col_groups.long()
     else:

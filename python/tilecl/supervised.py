@@ -129,8 +129,7 @@ def supcon_loss(
             raise ValueError("column_labels need columns (the two-tower form)")
         v.check_positive(temperature, "temperature")
         v.check_reduction(reduction)
-        v.check_weights(weights, n, features)
-        v.warn_if_all_zero(weights, reduction, process_group)
+        v.check_weights(weights, n, features, warn_all_zero=reduction == "mean" and process_group is None)
         m = n if columns is None else columns.shape[0]
         signature = dict(
             N=n, M=m, D=features.shape[1], dtype=features.dtype, two_tower=two_tower,

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import warnings
+from types import FrameType
 from typing import Optional, Union
 
 import numpy as np
@@ -305,25 +307,19 @@ def check_ids(ids: object, name: str, size: int, like: torch.Tensor, what: str) 
     return ids
 
 
-def warn_if_all_zero(weights: Optional[torch.Tensor], reduction: str, process_group: object) -> None:
-    """A weighted mean over weights that are all zero is ``0/0``: the loss returns 0, and says so.
+def check_weights(
+    weights: Optional[torch.Tensor],
+    n: int,
+    like: torch.Tensor,
+    name: str = "weights",
+    warn_all_zero: bool = False,
+) -> None:
+    """Per-pair weights: a floating ``(n,)`` tensor on ``like``'s device, finite and ``>= 0``.
 
-    Eager and local only: across ranks the mean's ``Σ w`` is global (one rank's zeros are fine), and
-    reading values under compilation would break the graph.
+    ``warn_all_zero`` (a local ``"mean"``): weights that are all zero make the weighted mean
+    ``Σ w·ℓ / Σ w`` a ``0/0``; the loss is then 0, and a ``RuntimeWarning`` says so (eager only:
+    the one host read of the checks answers both questions).
     """
-    if weights is None or reduction != "mean" or process_group is not None or not reads_values(weights):
-        return
-    if weights.numel() and not bool(weights.any()):
-        warnings.warn(
-            "weights are all zero: the weighted mean Σ w·ℓ / Σ w is undefined, and the loss is 0 "
-            "with zero gradients",
-            RuntimeWarning,
-            stacklevel=6,  # the caller of the loss function
-        )
-
-
-def check_weights(weights: Optional[torch.Tensor], n: int, like: torch.Tensor, name: str = "weights") -> None:
-    """Per-pair weights: a floating ``(n,)`` tensor on ``like``'s device, finite and ``>= 0``."""
     if weights is None:
         return
     weights = check_tensor(weights, name)
@@ -337,6 +333,23 @@ def check_weights(weights: Optional[torch.Tensor], n: int, like: torch.Tensor, n
     if not reads_values(weights):
         check_values(valid, f"{name} must be finite and non-negative")
         return
-    if not bool(valid.all()):
+    all_valid, any_nonzero = torch.stack([valid.all(), (weights != 0).any()]).tolist()
+    if not all_valid:
         bad = weights[~valid][0].item()
         raise ValueError(f"{name} must be finite and non-negative, got {bad}")
+    if warn_all_zero and n and not any_nonzero:
+        warnings.warn(
+            f"{name} are all zero: the weighted mean Σ w·ℓ / Σ w is undefined, and the loss is 0 "
+            "with zero gradients",
+            RuntimeWarning,
+            stacklevel=_stacklevel_of_the_caller(),
+        )
+
+
+def _stacklevel_of_the_caller() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside tilecl (the user's call)."""
+    frame: Optional[FrameType] = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("tilecl."):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -21,9 +21,9 @@ returns the primitives a call runs (through the registered ops of
 :mod:`tilecl.backends.ops`), :func:`explain_backend` says which backend a call
 takes and why not each of the others. ``backend="auto"`` takes, in order of
 declared ``preference``, the first backend that declares the tensors' device
-type among its ``auto_devices`` and supports the call (else the last of
-those, the most general): on CUDA tensors ``triton``, then ``cuda``, then
-``torch``; anything else ``torch``. An explicitly requested
+type among its ``auto_devices`` and supports the call, else its last resort
+(the most general auto backend, torch, whose own checks then apply): on CUDA
+tensors ``triton``, then ``cuda``, then ``torch``; anything else ``torch``. An explicitly requested
 backend that cannot run raises, listing its reasons; it never silently falls
 back.
 """
@@ -79,13 +79,9 @@ def available_backends() -> list[str]:
     """The backends that can run on this machine (on some device), in ``auto``'s preference order."""
     return [
         name
-        for name, backend in _by_preference()
+        for name, backend in BACKENDS.items()
         if backend.missing() is None and any(check() is None for check in backend.devices.values())
     ]
-
-
-def _by_preference() -> list[tuple[str, Backend]]:
-    return sorted(BACKENDS.items(), key=lambda item: item[1].preference)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +110,8 @@ class BackendChoice:
         head = f"backend={self.requested!r} for {kind} tensors on {self.device} ({self.form} form)"
         lines = [f"{head}: {'runs on ' + repr(self.chosen) if self.chosen else 'cannot run'}"]
         for name, found in self.reasons.items():
+            if name == self.chosen and found:
+                lines.append(f"  {name} (auto's last resort) reports: " + "; ".join(u.reason for u in found))
             if name == self.chosen:
                 continue
             if found:
@@ -135,11 +133,26 @@ def explain_backend(
     """Which backend a loss on ``a`` (and ``b``) takes, and why not the others; ``print`` it.
 
     ``form``: ``"softmax"`` for every softmax loss, ``"sigmoid"`` for SigLIP.
-    Never raises for a backend that cannot run: :attr:`BackendChoice.chosen`
-    is then ``None`` and the reasons say why.
+    Raises only for a ``backend`` that is not a backend's name; a backend that
+    cannot run is an answer: :attr:`BackendChoice.chosen` is then ``None``
+    (or, for ``auto``, its last resort) and the reasons say why.
     """
+    _check_name(backend)
     extent = max((*a.shape, *(() if b is None else b.shape)), default=0)
     return _choose(backend, a.device, a.dtype, form, extent)
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {tuple(BACKENDS)}, got {name!r}")
+
+
+def _most_general() -> str:
+    """``auto``'s last resort: the auto backend tried last (torch), for a call none of the candidates
+    declares (another device type, or every candidate refuses it); its own checks then say why."""
+    return [n for n, b in BACKENDS.items() if b.auto_devices][-1]
 
 
 def _choose(
@@ -154,15 +167,14 @@ def _choose(
             reasons[other] = BACKENDS[other].unsupported(device, dtype, form, extent)
         return reasons[other]
 
+    chosen: Optional[str]
     if name == "auto":
-        candidates = [n for n, b in _by_preference() if device.type in b.auto_devices]
-        # none can run it: the most general candidate (the last), whose own checks then say why
-        fallback = candidates[-1] if candidates else None
-        chosen = next((n for n in candidates if not why_not(n)), fallback)
+        candidates = [n for n, b in BACKENDS.items() if device.type in b.auto_devices]
+        chosen = next((n for n in candidates if not why_not(n)), None) or _most_general()
     else:
         chosen = None if why_not(name) else name
     if every:
-        for other, _ in _by_preference():
+        for other in BACKENDS:
             why_not(other)
     return BackendChoice(name, device, dtype, form, extent, chosen, reasons)
 
@@ -179,10 +191,8 @@ def resolve_backend(
         ValueError: ``name`` is not a known backend, or the call is larger than it takes.
         RuntimeError: the backend cannot run here (not installed or built, wrong device).
     """
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a string, got {type(name).__name__}")
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {tuple(BACKENDS)}, got {name!r}")
+    _check_name(name)
+    assert isinstance(name, str)
     choice = _choose(name, device, dtype, form, extent, every=False)
     if choice.chosen is not None:
         return RegisteredPrimitives(choice.chosen)

@@ -31,6 +31,7 @@ See ``docs/adding-a-backend.md``.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Callable, Mapping, NamedTuple, Optional, Protocol
 
 import torch
@@ -53,6 +54,7 @@ __all__ = [
     "accumulation_dtype",
     "anywhere",
     "cuda_visible",
+    "module_loader",
     "with_unit_multipliers",
     "with_unit_weights",
 ]
@@ -238,6 +240,16 @@ TOLERANCES: Mapping[torch.dtype, Tolerance] = {
     torch.bfloat16: Tolerance(2.0, 1e-3),
     torch.float16: Tolerance(2.0, 1e-4),
 }
+
+
+def module_loader(name: str) -> Callable[[], Primitives]:
+    """A :attr:`Backend.load` for a backend module of functions: returns the module ``name`` itself."""
+
+    def load() -> Primitives:
+        module: Primitives = sys.modules[name]
+        return module
+
+    return load
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -7,8 +7,6 @@ whatever the input dtype, on the inputs' device.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 
@@ -18,12 +16,12 @@ from .base import (
     Gradients,
     LseStats,
     OffsetTerms,
-    Primitives,
     Scores,
     SigmoidSweep,
     SigmoidTerms,
     anywhere,
     cuda_visible,
+    module_loader,
 )
 from .registry import register_backend
 
@@ -122,11 +120,6 @@ def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> Sigm
     return SigmoidSweep(*_on(scores.a, row_loss, s * grad_a, s * grad_b, np.sum(grad_a * a64), np.sum(grad)))
 
 
-def _this_module() -> Primitives:
-    module: Primitives = sys.modules[__name__]
-    return module
-
-
 #: float64 results whatever the inputs; never chosen by ``auto`` (it materializes S)
 BACKEND = register_backend(
     Backend(
@@ -134,7 +127,7 @@ BACKEND = register_backend(
         FLOAT_DTYPES,
         {"cpu": anywhere, "cuda": cuda_visible, "meta": anywhere},
         lambda: None,
-        _this_module,
+        module_loader(__name__),
         result_dtype=lambda dtype: torch.float64,
         preference=100,
     )

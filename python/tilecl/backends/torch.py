@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -33,13 +32,13 @@ from .base import (
     Gradients,
     LseStats,
     OffsetTerms,
-    Primitives,
     Scores,
     SigmoidSweep,
     SigmoidTerms,
     accumulation_dtype,
     anywhere,
     cuda_visible,
+    module_loader,
 )
 from .registry import register_backend
 
@@ -497,11 +496,6 @@ def _column_term_(
     tile[:, :width].add_(column_part)
 
 
-def _this_module() -> Primitives:
-    module: Primitives = sys.modules[__name__]
-    return module
-
-
 #: any device, any float dtype; what ``auto`` falls back to
 BACKEND = register_backend(
     Backend(
@@ -509,7 +503,7 @@ BACKEND = register_backend(
         FLOAT_DTYPES,
         {"cpu": anywhere, "cuda": cuda_visible, "meta": anywhere},
         lambda: None,
-        _this_module,
+        module_loader(__name__),
         auto_devices=("cpu", "cuda", "meta"),
         preference=90,
     )

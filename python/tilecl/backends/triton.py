@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import sys
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Any, NamedTuple, Optional, Protocol
@@ -36,11 +35,11 @@ from .base import (
     Gradients,
     LseStats,
     OffsetTerms,
-    Primitives,
     Scores,
     SigmoidSweep,
     SigmoidTerms,
     cuda_visible,
+    module_loader,
     with_unit_multipliers,
     with_unit_weights,
 )
@@ -436,18 +435,13 @@ def _triton_interpreter() -> Optional[str]:
     return None
 
 
-def _this_module() -> Primitives:
-    module: Primitives = sys.modules[__name__]
-    return module
-
-
 BACKEND = register_backend(
     Backend(
         "triton",
         KERNEL_DTYPES,
         {"cuda": cuda_visible, "cpu": _triton_interpreter},
         _triton_missing,
-        _this_module,
+        module_loader(__name__),
         max_extent=MAX_DIM,
         auto_devices=("cuda",),
         preference=10,
