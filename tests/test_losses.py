@@ -23,6 +23,7 @@ from tilecl.backends import BACKENDS, FLOAT_DTYPES, OffsetTerms, Scores, resolve
 from tilecl.testing import oracle as reference
 from tilecl.testing.naive import naive_contrastive_loss, naive_nt_xent_loss
 from utils import (
+    CROSSING_TILES,
     NAMES,
     Combo,
     assert_all_close_by_rule,
@@ -40,9 +41,9 @@ ALL = matrix()
 #: with the reference backend: what the primitive-level property tests and the listing check take
 EVERY = matrix(with_oracle=True)
 LOW = matrix(dtypes=(torch.float32, torch.bfloat16, torch.float16))
-# (1, 1, 1): one element; (13, 17, 5): hard-negative columns, primes; (37, 45, 40): two
-# 32-wide feature chunks; (70, 130, 24): 2 x 3 CUDA tiles, 5 x 9 interpreter tiles, ragged everywhere
-SHAPES = [(1, 1, 1), (13, 17, 5), (37, 45, 40), pytest.param(70, 130, 24, marks=pytest.mark.slow)]
+# (1, 1, 1): one element; (13, 17, 5): hard-negative columns, primes; (37, 45, 40): two 32-wide
+# feature chunks; CROSSING_TILES: several of the cell's tiles, ragged everywhere (Combo.crossing_shape)
+SHAPES = [(1, 1, 1), (13, 17, 5), (37, 45, 40), CROSSING_TILES]
 
 
 def loss_fn(combo: Combo):
@@ -56,6 +57,7 @@ def loss_fn(combo: Combo):
 @pytest.mark.parametrize("n,m,d", SHAPES)
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_values_and_gradients(combo, n, m, d, symmetric):
+    n, m, d = combo.crossing_shape() if n is None else (n, m, d)
     a, b = combo.inputs(n, m, d, seed=n + d)
     ours = run(loss_fn(combo), a, b, 12.0, symmetric=symmetric)
     naive = run(naive_contrastive_loss, a, b, 12.0, symmetric=symmetric)

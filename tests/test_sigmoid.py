@@ -18,6 +18,7 @@ import tilecl
 from tilecl.backends import BACKENDS
 from tilecl.testing.naive import naive_sigmoid_loss
 from utils import (
+    CROSSING_TILES,
     SIGMOID_NAMES,
     Combo,
     assert_all_close_by_rule,
@@ -30,7 +31,7 @@ from utils import (
 
 ALL = matrix()
 NAMES = SIGMOID_NAMES
-SHAPES = [(1, 1, 1), (13, 17, 5), (37, 45, 40), pytest.param(70, 130, 24, marks=pytest.mark.slow)]
+SHAPES = [(1, 1, 1), (13, 17, 5), (37, 45, 40), CROSSING_TILES]
 
 
 def sigmoid_combo(combo: Combo) -> Combo:
@@ -57,6 +58,7 @@ def check(combo: Combo, n: int, m: int, d: int, scale=10.0, bias=-5.0, grad_outp
 @pytest.mark.parametrize("combo", ALL, indirect=True)
 @pytest.mark.parametrize("n,m,d", SHAPES)
 def test_diagonal_positives(combo, n, m, d):
+    n, m, d = combo.crossing_shape() if n is None else (n, m, d)
     check(sigmoid_combo(combo), n, m, d)
 
 

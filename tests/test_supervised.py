@@ -23,6 +23,7 @@ import tilecl
 from tilecl.testing import oracle as reference
 from tilecl.testing.naive import naive_contrastive_loss, naive_nt_xent_loss, naive_supcon_loss
 from utils import (
+    CROSSING_TILES,
     Combo,
     assert_all_close_by_rule,
     assert_close_by_rule,
@@ -59,8 +60,9 @@ def check_contrastive(combo: Combo, n: int, m: int, d: int, scale: float, grad_o
 
 
 @pytest.mark.parametrize("combo", ALL, indirect=True)
-@pytest.mark.parametrize("n,m,d", [(37, 37, 24), pytest.param(70, 70, 40, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("n,m,d", [(37, 37, 24), CROSSING_TILES])
 def test_masked_clip_both_directions(combo, n, m, d):
+    n, m, d = combo.crossing_shape() if n is None else (n, m, d)
     dev = combo.device
     check_contrastive(combo, n, m, d, 8.0, row_groups=ids(n, 6, dev, 1), col_groups=ids(m, 6, dev, 2))
 

@@ -36,6 +36,12 @@ NAMES = ("loss", "grad_a", "grad_b", "grad_scale")
 SIGMOID_NAMES = (*NAMES, "grad_bias")
 
 
+#: the largest shape of the matrix tests on cells that run at full speed
+CROSSING = (70, 130, 24)
+#: a shape parameter that stands for the cell's :meth:`Combo.crossing_shape` (slow: ``make test`` only)
+CROSSING_TILES = pytest.param(None, None, None, id="crossing-tiles", marks=pytest.mark.slow)
+
+
 @dataclasses.dataclass(frozen=True)
 class Combo:
     """One cell of the matrix."""
@@ -65,6 +71,19 @@ class Combo:
     def emulated(self) -> bool:
         """Whether the cell runs interpreted or emulated (slow: it gets the smallest shapes)."""
         return self.device in self.declaration.emulated_on
+
+    def crossing_shape(self) -> tuple[int, int, int]:
+        """``(N, M, D)`` of the matrix's largest case: several tiles with a remainder everywhere.
+
+        An emulated cell (slow) takes the smallest such shape its declared tile allows — one full
+        tile and a ragged one in rows and in columns, one full feature chunk and a ragged one —
+        every other cell :data:`CROSSING` (2 x 3 CUDA tiles, 5 x 9 interpreter tiles, ragged).
+        """
+        tile = self.declaration.tiles.get(self.device)
+        if tile is None or not self.emulated:
+            return CROSSING
+        rows, cols, features = tile
+        return rows + 3, cols + 5, features + 8
 
     def reasons(self) -> list[str]:
         return self.declaration.not_supported_reasons(torch.device(self.device), self.dtype)
