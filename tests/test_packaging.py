@@ -244,6 +244,7 @@ def test_the_entry_point_says_which_backends_run_here_and_why_not(capsys):
         (line,) = [line for line in out.splitlines() if line.split()[:1] == [name]]
         reasons = backend.not_supported_reasons(torch.device("cpu"), torch.float32)
         assert line.endswith(": yes") if not reasons else all(reason in line for reason in reasons)
+    assert "backend='auto' takes 'torch' for cpu float32" in out
     with pytest.raises(SystemExit):
         main(["--help"])
     assert capsys.readouterr().out.startswith("usage: tilecl ")

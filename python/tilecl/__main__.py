@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 import tilecl
-from tilecl.backends import BACKENDS
+from tilecl.backends import BACKENDS, explain_backend
 
 
 def checks() -> list[tuple[torch.device, torch.dtype]]:
@@ -40,6 +40,12 @@ def report() -> str:
             verdict = "yes" if not reasons else "no: " + "; ".join(reasons)
             label = name if k == 0 else ""
             lines.append(f"  {label:<{width}}  {device.type} {str(dtype).removeprefix('torch.')}: {verdict}")
+    for device, dtype in cases:
+        choice = explain_backend(torch.empty(0, device=device, dtype=dtype))
+        lines.append(
+            f"backend='auto' takes {choice.chosen!r} for {device.type} {str(dtype).removeprefix('torch.')}"
+        )
+    lines.append("tilecl.explain_backend(a, b) says which backend a call takes and why not the others")
     return "\n".join(lines)
 
 
