@@ -9,6 +9,14 @@ STAMP  := $(VENV)/.installed
 # `make demo` installs only the demo extra (not dev's triton, ~1 GB): its own stamp, same .venv
 DEMO_STAMP := $(VENV)/.installed-demo
 
+# What both environments start with: the venv, pip, and torch first and pinned (with it present, the
+# ">=2.3" range in pyproject installs nothing more).
+define BASE_ENV
+test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
+endef
+
 .PHONY: venv test test-fast typecheck demo bench lint format clean cuda gpu-check
 
 venv: $(STAMP)
@@ -17,19 +25,14 @@ $(STAMP): pyproject.toml setup.py Makefile
 	@echo "make venv: setting up $(VENV): pip, $(TORCH_SPEC) (CPU) unless torch is there, then tilecl"
 	@echo "  editable with the dev extra (pytest, ruff, mypy, triton ~1 GB, scikit-learn, matplotlib,"
 	@echo "  sentence-transformers, pytorch-metric-learning, ...); several minutes on a fresh clone"
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	# torch first and pinned: with it present, the ">=2.3" range in pyproject installs nothing more.
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
+	$(BASE_ENV)
 	TILECL_SKIP_CUDA_BUILD=1 $(PIP) install --quiet -e ".[dev]"
 	touch $(STAMP)
 
 $(DEMO_STAMP): pyproject.toml setup.py Makefile
 	@echo "make demo: setting up $(VENV) for the demo: pip, $(TORCH_SPEC) (CPU) unless torch is there,"
 	@echo "  then tilecl editable with the demo extra only (scikit-learn, tqdm, matplotlib)"
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
+	$(BASE_ENV)
 	TILECL_SKIP_CUDA_BUILD=1 $(PIP) install --quiet -e ".[demo]"
 	touch $(DEMO_STAMP)
 

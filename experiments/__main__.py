@@ -61,15 +61,13 @@ def parser() -> argparse.ArgumentParser:
         "settles away from the optimum θ* = 1, gamma-EM near it.",
         formatter_class=_FORMAT,
     )
-    synthetic.add_argument("--seeds", type=int, default=10, help="independent runs per method")
+    _runs_and_outputs(synthetic, "synthetic", seeds=10, plot="where the θ traces go")
     synthetic.add_argument("--steps", type=int, default=30000, help="SGD steps per run")
     synthetic.add_argument("--negatives", type=int, default=8, help="uniform negatives M per step")
     synthetic.add_argument("--gamma", type=float, default=0.02, help="memory rate γ of gamma-EM")
     synthetic.add_argument(
         "--fast", action="store_true", help="3 seeds x 6000 steps (the make demo setting; overrides both)"
     )
-    synthetic.add_argument("--json", default="results/synthetic.json", help="where the results go")
-    synthetic.add_argument("--plot", default="results/synthetic.png", help="where the θ traces go")
 
     digits = experiments.add_parser(
         "digits",
@@ -78,15 +76,13 @@ def parser() -> argparse.ArgumentParser:
         "R@1 and linear-probe accuracy.",
         formatter_class=_FORMAT,
     )
-    digits.add_argument("--seeds", type=int, default=3, help="independent runs per method")
+    _runs_and_outputs(digits, "digits", seeds=3, plot="where the accuracy plot goes")
     digits.add_argument("--batch", type=int, default=32, help="the batch B (InfoNCE also runs at 4B)")
     digits.add_argument("--epochs", type=int, default=60, help="training epochs per run")
     digits.add_argument("--gamma", type=float, default=0.9, help="memory rate γ of gamma-EM")
     digits.add_argument(
         "--estimator", choices=("sample", "mean"), default="sample", help="gamma-EM's E-step estimator"
     )
-    digits.add_argument("--json", default="results/digits.json", help="where the results go")
-    digits.add_argument("--plot", default="results/digits.png", help="where the bar plot goes")
 
     modality = experiments.add_parser(
         "modality",
@@ -95,12 +91,17 @@ def parser() -> argparse.ArgumentParser:
         "separation, the Brownian bridge and geometric consistency.",
         formatter_class=_FORMAT,
     )
-    modality.add_argument("--seeds", type=int, default=3, help="independent runs per method")
+    _runs_and_outputs(modality, "modality", seeds=3, plot="where the accuracy plot goes")
     modality.add_argument("--epochs", type=int, default=100, help="training epochs per run")
     modality.add_argument("--batch", type=int, default=128, help="training batch")
-    modality.add_argument("--json", default="results/modality.json", help="where the results go")
-    modality.add_argument("--plot", default="results/modality.png", help="where the bar plot goes")
     return top
+
+
+def _runs_and_outputs(experiment: argparse.ArgumentParser, name: str, seeds: int, plot: str) -> None:
+    """The options every experiment has: how many runs, and where its JSON and its figure go."""
+    experiment.add_argument("--seeds", type=int, default=seeds, help="independent runs per method")
+    experiment.add_argument("--json", default=f"results/{name}.json", help="where the results go")
+    experiment.add_argument("--plot", default=f"results/{name}.png", help=plot)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
