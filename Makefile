@@ -43,13 +43,17 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
+# Two workers, one per core of the CI machine; a file's tests stay in one worker, so the runs its
+# tests share (the spawned ranks' results, the kernel builds) are made once.
+PYTEST := $(PY) -m pytest tests -q -n 2 --dist loadfile
+
 # everything, slow tests included (the CI target)
 test: venv lint typecheck
-	$(PY) -m pytest tests -q
+	$(PYTEST)
 
-# the suite without the tests marked slow: about 3.5 minutes on 2 cores
+# the suite without the tests marked slow
 test-fast: venv lint typecheck
-	$(PY) -m pytest tests -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # the lab lives in experiments/ (not installed): run from the checkout's root
 demo: $(DEMO_STAMP)

@@ -26,7 +26,7 @@ from utils import Combo, assert_rel, matrix
 
 D = 16
 SIZES = (96, 128, 160, 200)
-COMPILED = matrix(dtypes=(torch.float32,), backends=("torch", "triton", "cuda"))
+COMPILED = matrix(dtypes=(torch.float32,), backends=("torch", "triton", "cuda"), emulated_slow=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,7 +326,7 @@ def test_meta_tensors_give_shapes(case):
     assert [g.shape for g in grads] == [x.shape for x in _leaves(fn, meta)]
 
 
-@pytest.mark.parametrize("combo", matrix(with_oracle=True), indirect=True)
+@pytest.mark.parametrize("combo", matrix(with_oracle=True, emulated_slow=True), indirect=True)
 def test_opcheck_every_registered_op(combo):
     """``torch.library.opcheck``: schema, fake implementation, autograd registration, AOT tracing."""
     assert {op._qualname for op in OPS} == {

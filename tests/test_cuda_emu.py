@@ -58,9 +58,10 @@ def emu():
     return _cuda_build.load_emulation()
 
 
-@pytest.fixture(params=["forward", "reverse"])
+@pytest.fixture(params=["forward", pytest.param("reverse", marks=pytest.mark.slow)])
 def schedule(request):
-    """Run a test with the fibers in thread order and in reverse thread order."""
+    """Run a test with the fibers in thread order and in reverse thread order (``make test``; the
+    scheduling-order tests below compare the orders in ``make test-fast`` too)."""
     with emulation_settings(schedule=request.param):
         yield request.param
 

@@ -60,6 +60,7 @@ def test_bench_table_and_plot(tmp_path):
     assert plot.returncode == 0 and png.stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_bench_plot_draws_every_committed_result_file(tmp_path):
     """python -m bench.plot --out DIR: one PNG per result file in bench/results/ that has a figure."""
     from bench.plot import NOT_PLOTTED, RESULTS, main

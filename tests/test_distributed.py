@@ -26,7 +26,6 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import tilecl
-from tilecl.integrations.sentence_transformers import MultipleNegativesRankingLoss
 from tilecl.modality import (
     brownian_bridge_loss,
     feature_separation_loss,
@@ -40,6 +39,8 @@ M_PER_RANK = N_PER_RANK + EXTRA
 SCALE = 3.0
 BIAS = -2.0
 IMPLS = ("gather", "ring")
+#: the exchanges of the shared spawn (every loss at once): ring's in make test, gather's in test-fast too
+SPAWNED_IMPLS = ["gather", pytest.param("ring", marks=pytest.mark.slow)]
 #: inputs every rank holds the same copy of (their gradients are averaged across ranks)
 REPLICATED = {"scale", "bias"}
 #: open_clip's SigLipLoss(dist_impl=...) name for each exchange
@@ -213,6 +214,9 @@ def cases(inputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], **di
     def mnrl_hard_negatives(a, positives, u1):
         # sentence-transformers' MNRL with a hard-negative column: each rank's negatives stay in its
         # gathered block, aligned with their anchors (the loss is the concatenated batch's)
+        # imported here: every spawned rank imports this module, and sentence-transformers costs seconds
+        from tilecl.integrations.sentence_transformers import MultipleNegativesRankingLoss
+
         loss = MultipleNegativesRankingLoss(
             nn.Identity(), gather_across_devices="process_group" in dist_kwargs,
             dist_impl=dist_kwargs.get("dist_impl", "gather"), backend="torch",
@@ -355,7 +359,7 @@ def single_process(world: int) -> dict:
     return evaluate(inputs, {"pair": pair, "default": pair, "custom": everything["labels"]})
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", SPAWNED_IMPLS)
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", list(cases({}, {}).keys()))
 def test_every_loss_matches_single_process(case, world, impl, spawned):
@@ -375,7 +379,7 @@ def test_every_loss_matches_single_process(case, world, impl, spawned):
         assert_rel(average, ref_grads[name], 1e-10, f"{case} grad {name}")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", SPAWNED_IMPLS)
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_modules_use_the_default_group(world, impl, spawned):
     everything = global_batch(world)
@@ -395,7 +399,7 @@ def test_modules_use_the_default_group(world, impl, spawned):
             assert_rel(res["ModalityStructureLoss"][part], value, 1e-10, f"ModalityStructureLoss {part}")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", SPAWNED_IMPLS)
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_gamma_memory_and_gradients_match_single_process(world, impl, spawned):
     everything = global_batch(world)

@@ -38,6 +38,8 @@ from utils import (
 )
 
 ALL = matrix()
+#: the emulated cells in make test only: tests whose kernel paths the fast tests on ALL already take
+ALL_EMULATED_SLOW = matrix(emulated_slow=True)
 #: with the reference backend: what the primitive-level property tests and the listing check take
 EVERY = matrix(with_oracle=True)
 LOW = matrix(dtypes=(torch.float32, torch.bfloat16, torch.float16))
@@ -105,7 +107,7 @@ def test_nan_and_inf_inputs_propagate_like_the_full_matrix_loss(combo, symmetric
         assert torch.equal(torch.isfinite(x), torch.isfinite(y)), f"{name}: finite where naive is not"
 
 
-@pytest.mark.parametrize("combo", ALL, indirect=True)
+@pytest.mark.parametrize("combo", ALL_EMULATED_SLOW, indirect=True)
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_labels_hard_negatives_reductions(combo, symmetric, reduction):
@@ -173,7 +175,7 @@ def naive_gamma_loss(a, b, log_u, log_uc, scale, symmetric):
     return per_pair.mean()
 
 
-@pytest.mark.parametrize("combo", ALL, indirect=True)
+@pytest.mark.parametrize("combo", ALL_EMULATED_SLOW, indirect=True)
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gamma_surrogate_weights(combo, symmetric):
     a, b = combo.inputs(40, 47, 20, seed=2)
@@ -207,7 +209,7 @@ def naive_uniformity(z, t):
     return torch.logsumexp(-t * sq[off_diagonal], 0) - math.log(n * (n - 1))
 
 
-@pytest.mark.parametrize("combo", ALL, indirect=True)
+@pytest.mark.parametrize("combo", ALL_EMULATED_SLOW, indirect=True)
 @pytest.mark.parametrize("n,d", [(2, 1), (23, 17), (67, 9)])
 def test_uniformity(combo, n, d):
     # unit rows, as the regularizers take them (unnormalized features: test_modality.py, float64)

@@ -101,10 +101,13 @@ def matrix(
     dtypes: Iterable[torch.dtype] = (torch.float64, *LOW_PRECISION),
     backends: Optional[Iterable[str]] = None,
     with_oracle: bool = False,
+    emulated_slow: bool = False,
 ) -> list[Any]:
     """Every declared ``(backend, device, dtype)`` among ``dtypes`` (and ``backends``), as pytest params.
 
     ``with_oracle``: include the :data:`ORACLE_BACKEND`'s cells (the primitive-level tests do).
+    ``emulated_slow``: mark the emulated cells ``slow`` (a test whose emulated runs are costly and
+    whose kernel paths other fast tests already take).
     """
     wanted = tuple(dtypes)
     params = []
@@ -118,7 +121,8 @@ def matrix(
             for dtype in backend.dtypes:
                 if dtype in wanted:
                     combo = Combo(name, device, dtype)
-                    params.append(pytest.param(combo, id=combo.id))
+                    marks = [pytest.mark.slow] if emulated_slow and combo.emulated else []
+                    params.append(pytest.param(combo, id=combo.id, marks=marks))
     return params
 
 
