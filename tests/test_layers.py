@@ -42,6 +42,7 @@ LAYERS = {
     "tilecl.gamma": 8,
     "tilecl.modality": 8,
     "tilecl.modules": 9,
+    "tilecl.gradcache": 9,
     "tilecl.integrations": 10,
     "tilecl.integrations.pytorch_metric_learning": 10,
     "tilecl.integrations.sentence_transformers": 10,

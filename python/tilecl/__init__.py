@@ -16,6 +16,7 @@ Public API::
     tilecl.feature_separation_loss, tilecl.ModalityStructureLoss
     tilecl.available_backends()
     tilecl.explain_backend(a, b, backend="auto")   # which backend a call takes, and why not the others
+    tilecl.GradCache(towers, mini_batch_size=...).embed(*inputs)   # giant batches: gradient caching
 
 The oracles the tests check against (a NumPy float64 oracle, the full-matrix
 PyTorch losses) live in :mod:`tilecl.testing`, imported on demand.
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 from .backends import BackendChoice, available_backends, explain_backend
 from .contrastive import contrastive_loss, gamma_contrastive_loss, nt_xent_loss
 from .gamma import GammaContrastiveLoss
+from .gradcache import GradCache
 from .modality import (
     brownian_bridge_loss,
     feature_separation_loss,
@@ -39,6 +41,7 @@ from .supervised import SupConOutput, supcon_loss
 __all__ = [
     "ClipLoss",
     "GammaContrastiveLoss",
+    "GradCache",
     "InfoNCELoss",
     "ModalityStructureLoss",
     "NTXentLoss",

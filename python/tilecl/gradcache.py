@@ -1,0 +1,501 @@
+"""Gradient caching (Gao et al. 2021): giant contrastive batches with a mini-batch's activations.
+
+The tiled losses need ``O(N·D)`` memory, so the encoders' activations cap the
+batch. :class:`GradCache` splits the step in three, exactly:
+
+1. :meth:`GradCache.embed` runs every tower over its input mini-batch by
+   mini-batch without an autograd graph and keeps only the embeddings ``z``;
+2. the caller computes any loss of the embeddings (any tilecl loss, or any
+   function of them) and calls ``loss.backward()``;
+3. that backward reaches the embeddings' node, which receives ``dL/dz`` and
+   re-embeds each mini-batch with autograd (same RNG state, same autocast
+   state) and back-propagates the slice of ``dL/dz`` into the towers'
+   parameters — a reentrant ``torch.autograd.backward`` per mini-batch, as
+   ``torch.utils.checkpoint``'s reentrant form does.
+
+Because step 3 is an ordinary node of the loss's graph, whatever drives
+``backward`` (``GradScaler.scale(loss).backward()``, ``accelerator.backward``,
+gradient accumulation over steps) works unchanged, and the parameters'
+``.grad`` accumulate as after the plain step.
+
+Peak activation memory is one mini-batch of one tower; the price is a second
+forward of every tower.
+
+Not yet: DDP ``no_sync`` / FSDP2 / DeepSpeed handling, the
+sentence-transformers ``CachedMultipleNegativesRankingLoss`` drop-in, inputs
+that require grad, ``torch.autograd.grad`` / ``backward(inputs=...)`` (the
+re-embedding runs only in a full ``.backward()``), double backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+__all__ = ["GradCache"]
+
+#: one tower's input: a tensor ``(N, ...)`` or a mapping of tensors ``(N, ...)`` (a tokenizer's output)
+Input = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+
+#: the modules whose output depends on the mini-batch split: batch statistics in the forward
+_BATCH_NORMS = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+)
+
+#: a snapshot of the random streams: the CPU generator, then each accelerator device's
+RngState = tuple[torch.Tensor, tuple[tuple[torch.device, torch.Tensor], ...]]
+
+
+def _device_module(device: torch.device) -> Any:
+    return getattr(torch, device.type)
+
+
+def _rng_state(devices: Sequence[torch.device]) -> RngState:
+    states = []
+    for device in devices:
+        module = _device_module(device)
+        states.append(
+            (device, module.get_rng_state(device) if device.index is not None else module.get_rng_state())
+        )
+    return torch.get_rng_state(), tuple(states)
+
+
+def _set_rng_state(state: RngState) -> None:
+    cpu, devices = state
+    torch.set_rng_state(cpu)
+    for device, device_state in devices:
+        module = _device_module(device)
+        if device.index is not None:
+            module.set_rng_state(device_state, device)
+        else:
+            module.set_rng_state(device_state)
+
+
+def _autocast_state(device_type: str) -> Optional[tuple[bool, torch.dtype]]:
+    """``(enabled, dtype)`` of autocast on ``device_type``; None where autocast does not exist."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        try:
+            return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+        except RuntimeError:
+            return None
+    # torch 2.3 has only the per-device functions
+    if device_type == "cpu":  # pragma: no cover - depends on the installed torch
+        return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    if device_type == "cuda":  # pragma: no cover - depends on the installed torch
+        return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return None  # pragma: no cover - depends on the installed torch
+
+
+def _tensors(x: Input) -> list[tuple[str, torch.Tensor]]:
+    return list(x.items()) if isinstance(x, Mapping) else [("", x)]
+
+
+def _rows(x: Input, start: int, stop: int, device: torch.device) -> Input:
+    if isinstance(x, Mapping):
+        return {k: t[start:stop].to(device) for k, t in x.items()}
+    return x[start:stop].to(device)
+
+
+def _to(x: Input, device: torch.device) -> Input:
+    if isinstance(x, Mapping):
+        return {k: t.to(device) for k, t in x.items()}
+    return x.to(device)
+
+
+def _call(tower: nn.Module, x: Input) -> Any:
+    return tower(**x) if isinstance(x, Mapping) else tower(x)
+
+
+def _check_count(value: Any, name: str) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"GradCache: {name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"GradCache: {name} must be positive, got {value}")
+    return value
+
+
+def _towers_of(towers: Any) -> tuple[nn.Module, ...]:
+    if isinstance(towers, nn.ModuleList):
+        found: tuple[Any, ...] = tuple(towers)
+    elif isinstance(towers, nn.Module):
+        return (towers,)
+    elif isinstance(towers, Sequence) and not isinstance(towers, (str, bytes)):
+        found = tuple(towers)
+    else:
+        raise TypeError(
+            f"GradCache: towers must be an nn.Module or a sequence of them, got {type(towers).__name__}"
+        )
+    if not found:
+        raise ValueError("GradCache: towers is empty")
+    for i, tower in enumerate(found):
+        if not isinstance(tower, nn.Module):
+            raise TypeError(f"GradCache: tower {i} must be an nn.Module, got {type(tower).__name__}")
+    return found
+
+
+def _split(
+    n: int, max_rows: Optional[int], budget: Optional[int], tokens: Optional[list[int]], name: str
+) -> list[tuple[int, int]]:
+    """Consecutive ``(start, stop)`` row ranges covering ``range(n)``, greedy in row order.
+
+    A mini-batch closes when the next row would take it past ``max_rows``
+    rows or past ``budget`` tokens (``tokens[i]`` = row ``i``'s count).
+    Greedy is the fewest mini-batches any split into consecutive ranges can
+    have.
+    """
+    if tokens is None:
+        assert max_rows is not None
+        return [(start, min(start + max_rows, n)) for start in range(0, n, max_rows)]
+    assert budget is not None
+    ranges: list[tuple[int, int]] = []
+    start, used = 0, 0
+    for i, count in enumerate(tokens):
+        if count > budget:
+            raise ValueError(
+                f"GradCache: row {i} of {name} has {count} tokens, more than tokens_per_mini_batch={budget}"
+            )
+        if i > start and (used + count > budget or (max_rows is not None and i - start >= max_rows)):
+            ranges.append((start, i))
+            start, used = i, 0
+        used += count
+    ranges.append((start, n))
+    return ranges
+
+
+@dataclasses.dataclass
+class _Step:
+    """One :meth:`GradCache.embed` call: what the re-embedding in its backward needs."""
+
+    towers: tuple[nn.Module, ...]
+    #: the inputs as kept between the passes (the towers' devices, or CPU with offload)
+    inputs: list[Input]
+    devices: list[torch.device]
+    #: per tower, its mini-batches: ``(start, stop)`` and the RNG state its forward started from
+    batches: list[list[tuple[int, int, RngState]]]
+    rng_devices: tuple[torch.device, ...]
+    autocast: list[tuple[str, bool, torch.dtype]]
+    autocast_cache: bool
+    versions: list[int]
+    tower_state: list[tuple[tuple[int, ...], tuple[bool, ...]]]
+    done: bool = False
+
+    def input_versions(self) -> list[int]:
+        return [t._version for x in self.inputs for _, t in _tensors(x)]
+
+    def changed_input(self, versions: list[int]) -> Optional[str]:
+        names = [
+            f"input {i}" + (f" ({k!r})" if k else "")
+            for i, x in enumerate(self.inputs)
+            for k, _ in _tensors(x)
+        ]
+        for name, before, now in zip(names, versions, self.input_versions()):
+            if before != now:
+                return name
+        return None
+
+    def autocast_context(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        for device_type, enabled, dtype in self.autocast:
+            stack.enter_context(
+                torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=self.autocast_cache)
+            )
+        return stack
+
+    def backward(self, grads: tuple[Optional[torch.Tensor], ...]) -> None:
+        if self.done:
+            raise RuntimeError(
+                "GradCache: the embeddings' backward ran twice (backward through the same embed() "
+                "result a second time, e.g. with retain_graph=True); call embed() again for a new step"
+            )
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "GradCache: the re-embedding is differentiable once; create_graph=True is not supported"
+            )
+        changed = self.changed_input(self.versions)
+        if changed is not None:
+            raise RuntimeError(
+                f"GradCache: {changed} was modified in place between embed() and backward(); "
+                "the re-embedding would not see what the forward saw"
+            )
+        for i, (tower, state) in enumerate(zip(self.towers, self.tower_state)):
+            if _tower_state(tower) != state:
+                raise RuntimeError(
+                    f"GradCache: tower {i}'s parameters or train/eval mode changed between embed() and "
+                    "backward() (an optimizer step, .train()/.eval()); the cached gradient no longer applies"
+                )
+        self.done = True
+        # the replays run on a fork of the random streams: the caller's stream stays where embed() left it
+        outer = _rng_state(self.rng_devices)
+        try:
+            for tower, x, device, batches, grad in zip(
+                self.towers, self.inputs, self.devices, self.batches, grads
+            ):
+                if grad is None:  # this embedding did not reach the loss: no gradient, as in the plain step
+                    continue
+                for start, stop, rng in batches:
+                    _set_rng_state(rng)
+                    with torch.enable_grad(), self.autocast_context():
+                        out = _call(tower, _rows(x, start, stop, device))
+                    if out.requires_grad:
+                        torch.autograd.backward(out, grad[start:stop])
+                    del out
+        finally:
+            _set_rng_state(outer)
+            # the inputs and RNG states are dead weight once the gradient is in .grad
+            self.inputs, self.batches = [], []
+
+
+def _tower_state(tower: nn.Module) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    return tuple(p._version for p in tower.parameters()), tuple(m.training for m in tower.modules())
+
+
+class _ReEmbed(torch.autograd.Function):
+    """Identity on the cached embeddings; its backward is the re-embedding.
+
+    Its differentiable input is a dummy leaf, so the engine calls the backward
+    whenever the loss's backward runs, with ``dL/dz`` for every embedding.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, step: _Step, dummy: torch.Tensor, *embeddings: torch.Tensor) -> tuple:
+        ctx.step = step
+        # an embedding the loss does not use gets None: its tower is skipped, its .grad stays as it was
+        ctx.set_materialize_grads(False)
+        return embeddings
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Optional[torch.Tensor]) -> tuple:
+        ctx.step.backward(grads)
+        return (None, None, *([None] * len(grads)))
+
+
+class GradCache:
+    """Embed a giant batch mini-batch by mini-batch; ``loss.backward()`` fills the towers' ``.grad`` exactly.
+
+    Example::
+
+        cache = tilecl.GradCache([image_tower, text_tower], mini_batch_size=256)
+        za, zb = cache.embed(images, texts)          # (N, D) each, no activations kept
+        loss = tilecl.contrastive_loss(za, zb, scale)
+        loss.backward()                              # re-embeds each mini-batch; .grad as the plain step
+
+    Args:
+        towers: one ``nn.Module`` (one input), or a sequence of them, one per
+            input of :meth:`embed`; a tower may repeat (a shared encoder:
+            ``[encoder, encoder]``), its gradients then add up. Each is called
+            as ``tower(x)`` for a tensor input and ``tower(**x)`` for a mapping,
+            and returns a tensor ``(rows, ...)``.
+        mini_batch_size: at most this many rows per mini-batch.
+        tokens_per_mini_batch: for mapping inputs holding an
+            ``attention_mask`` ``(N, L)``: at most this many tokens per
+            mini-batch, a row's tokens being its non-zero mask entries (padding
+            is not counted). Rows stay in order; a mini-batch closes when the
+            next row would take it past the budget (or past
+            ``mini_batch_size`` rows, when both are given). The tensors are
+            sliced as they are (not re-padded). Inputs without a mask use
+            ``mini_batch_size``, which must then be given.
+        offload_inputs: keep the inputs on CPU between the two passes and move
+            each mini-batch to its tower's device when used (otherwise each
+            input is moved whole to its tower's device once, in :meth:`embed`).
+
+    Exactness: each mini-batch's forward starts from a saved RNG state (the CPU
+    generator and the accelerator devices of the towers and inputs) and under
+    the autocast state :meth:`embed` ran under; the re-embedding replays both,
+    so dropout masks and autocast dtypes match and the gradients are those of
+    the plain step that embeds the same mini-batches in the same order (tower
+    by tower, mini-batches in row order). After :meth:`embed` the RNG streams
+    stand where that plain forward would leave them; the backward replays on
+    a fork and leaves them there.
+
+    Refused, before any forward: BatchNorm using batch statistics (train
+    mode, or ``track_running_stats=False``), whose output depends on the
+    split; inputs that require grad. Modules that update buffers in their
+    forward (running statistics) update them twice.
+    """
+
+    def __init__(
+        self,
+        towers: Union[nn.Module, Sequence[nn.Module]],
+        *,
+        mini_batch_size: Optional[int] = None,
+        tokens_per_mini_batch: Optional[int] = None,
+        offload_inputs: bool = False,
+    ) -> None:
+        self.towers = _towers_of(towers)
+        self.mini_batch_size = _check_count(mini_batch_size, "mini_batch_size")
+        self.tokens_per_mini_batch = _check_count(tokens_per_mini_batch, "tokens_per_mini_batch")
+        if self.mini_batch_size is None and self.tokens_per_mini_batch is None:
+            raise TypeError("GradCache: give mini_batch_size, tokens_per_mini_batch, or both")
+        if not isinstance(offload_inputs, bool):
+            raise TypeError(f"GradCache: offload_inputs must be a bool, got {type(offload_inputs).__name__}")
+        self.offload_inputs = offload_inputs
+
+    def mini_batches(self, *inputs: Input) -> list[list[tuple[int, int]]]:
+        """Per input, the ``(start, stop)`` row ranges :meth:`embed` runs its tower over.
+
+        Args:
+            inputs: as :meth:`embed`.
+
+        Returns:
+            One list of consecutive ranges covering ``range(N)`` per input.
+        """
+        self._check_inputs(inputs)
+        return [self._split(x, i) for i, x in enumerate(inputs)]
+
+    def embed(self, *inputs: Input) -> tuple[torch.Tensor, ...]:
+        """Embed every input with its tower, mini-batch by mini-batch, without keeping activations.
+
+        Args:
+            inputs: one per tower, each a tensor ``(N, ...)`` or a mapping of
+                tensors ``(N, ...)`` (e.g. ``input_ids`` and
+                ``attention_mask``), the same ``N`` for all.
+
+        Returns:
+            One embedding per input, ``(N, ...)`` (the tower's output rows
+            concatenated), differentiable: the backward through them runs the
+            re-embedding. Under ``torch.no_grad()`` plain tensors, nothing kept.
+        """
+        self._check_inputs(inputs)
+        ranges = [self._split(x, i) for i, x in enumerate(inputs)]
+        devices = [self._device_of(tower, x) for tower, x in zip(self.towers, inputs)]
+        keep = torch.device("cpu") if self.offload_inputs else None
+        kept = [_to(x, keep or device) for x, device in zip(inputs, devices)]
+        rng_devices = self._rng_devices(kept, devices)
+        device_types = ["cpu", *sorted({d.type for d in rng_devices})]
+        autocast = [(t, *state) for t in device_types if (state := _autocast_state(t)) is not None]
+        step = _Step(
+            towers=self.towers,
+            inputs=kept,
+            devices=devices,
+            batches=[],
+            rng_devices=rng_devices,
+            autocast=autocast,
+            autocast_cache=torch.is_autocast_cache_enabled(),
+            versions=[],
+            tower_state=[_tower_state(tower) for tower in self.towers],
+        )
+        step.versions = step.input_versions()
+
+        embeddings = []
+        for i, (tower, x, device, spans) in enumerate(zip(self.towers, kept, devices, ranges)):
+            outs, batches = [], []
+            for start, stop in spans:
+                rng = _rng_state(rng_devices)
+                with torch.no_grad():
+                    out = _call(tower, _rows(x, start, stop, device))
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(f"GradCache: tower {i} must return a tensor, got {type(out).__name__}")
+                if out.dim() == 0 or out.shape[0] != stop - start:
+                    raise ValueError(
+                        f"GradCache: tower {i} returned shape {tuple(out.shape)} for {stop - start} rows; "
+                        "it must return one row per input row"
+                    )
+                outs.append(out)
+                batches.append((start, stop, rng))
+            embeddings.append(torch.cat(outs))
+            step.batches.append(batches)
+        changed = step.changed_input(step.versions)
+        if changed is not None:
+            raise RuntimeError(
+                f"GradCache: a tower modified {changed} in place; the re-embedding could not replay it"
+            )
+        if not torch.is_grad_enabled():
+            return tuple(embeddings)
+        dummy = torch.empty(0, requires_grad=True)
+        return _ReEmbed.apply(step, dummy, *embeddings)
+
+    def _check_inputs(self, inputs: Sequence[Any]) -> None:
+        if len(inputs) != len(self.towers):
+            raise ValueError(
+                f"GradCache: {len(inputs)} inputs for {len(self.towers)} towers; give one per tower"
+            )
+        lengths = []
+        for i, x in enumerate(inputs):
+            if isinstance(x, Mapping):
+                if not x:
+                    raise ValueError(f"GradCache: input {i} is an empty mapping")
+                for key, t in x.items():
+                    if not isinstance(t, torch.Tensor):
+                        raise TypeError(
+                            f"GradCache: input {i}[{key!r}] must be a tensor, got {type(t).__name__}"
+                        )
+            elif not isinstance(x, torch.Tensor):
+                raise TypeError(
+                    f"GradCache: input {i} must be a tensor or a mapping of tensors, got {type(x).__name__}"
+                )
+            sizes = set()
+            for key, t in _tensors(x):
+                name = f"input {i}" + (f"[{key!r}]" if key else "")
+                if t.dim() == 0:
+                    raise ValueError(f"GradCache: {name} must have a batch dimension, got a 0-d tensor")
+                if t.requires_grad:
+                    raise ValueError(
+                        f"GradCache: {name} requires grad; inputs that require grad are not supported"
+                    )
+                sizes.add(t.shape[0])
+            if len(sizes) != 1:
+                raise ValueError(
+                    f"GradCache: the tensors of input {i} have different lengths {sorted(sizes)}"
+                )
+            lengths.append(sizes.pop())
+        if len(set(lengths)) != 1:
+            raise ValueError(
+                f"GradCache: the inputs have different lengths {lengths}; all towers embed N rows"
+            )
+        if lengths[0] == 0:
+            raise ValueError("GradCache: the inputs are empty (N = 0)")
+        for i, tower in enumerate(self.towers):
+            for name, module in tower.named_modules():
+                if isinstance(module, _BATCH_NORMS) and (module.training or module.running_mean is None):
+                    raise RuntimeError(
+                        f"GradCache: tower {i} has a BatchNorm ({name or type(module).__name__}) using batch "
+                        "statistics (train mode or track_running_stats=False): its output depends on how the "
+                        "batch is split into mini-batches, so gradient caching cannot be exact; put it in "
+                        "eval mode or use a per-sample norm (LayerNorm, GroupNorm)"
+                    )
+
+    def _split(self, x: Input, i: int) -> list[tuple[int, int]]:
+        n = _tensors(x)[0][1].shape[0]
+        mask = x.get("attention_mask") if isinstance(x, Mapping) else None
+        if self.tokens_per_mini_batch is None or mask is None:
+            if self.mini_batch_size is None:
+                raise ValueError(
+                    f"GradCache: input {i} has no attention_mask to count tokens in; give mini_batch_size "
+                    "for it (tokens_per_mini_batch applies to mapping inputs with an attention_mask)"
+                )
+            return _split(n, self.mini_batch_size, None, None, f"input {i}")
+        if mask.dim() != 2:
+            raise ValueError(
+                f"GradCache: input {i}['attention_mask'] must be (N, L), got {tuple(mask.shape)}"
+            )
+        tokens = mask.ne(0).sum(dim=1).tolist()
+        return _split(n, self.mini_batch_size, self.tokens_per_mini_batch, tokens, f"input {i}")
+
+    @staticmethod
+    def _device_of(tower: nn.Module, x: Input) -> torch.device:
+        first = next(itertools.chain(tower.parameters(), tower.buffers()), None)
+        return first.device if first is not None else _tensors(x)[0][1].device
+
+    def _rng_devices(self, kept: list[Input], devices: list[torch.device]) -> tuple[torch.device, ...]:
+        # the devices a forward can draw on: where the towers and the inputs live
+        found = {*devices}
+        for tower in self.towers:
+            found |= {p.device for p in itertools.chain(tower.parameters(), tower.buffers())}
+        for x in kept:
+            found |= {t.device for _, t in _tensors(x)}
+        accelerators = {d for d in found if d.type not in ("cpu", "meta")}
+        return tuple(sorted(accelerators, key=str))
