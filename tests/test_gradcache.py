@@ -435,3 +435,24 @@ def test_create_graph_is_refused():
     (z,) = tilecl.GradCache(MLP(), mini_batch_size=5).embed(images())
     with pytest.raises(RuntimeError, match="create_graph"):
         z.pow(2).sum().backward(create_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("offload", [False, True], ids=["kept", "offload"])
+def test_cuda_dropout_and_offload_give_the_plain_gradients(offload):
+    """The CUDA generator is saved and replayed too; offloaded inputs come back to the tower's device."""
+    torch.manual_seed(0)
+    towers = [MLP(dropout=0.3).cuda(), Bag(dropout=0.2).cuda()]
+    inputs = [images(), texts()]  # on CPU: moved per mini-batch (offload) or whole (kept)
+    cache = tilecl.GradCache(towers, mini_batch_size=5, offload_inputs=offload)
+    on_device = [images().cuda(), {k: v.cuda() for k, v in texts().items()}]
+    torch.manual_seed(3)
+    tilecl.contrastive_loss(*plain_embed(towers, on_device, cache.mini_batches(*inputs)), 10.0).backward()
+    want = grads(towers)
+    zero(towers)
+    torch.manual_seed(3)
+    za, zb = cache.embed(*inputs)
+    after_embed = torch.cuda.get_rng_state()
+    tilecl.contrastive_loss(za, zb, 10.0).backward()
+    assert torch.equal(torch.cuda.get_rng_state(), after_embed)
+    assert_same_grads(grads(towers), want)

@@ -321,6 +321,10 @@ class GradCache:
     stand where that plain forward would leave them; the backward replays on
     a fork and leaves them there.
 
+    One backward per :meth:`embed`: compute every loss of the step from the
+    embeddings, add them, and call ``backward`` once (a second backward
+    through the same embeddings raises).
+
     Refused, before any forward: BatchNorm using batch statistics (train
     mode, or ``track_running_stats=False``), whose output depends on the
     split; inputs that require grad. Modules that update buffers in their
