@@ -23,13 +23,11 @@ False negatives (``mask_false_negatives``) leave both softmaxes:
 * ``"labels"``: the dataset's label column holds a group id per pair; an
   anchor's in-batch positives of its group are masked (hard negatives never).
 
-With the cached variant's idea (sentence-transformers'
-``CachedMultipleNegativesRankingLoss``: embed the batch in mini-batches
-without activations, take the loss and its gradient with respect to the
-embeddings, then re-embed mini-batch by mini-batch with the cached gradient)
-the encoder's memory is bounded by the mini-batch and this loss's by
-``O(N·D)``: call :meth:`MultipleNegativesRankingLoss.compute_loss_from_embeddings`
-on the cached embeddings in the place of the full-matrix cross entropy.
+:class:`CachedMultipleNegativesRankingLoss` is the drop-in for
+sentence-transformers' ``CachedMultipleNegativesRankingLoss``: the columns are
+embedded mini-batch by mini-batch without activations (:class:`tilecl.GradCache`)
+and re-embedded in the loss's backward, so the encoder's memory is bounded by
+the mini-batch and the loss's by ``O(N·D)``.
 """
 
 from __future__ import annotations
@@ -50,8 +48,14 @@ except ImportError as error:  # pragma: no cover - the dev extra installs it
     ) from error
 
 from ..contrastive import contrastive_loss
+from ..gradcache import GradCache
 
-__all__ = ["MASK_MODES", "MultipleNegativesRankingLoss", "pair_groups_from_keys"]
+__all__ = [
+    "MASK_MODES",
+    "CachedMultipleNegativesRankingLoss",
+    "MultipleNegativesRankingLoss",
+    "pair_groups_from_keys",
+]
 
 #: the ``mask_false_negatives`` modes
 MASK_MODES = (None, "text", "labels")
@@ -196,13 +200,18 @@ class MultipleNegativesRankingLoss(nn.Module):
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor]) -> Tensor:
         features = list(sentence_features)
         embeddings = _embed(self.model, features)
-        groups = None
-        if self.mask_false_negatives == "text":
-            keys = [_text_keys(f) for f in features]
-            rows, cols = pair_groups_from_keys(keys[0], keys[1], keys[2:])
-            device = embeddings[0].device
-            groups = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+        groups = self._text_groups(features, embeddings[0].device)
         return self.compute_loss_from_embeddings(embeddings, labels, groups=groups)
+
+    def _text_groups(
+        self, features: list[dict[str, Any]], device: torch.device
+    ) -> Optional[tuple[Tensor, Tensor]]:
+        """The duplicate-text groups of ``mask_false_negatives="text"`` (None in the other modes)."""
+        if self.mask_false_negatives != "text":
+            return None
+        keys = [_text_keys(f) for f in features]
+        rows, cols = pair_groups_from_keys(keys[0], keys[1], keys[2:])
+        return torch.tensor(rows, device=device), torch.tensor(cols, device=device)
 
     def compute_loss_from_embeddings(
         self,
@@ -269,3 +278,230 @@ class MultipleNegativesRankingLoss(nn.Module):
             "mask_false_negatives": self.mask_false_negatives,
             "backend": self.backend,
         }
+
+
+# --------------------------------------------------------------------------- the cached drop-in
+
+
+def _st_batch_size(features: dict[str, Any]) -> int:
+    try:
+        from sentence_transformers.base.losses.gradcache import _get_batch_size
+    except ImportError:  # older sentence-transformers: padded inputs only
+        return next(v.shape[0] for v in features.values() if isinstance(v, Tensor) and v.dim() > 0)
+    return int(_get_batch_size(features))
+
+
+def _st_minibatch(features: dict[str, Any], begin: int, end: int) -> dict[str, Any]:
+    """Rows ``begin:end`` of a tokenized column, cut as sentence-transformers' cached losses cut them.
+
+    Its ``_create_minibatch`` also handles flattened (``cu_seq_lens_q``) and
+    vision-language inputs and trims the mini-batch's trailing padding.
+    """
+    try:
+        from sentence_transformers.base.losses.gradcache import _create_minibatch
+    except ImportError:  # older sentence-transformers: a plain row slice
+        return {k: v[begin:end] if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in features.items()}
+    return dict(_create_minibatch(features, begin, end))
+
+
+def _row_tokens(features: dict[str, Any]) -> Tensor:
+    """Each row's token count: the attention mask's, or the flattened layout's sequence lengths."""
+    if "cu_seq_lens_q" in features:
+        return features["cu_seq_lens_q"].diff()
+    mask = features.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        return mask.ne(0).sum(dim=1)
+    raise ValueError(
+        "mini_batch_num_tokens needs per-sequence token counts, but the tokenized inputs contain neither "
+        "'cu_seq_lens_q' (flattened inputs) nor 'attention_mask' (padded inputs); use mini_batch_size instead"
+    )
+
+
+class _Column(nn.Module):
+    """One tokenized column as a :class:`tilecl.GradCache` tower over row indices.
+
+    GradCache hands it ``index`` (the mini-batch's rows, consecutive); it cuts
+    those rows out of the column as sentence-transformers does and returns the
+    model's ``sentence_embedding``. The cut tensors are copies, so a module
+    that edits its features in place (``Pooling(include_prompt=False)`` zeroes
+    the prompt in the attention mask) cannot change what the re-embedding sees.
+    """
+
+    def __init__(self, model: nn.Module, features: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.features = features
+        self.progress: Any = None
+
+    def forward(self, index: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        begin, end = int(index[0]), int(index[-1]) + 1
+        rows = _st_minibatch(self.features, begin, end)
+        rows = {k: v.clone() if isinstance(v, Tensor) else v for k, v in rows.items()}
+        out = self.model(rows)["sentence_embedding"]
+        if self.progress is not None:
+            self.progress.update(1)
+        return out
+
+
+class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
+    """sentence-transformers' ``CachedMultipleNegativesRankingLoss`` on :class:`tilecl.GradCache`.
+
+    Same constructor and call as
+    ``sentence_transformers.losses.CachedMultipleNegativesRankingLoss`` (plus
+    this module's keyword options), so a training script swaps the import::
+
+        from tilecl.integrations.sentence_transformers import CachedMultipleNegativesRankingLoss
+        loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=64, mask_false_negatives="text")
+
+    Each column is embedded mini-batch by mini-batch without an autograd graph
+    (the mini-batches sentence-transformers forms: ``mini_batch_size`` rows,
+    or greedy packs of ``mini_batch_num_tokens`` non-padding tokens, trailing
+    padding trimmed); the loss is :class:`MultipleNegativesRankingLoss`'s
+    tiled one over the whole batch; its backward re-embeds each mini-batch
+    with the random state of its first forward and back-propagates the
+    embeddings' gradient slice. Value and gradients are those of the plain
+    step embedding the same mini-batches in the same order (dropout
+    included). The forward returns an ordinary differentiable loss, so
+    ``loss.backward()``, ``GradScaler`` and gradient accumulation work as with
+    the uncached loss.
+
+    Args:
+        model, scale, similarity_fct, gather_across_devices, directions,
+            partition_mode, hardness_mode, hardness_strength: as
+            :class:`MultipleNegativesRankingLoss`.
+        mini_batch_size: rows per embedding mini-batch.
+        mini_batch_num_tokens: instead, at most this many non-padding tokens
+            per mini-batch (a longer sequence alone in its own), as
+            sentence-transformers does.
+        show_progress_bar: a progress bar over the first embedding pass.
+        symmetric, mask_false_negatives, backend, dist_impl: as
+            :class:`MultipleNegativesRankingLoss`.
+        offload_inputs: keep the tokenized columns on CPU between the two
+            passes (:class:`tilecl.GradCache`).
+
+    Not supported: a model wrapped in ``DistributedDataParallel`` (GradCache
+    does not yet defer DDP's gradient reduction to the last re-embedding), a
+    ``StaticEmbedding`` model (its input has no batch dimension), and
+    wrapping by ``MatryoshkaLoss`` / ``AdaptiveLayerLoss``'s cached paths
+    (they decorate sentence-transformers' ``calculate_loss``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scale: float = 20.0,
+        similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
+        mini_batch_size: int = 32,
+        mini_batch_num_tokens: Optional[int] = None,
+        gather_across_devices: bool = False,
+        directions: tuple[str, ...] = ("query_to_doc",),
+        partition_mode: str = "joint",
+        show_progress_bar: bool = False,
+        hardness_mode: Optional[str] = None,
+        hardness_strength: float = 0.0,
+        *,
+        symmetric: bool = False,
+        mask_false_negatives: Optional[str] = None,
+        backend: str = "auto",
+        dist_impl: str = "gather",
+        offload_inputs: bool = False,
+    ) -> None:
+        super().__init__(
+            model,
+            scale,
+            similarity_fct,
+            gather_across_devices,
+            directions,
+            partition_mode,
+            hardness_mode,
+            hardness_strength,
+            symmetric=symmetric,
+            mask_false_negatives=mask_false_negatives,
+            backend=backend,
+            dist_impl=dist_impl,
+        )
+        if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size <= 0:
+            raise ValueError(f"mini_batch_size must be a positive integer, got {mini_batch_size!r}")
+        if mini_batch_num_tokens is not None and (
+            isinstance(mini_batch_num_tokens, bool)
+            or not isinstance(mini_batch_num_tokens, int)
+            or mini_batch_num_tokens <= 0
+        ):
+            raise ValueError("mini_batch_num_tokens must be a positive integer or None.")
+        if _has_static_embedding(model):
+            raise ValueError(
+                "CachedMultipleNegativesRankingLoss cannot split a StaticEmbedding model's inputs into "
+                "mini-batches (they have no batch dimension); use MultipleNegativesRankingLoss instead"
+            )
+        self.mini_batch_size = mini_batch_size
+        self.mini_batch_num_tokens = mini_batch_num_tokens
+        self.show_progress_bar = show_progress_bar
+        self.offload_inputs = offload_inputs
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor]) -> Tensor:
+        features = list(sentence_features)
+        if len(features) < 2:
+            raise ValueError(f"Expected at least 2 inputs, got {len(features)}")
+        if isinstance(getattr(self.model, "_orig_mod", self.model), nn.parallel.DistributedDataParallel):
+            raise NotImplementedError(
+                "CachedMultipleNegativesRankingLoss: a DistributedDataParallel model is not supported yet "
+                "(tilecl.GradCache does not defer DDP's gradient reduction to the last re-embedding)"
+            )
+        columns = [_Column(self.model, f) for f in features]
+        inputs = [self._rows_input(f) for f in features]
+        tokens = self.mini_batch_num_tokens
+        cache = GradCache(
+            columns,
+            mini_batch_size=None if tokens is not None else self.mini_batch_size,
+            tokens_per_mini_batch=tokens,
+            offload_inputs=self.offload_inputs,
+        )
+        progress = None
+        if self.show_progress_bar:
+            import tqdm
+
+            total = sum(len(r) for r in cache.mini_batches(*inputs))
+            progress = tqdm.tqdm(total=total, desc="Embed mini-batches")
+        for column in columns:
+            column.progress = progress
+        try:
+            embeddings = list(cache.embed(*inputs))
+        finally:
+            for column in columns:
+                column.progress = None
+            if progress is not None:
+                progress.close()
+        groups = self._text_groups(features, embeddings[0].device)
+        return self.compute_loss_from_embeddings(embeddings, labels, groups=groups)
+
+    def _rows_input(self, features: dict[str, Any]) -> dict[str, Tensor]:
+        """What GradCache splits: the row indices, and for a token budget a mask of each row's count.
+
+        A count above the budget is clipped to it, so that row forms a mini-batch
+        of its own (sentence-transformers' rule) instead of being refused.
+        """
+        n = _st_batch_size(features)
+        rows = {"index": torch.arange(n)}
+        if self.mini_batch_num_tokens is not None:
+            counts = _row_tokens(features).to("cpu").clamp(max=self.mini_batch_num_tokens)
+            width = max(int(counts.max()), 1) if n else 1
+            rows["attention_mask"] = (torch.arange(width) < counts[:, None]).to(torch.long)
+        return rows
+
+    def get_config_dict(self) -> dict[str, Union[str, float, bool, tuple, None]]:
+        return {
+            **super().get_config_dict(),
+            "mini_batch_size": self.mini_batch_size,
+            "mini_batch_num_tokens": self.mini_batch_num_tokens,
+        }
+
+
+def _has_static_embedding(model: nn.Module) -> bool:
+    try:
+        from sentence_transformers.base.losses.gradcache import has_static_embedding_input
+    except ImportError:  # older sentence-transformers
+        return False
+    try:
+        return bool(has_static_embedding_input(model))
+    except (TypeError, IndexError, KeyError, AttributeError):  # not a SentenceTransformer (a bare module)
+        return False
