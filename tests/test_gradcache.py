@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -456,3 +457,122 @@ def test_cuda_dropout_and_offload_give_the_plain_gradients(offload):
     tilecl.contrastive_loss(za, zb, 10.0).backward()
     assert torch.equal(torch.cuda.get_rng_state(), after_embed)
     assert_same_grads(grads(towers), want)
+
+
+# --- across ranks, without ranks: FSDP2's switch and DeepSpeed's refusal (real DDP and FSDP2 with gloo in
+# tests/test_gradcache_distributed.py) ---
+
+
+class FakeFSDP2(MLP):
+    """Stands in for a ``fully_shard`` module: records the gradient-sync switch in force at each forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.sync = True
+        self.seen: list[bool] = []
+        self.switches: list[bool] = []
+
+    def set_requires_gradient_sync(self, requires_gradient_sync, *, recurse=True):
+        self.switches.append(requires_gradient_sync)
+        self.sync = requires_gradient_sync
+
+    def _get_fsdp_state(self):  # FSDP2's private state, as GradCache reads it
+        return types.SimpleNamespace(_fsdp_param_groups=[types.SimpleNamespace(reduce_grads=self.sync)])
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            self.seen.append(self.sync)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["tower", "inside"])
+def test_fsdp2_syncs_only_the_last_re_embedding_of_a_shared_tower(nested):
+    fsdp = FakeFSDP2()
+    tower = nn.Sequential(fsdp) if nested else fsdp
+    other = FakeFSDP2()
+    cache = tilecl.GradCache([tower, tower, other], mini_batch_size=5)  # 3 mini-batches per input
+    x = [images(seed=s) for s in (1, 2, 3)]
+    za, zb, zc = cache.embed(*x)
+    assert fsdp.seen == [] and fsdp.switches == []
+    (tilecl.contrastive_loss(za, zb, 10.0) + tilecl.uniformity_loss(zc)).backward()
+    assert fsdp.seen == [False] * 5 + [True], "one reduction, in the shared tower's last backward"
+    assert fsdp.switches == [False, True] * 5
+    assert other.seen == [False, False, True]
+    got = grads([tower, other])
+    zero([tower, other])
+    za, zb, zc = plain_embed([tower, tower, other], x, cache.mini_batches(*x))
+    (tilecl.contrastive_loss(za, zb, 10.0) + tilecl.uniformity_loss(zc)).backward()
+    assert_same_grads(got, grads([tower, other]))
+
+    # the caller accumulating over steps (sync off): no re-embedding turns it on, and it stays off
+    fsdp.set_requires_gradient_sync(False)
+    fsdp.seen.clear()
+    other.seen.clear()
+    za, zb, _ = cache.embed(*x)
+    tilecl.contrastive_loss(za, zb, 10.0).backward()  # tower `other` gets no gradient: not re-embedded
+    assert fsdp.seen == [False] * 6 and fsdp.sync is False
+    assert other.seen == []
+
+
+def test_fsdp2_sync_is_restored_when_a_re_embedding_raises():
+    class Failing(FakeFSDP2):
+        def forward(self, x):
+            if torch.is_grad_enabled():
+                raise RuntimeError("boom")
+            return super().forward(x)
+
+    tower = Failing()
+    (z,) = tilecl.GradCache(tower, mini_batch_size=5).embed(images())
+    with pytest.raises(RuntimeError, match="boom"):
+        z.sum().backward()
+    assert tower.sync is True
+
+
+def deepspeed_engine(stage, overlap=False, base=None):
+    """A class named and placed as deepspeed's engine (deepspeed is not installed, nor imported)."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.module = Counting()
+
+    engine = type(
+        "DeepSpeedEngine",
+        (nn.Module,),
+        {
+            "__module__": "deepspeed.runtime.engine",
+            "__init__": __init__,
+            "forward": lambda self, x: self.module(x),
+            "zero_optimization_stage": lambda self: stage,
+            "zero_overlap_comm": lambda self: overlap,
+        },
+    )
+    return engine
+
+
+@pytest.mark.parametrize(
+    "stage, overlap, refused",
+    [(0, False, False), (1, False, False), (1, True, True), (2, False, True), (3, False, True)],
+)
+def test_deepspeed_engines_reducing_in_the_backward_are_refused_at_embed(stage, overlap, refused):
+    engine = deepspeed_engine(stage, overlap)()
+    pipeline = type("PipelineEngine", (type(engine),), {"__module__": "deepspeed.runtime.pipe.engine"})()
+    for tower in (engine, nn.Sequential(engine), pipeline):
+        cache = tilecl.GradCache([MLP(), tower], mini_batch_size=5)
+        if not refused:
+            za, zb = cache.embed(images(), images(seed=2))
+            tilecl.contrastive_loss(za, zb, 10.0).backward()
+            continue
+        with pytest.raises(RuntimeError, match=f"tower 1 .*ZeRO stage {stage}.*Gradient computed twice"):
+            cache.embed(images(), images(seed=2))
+        assert getattr(tower.module if hasattr(tower, "module") else tower[0].module, "count", 0) == 0
+
+
+def test_zero3_partitioned_parameters_are_refused():
+    tower = MLP()
+    tower.net[0].weight.ds_id = 0  # what ZeRO stage 3 sets on every parameter it partitions
+    with pytest.raises(RuntimeError, match="tower 0 .*ZeRO stage 3"):
+        tilecl.GradCache(tower, mini_batch_size=5).embed(images())
+    # a class that merely shares the name, outside deepspeed, is no engine
+    lookalike = type("DeepSpeedEngine", (MLP,), {"zero_optimization_stage": lambda self: 3})()
+    (z,) = tilecl.GradCache(lookalike, mini_batch_size=5).embed(images())
+    z.sum().backward()

@@ -21,8 +21,13 @@ gradient accumulation over steps) works unchanged, and the parameters'
 Peak activation memory is one mini-batch of one tower; the price is a second
 forward of every tower.
 
-Not yet: DDP ``no_sync`` / FSDP2 / DeepSpeed handling, the
-sentence-transformers ``CachedMultipleNegativesRankingLoss`` drop-in, inputs
+Across ranks, every re-embedding but a wrapper's last runs without its
+gradient reduction, so each wrapper reduces once per step, the accumulated
+gradient (see :class:`GradCache`): ``DistributedDataParallel.no_sync``, FSDP2's
+``set_requires_gradient_sync``. DeepSpeed engines whose ZeRO reduces each
+gradient during the backward are refused.
+
+Not yet: the sentence-transformers ``CachedMultipleNegativesRankingLoss`` drop-in, inputs
 that require grad, ``torch.autograd.grad`` / ``backward(inputs=...)`` (the
 re-embedding runs only in a full ``.backward()``), double backward.
 """
@@ -37,6 +42,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["GradCache"]
 
@@ -176,6 +182,76 @@ def _split(
     return ranges
 
 
+def _sync_owners(module: nn.Module) -> list[nn.Module]:
+    """The outermost wrappers in ``module`` (itself too) that reduce gradients across ranks in backward.
+
+    ``DistributedDataParallel`` (``no_sync``) and FSDP2 modules (``fully_shard``:
+    ``set_requires_gradient_sync``, which recurses into the nested ones).
+    """
+    if isinstance(module, DistributedDataParallel) or callable(
+        getattr(module, "set_requires_gradient_sync", None)
+    ):
+        return [module]
+    return [owner for child in module.children() for owner in _sync_owners(child)]
+
+
+def _fsdp_syncs(module: nn.Module) -> bool:
+    """Whether an FSDP2 module reduces gradients now (the caller may have turned it off to accumulate)."""
+    try:  # private state: where it cannot be read, assume the default (on)
+        groups = module._get_fsdp_state()._fsdp_param_groups  # type: ignore[operator]
+        return all(group.reduce_grads for group in groups)
+    except Exception:
+        return True
+
+
+@contextlib.contextmanager
+def _without_sync(owners: Sequence[nn.Module]) -> Any:
+    """Run a mini-batch's forward and backward with the gradient reduction of ``owners`` off."""
+    with contextlib.ExitStack() as stack:
+        for owner in owners:
+            if isinstance(owner, DistributedDataParallel):
+                # DDP decides in the forward: no_sync must hold while the re-embedding's forward runs
+                stack.enter_context(owner.no_sync())
+            else:
+                before = _fsdp_syncs(owner)
+                owner.set_requires_gradient_sync(False)  # type: ignore[operator]
+                stack.callback(owner.set_requires_gradient_sync, before)  # type: ignore[arg-type]
+        yield
+
+
+def _deepspeed_refusal(tower: nn.Module) -> Optional[str]:
+    """Why a tower cannot take one backward per mini-batch in a step, or None (deepspeed is not imported)."""
+    for module in tower.modules():
+        names = {(c.__module__.split(".")[0], c.__name__) for c in type(module).__mro__}
+        if ("deepspeed", "DeepSpeedEngine") not in names:
+            continue
+        try:
+            stage = int(module.zero_optimization_stage())  # type: ignore[operator]
+        except Exception:
+            stage = None
+        try:
+            overlap = bool(module.zero_overlap_comm())  # type: ignore[operator]
+        except Exception:
+            overlap = False
+        if stage is None or stage >= 2 or (stage == 1 and overlap):
+            what = "ZeRO stage unknown" if stage is None else f"ZeRO stage {stage}"
+            if stage == 1:
+                what += " with overlap_comm"
+            return (
+                f"a DeepSpeed engine ({what}) reduces each parameter's gradient in the backward that "
+                "produces it and refuses a second one in the same step ('Gradient computed twice for "
+                "this partition'), and the re-embedding runs one backward per mini-batch; use ZeRO stage "
+                "0 or 1 (without overlap_comm), DistributedDataParallel, or FSDP2"
+            )
+    if any(hasattr(p, "ds_id") for p in tower.parameters()):
+        return (
+            "its parameters are partitioned by DeepSpeed ZeRO stage 3, which reduces each gradient in the "
+            "backward that produces it and refuses a second one in the same step, and the re-embedding "
+            "runs one backward per mini-batch; use DistributedDataParallel or FSDP2"
+        )
+    return None
+
+
 @dataclasses.dataclass
 class _Step:
     """One :meth:`GradCache.embed` call: what the re-embedding in its backward needs."""
@@ -240,19 +316,28 @@ class _Step:
         self.done = True
         # the replays run on a fork of the random streams: the caller's stream stays where embed() left it
         outer = _rng_state(self.rng_devices)
+        # each wrapper that reduces gradients across ranks reduces once, in its last mini-batch's backward
+        # (over every tower it is part of): the others run without, accumulating into .grad
+        owners = [_sync_owners(tower) for tower in self.towers]
+        last: dict[int, tuple[int, int]] = {}
+        for i, (grad, batches) in enumerate(zip(grads, self.batches)):
+            if grad is not None:
+                last.update({id(owner): (i, len(batches) - 1) for owner in owners[i]})
         try:
-            for tower, x, device, batches, grad in zip(
-                self.towers, self.inputs, self.devices, self.batches, grads
+            for i, (tower, x, device, batches, grad) in enumerate(
+                zip(self.towers, self.inputs, self.devices, self.batches, grads)
             ):
                 if grad is None:  # this embedding did not reach the loss: no gradient, as in the plain step
                     continue
-                for start, stop, rng in batches:
+                for j, (start, stop, rng) in enumerate(batches):
                     _set_rng_state(rng)
-                    with torch.enable_grad(), self.autocast_context():
-                        out = _call(tower, _rows(x, start, stop, device))
-                    if out.requires_grad:
-                        torch.autograd.backward(out, grad[start:stop])
-                    del out
+                    unsynced = [owner for owner in owners[i] if last[id(owner)] != (i, j)]
+                    with _without_sync(unsynced):
+                        with torch.enable_grad(), self.autocast_context():
+                            out = _call(tower, _rows(x, start, stop, device))
+                        if out.requires_grad:
+                            torch.autograd.backward(out, grad[start:stop])
+                        del out
         finally:
             _set_rng_state(outer)
             # the inputs and RNG states are dead weight once the gradient is in .grad
@@ -329,6 +414,27 @@ class GradCache:
     mode, or ``track_running_stats=False``), whose output depends on the
     split; inputs that require grad. Modules that update buffers in their
     forward (running statistics) update them twice.
+
+    Across ranks (each rank embeds its shard; the loss takes
+    ``process_group=``): a ``DistributedDataParallel`` tower (or one holding
+    DDP modules) re-embeds every mini-batch but its last under ``no_sync()``,
+    so its gradients are all-reduced once per step, accumulated — once over
+    all the inputs it embeds when it is shared. DDP decides in the forward, and
+    here the forward that counts is the re-embedding's: whether the last
+    mini-batch reduces follows DDP's state when ``backward`` runs (inside the
+    caller's own ``no_sync()`` around the backward, none does). Towers must be
+    the DDP module itself, or contain it: a submodule of a DDP model called
+    directly bypasses DDP and is never reduced. Ranks may split their shards
+    into different numbers of mini-batches. Tested with gloo,
+    ``find_unused_parameters=False``, ``static_graph=False``. FSDP2 modules
+    (``fully_shard``, found by ``set_requires_gradient_sync``) get
+    ``set_requires_gradient_sync(False)`` for every mini-batch but the last
+    and their previous setting back after each (tested with gloo on CPU);
+    FSDP2 all-gathers in every forward, so every rank must run as many
+    mini-batches. A DeepSpeed engine whose ZeRO reduces every gradient in the
+    backward that produces it (stage 2 or 3, or 1 with ``overlap_comm``) is
+    refused with a ``RuntimeError`` at :meth:`embed`: it raises on a second
+    backward in a step.
     """
 
     def __init__(
@@ -374,6 +480,12 @@ class GradCache:
             re-embedding. Under ``torch.no_grad()`` plain tensors, nothing kept.
         """
         self._check_inputs(inputs)
+        for i, tower in enumerate(self.towers):
+            refusal = _deepspeed_refusal(tower)
+            if refusal is not None:
+                raise RuntimeError(
+                    f"GradCache: tower {i} cannot be re-embedded mini-batch by mini-batch: {refusal}"
+                )
         ranges = [self._split(x, i) for i, x in enumerate(inputs)]
         devices = [self._device_of(tower, x) for tower, x in zip(self.towers, inputs)]
         keep = torch.device("cpu") if self.offload_inputs else None
