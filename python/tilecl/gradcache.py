@@ -27,9 +27,11 @@ gradient (see :class:`GradCache`): ``DistributedDataParallel.no_sync``, FSDP2's
 ``set_requires_gradient_sync``. DeepSpeed engines whose ZeRO reduces each
 gradient during the backward are refused.
 
-Not yet: the sentence-transformers ``CachedMultipleNegativesRankingLoss`` drop-in, inputs
-that require grad, ``torch.autograd.grad`` / ``backward(inputs=...)`` (the
-re-embedding runs only in a full ``.backward()``), double backward.
+Built on it: :class:`tilecl.integrations.sentence_transformers.CachedMultipleNegativesRankingLoss`
+(sentence-transformers' cached MNRL, single process) and ``examples/clip_gradcache.py``
+(an open_clip-style step). Not yet: inputs that require grad, ``torch.autograd.grad`` /
+``backward(inputs=...)`` (the re-embedding runs only in a full ``.backward()``), double
+backward.
 """
 
 from __future__ import annotations
