@@ -95,8 +95,8 @@ def test_the_sdist_carries_the_cuda_sources_and_the_test_fixtures(sdist):
 
 def test_the_sdist_carries_what_its_tests_and_its_readme_need(sdist):
     names = _sdist_names(sdist)
-    # the tests it ships import bench/, experiments/ and tools/; the README shows docs/figures/
-    for folder in ("bench", "experiments", "tools", "docs/figures"):
+    # the tests it ships import bench/, experiments/, tools/ and examples/; the README shows docs/figures/
+    for folder in ("bench", "experiments", "tools", "examples", "docs/figures"):
         files = {
             p.relative_to(ROOT).as_posix()
             for p in (ROOT / folder).rglob("*")
