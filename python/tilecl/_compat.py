@@ -94,3 +94,16 @@ def _marsaglia_tsang(concentration: torch.Tensor, generator: Optional[torch.Gene
     boost = torch.rand(alpha.shape, generator=generator, dtype=alpha.dtype, device=alpha.device)
     out = torch.where(alpha < 1, out * boost ** (1 / alpha), out)
     return out.to(concentration.dtype)
+
+
+def fsdp_reduces_gradients(module: torch.nn.Module) -> bool:
+    """Whether an FSDP2 module reduces gradients now (its owner may have turned it off to accumulate).
+
+    FSDP2 has a setter (``set_requires_gradient_sync``) but no public getter: read its private
+    state, and where that cannot be read assume the default, on.
+    """
+    try:
+        groups = module._get_fsdp_state()._fsdp_param_groups  # type: ignore[operator]
+        return all(group.reduce_grads for group in groups)
+    except Exception:
+        return True

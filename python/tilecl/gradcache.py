@@ -46,6 +46,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ._compat import fsdp_reduces_gradients
+
 __all__ = ["GradCache"]
 
 #: one tower's input: a tensor ``(N, ...)`` or a mapping of tensors ``(N, ...)`` (a tokenizer's output)
@@ -197,15 +199,6 @@ def _sync_owners(module: nn.Module) -> list[nn.Module]:
     return [owner for child in module.children() for owner in _sync_owners(child)]
 
 
-def _fsdp_syncs(module: nn.Module) -> bool:
-    """Whether an FSDP2 module reduces gradients now (the caller may have turned it off to accumulate)."""
-    try:  # private state: where it cannot be read, assume the default (on)
-        groups = module._get_fsdp_state()._fsdp_param_groups  # type: ignore[operator]
-        return all(group.reduce_grads for group in groups)
-    except Exception:
-        return True
-
-
 @contextlib.contextmanager
 def _without_sync(owners: Sequence[nn.Module]) -> Any:
     """Run a mini-batch's forward and backward with the gradient reduction of ``owners`` off."""
@@ -215,7 +208,7 @@ def _without_sync(owners: Sequence[nn.Module]) -> Any:
                 # DDP decides in the forward: no_sync must hold while the re-embedding's forward runs
                 stack.enter_context(owner.no_sync())
             else:
-                before = _fsdp_syncs(owner)
+                before = fsdp_reduces_gradients(owner)
                 owner.set_requires_gradient_sync(False)  # type: ignore[operator]
                 stack.callback(owner.set_requires_gradient_sync, before)  # type: ignore[arg-type]
         yield
