@@ -469,6 +469,17 @@ SPECS: dict[str, Spec] = {
     ),
     "distributed_cpu.json": _distributed("CLIP"),
     "siglip_distributed_cpu.json": _distributed("SigLIP"),
+    "gradcache_minilm.json": Spec(
+        title="one MNRL training step of all-MiniLM-L6-v2 (32 tokens, CPU, float32): the plain step "
+        "against the cached ones (mini-batch 64); a missing point ran out of memory",
+        x="n",
+        xlabel="pairs per batch N (log)",
+        series=("provider",),
+        panels=(
+            Panel("time per training step", "seconds (log)", (Metric("seconds"),)),
+            Panel("peak RSS growth of the step", "MiB (log)", (Metric("peak_rss_growth_mib"),)),
+        ),
+    ),
 }
 
 #: result files drawn by no figure, and why
