@@ -92,6 +92,10 @@ LOSSES = {
     "masked_weighted": lambda za, zb, h: tilecl.contrastive_loss(
         za, zb, h.log_scale.exp(), row_groups=GROUPS, col_groups=GROUPS, weights=WEIGHTS
     ),
+    "hard_negatives": lambda za, zb, h: tilecl.contrastive_loss(
+        za, zb, h.log_scale.exp(), negatives=F.normalize(zb.roll(1, 0) + za, dim=-1)
+    ),
+    "geometric_consistency": lambda za, zb, h: tilecl.geometric_consistency_loss(za, zb),
     "gamma": lambda za, zb, h: tilecl.gamma_contrastive_loss(za, zb, LOG_U, LOG_U.flip(0), h.log_scale.exp()),
     # only za reaches the loss: tower b gets no gradient (None), as in the plain step
     "uniformity": lambda za, zb, h: tilecl.uniformity_loss(za),
@@ -203,37 +207,40 @@ def test_scaled_backward_and_accumulation_over_steps():
     assert_same_grads(grads(towers), [a + b for a, b in zip(once, other)], rtol=1e-12)
 
 
-def test_bf16_autocast_is_replayed_in_the_backward():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_is_replayed_in_the_backward_and_scaled(dtype):
     torch.manual_seed(0)
     towers = [MLP(dropout=0.3, dtype=torch.float32), MLP(dtype=torch.float32)]
     x, y = images().float(), images(seed=5).float()
     cache = tilecl.GradCache(towers, mini_batch_size=5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    # fp16 trains with a GradScaler; its scale must reach the towers through the cached gradient
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0, enabled=dtype == torch.float16)
+    with torch.autocast("cpu", dtype=dtype):
         torch.manual_seed(1)
         za, zb = cache.embed(x, y)
-        assert za.dtype == torch.bfloat16
+        assert za.dtype == dtype
         loss = tilecl.contrastive_loss(za, zb, 10.0)
-    loss.backward()  # outside autocast, as the usual training loop does
+    scaler.scale(loss).backward()  # outside autocast, as the usual training loop does
     for tower in towers:
         forward = [c for c in tower.calls if not c[2]]
         replay = [c for c in tower.calls if c[2]]
         assert len(forward) == len(replay) == 3
-        assert forward == [(True, torch.bfloat16, False)] * 3
-        assert replay == [(True, torch.bfloat16, True)] * 3
+        assert forward == [(True, dtype, False)] * 3
+        assert replay == [(True, dtype, True)] * 3
     got = grads(towers)
 
     zero(towers)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         torch.manual_seed(1)
         za, zb = plain_embed(towers, [x, y], cache.mini_batches(x, y))
         loss = tilecl.contrastive_loss(za, zb, 10.0)
-    loss.backward()
-    assert_same_grads(got, grads(towers), rtol=1e-2)  # bf16: summation order differs between the paths
+    scaler.scale(loss).backward()
+    assert_same_grads(got, grads(towers), rtol=1e-2)  # 16-bit: summation order differs between the paths
 
     # and the other way round: embedded without autocast, the replay runs without it too
     tower = MLP()
     (z,) = tilecl.GradCache(tower, mini_batch_size=5).embed(images())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         z.sum().backward()
     assert {c[:2] for c in tower.calls} == {(False, torch.get_autocast_dtype("cpu"))}
 
@@ -303,7 +310,7 @@ class Counting(MLP):
         ({"mini_batch_size": True}, TypeError, "mini_batch_size must be an int"),
         ({"tokens_per_mini_batch": 0}, ValueError, "tokens_per_mini_batch must be positive"),
         ({}, TypeError, "give mini_batch_size"),
-        ({"mini_batch_size": 4, "offload_inputs": "yes"}, TypeError, "offload_inputs must be a bool"),
+        ({"mini_batch_size": 4, "offload_inputs": "yes"}, TypeError, "offload_inputs must be True or False"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
