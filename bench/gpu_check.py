@@ -5,7 +5,13 @@ later steps; everything goes to ``--out`` (``GPU_CHECK_OUT``, default ``gpu-chec
 
 1. ``env.json`` — GPU name, SM count, driver, torch / triton / nvcc versions;
 2. build the CUDA extension in place for this GPU's architecture;
-3. the test matrix on CUDA tensors (``pytest tests -m "not slow"``, the CUDA cells), JUnit XML + log;
+3. the test matrix on CUDA tensors (``pytest tests -m "not slow"``, the CUDA cells), JUnit XML + log.
+   What only this step settles: the kernels' bfloat16 and float16 cells on the hardware's own
+   tensor-core products and roundings (on the CPU the Triton interpreter's float32 → bfloat16
+   cast is made to round to nearest even, as GPUs do, by ``tests/utils.py``; with a Triton
+   whose interpreter lacks that cast the CPU bf16 cells run unpatched and only this step checks
+   them), the compiled CUDA C++ against its CPU emulation, and the torch backend's tile loops
+   under ``torch.cuda.set_sync_debug_mode("error")`` (no synchronization per tile);
 4. the NumPy oracle on CuPy arrays against NumPy on the same inputs;
 5. ``compute-sanitizer`` memcheck and racecheck over small odd-shaped calls of every kernel;
 6. the benchmark (:mod:`bench.gpu_bench`), CSV and plots;

@@ -9,10 +9,12 @@
 //   Totals                   what a thread accumulates across tiles for the form's reductions;
 //   load_rows<T, NT>(terms, row0, n), load_cols<T, NT>(terms, col0, m)
 //                            a tile's terms, by the block's NT threads (the loop's barriers order them);
-//   tile<T, NT>(smem, terms, report, totals)
-//                            the epilogue of one tile: S (fp32, in shared memory) → G (store_gradient),
-//                            plus the form's reductions where `report` (the row kernel's first feature
-//                            chunk, which sees every entry once); ends with a barrier;
+//   tile<T, NT>(smem, terms, report, totals, included, g_dot_s)
+//                            the epilogue of one tile: S (fp32, in shared memory) → G (store_gradient)
+//                            on the entries `included(i, j)` (0 elsewhere), adding Σ G_ij·S_ij of the
+//                            fp32 G to `g_dot_s`, plus the form's reductions where `report` (the row
+//                            kernel's first feature chunk, which sees every entry once); ends with a
+//                            barrier;
 //   finish<T, NT>(totals, row0, n, row_totals, warp_sums)
 //                            the reporting row block's results: its own outputs and one float per row
 //                            tile in row_totals (summed by the launcher into total());
@@ -30,16 +32,23 @@ namespace detail {
 template <class Form>
 struct Epilogue;
 
-// S_s → G elementwise through `entry(i, j, S_ij)`: in place for float, into the separate 16-bit tile
-// (the tensor-core operand) otherwise; then a barrier.
-template <typename T, int NT, typename Entry>
-__device__ __forceinline__ void store_gradient(unsigned char* smem, Entry entry) {
+// S_s → G elementwise through `entry(i, j, S_ij)` on the included entries, 0 on the others: in place
+// for float, into the separate 16-bit tile (the tensor-core operand) otherwise; then a barrier.
+// Adds this thread's Σ G_ij·S_ij to `g_dot_s` from the fp32 G: the logit scale's gradient is
+// Σ G_ij·S_ij / scale, which the 16-bit G of the products (3 digits) would blur.
+template <typename T, int NT, typename Included, typename Entry>
+__device__ __forceinline__ void store_gradient(unsigned char* smem, Included included, Entry entry, float& g_dot_s) {
   using C = Config<T>;
   using L = Layout<T>;
   float* s_s = reinterpret_cast<float*>(smem + L::kS);
   for (int idx = threadIdx.x; idx < C::BM * C::BN; idx += NT) {
     const int i = idx / C::BN, j = idx % C::BN;
-    const float value = entry(i, j, s_s[i * L::LDS + j]);
+    const float s = s_s[i * L::LDS + j];
+    float value = 0.0f;
+    if (included(i, j)) {  // an excluded entry adds 0, not 0·(-inf)
+      value = entry(i, j, s);
+      g_dot_s += value * s;
+    }
     if constexpr (L::kSeparateG) {
       reinterpret_cast<T*>(smem + L::kG)[i * L::LDG + j] = from_float<T>(value);
     } else {
@@ -95,9 +104,12 @@ struct Epilogue<OffsetForm> {
     }
   }
 
-  template <typename T, int NT>
-  __device__ __forceinline__ void tile(unsigned char* smem, const Terms<T>& t, bool /* report */, Totals&) const {
-    store_gradient<T, NT>(smem, [&](int i, int j, float s) { return offset_entry(s, t.c[i], t.g[i], t.r[j], t.h[j]); });
+  template <typename T, int NT, typename Included>
+  __device__ __forceinline__ void tile(unsigned char* smem, const Terms<T>& t, bool /* report */, Totals&,
+                                       Included included, float& g_dot_s) const {
+    store_gradient<T, NT>(
+        smem, included, [&](int i, int j, float s) { return offset_entry(s, t.c[i], t.g[i], t.r[j], t.h[j]); },
+        g_dot_s);
   }
 
   template <typename T, int NT>
@@ -116,14 +128,10 @@ struct Epilogue<OffsetForm> {
 
 // ------------------------------------------------------------------------------------------ sigmoid
 
-// One entry: ℓ = S + bias (S = -inf outside the matrix or masked: no term). Sets the pair's loss
-// softplus(−z·ℓ) and returns σ(ℓ) − [z = +1], both from one exp(−|ℓ|) ≤ 1 (no overflow), the
-// positive's σ(ℓ) − 1 = −σ(−ℓ) taken directly rather than by cancelling against 1.
+// One included entry: ℓ = S + bias. Sets the pair's loss softplus(−z·ℓ) and returns σ(ℓ) − [z = +1],
+// both from one exp(−|ℓ|) ≤ 1 (no overflow), the positive's σ(ℓ) − 1 = −σ(−ℓ) taken directly rather
+// than by cancelling against 1. An S of -inf here is a value: a positive's loss is then +inf.
 __device__ __forceinline__ float sigmoid_entry(float s, float bias, bool positive, float& loss) {
-  if (isinf(s) && s < 0.0f) {
-    loss = 0.0f;
-    return 0.0f;
-  }
   const float logit = s + bias, small = expf(-fabsf(logit));
   const float signed_logit = positive ? logit : -logit;
   loss = fmaxf(-signed_logit, 0.0f) + log1pf(small);
@@ -161,13 +169,15 @@ struct Epilogue<SigmoidForm> {
 
   // With `report`, thread i < BM first adds its row's weighted losses and Σ_j G_ij to its totals,
   // in a fixed order; without gradients the tile ends there.
-  template <typename T, int NT>
-  __device__ __forceinline__ void tile(unsigned char* smem, const Terms<T>& t, bool report, Totals& totals) const {
+  template <typename T, int NT, typename Included>
+  __device__ __forceinline__ void tile(unsigned char* smem, const Terms<T>& t, bool report, Totals& totals,
+                                       Included included, float& g_dot_s) const {
     using L = Layout<T>;
     const float* s_s = reinterpret_cast<const float*>(smem + L::kS);
     if (report && threadIdx.x < Config<T>::BM) {
       const int i = threadIdx.x;
       for (int j = 0; j < Config<T>::BN; ++j) {
+        if (!included(i, j)) continue;
         float pair_loss;
         const float grad = sigmoid_entry(s_s[i * L::LDS + j], args.bias, t.row_key[i] == t.col_key[j], pair_loss);
         totals.loss += t.weight[i] * pair_loss;
@@ -176,10 +186,13 @@ struct Epilogue<SigmoidForm> {
     }
     __syncthreads();  // S_s is read above and overwritten below
     if (!args.with_grads) return;
-    store_gradient<T, NT>(smem, [&](int i, int j, float s) {
-      float unused;
-      return t.weight[i] * sigmoid_entry(s, args.bias, t.row_key[i] == t.col_key[j], unused);
-    });
+    store_gradient<T, NT>(
+        smem, included,
+        [&](int i, int j, float s) {
+          float unused;
+          return t.weight[i] * sigmoid_entry(s, args.bias, t.row_key[i] == t.col_key[j], unused);
+        },
+        g_dot_s);
   }
 
   // The row losses, and the block's Σ G as its row tile's total (grad_bias).

@@ -104,6 +104,8 @@ __global__ void __launch_bounds__(kGradThreads)
   // per-row results
   const bool report = ROWS && blockIdx.y == 0;
   typename Epilogue<Form>::Totals totals{};
+  const Inclusion inclusion{n, m, exclude_diagonal, mask};
+  float g_dot_s = 0.0f;  // this thread's Σ G_ij·S_ij (store_gradient)
   if constexpr (ROWS) {
     form.template load_rows<T, NT>(terms, tile0, n);
   } else {
@@ -141,7 +143,8 @@ __global__ void __launch_bounds__(kGradThreads)
       form.template load_rows<T, NT>(terms, row0, n);
     }
     scores_tile<T, NT>(a, b, row0, col0, n, m, d, lda, ldb, scale, exclude_diagonal, mask, smem);
-    form.template tile<T, NT>(smem, terms, report, totals);
+    const auto included = [&](int i, int j) { return inclusion(row0 + i, col0 + j); };
+    form.template tile<T, NT>(smem, terms, report, totals, included, g_dot_s);
     if (!products) continue;
     // X in XK-row chunks: the other operand's rows other0 + kc.., this block's feature chunk. A
     // chunk wholly past the matrix has G = 0 and X = 0 and is skipped (a block-uniform test).
@@ -201,7 +204,10 @@ __global__ void __launch_bounds__(kGradThreads)
       for (int j = 0; j < S::FJ; ++j) emit(ty + S::TY * i, tx + 32 * j, acc[i][j]);
   }
   if constexpr (ROWS) {
-    const float total = block_sum<NT>(partial, warp_sums);
+    // Σ_ij G_ij·a_i·b_j from the fp32 G, Σ G∘S / scale, counted by the first feature chunk (it sees
+    // each entry once); at scale 0, S holds no a_i·b_j: from the products and the input rows then
+    const float mine = scale != 0.0f ? (report ? g_dot_s / scale : 0.0f) : partial;
+    const float total = block_sum<NT>(mine, warp_sums);
     if (tid == 0) partials[blockIdx.y * gridDim.x + blockIdx.x] = total;
   }
 }

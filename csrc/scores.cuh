@@ -28,6 +28,21 @@ struct GroupMask {
   const int64_t* kept;        // n
 };
 
+// Whether entry (row, col) is in the loss: inside the matrix, off the diagonal (NT-Xent) and not a
+// false negative — where scores_tile does not write -inf. The gradient's epilogue asks it again
+// rather than reading -inf in S: an S of -inf can also be a value (an infinite feature), which is
+// in the loss and gives what the full-matrix loss gives.
+struct Inclusion {
+  int n, m;
+  bool exclude_diagonal;
+  GroupMask mask;
+
+  __device__ __forceinline__ bool operator()(int row, int col) const {
+    if (row >= n || col >= m || (exclude_diagonal && row == col)) return false;
+    return mask.row_groups == nullptr || mask.row_groups[row] != mask.col_groups[col] || col == mask.kept[row];
+  }
+};
+
 // S_s = scale·a[row0:row0+BM]·b[col0:col0+BN]ᵀ in fp32, -inf outside the matrix, (NT-Xent) on the
 // diagonal and where `mask` excludes the entry, by a block of NT threads. Starts with a barrier
 // (callers may still be reading the previous S_s) and ends with one (the tile is complete for

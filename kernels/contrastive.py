@@ -95,19 +95,21 @@ def _scores(
         a = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
         b = _load_block(b_ptr, cols, n_cols, feats, dim, stride_b)
         acc = _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
-    return _masked(
-        acc * scale, rows, cols, n_rows, n_cols, row_group_ptr, col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL,
-        MASKED,
-    )  # fmt: skip
+    valid = _included(
+        rows, cols, n_rows, n_cols, row_group_ptr, col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL, MASKED
+    )
+    return tl.where(valid, acc * scale, float("-inf"))
 
 
 @triton.jit
-def _masked(
-    s, rows, cols, n_rows, n_cols, row_group_ptr, col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL: tl.constexpr,
+def _included(
+    rows, cols, n_rows, n_cols, row_group_ptr, col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL: tl.constexpr,
     MASKED: tl.constexpr,
 ):  # fmt: skip
-    """``-inf`` outside the matrix, for NT-Xent on the diagonal, and (``MASKED``) on the false
-    negatives: same group id, not the row's kept (positive) column."""
+    """The entries of the tile that are in the loss: inside the matrix, off the diagonal for
+    NT-Xent, and (``MASKED``) not a false negative (same group id, not the row's kept column).
+    The tile of ``S`` is ``-inf`` elsewhere; the gradient's epilogue gets this mask itself, since
+    an ``S`` of ``-inf`` can also be a value (an infinite feature), which is not an exclusion."""
     row_ok = rows < n_rows
     col_ok = cols < n_cols
     valid = row_ok[:, None] & col_ok[None, :]
@@ -120,7 +122,7 @@ def _masked(
         col_group = tl.load(col_group_ptr + cols, mask=col_ok, other=0)
         same = row_group[:, None] == col_group[None, :]
         valid = valid & ~(same & (cols[None, :] != kept[:, None]))
-    return tl.where(valid, s, float("-inf"))
+    return valid
 
 
 @triton.jit
@@ -272,7 +274,10 @@ def _gradient_tile(
         a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_a, stride_b, scale, row_group_ptr,
         col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL, MASKED, BLOCK_D, PRECISION, UPCAST,
     )  # fmt: skip
-    return EPILOGUE(s, rows, cols, n_rows, n_cols, form, totals)
+    included = _included(
+        rows, cols, n_rows, n_cols, row_group_ptr, col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL, MASKED
+    )
+    return EPILOGUE(s, included, rows, cols, n_rows, n_cols, form, totals)
 
 
 @triton.jit

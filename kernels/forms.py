@@ -5,11 +5,14 @@ every form; a form is the launcher's argument type (``tilecl.backends.triton``)
 and its epilogue here, nothing else. The epilogue is the dict of constexprs
 the launcher passes with the form's arguments (:data:`OFFSET`, :data:`SIGMOID`):
 
-* ``EPILOGUE(s, rows, cols, n_rows, n_cols, form, totals) -> (G, G∘S, totals)``
+* ``EPILOGUE(s, included, rows, cols, n_rows, n_cols, form, totals) -> (G, G∘S, totals)``
   — one tile: ``s`` is the fp32 tile of ``S`` (``-inf`` outside the matrix and
-  where excluded), ``form`` the tuple of the form's own kernel arguments.
-  ``G∘S`` feeds ``Σ G_ij S_ij`` (the logit scale's gradient) from the fp32 ``G``;
-  it must be 0 wherever ``G`` is, or ``0·(-inf)`` poisons the sum.
+  where excluded), ``included`` the entries that are in the loss (``G`` is 0
+  elsewhere; an ``S`` of ``-inf`` by value, from an infinite feature, is
+  included and gives what the full-matrix loss gives), ``form`` the tuple of
+  the form's own kernel arguments. ``G∘S`` feeds ``Σ G_ij S_ij`` (the logit
+  scale's gradient) from the fp32 ``G``; it must be 0 wherever ``G`` is, or
+  ``0·(-inf)`` poisons the sum.
 * ``TOTALS`` — how many ``(BLOCK_M,)`` fp32 vectors the form carries across
   the tiles of a row block (its per-row reductions; zeros before the first tile);
 * ``REPORT(totals, rows, n_rows, form)`` — stores them, once per row block
@@ -30,7 +33,7 @@ import triton.language as tl
 
 
 @triton.jit
-def offset_epilogue(s, rows, cols, n_rows, n_cols, form, totals):
+def offset_epilogue(s, included, rows, cols, n_rows, n_cols, form, totals):
     """``G = g_i·exp(S − c_i) + h_j·exp(S − r_j)``; ``form = (c, g, r, h, col_count)``.
 
     Columns ``j ≥ col_count`` carry no column term.
@@ -46,8 +49,11 @@ def offset_epilogue(s, rows, cols, n_rows, n_cols, form, totals):
     # or exp(S − 0) overflows to inf and 0·inf poisons the tile
     grad = tl.where(g[:, None] != 0, g[:, None] * tl.exp(s - c[:, None]), 0.0)
     grad += tl.where(h[None, :] != 0, h[None, :] * tl.exp(s - r[None, :]), 0.0)
+    # an excluded entry has no gradient even where an offset is NaN (a row or column of -inf logits)
+    grad = tl.where(included, grad, 0.0)
     # the 16-bit G that feeds the products keeps 3 digits: Σ G_ij S_ij comes from this fp32 G
-    return grad, grad * tl.where(grad != 0, s, 0.0), totals
+    # (an excluded entry adds 0, not 0·(-inf); an included -inf adds what IEEE says, as in full)
+    return grad, grad * tl.where(included, s, 0.0), totals
 
 
 @triton.jit
@@ -61,7 +67,7 @@ OFFSET = dict(EPILOGUE=offset_epilogue, REPORT=offset_report, TOTALS=0)
 
 
 @triton.jit
-def sigmoid_epilogue(s, rows, cols, n_rows, n_cols, form, totals):
+def sigmoid_epilogue(s, included, rows, cols, n_rows, n_cols, form, totals):
     """``G = w_i·(σ(ℓ) − [k_i = κ_j])`` and the losses ``w_i·softplus(−z·ℓ)``, ``ℓ = S + β``.
 
     ``form = (w, k, κ, β, row_loss, bias_partial)``; ``totals``: each row's
@@ -73,7 +79,9 @@ def sigmoid_epilogue(s, rows, cols, n_rows, n_cols, form, totals):
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
     row_key = tl.load(row_key_ptr + rows, mask=row_ok, other=0)
     col_key = tl.load(col_key_ptr + cols, mask=cols < n_cols, other=0)
-    valid = s != float("-inf")
+    # the mask, not the value: an included logit of -inf (an infinite feature) is a pair whose loss
+    # is +inf when positive, as in the full-matrix loss
+    valid = included
     positive = (row_key[:, None] == col_key[None, :]) & valid
     logit = s + bias
     small = tl.exp(-tl.abs(logit))  # e^-|ℓ| ≤ 1: both σ and softplus from one exp, never overflowing

@@ -13,7 +13,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from tilecl.backends import torch as torch_backend  # noqa: E402
-from utils import Combo  # noqa: E402
+from utils import Combo, round_bf16_like_the_hardware  # noqa: E402
+
+round_bf16_like_the_hardware()
 
 #: the torch backend's tile budget inside the matrix: ~20 x 20 tiles, so small shapes cross several
 MATRIX_TILE_BYTES = 4096

@@ -8,6 +8,7 @@ backend that cannot run here.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import pytest
 import torch
@@ -479,3 +480,94 @@ def test_mismatched_device():
     meta = torch.empty(4, 3, device="meta")
     with pytest.raises(ValueError, match="same device"):
         tilecl.contrastive_loss(feats(), meta)
+
+
+def _options() -> dict[tuple[str, str], list[str]]:
+    """Every boolean option (a parameter whose default is True or False) and every option chosen from
+    a fixed set of strings, of every public function and module: ``{(owner, method): [names]}``."""
+    import inspect
+
+    from tilecl.integrations import pytorch_metric_learning, sentence_transformers
+
+    owners = {name: getattr(tilecl, name) for name in tilecl.__all__}
+    for adapters in (sentence_transformers, pytorch_metric_learning):
+        for name in dir(adapters):
+            thing = getattr(adapters, name)
+            if inspect.isclass(thing) and thing.__module__ == adapters.__name__ and name[0] != "_":
+                owners[f"{adapters.__name__.rsplit('.', 1)[1]}.{name}"] = thing
+    found: dict[tuple[str, str], list[str]] = {}
+    for name, owner in owners.items():
+        methods = [("__init__", owner.__init__), ("forward", getattr(owner, "forward", None))]
+        for method, fn in methods if inspect.isclass(owner) else [("", owner)]:
+            if not callable(fn) or fn in (object.__init__, torch.nn.Module.__init__):
+                continue
+            params = inspect.signature(fn).parameters.values()
+            names = [p.name for p in params if isinstance(p.default, bool) or p.name in ENUM_OPTIONS]
+            if names:
+                found[(name, method)] = names
+    return found
+
+
+#: options chosen from a fixed set of strings
+ENUM_OPTIONS = ("reduction", "backend", "dist_impl", "estimator", "partition_mode", "mask_false_negatives")
+
+
+def _option_calls() -> dict[tuple[str, str], Callable[..., object]]:
+    """A valid call of each owner of an option, taking the option as a keyword."""
+    from tilecl.integrations import pytorch_metric_learning as pml
+    from tilecl.integrations import sentence_transformers as st
+
+    a, b = feats(), feats()
+    log_u = torch.zeros(4, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    model = torch.nn.Linear(3, 3)
+    return {
+        ("ClipLoss", "__init__"): lambda **kw: tilecl.ClipLoss(**kw),
+        ("ClipLoss", "forward"): lambda **kw: tilecl.ClipLoss()(a, b, 1.0, **kw),
+        ("GammaContrastiveLoss", "__init__"): lambda **kw: tilecl.GammaContrastiveLoss(4, **kw),
+        ("GradCache", "__init__"): lambda **kw: tilecl.GradCache(model, mini_batch_size=2, **kw),
+        ("InfoNCELoss", "__init__"): lambda **kw: tilecl.InfoNCELoss(**kw),
+        ("ModalityStructureLoss", "__init__"): lambda **kw: tilecl.ModalityStructureLoss(**kw),
+        ("ModalityStructureLoss", "forward"): lambda **kw: tilecl.ModalityStructureLoss()(a, b, 1.0, **kw),
+        ("NTXentLoss", "__init__"): lambda **kw: tilecl.NTXentLoss(**kw),
+        ("SigLipLoss", "__init__"): lambda **kw: tilecl.SigLipLoss(**kw),
+        ("SigLipLoss", "forward"): lambda **kw: tilecl.SigLipLoss()(a, b, 1.0, **kw),
+        ("SupConLoss", "__init__"): lambda **kw: tilecl.SupConLoss(**kw),
+        ("contrastive_loss", ""): lambda **kw: tilecl.contrastive_loss(a, b, **kw),
+        ("explain_backend", ""): lambda **kw: tilecl.explain_backend(a, b, **kw),
+        ("feature_separation_loss", ""): lambda **kw: tilecl.feature_separation_loss(
+            a, b, a, b, a, b, 0.1, **kw
+        ),
+        ("gamma_contrastive_loss", ""): lambda **kw: tilecl.gamma_contrastive_loss(a, b, log_u, log_u, **kw),
+        ("nt_xent_loss", ""): lambda **kw: tilecl.nt_xent_loss(a, b, **kw),
+        ("sigmoid_loss", ""): lambda **kw: tilecl.sigmoid_loss(a, b, 1.0, **kw),
+        ("supcon_loss", ""): lambda **kw: tilecl.supcon_loss(a, labels, **kw),
+        ("uniformity_loss", ""): lambda **kw: tilecl.uniformity_loss(a, **kw),
+        ("sentence_transformers.MultipleNegativesRankingLoss", "__init__"): lambda **kw: (
+            st.MultipleNegativesRankingLoss(model, **kw)
+        ),
+        ("sentence_transformers.CachedMultipleNegativesRankingLoss", "__init__"): lambda **kw: (
+            st.CachedMultipleNegativesRankingLoss(model, **kw)
+        ),
+        ("pytorch_metric_learning.NTXentLoss", "__init__"): lambda **kw: pml.NTXentLoss(**kw),
+        ("pytorch_metric_learning.SupConLoss", "__init__"): lambda **kw: pml.SupConLoss(**kw),
+    }
+
+
+def test_every_option_of_the_public_api_is_checked():
+    """``symmetric="False"`` is a non-empty string, which Python reads as true: a boolean option
+    takes ``True``/``False`` only (TypeError), an option from a set of strings one of them
+    (ValueError; TypeError for a non-string), each naming the option, at the call or the
+    constructor that takes it — never silently another meaning."""
+    calls = _option_calls()
+    options = _options()
+    assert set(options) <= set(calls), f"no call in the table for {set(options) - set(calls)}"
+    for owner, names in options.items():
+        for name in names:
+            if name in ENUM_OPTIONS:
+                with pytest.raises(ValueError, match=name):
+                    calls[owner](**{name: "no-such-option"})
+            else:
+                for bad in ("False", 1, None):
+                    with pytest.raises(TypeError, match=f"{name} must be True or False"):
+                        calls[owner](**{name: bad})

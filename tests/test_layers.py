@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -124,3 +126,16 @@ def test_no_autograd_function_takes_ranks_or_a_process_group():
                 parameter.annotation
             )
         assert "dist." not in source and "process_group" not in source, function
+
+
+def test_import_tilecl_loads_no_compiler_no_triton_and_no_extension():
+    """``import tilecl`` (and so ``python -m tilecl --help``) costs what importing its own modules
+    costs: the compiler stack (``torch._dynamo``, which imports Triton), Triton and the CUDA C++
+    extension load on first use only."""
+    code = (
+        "import sys, tilecl\n"
+        "heavy = ('torch._dynamo', 'torch._inductor', 'triton', 'tilecl._cuda', 'tilecl.kernels')\n"
+        "print(sorted({m for m in sys.modules if m.startswith(heavy) and m != 'tilecl._cuda_build'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -341,6 +341,58 @@ def test_double_backward_is_refused_clearly(combo):
         grad_a.sum().backward()
 
 
+#: one loss of each autograd Function (the shared softmax one, sigmoid fused and swept, the row
+#: LSE of uniformity, the Grams of the geometric regularizer), of ``(a, b, scale)``
+SECOND_ORDER_LOSSES = {
+    "contrastive": lambda a, b, s: tilecl.contrastive_loss(a, b, s),
+    "sigmoid": lambda a, b, s: tilecl.sigmoid_loss(a, b, s, -1.0),
+    "sigmoid-none": lambda a, b, s: tilecl.sigmoid_loss(a, b, s, -1.0, reduction="none").sum(),
+    "supcon": lambda a, b, s: tilecl.supcon_loss(torch.cat([a, b]), torch.arange(8) % 4, 0.5),
+    "uniformity": lambda a, b, s: tilecl.uniformity_loss(torch.cat([a, b])),
+    "geometric": lambda a, b, s: tilecl.geometric_consistency_loss(a, b),
+}
+
+
+@pytest.mark.parametrize("loss_name", list(SECOND_ORDER_LOSSES))
+@pytest.mark.parametrize("wrt", ["a", "b", "scale"])
+@pytest.mark.parametrize("only", [False, True], ids=["all-require-grad", "only-wrt"])
+def test_differentiating_a_gradient_names_tilecl_for_any_input(loss_name, wrt, only):
+    """``torch.autograd.grad`` of a gradient, with respect to any input, whichever inputs require
+    grad: tilecl's message, not autograd's "appears to not have been used in the graph"."""
+    a, b = make_inputs(4, 4, 3, dtype=torch.float64, device="cpu")
+    scale = torch.tensor(2.0, dtype=torch.float64)
+    inputs = {"a": a, "b": b, "scale": scale}
+    for name, x in inputs.items():
+        x.requires_grad_(not only or name == wrt)
+    used = ("a", "b", "scale") if loss_name in ("contrastive", "sigmoid", "sigmoid-none") else ("a", "b")
+    if wrt not in used:
+        return
+    loss = SECOND_ORDER_LOSSES[loss_name](a, b, scale)
+    (grad,) = torch.autograd.grad(loss, (inputs[wrt],), create_graph=True)
+    for target in [inputs[name] for name in used if inputs[name].requires_grad]:
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(grad.sum(), (target,), retain_graph=True)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jacrev"])
+@pytest.mark.parametrize("loss_name", list(SECOND_ORDER_LOSSES))
+def test_torch_func_transforms_are_refused_naming_the_alternative(transform, loss_name):
+    a, b = make_inputs(4, 4, 3, dtype=torch.float64, device="cpu")
+    scale = torch.tensor(2.0, dtype=torch.float64)
+    a, b = a.detach(), b.detach()
+
+    def of_a(x):
+        return SECOND_ORDER_LOSSES[loss_name](x, b, scale)
+
+    call = {
+        "grad": lambda: torch.func.grad(of_a)(a),
+        "vmap": lambda: torch.func.vmap(of_a)(a[None].expand(2, -1, -1)),
+        "jacrev": lambda: torch.func.jacrev(of_a)(a),
+    }[transform]
+    with pytest.raises(RuntimeError, match="torch.func transforms.*loss.backward"):
+        call()
+
+
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_undeclared_dtypes_are_refused_with_the_backends_reason(name):
     """A dtype a backend does not declare raises TypeError before any kernel, naming who takes it."""

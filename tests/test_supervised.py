@@ -157,6 +157,53 @@ def test_supcon_against_the_oracle(combo, two_tower):
     assert_all_close_by_rule(mine, naive, want, combo, ("loss", "features", "columns"))
 
 
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("two_tower", [False, True], ids=["one-tower", "two-tower"])
+def test_supcon_on_a_batch_of_one_sample_is_zero(combo, reduction, two_tower):
+    """The trailing batch of one sample (``drop_last=False``): no positive, and one-tower an empty
+    row (its LSE over no column is −inf). The loss is 0 with a zero gradient, as PML's."""
+    features, columns = combo.inputs(1, 1, 8, seed=3)
+    labels = torch.tensor([4], device=combo.device)
+    kw: dict = dict(columns=columns, column_labels=labels + 1) if two_tower else {}
+    leaves = (features, columns) if two_tower else (features,)
+    loss = tilecl.supcon_loss(features, labels, reduction=reduction, backend=combo.backend, **kw)
+    grads = torch.autograd.grad(loss.sum(), leaves)
+    assert loss.shape == ((1,) if reduction == "none" else ())
+    assert torch.equal(loss, torch.zeros_like(loss)), loss
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads), grads
+
+
+def test_supcon_modules_on_a_batch_of_one_sample_are_zero():
+    from tilecl.integrations import pytorch_metric_learning as tilecl_pml
+
+    features = torch.randn(1, 8, dtype=torch.float64, requires_grad=True)
+    for loss_fn in (tilecl.SupConLoss(0.1), tilecl_pml.SupConLoss(0.1)):
+        loss = loss_fn(features, torch.tensor([2]))
+        loss.backward()
+        assert loss.item() == 0.0 and torch.equal(features.grad, torch.zeros_like(features))
+        features.grad = None
+
+
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+@pytest.mark.parametrize("loss", ["contrastive", "supcon"])
+def test_weighted_mean_with_subnormal_weights(combo, loss):
+    """float32 weights of ~1e-40 are subnormal: their sum is below float32's smallest normal, which
+    the all-zero guard must not take for zero (the weighted mean is scale-free)."""
+    gen = torch.Generator().manual_seed(4)
+    weights = ((torch.rand(21, generator=gen) + 0.5) * 1e-40).to(torch.float32).to(combo.device)
+    assert weights.sum() < torch.finfo(torch.float32).tiny
+    normal = weights.double() * 1e40
+    if loss == "contrastive":
+        check_contrastive(combo, 21, 27, 10, 7.0, weights=weights)
+        return
+    features, _ = combo.inputs(21, 21, 10, seed=5)
+    labels = ids(21, 5, combo.device, 6)
+    tiny = tilecl.supcon_loss(features, labels, weights=weights, backend=combo.backend)
+    plain = tilecl.supcon_loss(features, labels, weights=normal, backend=combo.backend)
+    assert_rel(tiny, plain, 4 * torch.finfo(combo.result_dtype).eps, "loss")
+
+
 @pytest.mark.parametrize("combo", matrix([torch.float64, torch.float32]), indirect=True)
 def test_masked_gamma_surrogate(combo):
     dev = combo.device

@@ -8,6 +8,10 @@ random shapes, scales and tilings and ``gradcheck``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Callable
+
 import numpy as np
 import pytest
 import torch
@@ -181,3 +185,71 @@ def test_one_tensor_on_both_sides_uses_the_mirrored_tiles(n, exclude_diagonal, t
     assert torch.isfinite(out.grad_a).all() and not out.grad_b.any()
     assert_rel(out.grad_a, ref.grad_a + ref.grad_b, 1e-12, "grad of the shared tensor")
     assert_rel(out.grad_scale, ref.grad_scale, 1e-12, "grad scale")
+
+
+def _every_primitive(
+    device: str, dtype: torch.dtype, watch: Callable[[], Any] = contextlib.nullcontext
+) -> None:
+    """lse_stats (row and column statistics, plain and mirrored), offset_backward (row and column
+    terms, plain and mirrored) and sigmoid_sweep, over many tiles, with and without a group mask;
+    the inputs are made first, the primitives run inside ``watch()``."""
+    from tilecl.backends.base import OffsetTerms, Scores, SigmoidTerms
+
+    n, m, d = 40, 56, 8
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(k, d, generator=gen, dtype=dtype).to(device) for k in (n, m))
+    scale, bias = torch.tensor(30.0, dtype=dtype).to(device), torch.tensor(-1.0).to(device)
+    targets, ones = torch.arange(n).to(device), torch.ones(n, dtype=torch.float32).to(device)
+    groups = (torch.arange(n) % 7).to(device), (torch.arange(m) % 7).to(device)
+    keys = torch.arange(n).to(device), torch.arange(m).to(device)
+    calls = []
+    for masked in (False, True):
+        for shared in (False, True):
+            col_groups = groups[0] if shared else groups[1]
+            kw = dict(row_groups=groups[0], col_groups=col_groups, kept_cols=targets) if masked else {}
+            x = a if shared else b
+            scores = Scores(a, x, scale, exclude_diagonal=shared, shared_operands=shared, **kw)
+            calls.append((scores, 0 if shared and not masked else n))
+    with watch():
+        for scores, col_count in calls:
+            row_lse, col_lse, _ = torch_backend.lse_stats(scores, targets, col_count)
+            torch_backend.offset_backward(scores, OffsetTerms(row_lse, ones, col_lse, ones[:col_count]))
+        torch_backend.sigmoid_sweep(Scores(a, b, scale), SigmoidTerms(bias, *keys, ones), True)
+
+
+def test_tile_loops_never_read_a_value_to_the_host(tiny_tiles, monkeypatch):
+    """A read of a tensor's value (``.item()``, ``float()``, ``bool()``, ``.tolist()``, a shape that
+    depends on values) stalls an accelerator's stream. On the meta device, where a tensor has no
+    values, each of these raises: every primitive runs there through hundreds of tiles. On the CPU,
+    where a read is free, the few reads that pick the faster exact paths are made once per call."""
+    _every_primitive("meta", torch.float32)
+
+    reads = []
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kw):
+            reads.append(_name)
+            return _original(self, *args, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    _every_primitive("cpu", torch.float32)
+    # 4 lse_stats + 4 offset_backward + 1 sigmoid_sweep, each over 100+ tiles of 64 bytes
+    assert len(reads) <= 2 * 9, reads
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (the meta-device test stands in for it)"
+)
+def test_tile_loops_never_synchronize_a_cuda_stream(tiny_tiles):
+    """On a GPU: the primitives run with PyTorch's synchronization check set to raise."""
+
+    @contextlib.contextmanager
+    def no_sync() -> Iterator[None]:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    _every_primitive("cuda", torch.float32, no_sync)

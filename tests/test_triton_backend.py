@@ -48,3 +48,26 @@ def test_sizes_past_the_32_bit_tile_indices_are_refused_before_a_launch():
             targets = torch.zeros(1, dtype=torch.long, device=DEVICE).expand(a.shape[0])
             triton_backend.lse_stats(Scores(a, b, one), targets, 0)
     triton_backend._check(fits, small)  # the boundary itself is accepted (no launch: a check only)
+
+
+def test_float32_to_bfloat16_rounds_to_nearest_even_as_on_a_gpu():
+    """The bf16 kernels round their fp32 ``G`` (and their inputs' products) to bfloat16: checked on
+    the CPU, the interpreter must round as a GPU does (to nearest, ties to even), not truncate
+    (``utils.round_bf16_like_the_hardware``, installed by conftest)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def to_bf16(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.arange(0, BLOCK)
+        inside = offsets < n
+        tl.store(y_ptr + offsets, tl.load(x_ptr + offsets, mask=inside).to(tl.bfloat16), mask=inside)
+
+    # truncation gives 0.015564; 1 + 2^-8 and 1 + 3·2^-8 are ties (to even: 1 and 1 + 2^-6);
+    # the largest float32 rounds up to inf; a subnormal
+    values = [0.015624999, 1.00390625, 1.01171875, -2.3, 3.4028235e38, 1e-40, 0.0, -1.0]
+    x = torch.tensor(values, dtype=torch.float32, device=DEVICE)
+    y = torch.empty(len(values), dtype=torch.bfloat16, device=DEVICE)
+    to_bf16[(1,)](x, y, len(values), BLOCK=8)
+    want = x.to(torch.bfloat16)
+    assert torch.equal(y.float(), want.float()), (y, want)

@@ -7,7 +7,7 @@ that ignores nothing but the speed of the private op).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -31,6 +31,31 @@ class _RefuseGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         raise RuntimeError(ctx.message)
+
+
+def compile_disabled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compiler.disable(fn)`` without importing ``torch._dynamo`` now.
+
+    ``torch.compiler.disable`` imports the compiler stack (dynamo, and Triton
+    through it) when the decorator runs, doubling ``import tilecl``'s time;
+    PyTorch's private ``torch._disable_dynamo`` defers that to the first call.
+    """
+    private = getattr(torch, "_disable_dynamo", None)
+    if private is not None:
+        return private(fn)
+    return torch.compiler.disable(fn)  # pragma: no cover - depends on the installed torch
+
+
+def functorch_transform_active() -> bool:
+    """Whether this call runs under a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``…).
+
+    False while ``torch.compile`` traces (the query would break its graph;
+    a compiled function is not called under a transform there).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    private = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(private()) if private is not None else False
 
 
 def is_fake(x: torch.Tensor) -> bool:

@@ -44,6 +44,7 @@ def check_call(
     """
     v.check_pair(a, b, names)
     n, m = a.shape[0], b.shape[0]
+    v.check_flag(symmetric, "symmetric")
     v.check_reduction(reduction)
     v.check_labels(labels, n, m, a)
     v.check_groups(*groups, n, m, a)
@@ -164,6 +165,7 @@ def contrastive_loss(
         b = torch.cat([b, negatives])
     groups = None if row_groups is None or col_groups is None else (row_groups, col_groups)
     spec = run.spec(symmetric=bool(symmetric), exclude_diagonal=False)
+    weights = run.pair_weights(weights, a)
     loss = apply_loss(
         a, b, run.checked, spec, labels=labels, positives=positives, groups=groups, weights=weights
     )
@@ -225,6 +227,7 @@ def gamma_contrastive_loss(
         check, like=a, backend=backend, reduction=reduction, process_group=process_group, dist_impl=dist_impl
     )
     groups = None if row_groups is None or col_groups is None else (row_groups, col_groups)
+    weights = run.pair_weights(weights, a)
     loss = apply_loss(
         a,
         b,
@@ -299,7 +302,7 @@ def nt_xent_loss(
     partners = torch.arange(2 * n, device=z1.device).roll(n)
     scale = torch.tensor(1.0 / temperature, dtype=torch.float64, device=z1.device)
     view_groups = None if groups is None else torch.cat([groups, groups]).long()
-    view_weights = None if weights is None else torch.cat([weights, weights])
+    view_weights = run.pair_weights(None if weights is None else torch.cat([weights, weights]), views)
     loss = apply_loss(
         views,
         views,

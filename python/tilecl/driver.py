@@ -37,9 +37,12 @@ import dataclasses
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
 import torch
+import torch.distributed as dist
 
 from . import validation as v
-from .backends import Primitives, resolve_backend
+from ._compat import functorch_transform_active
+from .backends import Primitives, check_backend_name, resolve_backend
+from .backends.base import accumulation_dtype
 from .backends.sharded import DIST_IMPLS, Shard, ShardedPrimitives
 from .distributed import Ranks, agree, agree_on_call
 from .function import LossSpec
@@ -47,6 +50,13 @@ from .function import LossSpec
 __all__ = ["Run", "Signature", "begin"]
 
 _T = TypeVar("_T")
+
+FUNCTORCH_MESSAGE = (
+    "tilecl losses do not run under torch.func transforms (grad, vmap, jacrev, jvp, ...): "
+    "their autograd Functions compute the gradient tile by tile and have no batching rule. "
+    "Differentiate with loss.backward() or torch.autograd.grad, or use the full-matrix losses "
+    "of tilecl.testing.naive under torch.func"
+)
 
 #: what every rank must agree on before any exchange: name → value (sizes, dtype, options)
 Signature = Mapping[str, object]
@@ -80,6 +90,24 @@ class Run:
         assert self.primitives is not None, "this loss resolved no backend"
         return LossSpec(symmetric, self.local_reduction, exclude_diagonal, self.primitives, self.ranks.world)
 
+    def pair_weights(self, weights: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-pair weights as the Function takes them: detached, in ``like``'s accumulation dtype.
+
+        For a weighted mean they are divided by their largest value on any
+        rank: the mean is unchanged, and ``Σ w`` stays a normal number however
+        small the weights (float32 weights of 1e-40 are subnormal; their sum
+        would be taken for the all-zero case).
+        """
+        if weights is None:
+            return None
+        weights = weights.detach().to(torch.promote_types(weights.dtype, accumulation_dtype(like.dtype)))
+        if self.reduction != "mean":
+            return weights
+        largest = torch.cat([weights.reshape(-1), weights.new_zeros(1)]).max().reshape(1)
+        if self.ranks.group is not None:
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=self.ranks.group)
+        return torch.where(largest > 0, weights / largest, weights)
+
     def global_loss(
         self, value: torch.Tensor, count: int, weights: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
@@ -111,11 +139,15 @@ def begin(
         reduction: the loss's reduction.
         process_group, dist_impl: where the loss runs.
     """
+    if functorch_transform_active():
+        raise RuntimeError(FUNCTORCH_MESSAGE)
     group = process_group
 
     def checked_and_resolved() -> tuple[_T, Signature, Optional[Primitives]]:
+        # the options are checked whether or not this call uses them: a typo never passes silently
+        v.check_choice(dist_impl, "dist_impl", DIST_IMPLS)
+        check_backend_name(backend)
         if group is not None:
-            v.check_choice(dist_impl, "dist_impl", DIST_IMPLS)
             if reduction == "none":
                 raise ValueError("with process_group, reduction must be 'mean' or 'sum'")
         value, signature = check()

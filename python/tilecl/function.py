@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -49,17 +50,22 @@ DOUBLE_BACKWARD_MESSAGE = (
 )
 
 
-def refuse_second_derivative(grads: tuple) -> tuple:
+def refuse_second_derivative(grads: tuple, inputs: Sequence[Optional[torch.Tensor]] = ()) -> tuple:
     """Under ``create_graph=True``, make differentiating these gradients raise a clear error.
 
     Like ``once_differentiable``, but the outputs always carry the error node
     (its own version skips it when the upstream gradient does not require grad,
-    which ends in an unrelated "does not require grad" message).
+    which ends in an unrelated "does not require grad" message). The node also
+    takes the Function's ``inputs`` and upstream gradients: ``torch.autograd.grad(g, x)``
+    for any ``x`` they depend on then reaches it and raises this error, where a
+    node cut off from them gets autograd's "appears to not have been used in the graph".
     """
     if not torch.is_grad_enabled():
         return grads
     live = [i for i, g in enumerate(grads) if g is not None]
-    guarded = delayed_error(DOUBLE_BACKWARD_MESSAGE, [grads[i].detach().requires_grad_() for i in live])
+    connected = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    detached = [grads[i].detach().requires_grad_() for i in live]
+    guarded = delayed_error(DOUBLE_BACKWARD_MESSAGE, detached + connected)[: len(live)]
     out = list(grads)
     for i, g in zip(live, guarded):
         out[i] = g
@@ -162,10 +168,15 @@ def weight_total(weights: torch.Tensor) -> torch.Tensor:
 
 def reduce_pairs(per_pair: torch.Tensor, reduction: str, weights: Optional[torch.Tensor]) -> torch.Tensor:
     """``mean``, ``sum`` or ``none`` of the per-pair losses; with ``weights`` the pairs are weighted
-    and ``mean`` is ``Σ w_i ℓ_i / Σ w_i``."""
+    and ``mean`` is ``Σ w_i ℓ_i / Σ w_i``.
+
+    A pair of weight 0 is left out: it adds exactly 0, even where its term is
+    not finite (SupCon's anchor without a positive in a batch of one has an
+    empty row, ``LSE = −inf``; ``0·(−inf)`` would make the loss NaN).
+    """
     if weights is not None:
         weights = weights.to(per_pair.dtype)
-        per_pair = per_pair * weights
+        per_pair = torch.where(weights == 0, 0.0, per_pair * weights)
         if reduction == "mean":
             return per_pair.sum() / weight_total(weights)
     if reduction == "mean":
@@ -246,7 +257,7 @@ class ContrastiveFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
         with torch.no_grad():
             grads = ContrastiveFunction._backward(ctx, grad_output)
-        return refuse_second_derivative(grads)
+        return refuse_second_derivative(grads, (*ctx.saved_tensors, grad_output))
 
     @staticmethod
     def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
@@ -257,6 +268,14 @@ class ContrastiveFunction(torch.autograd.Function):
         acc = row_offset.dtype
         weights = _pair_weights(grad_output, spec.reduction, a.shape[0], acc, pair_weights)
         half = weights / 2 if spec.symmetric else weights
+        # A pair's row and its positive's column always hold the positive, which no mask excludes:
+        # an offset of -inf there is -inf by value (every logit -inf, an infinite feature), not an
+        # empty row, which the offset backward would read as "no term". The full-matrix softmax
+        # is 0/0 there: NaN, which every backend keeps. Pairs left out (weight 0) keep -inf.
+        live = torch.ones_like(row_offset, dtype=torch.bool) if pair_weights is None else pair_weights != 0
+        row_offset = torch.where(torch.isneginf(row_offset) & live, math.nan, row_offset)
+        if col_offset is not None:
+            col_offset = torch.where(torch.isneginf(col_offset) & live, math.nan, col_offset)
         col_mult = torch.zeros(ctx.col_count, dtype=acc, device=a.device)
         col_shift = torch.full_like(col_mult, math.inf)
         if spec.symmetric:

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from . import validation as v
-from ._compat import standard_gamma
-from .backends import LseStats
+from ._compat import compile_disabled, standard_gamma
+from .backends import LseStats, check_backend_name
 from .contrastive import check_call
 from .distributed import DIST_IMPLS
 from .driver import Signature, begin
@@ -109,7 +109,7 @@ def gamma_log_weights(
     return torch.log(draws).to(log_memory_at_batch.dtype) - log_memory_at_batch
 
 
-@torch.compiler.disable
+@compile_disabled
 def _draw_from(generator: torch.Generator, shape: torch.Size, alpha: float) -> torch.Tensor:
     """``Gamma(α, 1)`` draws from ``generator``, on its device.
 
@@ -172,7 +172,7 @@ class GammaContrastiveLoss(nn.Module):
         self.gamma = v.check_in_interval(gamma, "gamma", 0.0, 1.0, open_low=True)
         self.estimator = v.check_choice(estimator, "estimator", ESTIMATORS)
         v.check_choice(dist_impl, "dist_impl", DIST_IMPLS)
-        self.symmetric, self.backend = symmetric, backend
+        self.symmetric, self.backend = v.check_flag(symmetric, "symmetric"), check_backend_name(backend)
         self.generator, self.process_group, self.dist_impl = generator, process_group, dist_impl
         for direction in ("rows", "cols"):
             self.register_buffer(f"log_memory_{direction}", torch.zeros(num_samples, dtype=torch.float64))

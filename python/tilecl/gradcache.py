@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import validation as v
 from ._compat import fsdp_reduces_gradients
 
 __all__ = ["GradCache"]
@@ -445,8 +446,7 @@ class GradCache:
         self.tokens_per_mini_batch = _check_count(tokens_per_mini_batch, "tokens_per_mini_batch")
         if self.mini_batch_size is None and self.tokens_per_mini_batch is None:
             raise TypeError("GradCache: give mini_batch_size, tokens_per_mini_batch, or both")
-        if not isinstance(offload_inputs, bool):
-            raise TypeError(f"GradCache: offload_inputs must be a bool, got {type(offload_inputs).__name__}")
+        v.check_flag(offload_inputs, "offload_inputs")
         self.offload_inputs = offload_inputs
 
     def mini_batches(self, *inputs: Input) -> list[list[tuple[int, int]]]:

@@ -77,7 +77,7 @@ class _RowLogSumExp(torch.autograd.Function):
             terms = OffsetTerms(row_lse, g.contiguous(), empty, empty)
             grad_a, grad_b, _ = ctx.primitives.offset_backward(Scores(a_aug, b_aug, one, True), terms)
             grads = (grad_a.to(a_aug.dtype), grad_b.to(b_aug.dtype), g.to(ctx.bias_dtype), None)
-        return refuse_second_derivative(grads)
+        return refuse_second_derivative(grads, (*ctx.saved_tensors, grad_rows))
 
 
 def uniformity_loss(
@@ -177,7 +177,7 @@ class _Grams(torch.autograd.Function):
                             acc.addmm_(mats[i][rows].double(), d)
                     out[rows] = acc.to(z.dtype)
                 grads.append(out if ctx.needs_input_grad[1 + k] else None)
-        return refuse_second_derivative((None, *grads))
+        return refuse_second_derivative((None, *grads), (*ctx.saved_tensors, *dgrams))
 
 
 def _of_grams(

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import validation as v
+from .backends import check_backend_name
 from .contrastive import contrastive_loss, nt_xent_loss
 from .distributed import DIST_IMPLS
 from .modality import brownian_bridge_loss, feature_separation_loss, geometric_consistency_loss
@@ -78,6 +79,14 @@ class ClipLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        for name, flag in (
+            ("local_loss", local_loss),
+            ("gather_with_grad", gather_with_grad),
+            ("cache_labels", cache_labels),
+            ("use_horovod", use_horovod),
+        ):
+            v.check_flag(flag, name)
+        check_backend_name(backend)
         _check_world(world_size, dist_impl)
         if use_horovod:
             raise NotImplementedError("ClipLoss(use_horovod=True): horovod is not supported")
@@ -110,6 +119,7 @@ class ClipLoss(nn.Module):
         image, one product photographed twice). ``weights``: ``(N,)``
         per-pair weights. See :func:`tilecl.contrastive_loss`.
         """
+        v.check_flag(output_dict, "output_dict")
         group = _default_group(self.world_size, "ClipLoss", self.rank)
         loss = contrastive_loss(
             image_features,
@@ -160,7 +170,10 @@ class InfoNCELoss(nn.Module):
         super().__init__()
         v.check_positive(temperature, "temperature")
         v.check_positive(max_scale, "max_scale")
+        v.check_flag(learn_temperature, "learn_temperature")
+        v.check_flag(symmetric, "symmetric")
         v.check_reduction(reduction)
+        check_backend_name(backend)
         _check_world(world_size, dist_impl)
         self.world_size, self.dist_impl = world_size, dist_impl
         log_scale = torch.tensor(math.log(1.0 / temperature))
@@ -243,6 +256,8 @@ class SigLipLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        v.check_flag(cache_labels, "cache_labels")
+        check_backend_name(backend)
         name = "bidir" if dist_impl is None else dist_impl
         if name not in OPEN_CLIP_DIST_IMPLS and name not in DIST_IMPLS:
             choices = tuple(OPEN_CLIP_DIST_IMPLS) + tuple(
@@ -263,6 +278,7 @@ class SigLipLoss(nn.Module):
         output_dict: bool = False,
     ) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
         """Sigmoid loss of ``(N, D)`` image and text features, the diagonal pairs positive."""
+        v.check_flag(output_dict, "output_dict")
         group = _default_group(self.world_size, "SigLipLoss", self.rank)
         loss = sigmoid_loss(
             image_features,
@@ -293,6 +309,7 @@ class _TemperatureLoss(nn.Module):
         super().__init__()
         v.check_positive(temperature, "temperature")
         v.check_reduction(reduction)
+        check_backend_name(backend)
         _check_world(world_size, dist_impl)
         self.temperature = temperature
         self.reduction = reduction
@@ -407,6 +424,7 @@ class ModalityStructureLoss(nn.Module):
         dist_impl: str = "gather",
     ) -> None:
         super().__init__()
+        check_backend_name(backend)
         _check_world(world_size, dist_impl)
         self.world_size, self.dist_impl = world_size, dist_impl
         for name, value in (("lambda_sep", lambda_sep), ("lambda_br", lambda_br), ("lambda_gc", lambda_gc)):
@@ -430,6 +448,7 @@ class ModalityStructureLoss(nn.Module):
         zi_t_aug: Optional[torch.Tensor] = None,
         output_dict: bool = False,
     ) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
+        v.check_flag(output_dict, "output_dict")
         group = _default_group(self.world_size, "ModalityStructureLoss")
         dist_kw: dict[str, Any] = dict(process_group=group, dist_impl=self.dist_impl)
         parts = {"contrastive_loss": contrastive_loss(z_v, z_t, logit_scale, backend=self.backend, **dist_kw)}

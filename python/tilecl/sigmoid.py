@@ -65,7 +65,10 @@ class SigmoidFunction(torch.autograd.Function):
         ctx.primitives, ctx.fused = primitives, fused
         ctx.divisor = a.shape[0] if reduction == "mean" else 1
         if fused:
-            ctx.save_for_backward(sweep.grad_a, sweep.grad_b, sweep.grad_scale, sweep.grad_bias)
+            # the inputs only as references: a second derivative must reach them (see the backward)
+            ctx.save_for_backward(
+                sweep.grad_a, sweep.grad_b, sweep.grad_scale, sweep.grad_bias, a, b, scale, bias
+            )
         else:
             ctx.save_for_backward(a, b, scale, bias, row_keys, col_keys)
         ctx.kinds = [(x.dtype, x.shape) for x in (a, b, scale, bias)]
@@ -79,7 +82,7 @@ class SigmoidFunction(torch.autograd.Function):
         kinds = ctx.kinds
         with torch.no_grad():
             if ctx.fused:
-                grad_a, grad_b, grad_scale, grad_bias = ctx.saved_tensors
+                grad_a, grad_b, grad_scale, grad_bias, *inputs = ctx.saved_tensors
                 g = grad_output.to(grad_a.dtype) / ctx.divisor
                 # not in place: a graph kept with retain_graph=True may run this backward again
                 grad_a, grad_b, grad_scale, grad_bias = (
@@ -87,6 +90,7 @@ class SigmoidFunction(torch.autograd.Function):
                 )
             else:
                 saved_a, saved_b, saved_scale, saved_bias, row_keys, col_keys = ctx.saved_tensors
+                inputs = [saved_a, saved_b, saved_scale, saved_bias]
                 acc = accumulation_dtype(saved_a.dtype)
                 weights = grad_output.to(acc).expand(saved_a.shape[0]) / ctx.divisor
                 terms = SigmoidTerms(saved_bias, row_keys, col_keys, weights.contiguous())
@@ -98,7 +102,7 @@ class SigmoidFunction(torch.autograd.Function):
                     (grad_a, grad_b, grad_scale, grad_bias), kinds, ctx.needs_input_grad
                 )
             )
-        return (*refuse_second_derivative(grads), None, None, None, None, None)
+        return (*refuse_second_derivative(grads, (*inputs, grad_output)), None, None, None, None, None)
 
 
 def sigmoid_loss(

@@ -128,6 +128,8 @@ def supcon_loss(
         elif column_labels is not None:
             raise ValueError("column_labels need columns (the two-tower form)")
         v.check_positive(temperature, "temperature")
+        v.check_flag(normalize, "normalize")
+        v.check_flag(with_counts, "with_counts")
         v.check_reduction(reduction)
         v.check_weights(weights, n, features, warn_all_zero=reduction == "mean" and process_group is None)
         m = n if columns is None else columns.shape[0]
@@ -163,9 +165,8 @@ def supcon_loss(
         sums, counts = sums - b.to(acc), counts - 1
     has_positive = counts > 0
     positives = (sums / counts.clamp(min=1)[:, None].to(acc)).to(a.dtype)
-    pair_weights = has_positive.to(acc)
-    if weights is not None:
-        pair_weights = pair_weights * weights.detach().to(acc)
+    anchor_weights = has_positive.to(acc) if weights is None else has_positive.to(acc) * weights
+    pair_weights = run.pair_weights(anchor_weights, a)
     scale = torch.tensor(1.0 / temperature, dtype=torch.float64, device=a.device)
     spec = run.spec(symmetric=False, exclude_diagonal=not two_tower)
     loss = apply_loss(a, b, scale, spec, positives=positives, weights=pair_weights)

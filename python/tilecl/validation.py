@@ -190,6 +190,14 @@ def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def check_flag(value: object, name: str) -> bool:
+    """A boolean option: ``True`` or ``False`` (NumPy's too). Anything else is refused, not read
+    for its truth: ``symmetric="False"`` is a non-empty string, which Python takes for true."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def check_reduction(reduction: object) -> str:
     return check_choice(reduction, "reduction", REDUCTIONS)
 

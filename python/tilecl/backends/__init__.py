@@ -69,6 +69,7 @@ __all__ = [
     "SigmoidSweep",
     "SigmoidTerms",
     "available_backends",
+    "check_backend_name",
     "explain_backend",
     "register_backend",
     "resolve_backend",
@@ -137,16 +138,19 @@ def explain_backend(
     cannot run is an answer: :attr:`BackendChoice.chosen` is then ``None``
     (or, for ``auto``, its last resort) and the reasons say why.
     """
-    _check_name(backend)
+    check_backend_name(backend)
     extent = max((*a.shape, *(() if b is None else b.shape)), default=0)
     return _choose(backend, a.device, a.dtype, form, extent)
 
 
-def _check_name(name: object) -> None:
+def check_backend_name(name: object) -> str:
+    """The ``backend=`` option: ``"auto"`` or a registered backend's name (checked where it is
+    given, e.g. a module's constructor); raises ``TypeError`` / ``ValueError``."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {tuple(BACKENDS)}, got {name!r}")
+    return name
 
 
 def _most_general() -> str:
@@ -191,7 +195,7 @@ def resolve_backend(
         ValueError: ``name`` is not a known backend, or the call is larger than it takes.
         RuntimeError: the backend cannot run here (not installed or built, wrong device).
     """
-    _check_name(name)
+    check_backend_name(name)
     assert isinstance(name, str)
     choice = _choose(name, device, dtype, form, extent, every=False)
     if choice.chosen is not None:

@@ -34,15 +34,22 @@ def _host(x: torch.Tensor) -> np.ndarray:
 
 def _full(scores: Scores) -> np.ndarray:
     full = float(scores.scale) * _host(scores.a) @ _host(scores.b).T
+    full[_excluded(scores, full.shape)] = -np.inf
+    return full
+
+
+def _excluded(scores: Scores, shape: tuple[int, ...]) -> np.ndarray:
+    """The entries not in the loss: the diagonal (``exclude_diagonal``) and the false negatives."""
+    excluded = np.zeros(shape, dtype=bool)
     if scores.exclude_diagonal:
-        k = min(full.shape)
-        full[np.arange(k), np.arange(k)] = -np.inf
+        k = min(shape)
+        excluded[np.arange(k), np.arange(k)] = True
     if scores.masked:
         row_groups, col_groups, kept_cols = (x.cpu().numpy() for x in scores.group_mask())
         same = row_groups[:, None] == col_groups[None, :]
-        positive = np.arange(full.shape[1])[None, :] == kept_cols[:, None]
-        full[same & ~positive] = -np.inf
-    return full
+        positive = np.arange(shape[1])[None, :] == kept_cols[:, None]
+        excluded |= same & ~positive
+    return excluded
 
 
 def _on(like: torch.Tensor, *arrays: np.ndarray) -> list[torch.Tensor]:
@@ -89,6 +96,8 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
         grad[:, :width] += np.where(
             live_cols[None, :], h[None, :] * np.exp(full[:, :width] - r[None, :]), 0.0
         )
+    # an excluded entry has no gradient, even where an offset is NaN (a row or column of -inf logits)
+    grad[_excluded(scores, grad.shape)] = 0.0
     s = float(scores.scale)
     a64, b64 = _host(scores.a), _host(scores.b)
     # explicit products, not BLAS: 0·inf must be NaN (an inf input), as IEEE and the naive loss say

@@ -56,10 +56,27 @@ __all__ = [
 TILE_BYTES: int = int(os.environ.get("TILECL_TILE_BYTES", str(16 << 20)))
 
 # The single-exp paths shift whole tiles by one reference value. They are used
-# only where every shifted quantity stays far inside the float range; the
-# remaining tiles take the exact two-exp path. Margins in natural-log units.
+# only where every shifted quantity provably stays far inside the float range;
+# elsewhere the two-exp paths, exact for any spread of logits, run. Margins in
+# natural-log units.
 _SAFE_WINDOW = {torch.float32: 80.0, torch.float64: 700.0}
-_UNDERFLOW_GUARD = {torch.float32: math.exp(-60.0), torch.float64: math.exp(-600.0)}
+
+
+def _reads_values(x: torch.Tensor) -> bool:
+    """Whether a value of ``x`` may be read to pick a faster exact path, once per call (never per
+    tile): on the CPU a read costs nothing; on an accelerator it would stall the stream, so there
+    the paths exact for every input run without asking."""
+    return x.device.type == "cpu"
+
+
+def _narrow_logits(scores: Scores, acc: torch.dtype) -> bool:
+    """Whether all finite logits lie within the single-exp window of each other, from the bound
+    ``|S_ij| ≤ |s|·max‖a‖·max‖b‖`` (one read per call, CPU only; inf or NaN inputs: no)."""
+    a, b = scores.a, scores.b
+    if not _reads_values(a) or a.shape[0] == 0 or b.shape[0] == 0:
+        return False
+    norms = [torch.linalg.vector_norm(x, dim=1, dtype=acc).max() for x in (a, b)]
+    return bool(2 * scores.scale.to(acc).abs() * norms[0] * norms[1] <= _SAFE_WINDOW[acc])
 
 
 def tile_shape(n: int, m: int, acc: torch.dtype) -> tuple[int, int]:
@@ -104,17 +121,31 @@ def _scores_(
 ) -> torch.Tensor:
     """The tile of ``S`` at ``(rows, cols)`` into ``out``, its excluded entries ``-inf`` (:class:`Scores`)."""
     torch.mm(a_scaled, b_block.t(), out=out)
+    return _exclude_(out, scores, rows, cols, -math.inf)
+
+
+def _exclude_(tile: torch.Tensor, scores: Scores, rows: slice, cols: slice, value: float) -> torch.Tensor:
+    """``value`` written into the tile's excluded entries: the diagonal (``exclude_diagonal``) and
+    the false negatives of the group mask.
+
+    ``-inf`` into a tile of ``S``; 0 into a tile of ``G``, where an offset can
+    be NaN (a row or column whose logits are ``-inf`` by value): an excluded
+    entry is not in the loss and has no gradient, as in the full-matrix loss.
+    """
     if scores.exclude_diagonal:
         offset = _diagonal_offset(rows.start, cols.start)
-        if -out.shape[0] < offset < out.shape[1]:
-            out.diagonal(offset).fill_(-math.inf)
+        if -tile.shape[0] < offset < tile.shape[1]:
+            tile.diagonal(offset).fill_(value)
     if scores.masked:
         row_groups, col_groups, kept_cols = scores.group_mask()
-        pair_rows, pair_cols = _matches(row_groups[rows], col_groups[cols])
-        # same group and not the row's positive: a false negative (the positive keeps its logit)
-        kept = kept_cols[rows][pair_rows] == pair_cols + cols.start
-        out.index_put_((pair_rows, pair_cols), torch.where(kept, out[pair_rows, pair_cols], -math.inf))
-    return out
+        # same group and not the row's positive: a false negative (the positive keeps its logit).
+        # A dense comparison, not a list of matches: its size does not depend on the values, so
+        # nothing waits for the device
+        column = torch.arange(cols.start, cols.stop, device=tile.device)
+        same = row_groups[rows, None] == col_groups[None, cols]
+        false_negative = same & (kept_cols[rows, None] != column)
+        tile.masked_fill_(false_negative, value)
+    return tile
 
 
 def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats:
@@ -142,6 +173,7 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats
     rows, cols = tile_shape(n, m, acc)
     score_buffer = torch.empty(rows * cols, dtype=acc, device=a.device)
     exp_buffer = torch.empty(rows * cols, dtype=acc, device=a.device)
+    narrow = col_count > 0 and _narrow_logits(scores, acc)
     row_max = torch.full((n,), -math.inf, dtype=acc, device=a.device)
     row_sum = torch.zeros(n, dtype=acc, device=a.device)
     col_max = torch.full((col_count,), -math.inf, dtype=acc, device=a.device)
@@ -161,7 +193,7 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats
             exps, row_shift = _merge_rows_(run_max, run_sum, tile, exp_buffer)
             if j0 < col_count:
                 width = min(col_count, j1) - j0
-                peak, shifted = _column_sums(tile[:, :width], exps[:, :width], row_shift)
+                peak, shifted = _column_sums(tile[:, :width], exps[:, :width], row_shift, narrow, exp_buffer)
                 _merge_(col_max[j0 : j0 + width], col_sum[j0 : j0 + width], peak, shifted)
     return LseStats(row_max + torch.log(row_sum), col_max + torch.log(col_sum), positive)
 
@@ -224,12 +256,13 @@ def _mirrored_lse_stats(scores: Scores, targets: torch.Tensor) -> LseStats:
     row_max = torch.full((n,), -math.inf, dtype=acc, device=a.device)
     row_sum = torch.zeros(n, dtype=acc, device=a.device)
     positive = torch.zeros(n, dtype=acc, device=a.device)
+    narrow = _narrow_logits(scores, acc)
     for tile, spare, rows, cols in _mirrored_scores(scores):
         _gather_positive_(positive[rows], tile, targets[rows] - cols.start)
         exps, row_shift = _merge_rows_(row_max[rows], row_sum[rows], tile, spare)
         if cols != rows:
             _gather_positive_(positive[cols], tile.t(), targets[cols] - rows.start)
-            peak, shifted = _column_sums(tile, exps, row_shift)
+            peak, shifted = _column_sums(tile, exps, row_shift, narrow, spare)
             _merge_(row_max[cols], row_sum[cols], peak, shifted)
     return LseStats(row_max + torch.log(row_sum), row_max.new_empty(0), positive)
 
@@ -248,27 +281,24 @@ def _merge_rows_(
 
 
 def _column_sums(
-    scores: torch.Tensor, exps: torch.Tensor, row_shift: torch.Tensor
+    scores: torch.Tensor, exps: torch.Tensor, row_shift: torch.Tensor, narrow: bool, buffer: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One tile's column statistics ``(shift, sum)`` from its row-shifted exponentials.
+    """One tile's column statistics ``(shift, sum)``, merged by the caller with the streaming rule.
 
-    ``exps`` holds ``exp(scores_ij − row_shift_i)``. Re-weighting its rows by
-    ``exp(row_shift_i − K)`` gives every column the common shift ``K`` with one
-    matrix-vector product instead of a second exp over the tile. A term lost
-    to underflow there is below ``e^-87`` relative to ``K``, so only a column
-    whose shifted sum comes out tiny can be wrong; those (rare) columns are
-    redone exactly from the same ``scores``.
+    ``narrow`` (:func:`_narrow_logits`): ``exps`` holds
+    ``exp(scores_ij − row_shift_i)``, none underflowed, and re-weighting its rows
+    by ``exp(row_shift_i − K)`` gives every column the common shift ``K`` with
+    one matrix-vector product. Otherwise each column is shifted by its own
+    maximum over the tile, ``exp`` taken again into ``buffer`` (``exps`` is
+    then overwritten): exact for any spread of logits, and an infinite logit
+    makes only its own column non-finite.
     """
-    peak = row_shift.max()
-    shifted = exps.t().mv(torch.exp(row_shift - peak))
-    shifts = peak.expand_as(shifted).clone()
-    lost = torch.nonzero(shifted < _UNDERFLOW_GUARD[exps.dtype]).flatten()
-    if lost.numel():
-        exact = scores[:, lost]
-        exact_max = exact.amax(dim=0)
-        shifts[lost] = exact_max
-        shifted[lost] = torch.exp(exact - _finite_or_zero(exact_max)).sum(dim=0)
-    return shifts, shifted
+    if narrow:
+        peak = row_shift.max()
+        return peak.expand(exps.shape[1]), exps.t().mv(torch.exp(row_shift - peak))
+    peak = scores.amax(dim=0)
+    shifted = torch.sub(scores, _finite_or_zero(peak)[None, :], out=_tile(buffer, *scores.shape)).exp_()
+    return peak, shifted.sum(dim=0)
 
 
 def _gather_positive_(out: torch.Tensor, tile: torch.Tensor, local_targets: torch.Tensor) -> None:
@@ -307,21 +337,49 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     live = ~torch.isneginf(col_offset) & (col_mult != 0)
     h = torch.where(live, col_mult, 0.0).to(acc)
     r = torch.where(live, col_offset, math.inf).to(acc)
-    window = _SAFE_WINDOW[acc]
     if _mirrored(scores, col_count):
-        return _mirrored_offset_backward(scores, c, g, window)
+        return _mirrored_offset_backward(scores, c, g)
+    tile_rows, tile_cols = tile_shape(a.shape[0], scores.b.shape[0], acc)
+    single_exp = _single_exp_tiles(c, torch.ones_like(live_rows), tile_rows, r, live, tile_cols, acc)
 
     def to_gradient(tile: torch.Tensor, spare: torch.Tensor, rows: slice, cols: slice) -> None:
         c1 = min(col_count, cols.stop)
         if c1 > cols.start:
-            _column_term_(tile, spare, c[rows], g[rows], r[cols.start : c1], h[cols.start : c1], window)
+            one_exp = single_exp is not None and single_exp[rows.start // tile_rows][cols.start // tile_cols]
+            _column_term_(tile, spare, c[rows], g[rows], r[cols.start : c1], h[cols.start : c1], one_exp)
         else:
             tile.sub_(c[rows, None]).exp_().mul_(g[rows, None])
 
     return _gradient_sweep(scores, to_gradient)
 
 
-def _mirrored_offset_backward(scores: Scores, c: torch.Tensor, g: torch.Tensor, window: float) -> Gradients:
+def _single_exp_tiles(
+    c: torch.Tensor, c_live: torch.Tensor, rows: int, r: torch.Tensor, r_live: torch.Tensor, cols: int,
+    acc: torch.dtype,
+) -> Optional[list[list[bool]]]:  # fmt: skip
+    """Per (row block, column block) of the sweep: whether its live offsets ``c`` and ``r`` lie within
+    the single-exp window (:func:`_column_term_`). One read per call, on the CPU only
+    (:func:`_reads_values`); ``None`` elsewhere: every tile then takes the exact two-exp path."""
+    if not _reads_values(c):
+        return None
+    row_hi, row_lo = _block_extrema(c, c_live, rows)
+    col_hi, col_lo = _block_extrema(r, r_live, cols)
+    spread = torch.maximum(row_hi[:, None], col_hi[None, :]) - torch.minimum(row_lo[:, None], col_lo[None, :])
+    fits: list[list[bool]] = (spread <= _SAFE_WINDOW[acc]).tolist()  # NaN: False
+    return fits
+
+
+def _block_extrema(x: torch.Tensor, live: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max and min of the live entries of each ``size``-block of ``x`` (-inf and +inf for none)."""
+    blocks = max(1, -(-x.shape[0] // size))
+    hi = torch.full((blocks * size,), -math.inf, dtype=x.dtype, device=x.device)
+    lo = torch.full((blocks * size,), math.inf, dtype=x.dtype, device=x.device)
+    hi[: x.shape[0]] = torch.where(live, x, -math.inf)
+    lo[: x.shape[0]] = torch.where(live, x, math.inf)
+    return hi.view(blocks, size).amax(dim=1), lo.view(blocks, size).amin(dim=1)
+
+
+def _mirrored_offset_backward(scores: Scores, c: torch.Tensor, g: torch.Tensor) -> Gradients:
     """:func:`offset_backward` of a symmetric ``S`` with row terms only, from the tiles on and above
     the diagonal: the whole gradient of the shared tensor in ``grad_a``, ``grad_b`` zero.
 
@@ -340,8 +398,12 @@ def _mirrored_offset_backward(scores: Scores, c: torch.Tensor, g: torch.Tensor, 
     # a row without a term contributes no column term either: offset +inf, whose exp is exactly 0
     # (its placeholder offset 0 could overflow exp(K − 0) and meet g = 0 as 0·inf)
     r = torch.where(g != 0, c, math.inf)
+    side, _ = tile_shape(a.shape[0], a.shape[0], acc)
+    single_exp = _single_exp_tiles(c, torch.ones_like(g, dtype=torch.bool), side, r, g != 0, side, acc)
     for tile, spare, rows, cols in _mirrored_scores(scores):
-        _column_term_(tile, spare, c[rows], g[rows], r[cols], g[cols], window)
+        one_exp = single_exp is not None and single_exp[rows.start // side][cols.start // side]
+        _column_term_(tile, spare, c[rows], g[rows], r[cols], g[cols], one_exp)
+        _exclude_(tile, scores, rows, cols, 0.0)
         grad[rows].addmm_(tile, a[cols].to(acc))
         if cols != rows:
             grad[cols].addmm_(tile.t(), a[rows].to(acc))
@@ -360,9 +422,9 @@ def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> Sigm
     and the gradients as :func:`offset_backward`'s, plus ``grad_bias = Σ G_ij``.
     Per tile: ``u = −z·ℓ``, the loss ``softplus(u)`` and ``G = −z·σ(u)`` — no
     confident pair's tiny loss or gradient comes from a cancellation. The
-    positives are found by sorting the tile's column keys (``O(R + C)``
-    work, no ``R x C`` mask) and flipped in place; the weights ``w`` scale
-    the ``N x D`` operands, not the tile.
+    positives are a dense comparison of the tile's keys (a mask whose size
+    does not depend on the values, so nothing waits for the device) and are
+    flipped in place; the weights ``w`` scale the ``N x D`` operands, not the tile.
     """
     a = scores.a
     acc = accumulation_dtype(a.dtype)
@@ -374,14 +436,16 @@ def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> Sigm
     threshold = 40.0 if acc == torch.float64 else 20.0
 
     def to_gradient(tile: torch.Tensor, spare: torch.Tensor, rows: slice, cols: slice) -> None:
-        pair_rows, pair_cols = _matches(terms.row_keys[rows], terms.col_keys[cols])
+        # the positives as a dense mask (its size does not depend on the values: no device sync)
+        positive = terms.row_keys[rows, None] == terms.col_keys[None, cols]
+        second = _tile(spare, tile.shape[0], tile.shape[1])
         tile.add_(bias)
-        tile.index_put_((pair_rows, pair_cols), -tile[pair_rows, pair_cols])  # u = −z·ℓ
-        losses = softplus_into(tile, _tile(spare, tile.shape[0], tile.shape[1]), threshold)
+        torch.where(positive, torch.neg(tile, out=second), tile, out=tile)  # u = −z·ℓ
+        losses = softplus_into(tile, second, threshold)
         row_loss[rows] += losses.sum(dim=1)
         if with_grads:
             tile.sigmoid_()
-            tile.index_put_((pair_rows, pair_cols), -tile[pair_rows, pair_cols])  # G = −z·σ(u)
+            torch.where(positive, torch.neg(tile, out=second), tile, out=tile)  # G = −z·σ(u)
             row_grad_sums[rows] += tile.sum(dim=1)
 
     if not with_grads:
@@ -389,23 +453,6 @@ def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> Sigm
         return SigmoidSweep(row_loss * weights, *(row_loss.new_empty(0) for _ in range(4)))
     grad_a, grad_b, grad_scale = _gradient_sweep(scores, to_gradient, row_scale=weights)
     return SigmoidSweep(row_loss * weights, grad_a, grad_b, grad_scale, torch.dot(row_grad_sums, weights))
-
-
-def _matches(row_keys: torch.Tensor, col_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local ``(row, col)`` indices of every pair with ``row_keys[r] == col_keys[c]``.
-
-    Sorts the column keys and binary-searches each row's: ``O((R + C) log C)``
-    plus the matches, instead of an ``R x C`` comparison.
-    """
-    sorted_keys, order = torch.sort(col_keys)
-    low = torch.searchsorted(sorted_keys, row_keys, side="left")
-    counts = torch.searchsorted(sorted_keys, row_keys, side="right") - low
-    pair_rows = torch.repeat_interleave(torch.arange(row_keys.shape[0], device=row_keys.device), counts)
-    first = torch.repeat_interleave(low, counts)
-    rank = torch.arange(pair_rows.shape[0], device=row_keys.device) - torch.repeat_interleave(
-        torch.cumsum(counts, 0) - counts, counts
-    )
-    return pair_rows, order[first + rank]
 
 
 def _gradient_sweep(
@@ -449,6 +496,7 @@ def _gradient_sweep(
             tile = _tile(buffer, i1 - i0, j1 - j0)
             _scores_(tile, a_scaled, b_block, scores, slice(i0, i1), slice(j0, j1))
             to_gradient(tile, second, slice(i0, i1), slice(j0, j1))
+            _exclude_(tile, scores, slice(i0, i1), slice(j0, j1), 0.0)
             if with_grads:
                 ga_block.addmm_(tile, b_block)
                 grad_b[j0:j1].addmm_(tile.t(), a_weighted)
@@ -467,21 +515,20 @@ def _column_term_(
     g: torch.Tensor,
     r: torch.Tensor,
     h: torch.Tensor,
-    window: float,
+    single_exp: bool,
 ) -> None:
     """Turn a tile of ``S`` into ``G`` in place when some columns carry a term.
 
-    ``G_ij = exp(S_ij − c_i)·(g_i + u_i·v_j)`` with ``u_i = exp(c_i − K)`` and
-    ``v_j = h_j·exp(K − r_j)`` needs one exp over the tile, and the factor is a
-    rank-2 product ``[g u]·[1 v]ᵀ`` written by one thin matmul. It is exact
-    while every offset lies within ``window`` of the others; otherwise
-    (extreme logits) the two exponentials are taken separately.
+    ``single_exp`` (every offset of the tile within the window of the others,
+    :func:`_single_exp_tiles`): ``G_ij = exp(S_ij − c_i)·(g_i + u_i·v_j)`` with
+    ``u_i = exp(c_i − K)`` and ``v_j = h_j·exp(K − r_j)`` needs one exp over the
+    tile, and the factor is a rank-2 product ``[g u]·[1 v]ᵀ`` written by one
+    thin matmul. Otherwise the two exponentials are taken separately: exact
+    for any spread of offsets.
     """
     rows, cols = tile.shape
     width = r.shape[0]
-    live = h != 0
-    offsets = torch.cat([c, r[live]])
-    if float(offsets.max() - offsets.min()) <= window:
+    if single_exp:
         reference = c.max()
         left = torch.stack([g, torch.exp(c - reference)], dim=1)
         right = torch.zeros(2, cols, dtype=tile.dtype, device=tile.device)

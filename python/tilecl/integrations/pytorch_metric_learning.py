@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import modules
 from .. import validation as v
+from ..backends import check_backend_name
 from ..contrastive import contrastive_loss
 
 __all__ = ["NTXentLoss", "SupConLoss", "positive_pairs"]
@@ -108,7 +109,7 @@ class NTXentLoss(nn.Module):
         _pml_defaults("NTXentLoss", distance, reducer, "MeanReducer")
         v.check_positive(temperature, "temperature")
         self.temperature = temperature
-        self.backend = backend
+        self.backend = check_backend_name(backend)
 
     def forward(
         self,

@@ -47,7 +47,10 @@ except ImportError as error:  # pragma: no cover - the dev extra installs it
         "(pip install 'tilecl[sentence-transformers]')"
     ) from error
 
+from .. import validation as v
+from ..backends import check_backend_name
 from ..contrastive import contrastive_loss
+from ..distributed import DIST_IMPLS
 from ..gradcache import GradCache
 
 __all__ = [
@@ -156,6 +159,11 @@ class MultipleNegativesRankingLoss(nn.Module):
         super().__init__()
         if not scale > 0:
             raise ValueError(f"scale must be positive, got {scale}")
+        v.check_flag(gather_across_devices, "gather_across_devices")
+        v.check_flag(symmetric, "symmetric")
+        check_backend_name(backend)
+        v.check_choice(dist_impl, "dist_impl", DIST_IMPLS)
+        v.check_choice(partition_mode, "partition_mode", ("joint", "per_direction"))
         if similarity_fct not in (cos_sim, dot_score):
             raise NotImplementedError(
                 "similarity_fct must be sentence_transformers.util.cos_sim or dot_score: an arbitrary "
@@ -433,6 +441,8 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
                 "CachedMultipleNegativesRankingLoss cannot split a StaticEmbedding model's inputs into "
                 "mini-batches (they have no batch dimension); use MultipleNegativesRankingLoss instead"
             )
+        v.check_flag(show_progress_bar, "show_progress_bar")
+        v.check_flag(offload_inputs, "offload_inputs")
         self.mini_batch_size = mini_batch_size
         self.mini_batch_num_tokens = mini_batch_num_tokens
         self.show_progress_bar = show_progress_bar

@@ -17,9 +17,14 @@ __all__ = ["naive_contrastive_loss", "naive_nt_xent_loss", "naive_sigmoid_loss",
 
 def _reduce(per_pair: torch.Tensor, reduction: str, weights: Optional[torch.Tensor]) -> torch.Tensor:
     if weights is not None:
-        per_pair = per_pair * weights.to(per_pair.dtype)
+        # weighted in float64: float32 weights of 1e-39 are subnormal there, normal here
+        w = weights.to(torch.float64)
+        weighted = torch.where(w == 0, 0.0, per_pair.to(torch.float64) * w)  # weight 0: left out
         if reduction == "mean":
-            return per_pair.sum() / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)
+            weighted = weighted.sum() / w.sum().clamp_min(torch.finfo(torch.float64).tiny)
+        elif reduction == "sum":
+            weighted = weighted.sum()
+        return weighted.to(per_pair.dtype)
     if reduction == "mean":
         return per_pair.mean()
     if reduction == "sum":

@@ -103,7 +103,7 @@ def _pair_weights(
 def _reduce(per_pair: Any, reduction: str, xp: Any, weights: Optional[Any] = None) -> Any:
     if weights is not None:
         w = xp.asarray(weights, dtype=xp.float64)
-        weighted = w * per_pair
+        weighted = xp.where(w == 0, 0.0, w * per_pair)  # a pair of weight 0 is left out
         if reduction == "mean":
             total = float(xp.sum(w))
             return xp.sum(weighted) / total if total > 0 else 0.0 * xp.sum(weighted)
