@@ -95,10 +95,12 @@ tilecl::SweepArgs sweep_args(std::uintptr_t a, std::uintptr_t b, float scale, in
 }
 
 void offset_backward(int dtype, const tilecl::SweepArgs& sweep, std::uintptr_t row_offset, std::uintptr_t row_mult,
-                     std::uintptr_t col_offset, std::uintptr_t col_mult, int64_t col_count) {
-  const tilecl::OffsetForm form{ptr<const float>(row_offset), ptr<const float>(row_mult),
-                                ptr<const float>(col_offset), ptr<const float>(col_mult),
-                                as_int(col_count, "col_count")};
+                     std::uintptr_t col_offset, std::uintptr_t col_mult, int64_t col_count,
+                     std::uintptr_t positive_cols, std::uintptr_t positive_mult) {
+  const tilecl::OffsetForm form{ptr<const float>(row_offset),    ptr<const float>(row_mult),
+                                ptr<const float>(col_offset),    ptr<const float>(col_mult),
+                                as_int(col_count, "col_count"),  ptr<const int64_t>(positive_cols),
+                                ptr<const float>(positive_mult)};
   run_sweep(dtype, sweep, form);
 }
 
@@ -170,7 +172,7 @@ PYBIND11_MODULE(TILECL_MODULE_NAME, module) {
            py::arg("workspace"), py::arg("stream"));
   module.def("offset_backward", &offset_backward, launch_guard(), py::arg("dtype"), py::arg("sweep"),
              py::arg("row_offset"), py::arg("row_mult"), py::arg("col_offset"), py::arg("col_mult"),
-             py::arg("col_count"),
+             py::arg("col_count"), py::arg("positive_cols"), py::arg("positive_mult"),
              "The offset form: grad_a = scale·G·b, grad_b = scale·Gᵀ·a, grad_scale = Σ G_ij a_i·b_j.");
   module.def("sigmoid_sweep", &sigmoid_sweep, launch_guard(), py::arg("dtype"), py::arg("sweep"), py::arg("bias"),
              py::arg("row_keys"), py::arg("col_keys"), py::arg("row_weights"), py::arg("row_loss"),

@@ -74,7 +74,9 @@ struct Epilogue<OffsetForm> {
 
   template <typename T>
   struct Terms {
-    float c[Config<T>::BM], g[Config<T>::BM], r[Config<T>::BN], h[Config<T>::BN];
+    float c[Config<T>::BM], g[Config<T>::BM], r[Config<T>::BN], h[Config<T>::BN], p[Config<T>::BM];
+    int t[Config<T>::BM];  // each row's positive column (-1: none)
+    int col0;              // the tile's first column
   };
   struct Totals {};
 
@@ -89,12 +91,16 @@ struct Epilogue<OffsetForm> {
       const bool live = row < n && !(isinf(ci) && ci < 0.0f);
       t.c[i] = live ? ci : 0.0f;
       t.g[i] = live ? args.row_mult[row] : 0.0f;
+      const bool positive = row < n && args.positive_cols != nullptr;
+      t.t[i] = positive ? static_cast<int>(args.positive_cols[row]) : -1;
+      t.p[i] = positive ? args.positive_mult[row] : 0.0f;
     }
   }
 
   // Columns past col_count, or with r_j = -inf, have none (as the rows: +inf and NaN are kept).
   template <typename T, int NT>
   __device__ __forceinline__ void load_cols(Terms<T>& t, int col0, int /* m */) const {
+    if (threadIdx.x == 0) t.col0 = col0;
     for (int j = threadIdx.x; j < Config<T>::BN; j += NT) {
       const int col = col0 + j;
       const float rj = col < args.col_count ? args.col_offset[col] : 0.0f;
@@ -107,8 +113,13 @@ struct Epilogue<OffsetForm> {
   template <typename T, int NT, typename Included>
   __device__ __forceinline__ void tile(unsigned char* smem, const Terms<T>& t, bool /* report */, Totals&,
                                        Included included, float& g_dot_s) const {
+    // the positive's one-hot, in fp32 before G is rounded: a saturated row's gradient is exactly 0
     store_gradient<T, NT>(
-        smem, included, [&](int i, int j, float s) { return offset_entry(s, t.c[i], t.g[i], t.r[j], t.h[j]); },
+        smem, included,
+        [&](int i, int j, float s) {
+          const float onehot = t.col0 + j == t.t[i] ? t.p[i] : 0.0f;
+          return offset_entry(s, t.c[i], t.g[i], t.r[j], t.h[j]) - onehot;
+        },
         g_dot_s);
   }
 

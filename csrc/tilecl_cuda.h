@@ -55,13 +55,16 @@ struct SweepArgs {
 // The forms of G. Each is one argument type here and one epilogue in forms.cuh; gradient_sweep
 // (below) is instantiated for each in instantiate_*.cu (forms.cuh's TILECL_FORMS lists them).
 
-// The softmax losses' offset form: G_ij = g_i·exp(S_ij − c_i) + [j < col_count]·h_j·exp(S_ij − r_j).
+// The softmax losses' offset form: G_ij = g_i·exp(S_ij − c_i) + [j < col_count]·h_j·exp(S_ij − r_j)
+// − p_i·[j = t_i], the positive's one-hot subtracted in fp32 before G is rounded for the products.
 struct OffsetForm {
-  const float* row_offset;   // c, n (c_i = -inf: row i has no term)
-  const float* row_mult;     // g, n
-  const float* col_offset;   // r, col_count (r_j = -inf: column j has no term)
-  const float* col_mult;     // h, col_count
-  int col_count;             // in [0, m]
+  const float* row_offset;      // c, n (c_i = -inf: row i has no term)
+  const float* row_mult;        // g, n
+  const float* col_offset;      // r, col_count (r_j = -inf: column j has no term)
+  const float* col_mult;        // h, col_count
+  int col_count;                // in [0, m]
+  const int64_t* positive_cols; // t, n (-1: none); nullptr: no positive terms
+  const float* positive_mult;   // p, n
 };
 
 // The sigmoid (SigLIP) form: G_ij = w_i·(σ(S_ij + bias) − [z_ij = +1]), z_ij = +1 where

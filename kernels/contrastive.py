@@ -88,17 +88,18 @@ def _scores(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """The fp32 tile ``scale · a[rows] · b[cols]ᵀ``, ``-inf`` outside the matrix and where excluded."""
+    """The fp32 tile ``scale · a[rows] · b[cols]ᵀ``, ``-inf`` outside the matrix and where excluded,
+    and the mask of its entries that are in the loss (:func:`_included`)."""
     acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
     for d0 in range(0, dim, BLOCK_D):
         feats = d0 + tl.arange(0, BLOCK_D)
         a = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
         b = _load_block(b_ptr, cols, n_cols, feats, dim, stride_b)
         acc = _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
-    valid = _included(
+    included = _included(
         rows, cols, n_rows, n_cols, row_group_ptr, col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL, MASKED
     )
-    return tl.where(valid, acc * scale, float("-inf"))
+    return tl.where(included, acc * scale, float("-inf")), included
 
 
 @triton.jit
@@ -174,7 +175,7 @@ def row_stats_kernel(
     positive = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c0 in range(0, n_cols, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        s = _scores(
+        s, _ = _scores(
             a_ptr,
             b_ptr,
             rows,
@@ -229,7 +230,7 @@ def col_stats_kernel(
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r0 in range(0, n_rows, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
-        s = _scores(
+        s, _ = _scores(
             a_ptr,
             b_ptr,
             rows,
@@ -270,13 +271,10 @@ def _gradient_tile(
 ):  # fmt: skip
     """The fp32 tiles of ``G`` and ``G∘S`` at (rows, cols), ``S`` recomputed exactly as in the
     forward, and the form's updated totals (:mod:`tilecl.kernels.forms`)."""
-    s = _scores(
+    s, included = _scores(
         a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_a, stride_b, scale, row_group_ptr,
         col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL, MASKED, BLOCK_D, PRECISION, UPCAST,
     )  # fmt: skip
-    included = _included(
-        rows, cols, n_rows, n_cols, row_group_ptr, col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL, MASKED
-    )
     return EPILOGUE(s, included, rows, cols, n_rows, n_cols, form, totals)
 
 

@@ -34,11 +34,13 @@ import triton.language as tl
 
 @triton.jit
 def offset_epilogue(s, included, rows, cols, n_rows, n_cols, form, totals):
-    """``G = g_i·exp(S − c_i) + h_j·exp(S − r_j)``; ``form = (c, g, r, h, col_count)``.
+    """``G = g_i·exp(S − c_i) + h_j·exp(S − r_j) − p_i·[j = t_i]``; ``form = (c, g, r, h, col_count, t, p)``.
 
-    Columns ``j ≥ col_count`` carry no column term.
+    Columns ``j ≥ col_count`` carry no column term. The positive's one-hot is
+    subtracted here, in fp32, before ``G`` is rounded for the products: a
+    saturated row's gradient is then exactly 0.
     """
-    c_ptr, g_ptr, r_ptr, h_ptr, col_count = form
+    c_ptr, g_ptr, r_ptr, h_ptr, col_count, t_ptr, p_ptr = form
     row_ok = rows < n_rows
     c = tl.load(c_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
@@ -49,6 +51,9 @@ def offset_epilogue(s, included, rows, cols, n_rows, n_cols, form, totals):
     # or exp(S − 0) overflows to inf and 0·inf poisons the tile
     grad = tl.where(g[:, None] != 0, g[:, None] * tl.exp(s - c[:, None]), 0.0)
     grad += tl.where(h[None, :] != 0, h[None, :] * tl.exp(s - r[None, :]), 0.0)
+    t = tl.load(t_ptr + rows, mask=row_ok, other=-1)
+    p = tl.load(p_ptr + rows, mask=row_ok, other=0.0)
+    grad -= tl.where(cols[None, :] == t[:, None], p[:, None], 0.0)
     # an excluded entry has no gradient even where an offset is NaN (a row or column of -inf logits)
     grad = tl.where(included, grad, 0.0)
     # the 16-bit G that feeds the products keeps 3 digits: Σ G_ij S_ij comes from this fp32 G
@@ -77,25 +82,29 @@ def sigmoid_epilogue(s, included, rows, cols, n_rows, n_cols, form, totals):
     loss_rows, grad_rows = totals
     row_ok = rows < n_rows
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-    row_key = tl.load(row_key_ptr + rows, mask=row_ok, other=0)
-    col_key = tl.load(col_key_ptr + cols, mask=cols < n_cols, other=0)
-    # the mask, not the value: an included logit of -inf (an infinite feature) is a pair whose loss
-    # is +inf when positive, as in the full-matrix loss
-    valid = included
-    positive = (row_key[:, None] == col_key[None, :]) & valid
+    # the keys are >= 0 (the launcher shifts them): padding rows and columns never pair
+    row_key = tl.load(row_key_ptr + rows, mask=row_ok, other=-1)
+    col_key = tl.load(col_key_ptr + cols, mask=cols < n_cols, other=-2)
+    # Nothing inside the matrix is excluded in this form (its group ids name positives, they mask
+    # nothing): an S of -inf is padding or a value (an infinite feature). A negative's loss and G
+    # at ℓ = -inf are 0 by the formulas below (e = 0, the pair leans its way), a positive's are
+    # +inf and -w as in the full-matrix loss, and padding is never a positive: no mask is needed,
+    # and none is held (holding `included` or the bounds spills on sm_80/sm_90).
+    positive = row_key[:, None] == col_key[None, :]
     logit = s + bias
     small = tl.exp(-tl.abs(logit))  # e^-|ℓ| ≤ 1: both σ and softplus from one exp, never overflowing
     # |G| is σ(−|ℓ|) = e/(1+e) when the pair leans its own way (z·ℓ ≥ 0), else σ(|ℓ|) = 1/(1+e):
     # the positive's σ(ℓ) − 1 = −σ(−ℓ) is taken directly, not by cancelling against 1
     leans = positive == (logit >= 0)
     size = tl.where(leans, small, 1.0) / (1.0 + small)
-    grad = tl.where(valid, g[:, None] * tl.where(positive, -size, size), 0.0)
+    grad = g[:, None] * tl.where(positive, -size, size)
     # softplus(−z·ℓ) = max(−z·ℓ, 0) + log(1 + e); log(1 + e) loses e below fp32's epsilon, and a
     # confident pair's whole loss is e: the series there
     log_one_plus = tl.where(small < 1e-4, small * (1.0 - 0.5 * small), tl.log(1.0 + small))
-    loss = tl.where(valid, g[:, None] * (tl.where(leans, 0.0, tl.abs(logit)) + log_one_plus), 0.0)
+    loss = g[:, None] * (tl.where(leans, 0.0, tl.abs(logit)) + log_one_plus)
     totals = (loss_rows + tl.sum(loss, axis=1), grad_rows + tl.sum(grad, axis=1))
-    return grad, grad * tl.where(valid, s, 0.0), totals
+    # G∘S: padding adds 0, not 0·(-inf); a positive at -inf adds +inf, as in the full-matrix loss
+    return grad, grad * tl.where((s != float("-inf")) | positive, s, 0.0), totals
 
 
 @triton.jit

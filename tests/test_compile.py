@@ -356,7 +356,10 @@ def test_opcheck_every_registered_op(combo):
         # realistic terms: the softmax's own offsets and 1/N weights (G ≤ 1 fits every dtype)
         row_lse, col_lse, _ = lse_stats_op(*forward)
         terms = (row_lse, torch.full_like(row_lse, 1 / n), col_lse, torch.full_like(col_lse, 1 / n))
-        torch.library.opcheck(offset_backward_op, (*scores, *terms))
+        torch.library.opcheck(offset_backward_op, (*scores, *terms, None, None))
+        # with the positives' one-hot in G (every softmax loss whose positive is a column of b)
+        positives = (targets.remainder(right.shape[0]), torch.full_like(row_lse, 1 / n))
+        torch.library.opcheck(offset_backward_op, (*scores, *terms, *positives))
     if "sigmoid" not in BACKENDS[combo.backend].forms:
         return
     bias = torch.tensor(-3.0, dtype=torch.float64, device=combo.device)

@@ -53,7 +53,7 @@ def _signature(kernel: str, dtype: str, form: str) -> dict:
         return {**ptrs, "scale": "fp32", **shapes, "col_count": i32, **strides, **groups}
     # the sweep kernels take the form's own arguments as one tuple (tilecl.kernels.forms)
     forms = {
-        "offset": (f32, f32, f32, f32, i32),  # c, g, r, h, col_count
+        "offset": (f32, f32, f32, f32, i32, "*i32", f32),  # c, g, r, h, col_count, t, p
         "sigmoid": (f32, "*i64", "*i64", "fp32", f32, f32),  # w, keys, bias, row_loss, bias_partial
     }
     if kernel == "backward_kernel":

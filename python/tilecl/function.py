@@ -287,21 +287,23 @@ class ContrastiveFunction(torch.autograd.Function):
             shares = torch.exp(col_shift[targets] - col_offset)
             col_mult.index_add_(0, targets, half * torch.where(torch.isposinf(col_offset), 0.0, shares))
         terms = OffsetTerms(row_offset, half, col_shift, col_mult)
+        if positives is None:
+            # the positive logit enters every pair's loss with weight −w_i: a column of b, so its
+            # one-hot goes into G itself, where it cancels a saturated row's softmax exactly
+            terms = terms._replace(positive_cols=targets, positive_mult=weights)
         groups = None if row_groups is None else (row_groups, col_groups)
         scores = scores_of(a, b, scale, targets, groups, spec)
         grad_a, grad_b, grad_scale = spec.primitives.offset_backward(scores, terms)
-        # the positive logit enters every pair's loss with weight −w_i
-        s = scale.to(acc)
-        a_acc = a.to(acc)
-        positive_rows = (positives if positives is not None else b[targets]).to(acc)
-        grad_a -= (s * weights)[:, None] * positive_rows
-        grad_positive_rows = -(s * weights)[:, None] * a_acc
-        grad_scale = grad_scale - torch.sum(weights * torch.sum(a_acc * positive_rows, dim=1))
         grad_positives = None
         if positives is not None:
-            grad_positives = grad_positive_rows.to(positives.dtype) if ctx.needs_input_grad[2] else None
-        else:
-            grad_b.index_add_(0, targets, grad_positive_rows)
+            # decoupled positives are not columns of b: their part is applied here
+            s = scale.to(acc)
+            a_acc = a.to(acc)
+            positive_rows = positives.to(acc)
+            grad_a -= (s * weights)[:, None] * positive_rows
+            grad_scale = grad_scale - torch.sum(weights * torch.sum(a_acc * positive_rows, dim=1))
+            if ctx.needs_input_grad[2]:
+                grad_positives = (-(s * weights)[:, None] * a_acc).to(positives.dtype)
         needs = ctx.needs_input_grad
         return (
             grad_a.to(a.dtype) if needs[0] else None,

@@ -135,7 +135,7 @@ class LseStats(NamedTuple):
 
 
 class OffsetTerms(NamedTuple):
-    """The terms of ``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j)``.
+    """The terms of ``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j) − p_i·[j = t_i]``.
 
     ``row_offset`` ``c`` and ``row_mult`` ``g``: ``(N,)``; ``col_offset`` ``r``
     and ``col_mult`` ``h``: ``(K,)`` with ``K ≤ M`` (columns ``j ≥ K`` carry
@@ -145,12 +145,23 @@ class OffsetTerms(NamedTuple):
     offset is used as it is: ``+inf`` gives ``exp(S − inf) = 0`` (the gamma
     loss's ``u_i = 0``) and NaN stays NaN, so NaN or inf inputs make the
     gradients non-finite exactly where the full-matrix loss's are.
+
+    ``positive_cols`` ``t`` (``(N,)`` int64, ``-1``: none) and ``positive_mult``
+    ``p`` (``(N,)``): each row's positive column and its weight in the loss, the
+    one-hot part of ``softmax − onehot``. It is subtracted inside the float32
+    (or float64) tile, before ``G`` is rounded for the products: for a
+    saturated row ``g·exp(S − c) + h·exp(S − r)`` is ``p`` exactly and the
+    gradient comes out exactly 0, as the full-matrix cross entropy's does,
+    where subtracting ``p·b_t`` after a 16-bit product would leave its
+    rounding. ``None`` (both): no positive term.
     """
 
     row_offset: torch.Tensor
     row_mult: torch.Tensor
     col_offset: torch.Tensor
     col_mult: torch.Tensor
+    positive_cols: Optional[torch.Tensor] = None
+    positive_mult: Optional[torch.Tensor] = None
 
 
 class Gradients(NamedTuple):
@@ -364,6 +375,8 @@ def with_unit_multipliers(offset_backward: Callable[..., Gradients]) -> Callable
             return offset_backward(scores, terms)
         unit = _unit(terms.row_mult, terms.col_mult)
         scaled = terms._replace(row_mult=terms.row_mult * unit, col_mult=terms.col_mult * unit)
+        if terms.positive_mult is not None:
+            scaled = scaled._replace(positive_mult=terms.positive_mult * unit)
         grads = offset_backward(scores, scaled)
         return Gradients(*(x / unit.to(x.dtype) for x in grads))
 

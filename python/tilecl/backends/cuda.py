@@ -360,7 +360,7 @@ class CudaKernels:
     def _launch_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
         a, b = _check_inputs(scores.a, scores.b, self.backend)
         n, m = a.shape[0], b.shape[0]
-        row_offset, row_mult, col_offset, col_mult = terms
+        row_offset, row_mult, col_offset, col_mult, positive_cols, positive_mult = terms
         k = col_offset.shape[0] if isinstance(col_offset, torch.Tensor) and col_offset.dim() == 1 else -1
         if not 0 <= k <= m:
             raise ValueError(f"col_offset must be a 1-D tensor of at most {m} entries")
@@ -368,10 +368,23 @@ class CudaKernels:
         g = _vector(row_mult, "row_mult", n, a, torch.float32)
         r = _vector(col_offset, "col_offset", k, a, torch.float32)
         h = _vector(col_mult, "col_mult", k, a, torch.float32)
+        t_ptr = p_ptr = 0  # no positive terms
+        if positive_cols is not None and positive_mult is not None:
+            t = _vector(positive_cols, "positive_cols", n, a, torch.int64)
+            p = _vector(positive_mult, "positive_mult", n, a, torch.float32)
+            t_ptr, p_ptr = t.data_ptr(), p.data_ptr()
         sweep = self._sweep(scores, a, b, with_grads=True)
         with _device_guard(a.device, self.backend):
             sweep.module.offset_backward(
-                sweep.code, sweep.args, c.data_ptr(), g.data_ptr(), r.data_ptr(), h.data_ptr(), k
+                sweep.code,
+                sweep.args,
+                c.data_ptr(),
+                g.data_ptr(),
+                r.data_ptr(),
+                h.data_ptr(),
+                k,
+                t_ptr,
+                p_ptr,
             )
         assert sweep.grads is not None
         return Gradients(*sweep.grads)

@@ -20,7 +20,8 @@ schemas, as :func:`schema` writes them::
     tilecl::lse_stats(str backend, <Scores>, Tensor targets, SymInt col_count)
         -> (Tensor row_lse, Tensor col_lse, Tensor positive)
     tilecl::offset_backward(str backend, <Scores>, Tensor row_offset, Tensor row_mult,
-                            Tensor col_offset, Tensor col_mult)
+                            Tensor col_offset, Tensor col_mult, Tensor? positive_cols,
+                            Tensor? positive_mult)
         -> (Tensor grad_a, Tensor grad_b, Tensor grad_scale)
     tilecl::sigmoid_sweep(str backend, <Scores>, Tensor bias, Tensor row_keys, Tensor col_keys,
                           Tensor row_weights, bool with_grads)
@@ -125,7 +126,8 @@ SCHEMAS = (
     OpSchema(
         "offset_backward",
         OffsetTerms,
-        "Tensor row_offset, Tensor row_mult, Tensor col_offset, Tensor col_mult",
+        "Tensor row_offset, Tensor row_mult, Tensor col_offset, Tensor col_mult, "
+        "Tensor? positive_cols, Tensor? positive_mult",
         Gradients,
         _offset_backward_fake,
     ),

@@ -86,7 +86,7 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats
 def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     """:class:`~tilecl.backends.base.Gradients` for ``terms``, in float64."""
     full = _full(scores)
-    c, g, r, h = map(_host, terms)
+    c, g, r, h = map(_host, terms[:4])
     # no term where the multiplier is 0 or the offset -inf (every entry excluded): exactly 0, never
     # 0·inf; any other offset as it is, so NaN or inf inputs propagate
     live_rows, live_cols = ~np.isneginf(c) & (g != 0), ~np.isneginf(r) & (h != 0)
@@ -98,6 +98,10 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
         )
     # an excluded entry has no gradient, even where an offset is NaN (a row or column of -inf logits)
     grad[_excluded(scores, grad.shape)] = 0.0
+    if terms.positive_cols is not None and terms.positive_mult is not None:
+        cols, mult = terms.positive_cols.cpu().numpy(), _host(terms.positive_mult)
+        rows = np.flatnonzero(cols >= 0)
+        grad[rows, cols[rows]] -= mult[rows]
     s = float(scores.scale)
     a64, b64 = _host(scores.a), _host(scores.b)
     # explicit products, not BLAS: 0·inf must be NaN (an inf input), as IEEE and the naive loss say

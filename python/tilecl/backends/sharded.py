@@ -167,6 +167,13 @@ def _gather_offset_backward(local: Primitives, shard: Shard, scores: Scores, ter
             col_offset=torch.cat(shard.rolled(gather_plain(terms.col_offset, shard.group))),
             col_mult=torch.cat(shard.rolled(gather_plain(terms.col_mult, shard.group))),
         )
+    if terms.positive_cols is not None and 0 < col_count < m:
+        # the positives index this rank's block, which comes first; past the statistics prefix a
+        # column moves with the block's tail (as the kept columns of the group mask)
+        cols = terms.positive_cols
+        terms = terms._replace(
+            positive_cols=torch.where(cols >= col_count, cols + (shard.world - 1) * col_count, cols)
+        )
     gathered = _with_gathered_groups(shard, scores, columns, col_count)
     grad_a, grad_columns, grad_scale = local.offset_backward(gathered, terms)
     grad_blocks = _split_arranged(shard, grad_columns, m, col_count)
@@ -309,7 +316,11 @@ def _ring_offset_backward(local: Primitives, shard: Shard, scores: Scores, terms
         nonlocal grad_a, grad_scale
         block, offsets, mults, *groups = held
         block_scores = _block_scores(scores, block, groups, home)
-        ga, gb, gs = local.offset_backward(block_scores, terms._replace(col_offset=offsets, col_mult=mults))
+        # the positives are columns of this rank's own block: the home step's alone
+        block_terms = terms._replace(col_offset=offsets, col_mult=mults)
+        if not home:
+            block_terms = block_terms._replace(positive_cols=None, positive_mult=None)
+        ga, gb, gs = local.offset_backward(block_scores, block_terms)
         grad_a = ga if grad_a is None else grad_a.add_(ga)
         grad_scale = gs if grad_scale is None else grad_scale + gs
         return gb

@@ -321,7 +321,7 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     Outputs are in the accumulation dtype.
     """
     a = scores.a
-    row_offset, row_mult, col_offset, col_mult = terms
+    row_offset, row_mult, col_offset, col_mult = terms[:4]
     col_count = col_offset.shape[0]
     acc = accumulation_dtype(a.dtype)
     # a row or column with no term (a zero multiplier, or every entry excluded: offset -inf)
@@ -337,8 +337,12 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     live = ~torch.isneginf(col_offset) & (col_mult != 0)
     h = torch.where(live, col_mult, 0.0).to(acc)
     r = torch.where(live, col_offset, math.inf).to(acc)
+    positive_cols, positive_mult = terms.positive_cols, terms.positive_mult
+    positives = None
+    if positive_cols is not None and positive_mult is not None:
+        positives = (positive_cols, positive_mult.to(acc))
     if _mirrored(scores, col_count):
-        return _mirrored_offset_backward(scores, c, g)
+        return _mirrored_offset_backward(scores, c, g, positives)
     tile_rows, tile_cols = tile_shape(a.shape[0], scores.b.shape[0], acc)
     single_exp = _single_exp_tiles(c, torch.ones_like(live_rows), tile_rows, r, live, tile_cols, acc)
 
@@ -349,8 +353,22 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
             _column_term_(tile, spare, c[rows], g[rows], r[cols.start : c1], h[cols.start : c1], one_exp)
         else:
             tile.sub_(c[rows, None]).exp_().mul_(g[rows, None])
+        if positives is not None:
+            _subtract_positives_(tile, rows, cols, *positives)
 
     return _gradient_sweep(scores, to_gradient)
+
+
+def _subtract_positives_(
+    tile: torch.Tensor, rows: slice, cols: slice, positive_cols: torch.Tensor, positive_mult: torch.Tensor
+) -> None:
+    """``G_{i, t_i} −= p_i`` for the rows whose positive column lies in this tile (see
+    :class:`~tilecl.backends.base.OffsetTerms`): one scatter, no value read to the host."""
+    width = tile.shape[1]
+    local = positive_cols[rows] - cols.start
+    inside = (local >= 0) & (local < width)
+    minus = torch.where(inside, -positive_mult[rows], 0.0).to(tile.dtype)
+    tile.scatter_add_(1, local.clamp(0, width - 1)[:, None], minus[:, None])
 
 
 def _single_exp_tiles(
@@ -379,7 +397,9 @@ def _block_extrema(x: torch.Tensor, live: torch.Tensor, size: int) -> tuple[torc
     return hi.view(blocks, size).amax(dim=1), lo.view(blocks, size).amin(dim=1)
 
 
-def _mirrored_offset_backward(scores: Scores, c: torch.Tensor, g: torch.Tensor) -> Gradients:
+def _mirrored_offset_backward(
+    scores: Scores, c: torch.Tensor, g: torch.Tensor, positives: Optional[tuple[torch.Tensor, torch.Tensor]]
+) -> Gradients:
     """:func:`offset_backward` of a symmetric ``S`` with row terms only, from the tiles on and above
     the diagonal: the whole gradient of the shared tensor in ``grad_a``, ``grad_b`` zero.
 
@@ -390,7 +410,10 @@ def _mirrored_offset_backward(scores: Scores, c: torch.Tensor, g: torch.Tensor) 
     ``H·a_J`` and rows ``J`` ``Hᵀ·a_I``: one recompute and two products per
     pair of mirrored tiles, where the general sweep has two and four. A
     diagonal tile's ``H`` already holds both halves (one product).
-    ``Σ G_ij a_i·a_j`` is half of ``Σ_i a_i·(H·a)_i``.
+    ``Σ G_ij a_i·a_j`` is half of ``Σ_i a_i·(H·a)_i``. A positive ``(i, t_i)``
+    of ``G`` sits at ``H_{i t_i}`` and at ``H_{t_i i}``: tile ``(I, J)`` takes
+    those of rows ``I`` with ``t_i ∈ J`` and, transposed, those of rows ``J``
+    with ``t_j ∈ I`` (on a diagonal tile both, which are distinct entries).
     """
     a = scores.a
     acc = accumulation_dtype(a.dtype)
@@ -403,6 +426,9 @@ def _mirrored_offset_backward(scores: Scores, c: torch.Tensor, g: torch.Tensor) 
     for tile, spare, rows, cols in _mirrored_scores(scores):
         one_exp = single_exp is not None and single_exp[rows.start // side][cols.start // side]
         _column_term_(tile, spare, c[rows], g[rows], r[cols], g[cols], one_exp)
+        if positives is not None:
+            _subtract_positives_(tile, rows, cols, *positives)
+            _subtract_positives_(tile.t(), cols, rows, *positives)
         _exclude_(tile, scores, rows, cols, 0.0)
         grad[rows].addmm_(tile, a[cols].to(acc))
         if cols != rows:

@@ -285,17 +285,29 @@ class OffsetFormArgs(NamedTuple):
     col_offset: torch.Tensor
     col_mult: torch.Tensor
     col_count: int
+    #: int32 (-1: none) and float32, each row's positive column and its weight (``OffsetTerms``)
+    positive_cols: torch.Tensor
+    positive_mult: torch.Tensor
 
     @classmethod
     def of(cls, terms: OffsetTerms, device: torch.device) -> OffsetFormArgs:
         f32: dict[str, Any] = dict(dtype=torch.float32, device=device)
         row_live, col_live = ~torch.isneginf(terms.row_offset), ~torch.isneginf(terms.col_offset)
+        n = terms.row_offset.shape[0]
+        if terms.positive_cols is None or terms.positive_mult is None:
+            positive_cols = torch.full((n,), -1, dtype=torch.int32, device=device)
+            positive_mult = torch.zeros(n, **f32)
+        else:
+            positive_cols = terms.positive_cols.to(device=device, dtype=torch.int32).contiguous()
+            positive_mult = terms.positive_mult.to(**f32).contiguous()
         return cls(
             torch.where(row_live, terms.row_offset, 0.0).to(**f32).contiguous(),
             torch.where(row_live, terms.row_mult, 0.0).to(**f32).contiguous(),
             torch.where(col_live, terms.col_offset, 0.0).to(**f32).contiguous(),
             torch.where(col_live, terms.col_mult, 0.0).to(**f32).contiguous(),
             terms.col_offset.shape[0],
+            positive_cols,
+            positive_mult,
         )
 
     def epilogue(self) -> dict:
@@ -318,10 +330,13 @@ class SigmoidFormArgs(NamedTuple):
     @classmethod
     def of(cls, terms: SigmoidTerms, n: int, programs: int, device: torch.device) -> SigmoidFormArgs:
         f32: dict[str, Any] = dict(dtype=torch.float32, device=device)
+        # keys made non-negative (both sides shifted alike, on the device): the kernel's padding
+        # rows and columns then get keys no pair has, -1 and -2 (tilecl.kernels.forms)
+        base = torch.cat([terms.row_keys, terms.col_keys]).min()
         return cls(
             terms.row_weights.to(**f32).contiguous(),
-            terms.row_keys.contiguous(),
-            terms.col_keys.contiguous(),
+            (terms.row_keys - base).contiguous(),
+            (terms.col_keys - base).contiguous(),
             float(terms.bias),
             torch.empty(n, **f32),
             torch.empty(programs, **f32),
