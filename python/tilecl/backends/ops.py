@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from ..validation import reads_values
 from .base import (
     Gradients,
     LseStats,
@@ -183,7 +184,11 @@ OPS = tuple(_make_op(entry) for entry in SCHEMAS)
 lse_stats_op, offset_backward_op, sigmoid_sweep_op = OPS
 
 
-def _call(op: Any, result: type, backend: str, scores: Scores, *arguments: Any) -> Any:
+def _call(name: str, op: Any, result: type, backend: str, scores: Scores, *arguments: Any) -> Any:
+    if reads_values(scores.a):
+        # plain eager tensors: the op would only add its dispatch, tens of microseconds per call,
+        # which is a small batch's whole budget; compiled, fake or meta calls take the op
+        return getattr(BACKENDS[backend].load(), name)(scores, *arguments)
     flat: list[Any] = []
     for argument in arguments:
         flat.extend(argument if isinstance(argument, tuple) else (argument,))
@@ -197,13 +202,14 @@ class RegisteredPrimitives:
     name: str
 
     def lse_stats(self, scores: Scores, targets: Tensor, col_count: int) -> LseStats:
-        result: LseStats = _call(lse_stats_op, LseStats, self.name, scores, targets, col_count)
+        result: LseStats = _call("lse_stats", lse_stats_op, LseStats, self.name, scores, targets, col_count)
         return result
 
     def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
-        result: Gradients = _call(offset_backward_op, Gradients, self.name, scores, terms)
+        result: Gradients = _call("offset_backward", offset_backward_op, Gradients, self.name, scores, terms)
         return result
 
     def sigmoid_sweep(self, scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
-        result: SigmoidSweep = _call(sigmoid_sweep_op, SigmoidSweep, self.name, scores, terms, with_grads)
+        op = sigmoid_sweep_op
+        result: SigmoidSweep = _call("sigmoid_sweep", op, SigmoidSweep, self.name, scores, terms, with_grads)
         return result

@@ -171,6 +171,8 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats
     acc = accumulation_dtype(a.dtype)
     s = scale.to(acc)
     rows, cols = tile_shape(n, m, acc)
+    if (rows, cols) == (n, m) and n and m:
+        return _one_tile_lse_stats(scores, targets, col_count, acc)
     score_buffer = torch.empty(rows * cols, dtype=acc, device=a.device)
     exp_buffer = torch.empty(rows * cols, dtype=acc, device=a.device)
     narrow = col_count > 0 and _narrow_logits(scores, acc)
@@ -196,6 +198,25 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats
                 peak, shifted = _column_sums(tile[:, :width], exps[:, :width], row_shift, narrow, exp_buffer)
                 _merge_(col_max[j0 : j0 + width], col_sum[j0 : j0 + width], peak, shifted)
     return LseStats(row_max + torch.log(row_sum), col_max + torch.log(col_sum), positive)
+
+
+def _one_tile_lse_stats(scores: Scores, targets: torch.Tensor, col_count: int, acc: torch.dtype) -> LseStats:
+    """:func:`lse_stats` when ``S`` is one tile: the fewest ops (a small batch's cost is per op).
+
+    ``S`` is formed as the tile loop forms it, so the backward's recomputed
+    tile is bit-identical; ``logsumexp`` shifts by the maximum as the
+    streaming merge does (a row of excluded entries is ``-inf``). Its ``+inf``
+    (only ever from a ``+inf`` logit) becomes NaN, the streaming merge's
+    ``exp(inf − inf)``: the backward must not read it as an offset.
+    """
+    a, b = scores.a, scores.b
+    n, m = a.shape[0], b.shape[0]
+    tile = torch.empty(n, m, dtype=acc, device=a.device)
+    _scores_(tile, a.to(acc) * scores.scale.to(acc), b.to(acc), scores, slice(0, n), slice(0, m))
+    positive = tile.gather(1, targets.clamp(0, m - 1)[:, None]).squeeze(1)
+    row_lse, col_lse = torch.logsumexp(tile, dim=1), torch.logsumexp(tile[:, :col_count], dim=0)
+    row_lse, col_lse = (torch.where(torch.isposinf(x), math.nan, x) for x in (row_lse, col_lse))
+    return LseStats(row_lse, col_lse, positive)
 
 
 def _mirrored(scores: Scores, col_count: int) -> bool:
@@ -344,7 +365,13 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     if _mirrored(scores, col_count):
         return _mirrored_offset_backward(scores, c, g, positives)
     tile_rows, tile_cols = tile_shape(a.shape[0], scores.b.shape[0], acc)
-    single_exp = _single_exp_tiles(c, torch.ones_like(live_rows), tile_rows, r, live, tile_cols, acc)
+    one_tile = (tile_rows, tile_cols) == (a.shape[0], scores.b.shape[0])
+    # one tile (a small batch, whose cost is per op): the exact two-exp form, no table to make
+    single_exp = (
+        None
+        if one_tile
+        else _single_exp_tiles(c, torch.ones_like(live_rows), tile_rows, r, live, tile_cols, acc)
+    )
 
     def to_gradient(tile: torch.Tensor, spare: torch.Tensor, rows: slice, cols: slice) -> None:
         c1 = min(col_count, cols.stop)
