@@ -58,8 +58,29 @@ TILE_BYTES: int = int(os.environ.get("TILECL_TILE_BYTES", str(16 << 20)))
 # The single-exp paths shift whole tiles by one reference value. They are used
 # only where every shifted quantity provably stays far inside the float range;
 # elsewhere the two-exp paths, exact for any spread of logits, run. Margins in
-# natural-log units.
-_SAFE_WINDOW = {torch.float32: 80.0, torch.float64: 700.0}
+# natural-log units: a row's exp(S − c_i) carries the column terms
+# h_j·exp(S − r_j) = exp(S − c_i)·exp(c_i − r_j), so with offsets spread by up
+# to the window it must not be flushed (:func:`_exp_`, below e^-87 / e^-708)
+# while such a term is above the dtype's resolution (e^-17 / e^-37).
+_SAFE_WINDOW = {torch.float32: 64.0, torch.float64: 660.0}
+
+
+#: below this argument exp's result is subnormal (float32: e^-87.3 is the smallest normal)
+_EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
+
+
+def _exp_(x: torch.Tensor) -> torch.Tensor:
+    """``exp`` in place, a result below the smallest normal number flushed to 0.
+
+    PyTorch's CPU ``exp`` leaves its vectorized path for an argument whose
+    result is subnormal or 0 (14x slower below -87 in float32), and the
+    shifted logits of unnormalized embeddings sit there on most entries. The
+    flushed values are below 1e-38 next to sums of at least 1, as a GPU's
+    flush-to-zero drops them; -inf (an excluded entry) still gives 0, NaN stays NaN.
+    """
+    floor = _EXP_FLOOR[x.dtype] if x.dtype in _EXP_FLOOR else -math.inf
+    below = x < floor
+    return x.clamp_(min=floor).exp_().masked_fill_(below, 0.0)
 
 
 def _reads_values(x: torch.Tensor) -> bool:
@@ -204,19 +225,25 @@ def _one_tile_lse_stats(scores: Scores, targets: torch.Tensor, col_count: int, a
     """:func:`lse_stats` when ``S`` is one tile: the fewest ops (a small batch's cost is per op).
 
     ``S`` is formed as the tile loop forms it, so the backward's recomputed
-    tile is bit-identical; ``logsumexp`` shifts by the maximum as the
-    streaming merge does (a row of excluded entries is ``-inf``). Its ``+inf``
-    (only ever from a ``+inf`` logit) becomes NaN, the streaming merge's
-    ``exp(inf − inf)``: the backward must not read it as an offset.
+    tile is bit-identical; each LSE shifts by its maximum as the streaming
+    merge does (a row of excluded entries is ``-inf``, a ``+inf`` logit makes
+    its row and column NaN), with :func:`_exp_` (not ``torch.logsumexp``,
+    whose ``exp`` is slow on the far tails of unnormalized logits).
     """
     a, b = scores.a, scores.b
     n, m = a.shape[0], b.shape[0]
     tile = torch.empty(n, m, dtype=acc, device=a.device)
     _scores_(tile, a.to(acc) * scores.scale.to(acc), b.to(acc), scores, slice(0, n), slice(0, m))
     positive = tile.gather(1, targets.clamp(0, m - 1)[:, None]).squeeze(1)
-    row_lse, col_lse = torch.logsumexp(tile, dim=1), torch.logsumexp(tile[:, :col_count], dim=0)
-    row_lse, col_lse = (torch.where(torch.isposinf(x), math.nan, x) for x in (row_lse, col_lse))
-    return LseStats(row_lse, col_lse, positive)
+    spare = torch.empty(n * m, dtype=acc, device=a.device)
+    return LseStats(_lse(tile, 1, spare), _lse(tile[:, :col_count], 0, spare), positive)
+
+
+def _lse(x: torch.Tensor, dim: int, buffer: torch.Tensor) -> torch.Tensor:
+    """``log Σ exp`` along ``dim``, shifted by the maximum (``-inf``: by 0), exps into ``buffer``."""
+    peak = x.amax(dim=dim, keepdim=True)
+    exps = _exp_(torch.sub(x, _finite_or_zero(peak), out=_tile(buffer, *x.shape)))
+    return peak.squeeze(dim) + torch.log(exps.sum(dim=dim))
 
 
 def _mirrored(scores: Scores, col_count: int) -> bool:
@@ -295,7 +322,7 @@ def _merge_rows_(
     ``exp(S − shift)`` (in ``exp_buffer``) and the rows' shifts, for the column statistics."""
     new_max = torch.maximum(run_max, tile.amax(dim=1))
     row_shift = _finite_or_zero(new_max)
-    exps = torch.sub(tile, row_shift[:, None], out=_tile(exp_buffer, tile.shape[0], tile.shape[1])).exp_()
+    exps = _exp_(torch.sub(tile, row_shift[:, None], out=_tile(exp_buffer, tile.shape[0], tile.shape[1])))
     run_sum.mul_(torch.exp(run_max - row_shift)).add_(exps.sum(dim=1))
     run_max.copy_(new_max)
     return exps, row_shift
@@ -318,7 +345,7 @@ def _column_sums(
         peak = row_shift.max()
         return peak.expand(exps.shape[1]), exps.t().mv(torch.exp(row_shift - peak))
     peak = scores.amax(dim=0)
-    shifted = torch.sub(scores, _finite_or_zero(peak)[None, :], out=_tile(buffer, *scores.shape)).exp_()
+    shifted = _exp_(torch.sub(scores, _finite_or_zero(peak)[None, :], out=_tile(buffer, *scores.shape)))
     return peak, shifted.sum(dim=0)
 
 
@@ -379,7 +406,7 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
             one_exp = single_exp is not None and single_exp[rows.start // tile_rows][cols.start // tile_cols]
             _column_term_(tile, spare, c[rows], g[rows], r[cols.start : c1], h[cols.start : c1], one_exp)
         else:
-            tile.sub_(c[rows, None]).exp_().mul_(g[rows, None])
+            _exp_(tile.sub_(c[rows, None])).mul_(g[rows, None])
         if positives is not None:
             _subtract_positives_(tile, rows, cols, *positives)
 
@@ -588,11 +615,11 @@ def _column_term_(
         right[0] = 1.0
         right[1, :width] = h * torch.exp(reference - r)
         factor = torch.mm(left, right, out=_tile(spare, rows, cols))
-        tile.sub_(c[:, None]).exp_().mul_(factor)
+        _exp_(tile.sub_(c[:, None])).mul_(factor)
         return
     column_part = _tile(spare, rows, width)
-    torch.sub(tile[:, :width], r[None, :], out=column_part).exp_().mul_(h[None, :])
-    tile.sub_(c[:, None]).exp_().mul_(g[:, None])
+    _exp_(torch.sub(tile[:, :width], r[None, :], out=column_part)).mul_(h[None, :])
+    _exp_(tile.sub_(c[:, None])).mul_(g[:, None])
     tile[:, :width].add_(column_part)
 
 
