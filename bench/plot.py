@@ -469,6 +469,22 @@ SPECS: dict[str, Spec] = {
     ),
     "distributed_cpu.json": _distributed("CLIP"),
     "siglip_distributed_cpu.json": _distributed("SigLIP"),
+    "small_batch_cpu.json": Spec(
+        title="symmetric CLIP fwd+bwd, CPU float32, torch backend, against the full-matrix loss "
+        "(interleaved medians): small batches, normalized and unnormalized features",
+        x="n",
+        xlabel="batch size N (log)",
+        series=("inputs", "d"),
+        panels=(
+            Panel(
+                "tilecl / naive time (below 1: tilecl is faster)",
+                "ratio (log)",
+                (Metric("ratio"),),
+                hline=1.0,
+            ),
+            Panel("naive loss time", "seconds (log)", (Metric("naive_time_s"),)),
+        ),
+    ),
     "gradcache_minilm.json": Spec(
         title="one MNRL training step of all-MiniLM-L6-v2 (32 tokens, CPU, float32): the plain step "
         "against the cached ones (mini-batch 64); a missing point ran out of memory",

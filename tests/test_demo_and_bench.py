@@ -138,3 +138,14 @@ def test_gpu_check_dry_run_reports_every_step(tmp_path):
     assert {r["kernel_operation_mode"] for r in rows} == {"forward", "backward", "full"}
     siglip = {r["kernel_provider"] for r in rows if r["kernel_name"] == "siglip_loss"}
     assert siglip >= {"naive", "tilecl-torch", "tilecl-triton", "tilecl-triton-deterministic"}
+
+
+def test_small_batch_bench_measures_every_kind_of_input(tmp_path):
+    """python -m bench.small_batch: tilecl and the naive loss on every kind of input, interleaved."""
+    from bench import small_batch
+
+    out = tmp_path / "small.json"
+    small_batch.main(["--sizes", "16", "--dims", "8", "--rounds", "5", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["features"], r["scale"]) for r in rows] == list(small_batch.INPUTS)
+    assert all(r["ratio"] > 0 and r["rounds"] >= 5 for r in rows)
