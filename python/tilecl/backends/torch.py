@@ -236,14 +236,17 @@ def _one_tile_lse_stats(scores: Scores, targets: torch.Tensor, col_count: int, a
     _scores_(tile, a.to(acc) * scores.scale.to(acc), b.to(acc), scores, slice(0, n), slice(0, m))
     positive = tile.gather(1, targets.clamp(0, m - 1)[:, None]).squeeze(1)
     spare = torch.empty(n * m, dtype=acc, device=a.device)
-    return LseStats(_lse(tile, 1, spare), _lse(tile[:, :col_count], 0, spare), positive)
+    stats = (_shifted_sums(tile, 1, spare), _shifted_sums(tile[:, :col_count], 0, spare))
+    row_lse, col_lse = (peak + torch.log(total) for peak, total in stats)
+    return LseStats(row_lse, col_lse, positive)
 
 
-def _lse(x: torch.Tensor, dim: int, buffer: torch.Tensor) -> torch.Tensor:
-    """``log Σ exp`` along ``dim``, shifted by the maximum (``-inf``: by 0), exps into ``buffer``."""
+def _shifted_sums(x: torch.Tensor, dim: int, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, Σ exp(x − m))`` along ``dim``, ``m`` the maximum (``-inf``: shifted by 0), the exps
+    into ``buffer``: the streaming LSE's pair for a whole tile, exact for any spread."""
     peak = x.amax(dim=dim, keepdim=True)
     exps = _exp_(torch.sub(x, _finite_or_zero(peak), out=_tile(buffer, *x.shape)))
-    return peak.squeeze(dim) + torch.log(exps.sum(dim=dim))
+    return peak.squeeze(dim), exps.sum(dim=dim)
 
 
 def _mirrored(scores: Scores, col_count: int) -> bool:
@@ -344,9 +347,7 @@ def _column_sums(
     if narrow:
         peak = row_shift.max()
         return peak.expand(exps.shape[1]), exps.t().mv(torch.exp(row_shift - peak))
-    peak = scores.amax(dim=0)
-    shifted = _exp_(torch.sub(scores, _finite_or_zero(peak)[None, :], out=_tile(buffer, *scores.shape)))
-    return peak, shifted.sum(dim=0)
+    return _shifted_sums(scores, 0, buffer)
 
 
 def _gather_positive_(out: torch.Tensor, tile: torch.Tensor, local_targets: torch.Tensor) -> None:
