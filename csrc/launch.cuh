@@ -48,22 +48,59 @@ inline GroupMask group_mask(const int64_t* row_groups, const int64_t* col_groups
   return GroupMask{row_groups, col_groups, kept};
 }
 
+// How stats_kernel cuts S: groups x splits blocks, each walking blocks_per_group row tiles x
+// tiles_per_split column tiles; `parts` bounds both counts, so the partials take
+// splits·3n + groups·2·col_count floats (lse_workspace_floats) and a launch has up to parts² blocks.
+struct StatsGrid {
+  int groups, blocks_per_group, splits, tiles_per_split;
+};
+
+template <typename T>
+StatsGrid stats_grid(int n, int m, int parts) {
+  if (parts < 1) throw std::invalid_argument("tilecl: the statistics need at least one part");
+  const int row_blocks = ceil_div(n, Config<T>::BM), col_tiles = ceil_div(m, Config<T>::BN);
+  const int blocks_per_group = ceil_div(row_blocks, row_blocks < parts ? row_blocks : parts);
+  const int tiles_per_split = ceil_div(col_tiles, col_tiles < parts ? col_tiles : parts);
+  return {ceil_div(row_blocks, blocks_per_group), blocks_per_group, ceil_div(col_tiles, tiles_per_split),
+          tiles_per_split};
+}
+
+template <typename T>
+int64_t lse_workspace_floats(int n, int m, int col_count, int parts) {
+  const StatsGrid grid = stats_grid<T>(n, m, parts);
+  return 3 * static_cast<int64_t>(grid.splits) * n + 2 * static_cast<int64_t>(grid.groups) * col_count;
+}
+
 template <typename T>
 void launch_lse_stats(const LseArgs& p) {
-  using C = Config<T>;
   check_shapes(p.n, p.m, p.d, p.lda, p.ldb);
   if (p.col_count < 0 || p.col_count > p.m) throw std::invalid_argument("tilecl: col_count must be in [0, m]");
+  if (!p.workspace) throw std::invalid_argument("tilecl: the statistics need their workspace");
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   const T* a = static_cast<const T*>(p.a);
   const T* b = static_cast<const T*>(p.b);
   const GroupMask mask = group_mask(p.row_groups, p.col_groups, p.kept_cols);
-  TILECL_LAUNCH(row_stats_kernel<T>, dim3(ceil_div(p.n, C::BM)), dim3(kThreads), stream, a, b, p.targets,
-                p.row_lse, p.positive, p.scale, p.n, p.m, p.d, p.lda, p.ldb, p.exclude_diagonal, mask);
-  check_launch("tilecl row_stats_kernel");
+  const StatsGrid grid = stats_grid<T>(p.n, p.m, p.parts);
+  if (grid.splits > 65535) throw std::invalid_argument("tilecl: more than 65535 column splits (grid.y limit)");
+  // the workspace: row (max, sum, positive) partials, (splits, n) each, then column (max, sum), (groups, col_count)
+  const int64_t row_floats = static_cast<int64_t>(grid.splits) * p.n;
+  float* row_max = p.workspace;
+  float* row_sum = row_max + row_floats;
+  float* row_positive = row_sum + row_floats;
+  float* col_max = row_positive + row_floats;
+  float* col_sum = col_max + static_cast<int64_t>(grid.groups) * p.col_count;
+  TILECL_LAUNCH(stats_kernel<T>, dim3(grid.groups, grid.splits), dim3(kThreads), stream, a, b, p.targets, row_max,
+                row_sum, row_positive, col_max, col_sum, p.scale, p.n, p.m, p.col_count, p.d, p.lda, p.ldb,
+                grid.blocks_per_group, grid.tiles_per_split, p.exclude_diagonal, mask);
+  check_launch("tilecl stats_kernel");
+  TILECL_LAUNCH(merge_stats_kernel<T>, dim3(ceil_div(p.n, kThreads)), dim3(kThreads), stream, row_max, row_sum,
+                row_positive, p.row_lse, p.positive, grid.splits, p.n);
+  check_launch("tilecl merge_stats_kernel<rows>");
   if (p.col_count > 0) {
-    TILECL_LAUNCH(col_stats_kernel<T>, dim3(ceil_div(p.col_count, C::BN)), dim3(kThreads), stream, a, b,
-                  p.col_lse, p.scale, p.n, p.m, p.col_count, p.d, p.lda, p.ldb, p.exclude_diagonal, mask);
-    check_launch("tilecl col_stats_kernel");
+    TILECL_LAUNCH(merge_stats_kernel<T>, dim3(ceil_div(p.col_count, kThreads)), dim3(kThreads), stream, col_max,
+                  col_sum, static_cast<const float*>(nullptr), p.col_lse, static_cast<float*>(nullptr), grid.groups,
+                  p.col_count);
+    check_launch("tilecl merge_stats_kernel<cols>");
   }
 }
 
@@ -119,6 +156,9 @@ void gradient_sweep(const SweepArgs& args, const Form& form) {
 #define TILECL_INSTANTIATE(T, SUFFIX, D)                                                                  \
   namespace tilecl {                                                                                    \
   void lse_stats_##SUFFIX(const LseArgs& args) { detail::launch_lse_stats<T>(args); }                   \
+  int64_t lse_workspace_floats_##SUFFIX(int n, int m, int col_count, int parts) {                       \
+    return detail::lse_workspace_floats<T>(n, m, col_count, parts);                                     \
+  }                                                                                                     \
   int64_t backward_workspace_floats_##SUFFIX(int n, int d) { return detail::workspace_floats<T>(n, d); } \
   TILECL_FORMS(TILECL_INSTANTIATE_SWEEP, D)                                                             \
   }

@@ -29,6 +29,10 @@ struct LseArgs {
   const int64_t* row_groups;  // n
   const int64_t* col_groups;  // m
   const int64_t* kept_cols;   // n: row i's kept (positive) column, or -1
+  // Scratch for the partial statistics, lse_workspace_floats(dtype, n, m, col_count, parts) floats;
+  // `parts` bounds the row groups and the column splits S is cut into (one block each pair).
+  float* workspace;
+  int parts;
 };
 
 // What every gradient sweep takes, whatever its form: the operands of S = scale·a·bᵀ, its masking,
@@ -82,6 +86,9 @@ struct SigmoidForm {
 void lse_stats_float(const LseArgs& args);
 void lse_stats_half(const LseArgs& args);
 void lse_stats_bf16(const LseArgs& args);
+int64_t lse_workspace_floats_float(int n, int m, int col_count, int parts);
+int64_t lse_workspace_floats_half(int n, int m, int col_count, int parts);
+int64_t lse_workspace_floats_bf16(int n, int m, int col_count, int parts);
 
 // The gradient sweep of `form` on inputs of dtype D (defined for every dtype and form).
 template <DType D, class Form>

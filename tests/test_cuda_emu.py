@@ -273,6 +273,10 @@ def test_emulated_wmma_product(emu):
 # --------------------------------------------------------------------------- the real extension, compiled
 
 
+#: kernels that fold partials and multiply no tiles
+PARTIALS_ONLY = {"sum_partials", "merge_stats"}
+
+
 @pytest.fixture(scope="module")
 def nvcc_report():
     if _cuda_build.find_nvcc() is None:
@@ -283,7 +287,7 @@ def nvcc_report():
 @pytest.mark.slow
 def test_nvcc_builds_every_kernel_for_sm80_and_sm90_without_warnings(nvcc_report):
     combos = {(k["name"], k["dtype"], k["arch"]) for k in nvcc_report["kernels"]}
-    names = {"row_stats", "col_stats", "grad_rows", "grad_cols", "sum_partials"}
+    names = {"stats", "merge_stats", "grad_rows", "grad_cols", "sum_partials"}
     assert combos == {
         (name, dtype, arch)
         for name in names
@@ -309,14 +313,15 @@ def test_zero_spills_and_shared_memory_within_the_static_limit(nvcc_report):
         assert k["spill_store_bytes"] == k["spill_load_bytes"] == 0, where
         assert k["stack_bytes"] == 0, where
         assert 0 < k["registers"] <= 255, where
-        assert 0 < k["shared_bytes"] <= 48 * 1024, where
+        # the partials' merge stages nothing in shared memory
+        assert 0 < k["shared_bytes"] <= 48 * 1024 or k["name"] == "merge_stats", where
 
 
 @pytest.mark.slow
 def test_tensor_cores_in_the_16_bit_kernels(nvcc_report):
     for k in nvcc_report["kernels"]:
         uses = k["tensor_core_instructions"] > 0
-        expected = k["dtype"] != "float32" and k["name"] != "sum_partials"
+        expected = k["dtype"] != "float32" and k["name"] not in PARTIALS_ONLY
         assert uses == expected, (k["name"], k["dtype"], k["arch"], k["tensor_core_instructions"])
 
 

@@ -25,10 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 slow = pytest.mark.slow
 
 
+#: Triton kernels that move partials and multiply nothing: no tensor cores, shared memory or
+#: address products (pointers step by a line)
+MEMORY_BOUND = {"merge_stats"}
 #: (kernel, dtype, arch) of the CUDA section; a kernel may be reported once per gradient form
 CUDA_KERNELS = {
     (name, dtype, arch)
-    for name in ("row_stats", "col_stats", "grad_rows", "grad_cols", "sum_partials")
+    for name in ("stats", "merge_stats", "grad_rows", "grad_cols", "sum_partials")
     for dtype in ("float32", "float16", "bfloat16")
     for arch in ("sm_80", "sm_90")
 }
@@ -49,7 +52,10 @@ def test_every_kernel_config_and_arch_compiles(report):
         (k["name"], k["arch"], k["dtype"], json.dumps(k["config"], sort_keys=True)) for k in report["kernels"]
     }
     assert len(combos) == len(report["kernels"]) == 11 * 2 * 9
-    assert report["passes"] == {"default": 5, "deterministic": 6}
+    # one S pass for both statistics, then S, G·b and Gᵀ·a (deterministic: S once more for Gᵀ·a)
+    assert report["passes"] == {"default": 4, "deterministic": 5}
+    model = report["performance_model"]
+    assert model["tilecl_bf16"]["passes"] == 4
     # the sigmoid loss is one sweep: S, G·b and Gᵀ·a (the deterministic one recomputes S for Gᵀ·a)
     assert report["sigmoid_passes"] == {"default": 3, "deterministic": 4}
     sigmoid = report["performance_model"]["sigmoid"]
@@ -60,7 +66,11 @@ def test_every_kernel_config_and_arch_compiles(report):
 def test_tensor_cores_for_half_types_on_both_archs(report):
     half = [k for k in report["kernels"] if k["dtype"] in ("float16", "bfloat16")]
     assert {k["arch"] for k in half} == {"sm_80", "sm_90"}
-    missing = [(k["name"], k["arch"], k["dtype"]) for k in half if k["tensor_core_instructions"] == 0]
+    missing = [
+        (k["name"], k["arch"], k["dtype"])
+        for k in half
+        if k["tensor_core_instructions"] == 0 and k["name"] not in MEMORY_BOUND
+    ]
     assert not missing, f"no mma/wgmma in {missing}"
 
 
@@ -71,7 +81,7 @@ def test_zero_spills_and_shared_memory_within_limits(report):
     ]
     assert not spills
     for k in report["kernels"]:
-        assert 0 < k["shared_bytes"] <= SHARED_LIMIT[int(k["arch"][3:])]
+        assert 0 < k["shared_bytes"] <= SHARED_LIMIT[int(k["arch"][3:])] or k["name"] in MEMORY_BOUND
         assert 0 < k["registers"] <= 255
 
 
@@ -80,6 +90,8 @@ def test_every_address_product_is_64_bit(report):
     """index × stride over a tile is formed in int64: an int32 product wraps at N·D = 2^31
     (N = 4,194,304 rows at D = 512) and reads or stores gradients at wrong addresses."""
     for k in report["kernels"]:
+        if k["name"] in MEMORY_BOUND:
+            continue
         where = (k["name"], k["arch"], k["dtype"], k["config"]["BLOCK_DOUT"])
         assert k["address_products"] > 0, where
         assert k["address_products_i64"] == k["address_products"], where
@@ -93,8 +105,12 @@ def test_cuda_section_reports_every_kernel_without_spills(report):
     kernels = cuda["kernels"]
     assert {(k["name"], k["dtype"], k["arch"]) for k in kernels} == CUDA_KERNELS
     assert not [k for k in kernels if k["spill_store_bytes"] or k["spill_load_bytes"]]
-    assert all(0 < k["shared_bytes"] <= 48 * 1024 and 0 < k["registers"] <= 255 for k in kernels)
-    half = [k for k in kernels if k["dtype"] != "float32" and k["name"] != "sum_partials"]
+    # the partials' merge stages nothing in shared memory
+    assert all(0 < k["shared_bytes"] or k["name"] == "merge_stats" for k in kernels)
+    assert all(k["shared_bytes"] <= 48 * 1024 and 0 < k["registers"] <= 255 for k in kernels)
+    half = [
+        k for k in kernels if k["dtype"] != "float32" and k["name"] not in ("sum_partials", "merge_stats")
+    ]
     assert all(k["tensor_core_instructions"] > 0 for k in half)
 
 
@@ -146,8 +162,8 @@ def test_sigmoid_pass_counts():
 
 
 def test_pass_counts():
-    assert pass_count(512, 512, deterministic=False) == 5
-    assert pass_count(512, 512, deterministic=True) == 6
+    assert pass_count(512, 512, deterministic=False) == 4
+    assert pass_count(512, 512, deterministic=True) == 5
     # each further 512-wide feature chunk recomputes S once more (twice when deterministic)
-    assert pass_count(1024, 512, deterministic=False) == 6
-    assert pass_count(1024, 512, deterministic=True) == 8
+    assert pass_count(1024, 512, deterministic=False) == 5
+    assert pass_count(1024, 512, deterministic=True) == 7

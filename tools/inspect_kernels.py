@@ -45,12 +45,16 @@ def _signature(kernel: str, dtype: str, form: str) -> dict:
     groups = {"row_group_ptr": "*i32", "col_group_ptr": "*i32", "kept_ptr": "*i32"}
     shapes = {"n_rows": i32, "n_cols": i32}
     strides = {"dim": i32, "stride_a": i32, "stride_b": i32}
-    if kernel == "row_stats_kernel":
-        ptrs = {"a_ptr": t, "b_ptr": t, "targets_ptr": "*i64", "row_lse_ptr": f32, "positive_ptr": f32}
-        return {**ptrs, "scale": "fp32", **shapes, **strides, **groups}
-    if kernel == "col_stats_kernel":
-        ptrs = {"a_ptr": t, "b_ptr": t, "col_lse_ptr": f32}
-        return {**ptrs, "scale": "fp32", **shapes, "col_count": i32, **strides, **groups}
+    if kernel == "stats_kernel":
+        ptrs = {"a_ptr": t, "b_ptr": t, "targets_ptr": "*i64"}
+        partials = {
+            k: f32 for k in ("row_max_ptr", "row_sum_ptr", "positive_ptr", "col_max_ptr", "col_sum_ptr")
+        }
+        walk = {"blocks_per_group": i32, "tiles_per_split": i32}
+        return {**ptrs, **partials, "scale": "fp32", **shapes, "col_count": i32, **strides, **walk, **groups}
+    if kernel == "merge_stats_kernel":
+        ptrs = {k: f32 for k in ("max_ptr", "sum_ptr", "positive_ptr", "lse_ptr", "positive_out_ptr")}
+        return {**ptrs, "parts": i32, "count": i32}
     # the sweep kernels take the form's own arguments as one tuple (tilecl.kernels.forms)
     forms = {
         "offset": (f32, f32, f32, f32, i32, "*i32", f32),  # c, g, r, h, col_count, t, p
@@ -67,13 +71,13 @@ def _signature(kernel: str, dtype: str, form: str) -> dict:
 def _variants() -> list[tuple[str, str, dict]]:
     """(report name, kernel function name, extra constexprs; ``FORM``: the sweep's form, default offset)."""
     return [
-        ("row_stats", "row_stats_kernel", {}),
-        ("col_stats", "col_stats_kernel", {}),
+        ("stats", "stats_kernel", {}),
+        ("merge_stats", "merge_stats_kernel", {"POSITIVE": True, "BLOCK": 256}),
         ("backward_atomic", "backward_kernel", {"ATOMIC_GRAD_B": True}),
         ("backward_rows_deterministic", "backward_kernel", {"ATOMIC_GRAD_B": False}),
         ("backward_cols_deterministic", "backward_cols_kernel", {}),
         # false-negative masking by group id (issue: supervised and masked losses), forward and backward
-        ("row_stats_masked", "row_stats_kernel", {"MASKED": True}),
+        ("stats_masked", "stats_kernel", {"MASKED": True}),
         ("backward_atomic_masked", "backward_kernel", {"ATOMIC_GRAD_B": True, "MASKED": True}),
         # the same two kernels in their sigmoid (SigLIP) form: the loss and its gradients in one sweep
         ("sigmoid_atomic", "backward_kernel", {"ATOMIC_GRAD_B": True, "FORM": "sigmoid"}),
@@ -109,6 +113,13 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
     return {"registers": registers, "spill_bytes": sum(spills)}
 
 
+def _register_cap(kernel: str) -> dict:
+    """The ``maxnreg`` the launcher gives ``kernel``, as a compile option."""
+    from tilecl.backends.triton import STATS_MAX_REGISTERS
+
+    return {"maxnreg": STATS_MAX_REGISTERS} if kernel == "stats_kernel" else {}
+
+
 def compile_kernel(name: str, dtype: str, config, arch: int) -> dict:
     """Compile one kernel for ``sm_<arch>`` and measure it."""
     import triton
@@ -134,13 +145,14 @@ def compile_kernel(name: str, dtype: str, config, arch: int) -> dict:
         "UPCAST": False,
         **{k: v for k, v in defaults.items() if k in fn.arg_names},
         **extra,
-        **{k: v for k, v in blocks.items() if k.startswith("BLOCK") and k in fn.arg_names},
+        **{k: v for k, v in blocks.items() if k.startswith("BLOCK")},
     }
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature = {**_signature(fn_name, dtype, form), **{k: "constexpr" for k in constexprs}}
     compiled = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constexprs),
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages, **_register_cap(fn_name)},
     )
     ptx = compiled.asm["ptx"]
     # sm_90 runs Hopper's wgmma for tiles of >= 64 rows and Ampere's mma.sync below that

@@ -324,8 +324,8 @@ def build_extension_cached(archs: Optional[list[int]] = None) -> Path:
 
 #: short report names of the kernels (demangled name → name)
 _KERNEL_NAMES = [
-    ("row_stats_kernel", "row_stats"),
-    ("col_stats_kernel", "col_stats"),
+    ("merge_stats_kernel", "merge_stats"),
+    ("stats_kernel", "stats"),
     ("grad_kernel<", "grad_rows"),  # refined below by the template flag, one per form
     ("sum_partials_kernel", "sum_partials"),
 ]

@@ -258,6 +258,11 @@ def _emulation_module() -> Any:
     return module
 
 
+#: most row groups (and column splits) of the statistics kernel: its partials take
+#: ``parts · (3·N + 2·col_count)`` floats; the emulation's few parts still give a group several blocks
+STATS_PARTS = {"cuda": 32, "cuda-emu": 2}
+
+
 def _stream(device: torch.device, backend: str) -> int:
     return torch.cuda.current_stream(device).cuda_stream if backend == "cuda" else 0
 
@@ -276,8 +281,13 @@ class CudaKernels:
     def module(self) -> Any:
         return load_extension() if self.backend == "cuda" else _emulation_module()
 
-    def lse_stats(self, scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats:
-        """:class:`~tilecl.backends.base.LseStats` in float32; ``0 <= col_count <= M``."""
+    def lse_stats(self, scores: Scores, targets: torch.Tensor, col_count: int, parts: int = 0) -> LseStats:
+        """:class:`~tilecl.backends.base.LseStats` in float32; ``0 <= col_count <= M``.
+
+        One computation of each tile of ``S`` for both statistics: ``S`` is cut into at most
+        ``parts`` row groups × ``parts`` column splits (default :data:`STATS_PARTS`), whose
+        partial statistics are merged in a fixed order.
+        """
         backend = self.backend
         a, b = _check_inputs(scores.a, scores.b, backend)
         n, m, d = a.shape[0], b.shape[0], a.shape[1]
@@ -292,11 +302,15 @@ class CudaKernels:
         f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
         row_lse, positive = torch.empty(n, **f32), torch.empty(n, **f32)
         col_lse = torch.empty(int(col_count), **f32)
+        parts = parts or STATS_PARTS[backend]
+        code = DTYPE_CODES[a.dtype]
+        workspace = torch.empty(module.lse_workspace_floats(code, n, m, int(col_count), parts), **f32)
         with _device_guard(a.device, backend):
             module.lse_stats(
-                DTYPE_CODES[a.dtype], a.data_ptr(), b.data_ptr(), targets.data_ptr(), row_lse.data_ptr(),
-                col_lse.data_ptr(), positive.data_ptr(), s, n, m, d, a.stride(0), b.stride(0), int(col_count),
-                scores.exclude_diagonal, *_addresses(*mask), _stream(a.device, backend),
+                code, a.data_ptr(), b.data_ptr(), targets.data_ptr(), row_lse.data_ptr(), col_lse.data_ptr(),
+                positive.data_ptr(), s, n, m, d, a.stride(0), b.stride(0), int(col_count),
+                scores.exclude_diagonal, *_addresses(*mask), workspace.data_ptr(), parts,
+                _stream(a.device, backend),
             )  # fmt: skip
         return LseStats(row_lse, col_lse, positive)
 

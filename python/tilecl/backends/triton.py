@@ -148,13 +148,14 @@ def config_for(a: torch.Tensor, form: str = "softmax") -> KernelConfig:
 def pass_count(dim: int, block_dout: int, deterministic: bool) -> int:
     """N·M·D matmul passes of a symmetric fwd+bwd.
 
-    Forward: row statistics (1) + column statistics (1). Backward: each
-    feature chunk recomputes ``S`` (1 per chunk), ``G·b`` and ``Gᵀ·a`` add one
-    pass each; the deterministic backward recomputes ``S`` once more per chunk
-    in its column-block kernel.
+    Forward: the row and column statistics from one computation of ``S`` (1;
+    the partials' merge reads no features). Backward: each feature chunk
+    recomputes ``S`` (1 per chunk), ``G·b`` and ``Gᵀ·a`` add one pass each;
+    the deterministic backward recomputes ``S`` once more per chunk in its
+    column-block kernel. 4 (5 deterministic) at ``D ≤ BLOCK_DOUT``.
     """
     chunks = -(-dim // block_dout)
-    return 2 + chunks * (2 if deterministic else 1) + 2
+    return 1 + chunks * (2 if deterministic else 1) + 2
 
 
 def sigmoid_pass_count(dim: int, block_dout: int, deterministic: bool) -> int:
@@ -231,30 +232,82 @@ def _cdiv(x: int, y: int) -> int:
     return -(-x // y)
 
 
-def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats:
-    """:class:`~tilecl.backends.base.LseStats` in float32."""
+#: registers per thread the statistics kernel may use: left to itself, ptxas holds it to 64-96
+#: and spills a few bytes on sm_80/sm_90 (python -m tools.inspect_kernels)
+STATS_MAX_REGISTERS = 128
+#: most row groups (and column splits) of the statistics kernel: its partials take
+#: ``STATS_PARTS · (3·N + 2·col_count)`` floats (42 MB at N = M = 65,536) and it runs up to
+#: ``STATS_PARTS²`` programs; the interpreter's few parts still give a group several blocks
+STATS_PARTS = 3 if INTERPRETED else 32
+
+
+class StatsGrid(NamedTuple):
+    """How :func:`lse_stats` cuts ``S``: ``groups`` × ``splits`` programs, each walking
+    ``blocks_per_group`` blocks of rows × ``tiles_per_split`` tiles of columns."""
+
+    groups: int
+    blocks_per_group: int
+    splits: int
+    tiles_per_split: int
+
+    @classmethod
+    def of(cls, n: int, m: int, cfg: KernelConfig, parts: int = 0) -> StatsGrid:
+        parts = parts or STATS_PARTS
+        row_blocks, col_tiles = _cdiv(n, cfg.BLOCK_M), _cdiv(m, cfg.BLOCK_N)
+        blocks_per_group = _cdiv(row_blocks, min(row_blocks, parts))
+        tiles_per_split = _cdiv(col_tiles, min(col_tiles, parts))
+        return cls(
+            _cdiv(row_blocks, blocks_per_group),
+            blocks_per_group,
+            _cdiv(col_tiles, tiles_per_split),
+            tiles_per_split,
+        )
+
+
+def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int, parts: int = 0) -> LseStats:
+    """:class:`~tilecl.backends.base.LseStats` in float32, each tile of ``S`` computed once.
+
+    ``parts`` overrides :data:`STATS_PARTS` (tests: one group, one split, many).
+    """
     kernels = _kernels().contrastive
     a, b = _check(scores.a, scores.b)
-    scale, exclude_diagonal = scores.scale, scores.exclude_diagonal
     n, m, dim = a.shape[0], b.shape[0], a.shape[1]
     cfg = config_for(a)
     opts = _launch_options(cfg)
     opts.pop("BLOCK_DOUT")
-    s = float(scale)
-    row_lse = torch.empty(n, dtype=torch.float32, device=a.device)
-    positive = torch.empty(n, dtype=torch.float32, device=a.device)
-    groups = _group_mask(scores, targets)
-    kernels.row_stats_kernel[(_cdiv(n, cfg.BLOCK_M),)](
-        a, b, targets.contiguous(), row_lse, positive, s, n, m, dim, a.stride(0), b.stride(0),
-        EXCLUDE_DIAGONAL=exclude_diagonal, **groups, **_dot_options(a.dtype), **opts,
+    grid = StatsGrid.of(n, m, cfg, parts)
+    f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
+    row_max, row_sum, row_positive = torch.empty(3, grid.splits, n, **f32)
+    col_max, col_sum = torch.empty(2, grid.groups, col_count, **f32)
+    kernels.stats_kernel[(grid.groups, grid.splits)](
+        a, b, targets.contiguous(), row_max, row_sum, row_positive, col_max, col_sum, float(scores.scale),
+        n, m, col_count, dim, a.stride(0), b.stride(0), grid.blocks_per_group, grid.tiles_per_split,
+        EXCLUDE_DIAGONAL=scores.exclude_diagonal, **_group_mask(scores, targets), **_dot_options(a.dtype),
+        **opts, **({} if INTERPRETED else dict(maxnreg=STATS_MAX_REGISTERS)),
     )  # fmt: skip
-    col_lse = torch.empty(col_count, dtype=torch.float32, device=a.device)
+    row_lse, positive = torch.empty(2, n, **f32)
+    col_lse = torch.empty(col_count, **f32)
+    merge = kernels.merge_stats_kernel
+    merge[(_cdiv(n, MERGE_BLOCK),)](
+        row_max, row_sum, row_positive, row_lse, positive, grid.splits, n, POSITIVE=True, BLOCK=MERGE_BLOCK
+    )
     if col_count:
-        kernels.col_stats_kernel[(_cdiv(col_count, cfg.BLOCK_N),)](
-            a, b, col_lse, s, n, m, col_count, dim, a.stride(0), b.stride(0),
-            EXCLUDE_DIAGONAL=exclude_diagonal, **groups, **_dot_options(a.dtype), **opts,
-        )  # fmt: skip
+        merge[(_cdiv(col_count, MERGE_BLOCK),)](
+            col_max,
+            col_sum,
+            col_max,
+            col_lse,
+            col_lse,
+            grid.groups,
+            col_count,
+            POSITIVE=False,
+            BLOCK=MERGE_BLOCK,
+        )
     return LseStats(row_lse, col_lse, positive)
+
+
+#: lines per program of the partials' merge (a cheap, memory-bound kernel)
+MERGE_BLOCK = 16 if INTERPRETED else 256
 
 
 class FormArgs(Protocol):
