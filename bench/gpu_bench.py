@@ -3,7 +3,9 @@
 ``python -m bench.gpu_bench --out DIR`` on a CUDA machine times every provider with
 ``triton.testing.do_bench`` (median and 20/80 quantiles) in three modes (forward,
 backward, full), as ms, TFLOP/s (useful FLOPs: 2·N²·D forward, 4·N²·D backward)
-and peak allocated MiB, for N × D × dtype; the efficiency against ``torch.mm``
+and peak allocated MiB, for N × D × dtype × kind of input (L2-normalized features at
+CLIP's logit scale 14.3, unnormalized ``randn`` ones — dot-product embeddings — at
+10: the worst case of the CPU sweep, ``bench.small_batch``); the efficiency against ``torch.mm``
 measured in the same run at the same dtype stands next to the static pass count in
 ``extra_benchmark_config_str``. ``--dry`` runs the same code on the CPU with tiny
 sizes (wall-clock quantiles over a few repetitions; the CUDA kernels through the
@@ -45,6 +47,8 @@ COLUMNS = [
     "gpu_name", "timestamp", "tilecl_version",
 ]  # fmt: skip
 MODES = ("forward", "backward", "full")
+#: kind of input → its logit scale (bench.small_batch's worst cases of each kind)
+INPUTS = {"normalized": 14.3, "unnormalized": 10.0}
 #: useful FLOPs of a symmetric fwd+bwd, in units of N²·D
 FLOPS_PER_MODE = {"forward": 2, "backward": 4, "full": 6}
 
@@ -144,14 +148,22 @@ def _deterministic(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tenso
 
 
 def measure(
-    provider: str, fn: Callable[..., torch.Tensor], n: int, d: int, dtype: torch.dtype, on_gpu: bool
+    provider: str,
+    fn: Callable[..., torch.Tensor],
+    n: int,
+    d: int,
+    dtype: torch.dtype,
+    on_gpu: bool,
+    inputs: str = "normalized",
 ) -> dict[str, tuple[float, float, float]]:
     """ms quantiles per mode, and the peak allocated MiB of a full step (GPU only)."""
     device = torch.device("cuda" if on_gpu else "cpu")
     gen = torch.Generator().manual_seed(0)
-    a, b = (torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1) for _ in range(2))
+    a, b = (torch.randn(n, d, generator=gen) for _ in range(2))
+    if inputs == "normalized":
+        a, b = (torch.nn.functional.normalize(x, dim=1) for x in (a, b))
     a, b = (x.to(device=device, dtype=dtype).requires_grad_() for x in (a, b))
-    scale = torch.tensor(14.3, device=device)
+    scale = torch.tensor(INPUTS[inputs], device=device)
     out: dict[str, tuple[float, float, float]] = {}
     with torch.no_grad():
         out["forward"] = _time(lambda: fn(a, b, scale), on_gpu)
@@ -183,7 +195,12 @@ def fits(n: int, d: int, dtype: torch.dtype, provider: str, on_gpu: bool) -> Opt
 
 
 def run(
-    out_dir: Path, ns: list[int], ds: list[int], dtypes: list[torch.dtype], dry: bool
+    out_dir: Path,
+    ns: list[int],
+    ds: list[int],
+    dtypes: list[torch.dtype],
+    dry: bool,
+    inputs: tuple[str, ...] = tuple(INPUTS),
 ) -> tuple[list[dict], list[str]]:
     """Every measurement as a CSV row (also written to ``out_dir/gpu_bench.csv``) and the skips."""
     on_gpu = not dry
@@ -201,21 +218,12 @@ def run(
             mm = matmul_tflops(d, dtype, device, on_gpu)
             for kernel_name, found, passes_of in losses:
                 for provider, fn in found.items():
-                    for n in ns:
-                        rows += _measured_rows(
-                            kernel_name,
-                            provider,
-                            fn,
-                            n,
-                            d,
-                            dtype,
-                            on_gpu,
-                            mm,
-                            passes_of,
-                            skipped,
-                            gpu_name,
-                            stamp,
-                        )
+                    for kind in inputs:
+                        for n in ns:
+                            rows += _measured_rows(
+                                kernel_name, provider, fn, n, d, dtype, kind, on_gpu, mm, passes_of, skipped,
+                                gpu_name, stamp,
+                            )  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "gpu_bench.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
@@ -232,6 +240,7 @@ def _measured_rows(
     n: int,
     d: int,
     dtype: torch.dtype,
+    inputs: str,
     on_gpu: bool,
     mm: float,
     passes_of: Callable[[int, int, bool], int],
@@ -241,13 +250,13 @@ def _measured_rows(
 ) -> list[dict]:
     """The CSV rows of one provider at one configuration (none, and a line in ``skipped``, if it cannot)."""
     dtype_name = str(dtype).removeprefix("torch.")
-    label = f"{kernel_name} {provider} N={n} D={d} {dtype_name}"
+    label = f"{kernel_name} {provider} N={n} D={d} {dtype_name} {inputs}"
     why = fits(n, d, dtype, provider, on_gpu)
     if why is not None:
         skipped.append(f"{label}: {why}")
         return []
     try:
-        result = measure(provider, fn, n, d, dtype, on_gpu)
+        result = measure(provider, fn, n, d, dtype, on_gpu, inputs)
     except (RuntimeError, TypeError) as error:  # e.g. out of memory, a dtype refused
         skipped.append(f"{label}: {type(error).__name__}: {error}")
         return []
@@ -257,7 +266,7 @@ def _measured_rows(
     for mode in MODES:
         q50, q20, q80 = result[mode]
         tflops = FLOPS_PER_MODE[mode] * n * n * d / 1e12
-        extra = {"D": d, "dtype": dtype_name, "mm_tflops": round(mm, 3), "passes": passes}
+        extra = {"D": d, "dtype": dtype_name, "inputs": inputs, "mm_tflops": round(mm, 3), "passes": passes}
         if mode == "full":
             extra["efficiency_vs_mm"] = round(tflops / (q50 * 1e-3) / mm, 4)
         common = dict(
@@ -280,38 +289,45 @@ def _measured_rows(
 
 
 def plot(rows: list[dict], out_dir: Path) -> list[Path]:
-    """Full-step time against N, one line per provider, one figure per (D, dtype)."""
+    """Full-step time (and, on a GPU, peak memory) against N, one line per provider, one figure per
+    (loss, D, dtype, kind of input)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def config(row: dict) -> tuple:
+        extra = json.loads(row["extra_benchmark_config_str"])
+        return row["kernel_name"], extra["D"], extra["dtype"], extra.get("inputs", "normalized")
+
+    full = [
+        r for r in rows if r["kernel_operation_mode"] == "full" and r["metric_name"] in ("time", "memory")
+    ]
     figures = []
-    full = [r for r in rows if r["kernel_operation_mode"] == "full" and r["metric_name"] == "time"]
-    keys = sorted({(r["kernel_name"], json.loads(r["extra_benchmark_config_str"])["D"],
-                    json.loads(r["extra_benchmark_config_str"])["dtype"]) for r in full})  # fmt: skip
-    for kernel, d, dtype in keys:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for provider in sorted({r["kernel_provider"] for r in full}):
-            points = sorted(
-                (r["x_value"], r["y_value_50"])
-                for r in full
-                if r["kernel_provider"] == provider
-                and r["kernel_name"] == kernel
-                and json.loads(r["extra_benchmark_config_str"])["D"] == d
-                and json.loads(r["extra_benchmark_config_str"])["dtype"] == dtype
+    for key in sorted({config(r) for r in full}):
+        kernel, d, dtype, inputs = key
+        metrics = [
+            m for m in ("time", "memory") if any(r["metric_name"] == m and config(r) == key for r in full)
+        ]
+        fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            for provider in sorted({r["kernel_provider"] for r in full}):
+                points = sorted(
+                    (r["x_value"], r["y_value_50"])
+                    for r in full
+                    if r["kernel_provider"] == provider and r["metric_name"] == metric and config(r) == key
+                )
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=provider)
+            ax.set(
+                xscale="log",
+                yscale="log",
+                xlabel="N",
+                ylabel="ms (median)" if metric == "time" else "peak allocated MiB",
+                title=f"{kernel} fwd+bwd, D={d}, {dtype}, {inputs}",
             )
-            if points:
-                ax.plot(*zip(*points), marker="o", label=provider)
-        ax.set(
-            xscale="log",
-            yscale="log",
-            xlabel="N",
-            ylabel="ms (median)",
-            title=f"{kernel} fwd+bwd, D={d}, {dtype}",
-        )
-        ax.legend(fontsize=7)
-        path = out_dir / f"gpu_bench_{kernel}_D{d}_{dtype}.png"
+            ax.legend(fontsize=7)
+        path = out_dir / f"gpu_bench_{kernel}_D{d}_{dtype}_{inputs}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -326,12 +342,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--n", type=int, nargs="*", default=None)
     parser.add_argument("--d", type=int, nargs="*", default=None)
     parser.add_argument("--dtypes", nargs="*", default=None)
+    parser.add_argument("--inputs", nargs="*", choices=list(INPUTS), default=list(INPUTS))
     args = parser.parse_args(argv)
-    ns = args.n or ([24, 48] if args.dry else [4096, 16384, 65536, 131072, 262144])
-    ds = args.d or ([16] if args.dry else [512, 768, 1024])
+    # from N = 64, where a per-call overhead shows, to where only a tiled loss fits
+    ns = args.n or ([24, 48] if args.dry else [64, 256, 1024, 4096, 16384, 65536, 131072, 262144])
+    ds = args.d or ([16] if args.dry else [64, 128, 512, 768, 1024])
     default_dtypes = ["float32"] if args.dry else ["bfloat16", "float32"]
     dtypes = [getattr(torch, t) for t in (args.dtypes or default_dtypes)]
-    rows, skipped = run(Path(args.out), ns, ds, dtypes, args.dry)
+    rows, skipped = run(Path(args.out), ns, ds, dtypes, args.dry, tuple(args.inputs))
     print(f"{len(rows)} rows -> {Path(args.out) / 'gpu_bench.csv'}")
     for line in skipped:
         print("skipped:", line)

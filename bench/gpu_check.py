@@ -173,7 +173,7 @@ def step_benchmark(out: Path, dry: bool, budget: float) -> tuple[str, str]:
     if dry:
         command.append("--dry")
     else:  # sizes for the budget; the full sweep is python -m bench.gpu_bench
-        command += ["--n", "4096", "16384", "65536", "--d", "768", "--dtypes", "bfloat16", "float32"]
+        command += ["--n", "256", "4096", "16384", "65536", "--d", "768", "--dtypes", "bfloat16", "float32"]
     return _run(command, out / "benchmark.log", budget)
 
 
@@ -184,7 +184,7 @@ def _memory_table(out: Path) -> list[str]:
     if not rows:
         return ["", "Peak memory: measured on a GPU only (torch.cuda.max_memory_allocated)."]
     providers = sorted({r["kernel_provider"] for r in rows})
-    header = "| N, D, dtype | " + " | ".join(providers) + " |"
+    header = "| N, D, dtype, inputs | " + " | ".join(providers) + " |"
     lines = [
         "",
         "## Peak allocated memory of a full step (MiB)",
@@ -197,7 +197,9 @@ def _memory_table(out: Path) -> list[str]:
         cells = {r["kernel_provider"]: float(r["y_value_50"]) for r in rows
                  if (int(r["x_value"]), r["extra_benchmark_config_str"]) == key}  # fmt: skip
         values = " | ".join(f"{cells[p]:,.0f}" if p in cells else "—" for p in providers)
-        lines.append(f"| {key[0]:,}, {extra['D']}, {extra['dtype']} | {values} |")
+        lines.append(
+            f"| {key[0]:,}, {extra['D']}, {extra['dtype']}, {extra.get('inputs', 'normalized')} | {values} |"
+        )
     return lines
 
 
@@ -217,7 +219,7 @@ def write_summary(out: Path, results: list[tuple[str, str, str, float]], dry: bo
             rows = [r for r in csv.DictReader(handle) if r["kernel_operation_mode"] == "full"]
         largest = max((int(r["x_value"]) for r in rows), default=None)
         lines += ["", f"## Benchmark: full fwd+bwd at N = {largest}", "",
-                  "| provider | D, dtype | ms (median) | TFLOP/s | efficiency vs torch.mm | passes |",
+                  "| provider | D, dtype, inputs | ms (median) | TFLOP/s | efficiency vs torch.mm | passes |",
                   "|---|---|---:|---:|---:|---:|"]  # fmt: skip
         for r in rows:
             if int(r["x_value"]) != largest or r["metric_name"] != "time":
@@ -229,9 +231,11 @@ def write_summary(out: Path, results: list[tuple[str, str, str, float]], dry: bo
                 for t in rows
                 if t["metric_name"] == "throughput" and all(t[k] == r[k] for k in same)
             )
+            inputs = extra.get("inputs", "normalized")
             lines.append(
-                f"| {r['kernel_provider']} | {extra['D']}, {extra['dtype']} | {float(r['y_value_50']):.3f} | "
-                f"{tflops:.3g} | {extra.get('efficiency_vs_mm', '')} | {extra['passes'] or ''} |"
+                f"| {r['kernel_provider']} | {extra['D']}, {extra['dtype']}, {inputs} | "
+                f"{float(r['y_value_50']):.3f} | {tflops:.3g} | {extra.get('efficiency_vs_mm', '')} | "
+                f"{extra['passes'] or ''} |"
             )
         lines += _memory_table(out)
         lines += ["", *[f"![{p.stem}]({p.name})" for p in sorted(out.glob("gpu_bench_*.png"))]]
