@@ -42,3 +42,12 @@ def tile_bytes(request, monkeypatch):
 @pytest.fixture
 def tiny_tiles(monkeypatch):
     monkeypatch.setattr(torch_backend, "TILE_BYTES", 64)
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_restored():
+    """A test that fails inside a traced custom op can leave autograd off for the worker; restoring it
+    keeps one failure from failing every later test of the worker as "does not require grad"."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)

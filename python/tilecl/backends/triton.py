@@ -285,7 +285,8 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int, parts: int 
         EXCLUDE_DIAGONAL=scores.exclude_diagonal, **_group_mask(scores, targets), **_dot_options(a.dtype),
         **opts, **({} if INTERPRETED else dict(maxnreg=STATS_MAX_REGISTERS)),
     )  # fmt: skip
-    row_lse, positive = torch.empty(2, n, **f32)
+    # separate allocations: a custom op's outputs must not alias one another
+    row_lse, positive = torch.empty(n, **f32), torch.empty(n, **f32)
     col_lse = torch.empty(col_count, **f32)
     merge = kernels.merge_stats_kernel
     merge[(_cdiv(n, MERGE_BLOCK),)](
