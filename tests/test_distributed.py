@@ -450,7 +450,12 @@ def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
             p.grad /= world
         grads[f"siglip {impl}"] = {"loss": loss.detach(), "log_scale": log_scale.grad, "bias": bias.grad}
         grads[f"siglip {impl}"].update({k: p.grad.clone() for k, p in model.named_parameters()})
+        # DDP's reducer holds the group and gloo work; dropped (and its cycles collected) while the
+        # group is alive, not at interpreter shutdown, where its threads' teardown aborts the process
+        del ddp, loss
+        gc.collect()
     torch.save(grads, f"{out}.{rank}")
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -480,72 +485,130 @@ def test_ddp_step_gradients_equal_single_process(tmp_path):
                     assert_rel(res[key][name], value, 1e-10, f"{key} {name}")
 
 
-def _unequal_worker(rank: int, world: int, store: str, out: str) -> None:
+#: (N, hard negatives) per rank: uneven batches, and (slow) a rank of a single row
+UNEVEN = {
+    "2 ranks": [(2, 1), (6, 3)],
+    "3 ranks, one row on one": [(4, 2), (1, 0), (5, 1)],
+    "4 ranks, an empty one": [(0, 0), (5, 2), (17, 3), (64, 1)],
+}
+
+
+def uneven_batch(layout: list[tuple[int, int]], seed: int = 3) -> dict[str, torch.Tensor]:
+    """Every input of every case for ranks holding ``layout``'s (N, hard negatives) each, concatenated."""
+    gen = torch.Generator().manual_seed(seed)
+    ns, ms = [n for n, _ in layout], [n + extra for n, extra in layout]
+    n, m = sum(ns), sum(ms)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    starts = [sum(ms[:r]) for r in range(len(layout))]
+    local_labels = [(torch.arange(nr) * 3 + r) % mr for r, (nr, mr) in enumerate(zip(ns, ms))]
+    return {
+        **{k: randn(n, D) for k in ("a", "positives", "z1", "z2", "u1", "u2")},
+        "b": randn(m, D),
+        "log_u_rows": randn(n) - 2,
+        "log_u_cols": randn(n) - 2,
+        "local_labels": torch.cat(local_labels),
+        "pair_cols": torch.cat([start + torch.arange(nr) for start, nr in zip(starts, ns)]),
+        "labels": torch.cat([start + x for start, x in zip(starts, local_labels)]),
+        "row_groups": torch.randint(0, 6, (n,), generator=gen),
+        "col_groups": torch.randint(0, 6, (m,), generator=gen),
+        "weights": torch.rand(n, generator=gen, dtype=torch.float64).index_fill_(0, torch.tensor([1]), 0.0),
+    }
+
+
+def uneven_shard(x: torch.Tensor, rank: int, sizes: list[int]) -> torch.Tensor:
+    start = sum(sizes[:rank])
+    return x[start : start + sizes[rank]].clone()
+
+
+def _uneven_worker(rank: int, world: int, store: str, out: str, layout: list, impl: str) -> None:
     _init(rank, world, store)
-    a = torch.randn(3 + rank, D, dtype=torch.float64)
-    group = dist.group.WORLD
-    labels = torch.arange(3 + rank) % 2
-    messages = []
-    for impl in IMPLS:
-        for call in (
-            lambda impl=impl: tilecl.contrastive_loss(a, a.clone(), 1.0, process_group=group, dist_impl=impl),
-            lambda impl=impl: tilecl.sigmoid_loss(a, a.clone(), 1.0, process_group=group, dist_impl=impl),
-            lambda impl=impl: tilecl.nt_xent_loss(a, a.clone(), process_group=group, dist_impl=impl),
-            lambda impl=impl: tilecl.supcon_loss(a, labels, process_group=group, dist_impl=impl),
-            lambda impl=impl: uniformity_loss(a, process_group=group, dist_impl=impl),
-            lambda: geometric_consistency_loss(a, a.clone(), process_group=group),
-        ):
-            try:
-                call()
-                messages.append("no error")
-            except ValueError as error:
-                messages.append(str(error))
-    torch.save(messages, f"{out}.{rank}")
+    everything = uneven_batch(layout)
+    ns, ms = [n for n, _ in layout], [n + extra for n, extra in layout]
+    inputs = {k: uneven_shard(x, rank, ms if k in ("b", "col_groups") else ns) for k, x in everything.items()}
+    inputs["scale"] = torch.tensor(SCALE, dtype=torch.float64)
+    inputs["bias"] = torch.tensor(BIAS, dtype=torch.float64)
+    labels = {"pair": torch.arange(ns[rank]), "default": None, "custom": inputs["local_labels"]}
+    results = evaluate(inputs, labels, process_group=dist.group.WORLD, dist_impl=impl)
+    torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
-def test_unequal_batches_raise_the_same_error_on_every_rank(tmp_path):
-    """Every loss, both exchanges: the same error, naming the sizes, before anything is exchanged."""
-    messages = spawn(_unequal_worker, 2, tmp_path)
-    assert messages[0] == messages[1]
-    assert all("equal (N, M) batch sizes" in m for m in messages[0][:4])
-    assert all("equal (N" in m and "batch sizes" in m for m in messages[0])
-    assert "got [(3, 3), (4, 4)]" in messages[0][0] and "got [3, 4]" in messages[0][4]
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "layout",
+    ["2 ranks"] + [pytest.param(name, marks=pytest.mark.slow) for name in list(UNEVEN)[1:]],
+)
+def test_uneven_batches_give_the_loss_of_the_concatenated_batch(layout, impl, tmp_path):
+    """Every loss, both exchanges, ranks holding different numbers of rows and hard negatives: the
+    global loss of the concatenation on every rank, and each rank's gradients ``world ×`` the global
+    loss's with respect to its own rows (DDP's average is then the single-process gradient)."""
+    sizes = UNEVEN[layout]
+    world = len(sizes)
+    everything = uneven_batch(sizes)
+    inputs = dict(everything, scale=torch.tensor(SCALE, dtype=torch.float64))
+    inputs["bias"] = torch.tensor(BIAS, dtype=torch.float64)
+    pair = everything["pair_cols"]
+    reference = evaluate(inputs, {"pair": pair, "default": pair, "custom": everything["labels"]})
+    ns, ms = [n for n, _ in sizes], [n + extra for n, extra in sizes]
+    spawned = spawn(_uneven_worker, world, tmp_path, sizes, impl)
+    for case, (ref_loss, ref_grads) in reference.items():
+        for rank, res in enumerate(spawned):
+            loss, grads = res[case]
+            assert_rel(loss, ref_loss, 1e-10, f"{case} loss on rank {rank}")
+            for name, grad in grads.items():
+                if name in REPLICATED:
+                    continue
+                want = uneven_shard(ref_grads[name], rank, ms if name == "b" else ns)
+                assert grad.shape == want.shape, f"{case} grad {name} on rank {rank}"
+                if want.numel():
+                    assert_rel(grad / world, want, 1e-10, f"{case} grad {name} on rank {rank}")
+        for name in REPLICATED & set(ref_grads):
+            average = sum(res[case][1][name] for res in spawned) / world
+            assert_rel(average, ref_grads[name], 1e-10, f"{case} grad {name} (rank average)")
 
 
-def _bad_input_worker(rank: int, world: int, store: str, out: str) -> None:
+def _bad_input_worker(rank: int, world: int, store: str, out: str, dist_impl: str) -> None:
     _init(rank, world, store)
     group = dist.group.WORLD
-    module = tilecl.GammaContrastiveLoss(10, process_group=group).double()
-    a = torch.randn(3, D, dtype=torch.float64)
-    index = torch.tensor([0, 1, 2]) + (20 if rank == 1 else 0)  # rank 1 is out of range
+    module = tilecl.GammaContrastiveLoss(10, process_group=group, dist_impl=dist_impl).double()
+    n = 3 if rank == 0 else 5  # uneven: the same errors whatever each rank holds
+    a = torch.randn(n, D, dtype=torch.float64)
+    index = torch.arange(n) + (20 if rank == 1 else 0)  # rank 1 is out of range
     odd = rank == 1  # every call below is well-formed on rank 0 only
+    on = dict(process_group=group, dist_impl=dist_impl)
 
     def clip(**kw):
-        return lambda: tilecl.contrastive_loss(a, a.clone(), 1.0, process_group=group, **kw)
+        return lambda: tilecl.contrastive_loss(a, a.clone(), 1.0, **{**on, **kw})
 
+    negative = torch.ones(n, dtype=torch.float64).index_fill_(0, torch.tensor([1]), -1.0 if odd else 1.0)
     calls = {
         "gamma index": lambda: module(a, a.clone(), index, 1.0),
-        "nt-xent temperature": lambda: tilecl.nt_xent_loss(a, a, -1.0 if odd else 0.5, process_group=group),
+        "nt-xent temperature": lambda: tilecl.nt_xent_loss(a, a, -1.0 if odd else 0.5, **on),
         "reduction": clip(reduction="sum" if odd else "mean"),
         "reduction none": clip(reduction="none" if odd else "mean"),
         "feature dimension": lambda: tilecl.contrastive_loss(
-            a[:, : 2 if odd else D], a[:, : 2 if odd else D].clone(), 1.0, process_group=group
+            a[:, : 2 if odd else D], a[:, : 2 if odd else D].clone(), 1.0, **on
         ),
         "symmetric": clip(symmetric=not odd),
-        "dist_impl": clip(dist_impl="ring" if odd else "gather"),
+        "dist_impl": clip(dist_impl=IMPLS[1 - IMPLS.index(dist_impl)] if odd else dist_impl),
         "unavailable backend": clip(backend="cuda" if odd else "torch"),  # a RuntimeError on rank 1
-        "ClipLoss pair": lambda: tilecl.ClipLoss(rank=rank, world_size=world)(a, a[:, :2] if odd else a, 1.0),
-        "uniformity t": lambda: uniformity_loss(a, 3.0 if odd else 2.0, process_group=group),
-        "sigmoid bias": lambda: tilecl.sigmoid_loss(
-            a, a.clone(), 1.0, math.nan if odd else 0.0, process_group=group
+        "ClipLoss pair": lambda: tilecl.ClipLoss(rank=rank, world_size=world, dist_impl=dist_impl)(
+            a, a[:, :2] if odd else a, 1.0
+        ),
+        "uniformity t": lambda: uniformity_loss(a, 3.0 if odd else 2.0, **on),
+        "sigmoid bias": lambda: tilecl.sigmoid_loss(a, a.clone(), 1.0, math.nan if odd else 0.0, **on),
+        "supcon labels": lambda: tilecl.supcon_loss(
+            a, torch.arange(n, dtype=torch.float64 if odd else torch.int64), 0.1, **on
         ),
         # group ids or weights on one rank only: different tensors would travel, so both raise
         "groups on one rank": clip(
-            row_groups=torch.arange(3) if odd else None, col_groups=torch.arange(3) if odd else None
+            row_groups=torch.arange(n) if odd else None, col_groups=torch.arange(n) if odd else None
         ),
-        "weights on one rank": clip(weights=torch.ones(3, dtype=torch.float64) if odd else None),
-        "negative weight": clip(weights=torch.tensor([1.0, -1.0 if odd else 1.0, 1.0], dtype=torch.float64)),
+        "weights on one rank": clip(weights=torch.ones(n, dtype=torch.float64) if odd else None),
+        "negative weight": clip(weights=negative),
     }
     messages = {}
     for name, call in calls.items():
@@ -579,9 +642,11 @@ def _a_failed_call_keeps_nothing_alive(group, odd: bool) -> bool:
         gc.enable()
 
 
-def test_bad_input_on_one_rank_raises_everywhere_and_leaves_memory(tmp_path):
-    """No hang and no transport abort: the failing rank raises its own error, the others say so."""
-    (m0, unchanged0, freed0), (m1, unchanged1, freed1) = spawn(_bad_input_worker, 2, tmp_path)
+@pytest.mark.parametrize("dist_impl", IMPLS)
+def test_bad_input_on_one_rank_raises_everywhere_and_leaves_memory(dist_impl, tmp_path):
+    """No hang and no transport abort: the failing rank raises its own error, the others say so —
+    ranks holding different numbers of rows, both exchanges."""
+    (m0, unchanged0, freed0), (m1, unchanged1, freed1) = spawn(_bad_input_worker, 2, tmp_path, dist_impl)
     assert "index must lie in" in m1["gamma index"] and "temperature" in m1["nt-xent temperature"]
     assert "'mean' or 'sum'" in m1["reduction none"] and "backend='cuda'" in m1["unavailable backend"]
     assert "image_features and text_features" in m1["ClipLoss pair"]
@@ -594,6 +659,7 @@ def test_bad_input_on_one_rank_raises_everywhere_and_leaves_memory(tmp_path):
         "ClipLoss pair",
         "sigmoid bias",
         "negative weight",
+        "supcon labels",
     ):
         assert "another rank" in m0[name], (name, m0[name])
     assert "non-negative" in m1["negative weight"]
@@ -601,7 +667,7 @@ def test_bad_input_on_one_rank_raises_everywhere_and_leaves_memory(tmp_path):
     for name, what in [
         ("reduction", "reduction"),
         ("feature dimension", "D"),
-        ("symmetric", "columns_with_statistics"),
+        ("symmetric", "symmetric"),
         ("dist_impl", "dist_impl"),
         ("uniformity t", "t"),
         ("groups on one rank", "masked"),
@@ -610,6 +676,53 @@ def test_bad_input_on_one_rank_raises_everywhere_and_leaves_memory(tmp_path):
         assert m0[name] == m1[name] and f"the same {what}" in m0[name], (name, m0[name], m1[name])
     assert unchanged0 and unchanged1
     assert freed0 and freed1, "a failed call's inputs outlived it (a reference cycle through its exception)"
+
+
+DEAD_RANK_TIMEOUT_S = 20
+
+
+def _dead_rank_worker(rank: int, world: int, store: str, out: str, dist_impl: str) -> None:
+    """Rank 1 dies once the call's sizes are agreed, inside the exchange of the columns; rank 0 must
+    fail, not wait past the group's timeout."""
+    import os
+    import time
+
+    from tilecl.backends import sharded
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=DEAD_RANK_TIMEOUT_S),
+    )
+    if rank == 1:
+
+        def die(*args, **kwargs):
+            os._exit(0)
+
+        sharded.gather_plain = die  # the gather's first exchange of features
+        sharded.dist.batch_isend_irecv = die  # the ring's
+    a = torch.randn(3 + 2 * rank, D, dtype=torch.float64, requires_grad=True)
+    start = time.monotonic()
+    try:
+        tilecl.contrastive_loss(
+            a, a.detach().clone(), 2.0, process_group=dist.group.WORLD, dist_impl=dist_impl
+        )
+        outcome = "no error"
+    except Exception as error:  # the transport's error, whatever its type
+        outcome = f"{type(error).__name__}: {error}"
+    torch.save((outcome, time.monotonic() - start), f"{out}.{rank}")
+    os._exit(0)  # no teardown of a group whose peer is gone
+
+
+@pytest.mark.parametrize("dist_impl", IMPLS)
+def test_a_rank_dying_mid_exchange_fails_the_others_within_the_timeout(dist_impl, tmp_path):
+    store, out = str(tmp_path / "store"), str(tmp_path / "out")
+    mp.spawn(_dead_rank_worker, args=(2, store, out, dist_impl), nprocs=2, join=True)
+    outcome, seconds = torch.load(f"{out}.0")
+    assert outcome != "no error"
+    assert seconds < DEAD_RANK_TIMEOUT_S + 10, (outcome, seconds)
 
 
 def _subgroup_worker(rank: int, world: int, store: str, out: str) -> None:
@@ -646,3 +759,102 @@ def test_subgroups_with_their_own_rank_numbering(tmp_path):
                 assert_rel(loss, ref.detach(), 1e-10, f"{impl} subgroup loss on rank {rank}")
                 want = ref_grad[i * N_PER_RANK : (i + 1) * N_PER_RANK]
                 assert_rel(grad_a / len(members), want, 1e-10, f"{impl} subgroup grad on rank {rank}")
+
+
+def _mesh_worker(rank: int, world: int, store: str, out: str) -> None:
+    """A 2×2 mesh ("dp", "tp"): the two ranks of a "tp" row hold the same samples, shard ``rank // 2``."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _init(rank, world, store)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    everything = global_batch(2)
+    a, b = shard(everything["a"], rank // 2, 2), shard(everything["positives"], rank // 2, 2)
+    z1, z2 = shard(everything["z1"], rank // 2, 2), shard(everything["z2"], rank // 2, 2)
+    calls = {
+        "clip gather": lambda x, y: tilecl.contrastive_loss(x, y, SCALE, device_mesh=mesh, mesh_dim="dp"),
+        "clip ring, dimension index": lambda x, y: tilecl.contrastive_loss(
+            x, y, SCALE, device_mesh=mesh, mesh_dim=0, dist_impl="ring"
+        ),
+        "ClipLoss": lambda x, y: tilecl.ClipLoss(world_size=2, device_mesh=mesh, mesh_dim="dp")(x, y, SCALE),
+        "SigLipLoss": lambda x, y: tilecl.SigLipLoss(device_mesh=mesh, mesh_dim="dp", dist_impl="shift")(
+            x, y, SCALE, BIAS
+        ),
+        "NTXentLoss": lambda x, y: tilecl.NTXentLoss(0.5, device_mesh=mesh, mesh_dim="dp")(x, y),
+        "gamma": lambda x, y: tilecl.GammaContrastiveLoss(
+            4 * N_PER_RANK, estimator="mean", device_mesh=mesh, mesh_dim="dp"
+        ).double()(x, y, torch.arange(N_PER_RANK) + N_PER_RANK * (rank // 2), SCALE),
+        # the mistake the mesh avoids: the world group counts every sample twice
+        "world group": lambda x, y: tilecl.contrastive_loss(x, y, SCALE, process_group=dist.group.WORLD),
+    }
+    results = {}
+    for name, call in calls.items():
+        x, y = (z1, z2) if name == "NTXentLoss" else (a, b)
+        x = x.clone().requires_grad_()
+        loss = call(x, y)
+        (grad,) = torch.autograd.grad(loss, (x,))
+        results[name] = (loss.detach(), grad)
+    errors = {}
+    for name, kwargs in {
+        "no mesh_dim on a 2-D mesh": dict(device_mesh=mesh),
+        "unknown name": dict(device_mesh=mesh, mesh_dim="pp"),
+        "index out of range": dict(device_mesh=mesh, mesh_dim=2),
+        "both group and mesh": dict(device_mesh=mesh, mesh_dim="dp", process_group=dist.group.WORLD),
+    }.items():
+        try:
+            tilecl.contrastive_loss(a, b, SCALE, **kwargs)
+            errors[name] = "no error"
+        except (TypeError, ValueError) as error:
+            errors[name] = f"{type(error).__name__}: {error}"
+    try:
+        tilecl.ClipLoss(world_size=4, device_mesh=mesh, mesh_dim="dp")
+        errors["world_size of another group"] = "no error"
+    except ValueError as error:
+        errors["world_size of another group"] = f"ValueError: {error}"
+    torch.save((results, errors), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_device_mesh_gathers_over_the_data_parallel_dimension_only(tmp_path):
+    """Ranks that replicate samples along "tp" see the loss of the two distinct shards, and each
+    gets ``dp size ×`` the global loss's gradient of its rows, as a dp-only run would."""
+    results = spawn(_mesh_worker, 4, tmp_path)
+    everything = global_batch(2)
+    a, b, z1, z2 = (everything[k] for k in ("a", "positives", "z1", "z2"))
+    a, z1 = a.clone().requires_grad_(), z1.clone().requires_grad_()
+    gamma = tilecl.GammaContrastiveLoss(4 * N_PER_RANK, estimator="mean").double()
+    reference = {
+        "clip": tilecl.contrastive_loss(a, b, SCALE),
+        "siglip": tilecl.sigmoid_loss(a, b, SCALE, BIAS),
+        "ntxent": tilecl.nt_xent_loss(z1, z2, 0.5),
+        "gamma": gamma(a, b, torch.arange(2 * N_PER_RANK), SCALE),
+    }
+    expected = {"clip gather": "clip", "clip ring, dimension index": "clip", "ClipLoss": "clip"}
+    expected.update({"SigLipLoss": "siglip", "NTXentLoss": "ntxent", "gamma": "gamma"})
+    for rank, (res, errors) in enumerate(results):
+        for name, ref_name in expected.items():
+            ref = reference[ref_name]
+            leaf = z1 if ref_name == "ntxent" else a
+            (ref_grad,) = torch.autograd.grad(ref, (leaf,), retain_graph=True)
+            loss, grad = res[name]
+            assert_rel(loss, ref.detach(), 1e-10, f"{name} loss on rank {rank}")
+            want = shard(ref_grad, rank // 2, 2)
+            assert_rel(grad / 2, want, 1e-10, f"{name} grad on rank {rank}")
+        assert abs(float(res["world group"][0]) - float(reference["clip"].detach())) > 1e-3
+        assert (
+            errors["no mesh_dim on a 2-D mesh"].startswith("ValueError")
+            and "mesh_dim" in errors["no mesh_dim on a 2-D mesh"]
+        )
+        assert "'pp'" in errors["unknown name"] and "out of range" in errors["index out of range"]
+        assert "not both" in errors["both group and mesh"]
+        assert "world_size=4" in errors["world_size of another group"]
+
+
+def test_mesh_arguments_are_checked_before_any_exchange():
+    a = torch.randn(3, D)
+    with pytest.raises(ValueError, match="mesh_dim='dp' needs a device_mesh"):
+        tilecl.contrastive_loss(a, a, 1.0, mesh_dim="dp")
+    with pytest.raises(TypeError, match="device_mesh must be a torch.distributed DeviceMesh"):
+        tilecl.sigmoid_loss(a, a, 1.0, 0.0, device_mesh="dp")
+    with pytest.raises(TypeError, match="device_mesh"):
+        tilecl.ClipLoss(device_mesh=object())

@@ -8,11 +8,12 @@ value from the same run.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
 from . import validation as v
+from .distributed import resolve_group
 from .driver import Signature, begin
 from .function import apply_loss, col_count
 
@@ -69,7 +70,10 @@ def check_call(
         M=m,
         D=a.shape[1],
         dtype=a.dtype,
+        # the sizes may differ between ranks; whether the columns have statistics may not
         columns_with_statistics=col_count(labels, n, m, bool(symmetric)),
+        symmetric=bool(symmetric),
+        labeled=labels is not None,
         masked=groups[0] is not None,
         weighted=weights is not None,
     )
@@ -91,6 +95,8 @@ def contrastive_loss(
     col_groups: Optional[torch.Tensor] = None,
     weights: Optional[torch.Tensor] = None,
     process_group: Optional[Any] = None,
+    device_mesh: Optional[Any] = None,
+    mesh_dim: Union[int, str, None] = None,
     dist_impl: str = "gather",
     argument_names: tuple[str, str] = ("a", "b"),
 ) -> torch.Tensor:
@@ -138,6 +144,11 @@ def contrastive_loss(
             (``reduction`` ``"mean"`` or ``"sum"``; labels index this rank's
             ``b``), the same value on every rank; see :mod:`tilecl.distributed`
             for the gradient convention.
+        device_mesh, mesh_dim: instead of ``process_group``, a
+            ``DeviceMesh`` and the dimension (name or index) whose ranks hold
+            distinct samples — the data-parallel one; ranks along the other
+            dimensions (tensor or context parallel) hold the same samples and
+            are not gathered. ``mesh_dim`` may be left out for a 1-D mesh.
         dist_impl: ``"gather"`` (all-gather, ``O(N_global·D)`` per rank) or
             ``"ring"`` (blocks travel round the ring, ``O(N_local·D)``).
 
@@ -148,6 +159,7 @@ def contrastive_loss(
         The loss; float32 for float16/bfloat16 inputs, otherwise the input dtype.
         Double backward is not supported.
     """
+    process_group = resolve_group(process_group, device_mesh, mesh_dim)
 
     def check() -> tuple[torch.Tensor, Signature]:
         if negatives is not None:
@@ -188,6 +200,8 @@ def gamma_contrastive_loss(
     col_groups: Optional[torch.Tensor] = None,
     weights: Optional[torch.Tensor] = None,
     process_group: Optional[Any] = None,
+    device_mesh: Optional[Any] = None,
+    mesh_dim: Union[int, str, None] = None,
     dist_impl: str = "gather",
 ) -> torch.Tensor:
     """The gamma-augmented surrogate (M-step loss) for given auxiliary weights ``u``.
@@ -212,6 +226,7 @@ def gamma_contrastive_loss(
             ``col_groups`` the masked entries leave ``D̂``'s sum; its
             normalizer stays ``M`` (``N``).
     """
+    process_group = resolve_group(process_group, device_mesh, mesh_dim)
 
     def check() -> tuple[torch.Tensor, Signature]:
         checked = check_call(
@@ -253,6 +268,8 @@ def nt_xent_loss(
     groups: Optional[torch.Tensor] = None,
     weights: Optional[torch.Tensor] = None,
     process_group: Optional[Any] = None,
+    device_mesh: Optional[Any] = None,
+    mesh_dim: Union[int, str, None] = None,
     dist_impl: str = "gather",
 ) -> torch.Tensor:
     """SimCLR's NT-Xent loss over the ``2N`` views ``z = [z1; z2]``.
@@ -273,9 +290,10 @@ def nt_xent_loss(
             views of a sample share its id, the partner stays the positive).
         weights: optional ``(N,)`` per-sample weights, applied to both views
             (see :func:`contrastive_loss`).
-        process_group, dist_impl: as :func:`contrastive_loss`; every view's
+        process_group, device_mesh, mesh_dim, dist_impl: as :func:`contrastive_loss`; every view's
             negatives are then all other views of all ranks.
     """
+    process_group = resolve_group(process_group, device_mesh, mesh_dim)
 
     def check() -> tuple[None, Signature]:
         v.check_pair(z1, z2, ("z1", "z2"))

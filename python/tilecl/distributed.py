@@ -24,15 +24,21 @@ gradients across ranks yourself (``all_reduce`` then divide by
 ``world_size``), which is what DDP does. A replicated ``logit_scale`` gets a
 per-rank part whose average is the exact gradient.
 
-Batch sizes must be equal on all ranks; otherwise every rank raises the same
-error (no hang).
+Batch sizes may differ between ranks (the last batch of an epoch, packed
+sequences, variable per-rank batches), a rank may hold no rows: the loss is the
+one of the concatenated batch, every rank agreeing on every rank's sizes
+before any exchange, and the convention above holds unchanged — each rank's
+inputs get ``world ×`` the global loss's gradient, whatever their share of the
+rows (so DDP's average is still the single-process gradient). Everything else
+of a call (feature dimension, dtype, options) must be equal on every rank;
+otherwise every rank raises the same error (no hang).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, TypeVar, Union
 
 import torch
 import torch.distributed as dist
@@ -40,9 +46,51 @@ import torch.distributed as dist
 from .backends.sharded import DIST_IMPLS, control_tensor, gather_plain, logsumexp_across
 from .function import weight_total
 
-__all__ = ["DIST_IMPLS", "Ranks", "agree", "agree_on_call", "global_value"]
+__all__ = ["DIST_IMPLS", "Ranks", "agree", "agree_on_call", "global_value", "resolve_group"]
 
 _T = TypeVar("_T")
+
+
+def resolve_group(
+    process_group: Optional[Any] = None,
+    device_mesh: Optional[Any] = None,
+    mesh_dim: Union[int, str, None] = None,
+) -> Optional[Any]:
+    """The group a loss exchanges its batch over: ``process_group``, or ``device_mesh``'s dimension
+    ``mesh_dim`` (a name or an index; may be left out for a 1-D mesh).
+
+    With tensor or context parallelism the ranks along the other dimensions of
+    the mesh hold the same samples: gathering over them would count those
+    samples as negatives several times. Only the data-parallel dimension holds
+    distinct samples, so it is the one to name.
+    """
+    if device_mesh is None:
+        if mesh_dim is not None:
+            raise ValueError(f"mesh_dim={mesh_dim!r} needs a device_mesh")
+        return process_group
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(device_mesh, DeviceMesh):
+        raise TypeError(
+            f"device_mesh must be a torch.distributed DeviceMesh, got {type(device_mesh).__name__}"
+        )
+    if process_group is not None:
+        raise ValueError("give process_group or device_mesh (with mesh_dim), not both")
+    names = tuple(device_mesh.mesh_dim_names or ())
+    if mesh_dim is None:
+        if device_mesh.ndim != 1:
+            raise ValueError(
+                f"device_mesh has {device_mesh.ndim} dimensions {names or ''}: name the one that holds "
+                "distinct samples (the data-parallel one) with mesh_dim"
+            )
+        mesh_dim = 0
+    if isinstance(mesh_dim, bool) or not isinstance(mesh_dim, (int, str)):
+        raise TypeError(f"mesh_dim must be a dimension name or index, got {type(mesh_dim).__name__}")
+    if isinstance(mesh_dim, str) and mesh_dim not in names:
+        raise ValueError(f"mesh_dim={mesh_dim!r} is not a dimension of device_mesh {names}")
+    if isinstance(mesh_dim, int) and not 0 <= mesh_dim < device_mesh.ndim:
+        raise ValueError(f"mesh_dim={mesh_dim} is out of range for a {device_mesh.ndim}-D device_mesh")
+    return device_mesh.get_group(mesh_dim)
 
 
 def agree(failure: Optional[Exception], group: Any, what: str) -> None:
@@ -61,12 +109,17 @@ def agree(failure: Optional[Exception], group: Any, what: str) -> None:
         raise ValueError(f"{what} failed its checks on another rank")
 
 
-def agree_on_call(group: Any, **values: object) -> int:
-    """Every rank's call signature (sizes, dtype, options); the same error on every rank where they differ.
+#: signature entries that may differ between ranks: the batch sizes
+SIZES = ("N", "M", "columns_with_statistics")
 
-    Ranks that disagree would otherwise exchange buffers of different sizes or
+
+def agree_on_call(group: Any, **values: object) -> tuple[int, dict[str, tuple[int, ...]]]:
+    """Every rank's call signature (sizes, dtype, options); the same error on every rank where an
+    entry other than a batch size (:data:`SIZES`) differs.
+
+    Ranks that disagree would otherwise exchange buffers of different shapes or
     wait in different collectives (a hang or a transport abort). Returns the
-    group's size.
+    group's size and every rank's batch sizes (rank order).
     """
     world = dist.get_world_size(group)
     codes = [x if isinstance(x, int) else zlib.crc32(repr(x).encode()) for x in values.values()]
@@ -75,18 +128,19 @@ def agree_on_call(group: Any, **values: object) -> int:
     dist.all_gather(gathered, mine, group=group)
     rows = torch.stack(gathered).cpu()
     names = list(values)
-    differing = [name for i, name in enumerate(names) if not bool((rows[:, i] == rows[0, i]).all())]
-    sizes = [name for name in ("N", "M") if name in names]
-    if set(sizes) & set(differing):
-        columns = [names.index(name) for name in sizes]
-        shapes = [tuple(r[columns].tolist()) for r in rows]
-        got = shapes if len(sizes) > 1 else [shape[0] for shape in shapes]
-        raise ValueError(
-            f"the distributed loss needs equal ({', '.join(sizes)}) batch sizes on every rank, got {got}"
-        )
+    differing = [
+        name
+        for i, name in enumerate(names)
+        if name not in SIZES and not bool((rows[:, i] == rows[0, i]).all())
+    ]
     if differing:
         raise ValueError(f"the distributed loss needs the same {', '.join(differing)} on every rank")
-    return world
+    sizes = {name: tuple(int(x) for x in rows[:, names.index(name)]) for name in SIZES if name in names}
+    if "N" in sizes and sum(sizes["N"]) == 0:
+        raise ValueError(
+            "the distributed loss needs at least one sample on some rank, got N = 0 on every rank"
+        )
+    return world, sizes
 
 
 def global_value(share: torch.Tensor, world: int, group: Any) -> torch.Tensor:
@@ -98,6 +152,24 @@ def global_value(share: torch.Tensor, world: int, group: Any) -> torch.Tensor:
     total = share.detach().clone()
     dist.all_reduce(total, group=group)
     return world * share + (total - world * share).detach()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Every rank's rows concatenated (sizes may differ); backward: this rank's slice of the sum of
+    every rank's gradient of the concatenation."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        parts = gather_plain(x, group)
+        rank = dist.get_rank(group)
+        ctx.group, ctx.start, ctx.rows = group, sum(p.shape[0] for p in parts[:rank]), x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total[ctx.start : ctx.start + ctx.rows], None
 
 
 class _ValueWithScaledGradient(torch.autograd.Function):
@@ -118,12 +190,15 @@ class Ranks:
     """The collectives a loss needs, over a process group or (``group=None``) as identities.
 
     Built by :func:`tilecl.driver.begin` once every rank has agreed on the call:
-    ``world`` is the group's size.
+    ``world`` is the group's size, ``rows`` and ``cols`` every rank's ``N`` and
+    ``M`` (rank order; empty without a group or where the loss has no such size).
     """
 
     group: Optional[Any] = None
     #: the group's size (derived from ``group`` when not given: the default ``-1``)
     world: int = -1
+    rows: tuple[int, ...] = ()
+    cols: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         size = 1 if self.group is None else dist.get_world_size(self.group)
@@ -136,33 +211,55 @@ class Ranks:
     def rank(self) -> int:
         return 0 if self.group is None else dist.get_rank(self.group)
 
+    def total_rows(self, n: int) -> int:
+        """Rows of the global batch (this rank's ``n`` locally)."""
+        return sum(self.rows) if self.rows else n * self.world
+
+    def total_cols(self, m: int) -> int:
+        """Columns of the global batch (this rank's ``m`` locally)."""
+        return sum(self.cols) if self.cols else m * self.world
+
+    def col_offset(self) -> int:
+        """This rank's first column in the global batch."""
+        return sum(self.cols[: self.rank])
+
     def global_loss(
         self, value: torch.Tensor, count: int, reduction: str, weights: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """The global loss from a Function's per-rank sum over ``count`` terms. Locally: ``value``.
 
-        With per-pair ``weights`` a ``"mean"`` is the weighted mean over every rank's pairs.
+        A ``"mean"`` divides by every rank's terms (ranks may hold different counts); with
+        per-pair ``weights`` it is the weighted mean over every rank's pairs.
         """
         if self.group is None:
             return value
         if reduction != "mean":
             share = value
         elif weights is None:
-            share = value / (count * self.world)
+            return self._global_mean(value, count)
         else:
             total = self.sum_(weights.detach().sum().to(value.dtype).reshape(1))[0]
             share = value / weight_total(total.reshape(1))
         return global_value(share, self.world, self.group)
 
+    def _global_mean(self, value: torch.Tensor, count: int) -> torch.Tensor:
+        """Value: ``Σ_ranks value / Σ_ranks count`` (one all-reduce of both); gradient: ``world ×``
+        this rank's ``value / Σ count`` (the convention above)."""
+        both = torch.stack([value.detach().double(), value.new_tensor(count, dtype=torch.float64)])
+        dist.all_reduce(both, group=self.group)
+        counted = both[1].to(value.dtype)
+        share = value / counted
+        return self.world * share + (both[0].to(value.dtype) / counted - self.world * share).detach()
+
     def mean(self, per_sample: torch.Tensor) -> torch.Tensor:
         """Mean over every rank's samples (the gradient convention above)."""
         if self.group is None:
             return per_sample.mean()
-        world = self.world
-        return global_value(per_sample.sum() / (per_sample.shape[0] * world), world, self.group)
+        return self._global_mean(per_sample.sum(), per_sample.shape[0])
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``x`` concatenated in rank order (no autograd). Locally: ``x``."""
+        """Every rank's ``x`` concatenated in rank order (no autograd; ranks may hold different
+        numbers of rows). Locally: ``x``."""
         return x if self.group is None else torch.cat(gather_plain(x, self.group))
 
     def gather_with_grad(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,13 +267,12 @@ class Ranks:
         rank's gradient of a part into its owner (the gradient convention above). Locally: ``x``."""
         if self.group is None:
             return x
-        from torch.distributed.nn.functional import all_gather
-
-        return torch.cat(all_gather(x.contiguous(), group=self.group))
+        return _GatherWithGrad.apply(x, self.group)
 
     def own(self, n: int) -> slice:
-        """This rank's rows in :meth:`gather`'s concatenation of ``n``-row parts."""
-        return slice(self.rank * n, (self.rank + 1) * n)
+        """This rank's ``n`` rows in :meth:`gather`'s concatenation of every rank's rows."""
+        start = sum(self.rows[: self.rank]) if self.rows else self.rank * n
+        return slice(start, start + n)
 
     def global_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Value: ``Σ_ranks x`` (exactly the all-reduced sum); gradient: ``world ×`` this rank's (the

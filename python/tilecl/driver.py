@@ -88,7 +88,9 @@ class Run:
     def spec(self, *, symmetric: bool, exclude_diagonal: bool) -> LossSpec:
         """The shared Function's :class:`~tilecl.function.LossSpec` for this call."""
         assert self.primitives is not None, "this loss resolved no backend"
-        return LossSpec(symmetric, self.local_reduction, exclude_diagonal, self.primitives, self.ranks.world)
+        ranks = self.ranks
+        rows, cols = (sum(ranks.rows), sum(ranks.cols)) if ranks.group is not None else (0, 0)
+        return LossSpec(symmetric, self.local_reduction, exclude_diagonal, self.primitives, rows, cols)
 
     def pair_weights(self, weights: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
         """Per-pair weights as the Function takes them: detached, in ``like``'s accumulation dtype.
@@ -150,7 +152,8 @@ def begin(
         if group is not None:
             if reduction == "none":
                 raise ValueError("with process_group, reduction must be 'mean' or 'sum'")
-        value, signature = check()
+        with v.empty_batches_allowed(group is not None):
+            value, signature = check()
         if form is None:
             return value, signature, None
         assert isinstance(like, torch.Tensor)  # the loss's check has checked it
@@ -160,9 +163,9 @@ def begin(
         value, _, local = checked_and_resolved()
         return Run(value, local, Ranks(), reduction)
     value, signature, local = _on_every_rank(checked_and_resolved, group)
-    world = agree_on_call(group, **signature, form=form, reduction=reduction, dist_impl=dist_impl)
+    world, sizes = agree_on_call(group, **signature, form=form, reduction=reduction, dist_impl=dist_impl)
     primitives = None if local is None else ShardedPrimitives(local, Shard.of(group), dist_impl)
-    return Run(value, primitives, Ranks(group, world), reduction)
+    return Run(value, primitives, Ranks(group, world, sizes.get("N", ()), sizes.get("M", ())), reduction)
 
 
 def _on_every_rank(step: Callable[[], _T], group: Any) -> _T:

@@ -80,8 +80,10 @@ class LossSpec:
     reduction: str
     exclude_diagonal: bool
     primitives: Primitives
-    #: ranks whose shards make the global batch (the primitives are then sharded)
-    world: int = 1
+    #: rows and columns of the global batch (0: this call's own, no process group); the
+    #: primitives are then sharded
+    global_rows: int = 0
+    global_cols: int = 0
     #: ``a`` and ``b`` are one tensor: ``S`` is symmetric (:class:`~tilecl.backends.base.Scores`)
     shared_operands: bool = False
 
@@ -235,7 +237,7 @@ class ContrastiveFunction(torch.autograd.Function):
         if log_u_rows is None:
             row_offset, row_term = row_lse, row_lse
         else:
-            row_offset = log_count(m * spec.world, row_lse) - log_u_rows.to(acc)
+            row_offset = log_count(spec.global_cols or m, row_lse) - log_u_rows.to(acc)
             row_term = torch.exp(row_lse - row_offset)
         per_pair = row_term - positive
         col_offset = None
@@ -244,7 +246,7 @@ class ContrastiveFunction(torch.autograd.Function):
             if log_u_cols is None:
                 col_offset, col_term = col_at_pair, col_at_pair
             else:
-                col_offset = log_count(n * spec.world, row_lse) - log_u_cols.to(acc)
+                col_offset = log_count(spec.global_rows or n, row_lse) - log_u_cols.to(acc)
                 col_term = torch.exp(col_at_pair - col_offset)
             per_pair = (per_pair + col_term - positive) / 2
         saved = (a, b, positives, scale, targets, row_offset, col_offset, row_groups, col_groups, weights)

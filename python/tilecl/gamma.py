@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ from . import validation as v
 from ._compat import compile_disabled, standard_gamma
 from .backends import LseStats, check_backend_name
 from .contrastive import check_call
-from .distributed import DIST_IMPLS
+from .distributed import DIST_IMPLS, resolve_group
 from .driver import Signature, begin
 from .function import apply_loss, batch_stats, log_count, targets_of
 
@@ -148,6 +148,8 @@ class GammaContrastiveLoss(nn.Module):
             convention of :mod:`tilecl.distributed`), and the E-step runs on the
             gathered per-sample statistics, so every rank holds the same memory
             after each step, each sample updated once.
+        device_mesh, mesh_dim: instead of ``process_group``, as in
+            :func:`tilecl.contrastive_loss`.
         dist_impl: ``"gather"`` or ``"ring"`` (see :mod:`tilecl.distributed`).
 
     Attributes (after a forward): ``last_infonce`` — the batch's InfoNCE value
@@ -164,6 +166,8 @@ class GammaContrastiveLoss(nn.Module):
         backend: str = "auto",
         generator: Optional[torch.Generator] = None,
         process_group: Optional[object] = None,
+        device_mesh: Optional[Any] = None,
+        mesh_dim: Union[int, str, None] = None,
         dist_impl: str = "gather",
     ) -> None:
         super().__init__()
@@ -173,7 +177,8 @@ class GammaContrastiveLoss(nn.Module):
         self.estimator = v.check_choice(estimator, "estimator", ESTIMATORS)
         v.check_choice(dist_impl, "dist_impl", DIST_IMPLS)
         self.symmetric, self.backend = v.check_flag(symmetric, "symmetric"), check_backend_name(backend)
-        self.generator, self.process_group, self.dist_impl = generator, process_group, dist_impl
+        self.generator, self.dist_impl = generator, dist_impl
+        self.process_group = resolve_group(process_group, device_mesh, mesh_dim)
         for direction in ("rows", "cols"):
             self.register_buffer(f"log_memory_{direction}", torch.zeros(num_samples, dtype=torch.float64))
             self.register_buffer(f"visited_{direction}", torch.zeros(num_samples, dtype=torch.bool))
@@ -307,10 +312,10 @@ class GammaContrastiveLoss(nn.Module):
             )
         stats = batch_stats(a, b, scale, labels, positives, spec, groups)
 
-        log_d_hat = {"rows": ranks.gather(stats.row_lse - log_count(m * spec.world, stats.row_lse))}
+        log_d_hat = {"rows": ranks.gather(stats.row_lse - log_count(spec.global_cols or m, stats.row_lse))}
         if self.symmetric:
             col_at_pair = stats.col_lse[targets_of(labels, n, a.device)]
-            log_d_hat["cols"] = ranks.gather(col_at_pair - log_count(n * spec.world, col_at_pair))
+            log_d_hat["cols"] = ranks.gather(col_at_pair - log_count(spec.global_rows or n, col_at_pair))
         # NaN or inf features give non-finite statistics; those must never reach the memory, where
         # the γ-mixing would keep them forever
         finite = torch.stack([torch.isfinite(x) for x in log_d_hat.values()]).all(dim=0)
@@ -336,7 +341,9 @@ class GammaContrastiveLoss(nn.Module):
         loss = run.global_loss(loss, n)
         if self.training:
             self._commit_finite(updates, finite, every_index)
-        self.last_infonce = ranks.sum_(_infonce_from_stats(stats, labels, self.symmetric) / ranks.world)
+        # the mean over every rank's pairs: each rank's mean weighted by its share of the rows
+        share = n / ranks.total_rows(n)
+        self.last_infonce = ranks.sum_(_infonce_from_stats(stats, labels, self.symmetric) * share)
         self.last_log_u = (log_u_rows, log_u_cols)
         return loss
 

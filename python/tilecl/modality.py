@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import validation as v
 from .backends import OffsetTerms, Primitives, Scores
 from .contrastive import contrastive_loss
-from .distributed import Ranks
+from .distributed import Ranks, resolve_group
 from .driver import Signature, begin
 from .function import log_count, refuse_second_derivative
 
@@ -86,6 +86,8 @@ def uniformity_loss(
     *,
     backend: str = "auto",
     process_group: Optional[object] = None,
+    device_mesh: Optional[Any] = None,
+    mesh_dim: Union[int, str, None] = None,
     dist_impl: str = "gather",
 ) -> torch.Tensor:
     """Wang & Isola's uniformity: ``log( (1/(N(N−1))) Σ_{j≠k} exp(−t‖z_j − z_k‖²) )``.
@@ -93,13 +95,14 @@ def uniformity_loss(
     Args:
         z: ``(N, d)`` features, ``N >= 2`` (unnormalized inputs are fine).
         t: the Gaussian potential's scale ``t > 0``.
-        process_group, dist_impl: as :func:`tilecl.contrastive_loss`: the
+        process_group, device_mesh, mesh_dim, dist_impl: as :func:`tilecl.contrastive_loss`: the
             uniformity of the concatenation of all ranks' ``z`` (equal ``N``
             on every rank).
 
     Computed tile by tile (no N×N); equals
     ``torch.pdist(z).pow(2).mul(-t).exp().mean().log()``.
     """
+    process_group = resolve_group(process_group, device_mesh, mesh_dim)
 
     def check() -> tuple[None, Signature]:
         v.check_features(z, "z")
@@ -109,7 +112,7 @@ def uniformity_loss(
         return None, dict(N=z.shape[0], D=z.shape[1], dtype=z.dtype, t=float(t))
 
     run = begin(check, like=z, backend=backend, process_group=process_group, dist_impl=dist_impl)
-    n = z.shape[0] * run.ranks.world
+    n = run.ranks.total_rows(z.shape[0])
     if n < 2:
         raise ValueError(f"uniformity_loss needs at least 2 samples over all ranks, got {n}")
     assert run.primitives is not None  # a backend was resolved
@@ -204,6 +207,8 @@ def geometric_consistency_loss(
     z_t_aug: Optional[torch.Tensor] = None,
     *,
     process_group: Optional[object] = None,
+    device_mesh: Optional[Any] = None,
+    mesh_dim: Union[int, str, None] = None,
 ) -> torch.Tensor:
     """Geometric consistency ``L_gc`` (+ ``L^a_gc`` when both augmented views are given).
 
@@ -216,9 +221,10 @@ def geometric_consistency_loss(
     Every Frobenius term is a function of d×d Grams, e.g.
     ``‖S_VV − S_TT‖² = ‖Z_VᵀZ_V‖² + ‖Z_TᵀZ_T‖² − 2‖Z_VᵀZ_T‖²``, accumulated in
     float64: O(N·d²) time, O(d²) extra memory, exact. Gradients included.
-    With ``process_group`` the Grams are all-reduced (d×d floats per rank):
+    With ``process_group`` (or ``device_mesh``, ``mesh_dim``) the Grams are all-reduced (d×d floats per rank):
     the loss of the concatenation of all ranks' features.
     """
+    process_group = resolve_group(process_group, device_mesh, mesh_dim)
 
     def check() -> tuple[None, Signature]:
         v.check_features(z_v, "z_v")
@@ -231,7 +237,7 @@ def geometric_consistency_loss(
         return None, {**_shapes(z_v), "augmented": z_v_aug is not None}
 
     ranks = begin(check, like=z_v, form=None, process_group=process_group).ranks
-    n = z_v.shape[0] * ranks.world
+    n = ranks.total_rows(z_v.shape[0])
 
     def l_gc(g_vv, g_tt, g_tv):
         # ‖S_VT − S_VTᵀ‖² = 2⟨G_V, G_T⟩ − 2 tr(C·C), C = Z_TᵀZ_V; ‖S_VV − S_TT‖² as above
@@ -263,6 +269,8 @@ def brownian_bridge_loss(
     t: Union[float, torch.Tensor] = 0.25,
     *,
     process_group: Optional[object] = None,
+    device_mesh: Optional[Any] = None,
+    mesh_dim: Union[int, str, None] = None,
 ) -> torch.Tensor:
     """The augmented image feature should lie on the bridge from image to text.
 
@@ -270,8 +278,9 @@ def brownian_bridge_loss(
     (the bridge's variance ``t(1−t)`` dropped; the paper's printed closed form
     is garbled; this is the corrected one of docs/design.md). ``t`` is a float in
     ``[0, 1]`` or an ``(N,)`` tensor of sampled bridge times. With
-    ``process_group``: the mean over all ranks' samples.
+    ``process_group`` (or ``device_mesh``, ``mesh_dim``): the mean over all ranks' samples.
     """
+    process_group = resolve_group(process_group, device_mesh, mesh_dim)
 
     def check() -> tuple[Union[float, torch.Tensor], Signature]:
         v.check_features(z_v, "z_v")
@@ -308,6 +317,8 @@ def feature_separation_loss(
     *,
     backend: str = "auto",
     process_group: Optional[object] = None,
+    device_mesh: Optional[Any] = None,
+    mesh_dim: Union[int, str, None] = None,
     dist_impl: str = "gather",
 ) -> torch.Tensor:
     """Deep feature separation: ``L_ortho + L^i_con + L^i_uni``.
@@ -321,8 +332,10 @@ def feature_separation_loss(
       uniformity per modality (mean over pairs ``j ≠ k``; the paper's version
       sums the two potentials inside one log with the diagonal included).
 
-    With ``process_group`` (and ``dist_impl``): every term over all ranks' samples.
+    With ``process_group`` (or ``device_mesh``, ``mesh_dim``; and ``dist_impl``): every term over
+    all ranks' samples.
     """
+    process_group = resolve_group(process_group, device_mesh, mesh_dim)
 
     def check() -> tuple[None, Signature]:
         v.check_features(z_v, "z_v")

@@ -12,10 +12,12 @@ from torch import nn
 from . import validation as v
 from .backends import check_backend_name
 from .contrastive import contrastive_loss, nt_xent_loss
-from .distributed import DIST_IMPLS
+from .distributed import DIST_IMPLS, resolve_group
 from .modality import brownian_bridge_loss, feature_separation_loss, geometric_consistency_loss
 from .sigmoid import OPEN_CLIP_DIST_IMPLS, sigmoid_loss
 from .supervised import supcon_loss
+
+MeshDim = Union[int, str, None]
 
 __all__ = ["ClipLoss", "InfoNCELoss", "ModalityStructureLoss", "NTXentLoss", "SigLipLoss", "SupConLoss"]
 
@@ -25,8 +27,27 @@ def _check_world(world_size: object, dist_impl: object) -> None:
     v.check_choice(dist_impl, "dist_impl", DIST_IMPLS)
 
 
-def _default_group(world_size: int, owner: str, rank: Optional[int] = None) -> Optional[object]:
-    """The default process group when ``world_size > 1`` (which must then be initialized), else None."""
+def _explicit_group(
+    owner: str, world_size: int, process_group: Optional[Any], device_mesh: Optional[Any], mesh_dim: MeshDim
+) -> Optional[Any]:
+    """The group given to a module's constructor (``process_group``, or ``device_mesh``'s dimension
+    ``mesh_dim``), checked against ``world_size`` where that is given too (open_clip passes it)."""
+    group = resolve_group(process_group, device_mesh, mesh_dim)
+    if group is not None and world_size != 1 and world_size != torch.distributed.get_world_size(group):
+        raise ValueError(
+            f"{owner}(world_size={world_size}) but its group has "
+            f"{torch.distributed.get_world_size(group)} ranks"
+        )
+    return group
+
+
+def _default_group(
+    world_size: int, owner: str, rank: Optional[int] = None, explicit: Optional[Any] = None
+) -> Optional[object]:
+    """The group given to the constructor if any; else the default process group when
+    ``world_size > 1`` (which must then be initialized), else None."""
+    if explicit is not None:
+        return explicit
     if world_size == 1:
         return None
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
@@ -64,6 +85,13 @@ class ClipLoss(nn.Module):
     makes DistributedDataParallel's gradient average exact). ``local_loss``
     and ``gather_with_grad`` are accepted and have no effect: gradients always
     reach every rank's features and every rank computes only its own rows.
+
+    ``process_group=`` or ``device_mesh=`` with ``mesh_dim=`` (keywords, as
+    every tilecl module takes them) choose the group instead of the default
+    one: with tensor or context parallelism, the mesh's data-parallel
+    dimension, whose ranks hold distinct samples (``world_size``, if given,
+    must be that group's size; ``rank`` is then not checked). Batch sizes
+    may differ between ranks, a rank may hold none.
     """
 
     def __init__(
@@ -77,6 +105,9 @@ class ClipLoss(nn.Module):
         *,
         dist_impl: str = "gather",
         backend: str = "auto",
+        process_group: Optional[Any] = None,
+        device_mesh: Optional[Any] = None,
+        mesh_dim: MeshDim = None,
     ) -> None:
         super().__init__()
         for name, flag in (
@@ -98,6 +129,7 @@ class ClipLoss(nn.Module):
         self.use_horovod = use_horovod
         self.dist_impl = dist_impl
         self.backend = backend
+        self.process_group = _explicit_group("ClipLoss", world_size, process_group, device_mesh, mesh_dim)
 
     def forward(
         self,
@@ -120,7 +152,7 @@ class ClipLoss(nn.Module):
         per-pair weights. See :func:`tilecl.contrastive_loss`.
         """
         v.check_flag(output_dict, "output_dict")
-        group = _default_group(self.world_size, "ClipLoss", self.rank)
+        group = _default_group(self.world_size, "ClipLoss", self.rank, self.process_group)
         loss = contrastive_loss(
             image_features,
             text_features,
@@ -151,8 +183,8 @@ class InfoNCELoss(nn.Module):
     With ``learn_temperature=True`` the module owns ``log_scale = log(1/τ)``
     (CLIP's parametrization) and clamps ``1/τ`` to ``max_scale``.
 
-    With ``world_size > 1``: the global loss on the default process group, as
-    :class:`ClipLoss` (labels and negatives are this rank's).
+    With ``world_size > 1`` (or ``process_group`` / ``device_mesh``): the
+    global loss, as :class:`ClipLoss` (labels and negatives are this rank's).
     """
 
     def __init__(
@@ -166,6 +198,9 @@ class InfoNCELoss(nn.Module):
         backend: str = "auto",
         world_size: int = 1,
         dist_impl: str = "gather",
+        process_group: Optional[Any] = None,
+        device_mesh: Optional[Any] = None,
+        mesh_dim: MeshDim = None,
     ) -> None:
         super().__init__()
         v.check_positive(temperature, "temperature")
@@ -176,6 +211,7 @@ class InfoNCELoss(nn.Module):
         check_backend_name(backend)
         _check_world(world_size, dist_impl)
         self.world_size, self.dist_impl = world_size, dist_impl
+        self.process_group = _explicit_group("InfoNCELoss", world_size, process_group, device_mesh, mesh_dim)
         log_scale = torch.tensor(math.log(1.0 / temperature))
         if learn_temperature:
             self.log_scale = nn.Parameter(log_scale)
@@ -219,7 +255,7 @@ class InfoNCELoss(nn.Module):
             symmetric=self.symmetric,
             reduction=self.reduction,
             backend=self.backend,
-            process_group=_default_group(self.world_size, "InfoNCELoss"),
+            process_group=_default_group(self.world_size, "InfoNCELoss", explicit=self.process_group),
             dist_impl=self.dist_impl,
         )
 
@@ -244,6 +280,7 @@ class SigLipLoss(nn.Module):
     (``Σ`` over every rank's pairs ``/ N_global``) on every rank, where
     open_clip returns each rank's ``Σ`` over its rows ``/ N_local``; the
     average over ranks is the same, and so are DDP's averaged gradients.
+    ``process_group`` / ``device_mesh`` + ``mesh_dim``: as :class:`ClipLoss`.
     """
 
     def __init__(
@@ -254,6 +291,9 @@ class SigLipLoss(nn.Module):
         dist_impl: Optional[str] = None,
         *,
         backend: str = "auto",
+        process_group: Optional[Any] = None,
+        device_mesh: Optional[Any] = None,
+        mesh_dim: MeshDim = None,
     ) -> None:
         super().__init__()
         v.check_flag(cache_labels, "cache_labels")
@@ -268,6 +308,7 @@ class SigLipLoss(nn.Module):
         self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size
         self.dist_impl = OPEN_CLIP_DIST_IMPLS.get(name, name)
         self.backend = backend
+        self.process_group = _explicit_group("SigLipLoss", world_size, process_group, device_mesh, mesh_dim)
 
     def forward(
         self,
@@ -279,7 +320,7 @@ class SigLipLoss(nn.Module):
     ) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
         """Sigmoid loss of ``(N, D)`` image and text features, the diagonal pairs positive."""
         v.check_flag(output_dict, "output_dict")
-        group = _default_group(self.world_size, "SigLipLoss", self.rank)
+        group = _default_group(self.world_size, "SigLipLoss", self.rank, self.process_group)
         loss = sigmoid_loss(
             image_features,
             text_features,
@@ -295,7 +336,8 @@ class SigLipLoss(nn.Module):
 
 class _TemperatureLoss(nn.Module):
     """A loss of one fixed temperature ``τ > 0``; ``reduction``, ``backend`` and, with
-    ``world_size > 1``, the default process group (``dist_impl``) as the functional losses'."""
+    ``world_size > 1``, the default process group (or ``process_group`` / ``device_mesh`` +
+    ``mesh_dim``, as :class:`ClipLoss`; ``dist_impl``) as the functional losses'."""
 
     def __init__(
         self,
@@ -305,6 +347,9 @@ class _TemperatureLoss(nn.Module):
         backend: str = "auto",
         world_size: int = 1,
         dist_impl: str = "gather",
+        process_group: Optional[Any] = None,
+        device_mesh: Optional[Any] = None,
+        mesh_dim: MeshDim = None,
     ) -> None:
         super().__init__()
         v.check_positive(temperature, "temperature")
@@ -315,6 +360,8 @@ class _TemperatureLoss(nn.Module):
         self.reduction = reduction
         self.backend = backend
         self.world_size, self.dist_impl = world_size, dist_impl
+        owner = type(self).__name__
+        self.process_group = _explicit_group(owner, world_size, process_group, device_mesh, mesh_dim)
 
 
 class NTXentLoss(_TemperatureLoss):
@@ -345,7 +392,7 @@ class NTXentLoss(_TemperatureLoss):
             weights=weights,
             reduction=self.reduction,
             backend=self.backend,
-            process_group=_default_group(self.world_size, "NTXentLoss"),
+            process_group=_default_group(self.world_size, "NTXentLoss", explicit=self.process_group),
             dist_impl=self.dist_impl,
         )
 
@@ -383,7 +430,7 @@ class SupConLoss(_TemperatureLoss):
             weights=weights,
             reduction=self.reduction,
             backend=self.backend,
-            process_group=_default_group(self.world_size, "SupConLoss"),
+            process_group=_default_group(self.world_size, "SupConLoss", explicit=self.process_group),
             dist_impl=self.dist_impl,
         )
         assert isinstance(loss, torch.Tensor)
@@ -422,11 +469,17 @@ class ModalityStructureLoss(nn.Module):
         backend: str = "auto",
         world_size: int = 1,
         dist_impl: str = "gather",
+        process_group: Optional[Any] = None,
+        device_mesh: Optional[Any] = None,
+        mesh_dim: MeshDim = None,
     ) -> None:
         super().__init__()
         check_backend_name(backend)
         _check_world(world_size, dist_impl)
         self.world_size, self.dist_impl = world_size, dist_impl
+        self.process_group = _explicit_group(
+            "ModalityStructureLoss", world_size, process_group, device_mesh, mesh_dim
+        )
         for name, value in (("lambda_sep", lambda_sep), ("lambda_br", lambda_br), ("lambda_gc", lambda_gc)):
             v.check_nonnegative(value, name)
         v.check_positive(temperature, "temperature")
@@ -449,7 +502,7 @@ class ModalityStructureLoss(nn.Module):
         output_dict: bool = False,
     ) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
         v.check_flag(output_dict, "output_dict")
-        group = _default_group(self.world_size, "ModalityStructureLoss")
+        group = _default_group(self.world_size, "ModalityStructureLoss", explicit=self.process_group)
         dist_kw: dict[str, Any] = dict(process_group=group, dist_impl=self.dist_impl)
         parts = {"contrastive_loss": contrastive_loss(z_v, z_t, logit_scale, backend=self.backend, **dist_kw)}
         if (

@@ -25,13 +25,14 @@ travel with their columns across ranks.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
 from . import validation as v
 from .backends import Primitives, Scores, SigmoidTerms
 from .backends.base import accumulation_dtype
+from .distributed import resolve_group
 from .driver import Signature, begin
 from .function import distinct, refuse_second_derivative
 
@@ -117,6 +118,8 @@ def sigmoid_loss(
     reduction: str = "mean",
     backend: str = "auto",
     process_group: Optional[Any] = None,
+    device_mesh: Optional[Any] = None,
+    mesh_dim: Union[int, str, None] = None,
     dist_impl: str = "gather",
     argument_names: tuple[str, str] = ("a", "b"),
 ) -> torch.Tensor:
@@ -135,7 +138,7 @@ def sigmoid_loss(
         reduction: ``"mean"`` (``Σ / N``, open_clip's), ``"sum"`` or
             ``"none"`` (``(N,)``, each row's ``Σ_j``).
         backend: as :func:`tilecl.contrastive_loss`.
-        process_group, dist_impl: the global loss over every rank's pairs
+        process_group, device_mesh, mesh_dim, dist_impl: the global loss over every rank's pairs
             (``"gather"`` or ``"ring"``; labels index this rank's ``b``,
             group ids are global), gradient convention of
             :mod:`tilecl.distributed`.
@@ -144,6 +147,7 @@ def sigmoid_loss(
         The loss, float32 for 16-bit inputs, else the input dtype. Double
         backward is not supported.
     """
+    process_group = resolve_group(process_group, device_mesh, mesh_dim)
 
     def check() -> tuple[tuple[torch.Tensor, torch.Tensor, bool], Signature]:
         v.check_pair(a, b, argument_names)
@@ -181,7 +185,7 @@ def sigmoid_loss(
         row_keys, col_keys = row_groups.long(), col_groups.long()
     else:
         # global column indices: keys stay unique across ranks and travel with their columns
-        offset = run.ranks.rank * m
+        offset = run.ranks.col_offset()
         col_keys = offset + torch.arange(m, device=a.device)
         row_keys = offset + (torch.arange(n, device=a.device) if labels is None else labels.long())
     assert run.primitives is not None  # the sigmoid form was resolved

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from . import validation as v
 from .backends.base import accumulation_dtype
+from .distributed import resolve_group
 from .driver import Signature, begin
 from .function import apply_loss
 
@@ -80,6 +81,8 @@ def supcon_loss(
     backend: str = "auto",
     with_counts: bool = False,
     process_group: Optional[Any] = None,
+    device_mesh: Optional[Any] = None,
+    mesh_dim: Union[int, str, None] = None,
     dist_impl: str = "gather",
 ) -> Union[torch.Tensor, SupConOutput]:
     """Supervised contrastive loss (``L_out``), tile by tile.
@@ -107,7 +110,7 @@ def supcon_loss(
             by ``weights``), ``"sum"``, or ``"none"`` (``(N,)``; 0 for an
             anchor without a positive).
         with_counts: return a :class:`SupConOutput` with the anchor counts.
-        backend, process_group, dist_impl: as :func:`tilecl.contrastive_loss`;
+        backend, process_group, device_mesh, mesh_dim, dist_impl: as :func:`tilecl.contrastive_loss`;
             across ranks the classes are global (every rank's samples of a
             class are positives), and the class sums gather ``b``
             (``O(N_global·D)``) whatever ``dist_impl``.
@@ -115,6 +118,7 @@ def supcon_loss(
     Returns:
         The loss (float32 for 16-bit inputs), or a :class:`SupConOutput`.
     """
+    process_group = resolve_group(process_group, device_mesh, mesh_dim)
     two_tower = columns is not None
 
     def check() -> tuple[None, Signature]:
@@ -174,4 +178,4 @@ def supcon_loss(
     if not with_counts:
         return loss
     with_positive = ranks.sum_(has_positive.sum().reshape(1))[0]
-    return SupConOutput(loss, with_positive, a.shape[0] * ranks.world - with_positive)
+    return SupConOutput(loss, with_positive, ranks.total_rows(a.shape[0]) - with_positive)

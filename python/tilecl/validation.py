@@ -26,12 +26,14 @@ or fake tensors (no data) they are skipped.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 import sys
 import warnings
 from types import FrameType
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -55,6 +57,21 @@ def check_values(condition: torch.Tensor, message: str) -> None:
         torch._assert_async(condition.all(), message)
 
 
+#: whether a batch may hold no rows: on one rank of a distributed call only (the others hold the batch)
+_EMPTY_ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("tilecl_empty_allowed", default=False)
+
+
+@contextlib.contextmanager
+def empty_batches_allowed(allowed: bool) -> Iterator[None]:
+    """Inside: :func:`check_features` accepts zero rows when ``allowed`` (a rank of a distributed call;
+    the call itself refuses a global batch with no rows)."""
+    token = _EMPTY_ALLOWED.set(allowed)
+    try:
+        yield
+    finally:
+        _EMPTY_ALLOWED.reset(token)
+
+
 def check_tensor(x: object, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -66,7 +83,7 @@ def check_features(x: object, name: str) -> torch.Tensor:
     x = check_tensor(x, name)
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (batch x dim), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 and not _EMPTY_ALLOWED.get():
         raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); need at least 1 row")
     if x.shape[1] == 0:
         raise ValueError(f"{name} has feature dimension 0 (shape {tuple(x.shape)})")
@@ -176,6 +193,8 @@ def check_labels(labels: Optional[torch.Tensor], rows: int, cols: int, like: tor
         # no sizes in the message: they are symbolic under compilation, and printing one specializes
         check_values((labels >= 0) & (labels < cols), "labels must lie in [0, M) (the columns of b)")
         return
+    if labels.numel() == 0:
+        return
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= cols:
         raise ValueError(f"labels must lie in [0, {cols}) (the columns of b), got values in [{low}, {high}]")
@@ -262,6 +281,8 @@ def check_index(index: object, name: str, n: int, size: int, like: torch.Tensor)
         raise ValueError(f"{name} must be on {like.device}, got {index.device}")
     if not reads_values(index):
         check_values((index >= 0) & (index < size), f"{name} must lie in [0, num_samples={size})")
+        return index
+    if index.numel() == 0:
         return index
     low, high = int(index.min()), int(index.max())
     if low < 0 or high >= size:

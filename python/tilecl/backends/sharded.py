@@ -33,17 +33,28 @@ exchange, the global reduction and the gradient convention are
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+import math
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .base import Gradients, LseStats, OffsetTerms, Primitives, Scores, SigmoidSweep, SigmoidTerms
+from .base import (
+    Gradients,
+    LseStats,
+    OffsetTerms,
+    Primitives,
+    Scores,
+    SigmoidSweep,
+    SigmoidTerms,
+    accumulation_dtype,
+)
 
 __all__ = ["DIST_IMPLS", "Shard", "ShardedPrimitives", "control_tensor", "gather_plain", "logsumexp_across"]
 
 DIST_IMPLS = ("gather", "ring")
+_P = TypeVar("_P")
 
 
 def control_tensor(values: list[int], group: Any) -> torch.Tensor:
@@ -63,11 +74,43 @@ def logsumexp_across(x: torch.Tensor, group) -> torch.Tensor:
     return peak + torch.log(total)
 
 
-def gather_plain(x: torch.Tensor, group) -> list[torch.Tensor]:
-    """All ranks' ``x`` in rank order (no autograd: the Functions route gradients themselves)."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return parts
+def leading_sizes(x: torch.Tensor, group) -> list[int]:
+    """Every rank's ``x.shape[0]``, in rank order (one small all-gather)."""
+    mine = control_tensor([x.shape[0]], group)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    return [int(t) for t in torch.cat(every).tolist()]
+
+
+def gather_plain(x: torch.Tensor, group, sizes: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
+    """All ranks' ``x`` in rank order (no autograd: the Functions route gradients themselves).
+
+    Ranks may hold different numbers of rows (``sizes``, every rank's ``x.shape[0]``; asked of the
+    group when not given): the parts travel padded to the largest and are cut back.
+    """
+    sizes = list(sizes) if sizes is not None else leading_sizes(x, group)
+    most = max(sizes)
+    x = x.contiguous()
+    if x.shape[0] < most:
+        x = torch.cat([x, x.new_zeros((most - x.shape[0], *x.shape[1:]))])
+    parts = [torch.empty_like(x) for _ in sizes]
+    dist.all_gather(parts, x, group=group)
+    return [part[:size] for part, size in zip(parts, sizes)]
+
+
+def reduce_scatter_uneven(blocks: list[torch.Tensor], group) -> torch.Tensor:
+    """``Σ_ranks blocks[rank]`` of every rank's list, this rank's only (blocks may differ in rows: they
+    travel padded to the largest)."""
+    most = max(x.shape[0] for x in blocks)
+    padded = [
+        x.contiguous()
+        if x.shape[0] == most
+        else torch.cat([x, x.new_zeros((most - x.shape[0], *x.shape[1:]))])
+        for x in blocks
+    ]
+    out = torch.empty_like(padded[0])
+    dist.reduce_scatter(out, padded, group=group)
+    return out[: blocks[dist.get_rank(group)].shape[0]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,42 +132,81 @@ class Shard:
         local = (self.rank + offset) % self.world
         return local if self.group is None else dist.get_global_rank(self.group, local)
 
-    def rolled(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    def rolled(self, parts: list[_P]) -> list[_P]:
         """Own part first: the home block's local diagonal is then the global one."""
         return parts[self.rank :] + parts[: self.rank]
+
+    def layout(self, m: int, col_count: int) -> Layout:
+        """Every rank's columns and columns with statistics (one small all-gather per call: the
+        backward of the same call reuses it)."""
+        key = ("layout", m, col_count)
+        if key not in self.kept:
+            mine = control_tensor([m, col_count], self.group)
+            every = [torch.zeros_like(mine) for _ in range(self.world)]
+            dist.all_gather(every, mine, group=self.group)
+            table = torch.stack(every).tolist()
+            self.kept[key] = Layout(tuple(r[0] for r in table), tuple(r[1] for r in table))
+        return self.kept[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Every rank's ``b`` rows (``cols``) and how many of them come first with statistics
+    (``stats``), rank order."""
+
+    cols: tuple[int, ...]
+    stats: tuple[int, ...]
 
 
 # --------------------------------------------------------------------------- gather
 
 
-def _arranged_columns(shard: Shard, blocks: list[torch.Tensor], col_count: int) -> torch.Tensor:
-    """Gathered ``b`` blocks, own first, with every block's first ``col_count`` rows up front.
+def _arranged_columns(shard: Shard, blocks: list[torch.Tensor], layout: Layout) -> torch.Tensor:
+    """Gathered ``b`` blocks, own first, with every block's columns with statistics up front.
 
     The local primitives return column statistics for a prefix of the
     columns, so the columns that have statistics (every rank's pair columns)
-    must come first; the hard negatives follow.
+    must come first; the hard negatives follow. Blocks may differ in size.
     """
-    rolled = shard.rolled(blocks)
-    m = blocks[0].shape[0]
-    if 0 < col_count < m:
-        return torch.cat([x[:col_count] for x in rolled] + [x[col_count:] for x in rolled])
-    return torch.cat(rolled)
+    rolled = shard.rolled(list(zip(blocks, layout.stats)))
+    if any(0 < c < x.shape[0] for x, c in rolled):
+        return torch.cat([x[:c] for x, c in rolled] + [x[c:] for x, c in rolled])
+    return torch.cat([x for x, _ in rolled])
 
 
-def _gathered_columns(shard: Shard, b: torch.Tensor, col_count: int) -> torch.Tensor:
+def _split_arranged(shard: Shard, arranged: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+    """Inverse of :func:`_arranged_columns`: per-rank blocks in rank order."""
+    rolled = shard.rolled(list(zip(layout.cols, layout.stats)))
+    if any(0 < c < m for m, c in rolled):
+        heads = arranged[: sum(c for _, c in rolled)].split([c for _, c in rolled])
+        tails = arranged[sum(c for _, c in rolled) :].split([m - c for m, c in rolled])
+        blocks = [torch.cat([h, t]) for h, t in zip(heads, tails)]
+    else:
+        blocks = list(arranged.split([m for m, _ in rolled]))
+    back = shard.world - shard.rank
+    return blocks[back:] + blocks[:back]
+
+
+def _tail_shift(shard: Shard, layout: Layout) -> int:
+    """How far a column of this rank's block past its statistics prefix moves in the arranged
+    columns: past every other rank's prefix."""
+    return sum(layout.stats) - layout.stats[shard.rank]
+
+
+def _gathered_columns(shard: Shard, b: torch.Tensor, layout: Layout) -> torch.Tensor:
     """Every rank's ``b``, arranged; gathered once per call and kept until the backward.
 
     Keeping them (as an all-gather with autograd would) saves the backward's
     second all-gather: a third of the gather implementation's traffic.
     """
-    key = (b.data_ptr(), tuple(b.shape), b._version, col_count)
+    key = (b.data_ptr(), tuple(b.shape), b._version, layout)
     if shard.kept.get("key") != key:
         shard.kept["key"] = key
-        shard.kept["columns"] = _arranged_columns(shard, gather_plain(b, shard.group), col_count)
+        shard.kept["columns"] = _arranged_columns(shard, gather_plain(b, shard.group, layout.cols), layout)
     return shard.kept["columns"]
 
 
-def _with_gathered_groups(shard: Shard, scores: Scores, columns: Tensor, col_count: int) -> Scores:
+def _with_gathered_groups(shard: Shard, scores: Scores, columns: Tensor, layout: Layout) -> Scores:
     """``scores`` over the gathered ``columns``: every rank's column group ids, arranged as the columns.
 
     The kept (positive) columns index this rank's block, which comes first;
@@ -134,10 +216,10 @@ def _with_gathered_groups(shard: Shard, scores: Scores, columns: Tensor, col_cou
     if not scores.masked:
         return scores
     _, col_groups, kept = scores.group_mask()
-    m = col_groups.shape[0]
-    groups = _arranged_columns(shard, gather_plain(col_groups, shard.group), col_count)
-    if 0 < col_count < m:
-        kept = torch.where(kept >= col_count, kept + (shard.world - 1) * col_count, kept)
+    groups = _arranged_columns(shard, gather_plain(col_groups, shard.group, layout.cols), layout)
+    own = layout.stats[shard.rank]
+    if 0 < own < col_groups.shape[0]:
+        kept = torch.where(kept >= own, kept + _tail_shift(shard, layout), kept)
     return scores._replace(col_groups=groups, kept_cols=kept)
 
 
@@ -145,72 +227,65 @@ def _gather_lse_stats(
     local: Primitives, shard: Shard, scores: Scores, targets: Tensor, col_count: int
 ) -> LseStats:
     _check_layout(scores.exclude_diagonal, col_count, scores.b.shape[0])
-    columns = _gathered_columns(shard, scores.b, col_count)
+    layout = shard.layout(scores.b.shape[0], col_count)
+    columns = _gathered_columns(shard, scores.b, layout)
     row_lse, col_partial, positive = local.lse_stats(
-        _with_gathered_groups(shard, scores, columns, col_count), targets, col_count * shard.world
+        _with_gathered_groups(shard, scores, columns, layout), targets, sum(layout.stats)
     )
-    if col_count == 0:
+    if not any(layout.stats):
         return LseStats(row_lse, col_partial, positive)
-    # rolled block p is rank (rank + p)'s: roll back to rank order, merge over all ranks' rows
-    by_rank = col_partial.view(shard.world, col_count).roll(shard.rank, dims=0)
-    col_lse = logsumexp_across(by_rank.contiguous(), shard.group)[shard.rank]
-    return LseStats(row_lse, col_lse, positive)
+    # the partials come in rolled order (own block first): back to rank order, merged over all
+    # ranks' rows, then this rank's
+    merged = logsumexp_across(torch.cat(_unrolled(shard, col_partial, layout)), shard.group)
+    start = sum(layout.stats[: shard.rank])
+    return LseStats(row_lse, merged[start : start + col_count], positive)
+
+
+def _unrolled(shard: Shard, rolled: Tensor, layout: Layout) -> list[Tensor]:
+    """A vector of per-rank parts in rolled order (own first), as parts in rank order."""
+    parts = list(rolled.split(shard.rolled(list(layout.stats))))
+    back = shard.world - shard.rank
+    return parts[back:] + parts[:back]
 
 
 def _gather_offset_backward(local: Primitives, shard: Shard, scores: Scores, terms: OffsetTerms) -> Gradients:
     m, col_count = scores.b.shape[0], terms.col_offset.shape[0]
     _check_layout(scores.exclude_diagonal, col_count, m)
-    columns = _gathered_columns(shard, scores.b, col_count)
+    layout = shard.layout(m, col_count)
+    columns = _gathered_columns(shard, scores.b, layout)
     shard.kept.clear()  # the backward is the last use
-    if col_count:
+    if any(layout.stats):
         terms = terms._replace(
-            col_offset=torch.cat(shard.rolled(gather_plain(terms.col_offset, shard.group))),
-            col_mult=torch.cat(shard.rolled(gather_plain(terms.col_mult, shard.group))),
+            col_offset=torch.cat(shard.rolled(gather_plain(terms.col_offset, shard.group, layout.stats))),
+            col_mult=torch.cat(shard.rolled(gather_plain(terms.col_mult, shard.group, layout.stats))),
         )
     if terms.positive_cols is not None and 0 < col_count < m:
         # the positives index this rank's block, which comes first; past the statistics prefix a
         # column moves with the block's tail (as the kept columns of the group mask)
         cols = terms.positive_cols
         terms = terms._replace(
-            positive_cols=torch.where(cols >= col_count, cols + (shard.world - 1) * col_count, cols)
+            positive_cols=torch.where(cols >= col_count, cols + _tail_shift(shard, layout), cols)
         )
-    gathered = _with_gathered_groups(shard, scores, columns, col_count)
+    gathered = _with_gathered_groups(shard, scores, columns, layout)
     grad_a, grad_columns, grad_scale = local.offset_backward(gathered, terms)
-    grad_blocks = _split_arranged(shard, grad_columns, m, col_count)
-    grad_b = torch.empty_like(grad_blocks[0])
-    dist.reduce_scatter(grad_b, [x.contiguous() for x in grad_blocks], group=shard.group)
+    grad_b = reduce_scatter_uneven(_split_arranged(shard, grad_columns, layout), shard.group)
     return Gradients(grad_a, grad_b, grad_scale)
 
 
 def _gather_sigmoid_sweep(
     local: Primitives, shard: Shard, scores: Scores, terms: SigmoidTerms, with_grads: bool
 ) -> SigmoidSweep:
-    m = scores.b.shape[0]
-    columns = _gathered_columns(shard, scores.b, 0)
-    col_keys = torch.cat(shard.rolled(gather_plain(terms.col_keys, shard.group)))
+    layout = shard.layout(scores.b.shape[0], 0)
+    columns = _gathered_columns(shard, scores.b, layout)
+    col_keys = torch.cat(shard.rolled(gather_plain(terms.col_keys, shard.group, layout.cols)))
     if with_grads:
         shard.kept.clear()  # the sweep with gradients is the last use
-    gathered = _with_gathered_groups(shard, scores, columns, 0)
+    gathered = _with_gathered_groups(shard, scores, columns, layout)
     sweep = local.sigmoid_sweep(gathered, terms._replace(col_keys=col_keys), with_grads)
     if not with_grads:
         return sweep
-    grad_blocks = _split_arranged(shard, sweep.grad_b, m, 0)
-    grad_b = torch.empty_like(grad_blocks[0])
-    dist.reduce_scatter(grad_b, [x.contiguous() for x in grad_blocks], group=shard.group)
+    grad_b = reduce_scatter_uneven(_split_arranged(shard, sweep.grad_b, layout), shard.group)
     return sweep._replace(grad_b=grad_b)
-
-
-def _split_arranged(shard: Shard, arranged: torch.Tensor, m: int, col_count: int) -> list[torch.Tensor]:
-    """Inverse of :func:`_arranged_columns`: per-rank blocks in rank order."""
-    world = shard.world
-    if 0 < col_count < m:
-        heads = arranged[: world * col_count].view(world, col_count, -1)
-        tails = arranged[world * col_count :].view(world, m - col_count, -1)
-        rolled = [torch.cat([h, t]) for h, t in zip(heads, tails)]
-    else:
-        rolled = list(arranged.view(world, m, -1))
-    back = world - shard.rank
-    return rolled[back:] + rolled[:back]
 
 
 def _check_layout(exclude_diagonal: bool, col_count: int, m: int) -> None:
@@ -225,12 +300,20 @@ def _check_layout(exclude_diagonal: bool, col_count: int, m: int) -> None:
 def _ring(
     shard: Shard,
     travelling: list[torch.Tensor],
-    step: Callable[[list[torch.Tensor], bool], torch.Tensor],
+    sizes: Sequence[Sequence[int]],
+    step: Callable[[list[torch.Tensor], int], torch.Tensor],
     combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    result_sizes: Sequence[int],
 ) -> torch.Tensor:
     """One lap of the ring; returns the accumulator of this rank's own block.
 
-    At step ``t`` a rank holds the block of rank ``rank − t``. One batch of
+    Blocks may differ in size from rank to rank: ``sizes[k]`` is every rank's
+    leading size of ``travelling[k]``, ``result_sizes`` every rank's of the
+    accumulator (all 0 when nothing accumulates), so each receive is posted
+    with the shape its sender has.
+
+    At step ``t`` a rank holds the block of rank ``rank − t`` (``step`` gets it
+    and its owner). One batch of
     point-to-point ops per step sends on the accumulator finished at step
     ``t − 1`` and the block in hand, and receives this step's accumulator so
     far and the next block; the step's part (``step``) is computed while they
@@ -240,7 +323,7 @@ def _ring(
     peer's own send. At most two accumulators are alive: ``O(n·D)`` per rank.
     """
     if shard.world == 1:
-        return step(travelling, True)
+        return step(travelling, shard.rank)
     group, after, before = shard.group, shard.peer(1), shard.peer(-1)
     held, finished = travelling, None
 
@@ -249,25 +332,30 @@ def _ring(
         ops += [dist.P2POp(dist.irecv, x, before, group) for x in receive if x.numel()]
         return dist.batch_isend_irecv(ops) if ops else []
 
+    def like(x: torch.Tensor, rows: int) -> torch.Tensor:
+        return x.new_empty((rows, *x.shape[1:]))
+
     for t in range(shard.world):
         sends, receives = [], []
         accumulated = incoming = None
         if finished is not None:
-            accumulated = torch.empty_like(finished)
+            # the accumulator of the block in hand: rank (rank − t)'s
+            accumulated = like(finished, result_sizes[(shard.rank - t) % shard.world])
             sends.append(finished)
             receives.append(accumulated)
         if t < shard.world - 1:
-            incoming = [torch.empty_like(x) for x in held]
+            owner = (shard.rank - t - 1) % shard.world
+            incoming = [like(x, size[owner]) for x, size in zip(held, sizes)]
             sends += held
             receives += incoming
         requests = exchange(sends, receives)
-        part = step(held, t == 0)
+        part = step(held, (shard.rank - t) % shard.world)
         for request in requests:
             request.wait()
         finished = (part if accumulated is None else combine(accumulated, part)).contiguous()
         held = incoming if incoming is not None else held
     assert finished is not None  # world >= 2 steps ran
-    own = torch.empty_like(finished)
+    own = like(finished, result_sizes[shard.rank])
     for request in exchange([finished], [own]):
         request.wait()
     return own
@@ -293,17 +381,22 @@ def _ring_lse_stats(
 ) -> LseStats:
     row_lse: Optional[Tensor] = None
     positive: Optional[Tensor] = None
+    layout = shard.layout(scores.b.shape[0], col_count)
 
-    def step(held: list[torch.Tensor], home: bool) -> torch.Tensor:
+    def step(held: list[torch.Tensor], owner: int) -> torch.Tensor:
         nonlocal row_lse, positive
+        home = owner == shard.rank
         block = _block_scores(scores, held[0], held[1:], home)
-        rows, cols, pos = local.lse_stats(block, targets, col_count)
+        # the column statistics of the block in hand: its owner's columns with statistics
+        rows, cols, pos = local.lse_stats(block, targets, layout.stats[owner])
         row_lse = rows if row_lse is None else torch.logaddexp(row_lse, rows)
         if home:
             positive = pos
         return cols
 
-    col_lse = _ring(shard, [scores.b.contiguous(), *_travelling_groups(scores)], step, torch.logaddexp)
+    travelling = [scores.b.contiguous(), *_travelling_groups(scores)]
+    sizes = [layout.cols] * len(travelling)
+    col_lse = _ring(shard, travelling, sizes, step, torch.logaddexp, layout.stats)
     assert row_lse is not None and positive is not None  # the home step always runs
     return LseStats(row_lse, col_lse, positive)
 
@@ -311,9 +404,11 @@ def _ring_lse_stats(
 def _ring_offset_backward(local: Primitives, shard: Shard, scores: Scores, terms: OffsetTerms) -> Gradients:
     grad_a: Optional[Tensor] = None
     grad_scale: Optional[Tensor] = None
+    layout = shard.layout(scores.b.shape[0], terms.col_offset.shape[0])
 
-    def step(held: list[torch.Tensor], home: bool) -> torch.Tensor:
+    def step(held: list[torch.Tensor], owner: int) -> torch.Tensor:
         nonlocal grad_a, grad_scale
+        home = owner == shard.rank
         block, offsets, mults, *groups = held
         block_scores = _block_scores(scores, block, groups, home)
         # the positives are columns of this rank's own block: the home step's alone
@@ -327,7 +422,8 @@ def _ring_offset_backward(local: Primitives, shard: Shard, scores: Scores, terms
 
     travelling = [scores.b.contiguous(), terms.col_offset.contiguous(), terms.col_mult.contiguous()]
     travelling += _travelling_groups(scores)
-    grad_b = _ring(shard, travelling, step, torch.add)
+    sizes = [layout.cols, layout.stats, layout.stats] + [layout.cols] * (len(travelling) - 3)
+    grad_b = _ring(shard, travelling, sizes, step, torch.add, layout.cols)
     assert grad_a is not None and grad_scale is not None  # the home step always runs
     return Gradients(grad_a, grad_b, grad_scale)
 
@@ -336,11 +432,12 @@ def _ring_sigmoid_sweep(
     local: Primitives, shard: Shard, scores: Scores, terms: SigmoidTerms, with_grads: bool
 ) -> SigmoidSweep:
     totals: Optional[SigmoidSweep] = None
+    layout = shard.layout(scores.b.shape[0], 0)
 
-    def step(held: list[torch.Tensor], home: bool) -> torch.Tensor:
+    def step(held: list[torch.Tensor], owner: int) -> torch.Tensor:
         nonlocal totals
         block, keys, *groups = held
-        block_scores = _block_scores(scores, block, groups, home)
+        block_scores = _block_scores(scores, block, groups, owner == shard.rank)
         part = local.sigmoid_sweep(block_scores, terms._replace(col_keys=keys), with_grads)
         if totals is None:
             totals = part
@@ -354,12 +451,63 @@ def _ring_sigmoid_sweep(
         return part.grad_b  # empty without gradients: nothing travels
 
     travelling = [scores.b.contiguous(), terms.col_keys.contiguous(), *_travelling_groups(scores)]
-    grad_b = _ring(shard, travelling, step, torch.add)
+    result_sizes = layout.cols if with_grads else (0,) * shard.world
+    grad_b = _ring(shard, travelling, [layout.cols] * len(travelling), step, torch.add, result_sizes)
     assert totals is not None  # the home step always runs
     return totals._replace(grad_b=grad_b)
 
 
 # --------------------------------------------------------------------------- the primitives
+
+
+class _EmptyBlocks:
+    """``local``'s primitives, answering a block with no rows or no columns without a kernel.
+
+    A rank may hold no rows, or a ring step a block of no columns (its owner's
+    batch is empty); the rank still takes part in every exchange, its block's
+    results are the empty ones (an LSE over nothing is ``-inf``, a gradient 0).
+    """
+
+    def __init__(self, local: Primitives) -> None:
+        self.local = local
+
+    @staticmethod
+    def _empty(scores: Scores) -> bool:
+        return scores.a.shape[0] == 0 or scores.b.shape[0] == 0
+
+    @staticmethod
+    def _zeros(scores: Scores, *shape: int) -> torch.Tensor:
+        return scores.a.new_zeros(shape, dtype=accumulation_dtype(scores.a.dtype))
+
+    def lse_stats(self, scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats:
+        if not self._empty(scores):
+            return self.local.lse_stats(scores, targets, col_count)
+        n = scores.a.shape[0]
+        return LseStats(
+            self._zeros(scores, n) - math.inf,
+            self._zeros(scores, col_count) - math.inf,
+            self._zeros(scores, n),
+        )
+
+    def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
+        if not self._empty(scores):
+            return self.local.offset_backward(scores, terms)
+        (n, dim), m = scores.a.shape, scores.b.shape[0]
+        return Gradients(self._zeros(scores, n, dim), self._zeros(scores, m, dim), self._zeros(scores))
+
+    def sigmoid_sweep(self, scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
+        if not self._empty(scores):
+            return self.local.sigmoid_sweep(scores, terms, with_grads)
+        (n, dim), m = scores.a.shape, scores.b.shape[0]
+        if not with_grads:
+            return SigmoidSweep(self._zeros(scores, n), *(self._zeros(scores, 0) for _ in range(4)))
+        grads = (
+            self._zeros(scores, n, dim),
+            self._zeros(scores, m, dim),
+            self._zeros(scores),
+            self._zeros(scores),
+        )
+        return SigmoidSweep(self._zeros(scores, n), *grads)
 
 
 class ShardedPrimitives:
@@ -368,7 +516,8 @@ class ShardedPrimitives:
     def __init__(self, local: Primitives, shard: Shard, dist_impl: str) -> None:
         if dist_impl not in DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {DIST_IMPLS}, got {dist_impl!r}")
-        self.local, self.shard, self.dist_impl = local, shard, dist_impl
+        self.local: Primitives = _EmptyBlocks(local)
+        self.shard, self.dist_impl = shard, dist_impl
 
     # the local calls see this rank's rows against other columns: never one tensor on both sides
 
