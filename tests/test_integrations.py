@@ -197,7 +197,10 @@ def columns_of_embeddings(n: int, k: int, seed: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("negatives", [0, 1, 2])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["one-way", "symmetric"])
 @pytest.mark.parametrize("similarity", ["cos_sim", "dot_score"])
-def test_mnrl_matches_sentence_transformers(negatives, symmetric, similarity):
+@pytest.mark.parametrize("gather", [False, True], ids=["local", "gather without a process group"])
+def test_mnrl_matches_sentence_transformers(gather, negatives, symmetric, similarity):
+    """``gather_across_devices=True`` in one process without a process group is a world of one, as
+    sentence-transformers' own (a Trainer script run without a launcher)."""
     columns = columns_of_embeddings(14, negatives, seed=negatives)
     directions = ("query_to_doc", "doc_to_query") if symmetric else ("query_to_doc",)
     options = dict(
@@ -205,6 +208,7 @@ def test_mnrl_matches_sentence_transformers(negatives, symmetric, similarity):
         similarity_fct=getattr(st_util, similarity),
         directions=directions,
         partition_mode="per_direction" if symmetric else "joint",
+        gather_across_devices=gather,
     )
     ours = tilecl_st.MultipleNegativesRankingLoss(nn.Identity(), **options, backend="torch")
     theirs = st_losses.MultipleNegativesRankingLoss(nn.Identity(), **options)

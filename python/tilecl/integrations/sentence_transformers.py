@@ -244,9 +244,9 @@ class MultipleNegativesRankingLoss(nn.Module):
         if self.mask_false_negatives == "labels" and groups is None:
             groups = self._label_groups(labels, anchors.shape[0], len(negatives))
         group = None
-        if self.gather_across_devices:
-            if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-                raise RuntimeError("gather_across_devices=True needs an initialized default process group")
+        # as sentence-transformers' all_gather: one process without a process group is a world of one
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self.gather_across_devices and distributed:
             group = torch.distributed.group.WORLD
         return contrastive_loss(
             anchors,
