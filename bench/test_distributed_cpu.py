@@ -16,8 +16,10 @@ features, the symmetric loss forward + backward.
   during one step (``/proc/self/clear_refs`` + ``VmHWM``).
 
 A single-process row (``impl="single"``, all cores) gives the reference time.
-Writes ``bench/results/distributed_cpu.json`` (CLIP) and
-``bench/results/siglip_distributed_cpu.json`` (the sigmoid loss);
+Writes ``bench/results/distributed_cpu.json`` (CLIP),
+``bench/results/siglip_distributed_cpu.json`` (the sigmoid loss) and
+``bench/results/distributed_uneven_cpu.json`` (CLIP, ranks of different
+sizes, with every rank's peak);
 ``TILECL_BENCH_MAX_N`` caps N.
 """
 
@@ -28,6 +30,7 @@ import json
 import os
 import tempfile
 import time
+from typing import Optional
 
 import pytest
 import torch
@@ -90,14 +93,16 @@ def _loss(kind: str, a: torch.Tensor, b: torch.Tensor, group, impl: str) -> torc
     return tilecl.contrastive_loss(a, b, 20.0, backend="torch", process_group=group, dist_impl=impl)
 
 
-def _worker(rank: int, world: int, store: str, out: str, impl: str, n: int, d: int, kind: str) -> None:
+def _worker(
+    rank: int, world: int, store: str, out: str, impl: str, n: int, d: int, kind: str, sizes: list[int]
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=300),
     )  # fmt: skip
     gen = torch.Generator().manual_seed(rank)
-    local = n // world
+    local = sizes[rank]
     a = torch.nn.functional.normalize(torch.randn(local, d, generator=gen), dim=1).requires_grad_()
     b = torch.nn.functional.normalize(torch.randn(local, d, generator=gen), dim=1).requires_grad_()
     group = dist.group.WORLD
@@ -122,7 +127,8 @@ def _worker(rank: int, world: int, store: str, out: str, impl: str, n: int, d: i
         slowest = torch.tensor([step()], dtype=torch.float64)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         times.append(float(slowest))
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    peaks = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(peaks, peak)
     if rank == 0:
         row = {
             "impl": impl,
@@ -134,18 +140,26 @@ def _worker(rank: int, world: int, store: str, out: str, impl: str, n: int, d: i
             "model_bytes_per_rank": (
                 model_sigmoid_bytes_per_rank if kind == "sigmoid" else model_bytes_per_rank
             )(impl, world, n, d),
-            "peak_extra_bytes": float(peak),
+            "peak_extra_bytes": max(float(p) for p in peaks),
         }
+        if len(set(sizes)) > 1:
+            row["sizes"] = sizes
+            row["peak_extra_bytes_per_rank"] = [float(p) for p in peaks]
+            del row["model_bytes_per_rank"]  # the model above is for equal shards
         with open(out, "w") as f:
             json.dump(row, f)
     dist.destroy_process_group()
 
 
-def run_ranks(impl: str, world: int, n: int, d: int, kind: str = "clip") -> dict:
+def run_ranks(
+    impl: str, world: int, n: int, d: int, kind: str = "clip", sizes: Optional[list[int]] = None
+) -> dict:
+    """One configuration's row; ``sizes``: rows per rank (default ``n // world`` each)."""
+    sizes = [n // world] * world if sizes is None else sizes
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
         store = os.path.join(tmp, "store")
-        mp.spawn(_worker, args=(world, store, out, impl, n, d, kind), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, store, out, impl, n, d, kind, sizes), nprocs=world, join=True)
         with open(out) as f:
             return json.load(f)
 
@@ -163,6 +177,24 @@ def test_distributed_step(impl, world, n):
 def test_siglip_distributed_step(impl, world, n):
     row = run_ranks(impl, world, n, D, "sigmoid")
     merge_rows("siglip_distributed_cpu.json", [row], ("n", "world", "impl"))
+
+
+#: uneven layouts of 4 ranks with the same largest rank (4096 rows): the ring's peak per rank should
+#: follow that largest block (O(max N_r · D)), the gather's the global batch (O(N · D)). D is large
+#: enough that the feature buffers, not the tiles, set the peak.
+UNEVEN = {"one rank": [0, 0, 0, 4096], "uneven": [0, 256, 1024, 4096], "three more": [1024, 1024, 1024, 4096]}
+UNEVEN_D = 1024
+
+
+@pytest.mark.parametrize("impl", ["gather", "ring"])
+@pytest.mark.parametrize("layout", list(UNEVEN))
+def test_uneven_step_memory(impl, layout, monkeypatch):
+    # a fixed mmap threshold: every large buffer is mapped and unmapped, so the resident set follows
+    # the live tensors (glibc's adaptive threshold would keep freed warm-up buffers in the heap)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    sizes = UNEVEN[layout]
+    row = run_ranks(impl, len(sizes), sum(sizes), UNEVEN_D, sizes=sizes)
+    merge_rows("distributed_uneven_cpu.json", [{"layout": layout, **row}], ("layout", "impl"))
 
 
 @pytest.mark.parametrize("n", [n for n in NS if n <= MAX_N])

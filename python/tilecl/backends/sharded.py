@@ -86,31 +86,43 @@ def gather_plain(x: torch.Tensor, group, sizes: Optional[Sequence[int]] = None) 
     """All ranks' ``x`` in rank order (no autograd: the Functions route gradients themselves).
 
     Ranks may hold different numbers of rows (``sizes``, every rank's ``x.shape[0]``; asked of the
-    group when not given): the parts travel padded to the largest and are cut back.
+    group when not given): each part is then broadcast from its owner at its own size, so a rank
+    holds ``Σ sizes`` rows, not ``world × max(sizes)`` (gloo's all-gather takes equal sizes only).
     """
     sizes = list(sizes) if sizes is not None else leading_sizes(x, group)
-    most = max(sizes)
     x = x.contiguous()
-    if x.shape[0] < most:
-        x = torch.cat([x, x.new_zeros((most - x.shape[0], *x.shape[1:]))])
-    parts = [torch.empty_like(x) for _ in sizes]
-    dist.all_gather(parts, x, group=group)
-    return [part[:size] for part, size in zip(parts, sizes)]
+    if len(set(sizes)) == 1:
+        parts = [torch.empty_like(x) for _ in sizes]
+        dist.all_gather(parts, x, group=group)
+        return parts
+    me = dist.get_rank(group)
+    parts = [x if r == me else x.new_empty((size, *x.shape[1:])) for r, size in enumerate(sizes)]
+    for r, part in enumerate(parts):
+        if part.numel():
+            dist.broadcast(part, src=_global_rank(group, r), group=group)
+    return parts
 
 
 def reduce_scatter_uneven(blocks: list[torch.Tensor], group) -> torch.Tensor:
-    """``Σ_ranks blocks[rank]`` of every rank's list, this rank's only (blocks may differ in rows: they
-    travel padded to the largest)."""
-    most = max(x.shape[0] for x in blocks)
-    padded = [
-        x.contiguous()
-        if x.shape[0] == most
-        else torch.cat([x, x.new_zeros((most - x.shape[0], *x.shape[1:]))])
-        for x in blocks
-    ]
-    out = torch.empty_like(padded[0])
-    dist.reduce_scatter(out, padded, group=group)
-    return out[: blocks[dist.get_rank(group)].shape[0]]
+    """``Σ_ranks blocks[rank]`` of every rank's list, this rank's only. Blocks of different rows are
+    each reduced onto their owner at their own size (no padding to the largest)."""
+    blocks = [x.contiguous() for x in blocks]
+    me = dist.get_rank(group)
+    if len({x.shape[0] for x in blocks}) == 1:
+        out = torch.empty_like(blocks[me])
+        dist.reduce_scatter(out, blocks, group=group)
+        return out
+    for r, block in enumerate(blocks):
+        if block.numel():
+            # reduce writes the sum into the destination's own tensor: the owner's block is its
+            # own gradient buffer, reduced in place; the others' are scratch
+            dist.reduce(block, dst=_global_rank(group, r), group=group)
+    return blocks[me].clone()  # not a view that keeps every rank's blocks alive
+
+
+def _global_rank(group, rank: int) -> int:
+    """A member's rank in the default group (collectives name sources and destinations by it)."""
+    return rank if group is None or group is dist.group.WORLD else dist.get_global_rank(group, rank)
 
 
 @dataclasses.dataclass(frozen=True)
