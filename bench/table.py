@@ -1,7 +1,8 @@
 """Print bench results as docs/results.md's markdown tables.
 
-Usage: ``python -m bench.table [--json PATH]`` (the CLIP sweep) or
-``python -m bench.table --distributed`` (``distributed_cpu.json``).
+Usage: ``python -m bench.table [--json PATH]`` (the CLIP sweep),
+``python -m bench.table --distributed`` (``distributed_cpu.json``) or
+``python -m bench.table --uneven`` (``distributed_uneven_cpu.json``).
 """
 
 from __future__ import annotations
@@ -40,11 +41,30 @@ def distributed_table(path: Path) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def uneven_table(path: Path) -> None:
+    """Every rank's peak per layout, beside the designed feature buffers (gather: ``b`` and ``∂/∂B``
+    of all ``N`` rows; ring: two blocks and two accumulators of the largest rank's ``n_max``)."""
+    rows = json.loads(path.read_text())["rows"]
+    print("| rows per rank | N | impl | peak extra per rank | designed feature buffers | step time |")
+    print("|---|---:|---|---|---:|---:|")
+    for r in sorted(rows, key=lambda r: (r["n"], r["impl"])):
+        feature = r["d"] * 4
+        designed = 2 * r["n"] * feature if r["impl"] == "gather" else 4 * max(r["sizes"]) * feature
+        peaks = ", ".join(f"{p / 2**20:.0f}" for p in r["peak_extra_bytes_per_rank"])
+        sizes = ", ".join(str(n) for n in r["sizes"])
+        cells = [sizes, f"{r['n']:,}", r["impl"], f"{peaks} MiB", fmt_bytes(designed), f"{r['time_s']:.3g} s"]
+        print("| " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=str(RESULTS / "clip_cpu.json"))
     parser.add_argument("--distributed", action="store_true", help="print distributed_cpu.json")
+    parser.add_argument("--uneven", action="store_true", help="print distributed_uneven_cpu.json")
     args = parser.parse_args()
+    if args.uneven:
+        uneven_table(RESULTS / "distributed_uneven_cpu.json")
+        return
     if args.distributed:
         distributed_table(RESULTS / "distributed_cpu.json")
         return

@@ -117,6 +117,14 @@ def cases(inputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], **di
             **dist_kwargs,
         )
 
+    def distill(z1, z2, scale):
+        # a teacher of another width; both losses in one value (distinct weights keep both visible)
+        teacher = (inputs["u1"][:, :3], inputs["u2"][:, :3])
+        contrastive, distilled = tilecl.distill_clip_loss(
+            z1, z2, scale, *teacher, 2.5, backend="torch", **dist_kwargs
+        )
+        return contrastive + 3 * distilled
+
     def decoupled(a, b, positives):
         return tilecl.contrastive_loss(
             a, b, s, positives=positives, symmetric=False, backend="torch", **dist_kwargs
@@ -235,6 +243,7 @@ def cases(inputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], **di
         "clip default labels": (clip_default_labels, ("a", "b")),
         "infonce labels sum": (infonce_sum, ("a", "b", "scale")),
         "decoupled positives": (decoupled, ("a", "b", "positives")),
+        "distill": (distill, ("z1", "z2", "scale")),
         "gamma surrogate": (gamma, ("a", "b")),
         "nt-xent": (nt_xent, ("z1", "z2")),
         "uniformity": (uniformity, ("z1",)),

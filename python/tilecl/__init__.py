@@ -8,8 +8,9 @@ Public API::
     tilecl.supcon_loss(features, labels, temperature, *, columns, column_labels, ...)
     tilecl.sigmoid_loss(a, b, logit_scale, logit_bias, *, labels, row_groups, col_groups, ...)
     tilecl.gamma_contrastive_loss(a, b, log_u_rows, log_u_cols, logit_scale, ...)
-    tilecl.ClipLoss, tilecl.SigLipLoss, tilecl.InfoNCELoss, tilecl.NTXentLoss, tilecl.SupConLoss,
-    tilecl.GammaContrastiveLoss
+    tilecl.distill_clip_loss(image, text, scale, teacher_image, teacher_text, teacher_scale)
+    tilecl.ClipLoss, tilecl.DistillClipLoss, tilecl.SigLipLoss, tilecl.InfoNCELoss, tilecl.NTXentLoss,
+    tilecl.SupConLoss, tilecl.GammaContrastiveLoss
     tilecl.integrations.sentence_transformers, tilecl.integrations.pytorch_metric_learning
         (adapters, imported on demand)
     tilecl.uniformity_loss, tilecl.geometric_consistency_loss, tilecl.brownian_bridge_loss,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 from .backends import BackendChoice, available_backends, explain_backend
 from .contrastive import contrastive_loss, gamma_contrastive_loss, nt_xent_loss
+from .distill import distill_clip_loss
 from .gamma import GammaContrastiveLoss
 from .gradcache import GradCache
 from .modality import (
@@ -34,12 +36,21 @@ from .modality import (
     geometric_consistency_loss,
     uniformity_loss,
 )
-from .modules import ClipLoss, InfoNCELoss, ModalityStructureLoss, NTXentLoss, SigLipLoss, SupConLoss
+from .modules import (
+    ClipLoss,
+    DistillClipLoss,
+    InfoNCELoss,
+    ModalityStructureLoss,
+    NTXentLoss,
+    SigLipLoss,
+    SupConLoss,
+)
 from .sigmoid import sigmoid_loss
 from .supervised import SupConOutput, supcon_loss
 
 __all__ = [
     "ClipLoss",
+    "DistillClipLoss",
     "GammaContrastiveLoss",
     "GradCache",
     "InfoNCELoss",
@@ -52,6 +63,7 @@ __all__ = [
     "available_backends",
     "brownian_bridge_loss",
     "contrastive_loss",
+    "distill_clip_loss",
     "explain_backend",
     "feature_separation_loss",
     "gamma_contrastive_loss",

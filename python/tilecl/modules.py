@@ -12,6 +12,7 @@ from torch import nn
 from . import validation as v
 from .backends import check_backend_name
 from .contrastive import contrastive_loss, nt_xent_loss
+from .distill import distill_clip_loss
 from .distributed import DIST_IMPLS, resolve_group
 from .modality import brownian_bridge_loss, feature_separation_loss, geometric_consistency_loss
 from .sigmoid import OPEN_CLIP_DIST_IMPLS, sigmoid_loss
@@ -19,7 +20,15 @@ from .supervised import supcon_loss
 
 MeshDim = Union[int, str, None]
 
-__all__ = ["ClipLoss", "InfoNCELoss", "ModalityStructureLoss", "NTXentLoss", "SigLipLoss", "SupConLoss"]
+__all__ = [
+    "ClipLoss",
+    "DistillClipLoss",
+    "InfoNCELoss",
+    "ModalityStructureLoss",
+    "NTXentLoss",
+    "SigLipLoss",
+    "SupConLoss",
+]
 
 
 def _check_world(world_size: object, dist_impl: object) -> None:
@@ -170,6 +179,45 @@ class ClipLoss(nn.Module):
             # keeps the bias in the graph (DDP expects a gradient) without changing the value
             loss = loss + 0.0 * logit_bias.sum()
         return {"contrastive_loss": loss} if output_dict else loss
+
+
+class DistillClipLoss(ClipLoss):
+    """Drop-in replacement for ``open_clip.loss.DistillClipLoss``: the student's CLIP loss and its
+    distillation from a teacher's logits, neither model's ``N x N`` ever formed.
+
+    Same constructor as :class:`ClipLoss` (and open_clip's); ``forward(image_features,
+    text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
+    output_dict=False)`` returns ``(contrastive_loss, distill_loss)`` or, with ``output_dict``,
+    ``{"contrastive_loss": ..., "distill_loss": ...}``; see :func:`tilecl.distill_clip_loss`
+    for the formula. The teacher's ``(N, D')`` features and scale get no gradient.
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: v.Scale,
+        dist_image_features: torch.Tensor,
+        dist_text_features: torch.Tensor,
+        dist_logit_scale: v.Scale,
+        output_dict: bool = False,
+    ) -> Union[tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
+        v.check_flag(output_dict, "output_dict")
+        group = _default_group(self.world_size, "DistillClipLoss", self.rank, self.process_group)
+        contrastive, distill = distill_clip_loss(
+            image_features,
+            text_features,
+            logit_scale,
+            dist_image_features,
+            dist_text_features,
+            dist_logit_scale,
+            backend=self.backend,
+            process_group=group,
+            dist_impl=self.dist_impl,
+        )
+        if output_dict:
+            return {"contrastive_loss": contrastive, "distill_loss": distill}
+        return contrastive, distill
 
 
 class InfoNCELoss(nn.Module):

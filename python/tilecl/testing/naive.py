@@ -12,7 +12,13 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["naive_contrastive_loss", "naive_nt_xent_loss", "naive_sigmoid_loss", "naive_supcon_loss"]
+__all__ = [
+    "naive_contrastive_loss",
+    "naive_distill_clip_loss",
+    "naive_nt_xent_loss",
+    "naive_sigmoid_loss",
+    "naive_supcon_loss",
+]
 
 
 def _reduce(per_pair: torch.Tensor, reduction: str, weights: Optional[torch.Tensor]) -> torch.Tensor:
@@ -146,3 +152,29 @@ def naive_sigmoid_loss(
     if reduction == "sum":
         return per_row.sum()
     return per_row
+
+
+def naive_distill_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: Union[float, torch.Tensor],
+    dist_image_features: torch.Tensor,
+    dist_text_features: torch.Tensor,
+    dist_logit_scale: Union[float, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's ``DistillClipLoss`` (one process): ``(contrastive_loss, distill_loss)`` from the
+    student's and the teacher's stored ``N x N`` logits."""
+    logits_per_image = logit_scale * image_features @ text_features.T
+    logits_per_text = logits_per_image.T
+    dist_logits_per_image = dist_logit_scale * dist_image_features @ dist_text_features.T
+    dist_logits_per_text = dist_logits_per_image.T
+    labels = torch.arange(image_features.shape[0], device=image_features.device)
+    contrastive = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+    def dist_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+        return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
+
+    distill = (
+        dist_loss(dist_logits_per_image, logits_per_image) + dist_loss(dist_logits_per_text, logits_per_text)
+    ) / 2
+    return contrastive, distill

@@ -37,6 +37,7 @@ __all__ = [
     "logsumexp",
     "loss_and_logit_grad",
     "nt_xent_loss",
+    "distill_clip_loss",
     "sigmoid_loss",
     "supcon_loss",
 ]
@@ -544,3 +545,28 @@ def supcon_loss(
     return SupConLossAndGrads(
         loss, int(has.sum()), back_a(grad @ b / temperature), back_b(grad.T @ a / temperature)
     )
+
+
+def distill_clip_loss(
+    a: Any, b: Any, logit_scale: float, teacher_a: Any, teacher_b: Any, teacher_scale: float, xp: Any = np
+) -> LossAndGrads:
+    """open_clip's ``distill_loss`` of the student's ``S = s·a bᵀ`` given the teacher's
+    ``T = t·a' b'ᵀ``, and its analytic gradients (the teacher's features are constants).
+
+    ``distill = (H_row + H_col) / 2`` with ``H_row = −mean_i Σ_j softmax(T)_ij log_softmax(S)_ij``
+    over rows and ``H_col`` the same over columns; ``∂/∂S = ((P_S − P_T) + (Q_S − Q_T)) / 2N`` with
+    ``P`` the row softmaxes and ``Q`` the column softmaxes.
+    """
+    a, b = xp.asarray(a, dtype=xp.float64), xp.asarray(b, dtype=xp.float64)
+    teacher_a = xp.asarray(teacher_a, dtype=xp.float64)
+    teacher_b = xp.asarray(teacher_b, dtype=xp.float64)
+    n = a.shape[0]
+    dots = a @ b.T
+    student = logit_scale * dots
+    teacher = teacher_scale * (teacher_a @ teacher_b.T)
+    log_rows = student - logsumexp(student, 1, xp)[:, None]
+    log_cols = student - logsumexp(student, 0, xp)[None, :]
+    teacher_rows, teacher_cols = _softmax(teacher, 1, xp), _softmax(teacher, 0, xp)
+    loss = float(-((teacher_rows * log_rows).sum() + (teacher_cols * log_cols).sum()) / (2 * n))
+    grad = (xp.exp(log_rows) - teacher_rows + xp.exp(log_cols) - teacher_cols) / (2 * n)
+    return LossAndGrads(loss, logit_scale * grad @ b, logit_scale * grad.T @ a, float((grad * dots).sum()))
