@@ -34,7 +34,12 @@ PROVIDERS = (
     "pml-supcon",
     "tilecl-distill",
     "naive-distill",
+    "tilecl-xbm",
+    "pml-xbm",
 )
+#: the cross-batch memory's entries for the ``*-xbm`` providers (SupCon over a batch of ``N`` against
+#: a full memory of this many ``D``-dim entries, PML's ``CrossBatchMemory``, 100 classes)
+XBM_ENTRIES = 65536
 
 #: the folder that holds the ``experiments`` package: the child imports it from there, whatever its cwd
 _SOURCE_ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +82,25 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(field + " not in /proc/self/status")
 
 
+def _cross_batch_memory(provider: str, d: int) -> Callable:
+    """A ``CrossBatchMemory`` around SupCon whose memory is already full (allocated before the
+    measurement, as in training); the call enqueues the batch and computes the loss."""
+    import torch
+
+    if provider == "pml-xbm":
+        from pytorch_metric_learning.losses import CrossBatchMemory, SupConLoss
+    else:
+        from tilecl.integrations.pytorch_metric_learning import CrossBatchMemory, SupConLoss
+    memory = CrossBatchMemory(SupConLoss(temperature=0.1), d, memory_size=XBM_ENTRIES)
+    gen = torch.Generator().manual_seed(1)
+    memory.embedding_memory.copy_(
+        torch.nn.functional.normalize(torch.randn(XBM_ENTRIES, d, generator=gen), dim=1)
+    )
+    memory.label_memory.copy_(torch.arange(XBM_ENTRIES) % 100)
+    memory.has_been_filled = True
+    return lambda a, b, s: memory(a, torch.arange(a.shape[0]) % 100)
+
+
 def _loss(provider: str) -> Callable:
     import torch
 
@@ -114,7 +138,7 @@ def measure(provider: str, n: int, d: int, dtype_name: str = "float32", threads:
     if threads > 0:
         torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
-    fn = _loss(provider)
+    fn = _cross_batch_memory(provider, d) if provider.endswith("-xbm") else _loss(provider)
     gen = torch.Generator().manual_seed(0)
 
     def features() -> torch.Tensor:

@@ -17,6 +17,7 @@ import datetime
 import functools
 import gc
 import math
+import warnings
 import weakref
 
 import pytest
@@ -867,3 +868,32 @@ def test_mesh_arguments_are_checked_before_any_exchange():
         tilecl.sigmoid_loss(a, a, 1.0, 0.0, device_mesh="dp")
     with pytest.raises(TypeError, match="device_mesh"):
         tilecl.ClipLoss(device_mesh=object())
+
+
+def _queue_worker(rank: int, world: int, store: str, out: str) -> None:
+    _init(rank, world, store)
+    queue = tilecl.MemoryQueue(7, D, process_group=dist.group.WORLD)
+    n = 2 + rank  # uneven
+    x = torch.full((n, D), float(rank))
+    queue.enqueue(x, torch.arange(n) + 10 * rank)
+    bad = x.clone()
+    if rank == 1:
+        bad[0, 0] = float("inf")  # one rank's non-finite row: no rank writes the step
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        queue.enqueue(bad, torch.arange(n))
+    try:
+        queue.enqueue(x[:, :2] if rank == 0 else x, torch.arange(n))  # bad shape on one rank
+        error = "no error"
+    except ValueError as failure:
+        error = str(failure)
+    torch.save((tuple(queue.entries()), len(caught), error), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_the_memory_queue_holds_every_ranks_rows_on_every_rank(tmp_path):
+    results = spawn(_queue_worker, 2, tmp_path)
+    for rank, ((embeddings, ids, _), warned, error) in enumerate(results):
+        assert ids.tolist() == [0, 1, 10, 11, 12], rank
+        assert embeddings[:, 0].tolist() == [0.0, 0.0, 1.0, 1.0, 1.0]
+        assert warned == 1 and error != "no error", (rank, error)

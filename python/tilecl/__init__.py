@@ -18,6 +18,7 @@ Public API::
     tilecl.available_backends()
     tilecl.explain_backend(a, b, backend="auto")   # which backend a call takes, and why not the others
     tilecl.GradCache(towers, mini_batch_size=...).embed(*inputs)   # giant batches: gradient caching
+    tilecl.MemoryQueue(size, dim, max_age=...)   # earlier batches as negatives (MoCo / XBM)
 
 The oracles the tests check against (a NumPy float64 oracle, the full-matrix
 PyTorch losses) live in :mod:`tilecl.testing`, imported on demand.
@@ -30,6 +31,7 @@ from .contrastive import contrastive_loss, gamma_contrastive_loss, nt_xent_loss
 from .distill import distill_clip_loss
 from .gamma import GammaContrastiveLoss
 from .gradcache import GradCache
+from .memory_queue import MemoryEntries, MemoryQueue
 from .modality import (
     brownian_bridge_loss,
     feature_separation_loss,
@@ -54,6 +56,8 @@ __all__ = [
     "GammaContrastiveLoss",
     "GradCache",
     "InfoNCELoss",
+    "MemoryEntries",
+    "MemoryQueue",
     "ModalityStructureLoss",
     "NTXentLoss",
     "SigLipLoss",

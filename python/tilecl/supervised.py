@@ -75,6 +75,7 @@ def supcon_loss(
     *,
     columns: Optional[torch.Tensor] = None,
     column_labels: Optional[torch.Tensor] = None,
+    own_columns: bool = False,
     normalize: bool = True,
     weights: Optional[torch.Tensor] = None,
     reduction: str = "mean",
@@ -102,6 +103,10 @@ def supcon_loss(
         labels: ``(N,)`` integer class ids (any values).
         temperature: ``τ > 0``.
         columns, column_labels: ``(M, D)`` and ``(M,)``, the two-tower form.
+        own_columns: two towers whose first ``N`` columns are the anchors'
+            own copies (a memory queue that holds the batch, as
+            pytorch-metric-learning's ``CrossBatchMemory``): column ``i`` is
+            left out of row ``i``'s denominator and positives. Needs ``M ≥ N``.
         normalize: L2-normalize the features first (cosine similarity, as
             pytorch-metric-learning's ``SupConLoss``).
         weights: optional ``(N,)`` non-negative per-anchor weights (see
@@ -131,6 +136,11 @@ def supcon_loss(
             v.check_ids(column_labels, "column_labels", columns.shape[0], features, "class ids")
         elif column_labels is not None:
             raise ValueError("column_labels need columns (the two-tower form)")
+        v.check_flag(own_columns, "own_columns")
+        if own_columns and (columns is None or columns.shape[0] < n):
+            raise ValueError(
+                "own_columns needs columns (the two-tower form) with at least one per row of features"
+            )
         v.check_positive(temperature, "temperature")
         v.check_flag(normalize, "normalize")
         v.check_flag(with_counts, "with_counts")
@@ -139,7 +149,7 @@ def supcon_loss(
         m = n if columns is None else columns.shape[0]
         signature = dict(
             N=n, M=m, D=features.shape[1], dtype=features.dtype, two_tower=two_tower,
-            normalize=bool(normalize), weighted=weights is not None,
+            normalize=bool(normalize), weighted=weights is not None, own_columns=bool(own_columns),
             # the class ids are gathered: their dtypes must match too
             label_dtype=labels.dtype, column_label_dtype=getattr(column_labels, "dtype", None),
         )  # fmt: skip
@@ -167,12 +177,16 @@ def supcon_loss(
     if not two_tower:
         # the anchor is in its own class sum, not among its positives
         sums, counts = sums - b.to(acc), counts - 1
+    elif own_columns:
+        # nor is its own copy (in its class sum where the copy carries the anchor's class)
+        own = (b_labels[: a.shape[0]] == labels).to(acc)
+        sums, counts = sums - own[:, None] * b[: a.shape[0]].to(acc), counts - own.long()
     has_positive = counts > 0
     positives = (sums / counts.clamp(min=1)[:, None].to(acc)).to(a.dtype)
     anchor_weights = has_positive.to(acc) if weights is None else has_positive.to(acc) * weights
     pair_weights = run.pair_weights(anchor_weights, a)
     scale = torch.tensor(1.0 / temperature, dtype=torch.float64, device=a.device)
-    spec = run.spec(symmetric=False, exclude_diagonal=not two_tower)
+    spec = run.spec(symmetric=False, exclude_diagonal=not two_tower or bool(own_columns))
     loss = apply_loss(a, b, scale, spec, positives=positives, weights=pair_weights)
     loss = run.global_loss(loss, a.shape[0], pair_weights)
     if not with_counts:

@@ -27,8 +27,9 @@ from .. import modules
 from .. import validation as v
 from ..backends import check_backend_name
 from ..contrastive import contrastive_loss
+from ..supervised import supcon_loss
 
-__all__ = ["NTXentLoss", "SupConLoss", "positive_pairs"]
+__all__ = ["CrossBatchMemory", "NTXentLoss", "SupConLoss", "positive_pairs"]
 
 
 def _no_miner(indices_tuple: Optional[Any]) -> None:
@@ -66,22 +67,33 @@ def _is_pml(value: Any, package: str, name: str) -> bool:
     return kind.__name__ == name and kind.__module__.startswith(f"pytorch_metric_learning.{package}")
 
 
-def positive_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every ordered pair ``(i, p)``, ``i != p``, of equal labels: ``Σ_c n_c(n_c − 1)`` pairs.
+def positive_pairs(
+    labels: torch.Tensor, ref_labels: Optional[torch.Tensor] = None, own: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every pair ``(i, p)`` of equal labels, ``i`` a row of ``labels`` and ``p`` of ``ref_labels``
+    (default: ``labels``, without ``i == p``: ``Σ_c n_c(n_c − 1)`` pairs). ``own``: ``(N,)``, row
+    ``i``'s own copy among the references, left out (a memory that holds the batch).
 
-    Found by sorting (``O(N log N)`` plus the pairs), not from an ``N x N`` comparison.
+    Found by sorting (``O((N + M) log M)`` plus the pairs), not from an ``N x M`` comparison.
     """
-    order = torch.argsort(labels, stable=True)
-    ordered = labels[order]
-    start = torch.searchsorted(ordered, ordered, side="left")
-    size = torch.searchsorted(ordered, ordered, side="right") - start
+    one_set = ref_labels is None
+    refs = labels if ref_labels is None else ref_labels
+    order = torch.argsort(refs, stable=True)
+    ordered = refs[order]
+    start = torch.searchsorted(ordered, labels, side="left")
+    size = torch.searchsorted(ordered, labels, side="right") - start
     anchor = torch.repeat_interleave(torch.arange(labels.shape[0], device=labels.device), size)
     rank = torch.arange(anchor.shape[0], device=labels.device) - torch.repeat_interleave(
         torch.cumsum(size, 0) - size, size
     )
-    partner = start[anchor] + rank
-    distinct = anchor != partner
-    return order[anchor[distinct]], order[partner[distinct]]
+    partner = order[start[anchor] + rank]
+    if one_set:
+        keep = anchor != partner
+    elif own is not None:
+        keep = partner != own[anchor]
+    else:
+        return anchor, partner
+    return anchor[keep], partner[keep]
 
 
 class NTXentLoss(nn.Module):
@@ -192,3 +204,130 @@ class SupConLoss(modules.SupConLoss):
             # one class, no negative pair: PML returns its zero loss (tilecl's L_out would not be 0)
             return loss * 0.0
         return loss
+
+
+class CrossBatchMemory(nn.Module):
+    """PML's ``CrossBatchMemory`` (XBM) around tilecl's :class:`NTXentLoss` or :class:`SupConLoss`:
+    the batch against a memory of earlier batches' embeddings, without its ``N x K`` similarity.
+
+    Same constructor and call as ``pytorch_metric_learning.losses.CrossBatchMemory``::
+
+        loss_fn = CrossBatchMemory(SupConLoss(0.1), embedding_size=128, memory_size=65536)
+        loss = loss_fn(embeddings, labels)                # enqueues the batch, then the loss
+
+    As PML's: the batch is written into the memory first (detached), then each
+    embedding is an anchor against every memory entry, its own copy left out;
+    with ``enqueue_mask`` the masked rows only go into the memory and the
+    others are the anchors (no copy to leave out). Positive pairs are the
+    anchor–entry pairs of equal labels. ``miner`` and ``indices_tuple`` are
+    not supported. For any tilecl softmax loss, :class:`tilecl.MemoryQueue`
+    is the general queue (ids as false-negative groups, ``max_age``, ranks).
+    """
+
+    embedding_memory: torch.Tensor
+    label_memory: torch.Tensor
+
+    def __init__(
+        self, loss: nn.Module, embedding_size: int, memory_size: int = 1024, miner: Optional[Any] = None
+    ) -> None:
+        super().__init__()
+        if not isinstance(loss, (NTXentLoss, SupConLoss)):
+            raise TypeError(
+                "CrossBatchMemory(loss=...) takes tilecl.integrations.pytorch_metric_learning's NTXentLoss "
+                f"or SupConLoss, got {type(loss).__name__}"
+            )
+        if miner is not None:
+            raise NotImplementedError("CrossBatchMemory(miner=...): miners are not supported")
+        self.loss = loss
+        self.miner = miner
+        self.embedding_size = v.check_count(embedding_size, "embedding_size")
+        self.memory_size = v.check_count(memory_size, "memory_size")
+        self.reset_queue()
+
+    def reset_queue(self) -> None:
+        self.register_buffer("embedding_memory", torch.zeros(self.memory_size, self.embedding_size))
+        self.register_buffer("label_memory", torch.zeros(self.memory_size, dtype=torch.int64))
+        self.has_been_filled = False
+        self.queue_idx = 0
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: Optional[Any] = None,
+        enqueue_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        _no_miner(indices_tuple)
+        v.check_features(embeddings, "embeddings")
+        v.check_ids(labels, "labels", embeddings.shape[0], embeddings, "class ids")
+        if embeddings.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"embeddings must have D = embedding_size = {self.embedding_size}, got {embeddings.shape[1]}"
+            )
+        if enqueue_mask is not None:
+            enqueue_mask = v.check_tensor(enqueue_mask, "enqueue_mask")
+            if enqueue_mask.dtype != torch.bool or enqueue_mask.shape != labels.shape:
+                raise ValueError(f"enqueue_mask must be a bool tensor of shape {tuple(labels.shape)}")
+        elif embeddings.shape[0] > self.memory_size:
+            raise ValueError(
+                f"a batch of {embeddings.shape[0]} does not fit a memory of {self.memory_size} entries"
+            )
+        labels = labels.long()
+        device = embeddings.device
+        self.embedding_memory = self.embedding_memory.to(device=device, dtype=embeddings.dtype)
+        self.label_memory = self.label_memory.to(device)
+        if enqueue_mask is not None:
+            queued, queued_labels = embeddings[enqueue_mask], labels[enqueue_mask]
+            embeddings, labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
+        else:
+            queued, queued_labels = embeddings, labels
+        slots = self._add_to_memory(queued, queued_labels)
+        filled = self.memory_size if self.has_been_filled else self.queue_idx
+        memory, memory_labels = self.embedding_memory[:filled], self.label_memory[:filled]
+        own = slots if enqueue_mask is None else None
+        if isinstance(self.loss, SupConLoss):
+            return self._supcon(embeddings, labels, memory, memory_labels, own)
+        return self._ntxent(embeddings, labels, memory, memory_labels, own)
+
+    def _add_to_memory(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        n = embeddings.shape[0]
+        slots = torch.arange(self.queue_idx, self.queue_idx + n, device=labels.device) % self.memory_size
+        self.embedding_memory[slots] = embeddings.detach()
+        self.label_memory[slots] = labels.detach()
+        previous = self.queue_idx
+        self.queue_idx = (self.queue_idx + n) % self.memory_size
+        if not self.has_been_filled and self.queue_idx <= previous:
+            self.has_been_filled = True
+        return slots
+
+    def _supcon(self, a, labels, memory, memory_labels, own: Optional[torch.Tensor]) -> torch.Tensor:
+        loss_fn = self.loss
+        assert isinstance(loss_fn, SupConLoss)
+        if own is not None:
+            # the anchors' own copies first, in anchor order: the loss leaves column i out of row i
+            rest = torch.ones(memory.shape[0], dtype=torch.bool, device=memory.device)
+            rest[own] = False
+            memory = torch.cat([memory[own], memory[rest]])
+            memory_labels = torch.cat([memory_labels[own], memory_labels[rest]])
+        loss = supcon_loss(
+            a, labels, loss_fn.temperature, columns=memory, column_labels=memory_labels,
+            own_columns=own is not None, reduction=loss_fn.reduction, backend=loss_fn.backend,
+        )  # fmt: skip
+        assert isinstance(loss, torch.Tensor)
+        classes = torch.cat([labels, memory_labels])
+        if bool(classes.min() == classes.max()):
+            return loss * 0.0  # one class, no negative pair: PML's zero loss
+        return loss
+
+    def _ntxent(self, a, labels, memory, memory_labels, own: Optional[torch.Tensor]) -> torch.Tensor:
+        loss_fn = self.loss
+        assert isinstance(loss_fn, NTXentLoss)
+        anchors, partners = positive_pairs(labels, memory_labels, own)
+        unit = F.normalize(a, dim=1)
+        if anchors.numel() == 0:
+            return (unit * 0.0).sum()  # no positive pair: PML's zero loss, still in the graph
+        return contrastive_loss(
+            unit[anchors], F.normalize(memory, dim=1), 1.0 / loss_fn.temperature,
+            labels=partners, row_groups=labels[anchors], col_groups=memory_labels,
+            symmetric=False, backend=loss_fn.backend, argument_names=("embeddings", "embedding_memory"),
+        )  # fmt: skip
