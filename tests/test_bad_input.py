@@ -524,6 +524,9 @@ def _option_calls() -> dict[tuple[str, str], Callable[..., object]]:
     return {
         ("ClipLoss", "__init__"): lambda **kw: tilecl.ClipLoss(**kw),
         ("ClipLoss", "forward"): lambda **kw: tilecl.ClipLoss()(a, b, 1.0, **kw),
+        ("DistillClipLoss", "__init__"): lambda **kw: tilecl.DistillClipLoss(**kw),
+        ("DistillClipLoss", "forward"): lambda **kw: tilecl.DistillClipLoss()(a, b, 1.0, a, b, 1.0, **kw),
+        ("distill_clip_loss", ""): lambda **kw: tilecl.distill_clip_loss(a, b, 1.0, a, b, 1.0, **kw),
         ("GammaContrastiveLoss", "__init__"): lambda **kw: tilecl.GammaContrastiveLoss(4, **kw),
         ("GradCache", "__init__"): lambda **kw: tilecl.GradCache(model, mini_batch_size=2, **kw),
         ("InfoNCELoss", "__init__"): lambda **kw: tilecl.InfoNCELoss(**kw),
