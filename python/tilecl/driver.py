@@ -152,8 +152,12 @@ def begin(
         if group is not None:
             if reduction == "none":
                 raise ValueError("with process_group, reduction must be 'mean' or 'sum'")
-        with v.empty_batches_allowed(group is not None):
+        if group is None:
+            # no context variable on the local path: torch.compile cannot trace one (a graph break)
             value, signature = check()
+        else:
+            with v.empty_batches_allowed(True):
+                value, signature = check()
         if form is None:
             return value, signature, None
         assert isinstance(like, torch.Tensor)  # the loss's check has checked it
