@@ -41,6 +41,8 @@ LAYERS = {
     "tilecl.contrastive": 7,
     "tilecl.sigmoid": 7,
     "tilecl.supervised": 7,
+    "tilecl.distill": 7,
+    "tilecl.memory_queue": 7,
     "tilecl.gamma": 8,
     "tilecl.modality": 8,
     "tilecl.modules": 9,

@@ -43,7 +43,7 @@ from typing import Any, Optional, TypeVar, Union
 import torch
 import torch.distributed as dist
 
-from .backends.sharded import DIST_IMPLS, control_tensor, gather_plain, logsumexp_across
+from .backends.sharded import DIST_IMPLS, control_tensor, gather_plain, leading_sizes, logsumexp_across
 from .function import weight_total
 
 __all__ = ["DIST_IMPLS", "Ranks", "agree", "agree_on_call", "global_value", "resolve_group"]
@@ -154,24 +154,6 @@ def global_value(share: torch.Tensor, world: int, group: Any) -> torch.Tensor:
     return world * share + (total - world * share).detach()
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """Every rank's rows concatenated (sizes may differ); backward: this rank's slice of the sum of
-    every rank's gradient of the concatenation."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        parts = gather_plain(x, group)
-        rank = dist.get_rank(group)
-        ctx.group, ctx.start, ctx.rows = group, sum(p.shape[0] for p in parts[:rank]), x.shape[0]
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        total = grad.contiguous().clone()
-        dist.all_reduce(total, group=ctx.group)
-        return total[ctx.start : ctx.start + ctx.rows], None
-
-
 class _ValueWithScaledGradient(torch.autograd.Function):
     """Forward: ``value`` (computed elsewhere); backward: ``factor ×`` the gradient, to ``source``."""
 
@@ -267,7 +249,15 @@ class Ranks:
         rank's gradient of a part into its owner (the gradient convention above). Locally: ``x``."""
         if self.group is None:
             return x
-        return _GatherWithGrad.apply(x, self.group)
+        from torch.distributed.nn.functional import all_gather
+
+        # torch's differentiable all-gather takes equal sizes: parts travel padded and are cut back
+        sizes = leading_sizes(x, self.group)
+        most = max(sizes)
+        if x.shape[0] < most:
+            x = torch.cat([x, x.new_zeros((most - x.shape[0], *x.shape[1:]))])
+        parts = all_gather(x.contiguous(), group=self.group)
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
     def own(self, n: int) -> slice:
         """This rank's ``n`` rows in :meth:`gather`'s concatenation of every rank's rows."""
