@@ -232,8 +232,21 @@ def cases(inputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], **di
         )  # fmt: skip
         return loss.compute_loss_from_embeddings([a, positives, u1])
 
+    def mnrl_gte_hardness(a, positives, u1):
+        # the GTE joint softmax over all four directions, hardness-weighted negatives
+        from tilecl.integrations.sentence_transformers import MultipleNegativesRankingLoss
+
+        loss = MultipleNegativesRankingLoss(
+            nn.Identity(), gather_across_devices="process_group" in dist_kwargs,
+            directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+            hardness_mode="all_negatives", hardness_strength=2.0,
+            dist_impl=dist_kwargs.get("dist_impl", "gather"), backend="torch",
+        )  # fmt: skip
+        return loss.compute_loss_from_embeddings([a, positives, u1])
+
     return {
         "MNRL hard negatives": (mnrl_hard_negatives, ("a", "positives", "u1")),
+        "MNRL GTE joint hardness": (mnrl_gte_hardness, ("a", "positives", "u1")),
         "clip masked weighted": (clip_masked_weighted, ("a", "b")),
         "clip default labels masked": (clip_default_labels_masked, ("a", "b")),
         "nt-xent masked weighted": (nt_xent_masked, ("z1", "z2")),

@@ -289,12 +289,65 @@ def test_mnrl_masks_by_a_group_column():
         loss.compute_loss_from_embeddings(columns, None)
 
 
+#: every direction set sentence-transformers takes (query_to_doc is required), with the partition
+#: modes it allows (per_direction only where every direction holds the positive)
+DIRECTION_SETS = [
+    (("query_to_doc",) + extra, mode)
+    for extra in [(), ("query_to_query",), ("doc_to_query",), ("doc_to_doc",),
+                  ("query_to_query", "doc_to_query"), ("doc_to_query", "doc_to_doc"),
+                  ("query_to_query", "doc_to_doc"), ("query_to_query", "doc_to_query", "doc_to_doc")]
+    for mode in ("joint", "per_direction")
+    if mode == "joint" or not set(extra) & {"query_to_query", "doc_to_doc"}
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "directions,mode", DIRECTION_SETS, ids=lambda x: "+".join(x) if isinstance(x, tuple) else x
+)
+@pytest.mark.parametrize("hardness", [None, "in_batch_negatives", "hard_negatives", "all_negatives"])
+@pytest.mark.parametrize("negatives", [0, 2])
+@pytest.mark.parametrize("similarity", ["cos_sim", "dot_score"])
+def test_mnrl_every_direction_partition_and_hardness_matches_sentence_transformers(
+    directions, mode, hardness, negatives, similarity
+):
+    """sentence-transformers 6's full MNRL: the GTE joint softmax, the same-type directions and
+    hardness-weighted negatives, against the real loss (values and gradients, float64)."""
+    columns = columns_of_embeddings(11, negatives, seed=7 + negatives)
+    options = dict(
+        scale=20.0 if similarity == "cos_sim" else 0.5,
+        similarity_fct=getattr(st_util, similarity),
+        directions=directions,
+        partition_mode=mode,
+        hardness_mode=hardness,
+        hardness_strength=0.0 if hardness is None else 3.0,
+    )
+    ours = tilecl_st.MultipleNegativesRankingLoss(nn.Identity(), **options, backend="torch")
+    theirs = st_losses.MultipleNegativesRankingLoss(nn.Identity(), **options)
+    assert_same(
+        loss_and_grads(ours.compute_loss_from_embeddings, columns, columns, None),
+        loss_and_grads(theirs.compute_loss_from_embeddings, columns, columns, None),
+        rel=1e-10,
+    )
+
+
 def test_mnrl_refuses_what_it_cannot_tile():
     with pytest.raises(NotImplementedError, match="similarity_fct"):
         tilecl_st.MultipleNegativesRankingLoss(nn.Identity(), similarity_fct=lambda a, b: a @ b.t())
-    with pytest.raises(NotImplementedError, match="directions"):
-        tilecl_st.MultipleNegativesRankingLoss(nn.Identity(), directions=("query_to_doc", "query_to_query"))
-    with pytest.raises(NotImplementedError, match="per_direction"):
-        tilecl_st.MultipleNegativesRankingLoss(nn.Identity(), directions=("query_to_doc", "doc_to_query"))
+    # what sentence-transformers refuses, refused alike
+    with pytest.raises(ValueError, match="query_to_doc"):
+        tilecl_st.MultipleNegativesRankingLoss(nn.Identity(), directions=("doc_to_query",))
+    with pytest.raises(ValueError, match="per_direction"):
+        tilecl_st.MultipleNegativesRankingLoss(
+            nn.Identity(), directions=("query_to_doc", "query_to_query"), partition_mode="per_direction"
+        )
+    with pytest.raises(ValueError, match="hardness_mode"):
+        tilecl_st.MultipleNegativesRankingLoss(nn.Identity(), hardness_mode="hardest", hardness_strength=1.0)
+    with pytest.raises(ValueError, match="hardness_strength"):
+        tilecl_st.MultipleNegativesRankingLoss(nn.Identity(), hardness_strength=-1.0)
+    # tilecl's own false-negative masking is for the contrastive directions
+    with pytest.raises(NotImplementedError, match="mask_false_negatives"):
+        tilecl_st.MultipleNegativesRankingLoss(
+            nn.Identity(), directions=("query_to_doc", "query_to_query"), mask_false_negatives="labels"
+        )
     with pytest.raises(ValueError, match="mask_false_negatives"):
         tilecl_st.MultipleNegativesRankingLoss(nn.Identity(), mask_false_negatives="yes")

@@ -42,6 +42,7 @@ LAYERS = {
     "tilecl.sigmoid": 7,
     "tilecl.supervised": 7,
     "tilecl.distill": 7,
+    "tilecl.ranking": 7,
     "tilecl.memory_queue": 7,
     "tilecl.gamma": 8,
     "tilecl.modality": 8,

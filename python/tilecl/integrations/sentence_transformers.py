@@ -52,6 +52,7 @@ from ..backends import check_backend_name
 from ..contrastive import contrastive_loss
 from ..distributed import DIST_IMPLS
 from ..gradcache import GradCache
+from ..ranking import DIRECTIONS, HARDNESS_MODES, ranking_loss
 
 __all__ = [
     "MASK_MODES",
@@ -132,9 +133,13 @@ class MultipleNegativesRankingLoss(nn.Module):
         gather_across_devices: the loss over every rank's batch (the default
             process group), each anchor against every rank's candidates; hard
             negatives stay with their rank's block, so they remain aligned.
-        directions, partition_mode: ``("query_to_doc",)``, or
-            ``("query_to_doc", "doc_to_query")`` with ``"per_direction"``
-            (the symmetric loss). The joint and same-type directions are refused.
+        directions, partition_mode: any of ``"query_to_doc"`` (required),
+            ``"query_to_query"``, ``"doc_to_query"``, ``"doc_to_doc"``, one joint
+            softmax (GTE) or one per direction (directions that hold the
+            positive); see :mod:`tilecl.ranking`.
+        hardness_mode, hardness_strength: hardness-weighted negatives
+            (``"in_batch_negatives"``, ``"hard_negatives"``, ``"all_negatives"``;
+            a stop-gradient ``α·sim`` on their logits), as sentence-transformers'.
         symmetric: shorthand for the symmetric directions.
         mask_false_negatives: ``None``, ``"text"`` or ``"labels"``.
         backend, dist_impl: tilecl's (:func:`tilecl.contrastive_loss`).
@@ -172,17 +177,28 @@ class MultipleNegativesRankingLoss(nn.Module):
         if symmetric:
             directions, partition_mode = _SYMMETRIC, "per_direction"
         directions = tuple(directions)
-        if directions not in (("query_to_doc",), _SYMMETRIC):
-            raise NotImplementedError(
-                f"directions={directions}: supported are ('query_to_doc',) and "
-                "('query_to_doc', 'doc_to_query')"
+        # sentence-transformers' own refusals, with its messages' substance
+        if not directions or not set(directions) <= set(DIRECTIONS):
+            raise ValueError(f"directions must be among {DIRECTIONS}, got {directions}")
+        if "query_to_doc" not in directions:
+            raise ValueError("'query_to_doc' direction is required (contains the positive pair)")
+        if partition_mode == "per_direction" and set(directions) & {"query_to_query", "doc_to_doc"}:
+            raise ValueError(
+                "partition_mode='per_direction' requires every direction's candidate pool to include the "
+                "positive pair; use partition_mode='joint' with 'query_to_query' or 'doc_to_doc'"
             )
-        if len(directions) > 1 and partition_mode != "per_direction":
+        if hardness_mode is not None:
+            v.check_choice(hardness_mode, "hardness_mode", HARDNESS_MODES)
+        if not hardness_strength >= 0.0:
+            raise ValueError(f"hardness_strength must be non-negative, got {hardness_strength}")
+        self.hardness_mode, self.hardness_strength = hardness_mode, float(hardness_strength)
+        self._ranking = self._needs_ranking(directions, partition_mode)
+        if self._ranking and mask_false_negatives is not None:
             raise NotImplementedError(
-                "two directions need partition_mode='per_direction' (the symmetric loss)"
+                f"mask_false_negatives={mask_false_negatives!r} with directions={directions}, "
+                f"partition_mode={partition_mode!r}, hardness_mode={hardness_mode!r}: masking works with "
+                "query_to_doc alone or with doc_to_query per direction, without hardness weighting"
             )
-        if hardness_mode is not None and hardness_strength > 0:
-            raise NotImplementedError("hardness_mode (negative-hardness weighting) is not supported")
         if mask_false_negatives not in MASK_MODES:
             raise ValueError(
                 f"mask_false_negatives must be one of {MASK_MODES}, got {mask_false_negatives!r}"
@@ -199,7 +215,16 @@ class MultipleNegativesRankingLoss(nn.Module):
 
     @property
     def symmetric(self) -> bool:
-        return self.directions == _SYMMETRIC
+        return self.directions == _SYMMETRIC and self.partition_mode == "per_direction"
+
+    def _needs_ranking(self, directions: tuple[str, ...], partition_mode: str) -> bool:
+        """Whether the call needs the multi-direction loss (:func:`tilecl.ranking.ranking_loss`) rather
+        than the contrastive loss (one direction, or both per direction, without hardness)."""
+        weighted = self.hardness_mode is not None and self.hardness_strength > 0
+        plain = directions == ("query_to_doc",) or (
+            directions == _SYMMETRIC and partition_mode == "per_direction"
+        )
+        return weighted or not plain
 
     @property
     def temperature(self) -> float:
@@ -248,6 +273,13 @@ class MultipleNegativesRankingLoss(nn.Module):
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if self.gather_across_devices and distributed:
             group = torch.distributed.group.WORLD
+        if self._ranking:
+            return ranking_loss(
+                anchors, [positives, *negatives], self.scale, directions=self.directions,
+                partition_mode=self.partition_mode, hardness_mode=self.hardness_mode,
+                hardness_strength=self.hardness_strength, backend=self.backend, process_group=group,
+                dist_impl=self.dist_impl,
+            )  # fmt: skip
         return contrastive_loss(
             anchors,
             positives,
@@ -283,6 +315,8 @@ class MultipleNegativesRankingLoss(nn.Module):
             "gather_across_devices": self.gather_across_devices,
             "directions": self.directions,
             "partition_mode": self.partition_mode,
+            "hardness_mode": self.hardness_mode,
+            "hardness_strength": self.hardness_strength,
             "mask_false_negatives": self.mask_false_negatives,
             "backend": self.backend,
         }
