@@ -86,6 +86,23 @@ def test_matches_sentence_transformers_cached_mnrl(negatives, split):
     assert_close(got, want, rel=1e-5)
 
 
+def test_the_gte_joint_softmax_with_hardness_matches_sentence_transformers_cached_mnrl():
+    """The full MNRL (all four directions, one joint softmax, hardness-weighted negatives) through the
+    cache, against sentence-transformers' cached loss with the same options."""
+    model = tiny_model(dropout=0.0)
+    features = [column(seed) for seed in (1, 2, 3)]
+    options = dict(
+        mini_batch_size=4,
+        directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+        partition_mode="joint",
+        hardness_mode="in_batch_negatives",
+        hardness_strength=2.0,
+    )
+    ours = tilecl_st.CachedMultipleNegativesRankingLoss(model, backend="torch", **options)
+    theirs = st_losses.CachedMultipleNegativesRankingLoss(model, **options)
+    assert_close(step(ours, model, features), step(theirs, model, features), rel=1e-5)
+
+
 def test_with_dropout_the_gradients_are_the_plain_steps():
     """GradCache's exactness: the plain step embeds the same mini-batches in the same order, with autograd."""
     model = tiny_model(dropout=0.2)
