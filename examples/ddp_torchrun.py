@@ -20,7 +20,6 @@ gathered inside the model's forward as open_clip's are.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -32,24 +31,16 @@ from torch.utils.data.distributed import DistributedSampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the toy stand-ins beside this file
 
-from toy import TwoTower, gradients, paired_data, save_run  # noqa: E402
+from toy import TwoTower, gradients, paired_data, recipe_arguments, save_run  # noqa: E402
 
 import tilecl  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[float]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--loss", choices=("clip", "siglip"), default="clip")
-    parser.add_argument("--batch", type=int, default=32, help="pairs per rank and step")
-    parser.add_argument("--steps", type=int, default=40)
+    parser = recipe_arguments(__doc__)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--dist-impl", choices=("gather", "ring"), default="gather")
     parser.add_argument("--fsdp2", action="store_true", help="fully_shard instead of DDP")
-    parser.add_argument("--cpu", action="store_true", help="CPU processes (gloo) even with GPUs")
-    parser.add_argument("--float64", action="store_true", help="the tests' exact comparisons")
-    parser.add_argument("--out", help="write losses.json and first_grads.pt here (rank 0)")
     args = parser.parse_args(argv)
 
     distributed = "WORLD_SIZE" in os.environ  # set by torchrun

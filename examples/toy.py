@@ -7,6 +7,7 @@ falls within a few dozen steps.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -50,6 +51,18 @@ class TwoTower(nn.Module):
         """``(N, X_DIM)``, ``(N, Y_DIM)`` → image and text features ``(N, EMBED_DIM)``, scale, bias."""
         image, text = F.normalize(self.image(x), dim=-1), F.normalize(self.text(y), dim=-1)
         return image, text, self.logit_scale.exp(), self.logit_bias
+
+
+def recipe_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options every two-tower recipe shares; a recipe adds its own."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--loss", choices=("clip", "siglip"), default="clip")
+    parser.add_argument("--batch", type=int, default=32, help="pairs per rank and step")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--cpu", action="store_true", help="CPU processes (gloo) even with GPUs")
+    parser.add_argument("--float64", action="store_true", help="the tests' exact comparisons")
+    parser.add_argument("--out", help="write losses.json and first_grads.pt here (rank 0)")
+    return parser
 
 
 def save_run(out: Optional[str], losses: list[float], first_grads: dict[str, torch.Tensor]) -> None:
