@@ -45,10 +45,12 @@ def main(argv: list[str] | None = None) -> list[float]:
 
     distributed = "WORLD_SIZE" in os.environ  # set by torchrun
     cpu = args.cpu or not torch.cuda.is_available()
+    device = torch.device("cpu" if cpu else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    if not cpu:
+        torch.cuda.set_device(device)  # one GPU per rank: NCCL and the losses' own tensors use it
     if distributed:
         dist.init_process_group("gloo" if cpu else "nccl")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device("cpu" if cpu else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     dtype = torch.float64 if args.float64 else torch.float32
 
     torch.manual_seed(0)  # the same initial weights on every rank

@@ -55,6 +55,17 @@ def test_cross_batch_memory_matches_pml_step_by_step(loss, masked):
         assert torch.equal(mine.embedding_memory, theirs.embedding_memory)
 
 
+def test_cross_batch_memory_with_every_row_enqueued_is_pmls_zero_loss():
+    theirs = pml.CrossBatchMemory(pml.SupConLoss(), D, memory_size=8)
+    mine = ours.CrossBatchMemory(ours.SupConLoss(), D, memory_size=8)
+    x, labels = batches(1, 4, 2)[0]
+    everything = torch.ones(4, dtype=torch.bool)
+    got = mine(x.clone().requires_grad_(), labels, enqueue_mask=everything)
+    want = theirs(x.clone().requires_grad_(), labels, enqueue_mask=everything)
+    assert float(got) == float(want) == 0.0 and got.requires_grad
+    assert mine.queue_idx == theirs.queue_idx == 4
+
+
 def test_cross_batch_memory_refuses_what_it_cannot_do():
     with pytest.raises(TypeError, match="NTXentLoss or SupConLoss"):
         ours.CrossBatchMemory(pml.SupConLoss(), D)
@@ -110,6 +121,10 @@ def test_bad_or_non_finite_input_writes_nothing():
     for key, value in queue.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert int(queue.skipped_steps) == 1
+    half = tilecl.MemoryQueue(8, D, dtype=torch.float16)
+    with pytest.warns(UserWarning, match="non-finite"):
+        half.enqueue(torch.full((2, D), 1e5), torch.arange(2))  # finite in float32, inf in float16
+    assert int(half.step) == 0 and not half.embeddings.any()
     with pytest.raises(ValueError, match="max_age"):
         tilecl.MemoryQueue(8, D, max_age=-1)
 

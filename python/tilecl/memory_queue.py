@@ -120,7 +120,8 @@ class MemoryQueue(nn.Module):
         group = self.process_group
         failure: Optional[Exception] = None
         try:
-            v.check_features(embeddings, "embeddings")
+            with v.empty_batches_allowed(group is not None):  # a rank may hold no rows
+                v.check_features(embeddings, "embeddings")
             if embeddings.shape[1] != self.dim:
                 raise ValueError(
                     f"embeddings must have D = {self.dim} (the queue's), got {embeddings.shape[1]}"
@@ -135,7 +136,10 @@ class MemoryQueue(nn.Module):
                 agree(failure, group, "MemoryQueue.enqueue")
             finally:
                 failure = None
-        rows, keys = embeddings.detach(), ids.long()
+        # cast first: a value finite in the input may not be in the queue's dtype (1e5 in float16),
+        # and every rank then sends the same dtype
+        rows = embeddings.detach().to(device=self.embeddings.device, dtype=self.embeddings.dtype)
+        keys = ids.long().to(self.ids.device)
         finite = torch.isfinite(rows).all().reshape(1).to(torch.int64)
         if group is not None:
             sizes = leading_sizes(rows, group)
@@ -152,8 +156,8 @@ class MemoryQueue(nn.Module):
         if n > self.size:  # only the newest size rows survive
             rows, keys, n = rows[-self.size :], keys[-self.size :], self.size
         slots = (self.head + torch.arange(n, device=self.head.device)) % self.size
-        self.embeddings[slots] = rows.to(self.embeddings.dtype)
-        self.ids[slots] = keys.to(self.ids.device)
+        self.embeddings[slots] = rows
+        self.ids[slots] = keys
         self.steps[slots] = self.step
         self.head.copy_((self.head + n) % self.size)
         self.step += 1

@@ -138,7 +138,8 @@ class ClipLoss(nn.Module):
         self.use_horovod = use_horovod
         self.dist_impl = dist_impl
         self.backend = backend
-        self.process_group = _explicit_group("ClipLoss", world_size, process_group, device_mesh, mesh_dim)
+        owner = type(self).__name__  # DistillClipLoss too
+        self.process_group = _explicit_group(owner, world_size, process_group, device_mesh, mesh_dim)
 
     def forward(
         self,

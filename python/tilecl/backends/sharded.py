@@ -148,17 +148,24 @@ class Shard:
         """Own part first: the home block's local diagonal is then the global one."""
         return parts[self.rank :] + parts[: self.rank]
 
-    def layout(self, m: int, col_count: int) -> Layout:
-        """Every rank's columns and columns with statistics (one small all-gather per call: the
-        backward of the same call reuses it)."""
-        key = ("layout", m, col_count)
-        if key not in self.kept:
-            mine = control_tensor([m, col_count], self.group)
+    def layout(self, b: torch.Tensor, col_count: int) -> Layout:
+        """Every rank's columns of ``b`` and columns with statistics (one small all-gather per call:
+        the backward of the same call reuses it).
+
+        Kept per column tensor, by identity: a loss of several blocks (distillation, ranking) has
+        several, and on a rank of zero rows they all have shape ``(0, D)`` — a key by shape would
+        hit there and miss on the other ranks, which would then wait in a collective for it.
+        """
+        key = ("layout", id(b), col_count)
+        kept = self.kept.get(key)
+        if kept is None or kept[0] is not b:
+            mine = control_tensor([b.shape[0], col_count], self.group)
             every = [torch.zeros_like(mine) for _ in range(self.world)]
             dist.all_gather(every, mine, group=self.group)
             table = torch.stack(every).tolist()
-            self.kept[key] = Layout(tuple(r[0] for r in table), tuple(r[1] for r in table))
-        return self.kept[key]
+            kept = (b, Layout(tuple(r[0] for r in table), tuple(r[1] for r in table)))
+            self.kept[key] = kept
+        return kept[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,9 +218,10 @@ def _gathered_columns(shard: Shard, b: torch.Tensor, layout: Layout) -> torch.Te
     Keeping them (as an all-gather with autograd would) saves the backward's
     second all-gather: a third of the gather implementation's traffic.
     """
-    key = (b.data_ptr(), tuple(b.shape), b._version, layout)
-    if shard.kept.get("key") != key:
-        shard.kept["key"] = key
+    # by identity and version, not address: every empty tensor has address 0 (see Shard.layout)
+    key = (id(b), b._version, layout)
+    if shard.kept.get("key") != key or shard.kept.get("b") is not b:
+        shard.kept["key"], shard.kept["b"] = key, b
         shard.kept["columns"] = _arranged_columns(shard, gather_plain(b, shard.group, layout.cols), layout)
     return shard.kept["columns"]
 
@@ -239,7 +247,7 @@ def _gather_lse_stats(
     local: Primitives, shard: Shard, scores: Scores, targets: Tensor, col_count: int
 ) -> LseStats:
     _check_layout(scores.exclude_diagonal, col_count, scores.b.shape[0])
-    layout = shard.layout(scores.b.shape[0], col_count)
+    layout = shard.layout(scores.b, col_count)
     columns = _gathered_columns(shard, scores.b, layout)
     row_lse, col_partial, positive = local.lse_stats(
         _with_gathered_groups(shard, scores, columns, layout), targets, sum(layout.stats)
@@ -263,7 +271,7 @@ def _unrolled(shard: Shard, rolled: Tensor, layout: Layout) -> list[Tensor]:
 def _gather_offset_backward(local: Primitives, shard: Shard, scores: Scores, terms: OffsetTerms) -> Gradients:
     m, col_count = scores.b.shape[0], terms.col_offset.shape[0]
     _check_layout(scores.exclude_diagonal, col_count, m)
-    layout = shard.layout(m, col_count)
+    layout = shard.layout(scores.b, col_count)
     columns = _gathered_columns(shard, scores.b, layout)
     shard.kept.clear()  # the backward is the last use
     if any(layout.stats):
@@ -287,7 +295,7 @@ def _gather_offset_backward(local: Primitives, shard: Shard, scores: Scores, ter
 def _gather_sigmoid_sweep(
     local: Primitives, shard: Shard, scores: Scores, terms: SigmoidTerms, with_grads: bool
 ) -> SigmoidSweep:
-    layout = shard.layout(scores.b.shape[0], 0)
+    layout = shard.layout(scores.b, 0)
     columns = _gathered_columns(shard, scores.b, layout)
     col_keys = torch.cat(shard.rolled(gather_plain(terms.col_keys, shard.group, layout.cols)))
     if with_grads:
@@ -393,7 +401,7 @@ def _ring_lse_stats(
 ) -> LseStats:
     row_lse: Optional[Tensor] = None
     positive: Optional[Tensor] = None
-    layout = shard.layout(scores.b.shape[0], col_count)
+    layout = shard.layout(scores.b, col_count)
 
     def step(held: list[torch.Tensor], owner: int) -> torch.Tensor:
         nonlocal row_lse, positive
@@ -416,7 +424,7 @@ def _ring_lse_stats(
 def _ring_offset_backward(local: Primitives, shard: Shard, scores: Scores, terms: OffsetTerms) -> Gradients:
     grad_a: Optional[Tensor] = None
     grad_scale: Optional[Tensor] = None
-    layout = shard.layout(scores.b.shape[0], terms.col_offset.shape[0])
+    layout = shard.layout(scores.b, terms.col_offset.shape[0])
 
     def step(held: list[torch.Tensor], owner: int) -> torch.Tensor:
         nonlocal grad_a, grad_scale
@@ -444,7 +452,7 @@ def _ring_sigmoid_sweep(
     local: Primitives, shard: Shard, scores: Scores, terms: SigmoidTerms, with_grads: bool
 ) -> SigmoidSweep:
     totals: Optional[SigmoidSweep] = None
-    layout = shard.layout(scores.b.shape[0], 0)
+    layout = shard.layout(scores.b, 0)
 
     def step(held: list[torch.Tensor], owner: int) -> torch.Tensor:
         nonlocal totals

@@ -282,6 +282,9 @@ class CrossBatchMemory(nn.Module):
         else:
             queued, queued_labels = embeddings, labels
         slots = self._add_to_memory(queued, queued_labels)
+        if embeddings.shape[0] == 0:
+            # every row went into the memory, none is an anchor: PML's zero loss, in the graph
+            return (queued * 0.0).sum()
         filled = self.memory_size if self.has_been_filled else self.queue_idx
         memory, memory_labels = self.embedding_memory[:filled], self.label_memory[:filled]
         own = slots if enqueue_mask is None else None
