@@ -150,3 +150,17 @@ def test_the_queue_as_masked_negatives_equals_the_full_matrix_loss():
     want = F.cross_entropy(logits.masked_fill(false_negative, float("-inf")), torch.arange(12))
     assert_rel(loss, want.detach(), 1e-12, "loss")
     assert_rel(torch.autograd.grad(loss, a)[0], torch.autograd.grad(want, a)[0], 1e-12, "gradient")
+
+
+def test_casts_keep_the_ids_steps_and_order():
+    queue = tilecl.MemoryQueue(6, D)
+    for x, ids in batches(3, 4, 100):
+        queue.enqueue(x.float(), ids)
+    before = queue.entries()
+    doubled = queue.double()
+    after = doubled.entries()
+    assert after.embeddings.dtype == torch.float64 and after.ids.dtype == torch.int64
+    assert torch.equal(after.ids, before.ids) and torch.equal(after.steps, before.steps)
+    assert torch.equal(after.embeddings.float(), before.embeddings)
+    doubled.enqueue(torch.randn(2, D, dtype=torch.float64), torch.tensor([7, 8]))
+    assert doubled.entries().ids[-2:].tolist() == [7, 8]
