@@ -36,7 +36,7 @@ import torch
 from . import validation as v
 from .backends import OffsetTerms, Scores
 from .driver import Signature, begin
-from .function import LossSpec, refuse_second_derivative
+from .function import LossSpec, first_derivative
 
 __all__ = ["DIRECTIONS", "HARDNESS_MODES", "ranking_loss"]
 
@@ -113,9 +113,7 @@ class RankingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
-        with torch.no_grad():
-            grads = RankingFunction._backward(ctx, grad_output)
-        return refuse_second_derivative(grads, (*ctx.saved_tensors, grad_output))
+        return first_derivative(RankingFunction._backward, ctx, grad_output)
 
     @staticmethod
     def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
@@ -130,6 +128,10 @@ class RankingFunction(torch.autograd.Function):
         grad_docs = torch.zeros(docs.shape, dtype=acc, device=q.device)
         grad_s = torch.zeros((), dtype=acc, device=q.device)
         no_cols = torch.zeros(0, dtype=acc, device=q.device)
+        # the positive −g_i·s·⟨q_i, d_i⟩ goes into G where its entry is formed, before G is rounded
+        # to the input dtype, so a saturated row's softmax − 1 cancels as the full-matrix loss's does:
+        # in query_to_doc's tiled block, or among the pair's own documents scored directly
+        dense_positive = any(block_index == 0 for block_index, _ in plan.own_docs)
         for direction, blocks in enumerate(plan.directions):
             # d log Z / d LSE_direction: its share of the joint sum, or 1/P of the mean
             share = torch.exp(lse[direction] - log_z) if plan.joint else torch.full_like(g, 1 / len(lse))
@@ -137,6 +139,8 @@ class RankingFunction(torch.autograd.Function):
             for block in blocks:
                 scores = _block_scores(block, q, docs, scale)
                 terms = OffsetTerms(lse[direction], weight, no_cols, no_cols)
+                if direction == 0 and block is blocks[0] and not dense_positive:
+                    terms = terms._replace(positive_cols=torch.arange(n, device=q.device), positive_mult=g)
                 ga, gb, gs = plan.spec.primitives.offset_backward(scores, terms)
                 # the block ran at s + α; the offset α·sim has no gradient: s·G·b, not (s + α)·G·b
                 ratio = s / (s + block.offset)
@@ -147,6 +151,8 @@ class RankingFunction(torch.autograd.Function):
         if own is not None:
             weight = g * (torch.exp(lse[0] - log_z) if plan.joint else 1 / len(lse))
             probs = weight[:, None] * torch.exp(own - lse[0][:, None])  # (N, T)
+            if dense_positive:
+                probs[:, [b for b, _ in plan.own_docs].index(0)] -= g
             q_acc = q.to(acc)
             for t, (block_index, _) in enumerate(plan.own_docs):
                 rows = slice(block_index * n, (block_index + 1) * n)
@@ -154,11 +160,6 @@ class RankingFunction(torch.autograd.Function):
                 grad_q += (s * probs[:, t])[:, None] * d_acc
                 grad_docs[rows] += (s * probs[:, t])[:, None] * q_acc
                 grad_s = grad_s + torch.sum(probs[:, t] * torch.sum(q_acc * d_acc, dim=1))
-        # the positive, −g_i·s·⟨q_i, d_i⟩
-        q_acc, d_acc = q.to(acc), docs[:n].to(acc)
-        grad_q -= (g * s)[:, None] * d_acc
-        grad_docs[:n] -= (g * s)[:, None] * q_acc
-        grad_s = grad_s - torch.sum(g * torch.sum(q_acc * d_acc, dim=1))
         needs = ctx.needs_input_grad
         return (
             grad_q.to(q.dtype) if needs[0] else None,
