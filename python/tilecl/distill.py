@@ -38,7 +38,7 @@ from . import validation as v
 from .backends import LseStats, OffsetTerms, Scores
 from .distributed import resolve_group
 from .driver import Signature, begin
-from .function import LossSpec, apply_loss, batch_stats, refuse_second_derivative
+from .function import LossSpec, apply_loss, batch_stats, first_derivative
 
 __all__ = ["distill_clip_loss"]
 
@@ -99,9 +99,7 @@ class DistillFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
-        with torch.no_grad():
-            grads = DistillFunction._backward(ctx, grad_output)
-        return refuse_second_derivative(grads, (*ctx.saved_tensors, grad_output))
+        return first_derivative(DistillFunction._backward, ctx, grad_output)
 
     @staticmethod
     def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple:

@@ -36,6 +36,7 @@ __all__ = [
     "batch_stats",
     "col_count",
     "distinct",
+    "first_derivative",
     "log_count",
     "reduce_pairs",
     "refuse_second_derivative",
@@ -70,6 +71,14 @@ def refuse_second_derivative(grads: tuple, inputs: Sequence[Optional[torch.Tenso
     for i, g in zip(live, guarded):
         out[i] = g
     return tuple(out)
+
+
+def first_derivative(compute: Any, ctx: Any, grad_output: torch.Tensor) -> tuple:
+    """A Function's backward: ``compute(ctx, grad_output)`` without a graph, its gradients guarded
+    against a second derivative (:func:`refuse_second_derivative`)."""
+    with torch.no_grad():
+        grads = compute(ctx, grad_output)
+    return refuse_second_derivative(grads, (*ctx.saved_tensors, grad_output))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,9 +266,7 @@ class ContrastiveFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
-        with torch.no_grad():
-            grads = ContrastiveFunction._backward(ctx, grad_output)
-        return refuse_second_derivative(grads, (*ctx.saved_tensors, grad_output))
+        return first_derivative(ContrastiveFunction._backward, ctx, grad_output)
 
     @staticmethod
     def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
