@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> list[float]:
     if accelerator.is_main_process:
         print(f"{args.loss}: loss {losses[0]:.4f} → {losses[-1]:.4f}, {len(losses)} steps on {world} rank(s)")
     save_run(args.out, losses, first_grads)
+    # DDP's reducer must go while the process group is alive, and no rank may tear the group down
+    # while another still uses it: an abort at exit otherwise, now and then, on a loaded machine
+    model, optimizer, loader = accelerator.free_memory(model, optimizer, loader)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return losses
 

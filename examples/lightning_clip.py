@@ -25,7 +25,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the toy stand-ins beside this file
 
-from toy import TwoTower, gradients, paired_data, recipe_arguments, save_run  # noqa: E402
+from toy import TwoTower, end_process_group, gradients, paired_data, recipe_arguments, save_run  # noqa: E402
 
 import tilecl  # noqa: E402
 
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> list[float]:
             f"{args.loss}: loss {module.losses[0]:.4f} → {module.losses[-1]:.4f}, {len(module.losses)} steps"
         )
     save_run(args.out, module.losses, module.first_grads)
+    del trainer  # its strategy unwrapped DDP at the end of fit; now nothing holds the group
+    end_process_group()
     return module.losses
 
 

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     from transformers import TrainerCallback
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the toy helpers beside this file
-    from toy import gradients, save_run
+    from toy import end_process_group, gradients, save_run
 
     class Record(TrainerCallback):
         """The logged loss of every step and the gradients of the first (DDP has averaged them)."""
@@ -138,10 +138,12 @@ def main(argv: list[str] | None = None) -> list[float]:
             callbacks=[record],
         )
         trainer.train()
+        del trainer  # with its DDP wrapper, before the group goes
     if int(os.environ.get("RANK", "0")) == 0:
         losses = record.losses
         print(f"MNRL: loss {losses[0]:.4f} → {losses[-1]:.4f} over {len(losses)} steps")
     save_run(args.out, record.losses, record.first_grads)
+    end_process_group()
     return record.losses
 
 

@@ -8,6 +8,7 @@ falls within a few dozen steps.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -84,3 +85,17 @@ def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
             g = p.grad
             out[name] = g.full_tensor() if hasattr(g, "full_tensor") else g.clone()
     return out
+
+
+def end_process_group() -> None:
+    """Tear the default process group down on every rank together, once the trainer is gone.
+
+    Exiting with the group alive, or destroying it while a rank is still in a collective or a
+    DDP reducer still holds it, aborts a process now and then ("terminate called without an
+    active exception") on a loaded machine. Call it after dropping the references to the
+    wrapped model.
+    """
+    gc.collect()  # DDP reducers in reference cycles go before the group
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
