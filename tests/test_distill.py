@@ -2,8 +2,8 @@
 
 Values and the student's gradients (``image_features``, ``text_features``, ``logit_scale``) meet the
 error rule against the float64 oracle (``≤ 2×`` open_clip's formula's error in the same dtype);
-the module is open_clip's drop-in (tuple or dict); the teacher gets no gradient; bad input is refused
-before any kernel. The loss across ranks is in tests/test_distributed.py.
+so do the teacher's when its features and scale require grad; the module is open_clip's drop-in (tuple
+or dict); bad input is refused before any kernel. The loss across ranks is in tests/test_distributed.py.
 """
 
 from __future__ import annotations
@@ -18,21 +18,23 @@ from utils import CROSSING_TILES, Combo, assert_all_close_by_rule, assert_rel, h
 
 ALL = matrix()
 NAMES = ("loss", "grad_image", "grad_text", "grad_scale")
+TEACHER_NAMES = ("grad_teacher_image", "grad_teacher_text", "grad_teacher_scale")
 #: (N, student D, teacher D): the teacher's width differs from the student's, as in distillation
 SHAPES = [(1, 1, 1), (13, 5, 9), (37, 40, 24), CROSSING_TILES]
 
 
 def teacher_of(combo: Combo, n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    a, b = make_inputs(n, n, d, dtype=combo.dtype, device=combo.device, seed=seed)
-    return a.detach(), b.detach()
+    """The teacher's features, requiring grad (a teacher trained with the student)."""
+    return make_inputs(n, n, d, dtype=combo.dtype, device=combo.device, seed=seed)
 
 
-def run(fn, a, b, teacher_a, teacher_b, scale: float, teacher_scale: float, weight: float = 1.0):
-    """The distill loss and the student's gradients of ``contrastive + weight · distill``."""
+def run(fn, a, b, teacher_a, teacher_b, scale: float, teacher_scale: float):
+    """The distill loss, the student's gradients, then the teacher's."""
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     s = torch.tensor(scale, dtype=acc, device=a.device, requires_grad=True)
-    contrastive, distill = fn(a, b, s, teacher_a, teacher_b, torch.tensor(teacher_scale, dtype=acc))
-    grads = torch.autograd.grad(distill, (a, b, s))
+    t = torch.tensor(teacher_scale, dtype=acc, device=a.device, requires_grad=True)
+    contrastive, distill = fn(a, b, s, teacher_a, teacher_b, t)
+    grads = torch.autograd.grad(distill, (a, b, s, teacher_a, teacher_b, t))
     return (distill, *grads), contrastive
 
 
@@ -49,7 +51,11 @@ def check(combo: Combo, n: int, d: int, teacher_d: int, scale=14.0, teacher_scal
     want = reference.distill_clip_loss(
         host(a), host(b), scale, host(teacher_a), host(teacher_b), teacher_scale
     )
-    assert_all_close_by_rule(mine, naive, want, combo, NAMES)
+    assert_all_close_by_rule(mine[:4], naive[:4], want, combo, NAMES)
+    want_teacher = reference.distill_clip_teacher_grads(
+        host(a), host(b), scale, host(teacher_a), host(teacher_b), teacher_scale
+    )
+    assert_all_close_by_rule(mine[4:], naive[4:], want_teacher, combo, TEACHER_NAMES)
     clip = reference.contrastive_loss(host(a), host(b), scale)
     assert_all_close_by_rule([contrastive], [naive_contrastive], [clip.loss], combo, ["contrastive_loss"])
 
@@ -71,15 +77,34 @@ def test_a_confident_teacher_and_student(combo):
 
 def test_equals_open_clip_formula_in_float64():
     a, b = make_inputs(9, 9, 6, seed=1)
-    teacher_a, teacher_b = (x.detach() for x in make_inputs(9, 9, 4, seed=2))
+    teacher_a, teacher_b = make_inputs(9, 9, 4, seed=2)
     scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
-    ours = tilecl.distill_clip_loss(a, b, scale, teacher_a, teacher_b, 20.0)
-    theirs = naive_distill_clip_loss(a, b, scale, teacher_a, teacher_b, 20.0)
+    teacher_scale = torch.tensor(20.0, dtype=torch.float64, requires_grad=True)
+    inputs = (a, b, scale, teacher_a, teacher_b, teacher_scale)
+    ours = tilecl.distill_clip_loss(*inputs)
+    theirs = naive_distill_clip_loss(*inputs)
     for mine, want, name in zip(ours, theirs, ("contrastive", "distill")):
         assert_rel(mine, want, 1e-13, name)
-        ours_grads = torch.autograd.grad(mine, (a, b, scale), retain_graph=True)
-        for g, h in zip(ours_grads, torch.autograd.grad(want, (a, b, scale), retain_graph=True)):
+        ours_grads = torch.autograd.grad(mine, inputs, retain_graph=True, allow_unused=True)
+        for g, h in zip(ours_grads, torch.autograd.grad(want, inputs, retain_graph=True, allow_unused=True)):
+            if h is None or g is None:  # the contrastive loss does not read the teacher
+                assert g is None and h is None, name
+                continue
             assert_rel(g, h, 1e-12, f"{name} gradient")
+
+
+def test_the_teachers_gradient_in_row_blocks(monkeypatch):
+    """Blocks of a few rows (as at large N): the same gradients as one block."""
+    a, b = make_inputs(11, 11, 5, seed=6)
+    teacher_a, teacher_b = make_inputs(11, 11, 3, seed=7)
+    one_block = torch.autograd.grad(
+        tilecl.distill_clip_loss(a, b, 9.0, teacher_a, teacher_b, 30.0)[1], (teacher_a,)
+    )
+    monkeypatch.setattr(tilecl.distill, "TEACHER_BLOCK_ENTRIES", 3 * 11)  # blocks of 3 rows (the last 2)
+    blocks = torch.autograd.grad(
+        tilecl.distill_clip_loss(a, b, 9.0, teacher_a, teacher_b, 30.0)[1], (teacher_a,)
+    )
+    assert_rel(blocks[0], one_block[0], 1e-14, "teacher gradient in blocks")
 
 
 def test_the_module_is_open_clips_drop_in():
@@ -95,13 +120,21 @@ def test_the_module_is_open_clips_drop_in():
         assert_rel(keyed, expected.detach(), 1e-5, "module dict")
 
 
-def test_the_teacher_gets_no_gradient_and_may_differ_in_dtype():
+def test_a_frozen_teacher_gets_no_gradient_and_may_differ_in_dtype():
     a, b = make_inputs(7, 7, 4, dtype=torch.float32)
-    teacher_a, teacher_b = make_inputs(7, 7, 6, dtype=torch.float64, seed=3)  # they require grad
-    teacher_scale = torch.tensor(20.0, requires_grad=True)
-    _, distill = tilecl.distill_clip_loss(a, b, 10.0, teacher_a, teacher_b, teacher_scale)
-    grads = torch.autograd.grad(distill, (a, teacher_a, teacher_b, teacher_scale), allow_unused=True)
-    assert grads[0] is not None and all(g is None for g in grads[1:])
+    teacher_a, teacher_b = make_inputs(7, 7, 6, dtype=torch.float64, seed=3)
+    with torch.no_grad():  # open_clip's teacher
+        frozen = (teacher_a * 1, teacher_b * 1)
+    _, distill = tilecl.distill_clip_loss(a, b, 10.0, *frozen, 20.0)
+    assert torch.autograd.grad(distill, a)[0] is not None
+    # a float64 teacher that requires grad gets a float64 gradient, from the float32 step
+    _, distill = tilecl.distill_clip_loss(a, b, 10.0, teacher_a, teacher_b, 20.0)
+    grad = torch.autograd.grad(distill, teacher_a)[0]
+    assert grad.dtype == torch.float64
+    want = reference.distill_clip_teacher_grads(
+        host(a), host(b), 10.0, host(teacher_a), host(teacher_b), 20.0
+    )
+    assert_rel(grad, want[0], 1e-5, "teacher gradient")
 
 
 @pytest.mark.parametrize(

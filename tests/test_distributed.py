@@ -632,6 +632,10 @@ def _bad_input_worker(rank: int, world: int, store: str, out: str, dist_impl: st
         ),
         "weights on one rank": clip(weights=torch.ones(n, dtype=torch.float64) if odd else None),
         "negative weight": clip(weights=negative),
+        # the teacher's gradient is computed on one process only
+        "teacher requires grad": lambda: tilecl.distill_clip_loss(
+            a, a.clone(), 1.0, a.clone().requires_grad_(odd), a.clone(), 2.0, **on
+        ),
     }
     messages = {}
     for name, call in calls.items():
@@ -683,8 +687,10 @@ def test_bad_input_on_one_rank_raises_everywhere_and_leaves_memory(dist_impl, tm
         "sigmoid bias",
         "negative weight",
         "supcon labels",
+        "teacher requires grad",
     ):
         assert "another rank" in m0[name], (name, m0[name])
+    assert "dist_image_features requires grad" in m1["teacher requires grad"]
     assert "non-negative" in m1["negative weight"]
     # calls that are well-formed on each rank but differ between them: the same error on both
     for name, what in [

@@ -23,9 +23,17 @@ Cost, in passes over ``N x N`` tiles: the student's statistics (shared with
 the CLIP loss) 1 at width ``D``; the teacher's statistics 1 and its sweep 3,
 both at width ``D' + 2D`` (the same wide features, so that the sweep's ``T``
 is the statistics' to the last bit); the backward 3 at ``D``.
-The teacher gets no gradient (its features are constants, as under open_clip's
-``torch.no_grad()`` teacher): a gradient of ``T`` needs ``P_ij·S_ij`` inside a
-tile, a two-matrix form no backend has yet.
+The teacher's gradient, when its features or scale require grad (a teacher
+trained with the student; open_clip's teacher runs under ``torch.no_grad()``
+and needs none)::
+
+    ∂distill/∂T_ij = −(1/2N)·[P_ij·(S_ij − c_i) + Q_ij·(S_ij − r_j)],
+    c_i = Σ_j P_ij S_ij,  r_j = Σ_i Q_ij S_ij
+
+reads a student and a teacher tile in one elementwise step, which none of the
+backends' sweeps does; it runs as two blockwise torch sweeps over row blocks
+of both score matrices (``O(rows·N)`` memory), shared by every backend, on
+one process (across ranks it is refused).
 """
 
 from __future__ import annotations
@@ -43,6 +51,87 @@ from .function import LossSpec, apply_loss, batch_stats, first_derivative
 __all__ = ["distill_clip_loss"]
 
 
+#: entries of one row block of the teacher's gradient sweeps (four such blocks live at once)
+TEACHER_BLOCK_ENTRIES = 1 << 20
+
+
+def _teacher_gradients(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    teacher_a: torch.Tensor,
+    teacher_b: torch.Tensor,
+    teacher_scale: torch.Tensor,
+    student_rows: torch.Tensor,
+    student_cols: torch.Tensor,
+    g: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(∂/∂a', ∂/∂b', ∂/∂t)`` of ``g·N·distill`` (module docstring), in ``g``'s dtype.
+
+    Two sweeps over row blocks. The first forms the teacher's softmaxes from
+    the same products as the second (not from the forward's statistics: a
+    softmax that sums to ``1 + δ`` makes ``P·(S − c)`` off by ``δ·P·S``): each
+    block's rows whole, its columns merged online — per column a running max,
+    ``Σ exp(T − max)`` and ``Σ exp(T − max)·S`` — which gives ``c``, ``r`` and
+    the softmaxes' normalizers. The second forms the gradient of ``T`` block by block and
+    contracts it with the teacher's features. ``S`` enters as the student's log
+    softmaxes, ``S − LSE_row S`` in the row term and ``S − LSE_col S`` in the
+    column term (a shift per row, per column: the same gradient), which are
+    small where ``S`` is large.
+    """
+    acc = g.dtype
+    s, t = scale.detach().to(acc), teacher_scale.detach().to(acc)
+    a, b, ta, tb = (x.detach().to(acc) for x in (a, b, teacher_a, teacher_b))
+    n = a.shape[0]
+    step = max(1, TEACHER_BLOCK_ENTRIES // max(n, 1))
+    blocks = [slice(start, min(start + step, n)) for start in range(0, n, step)]
+
+    # the scales multiply the features, not the products: half the rounding error in float32
+    scaled_a, scaled_ta = s * a, t * ta
+
+    def tiles(rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        student = scaled_a[rows] @ b.T
+        return student - student_rows[rows, None], student - student_cols[None, :], scaled_ta[rows] @ tb.T
+
+    row_max, row_mass, row_sums, row_means = (torch.empty(n, dtype=acc, device=a.device) for _ in range(4))
+    col_max = torch.full((n,), -torch.inf, dtype=acc, device=a.device)
+    col_mass, col_weighted, col_teacher = (torch.zeros_like(col_max) for _ in range(3))
+    for rows in blocks:
+        log_rows, log_cols, teacher = tiles(rows)
+        row_max[rows] = teacher.max(dim=1).values
+        e = torch.exp(teacher - row_max[rows, None])
+        row_mass[rows] = e.sum(dim=1)
+        row_sums[rows] = (e * log_rows).sum(dim=1) / row_mass[rows]
+        row_means[rows] = (e * teacher).sum(dim=1) / row_mass[rows]
+        new_max = torch.maximum(col_max, teacher.max(dim=0).values)
+        rescale = torch.exp(col_max - new_max)
+        e = torch.exp(teacher - new_max[None, :])
+        col_mass = col_mass * rescale + e.sum(dim=0)
+        col_weighted = col_weighted * rescale + (e * log_cols).sum(dim=0)
+        col_teacher = col_teacher * rescale + (e * teacher).sum(dim=0)
+        col_max = new_max
+    col_sums, col_means = col_weighted / col_mass, col_teacher / col_mass
+    grad_ta, grad_tb = torch.empty_like(ta), torch.zeros_like(tb)
+    grad_t = torch.zeros((), dtype=acc, device=a.device)
+    for rows in blocks:
+        log_rows, log_cols, teacher = tiles(rows)
+        # exp(T − max) / Σ, not exp(T − LSE): an LSE of ~30 rounds by ~2e-6 in float32, and a
+        # softmax summing to 1 + δ puts δ·P·(S − c) into the gradient
+        p = torch.exp(teacher - row_max[rows, None]) / row_mass[rows, None]
+        q = torch.exp(teacher - col_max[None, :]) / col_mass[None, :]
+        row_part, col_part = p * (log_rows - row_sums[rows, None]), q * (log_cols - col_sums[None, :])
+        grad_teacher = -g * (row_part + col_part)
+        grad_ta[rows] = t * (grad_teacher @ tb)
+        grad_tb += grad_teacher.T @ scaled_ta[rows]
+        # Σ ∂/∂T·T/t, each part centred on its softmax's mean of T (each part sums to 0 along its
+        # softmax, so the centring changes nothing but the cancellation, which is heavy otherwise)
+        centred = torch.sum(row_part * (teacher - row_means[rows, None])) + torch.sum(
+            col_part * (teacher - col_means[None, :])
+        )
+        grad_t -= g * centred / t
+    return grad_ta, grad_tb, grad_t
+
+
 def _teacher_features(
     a: torch.Tensor, b: torch.Tensor, teacher_a: torch.Tensor, teacher_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +141,7 @@ def _teacher_features(
 
 
 class DistillFunction(torch.autograd.Function):
-    """``distill`` of the student's ``(a, b, scale)`` given the teacher's features (no gradient).
+    """``distill`` of the student's ``(a, b, scale)`` and the teacher's ``(a', b', t)``.
 
     Saved between the passes: the inputs, four ``O(N)`` statistics and the two
     ``N x D`` products ``(P + Q) b`` and ``(P + Q)ᵀ a``.
@@ -77,7 +166,7 @@ class DistillFunction(torch.autograd.Function):
             # products, so the sweep's softmaxes are the statistics' to the last bit (T from the
             # teacher's features alone rounds differently, and a confident teacher's
             # softmax − softmax then loses digits)
-            wide_a, wide_b = _teacher_features(a.detach(), b.detach(), teacher_a, teacher_b)
+            wide_a, wide_b = _teacher_features(a.detach(), b.detach(), teacher_a.detach(), teacher_b.detach())
             teacher = Scores(wide_a, wide_b, teacher_scale.detach(), False)
             targets = torch.arange(a.shape[0], device=a.device)
             teacher_rows, teacher_cols, _ = primitives.lse_stats(teacher, targets, b.shape[0])
@@ -93,7 +182,10 @@ class DistillFunction(torch.autograd.Function):
             value = (student_stats.row_lse.sum() + student_stats.col_lse.sum() - cross) / 2
             if spec.reduction == "mean":
                 value = value / a.shape[0]
-        ctx.save_for_backward(a, b, scale, student_stats.row_lse, student_stats.col_lse, pulled_b, pulled_a)
+        ctx.save_for_backward(
+            a, b, scale, student_stats.row_lse, student_stats.col_lse, pulled_b, pulled_a,
+            teacher_a, teacher_b, teacher_scale,
+        )  # fmt: skip
         ctx.spec = spec
         return value
 
@@ -103,7 +195,7 @@ class DistillFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
-        a, b, scale, row_lse, col_lse, pulled_b, pulled_a = ctx.saved_tensors
+        a, b, scale, row_lse, col_lse, pulled_b, pulled_a, *teacher = ctx.saved_tensors
         spec: LossSpec = ctx.spec
         acc = row_lse.dtype
         g = grad_output.to(acc) / 2
@@ -120,11 +212,24 @@ class DistillFunction(torch.autograd.Function):
         grad_b = grad_b - (g * s) * pulled_a
         grad_scale = grad_scale - g * torch.sum(a.to(acc) * pulled_b)
         needs = ctx.needs_input_grad
+        teacher_grads: tuple[Optional[torch.Tensor], ...] = (None, None, None)
+        if any(needs[3:6]):
+            teacher_a, teacher_b, teacher_scale = teacher
+            grad_ta, grad_tb, grad_t = _teacher_gradients(
+                a, b, scale, teacher_a, teacher_b, teacher_scale, row_lse, col_lse, g
+            )
+            teacher_grads = (
+                grad_ta.to(teacher_a.dtype) if needs[3] else None,
+                grad_tb.to(teacher_b.dtype) if needs[4] else None,
+                grad_t.to(teacher_scale.dtype).reshape(teacher_scale.shape) if needs[5] else None,
+            )
         return (
             grad_a.to(a.dtype) if needs[0] else None,
             grad_b.to(b.dtype) if needs[1] else None,
             grad_scale.to(scale.dtype).reshape(scale.shape) if needs[2] else None,
-            *(None,) * 5,
+            *teacher_grads,
+            None,
+            None,
         )
 
 
@@ -149,9 +254,12 @@ def distill_clip_loss(
         logit_scale: the student's exponentiated scale ``s`` (number or 0-d
             tensor; gets its gradient).
         dist_image_features, dist_text_features: the teacher's ``(N, D')``
-            features (``D'`` may differ from ``D``); constants: they get no
-            gradient. Cast to the student's dtype.
-        dist_logit_scale: the teacher's exponentiated scale ``t``.
+            features (``D'`` may differ from ``D``), cast to the student's
+            dtype. They get their gradient when they require grad (module
+            docstring; on one process only) — detach them, or compute them
+            under ``torch.no_grad()`` as open_clip does, for a frozen teacher.
+        dist_logit_scale: the teacher's exponentiated scale ``t`` (number or
+            0-d tensor; gets its gradient as the features do).
         backend: as :func:`tilecl.contrastive_loss`.
         process_group, device_mesh, mesh_dim, dist_impl: as
             :func:`tilecl.contrastive_loss`: both losses over every rank's
@@ -165,6 +273,7 @@ def distill_clip_loss(
     process_group = resolve_group(process_group, device_mesh, mesh_dim)
     names = ("image_features", "text_features")
     teacher_names = ("dist_image_features", "dist_text_features")
+    teacher_inputs = (dist_image_features, dist_text_features)
 
     def check() -> tuple[tuple[torch.Tensor, torch.Tensor], Signature]:
         v.check_pair(image_features, text_features, names)
@@ -184,6 +293,13 @@ def distill_clip_loss(
             )
         scale = v.check_scale(logit_scale, "logit_scale", image_features)
         teacher_scale = v.check_scale(dist_logit_scale, "dist_logit_scale", image_features)
+        if process_group is not None and torch.is_grad_enabled():
+            for name, x in zip((*teacher_names, "dist_logit_scale"), (*teacher_inputs, teacher_scale)):
+                if x.requires_grad:
+                    raise ValueError(
+                        f"{name} requires grad: the teacher's gradient is computed on one process "
+                        "only; detach the teacher's outputs (or run the teacher under torch.no_grad())"
+                    )
         signature = dict(
             N=n, M=n, columns_with_statistics=n, D=image_features.shape[1],
             teacher_D=dist_image_features.shape[1], dtype=image_features.dtype,
@@ -194,8 +310,8 @@ def distill_clip_loss(
     run = begin(check, like=image_features, backend=backend, process_group=process_group, dist_impl=dist_impl)
     scale, teacher_scale = run.checked
     a, b = image_features, text_features
-    teacher_a = dist_image_features.detach().to(a.dtype)
-    teacher_b = dist_text_features.detach().to(a.dtype)
+    teacher_a = dist_image_features.to(a.dtype)
+    teacher_b = dist_text_features.to(a.dtype)
     spec = run.spec(symmetric=True, exclude_diagonal=False)
     # the student's statistics serve both losses: one pass fewer than two separate calls
     stats = batch_stats(a, b, scale, None, None, spec)

@@ -190,7 +190,8 @@ class DistillClipLoss(ClipLoss):
     text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
     output_dict=False)`` returns ``(contrastive_loss, distill_loss)`` or, with ``output_dict``,
     ``{"contrastive_loss": ..., "distill_loss": ...}``; see :func:`tilecl.distill_clip_loss`
-    for the formula. The teacher's ``(N, D')`` features and scale get no gradient.
+    for the formula. The teacher's ``(N, D')`` features and scale get their gradient when they
+    require grad (on one process); a teacher under ``torch.no_grad()`` costs nothing of it.
     """
 
     def forward(  # type: ignore[override]

@@ -570,3 +570,24 @@ def distill_clip_loss(
     loss = float(-((teacher_rows * log_rows).sum() + (teacher_cols * log_cols).sum()) / (2 * n))
     grad = (xp.exp(log_rows) - teacher_rows + xp.exp(log_cols) - teacher_cols) / (2 * n)
     return LossAndGrads(loss, logit_scale * grad @ b, logit_scale * grad.T @ a, float((grad * dots).sum()))
+
+
+def distill_clip_teacher_grads(
+    a: Any, b: Any, logit_scale: float, teacher_a: Any, teacher_b: Any, teacher_scale: float, xp: Any = np
+) -> tuple[Any, Any, float]:
+    """The gradients of :func:`distill_clip_loss` with respect to the teacher's ``(a', b', t)``.
+
+    ``∂distill/∂T_ij = −(P_ij·(S_ij − c_i) + Q_ij·(S_ij − r_j)) / 2N`` with ``c_i = Σ_j P_ij S_ij``
+    and ``r_j = Σ_i Q_ij S_ij`` (the softmaxes' derivative, contracted with the student's logits).
+    """
+    a, b = xp.asarray(a, dtype=xp.float64), xp.asarray(b, dtype=xp.float64)
+    teacher_a = xp.asarray(teacher_a, dtype=xp.float64)
+    teacher_b = xp.asarray(teacher_b, dtype=xp.float64)
+    n = a.shape[0]
+    student = logit_scale * (a @ b.T)
+    dots = teacher_a @ teacher_b.T
+    rows, cols = _softmax(teacher_scale * dots, 1, xp), _softmax(teacher_scale * dots, 0, xp)
+    row_sums = (rows * student).sum(axis=1, keepdims=True)
+    col_sums = (cols * student).sum(axis=0, keepdims=True)
+    grad = -(rows * (student - row_sums) + cols * (student - col_sums)) / (2 * n)
+    return teacher_scale * grad @ teacher_b, teacher_scale * grad.T @ teacher_a, float((grad * dots).sum())
