@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> list[float]:
             f"{args.loss}: loss {module.losses[0]:.4f} → {module.losses[-1]:.4f}, {len(module.losses)} steps"
         )
     save_run(args.out, module.losses, module.first_grads)
-    del trainer  # its strategy unwrapped DDP at the end of fit; now nothing holds the group
+    del trainer  # its strategy unwrapped DDP at the end of fit: no reducer is left to outlive the group
     end_process_group()
     return module.losses
 

@@ -51,7 +51,7 @@ from .function import LossSpec, apply_loss, batch_stats, first_derivative
 __all__ = ["distill_clip_loss"]
 
 
-#: entries of one row block of the teacher's gradient sweeps (four such blocks live at once)
+#: entries of one row block of the teacher's gradient sweeps (about ten such blocks live at once)
 TEACHER_BLOCK_ENTRIES = 1 << 20
 
 
@@ -66,7 +66,7 @@ def _teacher_gradients(
     student_cols: torch.Tensor,
     g: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(∂/∂a', ∂/∂b', ∂/∂t)`` of ``g·N·distill`` (module docstring), in ``g``'s dtype.
+    """``(∂/∂a', ∂/∂b', ∂/∂t)`` of ``g·N·(H_row + H_col)`` (module docstring), in ``g``'s dtype.
 
     Two sweeps over row blocks. The first forms the teacher's softmaxes from
     the same products as the second (not from the forward's statistics: a
@@ -182,10 +182,11 @@ class DistillFunction(torch.autograd.Function):
             value = (student_stats.row_lse.sum() + student_stats.col_lse.sum() - cross) / 2
             if spec.reduction == "mean":
                 value = value / a.shape[0]
+        # the teacher's inputs only when they need a gradient: a frozen teacher is not kept alive
+        teacher_inputs = (teacher_a, teacher_b, teacher_scale) if any(ctx.needs_input_grad[3:6]) else ()
         ctx.save_for_backward(
-            a, b, scale, student_stats.row_lse, student_stats.col_lse, pulled_b, pulled_a,
-            teacher_a, teacher_b, teacher_scale,
-        )  # fmt: skip
+            a, b, scale, student_stats.row_lse, student_stats.col_lse, pulled_b, pulled_a, *teacher_inputs
+        )
         ctx.spec = spec
         return value
 
