@@ -116,7 +116,9 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=_FORMAT,
     )
     retrieval.add_argument(
-        "--quick", action="store_true", help="a few hundred pairs, one seed, one epoch: minutes (the test)"
+        "--quick",
+        action="store_true",
+        help="about a hundred pairs, one seed, one epoch: under a minute (the test)",
     )
     retrieval.add_argument("--seeds", type=int, default=None, help="runs per arm (3; --quick: 1)")
     retrieval.add_argument(
