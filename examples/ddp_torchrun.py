@@ -31,7 +31,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the toy stand-ins beside this file
 
-from toy import TwoTower, gradients, paired_data, recipe_arguments, save_run  # noqa: E402
+from toy import TwoTower, end_process_group, gradients, paired_data, recipe_arguments, save_run  # noqa: E402
 
 import tilecl  # noqa: E402
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     save_run(args.out, losses, first_grads)
     if distributed:
         del wrapped  # DDP's reducer goes while the group is alive
-        dist.destroy_process_group()
+        end_process_group()
     return losses
 
 
