@@ -213,6 +213,18 @@ def _pair_weights(
     return grad_output * w
 
 
+def _by_value(offset: torch.Tensor, pair_weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """A pair's offset with ``-inf`` made NaN where the pair counts (weight ≠ 0): see the backward."""
+    minus_inf = torch.isneginf(offset)
+    return offset.masked_fill(minus_inf if pair_weights is None else minus_inf & (pair_weights != 0), math.nan)
+
+
+def _like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad`` in ``x``'s dtype and shape (a 0-d scale's gradient may come back as ``(1,)``)."""
+    grad = grad.to(x.dtype)
+    return grad if grad.shape == x.shape else grad.reshape(x.shape)
+
+
 class ContrastiveFunction(torch.autograd.Function):
     """Per-pair loss ``ℓ_i = row_i (+ col_i) − S⁺_i`` over precomputed stats, and its backward.
 
@@ -261,6 +273,7 @@ class ContrastiveFunction(torch.autograd.Function):
         saved = (a, b, positives, scale, targets, row_offset, col_offset, row_groups, col_groups, weights)
         ctx.save_for_backward(*saved)
         ctx.col_count = col_lse.shape[0]
+        ctx.own_columns = labels is None
         ctx.spec = spec
         return reduce_pairs(per_pair, spec.reduction, weights)
 
@@ -281,25 +294,31 @@ class ContrastiveFunction(torch.autograd.Function):
         # an offset of -inf there is -inf by value (every logit -inf, an infinite feature), not an
         # empty row, which the offset backward would read as "no term". The full-matrix softmax
         # is 0/0 there: NaN, which every backend keeps. Pairs left out (weight 0) keep -inf.
-        live = torch.ones_like(row_offset, dtype=torch.bool) if pair_weights is None else pair_weights != 0
-        row_offset = torch.where(torch.isneginf(row_offset) & live, math.nan, row_offset)
-        if col_offset is not None:
-            col_offset = torch.where(torch.isneginf(col_offset) & live, math.nan, col_offset)
-        col_mult = torch.zeros(ctx.col_count, dtype=acc, device=a.device)
-        col_shift = torch.full_like(col_mult, math.inf)
-        if spec.symmetric:
+        row_offset = _by_value(row_offset, pair_weights)
+        if spec.symmetric and ctx.own_columns:
+            # pair i's positive is column i, alone: its offset and multiplier are the pair's
+            col_shift = _by_value(col_offset, pair_weights)
+            # a pair with u' = 0 (offset +inf) adds nothing, also to a column whose offset is +inf
+            col_mult = half.masked_fill(torch.isposinf(col_shift), 0.0)
+        elif spec.symmetric:
+            col_offset = _by_value(col_offset, pair_weights)
+            col_mult = torch.zeros(ctx.col_count, dtype=acc, device=a.device)
+            col_shift = torch.full_like(col_mult, math.inf)
             # pairs sharing a column fold into one offset: r_j = min_i c_i, h_j = Σ_i w_i·e^(r_j − c_i)
             col_shift.scatter_reduce_(0, targets, col_offset, "amin")
             # amin skips NaN: a column any NaN pair points to must stay NaN (NaN inputs propagate)
             col_shift.index_add_(0, targets, torch.where(torch.isnan(col_offset), math.nan, 0.0).to(acc))
-            # a pair with u' = 0 (offset +inf) adds nothing, also to a column whose offset is +inf
             shares = torch.exp(col_shift[targets] - col_offset)
             col_mult.index_add_(0, targets, half * torch.where(torch.isposinf(col_offset), 0.0, shares))
-        terms = OffsetTerms(row_offset, half, col_shift, col_mult)
-        if positives is None:
-            # the positive logit enters every pair's loss with weight −w_i: a column of b, so its
-            # one-hot goes into G itself, where it cancels a saturated row's softmax exactly
-            terms = terms._replace(positive_cols=targets, positive_mult=weights)
+        else:
+            col_mult = col_shift = row_offset.new_empty(0)
+        # the positive logit enters every pair's loss with weight −w_i: a column of b, so its
+        # one-hot goes into G itself, where it cancels a saturated row's softmax exactly; decoupled
+        # positives are not columns of b (below)
+        coupled = positives is None
+        terms = OffsetTerms(
+            row_offset, half, col_shift, col_mult, targets if coupled else None, weights if coupled else None
+        )
         groups = None if row_groups is None else (row_groups, col_groups)
         scores = scores_of(a, b, scale, targets, groups, spec)
         grad_a, grad_b, grad_scale = spec.primitives.offset_backward(scores, terms)
@@ -318,7 +337,7 @@ class ContrastiveFunction(torch.autograd.Function):
             grad_a.to(a.dtype) if needs[0] else None,
             grad_b.to(b.dtype) if needs[1] else None,
             grad_positives,
-            grad_scale.to(scale.dtype).reshape(scale.shape) if needs[3] else None,
+            _like(grad_scale, scale) if needs[3] else None,
             *(None,) * 8,
         )
 
