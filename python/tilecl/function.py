@@ -215,8 +215,10 @@ def _pair_weights(
 
 def _by_value(offset: torch.Tensor, pair_weights: Optional[torch.Tensor]) -> torch.Tensor:
     """A pair's offset with ``-inf`` made NaN where the pair counts (weight ≠ 0): see the backward."""
-    minus_inf = torch.isneginf(offset)
-    return offset.masked_fill(minus_inf if pair_weights is None else minus_inf & (pair_weights != 0), math.nan)
+    counted = torch.isneginf(offset)
+    if pair_weights is not None:
+        counted &= pair_weights != 0
+    return offset.masked_fill(counted, math.nan)
 
 
 def _like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
