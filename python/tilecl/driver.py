@@ -25,10 +25,12 @@ global value::
    (:mod:`tilecl.backends.sharded`, ``dist_impl`` ``"gather"`` or ``"ring"``).
 
 What the loss does next only goes down: its Function (:mod:`tilecl.function`,
-:mod:`tilecl.sigmoid`, :mod:`tilecl.modality`) over the primitives, and the
-collectives of :class:`~tilecl.distributed.Ranks`. No Function sees a process
-group: a Function's values are this rank's, and the cross-rank reduction is
-:meth:`Run.global_loss` (or a collective of :class:`~tilecl.distributed.Ranks`).
+:mod:`tilecl.sigmoid`, :mod:`tilecl.modality`, :mod:`tilecl.distill`'s
+``DistillFunction``, :mod:`tilecl.ranking`'s ``RankingFunction``) over the
+primitives, and the collectives of :class:`~tilecl.distributed.Ranks`. No
+Function sees a process group: a Function's values are this rank's, and the
+cross-rank reduction is :meth:`Run.global_loss` (or a collective of
+:class:`~tilecl.distributed.Ranks`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ FUNCTORCH_MESSAGE = (
     "Differentiate with loss.backward() or torch.autograd.grad, or use the full-matrix losses "
     "of tilecl.testing.naive under torch.func"
 )
+
+#: the collectives of a call without a process group: identities
+_LOCAL = Ranks()
 
 #: what every rank must agree on before any exchange: name → value (sizes, dtype, options)
 Signature = Mapping[str, object]
@@ -165,7 +170,7 @@ def begin(
 
     if group is None:
         value, _, local = checked_and_resolved()
-        return Run(value, local, Ranks(), reduction)
+        return Run(value, local, _LOCAL, reduction)
     value, signature, local = _on_every_rank(checked_and_resolved, group)
     world, sizes = agree_on_call(group, **signature, form=form, reduction=reduction, dist_impl=dist_impl)
     primitives = None if local is None else ShardedPrimitives(local, Shard.of(group), dist_impl)

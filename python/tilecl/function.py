@@ -160,15 +160,28 @@ def batch_stats(
     groups: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> LseStats:
     """One streaming pass over the tiles (no autograd). Decoupled positives are a row-wise dot."""
-    n = a.shape[0]
-    count = col_count(labels, n, b.shape[0], spec.symmetric)
     with torch.no_grad():
-        targets = targets_of(labels, n, a.device)
-        scores = scores_of(a, b, scale, targets, groups, spec)
-        row_lse, col_lse, positive = spec.primitives.lse_stats(scores, targets, count)
-        if positives is not None:
-            acc = row_lse.dtype
-            positive = scale.to(acc) * torch.sum(a.to(acc) * positives.to(acc), dim=1)
+        targets = targets_of(labels, a.shape[0], a.device)
+        return _stats(a, b, scale, targets, labels is None, positives, spec, groups)
+
+
+def _stats(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    targets: torch.Tensor,
+    own_columns: bool,
+    positives: Optional[torch.Tensor],
+    spec: LossSpec,
+    groups: Optional[tuple[torch.Tensor, torch.Tensor]],
+) -> LseStats:
+    """:func:`batch_stats` for the rows' ``targets`` (``own_columns``: row ``i``'s is column ``i``)."""
+    count = (a.shape[0] if own_columns else b.shape[0]) if spec.symmetric else 0
+    scores = scores_of(a, b, scale, targets, groups, spec)
+    row_lse, col_lse, positive = spec.primitives.lse_stats(scores, targets, count)
+    if positives is not None:
+        acc = row_lse.dtype
+        positive = scale.to(acc) * torch.sum(a.to(acc) * positives.to(acc), dim=1)
     return LseStats(row_lse, col_lse, positive)
 
 
@@ -250,11 +263,15 @@ class ContrastiveFunction(torch.autograd.Function):
         row_groups: Optional[torch.Tensor],
         col_groups: Optional[torch.Tensor],
         weights: Optional[torch.Tensor],
-        stats: LseStats,
+        stats: Optional[LseStats],
         spec: LossSpec,
     ) -> torch.Tensor:
         n, m = a.shape[0], b.shape[0]
         targets = targets_of(labels, n, a.device)
+        own_columns = labels is None
+        if stats is None:
+            groups = None if row_groups is None or col_groups is None else (row_groups, col_groups)
+            stats = _stats(a, b, scale, targets, own_columns, positives, spec, groups)
         row_lse, col_lse, positive = stats
         acc = row_lse.dtype
         if log_u_rows is None:
@@ -265,7 +282,7 @@ class ContrastiveFunction(torch.autograd.Function):
         per_pair = row_term - positive
         col_offset = None
         if spec.symmetric:
-            col_at_pair = col_lse[targets]
+            col_at_pair = col_lse if own_columns else col_lse[targets]
             if log_u_cols is None:
                 col_offset, col_term = col_at_pair, col_at_pair
             else:
@@ -275,7 +292,7 @@ class ContrastiveFunction(torch.autograd.Function):
         saved = (a, b, positives, scale, targets, row_offset, col_offset, row_groups, col_groups, weights)
         ctx.save_for_backward(*saved)
         ctx.col_count = col_lse.shape[0]
-        ctx.own_columns = labels is None
+        ctx.own_columns = own_columns
         ctx.spec = spec
         return reduce_pairs(per_pair, spec.reduction, weights)
 
@@ -363,11 +380,10 @@ def apply_loss(
     ``groups``: ``(row_groups (N,), col_groups (M,))`` false-negative masking;
     ``weights``: ``(N,)`` per-pair weights (see :func:`reduce_pairs`), no gradient.
     """
-    if stats is None:
+    if stats is None and b is a:
         # one tensor on both sides (NT-Xent, one-tower SupCon): a backend may use S's symmetry; the
         # caller that computed the stats itself made them without the flag, so it stays off then
-        spec = dataclasses.replace(spec, shared_operands=b is a)
-        stats = batch_stats(a, b, scale, labels, positives, spec, groups)
+        spec = dataclasses.replace(spec, shared_operands=True)
     row_groups, col_groups = (None, None) if groups is None else groups
     if weights is not None:
         weights = weights.detach()

@@ -137,8 +137,8 @@ def _scalar(value: object, name: str, like: torch.Tensor) -> tuple[torch.Tensor,
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         if not value.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-        tensor = value.reshape(()).to(like.device)
-        return tensor, float(value.detach()) if reads_values(value) else None
+        tensor = (value if value.dim() == 0 else value.reshape(())).to(like.device)
+        return tensor, value.item() if reads_values(value) else None
     if _is_number(value):
         number = float(value)  # type: ignore[arg-type]
         return torch.tensor(number, dtype=torch.float64, device=like.device), number

@@ -6,8 +6,9 @@ data-dependent the kernel behind it is (the torch backend's tile loop, the
 Triton launch, the CUDA extension), and a loss runs on ``meta`` / fake
 tensors (shapes and dtypes, no data). Autograd is not registered on the ops:
 the losses' autograd Functions (:mod:`tilecl.function`, :mod:`tilecl.sigmoid`,
-:mod:`tilecl.modality`) call them under ``no_grad`` in their forward and
-backward.
+:mod:`tilecl.modality`, :mod:`tilecl.distill`'s ``DistillFunction``,
+:mod:`tilecl.ranking`'s ``RankingFunction``) call them under ``no_grad`` in
+their forward and backward.
 
 Every op takes the backend's name, then :class:`~tilecl.backends.base.Scores`
 field by field, then the primitive's own arguments (a form's terms type, field

@@ -234,9 +234,11 @@ def _one_tile_lse_stats(scores: Scores, targets: torch.Tensor, col_count: int, a
     tails of unnormalized logits).
     """
     tile, _ = _one_tile_scores(scores, acc)
-    positive = tile.gather(1, targets[:, None]).squeeze(1)
+    # clamped: under torch.compile the labels' range check is a device assertion that may run later
+    positive = tile.gather(1, targets.clamp(0, tile.shape[1] - 1)[:, None]).squeeze(1)
     spare = torch.empty_like(tile)
-    stats = (_shifted_sums(tile, 1, spare), _shifted_sums(tile[:, :col_count], 0, spare))
+    columns = tile if col_count == tile.shape[1] else tile[:, :col_count]
+    stats = (_shifted_sums(tile, 1, spare), _shifted_sums(columns, 0, spare))
     row_lse, col_lse = (peak + torch.log(total) for peak, total in stats)
     return LseStats(row_lse, col_lse, positive)
 
