@@ -26,6 +26,9 @@ LAYERS = {
     "tilecl._compat": 0,
     "tilecl._cuda_build": 0,
     "tilecl.validation": 0,
+    # the distributed layer's collectives, below the backends: the sharded primitives exchange
+    # through them too
+    "tilecl.collectives": 1,
     "tilecl.backends.base": 1,
     "tilecl.backends.registry": 1,
     "tilecl.backends.torch": 2,
@@ -100,6 +103,19 @@ def test_imports_go_down_the_layers_only():
                 continue
             layer = {**LAYERS, **EXTENSIONS}[target]
             assert layer <= LAYERS[name], f"{name} (layer {LAYERS[name]}) imports {target} (layer {layer})"
+
+
+def test_only_the_driver_imports_the_sharded_primitives():
+    """The backends hold primitives only: every collective a loss uses is the distributed layer's
+    (:mod:`tilecl.distributed`, :mod:`tilecl.collectives`); above the backends only the driver
+    lifts the primitives to a group."""
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        if name == "tilecl.driver" or name.startswith("tilecl.backends"):
+            continue
+        assert "tilecl.backends.sharded" not in _imports(path, name), (
+            f"{name} imports tilecl.backends.sharded"
+        )
 
 
 def _autograd_functions() -> list[type]:

@@ -43,7 +43,7 @@ from typing import Any, Optional, TypeVar, Union
 import torch
 import torch.distributed as dist
 
-from .backends.sharded import DIST_IMPLS, control_tensor, gather_plain, leading_sizes, logsumexp_across
+from .collectives import DIST_IMPLS, control_tensor, gather_plain, leading_sizes, logsumexp_across
 from .function import weight_total
 
 __all__ = ["DIST_IMPLS", "Ranks", "agree", "agree_on_call", "global_value", "resolve_group"]

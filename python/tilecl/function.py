@@ -29,6 +29,8 @@ import torch
 
 from ._compat import delayed_error
 from .backends import LseStats, OffsetTerms, Primitives, Scores
+from .backends import torch as torch_backend
+from .backends.base import accumulation_dtype
 
 __all__ = [
     "LossSpec",
@@ -361,6 +363,144 @@ class ContrastiveFunction(torch.autograd.Function):
         )
 
 
+class OneTileFunction(torch.autograd.Function):
+    """:class:`ContrastiveFunction`'s loss (without ``u``) when ``S`` is one tile of the torch backend.
+
+    A small batch's cost is per op, so the tile is formed once and kept for
+    the backward (it fits the tile budget, :data:`tilecl.backends.torch.TILE_BYTES`),
+    and both passes use PyTorch's fused softmax kernels. With ``P`` the row
+    softmax and ``Q`` the column softmax of ``S`` (excluded entries ``-inf``)::
+
+        ℓ_i = −log P_{i,y_i}  (+ −log Q_{i,y_i}, halved, when symmetric)
+        G = diag(α)·P + Q·diag(h) − W_onehot,      α_i = w_i (/2),  h_j = Σ_{i: y_i = j} w_i/2
+
+    which is the offset form of :class:`ContrastiveFunction` with the offsets
+    the statistics (``exp(S_ij − LSE_i) = P_ij``). Decoupled positives are
+    applied outside ``S`` as there. A pair of weight 0 and a column no pair
+    holds contribute nothing (0, also where their softmax is NaN), excluded
+    entries have no gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        positives: Optional[torch.Tensor],
+        scale: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        row_groups: Optional[torch.Tensor],
+        col_groups: Optional[torch.Tensor],
+        weights: Optional[torch.Tensor],
+        spec: LossSpec,
+    ) -> torch.Tensor:
+        acc = accumulation_dtype(a.dtype)
+        targets = None if labels is None else labels.long()
+        groups = None if row_groups is None or col_groups is None else (row_groups, col_groups)
+        kept = targets_of(labels, a.shape[0], a.device) if groups is not None else targets
+        scores = scores_of(a, b, scale, kept, groups, spec)  # type: ignore[arg-type]
+        tile, _ = torch_backend.one_tile_scores(scores, acc)
+        row_log = torch.log_softmax(tile, 1)
+        if positives is None:
+            per_pair = _at_pairs(row_log, targets).neg()
+        else:
+            positive = scale.to(acc) * torch.sum(a.to(acc) * positives.to(acc), dim=1)
+            per_pair = _row_lse(tile, row_log) - positive
+        if spec.symmetric:
+            col_log = torch.log_softmax(_pair_columns(tile, targets), 0)
+            per_pair = per_pair.sub_(_at_pairs(col_log, targets)).div_(2)
+        ctx.save_for_backward(a, b, positives, scale, targets, row_groups, col_groups, weights, tile)
+        ctx.spec = spec
+        return reduce_pairs(per_pair, spec.reduction, weights)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
+        return first_derivative(OneTileFunction._backward, ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
+        a, b, positives, scale, targets, row_groups, col_groups, pair_weights, tile = ctx.saved_tensors
+        spec: LossSpec = ctx.spec
+        acc = tile.dtype
+        n = a.shape[0]
+        weights = _pair_weights(grad_output, spec.reduction, n, acc, pair_weights)
+        half = weights / 2 if spec.symmetric else weights
+        grad = torch.softmax(tile, 1)
+        if pair_weights is not None:
+            # a pair of weight 0 adds nothing, whatever its softmax (an empty row's is 0/0)
+            grad.masked_fill_((pair_weights == 0)[:, None], 0.0)
+        grad.mul_(half[:, None])
+        if spec.symmetric:
+            col_mult = half
+            if targets is not None:
+                col_mult = torch.zeros(grad.shape[1], dtype=acc, device=a.device).index_add_(0, targets, half)
+            column_part = torch.softmax(_pair_columns(tile, targets), 0)
+            if targets is not None or pair_weights is not None:
+                # a column no pair holds (or held by pairs of weight 0) adds nothing
+                column_part.masked_fill_(col_mult == 0, 0.0)
+            _pair_columns(grad, targets).add_(column_part.mul_(col_mult))
+        if positives is None:
+            # the positive's −w_i enters G itself, where it cancels a saturated row's softmax exactly
+            if targets is None:
+                grad.diagonal().sub_(weights)
+            else:
+                grad.scatter_add_(1, targets[:, None], weights.neg()[:, None])
+        groups = None if row_groups is None else (row_groups.long(), col_groups.long())
+        if spec.exclude_diagonal or groups is not None:
+            kept = targets_of(targets, n, a.device)
+            torch_backend.one_tile_exclude_(grad, scores_of(a, b, scale, kept, groups, spec), 0.0)
+        s = scale.to(acc)
+        a_acc = a.to(acc)
+        grad_a = torch.mm(grad, b.to(acc))
+        grad_scale = torch.sum(grad_a * a_acc)
+        grad_a.mul_(s)
+        grad_positives = None
+        needs = ctx.needs_input_grad
+        if positives is not None:
+            positive_rows = positives.to(acc)
+            grad_a -= (s * weights)[:, None] * positive_rows
+            grad_scale = grad_scale - torch.sum(weights * torch.sum(a_acc * positive_rows, dim=1))
+            if needs[2]:
+                grad_positives = (-(s * weights)[:, None] * a_acc).to(positives.dtype)
+        return (
+            grad_a.to(a.dtype) if needs[0] else None,
+            torch.mm(grad.t(), a_acc * s).to(b.dtype) if needs[1] else None,
+            grad_positives,
+            _like(grad_scale, scale) if needs[3] else None,
+            *(None,) * 5,
+        )
+
+
+def _pair_columns(tile: torch.Tensor, targets: Optional[torch.Tensor]) -> torch.Tensor:
+    """The columns with statistics: the pairs' (``N``) without labels, all of them with."""
+    return tile[:, : tile.shape[0]] if targets is None and tile.shape[1] != tile.shape[0] else tile
+
+
+def _at_pairs(x: torch.Tensor, targets: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x[i, y_i]`` for every pair (``y_i = i`` without labels)."""
+    if targets is None:
+        return x.diagonal()
+    return x.gather(1, targets.clamp(0, x.shape[1] - 1)[:, None]).squeeze(1)
+
+
+def _row_lse(tile: torch.Tensor, row_log: torch.Tensor) -> torch.Tensor:
+    """``LSE_j S_ij`` from the row log-softmax at each row's maximum (an empty row: ``-inf``)."""
+    peak, where = tile.max(dim=1)
+    lse = peak - row_log.gather(1, where[:, None]).squeeze(1)
+    return lse.masked_fill_(torch.isneginf(peak), -math.inf)
+
+
+def _one_tile_call(a: torch.Tensor, b: torch.Tensor, spec: LossSpec, stats: Optional[LseStats]) -> bool:
+    """Whether an InfoNCE-type call (no ``u``) takes :class:`OneTileFunction`: local, its own statistics,
+    the torch backend and ``S`` one tile."""
+    return (
+        stats is None
+        and spec.global_rows == 0
+        and getattr(spec.primitives, "name", None) == "torch"
+        and torch_backend.one_tile(a.shape[0], b.shape[0], a.dtype)
+    )
+
+
 def apply_loss(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -380,13 +520,21 @@ def apply_loss(
     ``groups``: ``(row_groups (N,), col_groups (M,))`` false-negative masking;
     ``weights``: ``(N,)`` per-pair weights (see :func:`reduce_pairs`), no gradient.
     """
+    row_groups, col_groups = (None, None) if groups is None else groups
+    if weights is not None:
+        weights = weights.detach()
+    if log_u_rows is None and log_u_cols is None and _one_tile_call(a, b, spec, stats):
+        a, b, positives, scale, labels, row_groups, col_groups, weights = distinct(  # type: ignore[assignment]
+            a, b, positives, scale, labels, row_groups, col_groups, weights
+        )
+        result: torch.Tensor = OneTileFunction.apply(
+            a, b, positives, scale, labels, row_groups, col_groups, weights, spec
+        )
+        return result
     if stats is None and b is a:
         # one tensor on both sides (NT-Xent, one-tower SupCon): a backend may use S's symmetry; the
         # caller that computed the stats itself made them without the flag, so it stays off then
         spec = dataclasses.replace(spec, shared_operands=True)
-    row_groups, col_groups = (None, None) if groups is None else groups
-    if weights is not None:
-        weights = weights.detach()
     a, b, positives, scale, labels, log_u_rows, log_u_cols, row_groups, col_groups, weights = distinct(  # type: ignore[assignment]
         a, b, positives, scale, labels, log_u_rows, log_u_cols, row_groups, col_groups, weights
     )

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import validation as v
-from .backends.sharded import gather_plain, leading_sizes
+from .collectives import gather_plain, leading_sizes
 from .distributed import agree, resolve_group
 
 __all__ = ["MemoryEntries", "MemoryQueue"]

@@ -15,7 +15,9 @@
 
 The losses' autograd Function runs unchanged on top; the agreement before any
 exchange, the global reduction and the gradient convention are
-:mod:`tilecl.distributed`'s. Two implementations (``dist_impl``):
+:mod:`tilecl.distributed`'s, the collectives themselves (uneven gather and
+reduce-scatter, log-sum-exp across ranks) :mod:`tilecl.collectives`'. Two
+implementations (``dist_impl``):
 
 ``"gather"``
     all-gather ``b`` (``O(N_global·D)`` per rank), one tiled pass of this
@@ -34,12 +36,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..collectives import DIST_IMPLS, control_tensor, gather_plain, logsumexp_across, reduce_scatter_uneven
 from .base import (
     Gradients,
     LseStats,
@@ -51,78 +54,9 @@ from .base import (
     accumulation_dtype,
 )
 
-__all__ = ["DIST_IMPLS", "Shard", "ShardedPrimitives", "control_tensor", "gather_plain", "logsumexp_across"]
+__all__ = ["DIST_IMPLS", "Shard", "ShardedPrimitives"]
 
-DIST_IMPLS = ("gather", "ring")
 _P = TypeVar("_P")
-
-
-def control_tensor(values: list[int], group: Any) -> torch.Tensor:
-    """A small int64 tensor for agreement collectives, on the device the group's backend needs."""
-    on_gpu = dist.get_backend(group) == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    return torch.tensor(values, dtype=torch.int64, device=device)
-
-
-def logsumexp_across(x: torch.Tensor, group) -> torch.Tensor:
-    """Elementwise ``log Σ_ranks exp(x)`` (two all-reduces; ``-inf`` everywhere stays ``-inf``)."""
-    peak = x.clone()
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    total = torch.exp(x - peak)
-    dist.all_reduce(total, group=group)
-    return peak + torch.log(total)
-
-
-def leading_sizes(x: torch.Tensor, group) -> list[int]:
-    """Every rank's ``x.shape[0]``, in rank order (one small all-gather)."""
-    mine = control_tensor([x.shape[0]], group)
-    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(every, mine, group=group)
-    return [int(t) for t in torch.cat(every).tolist()]
-
-
-def gather_plain(x: torch.Tensor, group, sizes: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
-    """All ranks' ``x`` in rank order (no autograd: the Functions route gradients themselves).
-
-    Ranks may hold different numbers of rows (``sizes``, every rank's ``x.shape[0]``; asked of the
-    group when not given): each part is then broadcast from its owner at its own size, so a rank
-    holds ``Σ sizes`` rows, not ``world × max(sizes)`` (gloo's all-gather takes equal sizes only).
-    """
-    sizes = list(sizes) if sizes is not None else leading_sizes(x, group)
-    x = x.contiguous()
-    if len(set(sizes)) == 1:
-        parts = [torch.empty_like(x) for _ in sizes]
-        dist.all_gather(parts, x, group=group)
-        return parts
-    me = dist.get_rank(group)
-    parts = [x if r == me else x.new_empty((size, *x.shape[1:])) for r, size in enumerate(sizes)]
-    for r, part in enumerate(parts):
-        if part.numel():
-            dist.broadcast(part, src=_global_rank(group, r), group=group)
-    return parts
-
-
-def reduce_scatter_uneven(blocks: list[torch.Tensor], group) -> torch.Tensor:
-    """``Σ_ranks blocks[rank]`` of every rank's list, this rank's only. Blocks of different rows are
-    each reduced onto their owner at their own size (no padding to the largest)."""
-    blocks = [x.contiguous() for x in blocks]
-    me = dist.get_rank(group)
-    if len({x.shape[0] for x in blocks}) == 1:
-        out = torch.empty_like(blocks[me])
-        dist.reduce_scatter(out, blocks, group=group)
-        return out
-    for r, block in enumerate(blocks):
-        if block.numel():
-            # reduce writes the sum into the destination's own tensor: the owner's block is its
-            # own gradient buffer, reduced in place; the others' are scratch
-            dist.reduce(block, dst=_global_rank(group, r), group=group)
-    return blocks[me].clone()  # not a view that keeps every rank's blocks alive
-
-
-def _global_rank(group, rank: int) -> int:
-    """A member's rank in the default group (collectives name sources and destinations by it)."""
-    return rank if group is None or group is dist.group.WORLD else dist.get_global_rank(group, rank)
 
 
 @dataclasses.dataclass(frozen=True)

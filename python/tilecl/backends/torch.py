@@ -49,6 +49,9 @@ __all__ = [
     "lse_stats",
     "offset_backward",
     "sigmoid_sweep",
+    "one_tile",
+    "one_tile_exclude_",
+    "one_tile_scores",
     "tile_shape",
 ]
 
@@ -226,14 +229,14 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats
 def _one_tile_lse_stats(scores: Scores, targets: torch.Tensor, col_count: int, acc: torch.dtype) -> LseStats:
     """:func:`lse_stats` when ``S`` is one tile: the fewest ops (a small batch's cost is per op).
 
-    ``S`` is formed as the tile loop forms it (:func:`_one_tile_scores`), so
+    ``S`` is formed as the tile loop forms it (:func:`one_tile_scores`), so
     the backward's recomputed tile is bit-identical; each LSE shifts by its
     maximum as the streaming merge does (a row of excluded entries is
     ``-inf``, a ``+inf`` logit makes its row and column NaN), with
     :func:`_exp_` (not ``torch.logsumexp``, whose ``exp`` is slow on the far
     tails of unnormalized logits).
     """
-    tile, _ = _one_tile_scores(scores, acc)
+    tile, _ = one_tile_scores(scores, acc)
     # clamped: under torch.compile the labels' range check is a device assertion that may run later
     positive = tile.gather(1, targets.clamp(0, tile.shape[1] - 1)[:, None]).squeeze(1)
     spare = torch.empty_like(tile)
@@ -243,7 +246,17 @@ def _one_tile_lse_stats(scores: Scores, targets: torch.Tensor, col_count: int, a
     return LseStats(row_lse, col_lse, positive)
 
 
-def _one_tile_scores(scores: Scores, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def one_tile(n: int, m: int, dtype: torch.dtype) -> bool:
+    """Whether all of an ``N x M`` score matrix of inputs of ``dtype`` is one tile (:func:`tile_shape`)."""
+    return tile_shape(n, m, accumulation_dtype(dtype)) == (n, m)
+
+
+def one_tile_exclude_(tile: torch.Tensor, scores: Scores, value: float) -> torch.Tensor:
+    """``value`` into the excluded entries of a whole-``S`` tile (see :func:`_exclude_`)."""
+    return _exclude_(tile, scores, slice(0, tile.shape[0]), slice(0, tile.shape[1]), value)
+
+
+def one_tile_scores(scores: Scores, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """All of ``S`` as one tile (excluded entries ``-inf``) and ``s·a`` in the accumulation dtype."""
     a, b = scores.a, scores.b
     a_scaled = a.to(acc) * scores.scale.to(acc)
@@ -431,11 +444,11 @@ def _one_tile_offset_backward(
 ) -> Gradients:
     """:func:`offset_backward` when ``S`` is one tile: the exact two-exp form in the fewest ops.
 
-    ``S`` is the forward's tile (:func:`_one_tile_scores`), ``G`` is formed in
+    ``S`` is the forward's tile (:func:`one_tile_scores`), ``G`` is formed in
     the accumulation dtype with the positives subtracted there, then the three
     products of :func:`_gradient_sweep`.
     """
-    tile, a_scaled = _one_tile_scores(scores, acc)
+    tile, a_scaled = one_tile_scores(scores, acc)
     n, m = tile.shape
     width = r.shape[0]
     grad = _exp_(torch.sub(tile, c[:, None])).mul_(g[:, None])
@@ -445,9 +458,10 @@ def _one_tile_offset_backward(
         grad_cols.add_(_exp_(column.sub_(r)).mul_(h))
     if positives is not None:
         positive_cols, positive_mult = positives
-        # -1: no positive in this row
-        minus = torch.neg(positive_mult).masked_fill_(positive_cols < 0, 0.0)
-        grad.scatter_add_(1, positive_cols.clamp(min=0)[:, None], minus[:, None])
+        # -1 (or a column of another block): no positive in this tile
+        outside = (positive_cols < 0) | (positive_cols >= m)
+        minus = torch.neg(positive_mult).masked_fill_(outside, 0.0)
+        grad.scatter_add_(1, positive_cols.clamp(0, m - 1)[:, None], minus[:, None])
     _exclude_(grad, scores, slice(0, n), slice(0, m), 0.0)
     b = scores.b.to(acc)
     grad_a = torch.mm(grad, b)
