@@ -146,6 +146,10 @@ def test_small_batch_bench_measures_every_kind_of_input(tmp_path):
 
     out = tmp_path / "small.json"
     small_batch.main(["--sizes", "16", "--dims", "8", "--rounds", "5", "--out", str(out)])
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["features"], r["scale"]) for r in rows] == list(small_batch.INPUTS)
+    found = json.loads(out.read_text())
+    rows = found["rows"]
+    clip = [(r["features"], r["scale"]) for r in rows if r["loss"] == "clip"]
+    assert clip == list(small_batch.INPUTS)
+    assert {r["loss"] for r in rows} == {"clip", "siglip", "supcon"}
     assert all(r["ratio"] > 0 and r["rounds"] >= 5 for r in rows)
+    assert set(found["counts_n128"]) == {"clip", "siglip", "supcon"}

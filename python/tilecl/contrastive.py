@@ -47,9 +47,12 @@ def check_call(
     n, m = a.shape[0], b.shape[0]
     v.check_flag(symmetric, "symmetric")
     v.check_reduction(reduction)
-    v.check_labels(labels, n, m, a)
-    v.check_groups(*groups, n, m, a)
-    v.check_weights(weights, n, a, warn_all_zero=local and reduction == "mean")
+    if labels is not None:
+        v.check_labels(labels, n, m, a)
+    if groups[0] is not None or groups[1] is not None:
+        v.check_groups(*groups, n, m, a)
+    if weights is not None:
+        v.check_weights(weights, n, a, warn_all_zero=local and reduction == "mean")
     if positives is not None and groups[0] is not None:
         raise ValueError("row_groups/col_groups mask columns of b; with positives the positive is not one")
     if positives is not None:

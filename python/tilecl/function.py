@@ -29,8 +29,9 @@ import torch
 
 from ._compat import delayed_error
 from .backends import LseStats, OffsetTerms, Primitives, Scores
-from .backends import torch as torch_backend
-from .backends.base import accumulation_dtype
+from .backends.base import WholeTile, accumulation_dtype
+from .backends.registry import BACKENDS
+from .validation import reads_values
 
 __all__ = [
     "LossSpec",
@@ -393,13 +394,14 @@ class OneTileFunction(torch.autograd.Function):
         col_groups: Optional[torch.Tensor],
         weights: Optional[torch.Tensor],
         spec: LossSpec,
+        whole: WholeTile,
     ) -> torch.Tensor:
         acc = accumulation_dtype(a.dtype)
         targets = None if labels is None else labels.long()
         groups = None if row_groups is None or col_groups is None else (row_groups, col_groups)
         kept = targets_of(labels, a.shape[0], a.device) if groups is not None else targets
         scores = scores_of(a, b, scale, kept, groups, spec)  # type: ignore[arg-type]
-        tile, _ = torch_backend.one_tile_scores(scores, acc)
+        tile, _ = whole.one_tile_scores(scores, acc)
         row_log = torch.log_softmax(tile, 1)
         if positives is None:
             per_pair = _at_pairs(row_log, targets).neg()
@@ -410,7 +412,7 @@ class OneTileFunction(torch.autograd.Function):
             col_log = torch.log_softmax(_pair_columns(tile, targets), 0)
             per_pair = per_pair.sub_(_at_pairs(col_log, targets)).div_(2)
         ctx.save_for_backward(a, b, positives, scale, targets, row_groups, col_groups, weights, tile)
-        ctx.spec = spec
+        ctx.spec, ctx.whole = spec, whole
         return reduce_pairs(per_pair, spec.reduction, weights)
 
     @staticmethod
@@ -448,7 +450,7 @@ class OneTileFunction(torch.autograd.Function):
         groups = None if row_groups is None else (row_groups.long(), col_groups.long())
         if spec.exclude_diagonal or groups is not None:
             kept = targets_of(targets, n, a.device)
-            torch_backend.one_tile_exclude_(grad, scores_of(a, b, scale, kept, groups, spec), 0.0)
+            ctx.whole.one_tile_exclude_(grad, scores_of(a, b, scale, kept, groups, spec), 0.0)
         s = scale.to(acc)
         a_acc = a.to(acc)
         grad_a = torch.mm(grad, b.to(acc))
@@ -467,7 +469,7 @@ class OneTileFunction(torch.autograd.Function):
             torch.mm(grad.t(), a_acc * s).to(b.dtype) if needs[1] else None,
             grad_positives,
             _like(grad_scale, scale) if needs[3] else None,
-            *(None,) * 5,
+            *(None,) * 6,
         )
 
 
@@ -490,15 +492,20 @@ def _row_lse(tile: torch.Tensor, row_log: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill_(torch.isneginf(peak), -math.inf)
 
 
-def _one_tile_call(a: torch.Tensor, b: torch.Tensor, spec: LossSpec, stats: Optional[LseStats]) -> bool:
-    """Whether an InfoNCE-type call (no ``u``) takes :class:`OneTileFunction`: local, its own statistics,
-    the torch backend and ``S`` one tile."""
-    return (
-        stats is None
-        and spec.global_rows == 0
-        and getattr(spec.primitives, "name", None) == "torch"
-        and torch_backend.one_tile(a.shape[0], b.shape[0], a.dtype)
-    )
+def _whole_tile(
+    a: torch.Tensor, b: torch.Tensor, spec: LossSpec, stats: Optional[LseStats]
+) -> Optional[WholeTile]:
+    """The backend's :class:`~tilecl.backends.base.WholeTile` when an InfoNCE-type call (no ``u``)
+    takes :class:`OneTileFunction`: local, its own statistics, a backend that declares one, ``S`` one
+    tile, and eager (a compiled graph keeps the registered ops, opaque to the compiler, whose device
+    assertions then raise where inlined code would abort)."""
+    if stats is not None or spec.global_rows or not reads_values(a):
+        return None
+    backend = BACKENDS.get(getattr(spec.primitives, "name", ""))
+    if backend is None or backend.whole_tile is None:
+        return None
+    whole = backend.whole_tile()
+    return whole if whole.one_tile(a.shape[0], b.shape[0], a.dtype) else None
 
 
 def apply_loss(
@@ -523,12 +530,11 @@ def apply_loss(
     row_groups, col_groups = (None, None) if groups is None else groups
     if weights is not None:
         weights = weights.detach()
-    if log_u_rows is None and log_u_cols is None and _one_tile_call(a, b, spec, stats):
-        a, b, positives, scale, labels, row_groups, col_groups, weights = distinct(  # type: ignore[assignment]
-            a, b, positives, scale, labels, row_groups, col_groups, weights
-        )
+    whole = None if log_u_rows is not None or log_u_cols is not None else _whole_tile(a, b, spec, stats)
+    if whole is not None:
+        # eager only, so one tensor given twice needs no distinct view (that is for torch.compile)
         result: torch.Tensor = OneTileFunction.apply(
-            a, b, positives, scale, labels, row_groups, col_groups, weights, spec
+            a, b, positives, scale, labels, row_groups, col_groups, weights, spec, whole
         )
         return result
     if stats is None and b is a:

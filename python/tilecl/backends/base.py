@@ -51,6 +51,7 @@ __all__ = [
     "TOLERANCES",
     "Tolerance",
     "Unsupported",
+    "WholeTile",
     "accumulation_dtype",
     "anywhere",
     "cuda_visible",
@@ -225,6 +226,24 @@ class Primitives(Protocol):
         ...
 
 
+class WholeTile(Protocol):
+    """What a backend that can hold all of a small ``S`` as one tile offers the one-tile Functions
+    (:class:`tilecl.function.OneTileFunction`): a small batch's cost is per op, so its loss forms
+    ``S`` once, keeps it between the passes and uses fused dense kernels."""
+
+    def one_tile(self, n: int, m: int, dtype: torch.dtype) -> bool:
+        """Whether an ``N x M`` score matrix of ``dtype`` inputs fits one tile of the backend's budget."""
+        ...
+
+    def one_tile_scores(self, scores: Scores, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """All of ``S`` in ``acc`` (excluded entries ``-inf``), and ``s·a`` in ``acc``."""
+        ...
+
+    def one_tile_exclude_(self, tile: torch.Tensor, scores: Scores, value: float) -> torch.Tensor:
+        """``value`` written into the excluded entries of a whole-``S`` tile."""
+        ...
+
+
 class Unsupported(NamedTuple):
     """One reason a backend cannot take a call, and the exception kind it maps to."""
 
@@ -300,6 +319,9 @@ class Backend:
             emulator (correct but slow: the test matrix gives those cells the
             smallest shapes that still cross several tiles and a remainder).
         tolerances: the error rule it meets against the oracle, per dtype.
+        whole_tile: returns its :class:`WholeTile` (``None``: it has none):
+            a local call whose ``S`` fits one tile then takes the one-tile
+            Function (eager only).
     """
 
     name: str
@@ -315,6 +337,7 @@ class Backend:
     tiles: Mapping[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)
     emulated_on: tuple[str, ...] = ()
     tolerances: Mapping[torch.dtype, Tolerance] = dataclasses.field(default_factory=lambda: TOLERANCES)
+    whole_tile: Optional[Callable[[], WholeTile]] = None
 
     def unsupported(
         self, device: torch.device, dtype: torch.dtype, form: str = "softmax", extent: Optional[int] = None

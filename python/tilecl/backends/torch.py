@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -35,6 +36,7 @@ from .base import (
     Scores,
     SigmoidSweep,
     SigmoidTerms,
+    WholeTile,
     accumulation_dtype,
     anywhere,
     cuda_visible,
@@ -566,10 +568,12 @@ def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> Sigm
     acc = accumulation_dtype(a.dtype)
     bias = terms.bias.to(acc)
     weights = terms.row_weights.to(acc)
-    row_loss = torch.zeros(a.shape[0], dtype=acc, device=a.device)
-    row_grad_sums = torch.zeros(a.shape[0], dtype=acc, device=a.device)
     # above the threshold softplus(u) is taken as u: log1p(e^-u) must be below u's last digit there
     threshold = 40.0 if acc == torch.float64 else 20.0
+    if one_tile(a.shape[0], scores.b.shape[0], a.dtype):
+        return _one_tile_sigmoid_sweep(scores, terms, with_grads, bias, weights, threshold)
+    row_loss = torch.zeros(a.shape[0], dtype=acc, device=a.device)
+    row_grad_sums = torch.zeros(a.shape[0], dtype=acc, device=a.device)
 
     def to_gradient(tile: torch.Tensor, spare: torch.Tensor, rows: slice, cols: slice) -> None:
         # the positives as a dense mask (its size does not depend on the values: no device sync)
@@ -589,6 +593,33 @@ def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> Sigm
         return SigmoidSweep(row_loss * weights, *(row_loss.new_empty(0) for _ in range(4)))
     grad_a, grad_b, grad_scale = _gradient_sweep(scores, to_gradient, row_scale=weights)
     return SigmoidSweep(row_loss * weights, grad_a, grad_b, grad_scale, torch.dot(row_grad_sums, weights))
+
+
+def _one_tile_sigmoid_sweep(
+    scores: Scores,
+    terms: SigmoidTerms,
+    with_grads: bool,
+    bias: torch.Tensor,
+    weights: torch.Tensor,
+    threshold: float,
+) -> SigmoidSweep:
+    """:func:`sigmoid_sweep` when ``ℓ`` is one tile: the same steps in the fewest ops (the weights
+    still scale the ``N x D`` operands, as :func:`_gradient_sweep` does)."""
+    acc = weights.dtype
+    tile, a_scaled = one_tile_scores(scores, acc)
+    positive = terms.row_keys[:, None] == terms.col_keys[None, :]
+    tile.add_(bias)
+    tile = torch.where(positive, tile.neg(), tile)  # u = −z·ℓ
+    row_loss = softplus_into(tile, torch.empty_like(tile), threshold).sum(dim=1).mul_(weights)
+    if not with_grads:
+        return SigmoidSweep(row_loss, *(row_loss.new_empty(0) for _ in range(4)))
+    grad = tile.sigmoid_()
+    grad = torch.where(positive, grad.neg(), grad)  # G = −z·σ(u)
+    grad_a = torch.mm(grad, scores.b.to(acc)).mul_(weights[:, None])
+    grad_scale = torch.sum(grad_a * scores.a.to(acc))
+    grad_b = torch.mm(grad.t(), a_scaled * weights[:, None])
+    grad_bias = torch.dot(grad.sum(dim=1), weights)
+    return SigmoidSweep(row_loss, grad_a.mul_(scores.scale.to(acc)), grad_b, grad_scale, grad_bias)
 
 
 def _gradient_sweep(
@@ -679,6 +710,12 @@ def _column_term_(
     tile[:, :width].add_(column_part)
 
 
+def _this_module() -> WholeTile:
+    """This module, which implements :class:`~tilecl.backends.base.WholeTile` too."""
+    module: WholeTile = sys.modules[__name__]
+    return module
+
+
 #: any device, any float dtype; what ``auto`` falls back to
 BACKEND = register_backend(
     Backend(
@@ -689,5 +726,6 @@ BACKEND = register_backend(
         module_loader(__name__),
         auto_devices=("cpu", "cuda", "meta"),
         preference=90,
+        whole_tile=_this_module,
     )
 )
