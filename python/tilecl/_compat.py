@@ -60,6 +60,8 @@ def functorch_transform_active() -> bool:
 
 def is_fake(x: torch.Tensor) -> bool:
     """Whether ``x`` is a fake tensor (shapes without data: torch.compile's tracing, FSDP's meta init)."""
+    if type(x) is torch.Tensor and not torch._is_functional_tensor(x):
+        return False  # a plain eager tensor (every call's hot path): no subclass, no wrapper to look into
     try:
         from torch._subclasses.fake_tensor import is_fake as private
     except ImportError:  # pragma: no cover - depends on the installed torch

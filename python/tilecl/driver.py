@@ -35,8 +35,8 @@ cross-rank reduction is :meth:`Run.global_loss` (or a collective of
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Mapping, Optional, TypeVar
+import functools
+from typing import Any, Callable, Mapping, NamedTuple, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -67,8 +67,7 @@ _LOCAL = Ranks()
 Signature = Mapping[str, object]
 
 
-@dataclasses.dataclass(frozen=True)
-class Run:
+class Run(NamedTuple):
     """A checked and agreed call: what the loss runs on, and how its value becomes the global one.
 
     Attributes:
@@ -94,7 +93,9 @@ class Run:
         """The shared Function's :class:`~tilecl.function.LossSpec` for this call."""
         assert self.primitives is not None, "this loss resolved no backend"
         ranks = self.ranks
-        rows, cols = (sum(ranks.rows), sum(ranks.cols)) if ranks.group is not None else (0, 0)
+        if ranks.group is None:
+            return _local_spec(symmetric, self.reduction, exclude_diagonal, self.primitives)  # type: ignore[arg-type]
+        rows, cols = sum(ranks.rows), sum(ranks.cols)
         return LossSpec(symmetric, self.local_reduction, exclude_diagonal, self.primitives, rows, cols)
 
     def pair_weights(self, weights: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
@@ -120,6 +121,13 @@ class Run:
     ) -> torch.Tensor:
         """The global loss from the Function's per-rank value over ``count`` terms (locally: ``value``)."""
         return self.ranks.global_loss(value, count, self.reduction, weights)
+
+
+@functools.lru_cache(maxsize=256)
+def _local_spec(symmetric: bool, reduction: str, exclude_diagonal: bool, primitives: Any) -> LossSpec:
+    """One :class:`LossSpec` per set of a local call's options (frozen, so calls share it: no
+    per-call object); ``primitives`` are the resolved backend's, which are hashable."""
+    return LossSpec(symmetric, reduction, exclude_diagonal, primitives)
 
 
 def begin(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -364,6 +364,18 @@ class ContrastiveFunction(torch.autograd.Function):
         )
 
 
+class _OneTileCall(NamedTuple):
+    """:class:`OneTileFunction`'s arguments that take no gradient, as one (fewer arguments: less of
+    autograd's per-argument work on every call)."""
+
+    labels: Optional[torch.Tensor]
+    row_groups: Optional[torch.Tensor]
+    col_groups: Optional[torch.Tensor]
+    weights: Optional[torch.Tensor]
+    spec: LossSpec
+    whole: WholeTile
+
+
 class OneTileFunction(torch.autograd.Function):
     """:class:`ContrastiveFunction`'s loss (without ``u``) when ``S`` is one tile of the torch backend.
 
@@ -389,13 +401,9 @@ class OneTileFunction(torch.autograd.Function):
         b: torch.Tensor,
         positives: Optional[torch.Tensor],
         scale: torch.Tensor,
-        labels: Optional[torch.Tensor],
-        row_groups: Optional[torch.Tensor],
-        col_groups: Optional[torch.Tensor],
-        weights: Optional[torch.Tensor],
-        spec: LossSpec,
-        whole: WholeTile,
+        call: _OneTileCall,
     ) -> torch.Tensor:
+        labels, row_groups, col_groups, weights, spec, whole = call
         acc = accumulation_dtype(a.dtype)
         targets = None if labels is None else labels.long()
         groups = None if row_groups is None or col_groups is None else (row_groups, col_groups)
@@ -425,6 +433,18 @@ class OneTileFunction(torch.autograd.Function):
         spec: LossSpec = ctx.spec
         acc = tile.dtype
         n = a.shape[0]
+        if pair_weights is None and targets is None and spec.reduction != "none":
+            # every pair has the same weight and its own column: one scalar multiplier
+            weight = grad_output.to(acc) / n if spec.reduction == "mean" else grad_output.to(acc)
+            grad = torch.softmax(tile, 1)
+            if spec.symmetric:
+                _pair_columns(grad, None).add_(torch.softmax(_pair_columns(tile, None), 0))
+                grad.mul_(weight / 2)
+            else:
+                grad.mul_(weight)
+            if positives is None:
+                grad.diagonal().sub_(weight)
+            return OneTileFunction._products(ctx, grad, weight.expand(n))
         weights = _pair_weights(grad_output, spec.reduction, n, acc, pair_weights)
         half = weights / 2 if spec.symmetric else weights
         grad = torch.softmax(tile, 1)
@@ -447,9 +467,17 @@ class OneTileFunction(torch.autograd.Function):
                 grad.diagonal().sub_(weights)
             else:
                 grad.scatter_add_(1, targets[:, None], weights.neg()[:, None])
+        return OneTileFunction._products(ctx, grad, weights)
+
+    @staticmethod
+    def _products(ctx: Any, grad: torch.Tensor, weights: torch.Tensor) -> tuple:
+        """The gradients from ``G`` (``dL/dS``) and the pairs' ``weights`` (decoupled positives)."""
+        a, b, positives, scale, targets, row_groups, col_groups, _, _ = ctx.saved_tensors
+        spec: LossSpec = ctx.spec
+        acc = grad.dtype
         groups = None if row_groups is None else (row_groups.long(), col_groups.long())
         if spec.exclude_diagonal or groups is not None:
-            kept = targets_of(targets, n, a.device)
+            kept = targets_of(targets, a.shape[0], a.device)
             ctx.whole.one_tile_exclude_(grad, scores_of(a, b, scale, kept, groups, spec), 0.0)
         s = scale.to(acc)
         a_acc = a.to(acc)
@@ -469,7 +497,7 @@ class OneTileFunction(torch.autograd.Function):
             torch.mm(grad.t(), a_acc * s).to(b.dtype) if needs[1] else None,
             grad_positives,
             _like(grad_scale, scale) if needs[3] else None,
-            *(None,) * 6,
+            None,
         )
 
 
@@ -533,9 +561,8 @@ def apply_loss(
     whole = None if log_u_rows is not None or log_u_cols is not None else _whole_tile(a, b, spec, stats)
     if whole is not None:
         # eager only, so one tensor given twice needs no distinct view (that is for torch.compile)
-        result: torch.Tensor = OneTileFunction.apply(
-            a, b, positives, scale, labels, row_groups, col_groups, weights, spec, whole
-        )
+        call = _OneTileCall(labels, row_groups, col_groups, weights, spec, whole)
+        result: torch.Tensor = OneTileFunction.apply(a, b, positives, scale, call)
         return result
     if stats is None and b is a:
         # one tensor on both sides (NT-Xent, one-tower SupCon): a backend may use S's symmetry; the

@@ -183,6 +183,10 @@ def _choose(
     return BackendChoice(name, device, dtype, form, extent, chosen, reasons)
 
 
+#: successful resolutions without an extent: (name, device, dtype, form, registry version) → primitives
+_RESOLVED: dict[tuple, Primitives] = {}
+
+
 def resolve_backend(
     name: object, device: Device, dtype: DType, form: str = "softmax", extent: Optional[int] = None
 ) -> Primitives:
@@ -197,9 +201,18 @@ def resolve_backend(
     """
     check_backend_name(name)
     assert isinstance(name, str)
+    key = (name, device, dtype, form, BACKENDS.version)
+    known = _RESOLVED.get(key) if extent is None else None
+    if known is not None:
+        return known
     choice = _choose(name, device, dtype, form, extent, every=False)
     if choice.chosen is not None:
-        return RegisteredPrimitives(choice.chosen)
+        primitives = RegisteredPrimitives(choice.chosen)
+        if extent is None:
+            # the probes answer for the process (a device, a package, a build), so a success is
+            # kept until the registry changes; a refusal is worked out again, with every reason
+            _RESOLVED[key] = primitives
+        return primitives
     choice = _choose(name, device, dtype, form, extent)
     if name == "auto":
         raise RuntimeError(f"no backend can run this call:\n{choice}")

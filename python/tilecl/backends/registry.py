@@ -10,12 +10,45 @@ declarations.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .base import Backend
 
 __all__ = ["BACKENDS", "register_backend"]
 
+
+class Registry(dict[str, Backend]):
+    """The registered backends, counting their changes (:attr:`version`): a call's resolution
+    (:func:`tilecl.backends.resolve_backend`) is remembered until the registry changes."""
+
+    version: int = 0
+
+    def _changed(self) -> None:
+        self.version += 1
+
+    def __setitem__(self, name: str, backend: Backend) -> None:
+        super().__setitem__(name, backend)
+        self._changed()
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(name)
+        self._changed()
+
+    def clear(self) -> None:
+        super().clear()
+        self._changed()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def pop(self, *args: Any) -> Any:
+        self._changed()
+        return super().pop(*args)
+
+
 #: every registered backend, by ``backend=`` name, in ascending ``preference``
-BACKENDS: dict[str, Backend] = {}
+BACKENDS = Registry()
 
 
 def register_backend(backend: Backend) -> Backend:

@@ -114,7 +114,7 @@ def tile_shape(n: int, m: int, acc: torch.dtype) -> tuple[int, int]:
     saturated row is exactly the forward's softmax (the positive term's
     ``−1`` cancels it as in a full-matrix cross entropy).
     """
-    elements = max(1, TILE_BYTES // (2 * torch.finfo(acc).bits // 8))
+    elements = max(1, TILE_BYTES // (2 * acc.itemsize))
     side = max(1, math.isqrt(elements))
     rows = min(n, side)
     cols = min(m, max(side, elements // rows))
@@ -260,9 +260,10 @@ def one_tile_exclude_(tile: torch.Tensor, scores: Scores, value: float) -> torch
 
 def one_tile_scores(scores: Scores, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """All of ``S`` as one tile (excluded entries ``-inf``) and ``s·a`` in the accumulation dtype."""
-    a, b = scores.a, scores.b
-    a_scaled = a.to(acc) * scores.scale.to(acc)
-    tile = torch.mm(a_scaled, b.to(acc).t())
+    a, b, scale = scores.a, scores.b, scores.scale
+    # (a .to() of the dtype it has is still a call: skipped on the small batch's path)
+    a_scaled = (a if a.dtype == acc else a.to(acc)) * (scale if scale.dtype == acc else scale.to(acc))
+    tile = torch.mm(a_scaled, (b if b.dtype == acc else b.to(acc)).t())
     return _exclude_(tile, scores, slice(0, a.shape[0]), slice(0, b.shape[0]), -math.inf), a_scaled
 
 
