@@ -470,8 +470,8 @@ SPECS: dict[str, Spec] = {
     "distributed_cpu.json": _distributed("CLIP"),
     "siglip_distributed_cpu.json": _distributed("SigLIP"),
     "small_batch_cpu.json": Spec(
-        title="symmetric CLIP fwd+bwd, CPU float32, torch backend, against the full-matrix loss "
-        "(interleaved medians): small batches, normalized and unnormalized features",
+        title="CLIP, SigLIP and SupCon fwd+bwd, CPU float32, torch backend, against the full-matrix "
+        "losses (interleaved medians): small batches, normalized and unnormalized features",
         x="n",
         xlabel="batch size N (log)",
         series=("inputs", "d"),

@@ -1,8 +1,9 @@
 """Print bench results as docs/results.md's markdown tables.
 
 Usage: ``python -m bench.table [--json PATH]`` (the CLIP sweep),
-``python -m bench.table --distributed`` (``distributed_cpu.json``) or
-``python -m bench.table --uneven`` (``distributed_uneven_cpu.json``).
+``python -m bench.table --distributed`` (``distributed_cpu.json``),
+``python -m bench.table --uneven`` (``distributed_uneven_cpu.json``) or
+``python -m bench.table --small-batch`` (``small_batch_cpu.json``).
 """
 
 from __future__ import annotations
@@ -56,17 +57,44 @@ def uneven_table(path: Path) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def small_batch_table(path: Path) -> None:
+    """One table per loss: tilecl / naive time per (N, D) and kind of input, and the call counts."""
+    found = json.loads(path.read_text())
+    for kind, pair in found.get("counts_n128", {}).items():
+        mine, theirs = pair["tilecl"], pair["naive"]
+        print(
+            f"- {kind}, N = 128, per fwd+bwd: {mine['aten']} ATen ops (full-matrix {theirs['aten']}), "
+            f"{mine['python']} Python calls (full-matrix {theirs['python']})"
+        )
+    rows = found["rows"]
+    for kind in dict.fromkeys(r.get("loss", "clip") for r in rows):
+        mine = [r for r in rows if r.get("loss", "clip") == kind]
+        inputs = list(dict.fromkeys(f"{r['features']}, scale {r['scale']:g}" for r in mine))
+        print(f"\n{kind}:\n")
+        print("| N | D | " + " | ".join(inputs) + " |")
+        print("|---:|---:|" + "---:|" * len(inputs))
+        cells = {(r["n"], r["d"], f"{r['features']}, scale {r['scale']:g}"): r["ratio"] for r in mine}
+        for d in sorted({r["d"] for r in mine}):
+            for n in sorted({r["n"] for r in mine}):
+                ratios = ["" if (n, d, i) not in cells else f"{cells[n, d, i]:.2f}" for i in inputs]
+                print(f"| {n:,} | {d} | " + " | ".join(ratios) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=str(RESULTS / "clip_cpu.json"))
     parser.add_argument("--distributed", action="store_true", help="print distributed_cpu.json")
     parser.add_argument("--uneven", action="store_true", help="print distributed_uneven_cpu.json")
+    parser.add_argument("--small-batch", action="store_true", help="print small_batch_cpu.json")
     args = parser.parse_args()
     if args.uneven:
         uneven_table(RESULTS / "distributed_uneven_cpu.json")
         return
     if args.distributed:
         distributed_table(RESULTS / "distributed_cpu.json")
+        return
+    if args.small_batch:
+        small_batch_table(RESULTS / "small_batch_cpu.json")
         return
     data = json.loads(Path(args.json).read_text())
     m = data["machine"]

@@ -79,6 +79,9 @@ def refuse_second_derivative(grads: tuple, inputs: Sequence[Optional[torch.Tenso
 def first_derivative(compute: Any, ctx: Any, grad_output: torch.Tensor) -> tuple:
     """A Function's backward: ``compute(ctx, grad_output)`` without a graph, its gradients guarded
     against a second derivative (:func:`refuse_second_derivative`)."""
+    if not torch.is_grad_enabled():
+        # the usual backward (no create_graph): nothing records a graph, nothing to refuse
+        return compute(ctx, grad_output)
     with torch.no_grad():
         grads = compute(ctx, grad_output)
     return refuse_second_derivative(grads, (*ctx.saved_tensors, grad_output))

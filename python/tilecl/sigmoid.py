@@ -42,6 +42,12 @@ __all__ = ["OPEN_CLIP_DIST_IMPLS", "sigmoid_loss"]
 OPEN_CLIP_DIST_IMPLS = {"bidir": "ring", "shift": "ring", "reduce": "gather", "gather": "gather"}
 
 
+def _as(grad: torch.Tensor, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    """``grad`` in an input's dtype and shape (no op where it has them: a small batch pays per op)."""
+    grad = grad if grad.dtype == dtype else grad.to(dtype)
+    return grad if grad.shape == shape else grad.reshape(shape)
+
+
 class SigmoidFunction(torch.autograd.Function):
     """``Σ_ij softplus(−z_ij ℓ_ij)`` per row, reduced, with the gradients from the forward's sweep."""
 
@@ -98,7 +104,7 @@ class SigmoidFunction(torch.autograd.Function):
                 scores = Scores(saved_a, saved_b, saved_scale, False)
                 _, grad_a, grad_b, grad_scale, grad_bias = ctx.primitives.sigmoid_sweep(scores, terms, True)
             grads = tuple(
-                grad.to(dtype).reshape(shape) if needed else None
+                _as(grad, dtype, shape) if needed else None
                 for grad, (dtype, shape), needed in zip(
                     (grad_a, grad_b, grad_scale, grad_bias), kinds, ctx.needs_input_grad
                 )
@@ -186,8 +192,11 @@ def sigmoid_loss(
     else:
         # global column indices: keys stay unique across ranks and travel with their columns
         offset = run.ranks.col_offset()
-        col_keys = offset + torch.arange(m, device=a.device)
-        row_keys = offset + (torch.arange(n, device=a.device) if labels is None else labels.long())
+        col_keys = torch.arange(offset, offset + m, device=a.device)
+        if labels is None:
+            row_keys = torch.arange(offset, offset + n, device=a.device)
+        else:
+            row_keys = offset + labels.long()
     assert run.primitives is not None  # the sigmoid form was resolved
     inputs = distinct(a, b, scale, bias, row_keys, col_keys)
     loss: torch.Tensor = SigmoidFunction.apply(

@@ -616,11 +616,12 @@ def _one_tile_sigmoid_sweep(
         return SigmoidSweep(row_loss, *(row_loss.new_empty(0) for _ in range(4)))
     grad = tile.sigmoid_()
     grad = torch.where(positive, grad.neg(), grad)  # G = −z·σ(u)
-    grad_a = torch.mm(grad, scores.b.to(acc)).mul_(weights[:, None])
-    grad_scale = torch.sum(grad_a * scores.a.to(acc))
+    a, b, scale = scores.a, scores.b, scores.scale
+    grad_a = torch.mm(grad, b if b.dtype == acc else b.to(acc)).mul_(weights[:, None])
+    grad_scale = torch.sum(grad_a * (a if a.dtype == acc else a.to(acc)))
     grad_b = torch.mm(grad.t(), a_scaled * weights[:, None])
     grad_bias = torch.dot(grad.sum(dim=1), weights)
-    return SigmoidSweep(row_loss, grad_a.mul_(scores.scale.to(acc)), grad_b, grad_scale, grad_bias)
+    return SigmoidSweep(row_loss, grad_a.mul_(scale.to(acc)), grad_b, grad_scale, grad_bias)
 
 
 def _gradient_sweep(
