@@ -45,8 +45,10 @@ def check_call(
     """
     v.check_pair(a, b, names)
     n, m = a.shape[0], b.shape[0]
-    v.check_flag(symmetric, "symmetric")
-    v.check_reduction(reduction)
+    if not isinstance(symmetric, bool):
+        v.check_flag(symmetric, "symmetric")
+    if reduction not in v.REDUCTIONS:
+        v.check_reduction(reduction)
     if labels is not None:
         v.check_labels(labels, n, m, a)
     if groups[0] is not None or groups[1] is not None:

@@ -242,7 +242,7 @@ def _by_value(offset: torch.Tensor, pair_weights: Optional[torch.Tensor]) -> tor
 
 def _like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``grad`` in ``x``'s dtype and shape (a 0-d scale's gradient may come back as ``(1,)``)."""
-    grad = grad.to(x.dtype)
+    grad = grad if grad.dtype == x.dtype else grad.to(x.dtype)
     return grad if grad.shape == x.shape else grad.reshape(x.shape)
 
 
@@ -415,7 +415,7 @@ class OneTileFunction(torch.autograd.Function):
         tile, _ = whole.one_tile_scores(scores, acc)
         row_log = torch.log_softmax(tile, 1)
         if positives is None:
-            per_pair = _at_pairs(row_log, targets).neg()
+            per_pair = (row_log.diagonal() if targets is None else _at_pairs(row_log, targets)).neg()
         else:
             positive = scale.to(acc) * torch.sum(a.to(acc) * positives.to(acc), dim=1)
             per_pair = _row_lse(tile, row_log) - positive
@@ -438,10 +438,15 @@ class OneTileFunction(torch.autograd.Function):
         n = a.shape[0]
         if pair_weights is None and targets is None and spec.reduction != "none":
             # every pair has the same weight and its own column: one scalar multiplier
-            weight = grad_output.to(acc) / n if spec.reduction == "mean" else grad_output.to(acc)
+            # (a cast to the dtype a tensor has is still a call: skipped where a small batch pays per call)
+            weight = grad_output if grad_output.dtype == acc else grad_output.to(acc)
+            if spec.reduction == "mean":
+                weight = weight / n
             grad = torch.softmax(tile, 1)
             if spec.symmetric:
-                _pair_columns(grad, None).add_(torch.softmax(_pair_columns(tile, None), 0))
+                square = tile.shape[1] == n
+                columns = torch.softmax(tile if square else tile[:, :n], 0)
+                (grad if square else grad[:, :n]).add_(columns)
                 grad.mul_(weight / 2)
             else:
                 grad.mul_(weight)
@@ -482,9 +487,9 @@ class OneTileFunction(torch.autograd.Function):
         if spec.exclude_diagonal or groups is not None:
             kept = targets_of(targets, a.shape[0], a.device)
             ctx.whole.one_tile_exclude_(grad, scores_of(a, b, scale, kept, groups, spec), 0.0)
-        s = scale.to(acc)
-        a_acc = a.to(acc)
-        grad_a = torch.mm(grad, b.to(acc))
+        s = scale if scale.dtype == acc else scale.to(acc)
+        a_acc = a if a.dtype == acc else a.to(acc)
+        grad_a = torch.mm(grad, b if b.dtype == acc else b.to(acc))
         grad_scale = torch.sum(grad_a * a_acc)
         grad_a.mul_(s)
         grad_positives = None
@@ -495,9 +500,10 @@ class OneTileFunction(torch.autograd.Function):
             grad_scale = grad_scale - torch.sum(weights * torch.sum(a_acc * positive_rows, dim=1))
             if needs[2]:
                 grad_positives = (-(s * weights)[:, None] * a_acc).to(positives.dtype)
+        grad_b = torch.mm(grad.t(), a_acc * s) if needs[1] else None
         return (
-            grad_a.to(a.dtype) if needs[0] else None,
-            torch.mm(grad.t(), a_acc * s).to(b.dtype) if needs[1] else None,
+            None if not needs[0] else grad_a if a.dtype == acc else grad_a.to(a.dtype),
+            None if grad_b is None else grad_b if b.dtype == acc else grad_b.to(b.dtype),
             grad_positives,
             _like(grad_scale, scale) if needs[3] else None,
             None,
