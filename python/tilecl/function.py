@@ -6,9 +6,12 @@ the positive logits. Backward: every loss's ``dL/dS`` is
     G_ij = α_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j) − Σ_{pairs} w_i·[j = y_i]
 
 with row offsets ``c`` (InfoNCE: the row LSE; gamma: ``log M − log u_i``) and
-column offsets ``r``, so the backend's offset backward handles the
-exponential part and the sparse positive part is applied here with gathers.
-Only the inputs and ``O(N + M)`` statistics are saved between the passes.
+column offsets ``r``: the backend's offset backward forms all of it, the
+positive's one-hot in the tile; decoupled positives (not columns of ``b``)
+are applied here. Only the inputs and ``O(N + M)`` statistics are saved
+between the passes. A small batch (``S`` one tile of a backend that declares
+a :class:`~tilecl.backends.base.WholeTile`, eager, local) runs the same loss
+as :class:`OneTileFunction`, which keeps that one tile between the passes.
 
 Layers: the losses (:mod:`tilecl.contrastive`, :mod:`tilecl.supervised`,
 :mod:`tilecl.gamma`) → :mod:`tilecl.driver` (checks, backend, agreement,
@@ -34,7 +37,9 @@ from .backends.registry import BACKENDS
 from .validation import reads_values
 
 __all__ = [
+    "ContrastiveFunction",
     "LossSpec",
+    "OneTileFunction",
     "apply_loss",
     "batch_stats",
     "col_count",

@@ -11,7 +11,7 @@ are ``-inf`` in ``S`` and so drop out of every sum and gradient.
   columns, the column log-sum-exp of the first ``col_count`` columns and the
   positive logits ``S_{i, y_i}`` (:class:`LseStats`);
 * ``offset_backward`` — recomputes ``S`` and applies
-  ``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j)`` (the terms:
+  ``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j) − p_i·[j = t_i]`` (the terms:
   :class:`OffsetTerms`), returning ``s·G·b``, ``s·Gᵀ·a`` and
   ``Σ G_ij (a_i·b_j)`` (:class:`Gradients`);
 * ``sigmoid_sweep`` — the same gradient sweep with the elementwise sigmoid

@@ -19,6 +19,7 @@ place: on CPU a fresh multi-MB allocation costs more than the ``exp`` itself.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -65,8 +66,9 @@ TILE_BYTES: int = int(os.environ.get("TILECL_TILE_BYTES", str(16 << 20)))
 # elsewhere the two-exp paths, exact for any spread of logits, run. Margins in
 # natural-log units: a row's exp(S − c_i) carries the column terms
 # h_j·exp(S − r_j) = exp(S − c_i)·exp(c_i − r_j), so with offsets spread by up
-# to the window it must not be flushed (:func:`_exp_`, below e^-87 / e^-708)
-# while such a term is above the dtype's resolution (e^-17 / e^-37).
+# to the window it must stay a normal number (below e^-87 / e^-708 it is
+# subnormal, and :func:`_exp_` gives 0 below e^-103 / e^-745) while such a term
+# is above the dtype's resolution (e^-17 / e^-37).
 _SAFE_WINDOW = {torch.float32: 64.0, torch.float64: 660.0}
 
 
@@ -250,6 +252,12 @@ def _one_tile_lse_stats(scores: Scores, targets: torch.Tensor, col_count: int, a
 
 def one_tile(n: int, m: int, dtype: torch.dtype) -> bool:
     """Whether all of an ``N x M`` score matrix of inputs of ``dtype`` is one tile (:func:`tile_shape`)."""
+    return _fits_one_tile(n, m, dtype, TILE_BYTES)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fits_one_tile(n: int, m: int, dtype: torch.dtype, budget: int) -> bool:
+    # keyed by the budget too: TILE_BYTES may be changed at run time (the tests do)
     return tile_shape(n, m, accumulation_dtype(dtype)) == (n, m)
 
 
