@@ -92,9 +92,7 @@ class SigmoidFunction(torch.autograd.Function):
                 grad_a, grad_b, grad_scale, grad_bias, *inputs = ctx.saved_tensors
                 g = grad_output.to(grad_a.dtype) / ctx.divisor
                 # not in place: a graph kept with retain_graph=True may run this backward again
-                grad_a, grad_b, grad_scale, grad_bias = (
-                    x * g for x in (grad_a, grad_b, grad_scale, grad_bias)
-                )
+                grad_a, grad_b, grad_scale, grad_bias = grad_a * g, grad_b * g, grad_scale * g, grad_bias * g
             else:
                 saved_a, saved_b, saved_scale, saved_bias, row_keys, col_keys = ctx.saved_tensors
                 inputs = [saved_a, saved_b, saved_scale, saved_bias]
