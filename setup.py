@@ -1,6 +1,11 @@
 """Build script: maps the source folders into one ``tilecl`` package.
 
-``python/tilecl`` becomes ``tilecl`` and ``kernels/`` becomes ``tilecl.kernels``.
+``python/tilecl`` becomes ``tilecl`` and ``kernels/`` becomes ``tilecl.kernels``, a namespace package:
+``kernels/`` has no ``__init__.py``, so from the checkout's root (``python -m ...``, pytest) it is only
+a namespace portion of the top-level name ``kernels``, and the index's ``kernels`` package (which
+transformers imports) wins over it. In a wheel it is ``tilecl/kernels/``; an editable install adds a
+finder for it (:class:`EditableWheel`).
+
 The optional CUDA C++ extension ``tilecl._cuda`` (from ``csrc/``) is built here
 too, by nvcc through ninja (``TILECL_CUDA_ARCHS``, default ``80;90``; ``MAX_JOBS``
 caps the parallel compiles); the switches follow flash-attention's conventions:
@@ -19,6 +24,7 @@ from pathlib import Path
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
 
 SKIP_CUDA_BUILD = os.environ.get("TILECL_SKIP_CUDA_BUILD", "0") == "1"
 FORCE_CUDA_BUILD = os.environ.get("TILECL_FORCE_CUDA_BUILD", "0") == "1"
@@ -64,6 +70,58 @@ class BuildPyThatSaysWhatItSkips(build_py):
         super().run()
 
 
+#: the editable install's finder for tilecl.kernels (:class:`EditableWheel`)
+KERNELS_FINDER = '''"""tilecl's editable install: ``tilecl.kernels`` is {path!r} (tilecl's setup.py)."""
+
+import sys
+from importlib.machinery import ModuleSpec
+
+
+class KernelsFinder:
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        if fullname != "tilecl.kernels":
+            return None
+        spec = ModuleSpec(fullname, None, is_package=True)  # no loader: a namespace package
+        spec.submodule_search_locations = [{path!r}]
+        return spec
+
+
+sys.meta_path.append(KernelsFinder)
+'''
+
+
+class _WithKernelsFinder:
+    """An editable strategy of setuptools, plus :data:`KERNELS_FINDER` and the ``.pth`` that loads it."""
+
+    def __init__(self, strategy, name: str):
+        self.strategy, self.name = strategy, name
+
+    def __enter__(self):
+        self.strategy.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.strategy.__exit__(*exc)
+
+    def __call__(self, wheel, files, mapping):
+        self.strategy(wheel, files, mapping)
+        module = "__editable___tilecl_kernels_finder"
+        wheel.writestr(f"{module}.py", KERNELS_FINDER.format(path=str(HERE / "kernels")))
+        wheel.writestr(f"__editable__.{self.name}.kernels.pth", f"import {module}\n")
+
+
+class EditableWheel(editable_wheel):
+    """``pip install -e``: setuptools' finder maps ``tilecl.kernels`` to ``kernels/`` but takes a folder
+    for a package only by its ``__init__.py`` (pypa/setuptools#4943), so a second finder, installed
+    beside it, answers for ``tilecl.kernels`` with ``kernels/``: a namespace package, as in a wheel.
+    ``_select_strategy`` is setuptools' own (private) hook; tests/test_packaging.py's
+    test_the_editable_install_finds_the_kernels fails if a setuptools release stops calling it."""
+
+    def _select_strategy(self, name, tag, build_lib):
+        return _WithKernelsFinder(super()._select_strategy(name, tag, build_lib), name)
+
+
 def cuda_extensions() -> list:
     """The CUDA C++ extension: built when nvcc is found (or TILECL_FORCE_CUDA_BUILD=1), never when skipped."""
     if SKIP_CUDA_BUILD:
@@ -91,7 +149,7 @@ def cuda_extensions() -> list:
 
 def packages() -> list:
     """Every package under python/ (found, not listed: a new subpackage cannot be left out of a
-    wheel), plus kernels/ installed as tilecl.kernels."""
+    wheel), plus kernels/ installed as tilecl.kernels (a namespace package: no __init__.py)."""
     found = find_packages(str(HERE / "python"), include=["tilecl", "tilecl.*"])
     if "tilecl.kernels" in found:
         raise RuntimeError("python/tilecl/kernels would shadow kernels/, which installs as tilecl.kernels")
@@ -103,5 +161,9 @@ setup(
     packages=packages(),
     package_data={"tilecl": ["py.typed"]},
     ext_modules=cuda_extensions(),
-    cmdclass={"build_ext": NinjaBuildExt, "build_py": BuildPyThatSaysWhatItSkips},
+    cmdclass={
+        "build_ext": NinjaBuildExt,
+        "build_py": BuildPyThatSaysWhatItSkips,
+        "editable_wheel": EditableWheel,
+    },
 )

@@ -1,5 +1,5 @@
 // The streaming-LSE statistics (the softmax losses' forward), as the Triton kernels
-// (kernels/contrastive.py) compute them, each tile of S formed once for its rows and its columns:
+// (kernels/stats.py) compute them, each tile of S formed once for its rows and its columns:
 //   stats_kernel        block (p, q) walks row group p (blocks_per_group tiles of BM rows) x column
 //                       split q (tiles_per_split tiles of BN columns): per row, a streaming (max, sum)
 //                       and the positive logit over the split, into row q of the row partials; per

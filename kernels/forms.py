@@ -1,6 +1,6 @@
 """The elementwise forms of the gradient sweep: what turns a tile of ``S`` into the gradient tile ``G``.
 
-The sweep kernels of :mod:`tilecl.kernels.contrastive` run one tile loop for
+The sweep kernels of :mod:`tilecl.kernels.sweep` run one tile loop for
 every form; a form is the launcher's argument type (``tilecl.backends.triton``)
 and its epilogue here, nothing else. The epilogue is the dict of constexprs
 the launcher passes with the form's arguments (:data:`OFFSET`, :data:`SIGMOID`):

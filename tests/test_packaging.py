@@ -9,6 +9,7 @@ imports comes from the install or not at all.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -43,8 +45,8 @@ def expected_modules(root: Path = ROOT) -> list[str]:
     for path in sorted((root / "python").glob("tilecl/**/*.py")):
         parts = path.relative_to(root / "python").with_suffix("").parts
         names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
-    for path in sorted((root / "kernels").glob("*.py")):
-        names.append("tilecl.kernels" + ("" if path.stem == "__init__" else f".{path.stem}"))
+    # kernels/ is the namespace package tilecl.kernels (no __init__.py: see test_the_kernels_folder_...)
+    names += [f"tilecl.kernels.{path.stem}" for path in sorted((root / "kernels").glob("*.py"))]
     return names
 
 
@@ -90,7 +92,7 @@ def test_the_sdist_carries_the_cuda_sources_and_the_test_fixtures(sdist):
     csrc = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").iterdir() if p.is_file()}
     assert csrc and csrc <= names, sorted(csrc - names)
     assert {"csrc/bindings.cpp", "csrc/cuda_emu.h"} <= names
-    assert {"tests/conftest.py", "tests/utils.py", "kernels/contrastive.py", "LICENSE"} <= names
+    assert {"tests/conftest.py", "tests/utils.py", "kernels/stats.py", "LICENSE"} <= names
 
 
 def test_the_sdist_carries_what_its_tests_and_its_readme_need(sdist):
@@ -194,11 +196,64 @@ def test_the_wheel_and_the_sdist_install_every_module(source_tree, sdist, tmp_pa
 
 def test_the_expected_modules_are_the_trees():
     modules = expected_modules()
-    assert {"tilecl", "tilecl.integrations.sentence_transformers", "tilecl.kernels.contrastive"} <= set(
-        modules
-    )
+    assert {"tilecl", "tilecl.integrations.sentence_transformers", "tilecl.kernels.stats"} <= set(modules)
+    assert {"tilecl.kernels.sweep", "tilecl.kernels.forms", "tilecl.kernels.scores"} <= set(modules)
     assert "tilecl.testing" in modules and "tilecl.backends" in modules
     assert not [m for m in modules if m.split(".")[-1] in ("demo", "reproduce", "memory", "inspect_kernels")]
+
+
+#: run by ``python -S`` from a folder outside the checkout: the kernel modules, where they come from
+_KERNELS = r"""
+import importlib, json, sys
+names = ["tilecl.kernels." + n for n in ("stats", "sweep", "forms", "scores")]
+print(json.dumps({n: importlib.import_module(n).__file__ for n in names}))
+"""
+
+
+def test_the_editable_install_finds_the_kernels(source_tree, tmp_path):
+    """setuptools' editable finder takes a package_dir folder for a package only by its __init__.py
+    (pypa/setuptools#4943); setup.py's EditableWheel adds a finder for kernels/, which has none."""
+    out, site = tmp_path / "editable", tmp_path / "site-editable"
+    build = "import sys; from setuptools import build_meta; build_meta.build_editable(sys.argv[1])"
+    _run([sys.executable, "-c", build, str(out)], cwd=source_tree, env=BUILD_ENV)
+    (wheel,) = out.glob("tilecl-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    # the install's .pth files load its finders (ahead of this venv's own editable install's)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["PYTHONPATH"] = os.pathsep.join([str(site), sysconfig.get_paths()["purelib"]])
+    code = f"import site; site.addsitedir({str(site)!r})\n{_KERNELS}"
+    run_in = tmp_path / "run-editable"  # outside the checkout
+    run_in.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=run_in, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {Path(f).resolve().parent for f in files.values()} == {(source_tree / "kernels").resolve()}
+
+
+def test_the_kernels_folder_never_shadows_the_index_kernels_package():
+    """From the checkout's root (pytest, ``python -m ...``) ``kernels`` is the index's package, which
+    transformers imports, where it is installed: kernels/ is a namespace portion (no __init__.py), and
+    a regular package anywhere on sys.path wins over one. Without it, the name is that portion."""
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    code = "import json, kernels as k; print(json.dumps([getattr(k, '__file__', None), list(k.__path__)]))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    file, path = json.loads(done.stdout)
+    if _installed("kernels"):
+        assert file is not None and not Path(file).is_relative_to(ROOT / "kernels"), file
+    else:
+        assert file is None and path == [str(ROOT / "kernels")]
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 @pytest.mark.slow

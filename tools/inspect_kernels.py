@@ -126,10 +126,10 @@ def compile_kernel(name: str, dtype: str, config, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from tilecl.kernels import contrastive, forms
+    from tilecl.kernels import forms, stats, sweep
 
     _, fn_name, extra = next(v for v in _variants() if v[0] == name)
-    fn = getattr(contrastive, fn_name)
+    fn = getattr(stats if hasattr(stats, fn_name) else sweep, fn_name)  # the statistics or the sweep
     blocks = asdict(config)
     extra = dict(extra)
     form = extra.pop("FORM", "offset")

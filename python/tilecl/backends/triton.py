@@ -1,7 +1,11 @@
 """The ``triton`` backend: the primitives as launches of the ``@triton.jit`` kernels of ``kernels/``.
 
 Argument preparation, block configurations and grids live here; the kernel
-source is ``tilecl.kernels`` (the top-level ``kernels/`` folder). They run on
+source is ``tilecl.kernels`` (the top-level ``kernels/`` folder), one module
+per pass as ``csrc/``: :func:`lse_stats` launches ``kernels/stats.py``,
+:func:`offset_backward` and :func:`sigmoid_sweep` the gradient sweep of
+``kernels/sweep.py`` with an epilogue of ``kernels/forms.py``; both passes
+form their tiles of ``S`` in ``kernels/scores.py``. The kernels run on
 CUDA tensors, and on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported) — which is how the test
 suite executes every kernel line without a GPU. Importing this module does
@@ -223,9 +227,9 @@ def _launch_options(cfg: KernelConfig) -> dict:
 @functools.cache
 def _kernels() -> SimpleNamespace:
     """The kernel modules, imported on the first launch (importing triton costs about a second)."""
-    from tilecl.kernels import contrastive, forms
+    from tilecl.kernels import forms, stats, sweep
 
-    return SimpleNamespace(contrastive=contrastive, forms=forms)
+    return SimpleNamespace(stats=stats, sweep=sweep, forms=forms)
 
 
 def _cdiv(x: int, y: int) -> int:
@@ -269,7 +273,7 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int, parts: int 
 
     ``parts`` overrides :data:`STATS_PARTS` (tests: one group, one split, many).
     """
-    kernels = _kernels().contrastive
+    kernels = _kernels().stats
     a, b = _check(scores.a, scores.b)
     n, m, dim = a.shape[0], b.shape[0], a.shape[1]
     cfg = config_for(a)
@@ -419,7 +423,7 @@ def _sweep(
     The form's own results land in its outputs. Without gradients only the
     row kernel's first feature chunk runs, and the returned tensors are empty.
     """
-    kernels = _kernels().contrastive
+    kernels = _kernels().sweep
     n, m, dim = a.shape[0], b.shape[0], a.shape[1]
     f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
     deterministic = torch.are_deterministic_algorithms_enabled()
