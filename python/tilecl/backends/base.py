@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Callable, Mapping, NamedTuple, Optional, Protocol
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, TypeVar
 
 import torch
 
@@ -57,8 +57,11 @@ __all__ = [
     "cuda_visible",
     "module_loader",
     "with_unit_multipliers",
+    "with_unit_terms",
     "with_unit_weights",
 ]
+
+_Result = TypeVar("_Result", bound=tuple)
 
 #: every floating dtype a loss takes
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -382,42 +385,36 @@ def _unit(*mults: torch.Tensor) -> torch.Tensor:
     return torch.where(usable, torch.exp2(-torch.floor(torch.log2(peak))), torch.ones_like(peak))
 
 
-def with_unit_multipliers(offset_backward: Callable[..., Gradients]) -> Callable[..., Gradients]:
-    """``offset_backward`` with float16 multipliers rescaled by a power of two (exact) around 1.
+def with_unit_terms(
+    scaled: tuple[str, ...], measured: tuple[str, ...]
+) -> Callable[[Callable[..., _Result]], Callable[..., _Result]]:
+    """A form's primitive with float16 multipliers rescaled by a power of two (exact) around 1.
 
-    The kernels round the gradient tile ``G = g·exp(S − c) + …`` to the input
-    type for the second tensor-core product. The multipliers are ~1/N, so for
-    float16 (smallest normal 6e-5) ``G`` falls into the subnormals and loses
-    its digits at realistic N; scaled so the largest multiplier is in [1, 2),
-    ``G ≤ 2`` keeps full precision and the float32 outputs are scaled back.
+    The kernels round the gradient tile ``G`` (``g·exp(S − c) + …``, or
+    ``w·(σ − [z = +1])``) to the input type for the second tensor-core
+    product. The multipliers are ~1/N, so for float16 (smallest normal 6e-5)
+    ``G`` falls into the subnormals and loses its digits at realistic N;
+    scaled so the largest of the ``measured`` fields is in [1, 2), ``G ≤ 2``
+    keeps full precision, and every field of the result is scaled back.
+    ``scaled``: the terms' fields multiplied (``None`` fields are skipped).
     bfloat16 and float32 have float32's exponent range and pass through.
     """
 
-    def rescaled(scores: Scores, terms: OffsetTerms) -> Gradients:
-        if scores.a.dtype != torch.float16:
-            return offset_backward(scores, terms)
-        unit = _unit(terms.row_mult, terms.col_mult)
-        scaled = terms._replace(row_mult=terms.row_mult * unit, col_mult=terms.col_mult * unit)
-        if terms.positive_mult is not None:
-            scaled = scaled._replace(positive_mult=terms.positive_mult * unit)
-        grads = offset_backward(scores, scaled)
-        return Gradients(*(x / unit.to(x.dtype) for x in grads))
+    def decorate(primitive: Callable[..., _Result]) -> Callable[..., _Result]:
+        def rescaled(scores: Scores, terms: Any, *options: Any) -> _Result:
+            if scores.a.dtype != torch.float16:
+                return primitive(scores, terms, *options)
+            unit = _unit(*(getattr(terms, field) for field in measured))
+            present = {field: getattr(terms, field) for field in scaled if getattr(terms, field) is not None}
+            result = primitive(scores, terms._replace(**{f: x * unit for f, x in present.items()}), *options)
+            return type(result)(*(x / unit.to(x.dtype) for x in result))
 
-    return rescaled
+        return rescaled
+
+    return decorate
 
 
-def with_unit_weights(sigmoid_sweep: Callable[..., SigmoidSweep]) -> Callable[..., SigmoidSweep]:
-    """``sigmoid_sweep`` with float16 row weights rescaled as :func:`with_unit_multipliers` does.
-
-    ``G = w·(σ − [z = +1])`` is rounded to float16 for the products; per-row
-    upstream weights ~1/N would make it subnormal.
-    """
-
-    def rescaled(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
-        if scores.a.dtype != torch.float16 or not with_grads:
-            return sigmoid_sweep(scores, terms, with_grads)
-        unit = _unit(terms.row_weights)
-        sweep = sigmoid_sweep(scores, terms._replace(row_weights=terms.row_weights * unit), with_grads)
-        return SigmoidSweep(*(x / unit.to(x.dtype) for x in sweep))
-
-    return rescaled
+#: ``offset_backward`` (:class:`OffsetTerms`) with float16 multipliers around 1
+with_unit_multipliers = with_unit_terms(("row_mult", "col_mult", "positive_mult"), ("row_mult", "col_mult"))
+#: ``sigmoid_sweep`` (:class:`SigmoidTerms`) with float16 row weights around 1
+with_unit_weights = with_unit_terms(("row_weights",), ("row_weights",))

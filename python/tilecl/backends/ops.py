@@ -35,6 +35,7 @@ Tensor? row_groups, Tensor? col_groups, Tensor? kept_cols, bool shared_operands`
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any, Callable, Optional
 
 import torch
@@ -57,6 +58,7 @@ __all__ = [
     "SCHEMAS",
     "OpSchema",
     "RegisteredPrimitives",
+    "fields_schema",
     "lse_stats_op",
     "offset_backward_op",
     "schema",
@@ -65,11 +67,19 @@ __all__ = [
 
 NAMESPACE = "tilecl"
 
+#: an argument's Python type → its op schema type
+_SCHEMA_TYPES: dict[Any, str] = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", bool: "bool", int: "SymInt"}
+
+
+def fields_schema(kind: type) -> str:
+    """A NamedTuple's fields as op arguments, from its annotations (``Tensor row_offset, Tensor?
+    positive_cols, ...``): the schema is never a hand copy of the fields."""
+    hints = typing.get_type_hints(kind)
+    return ", ".join(f"{_SCHEMA_TYPES[hints[field]]} {field}" for field in kind._fields)  # type: ignore[attr-defined]
+
+
 #: Scores' fields as op arguments
-_SCORES = (
-    "Tensor a, Tensor b, Tensor scale, bool exclude_diagonal, "
-    "Tensor? row_groups, Tensor? col_groups, Tensor? kept_cols, bool shared_operands"
-)
+_SCORES = fields_schema(Scores)
 _SCORES_FIELDS = len(Scores._fields)
 
 
@@ -82,8 +92,8 @@ class OpSchema:
         terms: the form's argument type (a NamedTuple of tensors), passed to the
             method as one argument; ``None`` when the method takes its tensors
             directly (``lse_stats``).
-        arguments: the op schema of the method's arguments after the scores
-            (the terms' fields first).
+        options: the op schema of the method's arguments after the scores
+            and the terms (all of them for ``lse_stats``).
         result: the method's result type (a NamedTuple of tensors).
         fake: ``(accumulation dtype, scores, *arguments) -> result``, the
             output shapes without data.
@@ -91,9 +101,15 @@ class OpSchema:
 
     name: str
     terms: Optional[type]
-    arguments: str
+    options: str
     result: type
     fake: Callable[..., tuple]
+
+    @property
+    def arguments(self) -> str:
+        """The op schema of the method's arguments after the scores: the terms' fields, then the options."""
+        terms = [] if self.terms is None else [fields_schema(self.terms)]
+        return ", ".join(terms + ([self.options] if self.options else []))
 
     @property
     def term_count(self) -> int:
@@ -125,18 +141,11 @@ def _sigmoid_sweep_fake(acc: torch.dtype, scores: Scores, *terms_and_options: An
 #: one row per primitive: the ops below are generated from it
 SCHEMAS = (
     OpSchema("lse_stats", None, "Tensor targets, SymInt col_count", LseStats, _lse_stats_fake),
-    OpSchema(
-        "offset_backward",
-        OffsetTerms,
-        "Tensor row_offset, Tensor row_mult, Tensor col_offset, Tensor col_mult, "
-        "Tensor? positive_cols, Tensor? positive_mult",
-        Gradients,
-        _offset_backward_fake,
-    ),
+    OpSchema("offset_backward", OffsetTerms, "", Gradients, _offset_backward_fake),
     OpSchema(
         "sigmoid_sweep",
         SigmoidTerms,
-        "Tensor bias, Tensor row_keys, Tensor col_keys, Tensor row_weights, bool with_grads",
+        "bool with_grads",
         SigmoidSweep,
         _sigmoid_sweep_fake,
     ),
