@@ -470,8 +470,7 @@ SPECS: dict[str, Spec] = {
     "distributed_cpu.json": _distributed("CLIP"),
     "siglip_distributed_cpu.json": _distributed("SigLIP"),
     "small_batch_cpu.json": Spec(
-        title="CLIP, SigLIP and SupCon fwd+bwd, CPU float32, torch backend, against the full-matrix "
-        "losses (interleaved medians): small batches, normalized and unnormalized features",
+        title="CLIP, SigLIP, SupCon fwd+bwd against the full-matrix losses (CPU float32, torch backend)",
         x="n",
         xlabel="batch size N (log)",
         series=("inputs", "d"),
