@@ -237,6 +237,25 @@ def _pair_weights(
     return grad_output * w
 
 
+def _decoupled_positives(
+    grad_a: torch.Tensor,
+    grad_scale: torch.Tensor,
+    a: torch.Tensor,
+    positives: torch.Tensor,
+    s: torch.Tensor,
+    weights: torch.Tensor,
+    needed: bool,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The part of decoupled positives (not columns of ``b``, so not in ``G``): each pair's loss has
+    ``−s·a_i·p_i`` with weight ``w_i``. Returns ``grad_a``, ``grad_scale`` with it and, if
+    ``needed``, the positives' gradient ``−s·w_i·a_i`` (``a``, ``s``: in the accumulation dtype)."""
+    positive_rows = positives.to(a.dtype)
+    grad_a = grad_a - (s * weights)[:, None] * positive_rows
+    grad_scale = grad_scale - torch.sum(weights * torch.sum(a * positive_rows, dim=1))
+    grad_positives = (-(s * weights)[:, None] * a).to(positives.dtype) if needed else None
+    return grad_a, grad_scale, grad_positives
+
+
 def _by_value(offset: torch.Tensor, pair_weights: Optional[torch.Tensor]) -> torch.Tensor:
     """A pair's offset with ``-inf`` made NaN where the pair counts (weight ≠ 0): see the backward."""
     counted = torch.isneginf(offset)
@@ -354,14 +373,9 @@ class ContrastiveFunction(torch.autograd.Function):
         grad_a, grad_b, grad_scale = spec.primitives.offset_backward(scores, terms)
         grad_positives = None
         if positives is not None:
-            # decoupled positives are not columns of b: their part is applied here
-            s = scale.to(acc)
-            a_acc = a.to(acc)
-            positive_rows = positives.to(acc)
-            grad_a -= (s * weights)[:, None] * positive_rows
-            grad_scale = grad_scale - torch.sum(weights * torch.sum(a_acc * positive_rows, dim=1))
-            if ctx.needs_input_grad[2]:
-                grad_positives = (-(s * weights)[:, None] * a_acc).to(positives.dtype)
+            grad_a, grad_scale, grad_positives = _decoupled_positives(
+                grad_a, grad_scale, a.to(acc), positives, scale.to(acc), weights, ctx.needs_input_grad[2]
+            )
         needs = ctx.needs_input_grad
         return (
             grad_a.to(a.dtype) if needs[0] else None,
@@ -500,11 +514,9 @@ class OneTileFunction(torch.autograd.Function):
         grad_positives = None
         needs = ctx.needs_input_grad
         if positives is not None:
-            positive_rows = positives.to(acc)
-            grad_a -= (s * weights)[:, None] * positive_rows
-            grad_scale = grad_scale - torch.sum(weights * torch.sum(a_acc * positive_rows, dim=1))
-            if needs[2]:
-                grad_positives = (-(s * weights)[:, None] * a_acc).to(positives.dtype)
+            grad_a, grad_scale, grad_positives = _decoupled_positives(
+                grad_a, grad_scale, a_acc, positives, s, weights, needs[2]
+            )
         grad_b = torch.mm(grad.t(), a_acc * s) if needs[1] else None
         return (
             None if not needs[0] else grad_a if a.dtype == acc else grad_a.to(a.dtype),
