@@ -16,7 +16,9 @@ formula) in the same dtype, tilecl's torch, triton (default and deterministic)
 and cuda backends, and Inf-CL (``inf_cl.cal_inf_loss`` once per direction) when
 it is importable. ``kernel_name="siglip_loss"``: open_clip's ``SigLipLoss``
 formula, tilecl's sigmoid loss on torch and triton (default and deterministic),
-and siglip-kernel when it is importable.
+and siglip-kernel when it is importable. Then the ATen operations and kernel launches per
+CLIP fwd+bwd of the naive loss and the torch and triton backends at N = 128 and 8,192
+(``gpu_launch_counts.json``): at small N each launch costs about what its work does.
 """
 
 from __future__ import annotations
@@ -335,6 +337,48 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     return figures
 
 
+def launch_counts(dry: bool, sizes: tuple[int, ...] = (128, 8192), d: int = 128) -> list[dict]:
+    """Per symmetric CLIP fwd+bwd (float32, normalized features): the ATen operations each provider
+    issues (a ``TorchDispatchMode``) and, on a GPU, the kernels it launches (``torch.profiler``'s
+    CUDA events; a Triton kernel is one, and not an ATen operation). ``--dry``: N = 24, 48, D = 16,
+    ATen operations only."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    device = torch.device("cpu" if dry else "cuda")
+    sizes, d = ((24, 48), 16) if dry else (sizes, d)
+    chosen = {k: v for k, v in providers(dry).items() if k in ("naive", "tilecl-torch", "tilecl-triton")}
+    rows = []
+    for n in sizes:
+        gen = torch.Generator(device=device).manual_seed(n)
+        a, b = (torch.randn(n, d, device=device, generator=gen) for _ in range(2))
+        a = torch.nn.functional.normalize(a, dim=1).requires_grad_()
+        b = torch.nn.functional.normalize(b, dim=1).requires_grad_()
+        scale = torch.tensor(INPUTS["normalized"], device=device, requires_grad=True)
+        for name, loss in chosen.items():
+            loss(a, b, scale).backward()  # warm-up: compilation, autotuning, caches
+            with Count() as counted:
+                loss(a, b, scale).backward()
+            launches = None
+            if not dry:
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    loss(a, b, scale).backward()
+                    torch.cuda.synchronize()
+                launches = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+            rows.append(
+                {"provider": name, "n": n, "d": d, "aten_ops": counted.ops, "kernel_launches": launches}
+            )
+    return rows
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu-check")
@@ -354,6 +398,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     for line in skipped:
         print("skipped:", line)
     (Path(args.out) / "gpu_bench_skipped.json").write_text(json.dumps(skipped, indent=1))
+    counts = launch_counts(args.dry)
+    for row in counts:
+        launches = "" if row["kernel_launches"] is None else f", {row['kernel_launches']} kernel launches"
+        print(
+            f"{row['provider']} N={row['n']} D={row['d']}: {row['aten_ops']} ATen ops{launches} per fwd+bwd"
+        )
+    (Path(args.out) / "gpu_launch_counts.json").write_text(json.dumps(counts, indent=1))
 
 
 if __name__ == "__main__":
