@@ -8,6 +8,10 @@ this is not a timing test: ``bench/small_batch.py`` measures the times.
 
 from __future__ import annotations
 
+import pytest
+import torch
+
+import tilecl
 from bench.small_batch import counts
 
 #: Python function calls per symmetric CLIP fwd+bwd at N = 128 (cProfile's count: builtins and
@@ -23,3 +27,41 @@ def test_a_small_batch_costs_fewer_ops_than_the_full_matrix_loss():
     mine, theirs = found["tilecl"], found["naive"]
     assert mine["aten"] <= theirs["aten"], found
     assert mine["python"] <= PYTHON_CALLS, found
+
+
+def _small_batch(device: str) -> None:
+    """CLIP (with hard negatives too), NT-Xent and SupCon on the one-tile path. (Labels and weights
+    are left out: their eager checks read them on purpose, before any kernel.)"""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a, b, extra = (torch.randn(n, 32, device=device, generator=gen).requires_grad_() for n in (64, 64, 16))
+    tilecl.contrastive_loss(a, b, 14.3, backend="torch").backward()
+    tilecl.contrastive_loss(a, b, 14.3, negatives=extra, backend="torch").backward()
+    tilecl.nt_xent_loss(a, b, 0.5, backend="torch").backward()
+    classes = torch.arange(64, device=device) % 8
+    tilecl.supcon_loss(a, classes, 0.1, backend="torch").backward()
+
+
+def test_the_small_batch_path_reads_no_value(monkeypatch):
+    """The one-tile path asks the device for no value (on a GPU each read waits for the stream):
+    counted on the CPU by the Tensor methods that read one."""
+    _small_batch("cpu")  # warm-up, and the path is taken (the test below counts it)
+    reads = []
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kw):
+            reads.append(_name)
+            return _original(self, *args, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    _small_batch("cpu")
+    assert reads == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU read count stands in for it)")
+def test_the_small_batch_path_never_synchronizes_a_cuda_stream():
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _small_batch("cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
