@@ -616,14 +616,14 @@ def _one_tile_sigmoid_sweep(
     still scale the ``N x D`` operands, as :func:`_gradient_sweep` does)."""
     acc = weights.dtype
     tile, a_scaled = one_tile_scores(scores, acc)
-    positive = terms.row_keys[:, None] == terms.col_keys[None, :]
-    tile.add_(bias)
-    tile = torch.where(positive, tile.neg(), tile)  # u = −z·ℓ
+    # −z as a tile of ±1: each flip is then one exact multiplication, where a where() and a neg()
+    # were two passes
+    flip = torch.where(terms.row_keys[:, None] == terms.col_keys[None, :], -1.0, 1.0).to(acc)
+    tile.add_(bias).mul_(flip)  # u = −z·ℓ
     row_loss = softplus_into(tile, torch.empty_like(tile), threshold).sum(dim=1).mul_(weights)
     if not with_grads:
         return SigmoidSweep(row_loss, *(row_loss.new_empty(0) for _ in range(4)))
-    grad = tile.sigmoid_()
-    grad = torch.where(positive, grad.neg(), grad)  # G = −z·σ(u)
+    grad = tile.sigmoid_().mul_(flip)  # G = −z·σ(u)
     a, b, scale = scores.a, scores.b, scores.scale
     grad_a = torch.mm(grad, b if b.dtype == acc else b.to(acc)).mul_(weights[:, None])
     grad_scale = torch.sum(grad_a * (a if a.dtype == acc else a.to(acc)))
