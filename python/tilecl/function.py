@@ -51,6 +51,7 @@ __all__ = [
     "scores_of",
     "targets_of",
     "weight_total",
+    "whole_tile_of",
 ]
 
 DOUBLE_BACKWARD_MESSAGE = (
@@ -550,12 +551,19 @@ def _whole_tile(
     a: torch.Tensor, b: torch.Tensor, spec: LossSpec, stats: Optional[LseStats]
 ) -> Optional[WholeTile]:
     """The backend's :class:`~tilecl.backends.base.WholeTile` when an InfoNCE-type call (no ``u``)
-    takes :class:`OneTileFunction`: local, its own statistics, a backend that declares one, ``S`` one
-    tile, and eager (a compiled graph keeps the registered ops, opaque to the compiler, whose device
-    assertions then raise where inlined code would abort)."""
-    if stats is not None or spec.global_rows or not reads_values(a):
+    takes :class:`OneTileFunction`: local, its own statistics and :func:`whole_tile_of`."""
+    if stats is not None or spec.global_rows:
         return None
-    backend = BACKENDS.get(getattr(spec.primitives, "name", ""))
+    return whole_tile_of(spec.primitives, a, b)
+
+
+def whole_tile_of(primitives: Primitives, a: torch.Tensor, b: torch.Tensor) -> Optional[WholeTile]:
+    """The :class:`~tilecl.backends.base.WholeTile` of a local call's backend when it declares one,
+    ``S = a bᵀ`` fits one tile and the call is eager (a compiled graph keeps the registered ops,
+    opaque to the compiler, whose device assertions then raise where inlined code would abort)."""
+    if not reads_values(a):
+        return None
+    backend = BACKENDS.get(getattr(primitives, "name", ""))
     if backend is None or backend.whole_tile is None:
         return None
     whole = backend.whole_tile()

@@ -28,13 +28,14 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 from . import validation as v
 from .backends import Primitives, Scores, SigmoidTerms
-from .backends.base import accumulation_dtype
+from .backends.base import WholeTile, accumulation_dtype
 from .distributed import resolve_group
 from .driver import Signature, begin
-from .function import distinct, refuse_second_derivative
+from .function import distinct, first_derivative, refuse_second_derivative, whole_tile_of
 
 __all__ = ["OPEN_CLIP_DIST_IMPLS", "sigmoid_loss"]
 
@@ -108,6 +109,74 @@ class SigmoidFunction(torch.autograd.Function):
                 )
             )
         return (*refuse_second_derivative(grads, (*inputs, grad_output)), None, None, None, None, None)
+
+
+class OneTileSigmoidFunction(torch.autograd.Function):
+    """:class:`SigmoidFunction`'s loss when ``ℓ`` is one tile of a backend's
+    :class:`~tilecl.backends.base.WholeTile` (a local eager call): ``u = −z·ℓ`` is formed once and
+    kept for the backward, which forms ``G = −z·σ(u)`` from it (the same elementwise steps as the
+    sweep's: no confident pair's loss or gradient from a cancellation). With the diagonal positives
+    the flip is the diagonal's alone; with labels or groups, one multiplication by a ``±1`` tile.
+    Under ``no_grad`` only the losses are formed."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor,
+        call: tuple[Optional[tuple[torch.Tensor, torch.Tensor]], str, WholeTile],
+    ) -> torch.Tensor:
+        keys, reduction, whole = call
+        acc = accumulation_dtype(a.dtype)
+        tile, _ = whole.one_tile_scores(Scores(a, b, scale, False), acc)
+        flip = None
+        if keys is None:
+            tile.add_(bias.to(acc)).diagonal().neg_()  # u = −z·ℓ: z = +1 on the diagonal only
+        else:
+            flip = torch.where(keys[0][:, None] == keys[1][None, :], -1.0, 1.0).to(acc)
+            tile.add_(bias.to(acc)).mul_(flip)
+        # above the threshold softplus(u) is taken as u: log1p(e^-u) must be below u's last digit there
+        threshold = 40.0 if acc == torch.float64 else 20.0
+        row_loss = F.softplus(tile, threshold=threshold).sum(dim=1)
+        ctx.save_for_backward(a, b, scale, bias, tile, flip)
+        ctx.reduction = reduction
+        if reduction == "none":
+            return row_loss
+        total = row_loss.sum()
+        return total / a.shape[0] if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
+        return first_derivative(OneTileSigmoidFunction._backward, ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
+        a, b, scale, bias, u, flip = ctx.saved_tensors
+        acc = u.dtype
+        grad = torch.sigmoid(u)  # not in place: retain_graph=True may run this backward again
+        if flip is None:
+            grad.diagonal().neg_()  # G = −z·σ(u)
+        else:
+            grad.mul_(flip)
+        weight = grad_output.to(acc)
+        if ctx.reduction == "none":
+            grad.mul_(weight[:, None])
+        else:
+            grad.mul_(weight / a.shape[0] if ctx.reduction == "mean" else weight)
+        s = scale.to(acc)
+        a_acc = a if a.dtype == acc else a.to(acc)
+        grad_a = torch.mm(grad, b if b.dtype == acc else b.to(acc))
+        grad_scale = torch.sum(grad_a * a_acc)
+        needs = ctx.needs_input_grad
+        return (
+            _as(grad_a.mul_(s), a.dtype, a.shape) if needs[0] else None,
+            _as(torch.mm(grad.t(), a_acc * s), b.dtype, b.shape) if needs[1] else None,
+            _as(grad_scale, scale.dtype, scale.shape) if needs[2] else None,
+            _as(grad.sum(), bias.dtype, bias.shape) if needs[3] else None,
+            None,
+        )
 
 
 def sigmoid_loss(
@@ -196,6 +265,13 @@ def sigmoid_loss(
         else:
             row_keys = offset + labels.long()
     assert run.primitives is not None  # the sigmoid form was resolved
+    whole = None if run.ranks.group is not None else whole_tile_of(run.primitives, a, b)
+    if whole is not None:
+        # eager only, so one tensor given twice needs no distinct view (that is for torch.compile)
+        diagonal = labels is None and row_groups is None
+        keys = None if diagonal else (row_keys, col_keys)
+        result: torch.Tensor = OneTileSigmoidFunction.apply(a, b, scale, bias, (keys, reduction, whole))
+        return result
     inputs = distinct(a, b, scale, bias, row_keys, col_keys)
     loss: torch.Tensor = SigmoidFunction.apply(
         *inputs, run.primitives, run.local_reduction, fused and run.local_reduction != "none"
