@@ -13,6 +13,7 @@ import torch
 
 import tilecl
 from bench.small_batch import counts
+from utils import count_value_reads
 
 #: Python function calls per symmetric CLIP fwd+bwd at N = 128 (cProfile's count: builtins and
 #: torch's own Python included; 434 before the lean path, the full-matrix loss 48). The target
@@ -45,15 +46,7 @@ def test_the_small_batch_path_reads_no_value(monkeypatch):
     """The one-tile path asks the device for no value (on a GPU each read waits for the stream):
     counted on the CPU by the Tensor methods that read one."""
     _small_batch("cpu")  # warm-up, and the path is taken (the test below counts it)
-    reads = []
-    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
-        original = getattr(torch.Tensor, name)
-
-        def counting(self, *args, _original=original, _name=name, **kw):
-            reads.append(_name)
-            return _original(self, *args, **kw)
-
-        monkeypatch.setattr(torch.Tensor, name, counting)
+    reads = count_value_reads(monkeypatch)
     _small_batch("cpu")
     assert reads == []
 

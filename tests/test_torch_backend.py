@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import tilecl
 from tilecl.backends import torch as torch_backend
 from tilecl.testing import oracle as reference
-from utils import DEVICE, assert_rel, host, make_inputs, oracle, run
+from utils import DEVICE, assert_rel, count_value_reads, host, make_inputs, oracle, run
 
 SHAPES = [
     (1, 1, 1),  # N=1, D=1
@@ -224,15 +224,7 @@ def test_tile_loops_never_read_a_value_to_the_host(tiny_tiles, monkeypatch):
     where a read is free, the few reads that pick the faster exact paths are made once per call."""
     _every_primitive("meta", torch.float32)
 
-    reads = []
-    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
-        original = getattr(torch.Tensor, name)
-
-        def counting(self, *args, _original=original, _name=name, **kw):
-            reads.append(_name)
-            return _original(self, *args, **kw)
-
-        monkeypatch.setattr(torch.Tensor, name, counting)
+    reads = count_value_reads(monkeypatch)
     _every_primitive("cpu", torch.float32)
     # 4 lse_stats + 4 offset_backward + 1 sigmoid_sweep, each over 100+ tiles of 64 bytes
     assert len(reads) <= 2 * 9, reads

@@ -314,3 +314,23 @@ def round_bf16_like_the_hardware() -> bool:
     builder.cast_impl, builder.create_fp_to_fp = rounding_cast, rounding_fp_to_fp
     builder._tilecl_bf16_rne = True
     return True
+
+
+#: the Tensor methods that read a value to the host (each stalls an accelerator's stream)
+VALUE_READS = ("item", "tolist", "__float__", "__bool__", "__int__")
+
+
+def count_value_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on (for the test), the name of every value read of a tensor is appended to the list."""
+    reads: list[str] = []
+    for name in VALUE_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counting(
+            self: torch.Tensor, *args: Any, _original: Any = original, _name: str = name, **kw: Any
+        ) -> Any:
+            reads.append(_name)
+            return _original(self, *args, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return reads
