@@ -507,21 +507,18 @@ class OneTileFunction(torch.autograd.Function):
         if spec.exclude_diagonal or groups is not None:
             kept = targets_of(targets, a.shape[0], a.device)
             ctx.whole.one_tile_exclude_(grad, scores_of(a, b, scale, kept, groups, spec), 0.0)
-        s = scale if scale.dtype == acc else scale.to(acc)
-        a_acc = a if a.dtype == acc else a.to(acc)
-        grad_a = torch.mm(grad, b if b.dtype == acc else b.to(acc))
-        grad_scale = torch.sum(grad_a * a_acc)
-        grad_a.mul_(s)
-        grad_positives = None
         needs = ctx.needs_input_grad
+        grad_a, grad_b, grad_scale = ctx.whole.one_tile_products(
+            grad, Scores(a, b, scale), acc, None, needs[1]
+        )
+        grad_positives = None
         if positives is not None:
             grad_a, grad_scale, grad_positives = _decoupled_positives(
-                grad_a, grad_scale, a_acc, positives, s, weights, needs[2]
+                grad_a, grad_scale, a.to(acc), positives, scale.to(acc), weights, needs[2]
             )
-        grad_b = torch.mm(grad.t(), a_acc * s) if needs[1] else None
         return (
             None if not needs[0] else grad_a if a.dtype == acc else grad_a.to(a.dtype),
-            None if grad_b is None else grad_b if b.dtype == acc else grad_b.to(b.dtype),
+            None if not needs[1] else grad_b if b.dtype == acc else grad_b.to(b.dtype),
             grad_positives,
             _like(grad_scale, scale) if needs[3] else None,
             None,

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import validation as v
 from .backends import Primitives, Scores, SigmoidTerms
-from .backends.base import WholeTile, accumulation_dtype
+from .backends.base import WholeTile, accumulation_dtype, softplus_threshold
 from .distributed import resolve_group
 from .driver import Signature, begin
 from .function import distinct, first_derivative, refuse_second_derivative, whole_tile_of
@@ -137,11 +137,9 @@ class OneTileSigmoidFunction(torch.autograd.Function):
         else:
             flip = torch.where(keys[0][:, None] == keys[1][None, :], -1.0, 1.0).to(acc)
             tile.add_(bias.to(acc)).mul_(flip)
-        # above the threshold softplus(u) is taken as u: log1p(e^-u) must be below u's last digit there
-        threshold = 40.0 if acc == torch.float64 else 20.0
-        row_loss = F.softplus(tile, threshold=threshold).sum(dim=1)
+        row_loss = F.softplus(tile, threshold=softplus_threshold(acc)).sum(dim=1)
         ctx.save_for_backward(a, b, scale, bias, tile, flip)
-        ctx.reduction = reduction
+        ctx.reduction, ctx.whole = reduction, whole
         if reduction == "none":
             return row_loss
         total = row_loss.sum()
@@ -165,14 +163,13 @@ class OneTileSigmoidFunction(torch.autograd.Function):
             grad.mul_(weight[:, None])
         else:
             grad.mul_(weight / a.shape[0] if ctx.reduction == "mean" else weight)
-        s = scale.to(acc)
-        a_acc = a if a.dtype == acc else a.to(acc)
-        grad_a = torch.mm(grad, b if b.dtype == acc else b.to(acc))
-        grad_scale = torch.sum(grad_a * a_acc)
         needs = ctx.needs_input_grad
+        grad_a, grad_b, grad_scale = ctx.whole.one_tile_products(
+            grad, Scores(a, b, scale, False), acc, None, needs[1]
+        )
         return (
-            _as(grad_a.mul_(s), a.dtype, a.shape) if needs[0] else None,
-            _as(torch.mm(grad.t(), a_acc * s), b.dtype, b.shape) if needs[1] else None,
+            _as(grad_a, a.dtype, a.shape) if needs[0] else None,
+            _as(grad_b, b.dtype, b.shape) if needs[1] else None,
             _as(grad_scale, scale.dtype, scale.shape) if needs[2] else None,
             _as(grad.sum(), bias.dtype, bias.shape) if needs[3] else None,
             None,

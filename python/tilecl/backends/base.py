@@ -56,6 +56,7 @@ __all__ = [
     "anywhere",
     "cuda_visible",
     "module_loader",
+    "softplus_threshold",
     "with_unit_multipliers",
     "with_unit_terms",
     "with_unit_weights",
@@ -246,6 +247,18 @@ class WholeTile(Protocol):
         """``value`` written into the excluded entries of a whole-``S`` tile."""
         ...
 
+    def one_tile_products(
+        self,
+        grad: torch.Tensor,
+        scores: Scores,
+        acc: torch.dtype,
+        row_scale: Optional[torch.Tensor] = None,
+        with_grad_b: bool = True,
+    ) -> Gradients:
+        """The gradients from a whole-``S`` tile ``G`` (``W = diag(row_scale)``, identity for ``None``):
+        ``s·W·G·b``, ``s·(W·G)ᵀ·a`` (empty without ``with_grad_b``) and ``Σ (W·G)_ij a_i·b_j``."""
+        ...
+
 
 class Unsupported(NamedTuple):
     """One reason a backend cannot take a call, and the exception kind it maps to."""
@@ -283,6 +296,11 @@ def module_loader(name: str) -> Callable[[], Primitives]:
         return module
 
     return load
+
+
+def softplus_threshold(acc: torch.dtype) -> float:
+    """Above it ``softplus(u)`` is taken as ``u``: ``log1p(e^-u)`` is below ``u``'s last digit there."""
+    return 40.0 if acc == torch.float64 else 20.0
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -46,6 +46,18 @@ class Registry(dict[str, Backend]):
         self._changed()
         return super().pop(*args)
 
+    def popitem(self) -> tuple[str, Backend]:
+        self._changed()
+        return super().popitem()
+
+    def setdefault(self, name: str, backend: Backend) -> Backend:
+        self._changed()
+        return super().setdefault(name, backend)
+
+    def __ior__(self, other: Any) -> Registry:  # type: ignore[override, misc]
+        self.update(other)
+        return self
+
 
 #: every registered backend, by ``backend=`` name, in ascending ``preference``
 BACKENDS = Registry()

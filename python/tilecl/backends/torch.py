@@ -42,6 +42,7 @@ from .base import (
     anywhere,
     cuda_visible,
     module_loader,
+    softplus_threshold,
 )
 from .registry import register_backend
 
@@ -54,6 +55,7 @@ __all__ = [
     "sigmoid_sweep",
     "one_tile",
     "one_tile_exclude_",
+    "one_tile_products",
     "one_tile_scores",
     "tile_shape",
 ]
@@ -474,10 +476,33 @@ def _one_tile_offset_backward(
         minus = torch.neg(positive_mult).masked_fill_(outside, 0.0)
         grad.scatter_add_(1, positive_cols.clamp(0, m - 1)[:, None], minus[:, None])
     _exclude_(grad, scores, slice(0, n), slice(0, m), 0.0)
-    b = scores.b.to(acc)
-    grad_a = torch.mm(grad, b)
-    grad_scale = torch.sum(grad_a * scores.a.to(acc))
-    return Gradients(grad_a.mul_(scores.scale.to(acc)), torch.mm(grad.t(), a_scaled), grad_scale)
+    return one_tile_products(grad, scores, acc, a_scaled=a_scaled)
+
+
+def one_tile_products(
+    grad: torch.Tensor,
+    scores: Scores,
+    acc: torch.dtype,
+    row_scale: Optional[torch.Tensor] = None,
+    with_grad_b: bool = True,
+    a_scaled: Optional[torch.Tensor] = None,
+) -> Gradients:
+    """The three products of :func:`_gradient_sweep` for a whole-``S`` tile ``G`` (``W`` the diagonal
+    of ``row_scale``, applied to the ``N x D`` operands, never to the tile): ``s·W·G·b``,
+    ``s·(W·G)ᵀ·a`` (empty without ``with_grad_b``) and ``Σ (W·G)_ij a_i·b_j``; ``a_scaled``: ``s·a``
+    when the caller has it. (A cast to the dtype a tensor has is still a call: skipped.)"""
+    a, b, scale = scores.a, scores.b, scores.scale
+    a_acc = a if a.dtype == acc else a.to(acc)
+    s = scale if scale.dtype == acc else scale.to(acc)
+    grad_a = torch.mm(grad, b if b.dtype == acc else b.to(acc))
+    if row_scale is not None:
+        grad_a.mul_(row_scale[:, None])
+    grad_scale = torch.sum(grad_a * a_acc)
+    if not with_grad_b:
+        return Gradients(grad_a.mul_(s), grad_a.new_empty(0), grad_scale)
+    a_weighted = a_acc * s if a_scaled is None else a_scaled
+    grad_b = torch.mm(grad.t(), a_weighted if row_scale is None else a_weighted * row_scale[:, None])
+    return Gradients(grad_a.mul_(s), grad_b, grad_scale)
 
 
 def _subtract_positives_(
@@ -577,8 +602,7 @@ def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> Sigm
     acc = accumulation_dtype(a.dtype)
     bias = terms.bias.to(acc)
     weights = terms.row_weights.to(acc)
-    # above the threshold softplus(u) is taken as u: log1p(e^-u) must be below u's last digit there
-    threshold = 40.0 if acc == torch.float64 else 20.0
+    threshold = softplus_threshold(acc)
     if one_tile(a.shape[0], scores.b.shape[0], a.dtype):
         return _one_tile_sigmoid_sweep(scores, terms, with_grads, bias, weights, threshold)
     row_loss = torch.zeros(a.shape[0], dtype=acc, device=a.device)
@@ -624,12 +648,8 @@ def _one_tile_sigmoid_sweep(
     if not with_grads:
         return SigmoidSweep(row_loss, *(row_loss.new_empty(0) for _ in range(4)))
     grad = tile.sigmoid_().mul_(flip)  # G = −z·σ(u)
-    a, b, scale = scores.a, scores.b, scores.scale
-    grad_a = torch.mm(grad, b if b.dtype == acc else b.to(acc)).mul_(weights[:, None])
-    grad_scale = torch.sum(grad_a * (a if a.dtype == acc else a.to(acc)))
-    grad_b = torch.mm(grad.t(), a_scaled * weights[:, None])
-    grad_bias = torch.dot(grad.sum(dim=1), weights)
-    return SigmoidSweep(row_loss, grad_a.mul_(scale.to(acc)), grad_b, grad_scale, grad_bias)
+    grad_a, grad_b, grad_scale = one_tile_products(grad, scores, acc, weights, a_scaled=a_scaled)
+    return SigmoidSweep(row_loss, grad_a, grad_b, grad_scale, torch.dot(grad.sum(dim=1), weights))
 
 
 def _gradient_sweep(
