@@ -34,7 +34,8 @@ import triton.language as tl
 
 @triton.jit
 def offset_epilogue(s, included, rows, cols, n_rows, n_cols, form, totals):
-    """``G = g_i·exp(S − c_i) + h_j·exp(S − r_j) − p_i·[j = t_i]``; ``form = (c, g, r, h, col_count, t, p)``.
+    """``G = g_i·exp(S − c_i) + h_j·exp(S − r_j) − p_i·[j = t_i]``; ``form = (c, g, r, h, col_count, t, p)``
+    (``t``, ``p``: ``None`` without positives).
 
     Columns ``j ≥ col_count`` carry no column term. The positive's one-hot is
     subtracted here, in fp32, before ``G`` is rounded for the products: a
@@ -51,9 +52,10 @@ def offset_epilogue(s, included, rows, cols, n_rows, n_cols, form, totals):
     # or exp(S − 0) overflows to inf and 0·inf poisons the tile
     grad = tl.where(g[:, None] != 0, g[:, None] * tl.exp(s - c[:, None]), 0.0)
     grad += tl.where(h[None, :] != 0, h[None, :] * tl.exp(s - r[None, :]), 0.0)
-    t = tl.load(t_ptr + rows, mask=row_ok, other=-1)
-    p = tl.load(p_ptr + rows, mask=row_ok, other=0.0)
-    grad -= tl.where(cols[None, :] == t[:, None], p[:, None], 0.0)
+    if t_ptr is not None:
+        t = tl.load(t_ptr + rows, mask=row_ok, other=-1)
+        p = tl.load(p_ptr + rows, mask=row_ok, other=0.0)
+        grad -= tl.where(cols[None, :] == t[:, None], p[:, None], 0.0)
     # an excluded entry has no gradient even where an offset is NaN (a row or column of -inf logits)
     grad = tl.where(included, grad, 0.0)
     # the 16-bit G that feeds the products keeps 3 digits: Σ G_ij S_ij comes from this fp32 G

@@ -60,7 +60,6 @@ def _scores(
     col_group_ptr,
     kept_ptr,
     EXCLUDE_DIAGONAL: tl.constexpr,
-    MASKED: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -73,19 +72,16 @@ def _scores(
         a = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
         b = _load_block(b_ptr, cols, n_cols, feats, dim, stride_b)
         acc = _dot(a, tl.trans(b), acc, PRECISION, UPCAST)
-    included = _included(
-        rows, cols, n_rows, n_cols, row_group_ptr, col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL, MASKED
-    )
+    included = _included(rows, cols, n_rows, n_cols, row_group_ptr, col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL)
     return tl.where(included, acc * scale, float("-inf")), included
 
 
 @triton.jit
 def _included(
     rows, cols, n_rows, n_cols, row_group_ptr, col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL: tl.constexpr,
-    MASKED: tl.constexpr,
 ):  # fmt: skip
     """The entries of the tile that are in the loss: inside the matrix, off the diagonal for
-    NT-Xent, and (``MASKED``) not a false negative (same group id, not the row's kept column).
+    NT-Xent, and (given the group ids) not a false negative (same group id, not the row's kept column).
     The tile of ``S`` is ``-inf`` elsewhere; the gradient's epilogue gets this mask itself, since
     an ``S`` of ``-inf`` can also be a value (an infinite feature), which is not an exclusion."""
     row_ok = rows < n_rows
@@ -93,7 +89,7 @@ def _included(
     valid = row_ok[:, None] & col_ok[None, :]
     if EXCLUDE_DIAGONAL:
         valid = valid & (rows[:, None] != cols[None, :])
-    if MASKED:
+    if row_group_ptr is not None:
         # int32 ids (the launcher ranks the user's int64 ids): int64 ones spilled on sm_90
         row_group = tl.load(row_group_ptr + rows, mask=row_ok, other=0)
         kept = tl.load(kept_ptr + rows, mask=row_ok, other=-1)

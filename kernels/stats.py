@@ -69,7 +69,6 @@ def stats_kernel(
     col_group_ptr,
     kept_ptr,
     EXCLUDE_DIAGONAL: tl.constexpr,
-    MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -104,7 +103,7 @@ def stats_kernel(
             cols = c0 + tl.arange(0, BLOCK_N)
             s, _ = _scores(
                 a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_a, stride_b, scale, row_group_ptr,
-                col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL, MASKED, BLOCK_D, PRECISION, UPCAST,
+                col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL, BLOCK_D, PRECISION, UPCAST,
             )  # fmt: skip
             is_target = cols[None, :] == targets[:, None]
             positive += tl.sum(tl.where(is_target, s, 0.0), axis=1)
@@ -129,26 +128,25 @@ def stats_kernel(
 
 @triton.jit
 def merge_stats_kernel(
-    max_ptr, sum_ptr, positive_ptr, lse_ptr, positive_out_ptr, parts, count, POSITIVE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    max_ptr, sum_ptr, positive_ptr, lse_ptr, positive_out_ptr, parts, count, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """The LSE of each of ``count`` lines from its ``parts`` partial (max, sum) (``(parts, count)``,
-    folded in a fixed order), and with ``POSITIVE`` the sum of its partial positive logits (one
-    partial holds the logit, the others 0)."""
+    folded in a fixed order), and given ``positive_ptr`` (``None`` for columns) the sum of its partial
+    positive logits (one partial holds the logit, the others 0)."""
     index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = index < count
     run_max = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     positive = tl.zeros((BLOCK,), dtype=tl.float32)
     # pointers step a line of partials per part: addresses are 64-bit, parts · count may pass 2^31
-    max_at, sum_at, positive_at = max_ptr + index, sum_ptr + index, positive_ptr + index
-    for _ in range(0, parts):
+    max_at, sum_at = max_ptr + index, sum_ptr + index
+    for part in range(0, parts):
         part_max = tl.load(max_at, mask=ok, other=float("-inf"))
         part_sum = tl.load(sum_at, mask=ok, other=0.0)
         run_max, run_sum = _merge_partial(run_max, run_sum, part_max, part_sum)
-        if POSITIVE:
-            positive += tl.load(positive_at, mask=ok, other=0.0)
-        max_at, sum_at, positive_at = max_at + count, sum_at + count, positive_at + count
+        if positive_ptr is not None:
+            positive += tl.load(positive_ptr + part * count + index, mask=ok, other=0.0)
+        max_at, sum_at = max_at + count, sum_at + count
     tl.store(lse_ptr + index, _log_sum_exp(run_max, run_sum), mask=ok)
-    if POSITIVE:
+    if positive_out_ptr is not None:
         tl.store(positive_out_ptr + index, positive, mask=ok)

@@ -47,14 +47,14 @@ def _zero_totals(TOTALS: tl.constexpr, BLOCK_M: tl.constexpr):
 @triton.jit
 def _gradient_tile(
     a_ptr, b_ptr, rows, cols, scale, n_rows, n_cols, dim, stride_a, stride_b, form, totals, row_group_ptr,
-    col_group_ptr, kept_ptr, EPILOGUE: tl.constexpr, EXCLUDE_DIAGONAL: tl.constexpr, MASKED: tl.constexpr,
+    col_group_ptr, kept_ptr, EPILOGUE: tl.constexpr, EXCLUDE_DIAGONAL: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """The fp32 tiles of ``G`` and ``G∘S`` at (rows, cols), ``S`` recomputed exactly as in the
     forward, and the form's updated totals (:mod:`tilecl.kernels.forms`)."""
     s, included = _scores(
         a_ptr, b_ptr, rows, cols, n_rows, n_cols, dim, stride_a, stride_b, scale, row_group_ptr,
-        col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL, MASKED, BLOCK_D, PRECISION, UPCAST,
+        col_group_ptr, kept_ptr, EXCLUDE_DIAGONAL, BLOCK_D, PRECISION, UPCAST,
     )  # fmt: skip
     return EPILOGUE(s, included, rows, cols, n_rows, n_cols, form, totals)
 
@@ -81,7 +81,6 @@ def backward_kernel(
     REPORT: tl.constexpr,
     TOTALS: tl.constexpr,
     EXCLUDE_DIAGONAL: tl.constexpr,
-    MASKED: tl.constexpr,
     ATOMIC_GRAD_B: tl.constexpr,
     SCALE_FROM_FP32_G: tl.constexpr,
     WITH_GRADS: tl.constexpr,
@@ -109,7 +108,7 @@ def backward_kernel(
         cols = c0 + tl.arange(0, BLOCK_N)
         grad, grad_times_s, totals = _gradient_tile(
             a_ptr, b_ptr, rows, cols, scale, n_rows, n_cols, dim, stride_a, stride_b, form, totals,
-            row_group_ptr, col_group_ptr, kept_ptr, EPILOGUE, EXCLUDE_DIAGONAL, MASKED, BLOCK_D, PRECISION,
+            row_group_ptr, col_group_ptr, kept_ptr, EPILOGUE, EXCLUDE_DIAGONAL, BLOCK_D, PRECISION,
             UPCAST,
         )  # fmt: skip
         if WITH_GRADS:
@@ -162,7 +161,6 @@ def backward_cols_kernel(
     EPILOGUE: tl.constexpr,
     TOTALS: tl.constexpr,
     EXCLUDE_DIAGONAL: tl.constexpr,
-    MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -183,7 +181,7 @@ def backward_cols_kernel(
         grad, _, _ = _gradient_tile(
             a_ptr, b_ptr, rows, cols, scale, n_rows, n_cols, dim, stride_a, stride_b, form,
             _zero_totals(TOTALS, BLOCK_M), row_group_ptr, col_group_ptr, kept_ptr, EPILOGUE, EXCLUDE_DIAGONAL,
-            MASKED, BLOCK_D, PRECISION, UPCAST,
+            BLOCK_D, PRECISION, UPCAST,
         )  # fmt: skip
         a_out = _load_block(a_ptr, rows, n_rows, feats, dim, stride_a)
         grad_b = _dot(tl.trans(grad.to(a_out.dtype)), a_out, grad_b, PRECISION, UPCAST)

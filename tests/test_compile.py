@@ -21,7 +21,7 @@ from torch._dynamo.testing import CompileCounter
 
 import tilecl
 from tilecl.backends import BACKENDS
-from tilecl.backends.ops import OPS, lse_stats_op, offset_backward_op, sigmoid_sweep_op
+from tilecl.backends.ops import OPS, SWEEP_OPS, lse_stats_op
 from utils import Combo, assert_rel, matrix
 
 D = 16
@@ -331,7 +331,7 @@ def test_opcheck_every_registered_op(combo):
     """``torch.library.opcheck``: schema, fake implementation, autograd registration, AOT tracing."""
     assert {op._qualname for op in OPS} == {
         "tilecl::lse_stats",
-        "tilecl::offset_backward",
+        "tilecl::softmax_sweep",
         "tilecl::sigmoid_sweep",
     }
     n, m = 6, 9
@@ -356,10 +356,10 @@ def test_opcheck_every_registered_op(combo):
         # realistic terms: the softmax's own offsets and 1/N weights (G ≤ 1 fits every dtype)
         row_lse, col_lse, _ = lse_stats_op(*forward)
         terms = (row_lse, torch.full_like(row_lse, 1 / n), col_lse, torch.full_like(col_lse, 1 / n))
-        torch.library.opcheck(offset_backward_op, (*scores, *terms, None, None))
+        torch.library.opcheck(SWEEP_OPS["softmax"], (*scores, *terms, None, None, True))
         # with the positives' one-hot in G (every softmax loss whose positive is a column of b)
         positives = (targets.remainder(right.shape[0]), torch.full_like(row_lse, 1 / n))
-        torch.library.opcheck(offset_backward_op, (*scores, *terms, *positives))
+        torch.library.opcheck(SWEEP_OPS["softmax"], (*scores, *terms, *positives, True))
     if "sigmoid" not in BACKENDS[combo.backend].forms:
         return
     bias = torch.tensor(-3.0, dtype=torch.float64, device=combo.device)
@@ -379,4 +379,4 @@ def test_opcheck_every_registered_op(combo):
             weights.to(combo.device),
             with_grads,
         )
-        torch.library.opcheck(sigmoid_sweep_op, sweep)
+        torch.library.opcheck(SWEEP_OPS["sigmoid"], sweep)

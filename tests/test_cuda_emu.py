@@ -175,11 +175,11 @@ def test_bad_inputs_raise_before_any_launch():
     with pytest.raises(ValueError, match="scale must be finite"):
         emu.lse_stats(Scores(a, b, torch.tensor(math.nan)), t, 0)
     with pytest.raises(ValueError, match="row_mult"):
-        emu.offset_backward(
+        emu.sweep(
             Scores(a, b, one), OffsetTerms(torch.zeros(4), torch.zeros(3), torch.zeros(0), torch.zeros(0))
         )
     with pytest.raises(ValueError, match="col_offset"):
-        emu.offset_backward(
+        emu.sweep(
             Scores(a, b, one), OffsetTerms(torch.zeros(4), torch.zeros(4), torch.zeros(6), torch.zeros(6))
         )
     with pytest.raises(RuntimeError, match="needs CPU tensors"):

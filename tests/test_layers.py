@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import tilecl
@@ -158,3 +159,24 @@ def test_import_tilecl_loads_no_compiler_no_triton_and_no_extension():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_every_form_is_one_consistent_entry():
+    """A form's entry drives its registered op, its fake, its paths across ranks and its 16-bit
+    rescaling: every field it names is a field of its terms or result type."""
+    from tilecl.backends.base import FORMS, form_of
+    from tilecl.backends.ops import SWEEP_OPS
+
+    assert set(SWEEP_OPS) == set(FORMS) == {"softmax", "sigmoid"}
+    for name, form in FORMS.items():
+        assert list(form.outputs) == list(form.result._fields), name
+        assert set(form.values) <= set(form.outputs), name
+        assert list(form.outputs.values()).count("MD") == 1, name  # the gradient of b, back to its owner
+        named = (*form.column_terms, *form.home_terms, *form.column_pointers)
+        assert set(named) | set(form.scaled_terms) | set(form.measured_terms) <= set(form.terms._fields), name
+        assert set(form.column_terms.values()) <= {"cols", "stats"}, name
+        assert SWEEP_OPS[name]._qualname == f"tilecl::{name}_sweep"
+    with pytest.raises(ValueError, match="with_grads must be True"):
+        FORMS["softmax"].check(False)
+    with pytest.raises(TypeError, match="terms must be one of"):
+        form_of((1, 2))

@@ -228,7 +228,7 @@ PRIMITIVE_REL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3,
 
 @pytest.mark.parametrize("combo", ALL, indirect=True)
 def test_primitives_with_every_kind_of_missing_term(combo):
-    """lse_stats / offset_backward directly against the reference backend."""
+    """lse_stats / the softmax sweep directly against the reference backend."""
     device = torch.device(combo.device)
     ours = resolve_backend(combo.backend, device, combo.dtype)
     ref = resolve_backend("reference", device, combo.dtype)
@@ -260,15 +260,15 @@ def test_primitives_with_every_kind_of_missing_term(combo):
         # keep the rows' exps finite: offsets c = 0 next to logits up to scale·|a||b|
         a_unit, b_unit = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
         terms = OffsetTerms(c, g, r, h)
-        got = ours.offset_backward(Scores(a_unit, b_unit, scale, exclude), terms)
-        want = ref.offset_backward(Scores(a_unit, b_unit, scale, exclude), terms)
+        got = ours.sweep(Scores(a_unit, b_unit, scale, exclude), terms)
+        want = ref.sweep(Scores(a_unit, b_unit, scale, exclude), terms)
         for name, x, y in zip(("grad_a", "grad_b", "grad_scale"), got, want):
             assert torch.isfinite(x).all(), name
             assert_rel(x, y, rel, name, atol=rel)
 
 
 @pytest.mark.parametrize("combo", matrix(dtypes=(torch.float64, torch.float32)), indirect=True)
-def test_offset_backward_at_scale_zero(combo):
+def test_softmax_sweep_at_scale_zero(combo):
     """Every logit 0 (the losses refuse logit_scale 0; the primitive still takes it):
     ``Σ G_ij a_i·b_j`` does not come from ``S``."""
     device = torch.device(combo.device)
@@ -278,8 +278,8 @@ def test_offset_backward_at_scale_zero(combo):
     gen = torch.Generator().manual_seed(1)
     terms = OffsetTerms(*(torch.rand(k, generator=gen).to(device) for k in (19, 19, 23, 23)))
     scores = Scores(a, b, torch.tensor(0.0, device=device))
-    for name, x, y in zip(("grad_a", "grad_b", "grad_scale"), ours.offset_backward(scores, terms),
-                          ref.offset_backward(scores, terms)):  # fmt: skip
+    for name, x, y in zip(("grad_a", "grad_b", "grad_scale"), ours.sweep(scores, terms),
+                          ref.sweep(scores, terms)):  # fmt: skip
         assert_rel(x, y, PRIMITIVE_REL[combo.dtype], name, atol=1e-6)
 
 
@@ -293,7 +293,7 @@ def test_fully_masked_rows_and_columns_are_minus_inf_not_nan(combo):
     row, col, pos = primitives.lse_stats(scores, torch.zeros(1, dtype=torch.long, device=device), 1)
     assert row.item() == col.item() == pos.item() == -math.inf
     ones = torch.ones(1, device=device)
-    grad_a, grad_b, grad_scale = primitives.offset_backward(scores, OffsetTerms(row, ones, col, ones))
+    grad_a, grad_b, grad_scale = primitives.sweep(scores, OffsetTerms(row, ones, col, ones))
     assert not grad_a.any() and not grad_b.any() and grad_scale.item() == 0.0
 
 
@@ -311,7 +311,7 @@ def test_float16_gradient_with_tiny_multipliers(combo, multiplier):
     row_lse, col_lse, _ = ref.lse_stats(scores, torch.arange(n, device=device), n)
     terms = OffsetTerms(row_lse, torch.full((n,), multiplier), col_lse, torch.full((n,), multiplier / 3))
     terms = OffsetTerms(*(x.to(device) for x in terms[:4]))
-    got, want = ours.offset_backward(scores, terms), ref.offset_backward(scores, terms)
+    got, want = ours.sweep(scores, terms), ref.sweep(scores, terms)
     for name, x, y in zip(("grad_a", "grad_b", "grad_scale"), got, want):
         relative = max_error(x, y) / float(y.abs().max())
         # G rounded to float16 (2^-11) and summed over ~50 terms: 1e-3 is a few roundings

@@ -39,10 +39,11 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 TYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
-def _signature(kernel: str, dtype: str, form: str) -> dict:
+def _signature(kernel: str, dtype: str, form: str, masked: bool) -> dict:
     t = f"*{TYPE_NAMES[dtype]}"
     f32, i32 = "*fp32", "i32"
-    groups = {"row_group_ptr": "*i32", "col_group_ptr": "*i32", "kept_ptr": "*i32"}
+    # without masking the launcher passes None: the mask compiles out
+    groups = {k: "*i32" if masked else "constexpr" for k in ("row_group_ptr", "col_group_ptr", "kept_ptr")}
     shapes = {"n_rows": i32, "n_cols": i32}
     strides = {"dim": i32, "stride_a": i32, "stride_b": i32}
     if kernel == "stats_kernel":
@@ -72,7 +73,7 @@ def _variants() -> list[tuple[str, str, dict]]:
     """(report name, kernel function name, extra constexprs; ``FORM``: the sweep's form, default offset)."""
     return [
         ("stats", "stats_kernel", {}),
-        ("merge_stats", "merge_stats_kernel", {"POSITIVE": True, "BLOCK": 256}),
+        ("merge_stats", "merge_stats_kernel", {"BLOCK": 256}),
         ("backward_atomic", "backward_kernel", {"ATOMIC_GRAD_B": True}),
         ("backward_rows_deterministic", "backward_kernel", {"ATOMIC_GRAD_B": False}),
         ("backward_cols_deterministic", "backward_cols_kernel", {}),
@@ -133,6 +134,7 @@ def compile_kernel(name: str, dtype: str, config, arch: int) -> dict:
     blocks = asdict(config)
     extra = dict(extra)
     form = extra.pop("FORM", "offset")
+    masked = extra.pop("MASKED", False)
     defaults = {
         **{"offset": forms.OFFSET, "sigmoid": forms.SIGMOID}[form],
         "SCALE_FROM_FP32_G": dtype != "float32",
@@ -140,7 +142,6 @@ def compile_kernel(name: str, dtype: str, config, arch: int) -> dict:
     }
     constexprs = {
         "EXCLUDE_DIAGONAL": False,
-        "MASKED": False,
         "PRECISION": "ieee",
         "UPCAST": False,
         **{k: v for k, v in defaults.items() if k in fn.arg_names},
@@ -148,7 +149,13 @@ def compile_kernel(name: str, dtype: str, config, arch: int) -> dict:
         **{k: v for k, v in blocks.items() if k.startswith("BLOCK")},
     }
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-    signature = {**_signature(fn_name, dtype, form), **{k: "constexpr" for k in constexprs}}
+    signature = {**_signature(fn_name, dtype, form, masked), **{k: "constexpr" for k in constexprs}}
+    if not masked:
+        constexprs.update(
+            dict.fromkeys(("row_group_ptr", "col_group_ptr", "kept_ptr"))
+            if "kept_ptr" in fn.arg_names
+            else {}
+        )
     compiled = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constexprs),
         target=GPUTarget("cuda", arch, 32),

@@ -173,7 +173,7 @@ class DistillFunction(torch.autograd.Function):
             acc = teacher_rows.dtype
             ones_rows, ones_cols = torch.ones_like(teacher_rows), torch.ones_like(teacher_cols)
             terms = OffsetTerms(teacher_rows, ones_rows, teacher_cols, ones_cols)
-            sweep = primitives.offset_backward(teacher, terms)
+            sweep = primitives.sweep(teacher, terms)
             t = teacher_scale.detach().to(acc)
             pulled_b = sweep.grad_a[:, -d:] / t  # (P + Q) b, this rank's rows
             pulled_a = sweep.grad_b[:, -2 * d : -d] / t  # (P + Q)ᵀ a, this rank's columns
@@ -204,9 +204,7 @@ class DistillFunction(torch.autograd.Function):
             g = g / a.shape[0]
         rows, cols = g.expand(row_lse.shape[0]), g.expand(col_lse.shape[0])
         student = Scores(a, b, scale, False)
-        grad_a, grad_b, grad_scale = spec.primitives.offset_backward(
-            student, OffsetTerms(row_lse, rows, col_lse, cols)
-        )
+        grad_a, grad_b, grad_scale = spec.primitives.sweep(student, OffsetTerms(row_lse, rows, col_lse, cols))
         # the teacher's softmaxes enter with −g: (P + Q) b and (P + Q)ᵀ a from the forward
         s = scale.to(acc)
         grad_a = grad_a - (g * s) * pulled_b

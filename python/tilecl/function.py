@@ -371,7 +371,7 @@ class ContrastiveFunction(torch.autograd.Function):
         )
         groups = None if row_groups is None else (row_groups, col_groups)
         scores = scores_of(a, b, scale, targets, groups, spec)
-        grad_a, grad_b, grad_scale = spec.primitives.offset_backward(scores, terms)
+        grad_a, grad_b, grad_scale = spec.primitives.sweep(scores, terms)
         grad_positives = None
         if positives is not None:
             grad_a, grad_scale, grad_positives = _decoupled_positives(

@@ -75,7 +75,7 @@ class _RowLogSumExp(torch.autograd.Function):
             one = torch.ones((), dtype=torch.float64, device=a_aug.device)
             empty = torch.empty(0, dtype=g.dtype, device=g.device)
             terms = OffsetTerms(row_lse, g.contiguous(), empty, empty)
-            grad_a, grad_b, _ = ctx.primitives.offset_backward(Scores(a_aug, b_aug, one, True), terms)
+            grad_a, grad_b, _ = ctx.primitives.sweep(Scores(a_aug, b_aug, one, True), terms)
             grads = (grad_a.to(a_aug.dtype), grad_b.to(b_aug.dtype), g.to(ctx.bias_dtype), None)
         return refuse_second_derivative(grads, (*ctx.saved_tensors, grad_rows))
 

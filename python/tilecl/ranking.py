@@ -141,7 +141,7 @@ class RankingFunction(torch.autograd.Function):
                 terms = OffsetTerms(lse[direction], weight, no_cols, no_cols)
                 if direction == 0 and block is blocks[0] and not dense_positive:
                     terms = terms._replace(positive_cols=torch.arange(n, device=q.device), positive_mult=g)
-                ga, gb, gs = plan.spec.primitives.offset_backward(scores, terms)
+                ga, gb, gs = plan.spec.primitives.sweep(scores, terms)
                 # the block ran at s + α; the offset α·sim has no gradient: s·G·b, not (s + α)·G·b
                 ratio = s / (s + block.offset)
                 (grad_q if block.rows == 0 else grad_docs[:n]).add_(ratio * ga)

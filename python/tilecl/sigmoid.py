@@ -8,7 +8,7 @@ otherwise::
 
 Every pair's term is elementwise, so no tile needs statistics from another:
 when gradients are wanted, the forward's one sweep over the tiles (the
-backends' ``sigmoid_sweep``, the gradient tile loop with the sigmoid
+backends' ``sweep`` in the sigmoid form, the gradient tile loop with the sigmoid
 elementwise step) yields the loss and ``G·b``, ``Gᵀ·a``, ``Σ G a·b`` and
 ``Σ G`` — 3 ``N·M·D`` matmul passes, where a forward-then-recompute scheme
 needs 4 — and the backward only rescales them by the upstream gradient.
@@ -68,7 +68,7 @@ class SigmoidFunction(torch.autograd.Function):
         acc = accumulation_dtype(a.dtype)
         scores = Scores(a, b, scale, False)
         weights = torch.ones(a.shape[0], dtype=acc, device=a.device)
-        sweep = primitives.sigmoid_sweep(scores, SigmoidTerms(bias, row_keys, col_keys, weights), fused)
+        sweep = primitives.sweep(scores, SigmoidTerms(bias, row_keys, col_keys, weights), fused)
         row_loss = sweep.row_loss.to(acc)
         ctx.primitives, ctx.fused = primitives, fused
         ctx.divisor = a.shape[0] if reduction == "mean" else 1
@@ -101,7 +101,7 @@ class SigmoidFunction(torch.autograd.Function):
                 weights = grad_output.to(acc).expand(saved_a.shape[0]) / ctx.divisor
                 terms = SigmoidTerms(saved_bias, row_keys, col_keys, weights.contiguous())
                 scores = Scores(saved_a, saved_b, saved_scale, False)
-                _, grad_a, grad_b, grad_scale, grad_bias = ctx.primitives.sigmoid_sweep(scores, terms, True)
+                _, grad_a, grad_b, grad_scale, grad_bias = ctx.primitives.sweep(scores, terms, True)
             grads = tuple(
                 _as(grad, dtype, shape) if needed else None
                 for grad, (dtype, shape), needed in zip(

@@ -1,7 +1,7 @@
 """Backend registry and dispatch.
 
 A backend implements the primitives of :mod:`tilecl.backends.base`
-(``lse_stats``, ``offset_backward``, ``sigmoid_sweep``); every loss in tilecl
+(``lse_stats`` and ``sweep``, one implementation per form); every loss in tilecl
 is written once on top of them. One module per backend, each declaring itself
 next to its code (:class:`~tilecl.backends.base.Backend`, registered in
 :mod:`tilecl.backends.registry`):

@@ -1,8 +1,9 @@
 """The backend contract: three primitives, their result types, and what a backend declares it supports.
 
-Every loss in tilecl is written once over three primitives of ``S = scale · a bᵀ``
+Every loss in tilecl is written once over two primitives of ``S = scale · a bᵀ``
 (``a``: ``N x D``, ``b``: ``M x D``; ``S`` is never stored), each taking the
-operands of ``S`` as one :class:`Scores`:
+operands of ``S`` as one :class:`Scores`: the statistics pass and one gradient
+sweep, whose elementwise *form* is chosen by its terms' type.
 
 Masked entries (the diagonal, or same-group false negatives: :class:`Scores`)
 are ``-inf`` in ``S`` and so drop out of every sum and gradient.
@@ -10,17 +11,21 @@ are ``-inf`` in ``S`` and so drop out of every sum and gradient.
 * ``lse_stats`` — one streaming pass: the row log-sum-exp over all ``M``
   columns, the column log-sum-exp of the first ``col_count`` columns and the
   positive logits ``S_{i, y_i}`` (:class:`LseStats`);
-* ``offset_backward`` — recomputes ``S`` and applies
-  ``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j) − p_i·[j = t_i]`` (the terms:
-  :class:`OffsetTerms`), returning ``s·G·b``, ``s·Gᵀ·a`` and
-  ``Σ G_ij (a_i·b_j)`` (:class:`Gradients`);
-* ``sigmoid_sweep`` — the same gradient sweep with the elementwise sigmoid
-  form ``G_ij = w_i·(σ(S_ij + β) − [k_i = κ_j])`` (:class:`SigmoidTerms`),
-  which needs no statistics from other tiles: one pass yields the per-row
-  losses ``Σ_j w_i·softplus(−z_ij(S_ij + β))`` and, when asked, the gradients
-  (:class:`SigmoidSweep`). The offset and sigmoid steps are two *forms* of
-  one gradient sweep: a backend runs both through one tile loop, each form
-  one argument type and one epilogue (``docs/adding-a-form.md``).
+* ``sweep(scores, terms, with_grads)`` — recomputes ``S`` tile by tile and
+  applies the form of ``terms`` (:data:`FORMS`, one :class:`Form` each):
+
+  - ``"softmax"`` (:class:`OffsetTerms` → :class:`Gradients`), every softmax
+    loss's backward:
+    ``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j) − p_i·[j = t_i]``,
+    returning ``s·G·b``, ``s·Gᵀ·a`` and ``Σ G_ij (a_i·b_j)``;
+  - ``"sigmoid"`` (:class:`SigmoidTerms` → :class:`SigmoidSweep`), SigLIP:
+    ``G_ij = w_i·(σ(S_ij + β) − [k_i = κ_j])``, which needs no statistics from
+    other tiles: one pass yields the per-row losses
+    ``Σ_j w_i·softplus(−z_ij(S_ij + β))`` and, ``with_grads``, the gradients.
+
+  A backend runs every form through one tile loop, each form one epilogue;
+  what else a form is (its outputs, what travels across ranks, its 16-bit
+  rescaling) is its :class:`Form` entry (``docs/adding-a-form.md``).
 
 A backend module implements :class:`Primitives` and ends with its
 :class:`Backend` declaration (devices and probes, dtypes, forms, result dtype,
@@ -39,6 +44,7 @@ import torch
 __all__ = [
     "FLOAT_DTYPES",
     "FORMS",
+    "Form",
     "KERNEL_DTYPES",
     "Backend",
     "Gradients",
@@ -55,11 +61,11 @@ __all__ = [
     "accumulation_dtype",
     "anywhere",
     "cuda_visible",
+    "form_of",
     "module_loader",
+    "register_form",
     "softplus_threshold",
-    "with_unit_multipliers",
-    "with_unit_terms",
-    "with_unit_weights",
+    "sweep_of",
 ]
 
 _Result = TypeVar("_Result", bound=tuple)
@@ -68,8 +74,6 @@ _Result = TypeVar("_Result", bound=tuple)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: the inputs of the GPU kernels (float32 accumulation, float32 results)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: the gradient forms: the offset form of the softmax losses, the sigmoid (SigLIP) form
-FORMS = ("softmax", "sigmoid")
 
 
 def anywhere() -> Optional[str]:
@@ -221,13 +225,187 @@ class Primitives(Protocol):
         column statistics for the first ``col_count`` columns."""
         ...
 
-    def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
-        """The exponential part of the backward of every loss, for the given :class:`OffsetTerms`."""
+    def sweep(self, scores: Scores, terms: Any, with_grads: bool = True) -> Any:
+        """One gradient sweep in the form of ``terms`` (:func:`form_of`): its :attr:`Form.result`.
+
+        Without ``with_grads`` only the form's :attr:`Form.values` are computed, the other fields
+        are empty; a form without values (``"softmax"``) takes ``with_grads=True`` only."""
         ...
 
-    def sigmoid_sweep(self, scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
-        """Per-row sigmoid losses and, ``with_grads``, their gradients (:class:`SigmoidSweep`)."""
-        ...
+
+#: an output's shape by its code in :attr:`Form.outputs`: ``(N, D, M) -> shape``
+_OUTPUT_SHAPES: Mapping[str, Callable[[int, int, int], tuple[int, ...]]] = {
+    "N": lambda n, d, m: (n,),
+    "ND": lambda n, d, m: (n, d),
+    "MD": lambda n, d, m: (m, d),
+    "": lambda n, d, m: (),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Form:
+    """One elementwise form of the gradient sweep: everything above the kernels' epilogues.
+
+    Attributes:
+        name: the form's name (``Backend.forms``, ``explain_backend(form=...)``).
+        terms: its terms type (a NamedTuple of tensors): :func:`form_of` finds the form by it.
+        result: its result type (a NamedTuple of tensors).
+        outputs: each result field's shape, ``"N"`` (per row of ``a``), ``"ND"``, ``"MD"`` (per
+            row of ``b``) or ``""`` (0-d). Across ranks this says how a block's part merges:
+            ``N``/``ND``/0-d parts are summed over the column blocks, the ``MD`` one (the
+            gradient of ``b``) goes back to the columns' owner.
+        values: the outputs a sweep without gradients computes (the others are then empty).
+        column_terms: the terms indexed by ``b``'s rows, which travel with the columns across
+            ranks: field → ``"cols"`` (one per column) or ``"stats"`` (one per column with
+            statistics, a prefix of the columns).
+        home_terms: the terms that refer to this rank's own columns: ``None`` against another
+            rank's block.
+        column_pointers: the int64 row terms holding a column of ``b`` (``-1``: none).
+        scaled_terms, measured_terms: the 16-bit rescaling of :meth:`rescaled`: the terms it
+            multiplies, and those whose largest magnitude sets the power of two.
+    """
+
+    name: str
+    terms: type
+    result: type
+    outputs: Mapping[str, str]
+    values: tuple[str, ...] = ()
+    column_terms: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    home_terms: tuple[str, ...] = ()
+    column_pointers: tuple[str, ...] = ()
+    scaled_terms: tuple[str, ...] = ()
+    measured_terms: tuple[str, ...] = ()
+
+    def check(self, with_grads: bool) -> None:
+        if not with_grads and not self.values:
+            raise ValueError(f"the {self.name} form computes gradients only: with_grads must be True")
+
+    def column_count(self, terms: Any) -> int:
+        """How many columns have statistics: the length of a ``"stats"`` column term (0: none)."""
+        stats = [f for f, per in self.column_terms.items() if per == "stats"]
+        return int(getattr(terms, stats[0]).shape[0]) if stats else 0
+
+    def shapes(self, scores: Scores, with_grads: bool) -> list[tuple[int, ...]]:
+        """Each output's shape (``(0,)``: not computed)."""
+        (n, d), m = scores.a.shape, scores.b.shape[0]
+        return [
+            _OUTPUT_SHAPES[code](n, d, m) if with_grads or field in self.values else (0,)
+            for field, code in self.outputs.items()
+        ]
+
+    def fake(self, scores: Scores, acc: torch.dtype, with_grads: bool) -> tuple:
+        """The outputs without data (the registered op's fake)."""
+        return self.result(
+            *(scores.a.new_empty(shape, dtype=acc) for shape in self.shapes(scores, with_grads))
+        )
+
+    def zeros(self, scores: Scores, acc: torch.dtype, with_grads: bool) -> tuple:
+        """The result of a block with no rows or no columns: every sum over nothing is 0."""
+        return self.result(
+            *(scores.a.new_zeros(shape, dtype=acc) for shape in self.shapes(scores, with_grads))
+        )
+
+    def merged(self, total: tuple, part: tuple) -> tuple:
+        """``total`` plus another column block's ``part``, except the ``MD`` output (the block's own)."""
+        return type(total)(*(
+            x if code == "MD" else (x.add_(y) if x.dim() else x + y)
+            for (x, y, code) in zip(total, part, self.outputs.values())
+        ))  # fmt: skip
+
+    def rescaled(self, sweep: Callable[..., _Result]) -> Callable[..., _Result]:
+        """``sweep`` with float16 multipliers rescaled by a power of two (exact) around 1.
+
+        The kernels round the gradient tile ``G`` (``g·exp(S − c) + …``, or
+        ``w·(σ − [z = +1])``) to the input type for the second tensor-core
+        product. The multipliers are ~1/N, so for float16 (smallest normal 6e-5)
+        ``G`` falls into the subnormals and loses its digits at realistic N;
+        scaled so the largest of the :attr:`measured_terms` is in [1, 2),
+        ``G ≤ 2`` keeps full precision, and every output is scaled back.
+        bfloat16 and float32 have float32's exponent range and pass through.
+        """
+        if not self.scaled_terms:
+            return sweep
+
+        def rescaled(scores: Scores, terms: Any, with_grads: bool = True) -> _Result:
+            if scores.a.dtype != torch.float16:
+                return sweep(scores, terms, with_grads)
+            unit = _unit(*(getattr(terms, field) for field in self.measured_terms))
+            present = {field: getattr(terms, field) for field in self.scaled_terms}
+            scaled = {field: x * unit for field, x in present.items() if x is not None}
+            result = sweep(scores, terms._replace(**scaled), with_grads)
+            return type(result)(*(x / unit.to(x.dtype) for x in result))
+
+        return rescaled
+
+
+#: every form, by name (``register_form``)
+FORMS: dict[str, Form] = {}
+_FORMS_BY_TERMS: dict[type, Form] = {}
+
+
+def register_form(form: Form) -> Form:
+    """Adds ``form`` to :data:`FORMS`; its terms type then selects it."""
+    FORMS[form.name] = _FORMS_BY_TERMS[form.terms] = form
+    return form
+
+
+def form_of(terms: Any) -> Form:
+    """The form whose terms ``terms`` are."""
+    form = _FORMS_BY_TERMS.get(type(terms))
+    if form is None:
+        raise TypeError(
+            f"terms must be one of {[f.terms.__name__ for f in FORMS.values()]}, got {type(terms)}"
+        )
+    return form
+
+
+register_form(
+    Form(
+        "softmax",
+        OffsetTerms,
+        Gradients,
+        outputs={"grad_a": "ND", "grad_b": "MD", "grad_scale": ""},
+        column_terms={"col_offset": "stats", "col_mult": "stats"},
+        home_terms=("positive_cols", "positive_mult"),
+        column_pointers=("positive_cols",),
+        scaled_terms=("row_mult", "col_mult", "positive_mult"),
+        measured_terms=("row_mult", "col_mult"),
+    )
+)
+register_form(
+    Form(
+        "sigmoid",
+        SigmoidTerms,
+        SigmoidSweep,
+        outputs={"row_loss": "N", "grad_a": "ND", "grad_b": "MD", "grad_scale": "", "grad_bias": ""},
+        values=("row_loss",),
+        column_terms={"col_keys": "cols"},
+        scaled_terms=("row_weights",),
+        measured_terms=("row_weights",),
+    )
+)
+
+
+def sweep_of(
+    epilogues: Mapping[str, Callable[..., Any]], rescale_16bit: bool = False
+) -> Callable[[Scores, Any, bool], Any]:
+    """A backend's :meth:`Primitives.sweep` from its implementation of each form, by form name
+    (``(scores, terms, with_grads) -> result``); ``rescale_16bit``: through :meth:`Form.rescaled`
+    (kernels that round ``G`` to the input type)."""
+    by_terms = {
+        FORMS[name].terms: (FORMS[name], FORMS[name].rescaled(impl) if rescale_16bit else impl)
+        for name, impl in epilogues.items()
+    }
+
+    def sweep(scores: Scores, terms: Any, with_grads: bool = True) -> Any:
+        found = by_terms.get(type(terms))
+        if found is None:
+            raise TypeError(f"this backend has no sweep for {type(terms).__name__}")
+        form, epilogue = found
+        form.check(with_grads)
+        return epilogue(scores, terms, with_grads)
+
+    return sweep
 
 
 class WholeTile(Protocol):
@@ -350,7 +528,7 @@ class Backend:
     devices: Mapping[str, Callable[[], Optional[str]]]
     missing: Callable[[], Optional[str]]
     load: Callable[[], Primitives]
-    forms: tuple[str, ...] = FORMS
+    forms: tuple[str, ...] = dataclasses.field(default_factory=lambda: tuple(FORMS))
     result_dtype: Callable[[torch.dtype], torch.dtype] = accumulation_dtype
     max_extent: Optional[int] = None
     auto_devices: tuple[str, ...] = ()
@@ -401,38 +579,3 @@ def _unit(*mults: torch.Tensor) -> torch.Tensor:
     usable = torch.isfinite(peak) & (peak > 0)
     # a tensor, not a float: no device synchronization
     return torch.where(usable, torch.exp2(-torch.floor(torch.log2(peak))), torch.ones_like(peak))
-
-
-def with_unit_terms(
-    scaled: tuple[str, ...], measured: tuple[str, ...]
-) -> Callable[[Callable[..., _Result]], Callable[..., _Result]]:
-    """A form's primitive with float16 multipliers rescaled by a power of two (exact) around 1.
-
-    The kernels round the gradient tile ``G`` (``g·exp(S − c) + …``, or
-    ``w·(σ − [z = +1])``) to the input type for the second tensor-core
-    product. The multipliers are ~1/N, so for float16 (smallest normal 6e-5)
-    ``G`` falls into the subnormals and loses its digits at realistic N;
-    scaled so the largest of the ``measured`` fields is in [1, 2), ``G ≤ 2``
-    keeps full precision, and every field of the result is scaled back.
-    ``scaled``: the terms' fields multiplied (``None`` fields are skipped).
-    bfloat16 and float32 have float32's exponent range and pass through.
-    """
-
-    def decorate(primitive: Callable[..., _Result]) -> Callable[..., _Result]:
-        def rescaled(scores: Scores, terms: Any, *options: Any) -> _Result:
-            if scores.a.dtype != torch.float16:
-                return primitive(scores, terms, *options)
-            unit = _unit(*(getattr(terms, field) for field in measured))
-            present = {field: getattr(terms, field) for field in scaled if getattr(terms, field) is not None}
-            result = primitive(scores, terms._replace(**{f: x * unit for f, x in present.items()}), *options)
-            return type(result)(*(x / unit.to(x.dtype) for x in result))
-
-        return rescaled
-
-    return decorate
-
-
-#: ``offset_backward`` (:class:`OffsetTerms`) with float16 multipliers around 1
-with_unit_multipliers = with_unit_terms(("row_mult", "col_mult", "positive_mult"), ("row_mult", "col_mult"))
-#: ``sigmoid_sweep`` (:class:`SigmoidTerms`) with float16 row weights around 1
-with_unit_weights = with_unit_terms(("row_weights",), ("row_weights",))

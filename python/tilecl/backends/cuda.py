@@ -23,7 +23,7 @@ import contextlib
 import functools
 import importlib.util
 import os
-from typing import Any, Iterator, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -39,8 +39,7 @@ from .base import (
     SigmoidTerms,
     anywhere,
     cuda_visible,
-    with_unit_multipliers,
-    with_unit_weights,
+    sweep_of,
 )
 from .registry import register_backend
 
@@ -277,6 +276,11 @@ class CudaKernels:
         self.backend = backend
         # fail when the backend is loaded, before any launch, if the module cannot be had
         self.module()
+        launches: dict[str, Callable[..., Any]] = {
+            "softmax": self._launch_backward,
+            "sigmoid": self._launch_sigmoid,
+        }
+        self._sweeps = sweep_of(launches, rescale_16bit=True)
 
     def module(self) -> Any:
         return load_extension() if self.backend == "cuda" else _emulation_module()
@@ -339,16 +343,13 @@ class CudaKernels:
         )  # fmt: skip
         return _Sweep(module, code, args, grads, (a, b, *mask, workspace))
 
-    def sigmoid_sweep(self, scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
-        """:class:`~tilecl.backends.base.SigmoidSweep` in float32: the gradient kernels in their sigmoid form.
-
-        Without gradients one ``S`` pass (the row kernel alone); with them the
-        row and column kernels (4 passes, no float atomics). float16 weights
-        are rescaled by a power of two first, as the offset form's multipliers.
-        """
-        return with_unit_weights(self._launch_sigmoid)(scores, terms, with_grads)
+    def sweep(self, scores: Scores, terms: Any, with_grads: bool = True) -> Any:
+        """The gradient kernels in the form of ``terms`` (float16 multipliers rescaled around 1 first)."""
+        return self._sweeps(scores, terms, with_grads)
 
     def _launch_sigmoid(self, scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
+        """:class:`~tilecl.backends.base.SigmoidSweep` in float32. Without gradients one ``S`` pass
+        (the row kernel alone); with them the row and column kernels (4 passes, no float atomics)."""
         a, b = _check_inputs(scores.a, scores.b, self.backend)
         n, m = a.shape[0], b.shape[0]
         weights = _vector(terms.row_weights, "row_weights", n, a, torch.float32)
@@ -367,11 +368,8 @@ class CudaKernels:
             return SigmoidSweep(row_loss, *(torch.empty(0, **f32) for _ in range(4)))
         return SigmoidSweep(row_loss, *sweep.grads, grad_bias)
 
-    def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
-        """:class:`~tilecl.backends.base.Gradients` in float32 (float16 multipliers rescaled first)."""
-        return with_unit_multipliers(self._launch_backward)(scores, terms)
-
-    def _launch_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
+    def _launch_backward(self, scores: Scores, terms: OffsetTerms, with_grads: bool = True) -> Gradients:
+        """:class:`~tilecl.backends.base.Gradients` in float32: the offset form."""
         a, b = _check_inputs(scores.a, scores.b, self.backend)
         n, m = a.shape[0], b.shape[0]
         row_offset, row_mult, col_offset, col_mult, positive_cols, positive_mult = terms

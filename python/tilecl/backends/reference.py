@@ -22,10 +22,11 @@ from .base import (
     anywhere,
     cuda_visible,
     module_loader,
+    sweep_of,
 )
 from .registry import register_backend
 
-__all__ = ["BACKEND", "lse_stats", "offset_backward", "sigmoid_sweep"]
+__all__ = ["BACKEND", "lse_stats", "offset_backward", "sigmoid_sweep", "sweep"]
 
 
 def _host(x: torch.Tensor) -> np.ndarray:
@@ -83,7 +84,7 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats
     return LseStats(*_on(scores.a, rows, cols, positive))
 
 
-def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
+def offset_backward(scores: Scores, terms: OffsetTerms, with_grads: bool = True) -> Gradients:
     """:class:`~tilecl.backends.base.Gradients` for ``terms``, in float64."""
     full = _full(scores)
     c, g, r, h = map(_host, terms[:4])
@@ -131,6 +132,10 @@ def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> Sigm
     grad_a = np.einsum("ij,jd->id", grad, b64, optimize=False)
     grad_b = np.einsum("ij,id->jd", grad, a64, optimize=False)
     return SigmoidSweep(*_on(scores.a, row_loss, s * grad_a, s * grad_b, np.sum(grad_a * a64), np.sum(grad)))
+
+
+#: the gradient sweep: one implementation per form
+sweep = sweep_of({"softmax": offset_backward, "sigmoid": sigmoid_sweep})
 
 
 #: float64 results whatever the inputs; never chosen by ``auto`` (it materializes S)

@@ -6,12 +6,13 @@
 * ``lse_stats`` returns the row LSE of this rank's rows over **all** columns,
   the column LSE of this rank's columns over **all** rows, and the positive
   logits of this rank's (rank-local) targets;
-* ``offset_backward`` takes this rank's row and column terms and returns
-  ``∂/∂a`` and ``∂/∂b`` of the *global* sum ``Σ G_ij S_ij``, plus this rank's
-  part of ``Σ G_ij a_i·b_j``;
-* ``sigmoid_sweep`` returns this rank's rows' losses over **all** columns (the
-  column keys travel with the columns), ``∂/∂a`` and ``∂/∂b`` of the global
-  sum, and this rank's parts of the scale and bias gradients.
+* ``sweep`` takes this rank's row and column terms of any form and returns
+  ``∂/∂a`` and ``∂/∂b`` of the *global* sum ``Σ G_ij S_ij``, this rank's rows'
+  values over **all** columns, and this rank's part of each 0-d output (the
+  scale's gradient ``Σ G_ij a_i·b_j``). The form's entry
+  (:class:`~tilecl.backends.base.Form`) says which terms travel with the
+  columns, which refer to the own block only, and how each output merges:
+  one gather sweep, one ring sweep and one empty-block sweep serve every form.
 
 The losses' autograd Function runs unchanged on top; the agreement before any
 exchange, the global reduction and the gradient convention are
@@ -36,23 +37,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from ..collectives import DIST_IMPLS, control_tensor, gather_plain, logsumexp_across, reduce_scatter_uneven
-from .base import (
-    Gradients,
-    LseStats,
-    OffsetTerms,
-    Primitives,
-    Scores,
-    SigmoidSweep,
-    SigmoidTerms,
-    accumulation_dtype,
-)
+from .base import Form, LseStats, Primitives, Scores, accumulation_dtype, form_of
 
 __all__ = ["DIST_IMPLS", "Shard", "ShardedPrimitives"]
 
@@ -202,44 +194,52 @@ def _unrolled(shard: Shard, rolled: Tensor, layout: Layout) -> list[Tensor]:
     return parts[back:] + parts[:back]
 
 
-def _gather_offset_backward(local: Primitives, shard: Shard, scores: Scores, terms: OffsetTerms) -> Gradients:
-    m, col_count = scores.b.shape[0], terms.col_offset.shape[0]
+def _shifted_pointers(shard: Shard, layout: Layout, form: Form, terms: Any, m: int) -> Any:
+    """The row terms that hold a column of this rank's block, in the arranged columns: the block
+    comes first, and past its statistics prefix a column moves with the block's tail (as the kept
+    columns of the group mask)."""
+    own = layout.stats[shard.rank]
+    if not form.column_pointers or not 0 < own < m:
+        return terms
+    shift = _tail_shift(shard, layout)
+    moved = {
+        f: torch.where(x >= own, x + shift, x)
+        for f in form.column_pointers
+        if (x := getattr(terms, f)) is not None
+    }
+    return terms._replace(**moved)
+
+
+def _gather_sweep(local: Primitives, shard: Shard, scores: Scores, terms: Any, with_grads: bool) -> Any:
+    form = form_of(terms)
+    m, col_count = scores.b.shape[0], form.column_count(terms)
     _check_layout(scores.exclude_diagonal, col_count, m)
     layout = shard.layout(scores.b, col_count)
     columns = _gathered_columns(shard, scores.b, layout)
-    shard.kept.clear()  # the backward is the last use
-    if any(layout.stats):
-        terms = terms._replace(
-            col_offset=torch.cat(shard.rolled(gather_plain(terms.col_offset, shard.group, layout.stats))),
-            col_mult=torch.cat(shard.rolled(gather_plain(terms.col_mult, shard.group, layout.stats))),
-        )
-    if terms.positive_cols is not None and 0 < col_count < m:
-        # the positives index this rank's block, which comes first; past the statistics prefix a
-        # column moves with the block's tail (as the kept columns of the group mask)
-        cols = terms.positive_cols
-        terms = terms._replace(
-            positive_cols=torch.where(cols >= col_count, cols + _tail_shift(shard, layout), cols)
-        )
-    gathered = _with_gathered_groups(shard, scores, columns, layout)
-    grad_a, grad_columns, grad_scale = local.offset_backward(gathered, terms)
-    grad_b = reduce_scatter_uneven(_split_arranged(shard, grad_columns, layout), shard.group)
-    return Gradients(grad_a, grad_b, grad_scale)
-
-
-def _gather_sigmoid_sweep(
-    local: Primitives, shard: Shard, scores: Scores, terms: SigmoidTerms, with_grads: bool
-) -> SigmoidSweep:
-    layout = shard.layout(scores.b, 0)
-    columns = _gathered_columns(shard, scores.b, layout)
-    col_keys = torch.cat(shard.rolled(gather_plain(terms.col_keys, shard.group, layout.cols)))
     if with_grads:
         shard.kept.clear()  # the sweep with gradients is the last use
-    gathered = _with_gathered_groups(shard, scores, columns, layout)
-    sweep = local.sigmoid_sweep(gathered, terms._replace(col_keys=col_keys), with_grads)
+    travelled = {}
+    for field, per in form.column_terms.items():
+        sizes = layout.stats if per == "stats" else layout.cols
+        if any(sizes):
+            parts = gather_plain(getattr(terms, field), shard.group, sizes)
+            travelled[field] = (
+                torch.cat(shard.rolled(parts)) if per == "stats" else _arranged_columns(shard, parts, layout)
+            )
+    terms = _shifted_pointers(shard, layout, form, terms._replace(**travelled), m)
+    result = local.sweep(_with_gathered_groups(shard, scores, columns, layout), terms, with_grads)
     if not with_grads:
-        return sweep
-    grad_b = reduce_scatter_uneven(_split_arranged(shard, sweep.grad_b, layout), shard.group)
-    return sweep._replace(grad_b=grad_b)
+        return result
+    column_output = _column_output(form)
+    grad_b = reduce_scatter_uneven(
+        _split_arranged(shard, getattr(result, column_output), layout), shard.group
+    )
+    return result._replace(**{column_output: grad_b})
+
+
+def _column_output(form: Form) -> str:
+    """The output per row of ``b``, which goes back to the columns' owner."""
+    return next(field for field, code in form.outputs.items() if code == "MD")
 
 
 def _check_layout(exclude_diagonal: bool, col_count: int, m: int) -> None:
@@ -355,60 +355,33 @@ def _ring_lse_stats(
     return LseStats(row_lse, col_lse, positive)
 
 
-def _ring_offset_backward(local: Primitives, shard: Shard, scores: Scores, terms: OffsetTerms) -> Gradients:
-    grad_a: Optional[Tensor] = None
-    grad_scale: Optional[Tensor] = None
-    layout = shard.layout(scores.b, terms.col_offset.shape[0])
+def _ring_sweep(local: Primitives, shard: Shard, scores: Scores, terms: Any, with_grads: bool) -> Any:
+    form = form_of(terms)
+    layout = shard.layout(scores.b, form.column_count(terms))
+    moving = list(form.column_terms)
+    total: Any = None
+    column_output = _column_output(form)
 
     def step(held: list[torch.Tensor], owner: int) -> torch.Tensor:
-        nonlocal grad_a, grad_scale
+        nonlocal total
         home = owner == shard.rank
-        block, offsets, mults, *groups = held
-        block_scores = _block_scores(scores, block, groups, home)
-        # the positives are columns of this rank's own block: the home step's alone
-        block_terms = terms._replace(col_offset=offsets, col_mult=mults)
+        block, groups = held[0], held[1 + len(moving) :]
+        block_terms = terms._replace(**dict(zip(moving, held[1 : 1 + len(moving)])))
         if not home:
-            block_terms = block_terms._replace(positive_cols=None, positive_mult=None)
-        ga, gb, gs = local.offset_backward(block_scores, block_terms)
-        grad_a = ga if grad_a is None else grad_a.add_(ga)
-        grad_scale = gs if grad_scale is None else grad_scale + gs
-        return gb
+            # the home terms refer to this rank's own columns: the home step's alone
+            block_terms = block_terms._replace(**dict.fromkeys(form.home_terms))
+        part = local.sweep(_block_scores(scores, block, groups, home), block_terms, with_grads)
+        total = part if total is None else form.merged(total, part)
+        return getattr(part, column_output)  # empty without gradients: nothing travels
 
-    travelling = [scores.b.contiguous(), terms.col_offset.contiguous(), terms.col_mult.contiguous()]
+    travelling = [scores.b.contiguous(), *(getattr(terms, f).contiguous() for f in moving)]
     travelling += _travelling_groups(scores)
-    sizes = [layout.cols, layout.stats, layout.stats] + [layout.cols] * (len(travelling) - 3)
-    grad_b = _ring(shard, travelling, sizes, step, torch.add, layout.cols)
-    assert grad_a is not None and grad_scale is not None  # the home step always runs
-    return Gradients(grad_a, grad_b, grad_scale)
-
-
-def _ring_sigmoid_sweep(
-    local: Primitives, shard: Shard, scores: Scores, terms: SigmoidTerms, with_grads: bool
-) -> SigmoidSweep:
-    totals: Optional[SigmoidSweep] = None
-    layout = shard.layout(scores.b, 0)
-
-    def step(held: list[torch.Tensor], owner: int) -> torch.Tensor:
-        nonlocal totals
-        block, keys, *groups = held
-        block_scores = _block_scores(scores, block, groups, owner == shard.rank)
-        part = local.sigmoid_sweep(block_scores, terms._replace(col_keys=keys), with_grads)
-        if totals is None:
-            totals = part
-        else:
-            totals = totals._replace(
-                row_loss=totals.row_loss.add_(part.row_loss),
-                grad_a=totals.grad_a.add_(part.grad_a),
-                grad_scale=totals.grad_scale + part.grad_scale,
-                grad_bias=totals.grad_bias + part.grad_bias,
-            )
-        return part.grad_b  # empty without gradients: nothing travels
-
-    travelling = [scores.b.contiguous(), terms.col_keys.contiguous(), *_travelling_groups(scores)]
+    sizes = [layout.cols, *(layout.stats if form.column_terms[f] == "stats" else layout.cols for f in moving)]
+    sizes += [layout.cols] * (len(travelling) - len(sizes))
     result_sizes = layout.cols if with_grads else (0,) * shard.world
-    grad_b = _ring(shard, travelling, [layout.cols] * len(travelling), step, torch.add, result_sizes)
-    assert totals is not None  # the home step always runs
-    return totals._replace(grad_b=grad_b)
+    grad_b = _ring(shard, travelling, sizes, step, torch.add, result_sizes)
+    assert total is not None  # the home step always runs
+    return total._replace(**{column_output: grad_b})
 
 
 # --------------------------------------------------------------------------- the primitives
@@ -443,25 +416,12 @@ class _EmptyBlocks:
             self._zeros(scores, n),
         )
 
-    def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
+    def sweep(self, scores: Scores, terms: Any, with_grads: bool = True) -> Any:
         if not self._empty(scores):
-            return self.local.offset_backward(scores, terms)
-        (n, dim), m = scores.a.shape, scores.b.shape[0]
-        return Gradients(self._zeros(scores, n, dim), self._zeros(scores, m, dim), self._zeros(scores))
-
-    def sigmoid_sweep(self, scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
-        if not self._empty(scores):
-            return self.local.sigmoid_sweep(scores, terms, with_grads)
-        (n, dim), m = scores.a.shape, scores.b.shape[0]
-        if not with_grads:
-            return SigmoidSweep(self._zeros(scores, n), *(self._zeros(scores, 0) for _ in range(4)))
-        grads = (
-            self._zeros(scores, n, dim),
-            self._zeros(scores, m, dim),
-            self._zeros(scores),
-            self._zeros(scores),
-        )
-        return SigmoidSweep(self._zeros(scores, n), *grads)
+            return self.local.sweep(scores, terms, with_grads)
+        form = form_of(terms)
+        form.check(with_grads)
+        return form.zeros(scores, accumulation_dtype(scores.a.dtype), with_grads)
 
 
 class ShardedPrimitives:
@@ -479,10 +439,6 @@ class ShardedPrimitives:
         forward = _gather_lse_stats if self.dist_impl == "gather" else _ring_lse_stats
         return forward(self.local, self.shard, scores._replace(shared_operands=False), targets, col_count)
 
-    def offset_backward(self, scores: Scores, terms: OffsetTerms) -> Gradients:
-        backward = _gather_offset_backward if self.dist_impl == "gather" else _ring_offset_backward
-        return backward(self.local, self.shard, scores._replace(shared_operands=False), terms)
-
-    def sigmoid_sweep(self, scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
-        sweep = _gather_sigmoid_sweep if self.dist_impl == "gather" else _ring_sigmoid_sweep
+    def sweep(self, scores: Scores, terms: Any, with_grads: bool = True) -> Any:
+        sweep = _gather_sweep if self.dist_impl == "gather" else _ring_sweep
         return sweep(self.local, self.shard, scores._replace(shared_operands=False), terms, with_grads)

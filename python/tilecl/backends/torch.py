@@ -4,13 +4,12 @@
   row log-sum-exp (all ``M`` columns) and the column log-sum-exp of the first
   ``col_count`` columns, merging tiles with the streaming rule
   ``(m, l) ⊕ (m', l') = (μ, l·e^(m−μ) + l'·e^(m'−μ))``.
-* :func:`offset_backward` — recomputes ``S`` tile by tile and applies
-  ``G_ij = g_i·exp(S_ij − c_i) + h_j·exp(S_ij − r_j)``, returning
-  ``s·G·b``, ``s·Gᵀ·a`` and ``Σ G_ij (a_i·b_j)``.
+* :func:`sweep` — recomputes ``S`` tile by tile and applies a form's
+  epilogue: :func:`offset_backward` (``G_ij = g_i·exp(S_ij − c_i) +
+  h_j·exp(S_ij − r_j) − p_i·[j = t_i]``, returning ``s·G·b``, ``s·Gᵀ·a`` and
+  ``Σ G_ij (a_i·b_j)``) or :func:`sigmoid_sweep` (SigLIP).
 
-The positive-pair terms of ``dL/dS`` are sparse (one per row) and are applied
-by the caller with gathers, so these two functions are all a backend has to
-provide. Only ``O(N + M)`` statistics and a few tiles live at once; the tile
+Only ``O(N + M)`` statistics and a few tiles live at once; the tile
 shape follows a byte budget (:data:`TILE_BYTES`, env ``TILECL_TILE_BYTES``).
 
 Tile buffers are allocated once per call and every elementwise step writes in
@@ -43,6 +42,7 @@ from .base import (
     cuda_visible,
     module_loader,
     softplus_threshold,
+    sweep_of,
 )
 from .registry import register_backend
 
@@ -53,6 +53,7 @@ __all__ = [
     "lse_stats",
     "offset_backward",
     "sigmoid_sweep",
+    "sweep",
     "one_tile",
     "one_tile_exclude_",
     "one_tile_products",
@@ -393,7 +394,7 @@ def _gather_positive_(out: torch.Tensor, tile: torch.Tensor, local_targets: torc
     torch.where(inside, picked, out, out=out)
 
 
-def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
+def offset_backward(scores: Scores, terms: OffsetTerms, with_grads: bool = True) -> Gradients:
     """The offset-form backward shared by every softmax loss.
 
     With ``S = scale · a bᵀ`` recomputed tile by tile and::
@@ -738,6 +739,10 @@ def _column_term_(
     _exp_(torch.sub(tile[:, :width], r[None, :], out=column_part)).mul_(h[None, :])
     _exp_(tile.sub_(c[:, None])).mul_(g[:, None])
     tile[:, :width].add_(column_part)
+
+
+#: the gradient sweep (:class:`~tilecl.backends.base.Primitives`): one implementation per form
+sweep = sweep_of({"softmax": offset_backward, "sigmoid": sigmoid_sweep})
 
 
 def _this_module() -> WholeTile:

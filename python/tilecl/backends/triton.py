@@ -44,8 +44,7 @@ from .base import (
     SigmoidTerms,
     cuda_visible,
     module_loader,
-    with_unit_multipliers,
-    with_unit_weights,
+    sweep_of,
 )
 from .registry import register_backend
 
@@ -62,6 +61,7 @@ __all__ = [
     "pass_count",
     "sigmoid_pass_count",
     "sigmoid_sweep",
+    "sweep",
 ]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -194,13 +194,11 @@ def _check(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (a if a.stride(1) == 1 else a.contiguous()), (b if b.stride(1) == 1 else b.contiguous())
 
 
-def _group_mask(scores: Scores, placeholder: torch.Tensor) -> dict:
-    """The kernels' group-mask arguments: the id and kept-column pointers and ``MASKED``.
-
-    Without masking the pointers are never read; ``placeholder`` stands in for them.
-    """
+def _group_mask(scores: Scores) -> dict:
+    """The kernels' group-mask arguments: the id and kept-column pointers (``None`` without masking,
+    which compiles the mask out)."""
     if not scores.masked:
-        return dict(row_group_ptr=placeholder, col_group_ptr=placeholder, kept_ptr=placeholder, MASKED=False)
+        return dict(row_group_ptr=None, col_group_ptr=None, kept_ptr=None)
     row_groups, col_groups, kept_cols = scores.group_mask()
     # the kernels compare int32 ids (int64 ones cost registers the tiles need): each id becomes its
     # rank among all ids, which keeps equality; a kept column index is < MAX_DIM already
@@ -212,7 +210,6 @@ def _group_mask(scores: Scores, placeholder: torch.Tensor) -> dict:
         row_group_ptr=next(rank),
         col_group_ptr=next(rank),
         kept_ptr=kept_cols.clamp(-1, MAX_DIM).to(torch.int32).contiguous(),
-        MASKED=True,
     )
 
 
@@ -286,7 +283,7 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int, parts: int 
     kernels.stats_kernel[(grid.groups, grid.splits)](
         a, b, targets.contiguous(), row_max, row_sum, row_positive, col_max, col_sum, float(scores.scale),
         n, m, col_count, dim, a.stride(0), b.stride(0), grid.blocks_per_group, grid.tiles_per_split,
-        EXCLUDE_DIAGONAL=scores.exclude_diagonal, **_group_mask(scores, targets), **_dot_options(a.dtype),
+        EXCLUDE_DIAGONAL=scores.exclude_diagonal, **_group_mask(scores), **_dot_options(a.dtype),
         **opts, **({} if INTERPRETED else dict(maxnreg=STATS_MAX_REGISTERS)),
     )  # fmt: skip
     # separate allocations: a custom op's outputs must not alias one another
@@ -294,19 +291,12 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int, parts: int 
     col_lse = torch.empty(col_count, **f32)
     merge = kernels.merge_stats_kernel
     merge[(_cdiv(n, MERGE_BLOCK),)](
-        row_max, row_sum, row_positive, row_lse, positive, grid.splits, n, POSITIVE=True, BLOCK=MERGE_BLOCK
+        row_max, row_sum, row_positive, row_lse, positive, grid.splits, n, BLOCK=MERGE_BLOCK
     )
     if col_count:
+        # columns have no positive logit to merge
         merge[(_cdiv(col_count, MERGE_BLOCK),)](
-            col_max,
-            col_sum,
-            col_max,
-            col_lse,
-            col_lse,
-            grid.groups,
-            col_count,
-            POSITIVE=False,
-            BLOCK=MERGE_BLOCK,
+            col_max, col_sum, None, col_lse, None, grid.groups, col_count, BLOCK=MERGE_BLOCK
         )
     return LseStats(row_lse, col_lse, positive)
 
@@ -343,19 +333,17 @@ class OffsetFormArgs(NamedTuple):
     col_offset: torch.Tensor
     col_mult: torch.Tensor
     col_count: int
-    #: int32 (-1: none) and float32, each row's positive column and its weight (``OffsetTerms``)
-    positive_cols: torch.Tensor
-    positive_mult: torch.Tensor
+    #: int32 (-1: none) and float32, each row's positive column and its weight (``OffsetTerms``);
+    #: ``None`` (both): no positive term, compiled out
+    positive_cols: Optional[torch.Tensor]
+    positive_mult: Optional[torch.Tensor]
 
     @classmethod
     def of(cls, terms: OffsetTerms, device: torch.device) -> OffsetFormArgs:
         f32: dict[str, Any] = dict(dtype=torch.float32, device=device)
         row_live, col_live = ~torch.isneginf(terms.row_offset), ~torch.isneginf(terms.col_offset)
-        n = terms.row_offset.shape[0]
-        if terms.positive_cols is None or terms.positive_mult is None:
-            positive_cols = torch.full((n,), -1, dtype=torch.int32, device=device)
-            positive_mult = torch.zeros(n, **f32)
-        else:
+        positive_cols = positive_mult = None
+        if terms.positive_cols is not None and terms.positive_mult is not None:
             positive_cols = terms.positive_cols.to(device=device, dtype=torch.int32).contiguous()
             positive_mult = terms.positive_mult.to(**f32).contiguous()
         return cls(
@@ -440,7 +428,7 @@ def _sweep(
     epilogue = form.epilogue()
     common = dict(
         EPILOGUE=epilogue["EPILOGUE"], TOTALS=epilogue["TOTALS"], EXCLUDE_DIAGONAL=scores.exclude_diagonal,
-        **_group_mask(scores, scale_partials), **_dot_options(a.dtype), **_launch_options(cfg),
+        **_group_mask(scores), **_dot_options(a.dtype), **_launch_options(cfg),
     )  # fmt: skip
     inv_s = 1.0 / s if abs(s) >= TINY_SCALE else 0.0
     kernels.backward_kernel[grid](
@@ -457,8 +445,7 @@ def _sweep(
     return Gradients(grad_a, grad_b, scale_partials.sum())
 
 
-@with_unit_multipliers
-def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
+def offset_backward(scores: Scores, terms: OffsetTerms, with_grads: bool = True) -> Gradients:
     """:class:`~tilecl.backends.base.Gradients` in float32: the sweep in the offset form."""
     a, b = _check(scores.a, scores.b)
     grad_a, grad_b, grad_scale = _sweep(scores, a, b, config_for(a), OffsetFormArgs.of(terms, a.device))
@@ -469,7 +456,6 @@ def offset_backward(scores: Scores, terms: OffsetTerms) -> Gradients:
     return Gradients(grad_a, grad_b, grad_scale)
 
 
-@with_unit_weights
 def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> SigmoidSweep:
     """:class:`~tilecl.backends.base.SigmoidSweep` in float32: the sweep in the sigmoid form.
 
@@ -487,6 +473,10 @@ def sigmoid_sweep(scores: Scores, terms: SigmoidTerms, with_grads: bool) -> Sigm
         # as in offset_backward: S / scale holds no a·b at scale ~0
         grad_scale = torch_primitives.sigmoid_sweep(scores, terms, True).grad_scale.float()
     return SigmoidSweep(form.row_loss, grad_a, grad_b, grad_scale, form.bias_partials.sum())
+
+
+#: the gradient sweep: one launch (:func:`_sweep`) per form, float16 terms rescaled around 1
+sweep = sweep_of({"softmax": offset_backward, "sigmoid": sigmoid_sweep}, rescale_16bit=True)
 
 
 # --------------------------------------------------------------------------- declaration
