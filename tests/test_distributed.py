@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import functools
 import gc
+import itertools
 import math
 import warnings
 import weakref
@@ -916,3 +917,58 @@ def test_the_memory_queue_holds_every_ranks_rows_on_every_rank(tmp_path):
         assert ids.tolist() == [0, 1, 10, 11, 12], rank
         assert embeddings[:, 0].tolist() == [0.0, 0.0, 1.0, 1.0, 1.0]
         assert warned == 1 and error != "no error", (rank, error)
+
+
+def _different_calls_worker(rank: int, world: int, store: str, out: str) -> None:
+    """Each rank makes a different call (every ordered pair of losses, queues of different dtypes);
+    per-pair weights of different dtypes on the ranks, which are the same call."""
+    _init(rank, world, store)
+    group = dist.group.WORLD
+    n, d = 3, 4
+    a = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    classes = torch.arange(n) % 2
+    losses = {
+        "contrastive": lambda: tilecl.contrastive_loss(a, a.clone(), 2.0, process_group=group),
+        "sigmoid": lambda: tilecl.sigmoid_loss(a, a.clone(), 2.0, -1.0, process_group=group),
+        "nt_xent": lambda: tilecl.nt_xent_loss(a, a.clone(), 0.5, process_group=group),
+        "supcon": lambda: tilecl.supcon_loss(a, classes, 0.1, process_group=group),
+        "distill": lambda: tilecl.distill_clip_loss(
+            a, a.clone(), 2.0, a.clone(), a.clone(), 3.0, process_group=group
+        ),
+        "uniformity": lambda: uniformity_loss(a, 2.0, process_group=group),
+    }
+    messages = {}
+    for first, second in itertools.permutations(losses, 2):
+        try:
+            losses[first if rank == 0 else second]()
+            messages[first, second] = "no error"
+        except Exception as error:
+            messages[first, second] = f"{type(error).__name__}: {error}"
+    queue = tilecl.MemoryQueue(8, d, dtype=torch.float32 if rank == 0 else torch.float16, process_group=group)
+    try:
+        queue.enqueue(a.float(), torch.arange(n))
+        messages["queue dtype"] = "no error"
+    except Exception as error:
+        messages["queue dtype"] = f"{type(error).__name__}: {error}; written {int(queue.step)}"
+    # rank 0: 3 rows, float64 weights; rank 1: no rows, float32 weights (torch.ones(0))
+    rows = a if rank == 0 else a[:0]
+    weights = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64) if rank == 0 else torch.ones(0)
+    weighted = tilecl.contrastive_loss(rows, rows.clone(), 2.0, weights=weights, process_group=group)
+    torch.save((messages, float(weighted)), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_ranks_making_different_calls_raise_the_same_error_and_none_aborts(tmp_path):
+    """The agreement's first exchange has one size for every call: two ranks that call different
+    losses (or enqueue into queues of different dtypes) both raise, naming what each rank called,
+    where a signature of another length would make the transport abort the process."""
+    results = spawn(_different_calls_worker, 2, tmp_path)
+    (mine, value0), (theirs, value1) = results
+    assert mine == theirs
+    for (first, second), message in ((k, m) for k, m in mine.items() if isinstance(k, tuple)):
+        assert message.startswith("ValueError: the ranks made different calls"), (first, second, message)
+    assert "queue_dtype" in mine["queue dtype"] and mine["queue dtype"].endswith("written 0")
+    a = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    weights = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    want = tilecl.contrastive_loss(a, a.clone(), 2.0, weights=weights)
+    assert value0 == value1 and abs(value0 - float(want)) <= 1e-12 * abs(float(want))

@@ -52,10 +52,13 @@ def functorch_transform_active() -> bool:
     False while ``torch.compile`` traces (the query would break its graph;
     a compiled function is not called under a transform there).
     """
-    if torch.compiler.is_compiling():
+    if _TRANSFORMS_ACTIVE is None or torch.compiler.is_compiling():
         return False
-    private = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(private()) if private is not None else False
+    return bool(_TRANSFORMS_ACTIVE())
+
+
+#: PyTorch's private query of the functorch transforms (``None`` on a torch without it)
+_TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
 def is_fake(x: torch.Tensor) -> bool:

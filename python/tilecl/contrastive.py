@@ -182,7 +182,7 @@ def contrastive_loss(
         b = torch.cat([b, negatives])
     groups = None if row_groups is None or col_groups is None else (row_groups, col_groups)
     spec = run.spec(symmetric=bool(symmetric), exclude_diagonal=False)
-    weights = run.pair_weights(weights, a)
+    weights = None if weights is None else run.pair_weights(weights, a)
     loss = apply_loss(
         a, b, run.checked, spec, labels=labels, positives=positives, groups=groups, weights=weights
     )

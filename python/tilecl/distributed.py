@@ -112,22 +112,60 @@ def agree(failure: Optional[Exception], group: Any, what: str) -> None:
 #: signature entries that may differ between ranks: the batch sizes
 SIZES = ("N", "M", "columns_with_statistics")
 
+#: bytes of the call's name in the header of :func:`agree_on_call` (longer names are cut)
+CALL_NAME_BYTES = 64
 
-def agree_on_call(group: Any, **values: object) -> tuple[int, dict[str, tuple[int, ...]]]:
-    """Every rank's call signature (sizes, dtype, options); the same error on every rank where an
-    entry other than a batch size (:data:`SIZES`) differs.
 
-    Ranks that disagree would otherwise exchange buffers of different shapes or
-    wait in different collectives (a hang or a transport abort). Returns the
-    group's size and every rank's batch sizes (rank order).
-    """
-    world = dist.get_world_size(group)
-    codes = [x if isinstance(x, int) else zlib.crc32(repr(x).encode()) for x in values.values()]
-    mine = control_tensor([int(c) for c in codes], group)
+def _header(call: str, names: list[str], codes: list[int]) -> list[int]:
+    """What every call's agreement exchanges first, of one size whatever the call: its name (as
+    int64 words), its signature's length, a digest of the entries' names and one of their values
+    (batch sizes left out: they may differ)."""
+    name = call.encode()[:CALL_NAME_BYTES].ljust(CALL_NAME_BYTES, b"\0")
+    words = [int.from_bytes(name[i : i + 8], "little", signed=True) for i in range(0, CALL_NAME_BYTES, 8)]
+    fixed = [code for entry, code in zip(names, codes) if entry not in SIZES]
+    return [*words, len(codes), zlib.crc32(repr(names).encode()), zlib.crc32(repr(fixed).encode())]
+
+
+def _call_name(words: list[int]) -> str:
+    raw = b"".join(int(w).to_bytes(8, "little", signed=True) for w in words)
+    return raw.rstrip(b"\0").decode(errors="replace")
+
+
+def _gather_rows(values: list[int], group: Any, world: int) -> torch.Tensor:
+    mine = control_tensor(values, group)
     gathered = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
-    rows = torch.stack(gathered).cpu()
+    return torch.stack(gathered).cpu()
+
+
+def agree_on_call(
+    group: Any, call: str = "the loss", **values: object
+) -> tuple[int, dict[str, tuple[int, ...]]]:
+    """Every rank's call signature (sizes, dtype, options); the same error on every rank where the
+    ranks made different calls, or an entry other than a batch size (:data:`SIZES`) differs.
+
+    Ranks that disagree would otherwise exchange buffers of different shapes or
+    wait in different collectives (a hang or a transport abort). So the first
+    exchange has one size for every call (:func:`_header`: ``call``, the
+    signature's length and digests); only when every rank made the same call
+    does the signature itself, whose length depends on the call, travel.
+    Returns the group's size and every rank's batch sizes (rank order).
+    """
+    world = dist.get_world_size(group)
     names = list(values)
+    codes = [x if isinstance(x, int) else zlib.crc32(repr(x).encode()) for x in values.values()]
+    headers = _gather_rows(_header(call, names, codes), group, world)
+    words = CALL_NAME_BYTES // 8
+    shape = headers[:, : words + 2]
+    if not bool((shape == shape[0]).all()):
+        calls = [_call_name(row[:words].tolist()) for row in headers]
+        if len(set(calls)) > 1:
+            listing = ", ".join(f"rank {r}: {c}" for r, c in enumerate(calls))
+            raise ValueError(
+                f"the ranks made different calls ({listing}); every rank must call the same loss"
+            )
+        raise ValueError(f"the ranks called {call} with different options (the calls' signatures differ)")
+    rows = _gather_rows([int(c) for c in codes], group, world)
     differing = [
         name
         for i, name in enumerate(names)

@@ -113,13 +113,19 @@ class Run(NamedTuple):
             return weights
         largest = torch.cat([weights.reshape(-1), weights.new_zeros(1)]).max().reshape(1)
         if self.ranks.group is not None:
+            # in float64 whatever the weights' dtype: ranks may pass weights of different dtypes
+            # (an empty float32 batch next to float64 weights), and the buffers must match
+            largest = largest.double()
             dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=self.ranks.group)
+            largest = largest.to(weights.dtype)
         return torch.where(largest > 0, weights / largest, weights)
 
     def global_loss(
         self, value: torch.Tensor, count: int, weights: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """The global loss from the Function's per-rank value over ``count`` terms (locally: ``value``)."""
+        if self.ranks.group is None:
+            return value
         return self.ranks.global_loss(value, count, self.reduction, weights)
 
 
@@ -180,7 +186,11 @@ def begin(
         value, _, local = checked_and_resolved()
         return Run(value, local, _LOCAL, reduction)
     value, signature, local = _on_every_rank(checked_and_resolved, group)
-    world, sizes = agree_on_call(group, **signature, form=form, reduction=reduction, dist_impl=dist_impl)
+    # the loss's name: its check is a closure of the public loss (e.g. "contrastive_loss.<locals>.check")
+    call = getattr(check, "__qualname__", "the loss").split(".<locals>")[0]
+    world, sizes = agree_on_call(
+        group, call, **signature, form=form, reduction=reduction, dist_impl=dist_impl
+    )
     primitives = None if local is None else ShardedPrimitives(local, Shard.of(group), dist_impl)
     return Run(value, primitives, Ranks(group, world, sizes.get("N", ()), sizes.get("M", ())), reduction)
 

@@ -33,7 +33,6 @@ import torch
 from ._compat import delayed_error
 from .backends import LseStats, OffsetTerms, Primitives, Scores
 from .backends.base import WholeTile, accumulation_dtype
-from .backends.registry import BACKENDS
 from .validation import reads_values
 
 __all__ = [
@@ -544,27 +543,15 @@ def _row_lse(tile: torch.Tensor, row_log: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill_(torch.isneginf(peak), -math.inf)
 
 
-def _whole_tile(
-    a: torch.Tensor, b: torch.Tensor, spec: LossSpec, stats: Optional[LseStats]
-) -> Optional[WholeTile]:
-    """The backend's :class:`~tilecl.backends.base.WholeTile` when an InfoNCE-type call (no ``u``)
-    takes :class:`OneTileFunction`: local, its own statistics and :func:`whole_tile_of`."""
-    if stats is not None or spec.global_rows:
-        return None
-    return whole_tile_of(spec.primitives, a, b)
-
-
 def whole_tile_of(primitives: Primitives, a: torch.Tensor, b: torch.Tensor) -> Optional[WholeTile]:
     """The :class:`~tilecl.backends.base.WholeTile` of a local call's backend when it declares one,
     ``S = a bᵀ`` fits one tile and the call is eager (a compiled graph keeps the registered ops,
     opaque to the compiler, whose device assertions then raise where inlined code would abort)."""
     if not reads_values(a):
         return None
-    backend = BACKENDS.get(getattr(primitives, "name", ""))
-    if backend is None or backend.whole_tile is None:
-        return None
-    whole = backend.whole_tile()
-    return whole if whole.one_tile(a.shape[0], b.shape[0], a.dtype) else None
+    # the resolved backend's (tilecl.backends.ops.RegisteredPrimitives); sharded primitives have none
+    whole: Optional[WholeTile] = getattr(primitives, "whole", None)
+    return whole if whole is not None and whole.one_tile(a.shape[0], b.shape[0], a.dtype) else None
 
 
 def apply_loss(
@@ -589,7 +576,9 @@ def apply_loss(
     row_groups, col_groups = (None, None) if groups is None else groups
     if weights is not None:
         weights = weights.detach()
-    whole = None if log_u_rows is not None or log_u_cols is not None else _whole_tile(a, b, spec, stats)
+    # the one-tile Function takes an InfoNCE-type call (no u) that is local with its own statistics
+    local = log_u_rows is None and log_u_cols is None and stats is None and not spec.global_rows
+    whole = whole_tile_of(spec.primitives, a, b) if local else None
     if whole is not None:
         # eager only, so one tensor given twice needs no distinct view (that is for torch.compile)
         call = _OneTileCall(labels, row_groups, col_groups, weights, spec, whole)

@@ -31,7 +31,7 @@ from torch import nn
 
 from . import validation as v
 from .collectives import gather_plain, leading_sizes
-from .distributed import agree, resolve_group
+from .distributed import agree, agree_on_call, resolve_group
 
 __all__ = ["MemoryEntries", "MemoryQueue"]
 
@@ -136,6 +136,9 @@ class MemoryQueue(nn.Module):
                 agree(failure, group, "MemoryQueue.enqueue")
             finally:
                 failure = None
+            # every rank sends its rows in its queue's dtype: queues that differ would exchange
+            # buffers of different sizes (a transport abort), so that is refused on every rank first
+            agree_on_call(group, "MemoryQueue.enqueue", D=self.dim, queue_dtype=self.embeddings.dtype)
         # cast first: a value finite in the input may not be in the queue's dtype (1e5 in float16),
         # and every rank then sends the same dtype
         rows = embeddings.detach().to(device=self.embeddings.device, dtype=self.embeddings.dtype)

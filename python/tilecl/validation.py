@@ -48,7 +48,10 @@ Scale = Union[float, torch.Tensor]
 
 def reads_values(x: torch.Tensor) -> bool:
     """Whether a check may read ``x``'s values on the host now: eager mode and real data."""
-    return not torch.compiler.is_compiling() and x.device.type != "meta" and not is_fake(x)
+    if torch.compiler.is_compiling() or x.device.type == "meta":
+        return False
+    # a plain eager tensor (every call's hot path) is not fake: is_fake's own first test, inlined
+    return (type(x) is torch.Tensor and not torch._is_functional_tensor(x)) or not is_fake(x)
 
 
 def check_values(condition: torch.Tensor, message: str) -> None:
@@ -80,7 +83,9 @@ def check_tensor(x: object, name: str) -> torch.Tensor:
 
 def check_features(x: object, name: str) -> torch.Tensor:
     """A 2-D, non-empty floating tensor of shape ``(rows, D)``."""
-    x = check_tensor(x, name)
+    if not isinstance(x, torch.Tensor):
+        check_tensor(x, name)  # raises
+    assert isinstance(x, torch.Tensor)
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (batch x dim), got shape {tuple(x.shape)}")
     if x.shape[0] == 0 and not _EMPTY_ALLOWED.get():

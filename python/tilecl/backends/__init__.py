@@ -199,15 +199,18 @@ def resolve_backend(
         ValueError: ``name`` is not a known backend, or the call is larger than it takes.
         RuntimeError: the backend cannot run here (not installed or built, wrong device).
     """
-    check_backend_name(name)
-    assert isinstance(name, str)
     key = (name, device, dtype, form, BACKENDS.version)
-    known = _RESOLVED.get(key) if extent is None else None
+    # a known success first: only a registered name was ever kept (the lookup of an unhashable
+    # name is left to the check below)
+    known = _RESOLVED.get(key) if extent is None and type(name) is str else None
     if known is not None:
         return known
+    check_backend_name(name)
+    assert isinstance(name, str)
     choice = _choose(name, device, dtype, form, extent, every=False)
     if choice.chosen is not None:
-        primitives = RegisteredPrimitives(choice.chosen)
+        declared = BACKENDS[choice.chosen].whole_tile
+        primitives = RegisteredPrimitives(choice.chosen, None if declared is None else declared())
         if extent is None:
             # the probes answer for the process (a device, a package, a build), so a success is
             # kept until the registry changes; a refusal is worked out again, with every reason

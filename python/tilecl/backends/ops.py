@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ..validation import reads_values
-from .base import FORMS, Form, LseStats, Scores, form_of
+from .base import FORMS, Form, LseStats, Scores, WholeTile, form_of
 from .registry import BACKENDS
 
 __all__ = ["NAMESPACE", "OPS", "SWEEP_OPS", "RegisteredPrimitives", "fields_schema", "lse_stats_op", "schema"]
@@ -126,15 +126,19 @@ SWEEP_OPS = {name: _sweep_op(form) for name, form in FORMS.items()}
 OPS = (lse_stats_op, *SWEEP_OPS.values())
 
 
-@dataclasses.dataclass(frozen=True)
+# eq=False: compared and hashed by identity (resolve_backend keeps one per backend and call kind),
+# which a small batch's per-call LossSpec lookup hashes with no Python call
+@dataclasses.dataclass(frozen=True, eq=False)
 class RegisteredPrimitives:
     """The :class:`~tilecl.backends.base.Primitives` of backend ``name``, through the registered ops.
 
     Plain eager tensors skip the op: it would only add its dispatch, tens of microseconds per call,
-    which is a small batch's whole budget; compiled, fake or meta calls take it.
+    which is a small batch's whole budget; compiled, fake or meta calls take it. ``whole``: the
+    backend's :class:`~tilecl.backends.base.WholeTile`, if it declares one.
     """
 
     name: str
+    whole: Optional[WholeTile] = dataclasses.field(default=None, compare=False)
 
     def lse_stats(self, scores: Scores, targets: Tensor, col_count: int) -> LseStats:
         if reads_values(scores.a):

@@ -275,7 +275,9 @@ def one_tile_scores(scores: Scores, acc: torch.dtype) -> tuple[torch.Tensor, tor
     # (a .to() of the dtype it has is still a call: skipped on the small batch's path)
     a_scaled = (a if a.dtype == acc else a.to(acc)) * (scale if scale.dtype == acc else scale.to(acc))
     tile = torch.mm(a_scaled, (b if b.dtype == acc else b.to(acc)).t())
-    return _exclude_(tile, scores, slice(0, a.shape[0]), slice(0, b.shape[0]), -math.inf), a_scaled
+    if scores.exclude_diagonal or scores.row_groups is not None:
+        _exclude_(tile, scores, slice(0, a.shape[0]), slice(0, b.shape[0]), -math.inf)
+    return tile, a_scaled
 
 
 def _shifted_sums(x: torch.Tensor, dim: int, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
