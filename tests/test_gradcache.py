@@ -583,3 +583,114 @@ def test_zero3_partitioned_parameters_are_refused():
     lookalike = type("DeepSpeedEngine", (MLP,), {"zero_optimization_stage": lambda self: 3})()
     (z,) = tilecl.GradCache(lookalike, mini_batch_size=5).embed(images())
     z.sum().backward()
+
+
+class ApexLikeSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm that is none of torch's public classes (as apex's SyncBatchNorm)."""
+
+    def _check_input_dim(self, x):
+        pass
+
+
+class RunningMean(nn.Module):
+    """Not a norm, yet it tracks a running statistic in train mode (each forward updates it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(6, dtype=torch.float64))
+
+    def forward(self, x):
+        if self.training:
+            self.running_mean.mul_(0.9).add_(0.1 * x.mean(0))
+        return x
+
+
+@pytest.mark.parametrize(
+    "module, match",
+    [
+        (ApexLikeSyncBatchNorm(6).double(), "BatchNorm using batch statistics"),
+        (
+            nn.Sequential(
+                nn.Unflatten(1, (3, 2)), nn.InstanceNorm1d(3, track_running_stats=True), nn.Flatten()
+            ),
+            "tracks running statistics",
+        ),
+        (RunningMean(), "tracks running statistics"),
+    ],
+    ids=["batchnorm-subclass", "instancenorm-running-stats", "running-buffer"],
+)
+def test_every_module_whose_output_or_state_depends_on_the_split_is_refused(module, match):
+    tower = nn.Sequential(module, nn.Linear(6, D).double())
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(RuntimeError, match=match):
+        tilecl.GradCache(tower, mini_batch_size=4).embed(images())
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in state.items()), "nothing ran"
+    tower.eval()  # running statistics read, not updated: per sample
+    (z,) = tilecl.GradCache(tower, mini_batch_size=4).embed(images())
+    tilecl.uniformity_loss(z).backward()
+
+
+class Encoder(nn.Module):
+    """A text tower whose eval-mode forward under no_grad takes nn.TransformerEncoder's fast path
+    (nested tensors: 0 at padded positions), which computes something else than with gradients."""
+
+    def __init__(self, nested: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(20, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=nested)
+
+    def forward(self, input_ids, attention_mask):
+        # mean over every position, padded ones included: what the fast path changes
+        return self.encoder(self.embedding(input_ids), src_key_padding_mask=attention_mask == 0).mean(1)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_a_re_embedding_that_differs_from_the_cached_embedding_raises():
+    """The backward's re-embedding must reproduce what the loss saw; a tower that computes otherwise
+    with gradients (here the encoder's no-grad fast path) would give the gradient of another function."""
+    tower = Encoder(nested=True).eval()
+    (z,) = tilecl.GradCache(tower, mini_batch_size=4).embed(texts())
+    with pytest.raises(RuntimeError, match="tower 0's re-embedding of rows 0:4 differs .*TransformerEncoder"):
+        tilecl.uniformity_loss(z).backward()
+    exact = Encoder(nested=False).eval()
+    (z,) = tilecl.GradCache(exact, mini_batch_size=4).embed(texts())
+    tilecl.uniformity_loss(z).backward()
+    (plain,) = plain_embed([exact], [texts()], [[(0, 4), (4, 8), (8, 12)]])
+    want = torch.cat(
+        [g.flatten() for g in torch.autograd.grad(tilecl.uniformity_loss(plain), list(exact.parameters()))]
+    )
+    got = torch.cat([p.grad.flatten() for p in exact.parameters()])
+    assert float((got - want).norm() / want.norm()) <= 1e-4  # float32, fused and unfused kernels
+
+
+def test_a_backward_restricted_to_some_tensors_is_refused():
+    """``backward(inputs=...)`` and ``autograd.grad`` would skip the re-embedding (every ``.grad``
+    left None, no error); they raise instead."""
+    tower = MLP()
+    (z,) = tilecl.GradCache(tower, mini_batch_size=5).embed(images())
+    loss = tilecl.uniformity_loss(z)
+    with pytest.raises(RuntimeError, match=r"backward\(inputs=\.\.\.\) and torch.autograd.grad"):
+        loss.backward(inputs=list(tower.parameters()), retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"backward\(inputs=\.\.\.\) and torch.autograd.grad"):
+        torch.autograd.grad(loss, list(tower.parameters()), retain_graph=True)
+    assert all(g is None for g in grads([tower]))
+    loss.backward()  # the full backward still runs
+    assert all(g is not None for g in grads([tower]))
+
+
+def test_embed_under_torch_compile_fullgraph_is_refused_clearly():
+    tower = MLP()
+    cache = tilecl.GradCache([tower, tower], mini_batch_size=5)
+
+    def step(x):
+        za, zb = cache.embed(x, x.clone())
+        return tilecl.contrastive_loss(za, zb, 2.0)
+
+    with pytest.raises(Exception, match="GradCache.embed cannot run inside torch.compile"):
+        torch.compile(step, fullgraph=True)(images())
+    # without fullgraph it is a graph break, run eagerly: the same loss (the compiled loss takes the
+    # tiled ops, the eager one the one-tile path: equal to float64 rounding)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(step)(images()), step(images()), rtol=1e-12, atol=0)

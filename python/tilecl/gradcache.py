@@ -29,9 +29,11 @@ gradient during the backward are refused.
 
 Built on it: :class:`tilecl.integrations.sentence_transformers.CachedMultipleNegativesRankingLoss`
 (sentence-transformers' cached MNRL, single process) and ``examples/clip_gradcache.py``
-(an open_clip-style step). Not yet: inputs that require grad, ``torch.autograd.grad`` /
-``backward(inputs=...)`` (the re-embedding runs only in a full ``.backward()``), double
-backward.
+(an open_clip-style step). Each re-embedding is checked against the embedding the loss saw
+(a tower that computes differently with gradients than under ``torch.no_grad()`` raises). Not
+supported: inputs that require grad, ``torch.autograd.grad`` / ``backward(inputs=...)`` (refused:
+the re-embedding runs only in a full ``.backward()``), double backward, and ``torch.compile`` of
+:meth:`GradCache.embed` (a graph break by nature; ``fullgraph=True`` refuses it).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -54,15 +57,40 @@ __all__ = ["GradCache"]
 #: one tower's input: a tensor ``(N, ...)`` or a mapping of tensors ``(N, ...)`` (a tokenizer's output)
 Input = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
-#: the modules whose output depends on the mini-batch split: batch statistics in the forward
-_BATCH_NORMS = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    nn.LazyBatchNorm1d,
-    nn.LazyBatchNorm2d,
-    nn.LazyBatchNorm3d,
+#: the modules whose output depends on the mini-batch split when they use batch statistics: every
+#: BatchNorm (the base class: subclasses such as apex's SyncBatchNorm too)
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+def _split_dependent(module: nn.Module) -> Optional[str]:
+    """Why ``module``'s forward depends on how the batch is split into mini-batches (``None``: it
+    does not): batch statistics in the output, or running statistics updated by every forward
+    (once per mini-batch, and again by the re-embedding)."""
+    if isinstance(module, _BatchNorm) and (module.training or module.running_mean is None):
+        return (
+            "a BatchNorm using batch statistics (train mode or track_running_stats=False): its output "
+            "depends on how the batch is split into mini-batches"
+        )
+    running = [name for name, _ in module.named_buffers(recurse=False) if name.startswith("running_")]
+    if module.training and (getattr(module, "track_running_stats", False) or running):
+        return (
+            "a module in train mode that tracks running statistics: each mini-batch's forward, and "
+            "the re-embedding's, updates them"
+        )
+    return None
+
+
+#: the largest difference between a re-embedding and its cached embedding that is rounding (relative
+#: to the cached embedding's largest magnitude): kernels chosen differently with and without
+#: gradients round differently, a different computation differs by far more
+_REPLAY_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+#: why :meth:`GradCache.embed` is not traced by torch.compile
+COMPILE_REFUSAL = (
+    "GradCache.embed cannot run inside torch.compile: it is a graph break by nature (it runs each "
+    "tower mini-batch by mini-batch, snapshots the random streams and replays the towers in the "
+    "backward); call it outside the compiled function and compile the towers or the loss instead"
 )
 
 #: a snapshot of the random streams: the CPU generator, then each accelerator device's
@@ -263,6 +291,8 @@ class _Step:
     autocast_cache: bool
     versions: list[int]
     tower_state: list[tuple[tuple[int, ...], tuple[bool, ...]]]
+    #: the embeddings embed() returned (detached), which each re-embedding must reproduce
+    embeddings: list[torch.Tensor] = dataclasses.field(default_factory=list)
     done: bool = False
 
     def input_versions(self) -> list[int]:
@@ -319,25 +349,60 @@ class _Step:
         for i, (grad, batches) in enumerate(zip(grads, self.batches)):
             if grad is not None:
                 last.update({id(owner): (i, len(batches) - 1) for owner in owners[i]})
+        # per re-embedded mini-batch, its largest difference from the cached rows (read once, at the end)
+        differences: list[tuple[int, int, int, torch.Tensor]] = []
         try:
             for i, (tower, x, device, batches, grad) in enumerate(
                 zip(self.towers, self.inputs, self.devices, self.batches, grads)
             ):
                 if grad is None:  # this embedding did not reach the loss: no gradient, as in the plain step
                     continue
+                cached = self.embeddings[i]
                 for j, (start, stop, rng) in enumerate(batches):
                     _set_rng_state(rng)
                     unsynced = [owner for owner in owners[i] if last[id(owner)] != (i, j)]
                     with _without_sync(unsynced):
                         with torch.enable_grad(), self.autocast_context():
                             out = _call(tower, _rows(x, start, stop, device))
+                        differences.append((i, start, stop, _difference(out.detach(), cached[start:stop])))
                         if out.requires_grad:
                             torch.autograd.backward(out, grad[start:stop])
                         del out
         finally:
             _set_rng_state(outer)
             # the inputs and RNG states are dead weight once the gradient is in .grad
-            self.inputs, self.batches = [], []
+            self.inputs, self.batches, self.embeddings = [], [], []
+        _check_replay(differences)
+
+
+def _difference(replayed: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+    """``max|replayed − cached| / max|cached|`` (0-d, on the device: nothing waits for it here)."""
+    if replayed.shape != cached.shape:
+        return torch.tensor(math.inf)
+    tolerance = _REPLAY_TOLERANCE.get(cached.dtype, 1e-3)
+    error = (replayed.to(cached.dtype) - cached).abs().amax()
+    size = cached.abs().amax().clamp_min(torch.finfo(cached.dtype).tiny if cached.is_floating_point() else 1)
+    # NaN (either side) counts as a difference unless both hold it in the same places
+    same_nan = torch.equal(torch.isnan(replayed), torch.isnan(cached)) if cached.is_floating_point() else True
+    return torch.nan_to_num(error / size / tolerance, nan=0.0 if same_nan else math.inf)
+
+
+def _check_replay(differences: list[tuple[int, int, int, torch.Tensor]]) -> None:
+    """Raise where a re-embedding did not reproduce the embedding the loss saw: its gradient is then
+    the gradient of another function (one host read for the whole backward)."""
+    if not differences:
+        return
+    ratios = torch.stack([d.to("cpu", torch.float64) for *_, d in differences]).tolist()
+    for (tower, start, stop, _), ratio in zip(differences, ratios):
+        if ratio > 1:
+            raise RuntimeError(
+                f"GradCache: tower {tower}'s re-embedding of rows {start}:{stop} differs from what embed() "
+                f"returned ({ratio:.3g}x the rounding tolerance), so the gradients in .grad are wrong. The "
+                "tower computes differently with gradients than under torch.no_grad() — e.g. an eval-mode "
+                "nn.TransformerEncoder's fast path, which outputs 0 at padded positions (build it with "
+                "enable_nested_tensor=False, or pool over unpadded positions only) — or it is not "
+                "deterministic for the same inputs and random state"
+            )
 
 
 def _tower_state(tower: nn.Module) -> tuple[tuple[int, ...], tuple[bool, ...]]:
@@ -352,16 +417,24 @@ class _ReEmbed(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, step: _Step, dummy: torch.Tensor, *embeddings: torch.Tensor) -> tuple:
-        ctx.step = step
+    def forward(ctx: Any, step: _Step, count: int, dummy: torch.Tensor, *tensors: torch.Tensor) -> tuple:
+        ctx.step, ctx.inputs = step, len(tensors)
         # an embedding the loss does not use gets None: its tower is skipped, its .grad stays as it was
         ctx.set_materialize_grads(False)
-        return embeddings
+        return tensors[:count]
 
     @staticmethod
     def backward(ctx: Any, *grads: Optional[torch.Tensor]) -> tuple:
+        if not torch.autograd._is_checkpoint_valid():
+            # a backward restricted to some tensors: the re-embedding would fill every tower
+            # parameter's .grad (and none of torch.autograd.grad's results)
+            raise RuntimeError(
+                "GradCache: the embeddings' backward runs only in a full loss.backward(): "
+                "loss.backward(inputs=...) and torch.autograd.grad(loss, ...) are not supported (the "
+                "re-embedding accumulates every tower parameter's gradient into .grad)"
+            )
         ctx.step.backward(grads)
-        return (None, None, *([None] * len(grads)))
+        return (None, None, None, *([None] * ctx.inputs))
 
 
 class GradCache:
@@ -474,6 +547,8 @@ class GradCache:
             concatenated), differentiable: the backward through them runs the
             re-embedding. Under ``torch.no_grad()`` plain tensors, nothing kept.
         """
+        if torch.compiler.is_compiling():
+            raise RuntimeError(COMPILE_REFUSAL)
         self._check_inputs(inputs)
         for i, tower in enumerate(self.towers):
             refusal = _deepspeed_refusal(tower)
@@ -487,7 +562,11 @@ class GradCache:
         kept = [_to(x, keep or device) for x, device in zip(inputs, devices)]
         rng_devices = self._rng_devices(kept, devices)
         device_types = ["cpu", *sorted({d.type for d in rng_devices})]
-        autocast = [(t, *state) for t in device_types if (state := _autocast_state(t)) is not None]
+        autocast = []
+        for device_type in device_types:
+            state = _autocast_state(device_type)
+            if state is not None:
+                autocast.append((device_type, *state))
         step = _Step(
             towers=self.towers,
             inputs=kept,
@@ -526,8 +605,12 @@ class GradCache:
             )
         if not torch.is_grad_enabled():
             return tuple(embeddings)
+        step.embeddings = [e.detach() for e in embeddings]
         dummy = torch.empty(0, requires_grad=True)
-        return _ReEmbed.apply(step, dummy, *embeddings)
+        # the towers' parameters are inputs of the node too, so a backward restricted to them
+        # (backward(inputs=...), autograd.grad) reaches it, and it refuses that instead of being skipped
+        parameters = {id(p): p for tower in self.towers for p in tower.parameters() if p.requires_grad}
+        return _ReEmbed.apply(step, len(embeddings), dummy, *embeddings, *parameters.values())
 
     def _check_inputs(self, inputs: Sequence[Any]) -> None:
         if len(inputs) != len(self.towers):
@@ -571,12 +654,12 @@ class GradCache:
             raise ValueError("GradCache: the inputs are empty (N = 0)")
         for i, tower in enumerate(self.towers):
             for name, module in tower.named_modules():
-                if isinstance(module, _BATCH_NORMS) and (module.training or module.running_mean is None):
+                why = _split_dependent(module)
+                if why is not None:
                     raise RuntimeError(
-                        f"GradCache: tower {i} has a BatchNorm ({name or type(module).__name__}) using batch "
-                        "statistics (train mode or track_running_stats=False): its output depends on how the "
-                        "batch is split into mini-batches, so gradient caching cannot be exact; put it in "
-                        "eval mode or use a per-sample norm (LayerNorm, GroupNorm)"
+                        f"GradCache: tower {i} has {why} ({name or type(module).__name__}), so gradient "
+                        "caching cannot be exact; put it in eval mode or use a per-sample norm "
+                        "(LayerNorm, GroupNorm)"
                     )
 
     def _split(self, x: Input, i: int) -> list[tuple[int, int]]:

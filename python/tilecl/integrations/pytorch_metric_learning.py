@@ -29,7 +29,7 @@ from ..backends import check_backend_name
 from ..contrastive import contrastive_loss
 from ..supervised import supcon_loss
 
-__all__ = ["CrossBatchMemory", "NTXentLoss", "SupConLoss", "positive_pairs"]
+__all__ = ["CrossBatchMemory", "NTXentLoss", "SupConLoss", "average_nonzero", "positive_pairs"]
 
 
 def _no_miner(indices_tuple: Optional[Any]) -> None:
@@ -162,11 +162,22 @@ _SUPCON_OPTIONS = frozenset(
 )
 
 
+def average_nonzero(per_anchor: torch.Tensor) -> torch.Tensor:
+    """PML's ``AvgNonZeroReducer``: the mean of the anchors' losses that are > 0 (0 when none is).
+
+    An anchor without a positive has loss 0, and so has one whose loss underflows or saturates to
+    exactly 0 (float64 at τ = 0.01, float32 well-separated classes): PML leaves both out of the mean."""
+    count = (per_anchor > 0).sum().clamp_min(1)
+    return per_anchor.sum() / count.to(per_anchor.dtype)
+
+
 class SupConLoss(modules.SupConLoss):
     """PML's ``SupConLoss`` (:class:`tilecl.SupConLoss`, :func:`tilecl.supcon_loss`): the mean over
-    anchors that have a positive (PML's ``AvgNonZeroReducer``), PML's argument order;
-    ``ref_emb`` / ``ref_labels`` give the two-tower form. A batch without a negative pair (one
-    class) is PML's zero loss.
+    anchors whose loss is > 0 (PML's ``AvgNonZeroReducer``, :func:`average_nonzero`), PML's
+    argument order; ``ref_emb`` / ``ref_labels`` give the two-tower form. A batch without a
+    negative pair (one class) is PML's zero loss. Across ranks (``world_size`` /
+    ``process_group``) it is the mean over the anchors that have a positive, which differs only
+    where an anchor's loss is exactly 0.
 
     ``distance=CosineSimilarity()`` and ``reducer=AvgNonZeroReducer()`` (PML's defaults) are
     accepted; the other keywords are :class:`tilecl.SupConLoss`'s (``backend``, ``world_size``, ...).
@@ -198,7 +209,17 @@ class SupConLoss(modules.SupConLoss):
         ref_labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         _no_miner(indices_tuple)
-        loss = super().forward(embeddings, labels, ref_emb, ref_labels)
+        group = modules._default_group(self.world_size, "SupConLoss", explicit=self.process_group)
+        if self.reduction == "mean" and group is None:
+            if (ref_emb is None) != (ref_labels is None):
+                raise ValueError("pass both ref_emb and ref_labels (the two-tower form) or neither")
+            per_anchor = supcon_loss(
+                embeddings, labels, self.temperature, columns=ref_emb, column_labels=ref_labels,
+                reduction="none", backend=self.backend,
+            )  # fmt: skip
+            loss = average_nonzero(per_anchor)
+        else:
+            loss = super().forward(embeddings, labels, ref_emb, ref_labels)
         classes = torch.cat([labels.reshape(-1), (labels if ref_labels is None else ref_labels).reshape(-1)])
         if classes.numel() and bool(classes.min() == classes.max()):
             # one class, no negative pair: PML returns its zero loss (tilecl's L_out would not be 0)
@@ -312,11 +333,15 @@ class CrossBatchMemory(nn.Module):
             rest[own] = False
             memory = torch.cat([memory[own], memory[rest]])
             memory_labels = torch.cat([memory_labels[own], memory_labels[rest]])
+        nonzero_mean = loss_fn.reduction == "mean"
         loss = supcon_loss(
             a, labels, loss_fn.temperature, columns=memory, column_labels=memory_labels,
-            own_columns=own is not None, reduction=loss_fn.reduction, backend=loss_fn.backend,
+            own_columns=own is not None, reduction="none" if nonzero_mean else loss_fn.reduction,
+            backend=loss_fn.backend,
         )  # fmt: skip
         assert isinstance(loss, torch.Tensor)
+        if nonzero_mean:
+            loss = average_nonzero(loss)  # PML's reducer (SupConLoss)
         classes = torch.cat([labels, memory_labels])
         if bool(classes.min() == classes.max()):
             return loss * 0.0  # one class, no negative pair: PML's zero loss

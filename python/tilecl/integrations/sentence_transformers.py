@@ -261,6 +261,9 @@ class MultipleNegativesRankingLoss(nn.Module):
         """
         if len(embeddings) < 2:
             raise ValueError(f"Expected at least 2 embeddings (anchor, positive, ...), got {len(embeddings)}")
+        # sentence-transformers' cos_sim and dot_score take 16-bit embeddings in float32 (its
+        # _convert_to_batch_tensor): normalized in bfloat16, a unit vector is off by ~1e-3
+        embeddings = [x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in embeddings]
         anchors, positives, *negatives = embeddings
         if self.similarity_fct is cos_sim:
             anchors = F.normalize(anchors, dim=-1)
