@@ -217,6 +217,7 @@ class SupConLoss(modules.SupConLoss):
                 embeddings, labels, self.temperature, columns=ref_emb, column_labels=ref_labels,
                 reduction="none", backend=self.backend,
             )  # fmt: skip
+            assert isinstance(per_anchor, torch.Tensor)
             loss = average_nonzero(per_anchor)
         else:
             loss = super().forward(embeddings, labels, ref_emb, ref_labels)
