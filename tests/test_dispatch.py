@@ -123,3 +123,39 @@ def test_import_tilecl_imports_no_oracle_demo_or_tool():
     for lab in ("demo", "reproduce", "memory", "inspect_kernels", "integrations"):
         assert f"tilecl.{lab}" not in modules
     assert not {m for m in modules if m.startswith("tilecl.kernels")}  # the triton backend's first use
+
+
+@pytest.mark.parametrize(
+    "a, b, error",
+    [
+        (torch.ones(4, 3, dtype=torch.int64), None, "TypeError: a must be float16"),
+        (torch.ones(4, 3, dtype=torch.complex64), None, "TypeError: a must be float16"),
+        (torch.ones(4, 3, dtype=torch.bool), None, "TypeError: a must be float16"),
+        (torch.ones(4, 3).to(torch.float8_e4m3fn), None, "TypeError: a must be float16"),
+        (torch.ones(3), None, "ValueError: a must be 2-D"),
+        (torch.tensor(1.0), None, "ValueError: a must be 2-D"),
+        (torch.ones(4, 3), torch.ones(4, 3, device="meta"), "ValueError: a and b must be on the same device"),
+        (
+            torch.ones(4, 3),
+            torch.ones(4, 3, dtype=torch.float64),
+            "TypeError: a and b must have the same dtype",
+        ),
+        (torch.ones(4, 3), torch.ones(4, 2), "ValueError: a and b must have the same feature dimension"),
+    ],
+    ids=["int64", "complex", "bool", "float8", "1-d", "0-d", "mixed-device", "mixed-dtype", "mixed-d"],
+)
+def test_explain_backend_reports_the_error_the_loss_raises(a, b, error):
+    """Inputs the loss refuses are not "runs on 'torch'": the choice carries the loss's own error."""
+    choice = explain_backend(a, b)
+    assert choice.chosen is None and choice.refusal is not None and choice.refusal.startswith(error)
+    assert f"cannot run: the loss raises {error}" in str(choice)
+    kind = TypeError if error.startswith("TypeError") else ValueError
+    with pytest.raises(kind):
+        tilecl.contrastive_loss(a, a if b is None else b, 1.0)
+
+
+def test_explain_backend_refuses_a_form_that_is_no_form():
+    with pytest.raises(ValueError, match=r"form must be one of \('softmax', 'sigmoid'\), got 'cosine'"):
+        explain_backend(torch.randn(2, 2), form="cosine")
+    with pytest.raises(TypeError, match="a must be a torch.Tensor"):
+        explain_backend([[1.0]])  # type: ignore[arg-type]

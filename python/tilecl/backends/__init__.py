@@ -37,10 +37,13 @@ import torch as _torch
 from torch import device as Device
 from torch import dtype as DType
 
+from ..validation import check_features, check_pair
+
 # importing a backend's module registers its declaration
 from . import cuda, reference, torch, triton  # noqa: F401
 from .base import (
     FLOAT_DTYPES,
+    FORMS,
     KERNEL_DTYPES,
     Backend,
     Gradients,
@@ -96,6 +99,9 @@ class BackendChoice:
         chosen: the backend it runs on (``None``: it raises).
         reasons: every registered backend → why it cannot take this call
             (empty: it can).
+        refusal: the error the loss raises on these inputs before choosing a
+            backend (its own checks: ``"TypeError: a must be float16, ..."``),
+            else ``None``; ``chosen`` is then ``None`` and ``reasons`` empty.
     """
 
     requested: str
@@ -105,10 +111,13 @@ class BackendChoice:
     extent: Optional[int]
     chosen: Optional[str]
     reasons: dict[str, list[Unsupported]]
+    refusal: Optional[str] = None
 
     def __str__(self) -> str:
         kind = str(self.dtype).removeprefix("torch.")
         head = f"backend={self.requested!r} for {kind} tensors on {self.device} ({self.form} form)"
+        if self.refusal is not None:
+            return f"{head}: cannot run: the loss raises {self.refusal}"
         lines = [f"{head}: {'runs on ' + repr(self.chosen) if self.chosen else 'cannot run'}"]
         for name, found in self.reasons.items():
             if name == self.chosen and found:
@@ -134,11 +143,29 @@ def explain_backend(
     """Which backend a loss on ``a`` (and ``b``) takes, and why not the others; ``print`` it.
 
     ``form``: ``"softmax"`` for every softmax loss, ``"sigmoid"`` for SigLIP.
-    Raises only for a ``backend`` that is not a backend's name; a backend that
-    cannot run is an answer: :attr:`BackendChoice.chosen` is then ``None``
+    Raises only for a ``backend`` that is not a backend's name, a ``form``
+    that is no form, or ``a`` / ``b`` that are not tensors. A call that cannot
+    run is an answer: inputs the loss itself refuses (its checks, the same
+    code: not 2-D, not floating, ``a`` and ``b`` of different dtypes, devices
+    or ``D``) give :attr:`BackendChoice.refusal`, the error the loss raises;
+    a backend that cannot run gives :attr:`BackendChoice.chosen` ``None``
     (or, for ``auto``, its last resort) and the reasons say why.
     """
     check_backend_name(backend)
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {tuple(FORMS)}, got {form!r}")
+    for name, x in (("a", a), ("b", b)):
+        if x is not None and not isinstance(x, _torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    try:
+        if b is None:
+            check_features(a, "a")
+        else:
+            check_pair(a, b)
+    except (TypeError, ValueError) as error:
+        extent = max((*a.shape, *(() if b is None else b.shape)), default=0)
+        refusal = f"{type(error).__name__}: {error}"
+        return BackendChoice(backend, a.device, a.dtype, form, extent, None, {}, refusal)
     extent = max((*a.shape, *(() if b is None else b.shape)), default=0)
     return _choose(backend, a.device, a.dtype, form, extent)
 
