@@ -167,6 +167,11 @@ class DistillFunction(torch.autograd.Function):
             # teacher's features alone rounds differently, and a confident teacher's
             # softmax − softmax then loses digits)
             wide_a, wide_b = _teacher_features(a.detach(), b.detach(), teacher_a.detach(), teacher_b.detach())
+            if wide_a.dtype in (torch.float16, torch.bfloat16):
+                # the sweep's products (P + Q)·b and (P + Q)ᵀ·a stay in float32: kernels that round
+                # G = P + Q to the 16-bit input before them leave an error the cross term
+                # s·Σ a·(P + Q)b cannot cancel against the LSEs (bf16 distillation 2x off)
+                wide_a, wide_b = wide_a.float(), wide_b.float()
             teacher = Scores(wide_a, wide_b, teacher_scale.detach(), False)
             targets = torch.arange(a.shape[0], device=a.device)
             teacher_rows, teacher_cols, _ = primitives.lse_stats(teacher, targets, b.shape[0])
