@@ -67,7 +67,12 @@ def test_cross_batch_memory_with_every_row_enqueued_is_pmls_zero_loss():
 
 
 def test_cross_batch_memory_refuses_what_it_cannot_do():
-    with pytest.raises(TypeError, match="NTXentLoss or SupConLoss"):
+    # both sides qualified by module: PML's own SupConLoss is not "SupConLoss" to the reader
+    with pytest.raises(
+        TypeError,
+        match=r"pytorch_metric_learning\.NTXentLoss or tilecl\.integrations\.pytorch_metric_learning\.SupConLoss, "
+        r"got pytorch_metric_learning\.losses\.supcon_loss\.SupConLoss",
+    ):
         ours.CrossBatchMemory(pml.SupConLoss(), D)
     with pytest.raises(NotImplementedError, match="miner"):
         ours.CrossBatchMemory(ours.SupConLoss(), D, miner=object())

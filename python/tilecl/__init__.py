@@ -49,8 +49,10 @@ from .modules import (
 )
 from .sigmoid import sigmoid_loss
 from .supervised import SupConOutput, supcon_loss
+from .validation import Scale
 
 __all__ = [
+    "Scale",
     "ClipLoss",
     "DistillClipLoss",
     "GammaContrastiveLoss",

@@ -16,6 +16,7 @@ from . import validation as v
 from .distributed import resolve_group
 from .driver import Signature, begin
 from .function import apply_loss, col_count
+from .validation import Scale
 
 __all__ = [
     "check_call",
@@ -28,7 +29,7 @@ __all__ = [
 def check_call(
     a: torch.Tensor,
     b: torch.Tensor,
-    logit_scale: v.Scale,
+    logit_scale: Scale,
     labels: Optional[torch.Tensor],
     positives: Optional[torch.Tensor],
     symmetric: bool,
@@ -88,7 +89,7 @@ def check_call(
 def contrastive_loss(
     a: torch.Tensor,
     b: torch.Tensor,
-    logit_scale: v.Scale = 1.0,
+    logit_scale: Scale = 1.0,
     *,
     labels: Optional[torch.Tensor] = None,
     negatives: Optional[torch.Tensor] = None,
@@ -122,7 +123,8 @@ def contrastive_loss(
         labels: ``(N,)`` integer tensor, row ``i``'s positive column
             (default ``i``).
         negatives: optional ``(K, D)`` extra (hard-negative) candidates,
-            appended after ``b``'s rows: ``b`` becomes ``(M + K, D)``.
+            appended after ``b``'s rows: ``b`` becomes ``(M + K, D)``. ``K = 0``
+            (a memory queue at its first step) is the loss without them.
         symmetric: add the column direction and halve (CLIP). Needs ``M >= N``.
         reduction: ``"mean"`` (over the N pairs), ``"sum"`` or ``"none"`` (``(N,)``).
         backend: ``"auto"``, ``"torch"``, ``"reference"`` (see :func:`tilecl.available_backends`).
@@ -168,7 +170,8 @@ def contrastive_loss(
 
     def check() -> tuple[torch.Tensor, Signature]:
         if negatives is not None:
-            v.check_pair(b, negatives, (argument_names[1], "negatives"))
+            # no extra negatives (an empty memory queue at its first step) is a batch without them
+            v.check_pair(b, negatives, (argument_names[1], "negatives"), b_may_be_empty=True)
         columns = b if negatives is None else torch.cat([b, negatives])
         return check_call(
             a, columns, logit_scale, labels, positives, symmetric, reduction, argument_names,
@@ -178,7 +181,7 @@ def contrastive_loss(
     run = begin(
         check, like=a, backend=backend, reduction=reduction, process_group=process_group, dist_impl=dist_impl
     )
-    if negatives is not None:
+    if negatives is not None and negatives.shape[0]:
         b = torch.cat([b, negatives])
     groups = None if row_groups is None or col_groups is None else (row_groups, col_groups)
     spec = run.spec(symmetric=bool(symmetric), exclude_diagonal=False)
@@ -194,7 +197,7 @@ def gamma_contrastive_loss(
     b: torch.Tensor,
     log_u_rows: torch.Tensor,
     log_u_cols: Optional[torch.Tensor] = None,
-    logit_scale: v.Scale = 1.0,
+    logit_scale: Scale = 1.0,
     *,
     labels: Optional[torch.Tensor] = None,
     symmetric: bool = True,

@@ -47,6 +47,7 @@ from .backends import LseStats, OffsetTerms, Scores
 from .distributed import resolve_group
 from .driver import Signature, begin
 from .function import LossSpec, apply_loss, batch_stats, first_derivative
+from .validation import Scale
 
 __all__ = ["distill_clip_loss"]
 
@@ -240,10 +241,10 @@ class DistillFunction(torch.autograd.Function):
 def distill_clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
-    logit_scale: v.Scale,
+    logit_scale: Scale,
     dist_image_features: torch.Tensor,
     dist_text_features: torch.Tensor,
-    dist_logit_scale: v.Scale,
+    dist_logit_scale: Scale,
     *,
     backend: str = "auto",
     process_group: Optional[Any] = None,

@@ -38,6 +38,7 @@ from .contrastive import check_call
 from .distributed import DIST_IMPLS, resolve_group
 from .driver import Signature, begin
 from .function import apply_loss, batch_stats, log_count, targets_of
+from .validation import Scale
 
 __all__ = ["GammaContrastiveLoss", "em_update", "gamma_log_weights"]
 
@@ -262,7 +263,7 @@ class GammaContrastiveLoss(nn.Module):
         a: torch.Tensor,
         b: torch.Tensor,
         index: torch.Tensor,
-        logit_scale: v.Scale = 1.0,
+        logit_scale: Scale = 1.0,
         *,
         labels: Optional[torch.Tensor] = None,
         positives: Optional[torch.Tensor] = None,

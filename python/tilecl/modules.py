@@ -17,6 +17,7 @@ from .distributed import DIST_IMPLS, resolve_group
 from .modality import brownian_bridge_loss, feature_separation_loss, geometric_consistency_loss
 from .sigmoid import OPEN_CLIP_DIST_IMPLS, sigmoid_loss
 from .supervised import supcon_loss
+from .validation import Scale
 
 MeshDim = Union[int, str, None]
 
@@ -145,7 +146,7 @@ class ClipLoss(nn.Module):
         self,
         image_features: torch.Tensor,
         text_features: torch.Tensor,
-        logit_scale: v.Scale,
+        logit_scale: Scale,
         logit_bias: Optional[torch.Tensor] = None,
         output_dict: bool = False,
         *,
@@ -198,10 +199,10 @@ class DistillClipLoss(ClipLoss):
         self,
         image_features: torch.Tensor,
         text_features: torch.Tensor,
-        logit_scale: v.Scale,
+        logit_scale: Scale,
         dist_image_features: torch.Tensor,
         dist_text_features: torch.Tensor,
-        dist_logit_scale: v.Scale,
+        dist_logit_scale: Scale,
         output_dict: bool = False,
     ) -> Union[tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
         v.check_flag(output_dict, "output_dict")
@@ -364,8 +365,8 @@ class SigLipLoss(nn.Module):
         self,
         image_features: torch.Tensor,
         text_features: torch.Tensor,
-        logit_scale: v.Scale,
-        logit_bias: Optional[v.Scale] = None,
+        logit_scale: Scale,
+        logit_bias: Optional[Scale] = None,
         output_dict: bool = False,
     ) -> Union[torch.Tensor, dict[str, torch.Tensor]]:
         """Sigmoid loss of ``(N, D)`` image and text features, the diagonal pairs positive."""
@@ -541,7 +542,7 @@ class ModalityStructureLoss(nn.Module):
         self,
         z_v: torch.Tensor,
         z_t: torch.Tensor,
-        logit_scale: v.Scale,
+        logit_scale: Scale,
         *,
         z_v_aug: Optional[torch.Tensor] = None,
         z_t_aug: Optional[torch.Tensor] = None,

@@ -36,6 +36,7 @@ from .backends.base import WholeTile, accumulation_dtype, softplus_threshold
 from .distributed import resolve_group
 from .driver import Signature, begin
 from .function import distinct, first_derivative, refuse_second_derivative, whole_tile_of
+from .validation import Scale
 
 __all__ = ["OPEN_CLIP_DIST_IMPLS", "sigmoid_loss"]
 
@@ -179,8 +180,8 @@ class OneTileSigmoidFunction(torch.autograd.Function):
 def sigmoid_loss(
     a: torch.Tensor,
     b: torch.Tensor,
-    logit_scale: v.Scale,
-    logit_bias: Optional[v.Scale] = None,
+    logit_scale: Scale,
+    logit_bias: Optional[Scale] = None,
     *,
     labels: Optional[torch.Tensor] = None,
     row_groups: Optional[torch.Tensor] = None,

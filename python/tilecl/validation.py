@@ -43,6 +43,8 @@ from ._compat import is_fake
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
+#: a scale, temperature or bias argument: a Python number or a 0-d (one-element) floating tensor,
+#: which may require grad (public as ``tilecl.Scale``)
 Scale = Union[float, torch.Tensor]
 
 
@@ -81,14 +83,15 @@ def check_tensor(x: object, name: str) -> torch.Tensor:
     return x
 
 
-def check_features(x: object, name: str) -> torch.Tensor:
-    """A 2-D, non-empty floating tensor of shape ``(rows, D)``."""
+def check_features(x: object, name: str, may_be_empty: bool = False) -> torch.Tensor:
+    """A 2-D floating tensor of shape ``(rows, D)``, non-empty unless ``may_be_empty`` (or on a rank
+    of a distributed call)."""
     if not isinstance(x, torch.Tensor):
         check_tensor(x, name)  # raises
     assert isinstance(x, torch.Tensor)
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (batch x dim), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0 and not _EMPTY_ALLOWED.get():
+    if x.shape[0] == 0 and not may_be_empty and not _EMPTY_ALLOWED.get():
         raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}); need at least 1 row")
     if x.shape[1] == 0:
         raise ValueError(f"{name} has feature dimension 0 (shape {tuple(x.shape)})")
@@ -97,11 +100,14 @@ def check_features(x: object, name: str) -> torch.Tensor:
     return x
 
 
-def check_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str] = ("a", "b")) -> None:
-    """Two feature matrices that can be multiplied: same D, dtype and device."""
+def check_pair(
+    a: torch.Tensor, b: torch.Tensor, names: tuple[str, str] = ("a", "b"), b_may_be_empty: bool = False
+) -> None:
+    """Two feature matrices that can be multiplied: same D, dtype and device (``b_may_be_empty``:
+    ``b`` may have no rows, e.g. extra negatives from a memory queue at its first step)."""
     na, nb = names
     check_features(a, na)
-    check_features(b, nb)
+    check_features(b, nb, b_may_be_empty)
     if a.shape[1] != b.shape[1]:
         raise ValueError(
             f"{na} and {nb} must have the same feature dimension D, "
@@ -167,7 +173,28 @@ def check_scale(value: Scale, name: str, like: torch.Tensor) -> torch.Tensor:
             f"{name} must be > 0, got {number}: it is the exponentiated inverse temperature "
             f"(open_clip passes model.logit_scale.exp()); did you pass the log-scale?"
         )
+    if name.endswith("logit_scale") and _looks_like_the_log_scale(value, number):
+        warnings.warn(
+            f"{name} is {'a leaf parameter' if getattr(value, 'is_leaf', False) else 'a learned tensor'} "
+            f"of value {number:.4g}: it is the exponentiated scale (open_clip passes "
+            f"model.logit_scale.exp(), e.g. exp(2.66) = 14.3, not model.logit_scale itself); the loss "
+            "runs at the scale given",
+            UserWarning,
+            stacklevel=_stacklevel_of_the_caller(),
+        )
     return tensor
+
+
+#: below it a learned logit scale is more likely a log-scale (open_clip's starts at log(1/0.07) = 2.66,
+#: SigLIP's at log 10 = 2.30) than an exponentiated one (14.3, 10)
+_LOG_SCALE_BELOW = 5.0
+
+
+def _looks_like_the_log_scale(value: object, number: float) -> bool:
+    """A learned scale below :data:`_LOG_SCALE_BELOW`: open_clip's log-scale parameter (clamped at
+    log 100 = 4.6) passed as it is. A learned scale of 10 or more (exponentiated, or a parameter
+    that is the scale itself) is taken as meant."""
+    return isinstance(value, torch.Tensor) and value.requires_grad and number < _LOG_SCALE_BELOW
 
 
 def check_bias(value: Optional[Scale], name: str, like: torch.Tensor) -> torch.Tensor:
@@ -381,9 +408,10 @@ def check_weights(
 
 
 def _stacklevel_of_the_caller() -> int:
-    """The ``stacklevel`` that points a warning at the first frame outside tilecl (the user's call)."""
+    """The ``stacklevel`` that points a warning at the first frame outside tilecl and torch (the user's
+    call, also through a module's ``__call__``)."""
     frame: Optional[FrameType] = sys._getframe(1)
     level = 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("tilecl."):
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(("tilecl.", "torch.")):
         frame, level = frame.f_back, level + 1
     return level

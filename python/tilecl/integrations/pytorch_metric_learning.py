@@ -254,9 +254,10 @@ class CrossBatchMemory(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(loss, (NTXentLoss, SupConLoss)):
+            ours, kind = __name__, type(loss)
             raise TypeError(
-                "CrossBatchMemory(loss=...) takes tilecl.integrations.pytorch_metric_learning's NTXentLoss "
-                f"or SupConLoss, got {type(loss).__name__}"
+                f"CrossBatchMemory(loss=...) takes {ours}.NTXentLoss or {ours}.SupConLoss, "
+                f"got {kind.__module__}.{kind.__qualname__}"
             )
         if miner is not None:
             raise NotImplementedError("CrossBatchMemory(miner=...): miners are not supported")
