@@ -6,14 +6,16 @@ a namespace portion of the top-level name ``kernels``, and the index's ``kernels
 transformers imports) wins over it. In a wheel it is ``tilecl/kernels/``; an editable install adds a
 finder for it (:class:`EditableWheel`).
 
-The optional CUDA C++ extension ``tilecl._cuda`` (from ``csrc/``) is built here
-too, by nvcc through ninja (``TILECL_CUDA_ARCHS``, default ``80;90``; ``MAX_JOBS``
-caps the parallel compiles); the switches follow flash-attention's conventions:
+The wheel is pure Python (``py3-none-any``: an index takes it, one wheel for every platform and
+CUDA version): it carries ``csrc/`` as ``tilecl/csrc``, and the CUDA C++ extension ``tilecl._cuda``
+is compiled where ``backend="cuda"`` is first used, for that GPU's architecture only, and cached
+(``tilecl._cuda_build.build_extension_jit``), as ``torch.utils.cpp_extension.load`` does. For
+clusters without a compiler on the nodes it is built ahead of time (nvcc through ninja;
+``TILECL_CUDA_ARCHS``, default ``80;90``; ``MAX_JOBS`` caps the parallel compiles):
 
-* ``TILECL_SKIP_CUDA_BUILD=1`` never builds it (pure-Python install);
-* ``TILECL_FORCE_CUDA_BUILD=1`` fails loudly if it cannot be built.
-
-Without either switch the extension is built only when ``nvcc`` is found.
+* ``TILECL_FORCE_CUDA_BUILD=1`` builds it into the wheel (a platform wheel), and fails loudly if
+  it cannot be built;
+* ``TILECL_SKIP_CUDA_BUILD=1`` (the default now) never builds it here.
 """
 
 import importlib.util
@@ -62,11 +64,7 @@ class BuildPyThatSaysWhatItSkips(build_py):
 
     def run(self):
         for why in SKIPPED[:1]:
-            print(
-                f"tilecl: building without the CUDA C++ extension tilecl._cuda ({why}); backend='cuda' "
-                "will be unavailable (the torch and triton backends are not affected)",
-                file=sys.stderr,
-            )
+            print(f"tilecl: building without the CUDA C++ extension tilecl._cuda ({why})", file=sys.stderr)
         super().run()
 
 
@@ -123,9 +121,10 @@ class EditableWheel(editable_wheel):
 
 
 def cuda_extensions() -> list:
-    """The CUDA C++ extension: built when nvcc is found (or TILECL_FORCE_CUDA_BUILD=1), never when skipped."""
-    if SKIP_CUDA_BUILD:
-        _skipped("TILECL_SKIP_CUDA_BUILD=1")
+    """The CUDA C++ extension, ahead of time: only with TILECL_FORCE_CUDA_BUILD=1 (else the wheel is
+    pure Python and the extension compiles where it is first used)."""
+    if SKIP_CUDA_BUILD or not FORCE_CUDA_BUILD:
+        _skipped("it compiles where backend='cuda' is first used; TILECL_FORCE_CUDA_BUILD=1 builds it now")
         return []
     sources = (
         sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cu"))
@@ -149,17 +148,19 @@ def cuda_extensions() -> list:
 
 def packages() -> list:
     """Every package under python/ (found, not listed: a new subpackage cannot be left out of a
-    wheel), plus kernels/ installed as tilecl.kernels (a namespace package: no __init__.py)."""
+    wheel), plus kernels/ installed as tilecl.kernels (a namespace package: no __init__.py) and
+    csrc/ as tilecl/csrc (the sources the extension compiles from where it is first used)."""
     found = find_packages(str(HERE / "python"), include=["tilecl", "tilecl.*"])
-    if "tilecl.kernels" in found:
-        raise RuntimeError("python/tilecl/kernels would shadow kernels/, which installs as tilecl.kernels")
-    return [*found, "tilecl.kernels"]
+    for name in ("tilecl.kernels", "tilecl.csrc"):
+        if name in found:
+            raise RuntimeError(f"python/{name.replace('.', '/')} would shadow the folder installed as {name}")
+    return [*found, "tilecl.kernels", "tilecl.csrc"]
 
 
 setup(
-    package_dir={"": "python", "tilecl.kernels": "kernels"},
+    package_dir={"": "python", "tilecl.kernels": "kernels", "tilecl.csrc": "csrc"},
     packages=packages(),
-    package_data={"tilecl": ["py.typed"]},
+    package_data={"tilecl": ["py.typed"], "tilecl.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp", "README.md"]},
     ext_modules=cuda_extensions(),
     cmdclass={
         "build_ext": NinjaBuildExt,

@@ -70,8 +70,8 @@ def test_cross_batch_memory_refuses_what_it_cannot_do():
     # both sides qualified by module: PML's own SupConLoss is not "SupConLoss" to the reader
     with pytest.raises(
         TypeError,
-        match=r"pytorch_metric_learning\.NTXentLoss or tilecl\.integrations\.pytorch_metric_learning\.SupConLoss, "
-        r"got pytorch_metric_learning\.losses\.supcon_loss\.SupConLoss",
+        match=r"pytorch_metric_learning\.NTXentLoss or tilecl\.integrations\.pytorch_metric_learning\."
+        r"SupConLoss, got pytorch_metric_learning\.losses\.supcon_loss\.SupConLoss",
     ):
         ours.CrossBatchMemory(pml.SupConLoss(), D)
     with pytest.raises(NotImplementedError, match="miner"):

@@ -311,3 +311,69 @@ def test_python_m_tilecl_runs_outside_the_checkout(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: python -m tilecl ")
+
+
+#: in a fresh environment on the installed wheel: the cuda-emu backend compiles the packaged sources
+#: (tilecl/csrc) on first use, as backend="cuda" compiles them with nvcc for the local GPU
+_FIRST_USE = r"""
+import json, torch, tilecl
+from tilecl import _cuda_build
+a, b = torch.randn(6, 4, dtype=torch.float32), torch.randn(6, 4, dtype=torch.float32)
+value = tilecl.contrastive_loss(a, b, 2.0, backend="cuda-emu")
+print(json.dumps({"csrc": str(_cuda_build.CSRC), "loss": float(value),
+                  "want": float(tilecl.contrastive_loss(a, b, 2.0, backend="torch"))}))
+"""
+
+
+@pytest.mark.slow
+def test_the_wheel_is_pure_python_and_compiles_the_kernels_where_first_used(source_tree, tmp_path):
+    """An index accepts the wheel (``py3-none-any``, even built where nvcc is), and it carries the
+    kernels' sources, which compile where they are first used."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TILECL_")}  # the default build
+    _run([*PIP, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(source_tree)], env=env)
+    (wheel,) = tmp_path.glob("tilecl-*.whl")
+    assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
+    with zipfile.ZipFile(wheel) as archive:
+        packaged = {Path(n).name for n in archive.namelist() if n.startswith("tilecl/csrc/")}
+    assert {
+        p.name for p in (ROOT / "csrc").iterdir() if p.suffix in {".cu", ".cuh", ".h", ".cpp"}
+    } <= packaged
+    site = tmp_path / "site"
+    _run([*PIP, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)])
+    run_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    # the checkout's build cache: the packaged sources hash as the checkout's, so a complete copy finds
+    # the library the suite built (a missing file would change the hash and fail to compile)
+    run_env.update(PYTHONPATH=os.pathsep.join([str(site), sysconfig.get_paths()["purelib"]]),
+                   TILECL_BUILD_DIR=str(_cuda_build.BUILD_ROOT))  # fmt: skip
+    (tmp_path / "run").mkdir()
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", _FIRST_USE], cwd=tmp_path / "run", env=run_env, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(result["csrc"]).is_relative_to(site)
+    assert abs(result["loss"] - result["want"]) <= 1e-5 * abs(result["want"])
+
+
+def test_the_first_use_build_says_so_and_is_cached(tmp_path, monkeypatch, capsys):
+    """``backend="cuda"`` compiles tilecl._cuda on first use for the GPU's architecture alone: one line
+    says so and where it is cached, one how long it took; the next use loads the cached library."""
+    builds = []
+
+    def compile_stub(output: Path, temp_dir: Path, archs=None, strict=False) -> None:
+        builds.append(archs)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_bytes(b"library")
+
+    monkeypatch.setattr(_cuda_build, "BUILD_ROOT", tmp_path)
+    monkeypatch.setattr(_cuda_build, "build_extension", compile_stub)
+    monkeypatch.setattr(_cuda_build, "find_nvcc", lambda: "/usr/bin/true")
+    first = _cuda_build.build_extension_jit(90)
+    err = capsys.readouterr().err
+    assert "compiling the CUDA C++ kernels for sm_90" in err and str(first.parent) in err
+    assert "compiled tilecl._cuda for sm_90 in" in err
+    assert builds == [[90]] and first.read_bytes() == b"library" and first.is_relative_to(tmp_path)
+    assert _cuda_build.build_extension_jit(90) == first and builds == [[90]]  # cached: no second build
+    assert capsys.readouterr().err == ""
+    assert _cuda_build.build_extension_jit(80) != first and builds == [[90], [80]]  # per architecture

@@ -111,3 +111,20 @@ def test_every_readme_python_block_runs(index, tmp_path, monkeypatch):
 
 def test_the_readme_has_its_python_blocks():
     assert len(BLOCKS) >= 6
+
+
+def test_the_readme_links_resolve_on_an_index_page():
+    """An index shows the README without the repository around it: every link and image is absolute,
+    made from the one repository address (pyproject's ``Repository``), and names a file that exists."""
+    import tomllib
+
+    project = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]
+    repository = project["urls"]["Repository"]
+    raw = repository.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    blob = f"{repository}/blob/main/"
+    for text, target in re.findall(r"\[([^\]]*)\]\(([^)\s]+)\)", README.read_text()):
+        assert target.startswith(("https://", "#")), f"[{text}]({target}) is relative"
+        for base in (blob, raw):
+            if target.startswith(base):
+                path = target[len(base) :].split("#")[0]
+                assert (README.parent / path).exists(), f"[{text}]({target}): no {path} in the repository"

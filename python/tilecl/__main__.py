@@ -41,7 +41,7 @@ def report() -> str:
             label = name if k == 0 else ""
             lines.append(f"  {label:<{width}}  {device.type} {str(dtype).removeprefix('torch.')}: {verdict}")
     for device, dtype in cases:
-        choice = explain_backend(torch.empty(0, device=device, dtype=dtype))
+        choice = explain_backend(torch.empty(1, 1, device=device, dtype=dtype))
         lines.append(
             f"backend='auto' takes {choice.chosen!r} for {device.type} {str(dtype).removeprefix('torch.')}"
         )

@@ -1,5 +1,9 @@
-"""Builds of the ``csrc/`` kernels: for ``setup.py``, the ``cuda-emu`` backend and the kernel report.
+"""Builds of the ``csrc/`` kernels: for ``setup.py``, ``backend="cuda"`` on first use, the ``cuda-emu``
+backend and the kernel report.
 
+* :func:`build_extension_jit` — ``tilecl._cuda`` for the local GPU's architecture, compiled where
+  ``backend="cuda"`` is first used (the wheel is pure Python and carries ``csrc/`` as
+  ``tilecl/csrc``), cached under ``build/`` in a checkout or ``~/.cache/tilecl`` otherwise.
 * :func:`build_extension` — the real ``tilecl._cuda``: each ``instantiate_*.cu`` compiled by nvcc
   for every architecture in ``TILECL_CUDA_ARCHS`` (default ``80;90``), ``bindings.cpp`` by the host
   compiler, linked by nvcc (static cudart), all through one ``build.ninja`` so the translation
@@ -34,9 +38,19 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 ROOT = Path(__file__).resolve().parents[2]
-CSRC = ROOT / "csrc"
-#: where the cached builds live (the repository's ``build/``, git-ignored)
-BUILD_ROOT = Path(os.environ.get("TILECL_BUILD_DIR", str(ROOT / "build")))
+#: the kernels' sources: ``tilecl/csrc`` in a wheel, the checkout's ``csrc/`` otherwise
+_PACKAGED = Path(__file__).resolve().parent / "csrc"
+CSRC = _PACKAGED if (_PACKAGED / "cuda_emu.h").is_file() else ROOT / "csrc"
+_IN_A_CHECKOUT = (ROOT / "csrc" / "cuda_emu.h").is_file()
+
+
+def _user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tilecl"
+
+
+#: where the cached builds live: ``TILECL_BUILD_DIR``, else the checkout's ``build/`` (git-ignored),
+#: else (an installed wheel) the user's cache, ``~/.cache/tilecl``
+BUILD_ROOT = Path(os.environ.get("TILECL_BUILD_DIR") or (ROOT / "build" if _IN_A_CHECKOUT else _user_cache()))
 EMU_MODULE = "tilecl_cuda_emu"
 INSTANTIATIONS = {
     "float32": "instantiate_float.cu",
@@ -232,22 +246,16 @@ _EMULATION: dict[bool, object] = {}
 def load_emulation(tensor_cores: bool = True):
     """The ``tilecl_cuda_emu`` module (built on first use); ``tensor_cores=False``: its FMA-path variant."""
     if tensor_cores not in _EMULATION:
-        library = build_emulation(tensor_cores)
-        spec = importlib.util.spec_from_file_location(_emu_module_name(tensor_cores), library)
-        if spec is None or spec.loader is None:
-            raise RuntimeError(f"cannot load the emulation module from {library}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _EMULATION[tensor_cores] = module
+        _EMULATION[tensor_cores] = load_library(build_emulation(tensor_cores), _emu_module_name(tensor_cores))
     return _EMULATION[tensor_cores]
 
 
 def emulation_buildable() -> Optional[str]:
     """None when the emulation module can be built here, else what is missing."""
     if not (CSRC / "cuda_emu.h").is_file():
-        return "the csrc/ sources are not here (use an editable install of the source tree)"
+        return "the csrc/ sources are not here (reinstall tilecl: its wheel carries them as tilecl/csrc)"
     if importlib.util.find_spec("pybind11") is None:
-        return "pybind11 is not installed (pip install -e '.[dev]')"
+        return "pybind11 is not installed (pip install pybind11)"
     if find_ninja() is None:
         return "ninja is not installed (pip install ninja)"
     if shutil.which(host_compiler()) is None:
@@ -291,6 +299,52 @@ def build_extension(
     edges.append((str(output.resolve()), "link", objects))
     _write_ninja(temp_dir / "build.ninja", rules, edges)
     _run_ninja(temp_dir, "tilecl._cuda")
+
+
+def build_extension_jit(arch: int) -> Path:
+    """``tilecl._cuda`` for one architecture (the local GPU's), compiled on first use and cached under
+    :data:`BUILD_ROOT` ``/cuda-jit/<hash>/`` by the sources, the tools and the architecture; says so
+    on stderr, with the time it took (about a minute: three dtypes' kernels)."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("compiling tilecl._cuda needs nvcc (set CUDA_HOME or put nvcc on PATH)")
+    cxx = host_compiler()
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    key = source_hash(
+        _tool_version(nvcc), _tool_version(cxx), " ".join(NVCC_FLAGS + HOST_FLAGS), str(arch), suffix, "jit"
+    )
+    directory = BUILD_ROOT / "cuda-jit" / key
+    library = directory / f"_cuda{suffix}"
+    if library.is_file():
+        return library
+    with _locked(BUILD_ROOT / "cuda-jit" / f"{key}.lock"):
+        if not library.is_file():  # another process may have built it while this one waited
+            print(
+                f"tilecl: compiling the CUDA C++ kernels for sm_{arch} (the first use of backend='cuda' "
+                f"here; about a minute, once: cached in {directory})",
+                file=sys.stderr,
+                flush=True,
+            )
+            started = time.perf_counter()
+            temporary = directory / "tmp" / library.name
+            build_extension(temporary, directory / "obj", [arch])
+            os.replace(temporary, library)  # atomic: a reader never sees half a library
+            seconds = time.perf_counter() - started
+            (directory / "build-seconds.txt").write_text(f"{seconds:.1f}\n")
+            print(
+                f"tilecl: compiled tilecl._cuda for sm_{arch} in {seconds:.0f} s", file=sys.stderr, flush=True
+            )
+    return library
+
+
+def load_library(library: Path, name: str):
+    """The extension module in ``library`` (its init function is ``PyInit_<last part of name>``)."""
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {name} from {library}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_extension_cached(archs: Optional[list[int]] = None) -> Path:

@@ -181,8 +181,8 @@ def contrastive_loss(
     run = begin(
         check, like=a, backend=backend, reduction=reduction, process_group=process_group, dist_impl=dist_impl
     )
-    if negatives is not None and negatives.shape[0]:
-        b = torch.cat([b, negatives])
+    if negatives is not None:
+        b = torch.cat([b, negatives])  # also an empty batch of them: they stay in the graph
     groups = None if row_groups is None or col_groups is None else (row_groups, col_groups)
     spec = run.spec(symmetric=bool(symmetric), exclude_diagonal=False)
     weights = None if weights is None else run.pair_weights(weights, a)

@@ -173,7 +173,15 @@ def check_scale(value: Scale, name: str, like: torch.Tensor) -> torch.Tensor:
             f"{name} must be > 0, got {number}: it is the exponentiated inverse temperature "
             f"(open_clip passes model.logit_scale.exp()); did you pass the log-scale?"
         )
-    if name.endswith("logit_scale") and _looks_like_the_log_scale(value, number):
+    # a learned scale below 5: open_clip's log-scale parameter (clamped at log 100 = 4.6) passed as
+    # it is; a learned scale of 10 or more (exponentiated, or a parameter that is the scale itself)
+    # is taken as meant (cheapest test first: this runs on every call)
+    if (
+        number < _LOG_SCALE_BELOW
+        and isinstance(value, torch.Tensor)
+        and value.requires_grad
+        and name.endswith("logit_scale")
+    ):
         warnings.warn(
             f"{name} is {'a leaf parameter' if getattr(value, 'is_leaf', False) else 'a learned tensor'} "
             f"of value {number:.4g}: it is the exponentiated scale (open_clip passes "
@@ -188,13 +196,6 @@ def check_scale(value: Scale, name: str, like: torch.Tensor) -> torch.Tensor:
 #: below it a learned logit scale is more likely a log-scale (open_clip's starts at log(1/0.07) = 2.66,
 #: SigLIP's at log 10 = 2.30) than an exponentiated one (14.3, 10)
 _LOG_SCALE_BELOW = 5.0
-
-
-def _looks_like_the_log_scale(value: object, number: float) -> bool:
-    """A learned scale below :data:`_LOG_SCALE_BELOW`: open_clip's log-scale parameter (clamped at
-    log 100 = 4.6) passed as it is. A learned scale of 10 or more (exponentiated, or a parameter
-    that is the scale itself) is taken as meant."""
-    return isinstance(value, torch.Tensor) and value.requires_grad and number < _LOG_SCALE_BELOW
 
 
 def check_bias(value: Optional[Scale], name: str, like: torch.Tensor) -> torch.Tensor:

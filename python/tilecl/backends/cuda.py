@@ -1,7 +1,8 @@
 """The ``cuda`` and ``cuda-emu`` backends: the CUDA C++ kernels of ``csrc/`` behind the primitives.
 
-* ``cuda`` — the nvcc-built extension ``tilecl._cuda`` on CUDA tensors (``make cuda``, or
-  ``pip install -e .`` with nvcc on PATH). Launches go on the current stream.
+* ``cuda`` — the nvcc-built extension ``tilecl._cuda`` on CUDA tensors: compiled for the local GPU
+  on first use (:func:`load_extension`, cached), or ahead of time (``TILECL_FORCE_CUDA_BUILD=1``
+  at install, ``make cuda`` in a checkout). Launches go on the current stream.
 * ``cuda-emu`` — the same kernel source compiled by g++ against the CPU emulation layer
   (``csrc/cuda_emu.h``), on CPU tensors: a verification aid, slow, and how the CUDA kernels run in
   the tests. Built on first use under ``build/cuda-emu/``.
@@ -64,14 +65,20 @@ MIN_CAPABILITY = (7, 0)
 SCHEDULES = ("forward", "reverse", "shuffled")
 
 BUILD_HINT = (
-    "build it with `make cuda` (or `pip install -e .` with nvcc on PATH; "
-    "TILECL_CUDA_ARCHS selects the GPU architectures, default 80;90)"
+    "it compiles on first use where nvcc is found (set CUDA_HOME or put nvcc on PATH), or build it "
+    "ahead of time: TILECL_FORCE_CUDA_BUILD=1 pip install tilecl (TILECL_CUDA_ARCHS selects the GPU "
+    "architectures, default 80;90), or `make cuda` in a checkout"
 )
 
 
 def cuda_built() -> bool:
-    """Whether ``tilecl._cuda`` is importable (without importing it)."""
+    """Whether ``tilecl._cuda`` is importable (built ahead of time), without importing it."""
     return importlib.util.find_spec("tilecl._cuda") is not None
+
+
+def cuda_compilable() -> bool:
+    """Whether ``tilecl._cuda`` can be compiled here on first use: nvcc and the kernels' sources."""
+    return _cuda_build.find_nvcc() is not None and (_cuda_build.CSRC / "bindings.cpp").is_file()
 
 
 def emulation_buildable() -> Optional[str]:
@@ -81,14 +88,16 @@ def emulation_buildable() -> Optional[str]:
 
 @functools.cache
 def load_extension() -> Any:
-    """The compiled ``tilecl._cuda`` module; a clear error saying how to build it when missing."""
-    try:
+    """The ``tilecl._cuda`` module: built ahead of time, else compiled now for this GPU's architecture
+    (once: cached); a clear error saying how to build it when neither can be had."""
+    if cuda_built():
         from tilecl import _cuda  # type: ignore[attr-defined]
-    except ImportError as error:
-        raise RuntimeError(
-            f"backend='cuda': the CUDA extension tilecl._cuda is not built; {BUILD_HINT}"
-        ) from error
-    return _cuda
+
+        return _cuda
+    if not cuda_compilable() or not torch.cuda.is_available():
+        raise RuntimeError(f"backend='cuda': the CUDA extension tilecl._cuda is not built; {BUILD_HINT}")
+    major, minor = torch.cuda.get_device_capability()
+    return _cuda_build.load_library(_cuda_build.build_extension_jit(10 * major + minor), "tilecl._cuda")
 
 
 def _operand(x: torch.Tensor, aligned: bool) -> torch.Tensor:
@@ -419,8 +428,8 @@ def _device_guard(device: torch.device, backend: str):
 
 
 def _cuda_missing() -> Optional[str]:
-    if not cuda_built():
-        return f"the CUDA C++ extension tilecl._cuda is not built; {BUILD_HINT}"
+    if not cuda_built() and not cuda_compilable():
+        return f"the CUDA C++ extension tilecl._cuda is not built and cannot be compiled here; {BUILD_HINT}"
     return None
 
 

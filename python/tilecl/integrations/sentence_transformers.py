@@ -44,7 +44,7 @@ try:
 except ImportError as error:  # pragma: no cover - the dev extra installs it
     raise ImportError(
         "tilecl.integrations.sentence_transformers needs sentence-transformers "
-        "(pip install 'tilecl[sentence-transformers]')"
+        "(pip install sentence-transformers)"
     ) from error
 
 from .. import validation as v
