@@ -72,13 +72,19 @@ bench: venv
 cuda: venv
 	TILECL_FORCE_CUDA_BUILD=1 $(PY) setup.py build_ext --inplace
 
-# Verify and benchmark on this machine's GPU (bench/gpu_check.py). It creates and installs nothing:
-# it runs the python it finds (this checkout's .venv when there is one, else python3), which on a
-# GPU box has a CUDA build of torch, triton, pytest, pybind11, ninja and nvcc. GPU_CHECK_DRY=1: the
+# Verify and benchmark on this machine's GPU (bench/gpu_check.py). It runs the python it finds (this
+# checkout's .venv when there is one, completed with what the steps import; else python3, which on a
+# GPU box has a CUDA build of torch, triton, pytest, pybind11, ninja and nvcc). GPU_CHECK_DRY=1: the
 # same steps on the CPU with tiny sizes. Output: $(GPU_CHECK_OUT) (git-ignored).
 GPU_CHECK_OUT ?= gpu-check
 GPU_PYTHON ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
+# What its steps import beyond torch: a checkout's .venv made by `make demo` lacks them, and gets them.
+GPU_CHECK_NEEDS := pytest pytest-xdist pybind11 ninja
 gpu-check:
+	@if [ "$(GPU_PYTHON)" = "$(PY)" ] && ! $(PY) -c "import pytest, xdist, pybind11, ninja" 2>/dev/null; then \
+	  echo "make gpu-check: $(VENV) lacks some of $(GPU_CHECK_NEEDS) (a demo venv?): installing them"; \
+	  $(PIP) install --quiet $(GPU_CHECK_NEEDS); \
+	fi
 	$(GPU_PYTHON) -m bench.gpu_check --out $(GPU_CHECK_OUT) $(if $(GPU_CHECK_DRY),--dry,)
 
 format: venv

@@ -60,7 +60,18 @@ def _run(command: list[str], log: Path, budget: float, env: Optional[dict] = Non
             )  # fmt: skip
         except subprocess.TimeoutExpired:
             return "fail", f"over its {budget:.0f} s budget"
-    return ("pass", "") if done.returncode == 0 else ("fail", f"exit {done.returncode}, see {log.name}")
+    if done.returncode == 0:
+        return "pass", ""
+    return "fail", f"exit {done.returncode}: {last_error(log)} (see {log.name})"
+
+
+def last_error(log: Path) -> str:
+    """The line of ``log`` that says what went wrong: the last one naming an error, else its last line
+    (a table cell: one line, no ``|``, at most 200 characters)."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    named = [line for line in lines if "Error" in line or "error:" in line or line.startswith("FAILED")]
+    found = (named or lines or ["(no output)"])[-1]
+    return found.replace("|", "\\|")[:200]
 
 
 def step_env(out: Path, dry: bool) -> tuple[str, str]:
@@ -219,8 +230,9 @@ def write_summary(out: Path, results: list[tuple[str, str, str, float]], dry: bo
             rows = [r for r in csv.DictReader(handle) if r["kernel_operation_mode"] == "full"]
         largest = max((int(r["x_value"]) for r in rows), default=None)
         lines += ["", f"## Benchmark: full fwd+bwd at N = {largest}", "",
-                  "| provider | D, dtype, inputs | ms (median) | TFLOP/s | efficiency vs torch.mm | passes |",
-                  "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+                  "| loss | provider | D, dtype, inputs | ms (median) | TFLOP/s | efficiency vs torch.mm "
+                  "| passes |",
+                  "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
         for r in rows:
             if int(r["x_value"]) != largest or r["metric_name"] != "time":
                 continue
@@ -233,7 +245,7 @@ def write_summary(out: Path, results: list[tuple[str, str, str, float]], dry: bo
             )
             inputs = extra.get("inputs", "normalized")
             lines.append(
-                f"| {r['kernel_provider']} | {extra['D']}, {extra['dtype']}, {inputs} | "
+                f"| {r['kernel_name']} | {r['kernel_provider']} | {extra['D']}, {extra['dtype']}, {inputs} | "
                 f"{float(r['y_value_50']):.3f} | {tflops:.3g} | {extra.get('efficiency_vs_mm', '')} | "
                 f"{extra['passes'] or ''} |"
             )

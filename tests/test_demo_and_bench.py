@@ -138,6 +138,17 @@ def test_gpu_check_dry_run_reports_every_step(tmp_path):
     assert {r["kernel_operation_mode"] for r in rows} == {"forward", "backward", "full"}
     siglip = {r["kernel_provider"] for r in rows if r["kernel_name"] == "siglip_loss"}
     assert siglip >= {"naive", "tilecl-torch", "tilecl-triton", "tilecl-triton-deterministic"}
+    assert "| loss | provider |" in summary and "| siglip_loss | naive |" in summary  # each row's loss
+
+
+def test_a_failed_gpu_check_step_says_what_failed(tmp_path):
+    """The summary names the failing step's last error, not only its exit status."""
+    from bench.gpu_check import _run
+
+    status, detail = _run([sys.executable, "-c", "import not_a_module_here"], tmp_path / "step.log", 60)
+    assert status == "fail"
+    assert detail.startswith("exit 1: ModuleNotFoundError: No module named 'not_a_module_here'")
+    assert detail.endswith("(see step.log)")
 
 
 def test_small_batch_bench_measures_every_kind_of_input(tmp_path):
