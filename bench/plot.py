@@ -47,6 +47,7 @@ class Panel:
     log_y: bool = True
     hline: Optional[float] = None  # e.g. 1 on a ratio panel
     color_by_metric: bool = False  # a ratio panel: colour says which quantity, not which provider
+    where: dict[str, Any] = field(default_factory=dict)  # the panel's rows: those with these values
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class Spec:
     baseline: Optional[Baseline] = None
     category: tuple[str, ...] = ()  # set: bars, one group per value of these columns, instead of lines
     note: Optional[Callable[[list[Row]], str]] = None  # one line under the title, from all the raw rows
+    columns: int = 0  # panels per row of the figure (0: all in one row)
+    shared_legend: bool = False  # one legend under the figure, for panels that draw the same series
 
     def rows(self, data: dict) -> list[Row]:
         """The file's measured rows, filtered, melted and with their ratios to the baseline."""
@@ -135,6 +138,9 @@ COLORS = {
     "ring": "tab:green",
     "time": "tab:purple",
     "peak memory": "tab:olive",
+    "clip": "tab:blue",
+    "siglip": "tab:orange",
+    "supcon": "tab:green",
 }
 PALETTE = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink"]
 MARKERS = ["o", "s", "^", "D", "v"]
@@ -255,9 +261,17 @@ def plot_file(spec: Spec, data: dict, out: Path) -> None:
     rows = spec.rows(data)
     n_rest = [tuple(r.get(k) for k in spec.series[1:]) for r in rows]
     styler = _Styler(n_rest)
-    fig, axes = plt.subplots(1, len(spec.panels), figsize=(5.2 * len(spec.panels), 5.4), squeeze=False)
-    for ax, panel in zip(axes[0], spec.panels):
-        drawn = [r for r in rows if any(m.column in r for m in panel.metrics)]
+    columns = spec.columns or len(spec.panels)
+    grid = (-(-len(spec.panels) // columns), columns)
+    height = 5.4 if not spec.shared_legend else 4.2
+    fig, axes = plt.subplots(*grid, figsize=(5.2 * grid[1], height * grid[0]), squeeze=False)
+    for ax, panel in zip(axes.flat, spec.panels):
+        drawn = [
+            r
+            for r in rows
+            if any(m.column in r for m in panel.metrics)
+            and all(r.get(k) == v for k, v in panel.where.items())
+        ]
         (_draw_bars if spec.category else _draw_lines)(ax, spec, panel, drawn, styler)
         if panel.hline is not None:
             ax.axhline(panel.hline, color="k", lw=0.8, ls=":")
@@ -271,10 +285,20 @@ def plot_file(spec: Spec, data: dict, out: Path) -> None:
         ax.grid(
             True, which="major" if spec.category else "both", axis="y" if spec.category else "both", alpha=0.3
         )
-        if spec.category:  # the bars' rotated names fill the space below
+        if spec.shared_legend:
+            pass  # one legend for the figure, below
+        elif spec.category:  # the bars' rotated names fill the space below
             ax.legend(fontsize=7)
         else:  # below the panel, where it hides no point
             ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    if spec.shared_legend:
+        entries: dict[str, Any] = {}
+        for ax in axes.flat:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                entries.setdefault(label, handle)
+        fig.legend(
+            list(entries.values()), list(entries), loc="lower center", ncol=4, fontsize=8, frameon=False
+        )
     lines = [spec.title]
     m = data.get("machine")
     if m:
@@ -284,7 +308,7 @@ def plot_file(spec: Spec, data: dict, out: Path) -> None:
     if spec.note is not None:
         lines.append(spec.note(data.get("rows", [])))
     fig.suptitle("\n".join(lines), fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08 if spec.shared_legend else 0, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -470,19 +494,24 @@ SPECS: dict[str, Spec] = {
     "distributed_cpu.json": _distributed("CLIP"),
     "siglip_distributed_cpu.json": _distributed("SigLIP"),
     "small_batch_cpu.json": Spec(
-        title="CLIP, SigLIP, SupCon fwd+bwd against the full-matrix losses (CPU float32, torch backend)",
+        title="CLIP, SigLIP, SupCon fwd+bwd: tilecl's time / the full-matrix loss's (below 1: tilecl is "
+        "faster; CPU float32, torch backend)",
         x="n",
         xlabel="batch size N (log)",
-        series=("inputs", "d"),
-        panels=(
+        series=("loss", "scale"),
+        panels=tuple(
             Panel(
-                "tilecl / naive time (below 1: tilecl is faster)",
-                "ratio (log)",
+                f"{features} features, D = {d}",
+                "time ratio (log)",
                 (Metric("ratio"),),
                 hline=1.0,
-            ),
-            Panel("naive loss time", "seconds (log)", (Metric("naive_time_s"),)),
+                where={"features": features, "d": d},
+            )  # fmt: skip
+            for features in ("normalized", "unnormalized")
+            for d in (64, 128, 512)
         ),
+        columns=3,
+        shared_legend=True,
     ),
     "gradcache_minilm.json": Spec(
         title="one MNRL training step of all-MiniLM-L6-v2 (32 tokens, CPU, float32): the plain step "
