@@ -195,7 +195,9 @@ def run_demo(epochs: int = 150, batch_size: int = 256, memory_n: int = 16384, me
 
     print(f"\nPeak extra memory of one symmetric CLIP fwd+bwd at N={memory_n:,}, D={memory_d}, float32")
     print("  (each measured in a fresh process: peak RSS growth after the inputs are allocated)")
+    print("  measuring tilecl.ClipLoss ...", flush=True)
     tiled = peak_extra_memory_cpu("tilecl", memory_n, memory_d)
+    print("  measuring the naive full-matrix loss (about a minute: it forms N x N matrices) ...", flush=True)
     naive = peak_extra_memory_cpu("naive", memory_n, memory_d)
     matrix, grads = memory_n * memory_n * 4, 2 * memory_n * memory_d * 4
     print(

@@ -176,3 +176,13 @@ def test_constructor_mirrors_sentence_transformers_and_refuses_bad_sizes():
         tilecl_st.CachedMultipleNegativesRankingLoss(model, mini_batch_num_tokens=10)(
             [no_mask, no_mask], None
         )
+
+
+def test_the_progress_bar_covers_the_re_embedding_too(capsys):
+    """show_progress_bar: sentence-transformers' bar over the first pass, and one over the backward's
+    re-embedding, which is the longer wait."""
+    model = tiny_model()
+    loss = tilecl_st.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4, show_progress_bar=True)
+    step(loss, model, [column(1), column(2)])
+    err = capsys.readouterr().err
+    assert "GradCache: embed" in err and "GradCache: re-embed (backward)" in err

@@ -694,3 +694,16 @@ def test_embed_under_torch_compile_fullgraph_is_refused_clearly():
     # tiled ops, the eager one the one-tile path: equal to float64 rounding)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(step)(images()), step(images()), rtol=1e-12, atol=0)
+
+
+def test_progress_bars_cover_both_passes(capsys):
+    """``progress=True``: a bar over embed()'s mini-batches and one over the backward's re-embedding
+    (the longer pass, which ran silent), each to its total."""
+    towers = [MLP(), MLP()]
+    za, zb = tilecl.GradCache(towers, mini_batch_size=5, progress=True).embed(images(), images(seed=2))
+    tilecl.contrastive_loss(za, zb, 10.0).backward()
+    err = capsys.readouterr().err
+    assert "GradCache: embed" in err and "6/6" in err  # 2 towers x 3 mini-batches of 5, 5, 2 rows
+    assert "GradCache: re-embed (backward)" in err
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        tilecl.GradCache(MLP(), mini_batch_size=5, progress="yes")

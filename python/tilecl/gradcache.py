@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -293,6 +294,8 @@ class _Step:
     tower_state: list[tuple[tuple[int, ...], tuple[bool, ...]]]
     #: the embeddings embed() returned (detached), which each re-embedding must reproduce
     embeddings: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    #: a progress bar over the re-embedding
+    progress: bool = False
     done: bool = False
 
     def input_versions(self) -> list[int]:
@@ -351,6 +354,8 @@ class _Step:
                 last.update({id(owner): (i, len(batches) - 1) for owner in owners[i]})
         # per re-embedded mini-batch, its largest difference from the cached rows (read once, at the end)
         differences: list[tuple[int, int, int, torch.Tensor]] = []
+        total = sum(len(batches) for grad, batches in zip(grads, self.batches) if grad is not None)
+        bar = _bar(self.progress, total, "GradCache: re-embed (backward)")
         try:
             for i, (tower, x, device, batches, grad) in enumerate(
                 zip(self.towers, self.inputs, self.devices, self.batches, grads)
@@ -368,11 +373,24 @@ class _Step:
                         if out.requires_grad:
                             torch.autograd.backward(out, grad[start:stop])
                         del out
+                    if bar is not None:
+                        bar.update(1)
         finally:
+            if bar is not None:
+                bar.close()
             _set_rng_state(outer)
             # the inputs and RNG states are dead weight once the gradient is in .grad
             self.inputs, self.batches, self.embeddings = [], [], []
         _check_replay(differences)
+
+
+def _bar(enabled: bool, total: int, description: str) -> Any:
+    """A tqdm bar over ``total`` mini-batches, or ``None``."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="mini-batch")
 
 
 def _difference(replayed: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
@@ -465,6 +483,8 @@ class GradCache:
         offload_inputs: keep the inputs on CPU between the two passes and move
             each mini-batch to its tower's device when used (otherwise each
             input is moved whole to its tower's device once, in :meth:`embed`).
+        progress: a progress bar (tqdm) over the mini-batches of :meth:`embed`,
+            and one over the re-embedding in the backward (the longer pass).
 
     Exactness: each mini-batch's forward starts from a saved RNG state (the CPU
     generator and the accelerator devices of the towers and inputs) and under
@@ -513,6 +533,7 @@ class GradCache:
         mini_batch_size: Optional[int] = None,
         tokens_per_mini_batch: Optional[int] = None,
         offload_inputs: bool = False,
+        progress: bool = False,
     ) -> None:
         self.towers = _towers_of(towers)
         self.mini_batch_size = _check_count(mini_batch_size, "mini_batch_size")
@@ -521,6 +542,10 @@ class GradCache:
             raise TypeError("GradCache: give mini_batch_size, tokens_per_mini_batch, or both")
         v.check_flag(offload_inputs, "offload_inputs")
         self.offload_inputs = offload_inputs
+        v.check_flag(progress, "progress")
+        if progress and importlib.util.find_spec("tqdm") is None:
+            raise ImportError("GradCache(progress=True) draws its bars with tqdm (pip install tqdm)")
+        self.progress = progress
 
     def mini_batches(self, *inputs: Input) -> list[list[tuple[int, int]]]:
         """Per input, the ``(start, stop)`` row ranges :meth:`embed` runs its tower over.
@@ -577,10 +602,12 @@ class GradCache:
             autocast_cache=torch.is_autocast_cache_enabled(),
             versions=[],
             tower_state=[_tower_state(tower) for tower in self.towers],
+            progress=self.progress,
         )
         step.versions = step.input_versions()
 
         embeddings = []
+        bar = _bar(self.progress, sum(len(spans) for spans in ranges), "GradCache: embed")
         for i, (tower, x, device, spans) in enumerate(zip(self.towers, kept, devices, ranges)):
             outs, batches = [], []
             for start, stop in spans:
@@ -596,8 +623,12 @@ class GradCache:
                     )
                 outs.append(out)
                 batches.append((start, stop, rng))
+                if bar is not None:
+                    bar.update(1)
             embeddings.append(torch.cat(outs))
             step.batches.append(batches)
+        if bar is not None:
+            bar.close()
         changed = step.changed_input(step.versions)
         if changed is not None:
             raise RuntimeError(

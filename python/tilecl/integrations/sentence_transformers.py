@@ -376,15 +376,12 @@ class _Column(nn.Module):
         super().__init__()
         self.model = model
         self.features = features
-        self.progress: Any = None
 
     def forward(self, index: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         begin, end = int(index[0]), int(index[-1]) + 1
         rows = _st_minibatch(self.features, begin, end)
         rows = {k: v.clone() if isinstance(v, Tensor) else v for k, v in rows.items()}
-        out = self.model(rows)["sentence_embedding"]
-        if self.progress is not None:
-            self.progress.update(1)
+        out: Tensor = self.model(rows)["sentence_embedding"]
         return out
 
 
@@ -418,7 +415,8 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         mini_batch_num_tokens: instead, at most this many non-padding tokens
             per mini-batch (a longer sequence alone in its own), as
             sentence-transformers does.
-        show_progress_bar: a progress bar over the first embedding pass.
+        show_progress_bar: progress bars over the embedding pass and over the re-embedding in
+            the backward (the longer one), :class:`tilecl.GradCache`'s.
         symmetric, mask_false_negatives, backend, dist_impl: as
             :class:`MultipleNegativesRankingLoss`.
         offload_inputs: keep the tokenized columns on CPU between the two
@@ -502,22 +500,9 @@ class CachedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
             mini_batch_size=None if tokens is not None else self.mini_batch_size,
             tokens_per_mini_batch=tokens,
             offload_inputs=self.offload_inputs,
+            progress=self.show_progress_bar,
         )
-        progress = None
-        if self.show_progress_bar:
-            import tqdm
-
-            total = sum(len(r) for r in cache.mini_batches(*inputs))
-            progress = tqdm.tqdm(total=total, desc="Embed mini-batches")
-        for column in columns:
-            column.progress = progress
-        try:
-            embeddings = list(cache.embed(*inputs))
-        finally:
-            for column in columns:
-                column.progress = None
-            if progress is not None:
-                progress.close()
+        embeddings = list(cache.embed(*inputs))
         groups = self._text_groups(features, embeddings[0].device)
         return self.compute_loss_from_embeddings(embeddings, labels, groups=groups)
 
