@@ -707,3 +707,35 @@ def test_progress_bars_cover_both_passes(capsys):
     assert "GradCache: re-embed (backward)" in err
     with pytest.raises(TypeError, match="progress must be True or False"):
         tilecl.GradCache(MLP(), mini_batch_size=5, progress="yes")
+
+
+class ClipLike(nn.Module):
+    """open_clip's CLIP surface: encode_image / encode_text and a log-scale, no tower modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.visual, self.text = MLP(), Bag()
+        self.logit_scale = nn.Parameter(torch.tensor(2.3, dtype=torch.float64))
+
+    def encode_image(self, x):
+        return self.visual(x)
+
+    def encode_text(self, input_ids, attention_mask):
+        return self.text(input_ids, attention_mask)
+
+
+def test_bound_methods_of_a_model_are_towers():
+    """``GradCache([model.encode_image, model.encode_text])``: no wrapper modules; the towers' and the
+    scale's gradients are the plain step's."""
+    model = ClipLike()
+    x, t = images(), texts()
+    za, zb = tilecl.GradCache([model.encode_image, model.encode_text], mini_batch_size=5).embed(x, t)
+    tilecl.ClipLoss()(za, zb, model.logit_scale.exp()).backward()
+    got = grads([model])
+    model.zero_grad(set_to_none=True)
+    spans = [[(0, 5), (5, 10), (10, 12)]] * 2
+    pa, pb = plain_embed([model.encode_image, model.encode_text], [x, t], spans)
+    tilecl.ClipLoss()(pa, pb, model.logit_scale.exp()).backward()
+    assert_same_grads(got, grads([model]))
+    with pytest.raises(TypeError, match="tower 0 must be an nn.Module or a bound method of one"):
+        tilecl.GradCache([lambda x: x], mini_batch_size=5)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import inspect
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -168,23 +169,44 @@ def _check_count(value: Any, name: str) -> Optional[int]:
     return value
 
 
+class _MethodTower(nn.Module):
+    """A bound method of a module as a tower (open_clip's ``model.encode_image``): the module is its
+    submodule, so its parameters, modes and wrappers are the tower's."""
+
+    def __init__(self, owner: nn.Module, method: str) -> None:
+        super().__init__()
+        self.owner, self.method = owner, method
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.owner, self.method)(*args, **kwargs)
+
+
+def _tower(tower: Any, i: int) -> nn.Module:
+    if isinstance(tower, nn.Module):
+        return tower
+    if inspect.ismethod(tower) and isinstance(tower.__self__, nn.Module):
+        return _MethodTower(tower.__self__, tower.__name__)
+    raise TypeError(
+        f"GradCache: tower {i} must be an nn.Module or a bound method of one (model.encode_image), got "
+        f"{type(tower).__name__}"
+    )
+
+
 def _towers_of(towers: Any) -> tuple[nn.Module, ...]:
     if isinstance(towers, nn.ModuleList):
         found: tuple[Any, ...] = tuple(towers)
-    elif isinstance(towers, nn.Module):
-        return (towers,)
+    elif isinstance(towers, nn.Module) or inspect.ismethod(towers):
+        found = (towers,)
     elif isinstance(towers, Sequence) and not isinstance(towers, (str, bytes)):
         found = tuple(towers)
     else:
         raise TypeError(
-            f"GradCache: towers must be an nn.Module or a sequence of them, got {type(towers).__name__}"
+            "GradCache: towers must be an nn.Module (or a bound method of one, as model.encode_image) or "
+            f"a sequence of them, got {type(towers).__name__}"
         )
     if not found:
         raise ValueError("GradCache: towers is empty")
-    for i, tower in enumerate(found):
-        if not isinstance(tower, nn.Module):
-            raise TypeError(f"GradCache: tower {i} must be an nn.Module, got {type(tower).__name__}")
-    return found
+    return tuple(_tower(tower, i) for i, tower in enumerate(found))
 
 
 def _split(
@@ -467,7 +489,9 @@ class GradCache:
 
     Args:
         towers: one ``nn.Module`` (one input), or a sequence of them, one per
-            input of :meth:`embed`; a tower may repeat (a shared encoder:
+            input of :meth:`embed`; a bound method of a module is one too
+            (open_clip's ``[model.encode_image, model.encode_text]``: no wrapper
+            modules). A tower may repeat (a shared encoder:
             ``[encoder, encoder]``), its gradients then add up. Each is called
             as ``tower(x)`` for a tensor input and ``tower(**x)`` for a mapping,
             and returns a tensor ``(rows, ...)``.
