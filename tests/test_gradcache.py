@@ -739,3 +739,24 @@ def test_bound_methods_of_a_model_are_towers():
     assert_same_grads(got, grads([model]))
     with pytest.raises(TypeError, match="tower 0 must be an nn.Module or a bound method of one"):
         tilecl.GradCache([lambda x: x], mini_batch_size=5)
+
+
+def test_batch_norm_per_mini_batch_is_accum_freqs_computation():
+    """``batch_norm="per_mini_batch"`` (open_clip's ``accum_freq`` semantics, for ResNet towers): the
+    gradients and running statistics of embedding each mini-batch on its own, with autograd — the
+    statistics updated once per mini-batch, not again by the re-embedding."""
+    import copy
+
+    torch.manual_seed(0)
+    bn = nn.Sequential(nn.Linear(6, D), nn.BatchNorm1d(D), nn.Tanh()).double()
+    plain = copy.deepcopy(bn)
+    (z,) = tilecl.GradCache(bn, mini_batch_size=5, batch_norm="per_mini_batch").embed(images())
+    tilecl.uniformity_loss(z).backward()
+    (pz,) = plain_embed([plain], [images()], [[(0, 5), (5, 10), (10, 12)]])
+    tilecl.uniformity_loss(pz).backward()
+    assert_same_grads(grads([bn]), grads([plain]))
+    for (name, got), want in zip(bn.named_buffers(), plain.buffers()):
+        assert torch.equal(got, want), name  # running mean, var and the count: 3 updates, as plain
+    assert int(bn[1].num_batches_tracked) == 3
+    with pytest.raises(ValueError, match="batch_norm must be one of"):
+        tilecl.GradCache(bn, mini_batch_size=5, batch_norm="sync")

@@ -318,6 +318,8 @@ class _Step:
     embeddings: list[torch.Tensor] = dataclasses.field(default_factory=list)
     #: a progress bar over the re-embedding
     progress: bool = False
+    #: batch_norm="per_mini_batch": the running statistics embed() left, restored after the replay
+    running: list[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
     done: bool = False
 
     def input_versions(self) -> list[int]:
@@ -400,10 +402,30 @@ class _Step:
         finally:
             if bar is not None:
                 bar.close()
+            with torch.no_grad():
+                for buffer, value in self.running:  # the replay updated them a second time
+                    buffer.copy_(value)
             _set_rng_state(outer)
             # the inputs and RNG states are dead weight once the gradient is in .grad
             self.inputs, self.batches, self.embeddings = [], [], []
         _check_replay(differences)
+
+
+#: GradCache's ``batch_norm`` modes
+BATCH_NORM_MODES = ("refuse", "per_mini_batch")
+
+
+def _running_statistics(towers: Sequence[nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every running-statistics buffer of the towers' train-mode modules, with a copy of its value."""
+    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for tower in towers:
+        for module in tower.modules():
+            if not module.training:
+                continue
+            for name, buffer in module.named_buffers(recurse=False):
+                if name.startswith("running_") or name == "num_batches_tracked":
+                    found[id(buffer)] = (buffer, buffer.detach().clone())
+    return list(found.values())
 
 
 def _bar(enabled: bool, total: int, description: str) -> Any:
@@ -509,6 +531,13 @@ class GradCache:
             input is moved whole to its tower's device once, in :meth:`embed`).
         progress: a progress bar (tqdm) over the mini-batches of :meth:`embed`,
             and one over the re-embedding in the backward (the longer pass).
+        batch_norm: ``"refuse"`` (the default: a tower whose output or state
+            depends on the split raises, gradient caching would not be exact) or
+            ``"per_mini_batch"``: open_clip's ``accum_freq`` semantics for
+            BatchNorm (e.g. ResNet towers) — each mini-batch normalized by its own
+            statistics, the running statistics updated once per mini-batch by
+            :meth:`embed` and left as they were by the re-embedding. The gradients
+            are then those of the per-mini-batch computation, not of the full batch.
 
     Exactness: each mini-batch's forward starts from a saved RNG state (the CPU
     generator and the accelerator devices of the towers and inputs) and under
@@ -558,6 +587,7 @@ class GradCache:
         tokens_per_mini_batch: Optional[int] = None,
         offload_inputs: bool = False,
         progress: bool = False,
+        batch_norm: str = "refuse",
     ) -> None:
         self.towers = _towers_of(towers)
         self.mini_batch_size = _check_count(mini_batch_size, "mini_batch_size")
@@ -566,6 +596,7 @@ class GradCache:
             raise TypeError("GradCache: give mini_batch_size, tokens_per_mini_batch, or both")
         v.check_flag(offload_inputs, "offload_inputs")
         self.offload_inputs = offload_inputs
+        self.batch_norm = v.check_choice(batch_norm, "batch_norm", BATCH_NORM_MODES)
         v.check_flag(progress, "progress")
         if progress and importlib.util.find_spec("tqdm") is None:
             raise ImportError("GradCache(progress=True) draws its bars with tqdm (pip install tqdm)")
@@ -661,6 +692,8 @@ class GradCache:
         if not torch.is_grad_enabled():
             return tuple(embeddings)
         step.embeddings = [e.detach() for e in embeddings]
+        if self.batch_norm == "per_mini_batch":
+            step.running = _running_statistics(self.towers)
         dummy = torch.empty(0, requires_grad=True)
         # the towers' parameters are inputs of the node too, so a backward restricted to them
         # (backward(inputs=...), autograd.grad) reaches it, and it refuses that instead of being skipped
@@ -707,6 +740,8 @@ class GradCache:
             )
         if lengths[0] == 0:
             raise ValueError("GradCache: the inputs are empty (N = 0)")
+        if self.batch_norm == "per_mini_batch":
+            return  # batch statistics per mini-batch, running statistics restored after the replay
         for i, tower in enumerate(self.towers):
             for name, module in tower.named_modules():
                 why = _split_dependent(module)
