@@ -188,10 +188,12 @@ def test_bad_inputs_raise_before_any_launch():
         )
 
 
-def test_missing_extension_says_how_to_build_it():
+def test_missing_extension_says_how_to_build_it(monkeypatch):
+    """Neither built ahead of time nor compilable on first use (no nvcc): the error says how to get it."""
     if cuda_built():
         pytest.skip("tilecl._cuda is built here")
-    with pytest.raises(RuntimeError, match="make cuda"):
+    monkeypatch.setattr(_cuda_build, "find_nvcc", lambda: None)
+    with pytest.raises(RuntimeError, match="cannot be compiled here.*TILECL_FORCE_CUDA_BUILD=1.*make cuda"):
         resolve_backend("cuda", torch.device("cuda"), torch.float32)
 
 
