@@ -69,7 +69,7 @@ void lse_stats(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr_t tar
                std::uintptr_t col_lse, std::uintptr_t positive, float scale, int64_t n, int64_t m, int64_t d,
                int64_t lda, int64_t ldb, int64_t col_count, bool exclude_diagonal, std::uintptr_t row_groups,
                std::uintptr_t col_groups, std::uintptr_t kept_cols, std::uintptr_t workspace, int64_t parts,
-               std::uintptr_t stream) {
+               std::uintptr_t row_lse_low, std::uintptr_t col_lse_low, std::uintptr_t stream) {
   tilecl::LseArgs args{ptr<const void>(a), ptr<const void>(b), ptr<const int64_t>(targets), ptr<float>(row_lse),
                        ptr<float>(col_lse), ptr<float>(positive), scale, as_int(n, "n"), as_int(m, "m"),
                        as_int(d, "d"), as_int(col_count, "col_count"), lda, ldb, exclude_diagonal,
@@ -77,6 +77,8 @@ void lse_stats(int dtype, std::uintptr_t a, std::uintptr_t b, std::uintptr_t tar
   set_group_mask(args, row_groups, col_groups, kept_cols);
   args.workspace = ptr<float>(workspace);
   args.parts = as_int(parts, "parts");
+  args.row_lse_low = ptr<float>(row_lse_low);
+  args.col_lse_low = ptr<float>(col_lse_low);
   switch (dtype_of(dtype)) {
     case tilecl::kFloat32: return tilecl::lse_stats_float(args);
     case tilecl::kFloat16: return tilecl::lse_stats_half(args);
@@ -175,8 +177,10 @@ PYBIND11_MODULE(TILECL_MODULE_NAME, module) {
              py::arg("targets"), py::arg("row_lse"), py::arg("col_lse"), py::arg("positive"), py::arg("scale"),
              py::arg("n"), py::arg("m"), py::arg("d"), py::arg("lda"), py::arg("ldb"), py::arg("col_count"),
              py::arg("exclude_diagonal"), py::arg("row_groups"), py::arg("col_groups"), py::arg("kept_cols"),
-             py::arg("workspace"), py::arg("parts"), py::arg("stream"),
-             "Row LSE (n), column LSE (col_count), positive logits (n) of S = scale·a·bᵀ, float32 outputs.");
+             py::arg("workspace"), py::arg("parts"), py::arg("row_lse_low"), py::arg("col_lse_low"),
+             py::arg("stream"),
+             "Row LSE (n), column LSE (col_count), positive logits (n) of S = scale·a·bᵀ and what rounding "
+             "each LSE left out (n, col_count), float32 outputs.");
   module.def("lse_workspace_floats", &lse_workspace_floats, py::arg("dtype"), py::arg("n"), py::arg("m"),
              py::arg("col_count"), py::arg("parts"),
              "Floats of scratch the statistics need (their partials), S cut into at most parts² blocks.");

@@ -76,6 +76,8 @@ void launch_lse_stats(const LseArgs& p) {
   check_shapes(p.n, p.m, p.d, p.lda, p.ldb);
   if (p.col_count < 0 || p.col_count > p.m) throw std::invalid_argument("tilecl: col_count must be in [0, m]");
   if (!p.workspace) throw std::invalid_argument("tilecl: the statistics need their workspace");
+  if (!p.row_lse_low || (p.col_count > 0 && !p.col_lse_low))
+    throw std::invalid_argument("tilecl: the statistics need their low parts' outputs");
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   const T* a = static_cast<const T*>(p.a);
   const T* b = static_cast<const T*>(p.b);
@@ -94,12 +96,12 @@ void launch_lse_stats(const LseArgs& p) {
                 grid.blocks_per_group, grid.tiles_per_split, p.exclude_diagonal, mask);
   check_launch("tilecl stats_kernel");
   TILECL_LAUNCH(merge_stats_kernel<T>, dim3(ceil_div(p.n, kThreads)), dim3(kThreads), stream, row_max, row_sum,
-                row_positive, p.row_lse, p.positive, grid.splits, p.n);
+                row_positive, p.row_lse, p.row_lse_low, p.positive, grid.splits, p.n);
   check_launch("tilecl merge_stats_kernel<rows>");
   if (p.col_count > 0) {
     TILECL_LAUNCH(merge_stats_kernel<T>, dim3(ceil_div(p.col_count, kThreads)), dim3(kThreads), stream, col_max,
-                  col_sum, static_cast<const float*>(nullptr), p.col_lse, static_cast<float*>(nullptr), grid.groups,
-                  p.col_count);
+                  col_sum, static_cast<const float*>(nullptr), p.col_lse, p.col_lse_low, static_cast<float*>(nullptr),
+                  grid.groups, p.col_count);
     check_launch("tilecl merge_stats_kernel<cols>");
   }
 }

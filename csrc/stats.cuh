@@ -39,6 +39,15 @@ __device__ __forceinline__ float log_sum_exp(float run_max, float run_sum) {
   return run_sum == 0.0f ? kNegInf : run_max + logf(run_sum);
 }
 
+// What rounding log_sum_exp's max + log(sum) left out (TwoSum: lse + low is their sum exactly); 0
+// where the LSE is not finite. A nearly saturated line's loss LSE − S⁺ is smaller than one ulp of
+// the LSE at |S| ≈ 100: the losses add it back.
+__device__ __forceinline__ float log_sum_exp_low(float run_max, float run_sum, float lse) {
+  if (!isfinite(lse)) return 0.0f;
+  const float log_sum = logf(run_sum), b_part = lse - run_max;
+  return (run_max - (lse - b_part)) + (log_sum - b_part);
+}
+
 // Streaming LSE: fold a partial (max, sum), its sum relative to its max, into the running one.
 __device__ __forceinline__ void merge_partial(float& run_max, float& run_sum, float part_max, float part_sum) {
   const float new_max = fmaxf(run_max, part_max);
@@ -105,13 +114,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-// One thread per line; `positive`/`positive_out` nullptr for the columns. Templated on T (unused)
+// One thread per line: its LSE and what rounding it left out (`low`); `positive`/`positive_out`
+// nullptr for the columns. Templated on T (unused)
 // as every kernel is, so each per-type translation unit holds its own instantiation.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     merge_stats_kernel(const float* __restrict__ part_max, const float* __restrict__ part_sum,
-                       const float* __restrict__ positive, float* __restrict__ lse, float* __restrict__ positive_out,
-                       int parts, int count) {
+                       const float* __restrict__ positive, float* __restrict__ lse, float* __restrict__ low,
+                       float* __restrict__ positive_out, int parts, int count) {
   const int line = blockIdx.x * kThreads + threadIdx.x;
   if (line >= count) return;
   float run_max = kNegInf, run_sum = 0.0f, total = 0.0f;
@@ -120,7 +130,9 @@ __global__ void __launch_bounds__(kThreads)
     merge_partial(run_max, run_sum, part_max[at], part_sum[at]);
     if (positive != nullptr) total += positive[at];
   }
-  lse[line] = log_sum_exp(run_max, run_sum);
+  const float line_lse = log_sum_exp(run_max, run_sum);
+  lse[line] = line_lse;
+  low[line] = log_sum_exp_low(run_max, run_sum, line_lse);
   if (positive_out != nullptr) positive_out[line] = total;
 }
 

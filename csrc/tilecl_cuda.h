@@ -33,6 +33,9 @@ struct LseArgs {
   // `parts` bounds the row groups and the column splits S is cut into (one block each pair).
   float* workspace;
   int parts;
+  // What rounding each LSE left out: row_lse + row_lse_low is max + log(sum) exactly (n, col_count)
+  float* row_lse_low;
+  float* col_lse_low;
 };
 
 // What every gradient sweep takes, whatever its form: the operands of S = scale·a·bᵀ, its masking,

@@ -43,7 +43,19 @@ def _log_sum_exp(run_max, run_sum):
 
     A NaN sum (a NaN logit) stays NaN: it must not pass for an excluded row.
     """
-    return tl.where(run_sum == 0, float("-inf"), run_max + tl.log(tl.where(run_sum == 0, 1.0, run_sum)))
+    return _log_sum_exp_parts(run_max, run_sum)[0]
+
+
+@triton.jit
+def _log_sum_exp_parts(run_max, run_sum):
+    """:func:`_log_sum_exp` and what rounding it left out (TwoSum of ``max`` and ``log(sum)``: their
+    sum exactly; 0 where the LSE is not finite)."""
+    log_sum = tl.log(tl.where(run_sum == 0, 1.0, run_sum))
+    lse = tl.where(run_sum == 0, float("-inf"), run_max + log_sum)
+    b_part = lse - run_max
+    low = (run_max - (lse - b_part)) + (log_sum - b_part)
+    finite = (lse == lse) & (lse != float("inf")) & (lse != float("-inf"))
+    return lse, tl.where(finite, low, 0.0)
 
 
 @triton.jit
@@ -128,11 +140,12 @@ def stats_kernel(
 
 @triton.jit
 def merge_stats_kernel(
-    max_ptr, sum_ptr, positive_ptr, lse_ptr, positive_out_ptr, parts, count, BLOCK: tl.constexpr,
+    max_ptr, sum_ptr, positive_ptr, lse_ptr, low_ptr, positive_out_ptr, parts, count, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """The LSE of each of ``count`` lines from its ``parts`` partial (max, sum) (``(parts, count)``,
-    folded in a fixed order), and given ``positive_ptr`` (``None`` for columns) the sum of its partial
-    positive logits (one partial holds the logit, the others 0)."""
+    folded in a fixed order), with what its rounding left out (``low_ptr``), and given
+    ``positive_ptr`` (``None`` for columns) the sum of its partial positive logits (one partial holds
+    the logit, the others 0)."""
     index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = index < count
     run_max = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
@@ -147,6 +160,8 @@ def merge_stats_kernel(
         if positive_ptr is not None:
             positive += tl.load(positive_ptr + part * count + index, mask=ok, other=0.0)
         max_at, sum_at = max_at + count, sum_at + count
-    tl.store(lse_ptr + index, _log_sum_exp(run_max, run_sum), mask=ok)
+    lse, low = _log_sum_exp_parts(run_max, run_sum)
+    tl.store(lse_ptr + index, lse, mask=ok)
+    tl.store(low_ptr + index, low, mask=ok)
     if positive_out_ptr is not None:
         tl.store(positive_out_ptr + index, positive, mask=ok)

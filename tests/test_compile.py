@@ -354,7 +354,7 @@ def test_opcheck_every_registered_op(combo):
         forward = (*scores, targets.remainder(right.shape[0]), 0 if shared else n)
         torch.library.opcheck(lse_stats_op, forward)
         # realistic terms: the softmax's own offsets and 1/N weights (G ≤ 1 fits every dtype)
-        row_lse, col_lse, _ = lse_stats_op(*forward)
+        row_lse, col_lse, *_ = lse_stats_op(*forward)
         terms = (row_lse, torch.full_like(row_lse, 1 / n), col_lse, torch.full_like(col_lse, 1 / n))
         torch.library.opcheck(SWEEP_OPS["softmax"], (*scores, *terms, None, None, True))
         # with the positives' one-hot in G (every softmax loss whose positive is a column of b)

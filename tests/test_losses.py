@@ -69,6 +69,39 @@ def test_values_and_gradients(combo, n, m, d, symmetric):
     assert_all_close_by_rule(ours, naive, oracle(a, b, 12.0, symmetric=symmetric), combo)
 
 
+def nearly_saturated(combo: Combo, n: int, d: int, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit pairs a little apart: at scale 100 each row's loss ``LSE − S⁺`` is far below one ulp of
+    ``LSE`` (7.6e-6 in float32 at |S| ≈ 100)."""
+    gen = torch.Generator().manual_seed(n + d)
+    a = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    b = torch.nn.functional.normalize(
+        a + noise * torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1
+    )
+    return tuple(x.to(combo.device, combo.dtype).requires_grad_() for x in (a, b))  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("combo", ALL, indirect=True)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("noise", [0.25, 0.35])
+def test_a_nearly_saturated_batch(combo, symmetric, noise):
+    """A nearly saturated row's loss (1e-5 < ℓ < 1e-2 at scale 100) takes its LSE's rounding
+    residual (LseStats.row_lse_low) as well: its error is within 2x the full-matrix loss's plus four
+    ulps of 1 in the accumulation dtype (the resolution of ``Σ exp(S − max)``, a sum near 1), where
+    ``LSE − S⁺`` alone was off by up to half an ulp of |S| ≈ 100 (3.8e-6 in float32): a loss of
+    1e-3 to 0.4 %, one below 4e-6 rounded to 0."""
+    n, _, d = combo.crossing_shape()
+    a, b = nearly_saturated(combo, n, max(d, 16), noise)
+    per_row = dict(symmetric=symmetric, reduction="none", grad_output=torch.ones(n, dtype=torch.float64))
+    ours = run(loss_fn(combo), a, b, 100.0, **per_row)[0].detach().double().cpu()
+    naive = run(naive_contrastive_loss, a, b, 100.0, **per_row)[0].detach().double().cpu()
+    want = torch.as_tensor(oracle(a, b, 100.0, **per_row)[0])
+    saturated = (want > 1e-5) & (want < 1e-2)
+    assert saturated.any(), "no nearly saturated row: the inputs do not test what they should"
+    error, naive_error = ((x - want).abs()[saturated].max() for x in (ours, naive))
+    resolution = 4 * torch.finfo(combo.result_dtype).eps
+    assert error <= 2 * naive_error + resolution, (float(error), float(naive_error))
+
+
 @pytest.mark.parametrize("combo", matrix(dtypes=(torch.float64, torch.float32)), indirect=True)
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_rows_with_zero_weight_at_large_logits(combo, symmetric):
@@ -248,7 +281,7 @@ def test_primitives_with_every_kind_of_missing_term(combo):
                 finite = torch.isfinite(y)
                 if finite.any():
                     assert_rel(x[finite], y[finite], max(rel, 2e-6), name)
-        row_lse, col_lse, _ = ref.lse_stats(Scores(a, b, scale, exclude), targets, 18)
+        row_lse, col_lse, *_ = ref.lse_stats(Scores(a, b, scale, exclude), targets, 18)
         c = row_lse.float().clone()
         c[3], c[7] = -math.inf, math.inf  # a non-finite row offset counts as 0 (the reference's rule)
         g = torch.linspace(0.5, 1.5, n, device=device)
@@ -290,7 +323,7 @@ def test_fully_masked_rows_and_columns_are_minus_inf_not_nan(combo):
     a, b = (x.detach() for x in combo.inputs(1, 1, 5, normalize=False))
     scale = torch.tensor(2.0, device=device)
     scores = Scores(a, b, scale, exclude_diagonal=True)
-    row, col, pos = primitives.lse_stats(scores, torch.zeros(1, dtype=torch.long, device=device), 1)
+    row, col, pos, *_ = primitives.lse_stats(scores, torch.zeros(1, dtype=torch.long, device=device), 1)
     assert row.item() == col.item() == pos.item() == -math.inf
     ones = torch.ones(1, device=device)
     grad_a, grad_b, grad_scale = primitives.sweep(scores, OffsetTerms(row, ones, col, ones))
@@ -308,7 +341,7 @@ def test_float16_gradient_with_tiny_multipliers(combo, multiplier):
     scale = torch.tensor(5.0, device=device)
     ref, ours = resolve_backend("reference", device, a.dtype), resolve_backend(combo.backend, device, a.dtype)
     scores = Scores(a, b, scale)
-    row_lse, col_lse, _ = ref.lse_stats(scores, torch.arange(n, device=device), n)
+    row_lse, col_lse, *_ = ref.lse_stats(scores, torch.arange(n, device=device), n)
     terms = OffsetTerms(row_lse, torch.full((n,), multiplier), col_lse, torch.full((n,), multiplier / 3))
     terms = OffsetTerms(*(x.to(device) for x in terms[:4]))
     got, want = ours.sweep(scores, terms), ref.sweep(scores, terms)

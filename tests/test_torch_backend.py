@@ -212,7 +212,7 @@ def _every_primitive(
             calls.append((scores, 0 if shared and not masked else n))
     with watch():
         for scores, col_count in calls:
-            row_lse, col_lse, _ = torch_backend.lse_stats(scores, targets, col_count)
+            row_lse, col_lse, *_ = torch_backend.lse_stats(scores, targets, col_count)
             torch_backend.offset_backward(scores, OffsetTerms(row_lse, ones, col_lse, ones[:col_count]))
         torch_backend.sigmoid_sweep(Scores(a, b, scale), SigmoidTerms(bias, *keys, ones), True)
 

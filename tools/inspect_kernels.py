@@ -54,7 +54,9 @@ def _signature(kernel: str, dtype: str, form: str, masked: bool) -> dict:
         walk = {"blocks_per_group": i32, "tiles_per_split": i32}
         return {**ptrs, **partials, "scale": "fp32", **shapes, "col_count": i32, **strides, **walk, **groups}
     if kernel == "merge_stats_kernel":
-        ptrs = {k: f32 for k in ("max_ptr", "sum_ptr", "positive_ptr", "lse_ptr", "positive_out_ptr")}
+        ptrs = {
+            k: f32 for k in ("max_ptr", "sum_ptr", "positive_ptr", "lse_ptr", "low_ptr", "positive_out_ptr")
+        }
         return {**ptrs, "parts": i32, "count": i32}
     # the sweep kernels take the form's own arguments as one tuple (tilecl.kernels.forms)
     forms = {

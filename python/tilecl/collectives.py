@@ -11,7 +11,8 @@ nothing of the package.
 * :func:`leading_sizes`, :func:`gather_plain`, :func:`reduce_scatter_uneven` —
   gathers and reduce-scatters whose parts may differ in rows from rank to rank
   (no autograd: the Functions route gradients themselves);
-* :func:`logsumexp_across` — an elementwise log-sum-exp over the ranks.
+* :func:`logsumexp_across` — an elementwise log-sum-exp over the ranks (:func:`shifted_sum_across`
+  with each value's rounding residual).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "gather_plain",
     "leading_sizes",
     "logsumexp_across",
+    "shifted_sum_across",
     "reduce_scatter_uneven",
 ]
 
@@ -43,12 +45,20 @@ def control_tensor(values: list[int], group: Any) -> torch.Tensor:
 
 def logsumexp_across(x: torch.Tensor, group) -> torch.Tensor:
     """Elementwise ``log Σ_ranks exp(x)`` (two all-reduces; ``-inf`` everywhere stays ``-inf``)."""
+    peak, total = shifted_sum_across(x, torch.zeros_like(x), group)
+    return peak + torch.log(total)
+
+
+def shifted_sum_across(x: torch.Tensor, low: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise ``(K, Σ_ranks exp((x − K) + low))`` with ``K`` the largest finite ``x`` over the
+    ranks (0 where there is none): the log-sum-exp of ``x + low`` as a shift and a shifted sum, which
+    the caller adds without losing ``low`` (two all-reduces)."""
     peak = x.clone()
     dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    total = torch.exp(x - peak)
+    total = torch.exp((x - peak) + low)
     dist.all_reduce(total, group=group)
-    return peak + torch.log(total)
+    return peak, total
 
 
 def leading_sizes(x: torch.Tensor, group) -> list[int]:

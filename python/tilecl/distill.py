@@ -175,7 +175,8 @@ class DistillFunction(torch.autograd.Function):
                 wide_a, wide_b = wide_a.float(), wide_b.float()
             teacher = Scores(wide_a, wide_b, teacher_scale.detach(), False)
             targets = torch.arange(a.shape[0], device=a.device)
-            teacher_rows, teacher_cols, _ = primitives.lse_stats(teacher, targets, b.shape[0])
+            teacher_stats = primitives.lse_stats(teacher, targets, b.shape[0])
+            teacher_rows, teacher_cols = teacher_stats.row_lse, teacher_stats.col_lse
             acc = teacher_rows.dtype
             ones_rows, ones_cols = torch.ones_like(teacher_rows), torch.ones_like(teacher_cols)
             terms = OffsetTerms(teacher_rows, ones_rows, teacher_cols, ones_cols)

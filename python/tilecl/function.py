@@ -189,11 +189,11 @@ def _stats(
     """:func:`batch_stats` for the rows' ``targets`` (``own_columns``: row ``i``'s is column ``i``)."""
     count = (a.shape[0] if own_columns else b.shape[0]) if spec.symmetric else 0
     scores = scores_of(a, b, scale, targets, groups, spec)
-    row_lse, col_lse, positive = spec.primitives.lse_stats(scores, targets, count)
+    stats = spec.primitives.lse_stats(scores, targets, count)
     if positives is not None:
-        acc = row_lse.dtype
-        positive = scale.to(acc) * torch.sum(a.to(acc) * positives.to(acc), dim=1)
-    return LseStats(row_lse, col_lse, positive)
+        acc = stats.row_lse.dtype
+        return stats._replace(positive=scale.to(acc) * torch.sum(a.to(acc) * positives.to(acc), dim=1))
+    return stats
 
 
 def weight_total(weights: torch.Tensor) -> torch.Tensor:
@@ -302,25 +302,30 @@ class ContrastiveFunction(torch.autograd.Function):
         if stats is None:
             groups = None if row_groups is None or col_groups is None else (row_groups, col_groups)
             stats = _stats(a, b, scale, targets, own_columns, positives, spec, groups)
-        row_lse, col_lse, positive = stats
+        row_lse, col_lse, positive = stats.row_lse, stats.col_lse, stats.positive
         acc = row_lse.dtype
+        # an LSE's low part (LseStats) goes with it: LSE − S⁺ of a nearly saturated row is below one
+        # ulp of the LSE; the gamma loss's offsets are its own (no low part)
+        row_low = col_low = None
         if log_u_rows is None:
-            row_offset, row_term = row_lse, row_lse
+            row_offset, row_low = row_lse, stats.row_lse_low
+            per_pair = (row_lse - positive) + row_low
         else:
             row_offset = log_count(spec.global_cols or m, row_lse) - log_u_rows.to(acc)
-            row_term = torch.exp(row_lse - row_offset)
-        per_pair = row_term - positive
+            per_pair = torch.exp(row_lse - row_offset) - positive
         col_offset = None
         if spec.symmetric:
             col_at_pair = col_lse if own_columns else col_lse[targets]
             if log_u_cols is None:
-                col_offset, col_term = col_at_pair, col_at_pair
+                col_offset, col_low = col_at_pair, stats.col_lse_low
+                col_low_at_pair = col_low if own_columns else col_low[targets]
+                col_part = (col_at_pair - positive) + col_low_at_pair
             else:
                 col_offset = log_count(spec.global_rows or n, row_lse) - log_u_cols.to(acc)
-                col_term = torch.exp(col_at_pair - col_offset)
-            per_pair = (per_pair + col_term - positive) / 2
+                col_part = torch.exp(col_at_pair - col_offset) - positive
+            per_pair = (per_pair + col_part) / 2
         saved = (a, b, positives, scale, targets, row_offset, col_offset, row_groups, col_groups, weights)
-        ctx.save_for_backward(*saved)
+        ctx.save_for_backward(*saved, row_low, col_low)
         ctx.col_count = col_lse.shape[0]
         ctx.own_columns = own_columns
         ctx.spec = spec
@@ -333,8 +338,9 @@ class ContrastiveFunction(torch.autograd.Function):
     @staticmethod
     def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
         a, b, positives, scale, targets, row_offset, col_offset, row_groups, col_groups, pair_weights = (
-            ctx.saved_tensors
+            ctx.saved_tensors[:10]
         )
+        row_low, col_low = ctx.saved_tensors[10:]
         spec: LossSpec = ctx.spec
         acc = row_offset.dtype
         weights = _pair_weights(grad_output, spec.reduction, a.shape[0], acc, pair_weights)
@@ -361,12 +367,22 @@ class ContrastiveFunction(torch.autograd.Function):
             col_mult.index_add_(0, targets, half * torch.where(torch.isposinf(col_offset), 0.0, shares))
         else:
             col_mult = col_shift = row_offset.new_empty(0)
+        # exp(S − (LSE + low)) = exp(S − LSE)·exp(−low): an LSE's low part is a factor of its
+        # multiplier, so a saturated row's softmax − onehot is as exact as the full-matrix loss's
+        row_mult = half if row_low is None else half * torch.exp(-row_low)
+        if col_low is not None and col_mult.numel():
+            col_mult = col_mult * torch.exp(-col_low)
         # the positive logit enters every pair's loss with weight −w_i: a column of b, so its
         # one-hot goes into G itself, where it cancels a saturated row's softmax exactly; decoupled
         # positives are not columns of b (below)
         coupled = positives is None
         terms = OffsetTerms(
-            row_offset, half, col_shift, col_mult, targets if coupled else None, weights if coupled else None
+            row_offset,
+            row_mult,
+            col_shift,
+            col_mult,
+            targets if coupled else None,
+            weights if coupled else None,
         )
         groups = None if row_groups is None else (row_groups, col_groups)
         scores = scores_of(a, b, scale, targets, groups, spec)

@@ -62,7 +62,7 @@ class _RowLogSumExp(torch.autograd.Function):
     def forward(ctx, a_aug, b_aug, row_bias, primitives: Primitives):
         one = torch.ones((), dtype=torch.float64, device=a_aug.device)
         targets = torch.zeros(a_aug.shape[0], dtype=torch.long, device=a_aug.device)
-        row_lse, _, _ = primitives.lse_stats(Scores(a_aug, b_aug, one, True), targets, 0)
+        row_lse = primitives.lse_stats(Scores(a_aug, b_aug, one, True), targets, 0).row_lse
         ctx.save_for_backward(a_aug, b_aug, row_lse)
         ctx.primitives, ctx.bias_dtype = primitives, row_bias.dtype
         return row_lse + row_bias.to(row_lse.dtype)

@@ -313,8 +313,8 @@ class CudaKernels:
         module = self.module()
         _check_device(a.device, backend, module)
         f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
-        row_lse, positive = torch.empty(n, **f32), torch.empty(n, **f32)
-        col_lse = torch.empty(int(col_count), **f32)
+        row_lse, row_low, positive = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n, **f32)
+        col_lse, col_low = torch.empty(int(col_count), **f32), torch.empty(int(col_count), **f32)
         parts = parts or STATS_PARTS[backend]
         code = DTYPE_CODES[a.dtype]
         workspace = torch.empty(module.lse_workspace_floats(code, n, m, int(col_count), parts), **f32)
@@ -323,9 +323,9 @@ class CudaKernels:
                 code, a.data_ptr(), b.data_ptr(), targets.data_ptr(), row_lse.data_ptr(), col_lse.data_ptr(),
                 positive.data_ptr(), s, n, m, d, a.stride(0), b.stride(0), int(col_count),
                 scores.exclude_diagonal, *_addresses(*mask), workspace.data_ptr(), parts,
-                _stream(a.device, backend),
+                *_addresses(row_low, col_low), _stream(a.device, backend),
             )  # fmt: skip
-        return LseStats(row_lse, col_lse, positive)
+        return LseStats(row_lse, col_lse, positive, row_low, col_low)
 
     def _sweep(self, scores: Scores, a: torch.Tensor, b: torch.Tensor, with_grads: bool) -> _Sweep:
         """What every form's sweep takes (the module's ``SweepArgs``) and the outputs it fills.

@@ -19,7 +19,7 @@ with its fake (:meth:`Form.fake`), so a new form adds nothing here. The
 schemas, as :func:`schema` writes them::
 
     tilecl::lse_stats(str backend, <Scores>, Tensor targets, SymInt col_count)
-        -> (Tensor row_lse, Tensor col_lse, Tensor positive)
+        -> (Tensor row_lse, Tensor col_lse, Tensor positive, Tensor row_lse_low, Tensor col_lse_low)
     tilecl::softmax_sweep(str backend, <Scores>, Tensor row_offset, Tensor row_mult,
                           Tensor col_offset, Tensor col_mult, Tensor? positive_cols,
                           Tensor? positive_mult, bool with_grads)
@@ -98,7 +98,7 @@ def _lse_stats_op() -> Any:
     def fake(backend: str, *args: Any) -> tuple:
         scores, (_, col_count) = Scores(*args[:_SCORES_FIELDS]), args[_SCORES_FIELDS:]
         acc, n = BACKENDS[backend].result_dtype(scores.a.dtype), scores.a.shape[0]
-        return tuple(scores.a.new_empty(size, dtype=acc) for size in (n, col_count, n))
+        return tuple(scores.a.new_empty(size, dtype=acc) for size in (n, col_count, n, n, col_count))
 
     return _register("lse_stats", "Tensor targets, SymInt col_count", LseStats, run, fake)
 

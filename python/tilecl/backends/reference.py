@@ -81,7 +81,8 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats
         full[np.arange(full.shape[0]), np.clip(columns, 0, max(full.shape[1] - 1, 0))] if full.size else 0.0
     )
     positive = np.where(inside, picked, 0.0)
-    return LseStats(*_on(scores.a, rows, cols, positive))
+    # float64 throughout: nothing left out by rounding to the result dtype
+    return LseStats(*_on(scores.a, rows, cols, positive, np.zeros_like(rows), np.zeros_like(cols)))
 
 
 def offset_backward(scores: Scores, terms: OffsetTerms, with_grads: bool = True) -> Gradients:

@@ -43,8 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..collectives import DIST_IMPLS, control_tensor, gather_plain, logsumexp_across, reduce_scatter_uneven
-from .base import Form, LseStats, Primitives, Scores, accumulation_dtype, form_of
+from ..collectives import DIST_IMPLS, control_tensor, gather_plain, reduce_scatter_uneven, shifted_sum_across
+from .base import Form, LseStats, Primitives, Scores, accumulation_dtype, form_of, lse_parts, merge_lse
 
 __all__ = ["DIST_IMPLS", "Shard", "ShardedPrimitives"]
 
@@ -175,16 +175,19 @@ def _gather_lse_stats(
     _check_layout(scores.exclude_diagonal, col_count, scores.b.shape[0])
     layout = shard.layout(scores.b, col_count)
     columns = _gathered_columns(shard, scores.b, layout)
-    row_lse, col_partial, positive = local.lse_stats(
-        _with_gathered_groups(shard, scores, columns, layout), targets, sum(layout.stats)
-    )
+    stats = local.lse_stats(_with_gathered_groups(shard, scores, columns, layout), targets, sum(layout.stats))
     if not any(layout.stats):
-        return LseStats(row_lse, col_partial, positive)
+        return stats
     # the partials come in rolled order (own block first): back to rank order, merged over all
     # ranks' rows, then this rank's
-    merged = logsumexp_across(torch.cat(_unrolled(shard, col_partial, layout)), shard.group)
-    start = sum(layout.stats[: shard.rank])
-    return LseStats(row_lse, merged[start : start + col_count], positive)
+    peak, total = shifted_sum_across(
+        torch.cat(_unrolled(shard, stats.col_lse, layout)),
+        torch.cat(_unrolled(shard, stats.col_lse_low, layout)),
+        shard.group,
+    )
+    merged, merged_low = lse_parts(peak, total)
+    mine = slice(sum(layout.stats[: shard.rank]), sum(layout.stats[: shard.rank + 1]))
+    return stats._replace(col_lse=merged[mine], col_lse_low=merged_low[mine])
 
 
 def _unrolled(shard: Shard, rolled: Tensor, layout: Layout) -> list[Tensor]:
@@ -220,6 +223,8 @@ def _gather_sweep(local: Primitives, shard: Shard, scores: Scores, terms: Any, w
         shard.kept.clear()  # the sweep with gradients is the last use
     travelled = {}
     for field, per in form.column_terms.items():
+        if getattr(terms, field) is None:  # an optional term every rank leaves out (the same call)
+            continue
         sizes = layout.stats if per == "stats" else layout.cols
         if any(sizes):
             parts = gather_plain(getattr(terms, field), shard.group, sizes)
@@ -333,32 +338,39 @@ def _block_scores(scores: Scores, block: Tensor, groups: list[Tensor], home: boo
 def _ring_lse_stats(
     local: Primitives, shard: Shard, scores: Scores, targets: Tensor, col_count: int
 ) -> LseStats:
-    row_lse: Optional[Tensor] = None
+    rows: Optional[tuple[Tensor, Tensor]] = None
     positive: Optional[Tensor] = None
     layout = shard.layout(scores.b, col_count)
 
     def step(held: list[torch.Tensor], owner: int) -> torch.Tensor:
-        nonlocal row_lse, positive
+        nonlocal rows, positive
         home = owner == shard.rank
         block = _block_scores(scores, held[0], held[1:], home)
         # the column statistics of the block in hand: its owner's columns with statistics
-        rows, cols, pos = local.lse_stats(block, targets, layout.stats[owner])
-        row_lse = rows if row_lse is None else torch.logaddexp(row_lse, rows)
+        part = local.lse_stats(block, targets, layout.stats[owner])
+        mine = (part.row_lse, part.row_lse_low)
+        rows = mine if rows is None else merge_lse(*rows, *mine)
         if home:
-            positive = pos
-        return cols
+            positive = part.positive
+        # a column's LSE and its low part travel together, as (count, 2)
+        return torch.stack([part.col_lse, part.col_lse_low], dim=1)
 
     travelling = [scores.b.contiguous(), *_travelling_groups(scores)]
     sizes = [layout.cols] * len(travelling)
-    col_lse = _ring(shard, travelling, sizes, step, torch.logaddexp, layout.stats)
-    assert row_lse is not None and positive is not None  # the home step always runs
-    return LseStats(row_lse, col_lse, positive)
+    cols = _ring(shard, travelling, sizes, step, _merge_lse_pairs, layout.stats)
+    assert rows is not None and positive is not None  # the home step always runs
+    return LseStats(rows[0], cols[:, 0].contiguous(), positive, rows[1], cols[:, 1].contiguous())
+
+
+def _merge_lse_pairs(x: Tensor, y: Tensor) -> Tensor:
+    """:func:`~tilecl.backends.base.merge_lse` of two ``(count, 2)`` stacks of (LSE, low part)."""
+    return torch.stack(merge_lse(x[:, 0], x[:, 1], y[:, 0], y[:, 1]), dim=1)
 
 
 def _ring_sweep(local: Primitives, shard: Shard, scores: Scores, terms: Any, with_grads: bool) -> Any:
     form = form_of(terms)
     layout = shard.layout(scores.b, form.column_count(terms))
-    moving = list(form.column_terms)
+    moving = [f for f in form.column_terms if getattr(terms, f) is not None]
     total: Any = None
     column_output = _column_output(form)
 
@@ -414,6 +426,8 @@ class _EmptyBlocks:
             self._zeros(scores, n) - math.inf,
             self._zeros(scores, col_count) - math.inf,
             self._zeros(scores, n),
+            self._zeros(scores, n),
+            self._zeros(scores, col_count),
         )
 
     def sweep(self, scores: Scores, terms: Any, with_grads: bool = True) -> Any:

@@ -40,6 +40,7 @@ from .base import (
     accumulation_dtype,
     anywhere,
     cuda_visible,
+    lse_parts,
     module_loader,
     softplus_threshold,
     sweep_of,
@@ -230,7 +231,8 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int) -> LseStats
                 width = min(col_count, j1) - j0
                 peak, shifted = _column_sums(tile[:, :width], exps[:, :width], row_shift, narrow, exp_buffer)
                 _merge_(col_max[j0 : j0 + width], col_sum[j0 : j0 + width], peak, shifted)
-    return LseStats(row_max + torch.log(row_sum), col_max + torch.log(col_sum), positive)
+    (row_lse, row_low), (col_lse, col_low) = lse_parts(row_max, row_sum), lse_parts(col_max, col_sum)
+    return LseStats(row_lse, col_lse, positive, row_low, col_low)
 
 
 def _one_tile_lse_stats(scores: Scores, targets: torch.Tensor, col_count: int, acc: torch.dtype) -> LseStats:
@@ -248,9 +250,11 @@ def _one_tile_lse_stats(scores: Scores, targets: torch.Tensor, col_count: int, a
     positive = tile.gather(1, targets.clamp(0, tile.shape[1] - 1)[:, None]).squeeze(1)
     spare = torch.empty_like(tile)
     columns = tile if col_count == tile.shape[1] else tile[:, :col_count]
-    stats = (_shifted_sums(tile, 1, spare), _shifted_sums(columns, 0, spare))
-    row_lse, col_lse = (peak + torch.log(total) for peak, total in stats)
-    return LseStats(row_lse, col_lse, positive)
+    (row_lse, row_low), (col_lse, col_low) = (
+        lse_parts(*_shifted_sums(tile, 1, spare)),
+        lse_parts(*_shifted_sums(columns, 0, spare)),
+    )
+    return LseStats(row_lse, col_lse, positive, row_low, col_low)
 
 
 def one_tile(n: int, m: int, dtype: torch.dtype) -> bool:
@@ -354,7 +358,8 @@ def _mirrored_lse_stats(scores: Scores, targets: torch.Tensor) -> LseStats:
             _gather_positive_(positive[cols], tile.t(), targets[cols] - rows.start)
             peak, shifted = _column_sums(tile, exps, row_shift, narrow, spare)
             _merge_(row_max[cols], row_sum[cols], peak, shifted)
-    return LseStats(row_max + torch.log(row_sum), row_max.new_empty(0), positive)
+    row_lse, row_low = lse_parts(row_max, row_sum)
+    return LseStats(row_lse, row_max.new_empty(0), positive, row_low, row_max.new_empty(0))
 
 
 def _merge_rows_(

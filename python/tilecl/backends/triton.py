@@ -287,18 +287,18 @@ def lse_stats(scores: Scores, targets: torch.Tensor, col_count: int, parts: int 
         **opts, **({} if INTERPRETED else dict(maxnreg=STATS_MAX_REGISTERS)),
     )  # fmt: skip
     # separate allocations: a custom op's outputs must not alias one another
-    row_lse, positive = torch.empty(n, **f32), torch.empty(n, **f32)
-    col_lse = torch.empty(col_count, **f32)
+    row_lse, row_low, positive = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n, **f32)
+    col_lse, col_low = torch.empty(col_count, **f32), torch.empty(col_count, **f32)
     merge = kernels.merge_stats_kernel
     merge[(_cdiv(n, MERGE_BLOCK),)](
-        row_max, row_sum, row_positive, row_lse, positive, grid.splits, n, BLOCK=MERGE_BLOCK
+        row_max, row_sum, row_positive, row_lse, row_low, positive, grid.splits, n, BLOCK=MERGE_BLOCK
     )
     if col_count:
         # columns have no positive logit to merge
         merge[(_cdiv(col_count, MERGE_BLOCK),)](
-            col_max, col_sum, None, col_lse, None, grid.groups, col_count, BLOCK=MERGE_BLOCK
+            col_max, col_sum, None, col_lse, col_low, None, grid.groups, col_count, BLOCK=MERGE_BLOCK
         )
-    return LseStats(row_lse, col_lse, positive)
+    return LseStats(row_lse, col_lse, positive, row_low, col_low)
 
 
 #: lines per program of the partials' merge (a cheap, memory-bound kernel)
