@@ -51,7 +51,8 @@ class TextTower(nn.Module):
 
 
 class TwoTower(nn.Module):
-    """open_clip's layout: two towers, a learnable log-scale and (for SigLIP) a bias."""
+    """open_clip's layout: two towers behind ``encode_image`` / ``encode_text``, a learnable log-scale
+    and (for SigLIP) a bias. GradCache takes the two methods as they are (no wrapper modules)."""
 
     def __init__(self, loss: str) -> None:
         super().__init__()
@@ -60,6 +61,12 @@ class TwoTower(nn.Module):
         siglip = loss == "siglip"
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0 if siglip else 1 / 0.07)))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if siglip else None
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text(input_ids, attention_mask)
 
 
 def make_loss(name: str) -> nn.Module:
@@ -80,7 +87,7 @@ def cached_step(
 ) -> float:
     """One optimizer step over the whole batch, the towers' activations one mini-batch at a time."""
     optimizer.zero_grad(set_to_none=True)
-    cache = tilecl.GradCache([model.visual, model.text], mini_batch_size=mini_batch_size)
+    cache = tilecl.GradCache([model.encode_image, model.encode_text], mini_batch_size=mini_batch_size)
     image_features, text_features = cache.embed(images, texts)
     loss = contrastive(model, loss_fn, image_features, text_features)
     loss.backward()  # re-embeds each mini-batch: the towers' .grad are the full batch's
@@ -99,7 +106,7 @@ def plain_step(
 ) -> float:
     """The same step with the whole batch's activations kept (what the cached step must equal)."""
     optimizer.zero_grad(set_to_none=True)
-    loss = contrastive(model, loss_fn, model.visual(images), model.text(**texts))
+    loss = contrastive(model, loss_fn, model.encode_image(images), model.encode_text(**texts))
     loss.backward()
     optimizer.step()
     with torch.no_grad():
