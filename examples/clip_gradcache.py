@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,57 @@ def plain_step(
     return float(loss.detach())
 
 
+def accum_freq_gradients(
+    model: TwoTower, loss_fn: nn.Module, images: torch.Tensor, texts: dict[str, torch.Tensor], accum_freq: int
+) -> None:
+    """open_clip's ``--accum-freq`` loop in miniature (``open_clip_train/train.py``): the chunks'
+    features cached without gradients, then per chunk its features again with gradients, the whole
+    batch's loss against the other chunks' cached features, and one ``backward`` each. The towers'
+    gradients are the plain step's; the scale (and bias), live in every chunk's loss, gets the
+    gradient ``accum_freq`` times."""
+    chunks = [
+        (images[rows], {k: v[rows] for k, v in texts.items()})
+        for rows in torch.arange(images.shape[0]).chunk(accum_freq)
+    ]
+    with torch.no_grad():
+        cached = [(model.encode_image(x), model.encode_text(**t)) for x, t in chunks]
+    for j, (x, t) in enumerate(chunks):
+        live = (model.encode_image(x), model.encode_text(**t))
+        za, zb = (torch.cat([c[side] for c in cached[:j]] + [live[side]] + [c[side] for c in cached[j + 1 :]])
+                  for side in (0, 1))  # fmt: skip
+        contrastive(model, loss_fn, za, zb).backward()
+
+
+def scale_gradient_ratios(loss_name: str = "clip", n: int = 64, accum_freq: int = 8) -> dict[str, float]:
+    """The ``logit_scale`` gradient of a GradCache step and of an ``accum_freq`` step, each over the
+    plain full-batch step's (float64)."""
+    torch.manual_seed(0)
+    model = TwoTower(loss_name).double()
+    loss_fn = make_loss(loss_name)
+    images, texts = batch(n, seed=1)
+    images = images.double()
+
+    def scale_gradient(step: Any) -> float:
+        model.zero_grad(set_to_none=True)
+        step()
+        assert model.logit_scale.grad is not None
+        return float(model.logit_scale.grad)
+
+    def plain() -> None:
+        contrastive(model, loss_fn, model.encode_image(images), model.encode_text(**texts)).backward()
+
+    def cached() -> None:
+        cache = tilecl.GradCache([model.encode_image, model.encode_text], mini_batch_size=n // accum_freq)
+        contrastive(model, loss_fn, *cache.embed(images, texts)).backward()
+
+    want = scale_gradient(plain)
+    return {
+        "gradcache": scale_gradient(cached) / want,
+        "accum_freq": scale_gradient(lambda: accum_freq_gradients(model, loss_fn, images, texts, accum_freq))
+        / want,
+    }
+
+
 def batch(
     n: int, seed: int, vocab: int = 100, width: int = 12
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -132,7 +184,17 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--mini-batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--compare-accum-freq", type=int, metavar="K", default=0,
+        help="print the logit_scale gradient of GradCache and of open_clip's --accum-freq K loop, each "
+        "over the plain full-batch step's, and exit",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.compare_accum_freq:
+        ratios = scale_gradient_ratios(args.loss, args.batch, args.compare_accum_freq)
+        print(f"logit_scale gradient / the plain step's: GradCache {ratios['gradcache']:.12f}, "
+              f"accum_freq={args.compare_accum_freq} {ratios['accum_freq']:.12f}")  # fmt: skip
+        return []
     torch.manual_seed(0)
     model = TwoTower(args.loss)
     loss_fn = make_loss(args.loss)

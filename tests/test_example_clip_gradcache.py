@@ -39,3 +39,13 @@ def test_the_cached_step_is_the_plain_full_batch_step(loss_name):
 def test_the_example_runs():
     losses = example.main(["--loss", "siglip", "--batch", "64", "--mini-batch", "16", "--steps", "2"])
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_the_scale_gradient_is_the_plain_steps_where_accum_freqs_is_k_times(loss_name):
+    """open_clip's accum_freq loop (a copy in miniature) backpropagates the whole batch's loss once per
+    chunk, each time through the live logit_scale: its gradient comes out accum_freq times the plain
+    step's. GradCache's is the plain step's."""
+    ratios = example.scale_gradient_ratios(loss_name, n=48, accum_freq=8)
+    assert ratios["gradcache"] == pytest.approx(1.0, rel=1e-12)
+    assert ratios["accum_freq"] == pytest.approx(8.0, rel=1e-12)
