@@ -442,11 +442,13 @@ def _difference(replayed: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
     if replayed.shape != cached.shape:
         return torch.tensor(math.inf)
     tolerance = _REPLAY_TOLERANCE.get(cached.dtype, 1e-3)
-    error = (replayed.to(cached.dtype) - cached).abs().amax()
-    size = cached.abs().amax().clamp_min(torch.finfo(cached.dtype).tiny if cached.is_floating_point() else 1)
-    # NaN (either side) counts as a difference unless both hold it in the same places
-    same_nan = torch.equal(torch.isnan(replayed), torch.isnan(cached)) if cached.is_floating_point() else True
-    return torch.nan_to_num(error / size / tolerance, nan=0.0 if same_nan else math.inf)
+    # a NaN where both hold one is no difference; a NaN on one side only is (below); no host read
+    difference = (replayed.to(cached.dtype) - cached).abs()
+    error = torch.where(torch.isnan(difference), 0.0, difference).amax()
+    finite = torch.where(torch.isfinite(cached), cached.abs(), 0.0)
+    size = finite.amax().clamp_min(torch.finfo(cached.dtype).tiny)
+    moved = (torch.isnan(replayed) != torch.isnan(cached)).any()
+    return torch.where(moved, math.inf, error.float() / size.float() / tolerance)
 
 
 def _check_replay(differences: list[tuple[int, int, int, torch.Tensor]]) -> None:
