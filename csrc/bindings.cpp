@@ -99,27 +99,27 @@ tilecl::SweepArgs sweep_args(std::uintptr_t a, std::uintptr_t b, float scale, in
   return args;
 }
 
-void offset_backward(int dtype, const tilecl::SweepArgs& sweep, std::uintptr_t row_offset, std::uintptr_t row_mult,
-                     std::uintptr_t col_offset, std::uintptr_t col_mult, int64_t col_count,
-                     std::uintptr_t positive_cols, std::uintptr_t positive_mult) {
-  const tilecl::OffsetForm form{ptr<const float>(row_offset),    ptr<const float>(row_mult),
-                                ptr<const float>(col_offset),    ptr<const float>(col_mult),
-                                as_int(col_count, "col_count"),  ptr<const int64_t>(positive_cols),
-                                ptr<const float>(positive_mult)};
-  run_sweep(dtype, sweep, form);
+// Each form's arguments as an object (tilecl.OffsetForm, tilecl.SigmoidForm on the Python side): the
+// one sweep binding below takes any of them, so a new form adds a class here, not a binding.
+tilecl::OffsetForm offset_form(std::uintptr_t row_offset, std::uintptr_t row_mult, std::uintptr_t col_offset,
+                               std::uintptr_t col_mult, int64_t col_count, std::uintptr_t positive_cols,
+                               std::uintptr_t positive_mult) {
+  return tilecl::OffsetForm{ptr<const float>(row_offset),   ptr<const float>(row_mult),
+                            ptr<const float>(col_offset),   ptr<const float>(col_mult),
+                            as_int(col_count, "col_count"), ptr<const int64_t>(positive_cols),
+                            ptr<const float>(positive_mult)};
 }
 
-void sigmoid_sweep(int dtype, const tilecl::SweepArgs& sweep, float bias, std::uintptr_t row_keys,
-                   std::uintptr_t col_keys, std::uintptr_t row_weights, std::uintptr_t row_loss,
-                   std::uintptr_t grad_bias, bool with_grads) {
-  const tilecl::SigmoidForm form{bias,
-                                 ptr<const int64_t>(row_keys),
-                                 ptr<const int64_t>(col_keys),
-                                 ptr<const float>(row_weights),
-                                 ptr<float>(row_loss),
-                                 ptr<float>(grad_bias),
-                                 with_grads};
-  run_sweep(dtype, sweep, form);
+tilecl::SigmoidForm sigmoid_form(float bias, std::uintptr_t row_keys, std::uintptr_t col_keys,
+                                 std::uintptr_t row_weights, std::uintptr_t row_loss, std::uintptr_t grad_bias,
+                                 bool with_grads) {
+  return tilecl::SigmoidForm{bias,
+                             ptr<const int64_t>(row_keys),
+                             ptr<const int64_t>(col_keys),
+                             ptr<const float>(row_weights),
+                             ptr<float>(row_loss),
+                             ptr<float>(grad_bias),
+                             with_grads};
 }
 
 int64_t lse_workspace_floats(int dtype, int64_t n, int64_t m, int64_t col_count, int64_t parts) {
@@ -191,14 +191,21 @@ PYBIND11_MODULE(TILECL_MODULE_NAME, module) {
            py::arg("d"), py::arg("lda"), py::arg("ldb"), py::arg("exclude_diagonal"), py::arg("row_groups"),
            py::arg("col_groups"), py::arg("kept_cols"), py::arg("grad_a"), py::arg("grad_b"), py::arg("grad_scale"),
            py::arg("workspace"), py::arg("stream"));
-  module.def("offset_backward", &offset_backward, launch_guard(), py::arg("dtype"), py::arg("sweep"),
-             py::arg("row_offset"), py::arg("row_mult"), py::arg("col_offset"), py::arg("col_mult"),
-             py::arg("col_count"), py::arg("positive_cols"), py::arg("positive_mult"),
-             "The offset form: grad_a = scale·G·b, grad_b = scale·Gᵀ·a, grad_scale = Σ G_ij a_i·b_j.");
-  module.def("sigmoid_sweep", &sigmoid_sweep, launch_guard(), py::arg("dtype"), py::arg("sweep"), py::arg("bias"),
-             py::arg("row_keys"), py::arg("col_keys"), py::arg("row_weights"), py::arg("row_loss"),
-             py::arg("grad_bias"), py::arg("with_grads"),
-             "The sigmoid form: row losses (n), grad_bias and, with_grads, grad_a, grad_b, grad_scale (float32).");
+  py::class_<tilecl::OffsetForm>(module, "OffsetForm", py::module_local(),
+                                 "The offset form's arguments: G = g·exp(S − c) + h·exp(S − r) − p·onehot(t).")
+      .def(py::init(&offset_form), py::arg("row_offset"), py::arg("row_mult"), py::arg("col_offset"),
+           py::arg("col_mult"), py::arg("col_count"), py::arg("positive_cols"), py::arg("positive_mult"));
+  py::class_<tilecl::SigmoidForm>(module, "SigmoidForm", py::module_local(),
+                                  "The sigmoid form's arguments: G = w·(σ(S + bias) − [z = +1]), its row losses.")
+      .def(py::init(&sigmoid_form), py::arg("bias"), py::arg("row_keys"), py::arg("col_keys"), py::arg("row_weights"),
+           py::arg("row_loss"), py::arg("grad_bias"), py::arg("with_grads"));
+  // one binding for the sweep, whatever the form (an overload per form's argument class)
+  module.def("sweep", &run_sweep<tilecl::OffsetForm>, launch_guard(), py::arg("dtype"), py::arg("sweep"),
+             py::arg("form"),
+             "The gradient sweep in the form's epilogue: grad_a = scale·G·b, grad_b = scale·Gᵀ·a, grad_scale = "
+             "Σ G_ij a_i·b_j (SweepArgs' outputs), plus the form's own (float32).");
+  module.def("sweep", &run_sweep<tilecl::SigmoidForm>, launch_guard(), py::arg("dtype"), py::arg("sweep"),
+             py::arg("form"));
   module.def("workspace_floats", &workspace_floats, py::arg("dtype"), py::arg("n"), py::arg("d"),
              "Floats of scratch a gradient sweep needs (SweepArgs.workspace).");
 }

@@ -335,8 +335,10 @@ def test_real_extension_builds_links_and_imports():
     if _cuda_build.find_nvcc() is None:
         pytest.skip("nvcc not found")
     info = extension_in_a_fresh_process(_cuda_build.build_extension_cached())
-    assert {"lse_stats", "offset_backward", "workspace_floats"} <= set(info["names"])
-    assert {"SweepArgs", "sigmoid_sweep"} <= set(info["names"])
+    assert {"lse_stats", "sweep", "workspace_floats"} <= set(info["names"])
+    assert {"SweepArgs", "OffsetForm", "SigmoidForm"} <= set(
+        info["names"]
+    )  # one sweep binding, a class per form
     assert info["emulated"] is False and info["archs"] == "80,90"
 
 

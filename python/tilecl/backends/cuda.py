@@ -368,11 +368,11 @@ class CudaKernels:
         sweep = self._sweep(scores, a, b, with_grads)
         f32: dict[str, Any] = dict(dtype=torch.float32, device=a.device)
         row_loss, grad_bias = torch.empty(n, **f32), torch.empty((), **f32)
+        form = sweep.module.SigmoidForm(
+            bias, *_addresses(row_keys, col_keys, weights, row_loss, grad_bias), with_grads
+        )
         with _device_guard(a.device, self.backend):
-            sweep.module.sigmoid_sweep(
-                sweep.code, sweep.args, bias, row_keys.data_ptr(), col_keys.data_ptr(), weights.data_ptr(),
-                row_loss.data_ptr(), grad_bias.data_ptr(), with_grads,
-            )  # fmt: skip
+            sweep.module.sweep(sweep.code, sweep.args, form)
         if sweep.grads is None:
             return SigmoidSweep(row_loss, *(torch.empty(0, **f32) for _ in range(4)))
         return SigmoidSweep(row_loss, *sweep.grads, grad_bias)
@@ -389,24 +389,14 @@ class CudaKernels:
         g = _vector(row_mult, "row_mult", n, a, torch.float32)
         r = _vector(col_offset, "col_offset", k, a, torch.float32)
         h = _vector(col_mult, "col_mult", k, a, torch.float32)
-        t_ptr = p_ptr = 0  # no positive terms
+        t = p = None  # no positive terms: null pointers, which the epilogue reads as none
         if positive_cols is not None and positive_mult is not None:
             t = _vector(positive_cols, "positive_cols", n, a, torch.int64)
             p = _vector(positive_mult, "positive_mult", n, a, torch.float32)
-            t_ptr, p_ptr = t.data_ptr(), p.data_ptr()
         sweep = self._sweep(scores, a, b, with_grads=True)
+        form = sweep.module.OffsetForm(*_addresses(c, g, r, h), k, *_addresses(t, p))
         with _device_guard(a.device, self.backend):
-            sweep.module.offset_backward(
-                sweep.code,
-                sweep.args,
-                c.data_ptr(),
-                g.data_ptr(),
-                r.data_ptr(),
-                h.data_ptr(),
-                k,
-                t_ptr,
-                p_ptr,
-            )
+            sweep.module.sweep(sweep.code, sweep.args, form)
         assert sweep.grads is not None
         return Gradients(*sweep.grads)
 
