@@ -45,18 +45,21 @@ def control_tensor(values: list[int], group: Any) -> torch.Tensor:
 
 def logsumexp_across(x: torch.Tensor, group) -> torch.Tensor:
     """Elementwise ``log Σ_ranks exp(x)`` (two all-reduces; ``-inf`` everywhere stays ``-inf``)."""
-    peak, total = shifted_sum_across(x, torch.zeros_like(x), group)
+    peak, total = shifted_sum_across(x, None, group)
     return peak + torch.log(total)
 
 
-def shifted_sum_across(x: torch.Tensor, low: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+def shifted_sum_across(
+    x: torch.Tensor, low: Optional[torch.Tensor], group
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Elementwise ``(K, Σ_ranks exp((x − K) + low))`` with ``K`` the largest finite ``x`` over the
-    ranks (0 where there is none): the log-sum-exp of ``x + low`` as a shift and a shifted sum, which
-    the caller adds without losing ``low`` (two all-reduces)."""
+    ranks (0 where there is none): the log-sum-exp of ``x + low`` (``low``: a rounding residual, or
+    ``None``) as a shift and a shifted sum, which the caller adds without losing ``low`` (two
+    all-reduces)."""
     peak = x.clone()
     dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    total = torch.exp((x - peak) + low)
+    total = torch.exp(x - peak if low is None else (x - peak) + low)
     dist.all_reduce(total, group=group)
     return peak, total
 

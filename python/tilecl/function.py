@@ -264,10 +264,11 @@ def _by_value(offset: torch.Tensor, pair_weights: Optional[torch.Tensor]) -> tor
     return offset.masked_fill(counted, math.nan)
 
 
-def _like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``grad`` in ``x``'s dtype and shape (a 0-d scale's gradient may come back as ``(1,)``)."""
-    grad = grad if grad.dtype == x.dtype else grad.to(x.dtype)
-    return grad if grad.shape == x.shape else grad.reshape(x.shape)
+def as_input(grad: torch.Tensor, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    """``grad`` in an input's dtype and shape (a 0-d scale's gradient may come back as ``(1,)``); no
+    op where it has them already: a small batch pays per op."""
+    grad = grad if grad.dtype == dtype else grad.to(dtype)
+    return grad if grad.shape == shape else grad.reshape(shape)
 
 
 class ContrastiveFunction(torch.autograd.Function):
@@ -397,7 +398,7 @@ class ContrastiveFunction(torch.autograd.Function):
             grad_a.to(a.dtype) if needs[0] else None,
             grad_b.to(b.dtype) if needs[1] else None,
             grad_positives,
-            _like(grad_scale, scale) if needs[3] else None,
+            as_input(grad_scale, scale.dtype, scale.shape) if needs[3] else None,
             *(None,) * 8,
         )
 
@@ -535,7 +536,7 @@ class OneTileFunction(torch.autograd.Function):
             None if not needs[0] else grad_a if a.dtype == acc else grad_a.to(a.dtype),
             None if not needs[1] else grad_b if b.dtype == acc else grad_b.to(b.dtype),
             grad_positives,
-            _like(grad_scale, scale) if needs[3] else None,
+            as_input(grad_scale, scale.dtype, scale.shape) if needs[3] else None,
             None,
         )
 

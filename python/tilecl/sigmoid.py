@@ -35,19 +35,13 @@ from .backends import Primitives, Scores, SigmoidTerms
 from .backends.base import WholeTile, accumulation_dtype
 from .distributed import resolve_group
 from .driver import Signature, begin
-from .function import distinct, first_derivative, refuse_second_derivative, whole_tile_of
+from .function import as_input, distinct, first_derivative, refuse_second_derivative, whole_tile_of
 from .validation import Scale
 
 __all__ = ["OPEN_CLIP_DIST_IMPLS", "sigmoid_loss"]
 
 #: open_clip's ``SigLipLoss(dist_impl=...)`` names, mapped onto tilecl's two exchanges
 OPEN_CLIP_DIST_IMPLS = {"bidir": "ring", "shift": "ring", "reduce": "gather", "gather": "gather"}
-
-
-def _as(grad: torch.Tensor, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
-    """``grad`` in an input's dtype and shape (no op where it has them: a small batch pays per op)."""
-    grad = grad if grad.dtype == dtype else grad.to(dtype)
-    return grad if grad.shape == shape else grad.reshape(shape)
 
 
 class SigmoidFunction(torch.autograd.Function):
@@ -104,7 +98,7 @@ class SigmoidFunction(torch.autograd.Function):
                 scores = Scores(saved_a, saved_b, saved_scale, False)
                 _, grad_a, grad_b, grad_scale, grad_bias = ctx.primitives.sweep(scores, terms, True)
             grads = tuple(
-                _as(grad, dtype, shape) if needed else None
+                as_input(grad, dtype, shape) if needed else None
                 for grad, (dtype, shape), needed in zip(
                     (grad_a, grad_b, grad_scale, grad_bias), kinds, ctx.needs_input_grad
                 )
@@ -174,10 +168,10 @@ class OneTileSigmoidFunction(torch.autograd.Function):
             grad, Scores(a, b, scale, False), acc, None, needs[1]
         )
         return (
-            _as(grad_a, a.dtype, a.shape) if needs[0] else None,
-            _as(grad_b, b.dtype, b.shape) if needs[1] else None,
-            _as(grad_scale, scale.dtype, scale.shape) if needs[2] else None,
-            _as(grad.sum(), bias.dtype, bias.shape) if needs[3] else None,
+            as_input(grad_a, a.dtype, a.shape) if needs[0] else None,
+            as_input(grad_b, b.dtype, b.shape) if needs[1] else None,
+            as_input(grad_scale, scale.dtype, scale.shape) if needs[2] else None,
+            as_input(grad.sum(), bias.dtype, bias.shape) if needs[3] else None,
             None,
         )
 

@@ -223,8 +223,6 @@ def _gather_sweep(local: Primitives, shard: Shard, scores: Scores, terms: Any, w
         shard.kept.clear()  # the sweep with gradients is the last use
     travelled = {}
     for field, per in form.column_terms.items():
-        if getattr(terms, field) is None:  # an optional term every rank leaves out (the same call)
-            continue
         sizes = layout.stats if per == "stats" else layout.cols
         if any(sizes):
             parts = gather_plain(getattr(terms, field), shard.group, sizes)
@@ -370,7 +368,7 @@ def _merge_lse_pairs(x: Tensor, y: Tensor) -> Tensor:
 def _ring_sweep(local: Primitives, shard: Shard, scores: Scores, terms: Any, with_grads: bool) -> Any:
     form = form_of(terms)
     layout = shard.layout(scores.b, form.column_count(terms))
-    moving = [f for f in form.column_terms if getattr(terms, f) is not None]
+    moving = list(form.column_terms)
     total: Any = None
     column_output = _column_output(form)
 
